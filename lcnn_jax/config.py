@@ -1,0 +1,98 @@
+"""The run configuration: every key a run can set, with its default.
+
+Config files in ``configs/`` start from :func:`default_config` and change what their run needs, so a
+misspelt key in a file or on the command line (``--config.train.batch_size=64``) is rejected by
+ml_collections with the key's name. :func:`validate` checks values that have a meaning beyond their type.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SPARSITY_RULES = ("prox", "threshold")
+LR_SCHEDULES = ("alexnet", "resnet", "cosine", "constant")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the full schema with defaults (the original's where it had one)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 2  # The original's default seed.
+  c.restore = ""  # A checkpoint step directory (or a workdir) to evaluate or start from.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "digits-lcnn"  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
+  c.model.depth = 18  # ResNet depth: 8, 18 or 34.
+  c.model.first_pool = 3  # Dictionary size of the first (RGB) layer.
+  c.model.pool_size = 30  # Dictionary size of the conv layers (AlexNet-LCNN).
+  c.model.pool_sizes = ml_collections.config_dict.placeholder(tuple)  # Per-conv sizes, overriding pool_size.
+  c.model.fc_pool = 0  # Dictionary size of fc6/fc7; 0 keeps them dense.
+  c.model.classifier_pool = 0  # Dictionary size of the classifier; 0 keeps it dense.
+  c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4.
+  c.model.pool2 = 0
+  c.model.pool3 = 0
+  c.model.pool4 = 0
+  c.model.initial_sparsity = 0.01  # tau = initial_sparsity / sqrt(kh * kw * k).
+  c.model.dropout = 0.5
+  c.model.width = 32  # Base width of the small digits nets.
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "digits"  # digits | folder | tfds:<name> | synthetic
+  c.data.dir = ""  # ImageNet-style folder root, or the TFDS data_dir.
+  c.data.image_size = 0  # Crop size; 0 = the source's natural size (224 for folder/tfds/synthetic, 8 for digits).
+  c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224.
+  c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per-channel mean; computed once if unset.
+  c.data.std = ml_collections.config_dict.placeholder(tuple)
+  c.data.balanced = False  # Class-balanced sampling (uniform class, then uniform image), as the original.
+  c.data.fatal_corrupt = False  # A corrupt image stops the run instead of being skipped and counted.
+  c.data.num_workers = 0  # grain worker processes for decoding (0 = in-process).
+  c.data.prefetch = 2  # Batches prefetched per worker.
+  c.data.num_classes = 0  # Synthetic data only: number of classes (0 = 1000).
+  c.data.num_train = 0  # Synthetic data only: number of examples.
+  c.data.num_eval = 0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 128  # Global batch, split across processes.
+  c.train.break_batch = 1  # Split each batch into this many pieces and accumulate gradients.
+  c.train.epochs = 55
+  c.train.steps_per_epoch = 10_000  # The original's epochSize, independent of batch size; 0 = one pass.
+  c.train.num_steps = 0  # Overrides epochs * steps_per_epoch when > 0.
+  c.train.lr_schedule = "alexnet"  # alexnet | resnet | cosine | constant
+  c.train.learning_rate = 1.0  # The original's -LR: a multiplier on the schedule (the base LR for cosine/constant).
+  c.train.warmup_steps = 0  # cosine only.
+  c.train.weight_decay = -1.0  # < 0: the schedule's own (AlexNet 0, ResNet 5e-4 then 0); else constant.
+  c.train.momentum = 0.9
+  c.train.compute_dtype = "float32"  # float32 | bfloat16
+  c.train.checkpoint_every = 1000  # Steps between checkpoints.
+  c.train.keep_checkpoints = 3
+  c.train.log_every = 50
+  c.train.eval_every = 0  # Steps between evaluations; 0 = at the end of each epoch.
+  c.train.eval_batch_size = 0  # 0 = train.batch_size.
+
+  c.sparsity = ml_collections.ConfigDict()
+  c.sparsity.rule = "prox"  # prox (optax L1 proximal step) | threshold (the original's rule)
+  c.sparsity.strength = 0.0  # The original's lambda: the L1 weight on P is strength * tau, per layer.
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key when a value is out of its domain."""
+  if config.sparsity.rule not in SPARSITY_RULES:
+    raise ValueError(f"sparsity.rule={config.sparsity.rule!r}: expected one of {SPARSITY_RULES}.")
+  if config.sparsity.strength < 0:
+    raise ValueError(f"sparsity.strength={config.sparsity.strength}: must be >= 0.")
+  if config.train.lr_schedule not in LR_SCHEDULES:
+    raise ValueError(f"train.lr_schedule={config.train.lr_schedule!r}: expected one of {LR_SCHEDULES}.")
+  if config.train.batch_size <= 0:
+    raise ValueError(f"train.batch_size={config.train.batch_size}: must be positive.")
+  if config.train.break_batch <= 0 or config.train.batch_size % config.train.break_batch:
+    raise ValueError(
+        f"train.break_batch={config.train.break_batch} must be positive and divide "
+        f"train.batch_size={config.train.batch_size}.")
+  for key in ("first_pool", "pool_size", "fc_pool", "classifier_pool", "pool1", "pool2", "pool3", "pool4"):
+    value = config.model[key]
+    if value < 0:
+      raise ValueError(f"model.{key}={value}: a dictionary size must be > 0 (or 0 where 0 means dense).")
+  if config.model.first_pool == 0:
+    raise ValueError("model.first_pool=0: the first layer's dictionary size must be > 0.")
+  if config.model.pool_sizes is not None and any(int(k) <= 0 for k in config.model.pool_sizes):
+    raise ValueError(f"model.pool_sizes={tuple(config.model.pool_sizes)}: every dictionary size must be > 0.")
