@@ -1,0 +1,157 @@
+"""Counting multiplications per layer, as the original's ``-benchmark`` mode does (REFERENCE §6).
+
+One image, eval mode. Only multiplications count; BatchNorm, ReLU, pooling, dropout and additions are free.
+
+* convolution: (elements of the output) × (m_in · kh · kw) (per group)
+* linear: (elements of the output) × m_in
+* lookup convolution: (elements of S over the *padded* input, k · H_p · W_p) × m_in
+  + (elements of the output) × (k · kh · kw) × density(P)
+* lookup dense: k · m_in + n_out · k · density(P)
+
+The counter works on any NNX model: it runs the model once on an abstract input of one example
+(``jax.eval_shape``, nothing is computed) and records the shapes each ``nnx.Conv``, ``nnx.Linear``,
+:class:`~lcnn_jax.layers.LookupConv` and :class:`~lcnn_jax.layers.LookupDense` sees, so a CNN and its LCNN
+are counted by the same rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lcnn_jax import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCount:
+  """The multiplications of one layer for one image."""
+  path: str
+  kind: str  # conv | linear | lookup_conv | lookup_dense
+  input_shape: tuple[int, ...]  # one example, without the batch axis
+  output_shape: tuple[int, ...]
+  kernel_shape: tuple[int, ...]  # (kh, kw, in, out) / (in, out); P's shape for lookup layers
+  dictionary_size: int | None  # None for dense layers
+  density: float  # nnz(P) / size(P); 1.0 for dense layers
+  multiplications: int
+  dictionary_multiplications: int  # the lookup layer's dictionary stage; 0 for dense layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MultiplicationCount:
+  """Per-layer counts in forward order and their total."""
+  rows: tuple[LayerCount, ...]
+
+  @property
+  def total(self) -> int:
+    return sum(row.multiplications for row in self.rows)
+
+  def speedup_over(self, baseline: "MultiplicationCount") -> float:
+    """count(baseline) / count(self), the paper's speedup."""
+    return baseline.total / self.total if self.total else math.inf
+
+  def table(self) -> str:
+    """A fixed-width table of the rows, with each layer's share of the total and the total."""
+    header = f"{'layer':<28} {'kind':<12} {'output':<16} {'dict':>5} {'density':>8} {'mults':>15} {'share':>6}"
+    lines = [header, "-" * len(header)]
+    total = self.total or 1
+    for row in self.rows:
+      lines.append(
+          f"{row.path:<28} {row.kind:<12} {'x'.join(map(str, row.output_shape)):<16} "
+          f"{row.dictionary_size if row.dictionary_size is not None else '-':>5} {row.density:>8.4f} "
+          f"{row.multiplications:>15,} {100 * row.multiplications / total:>5.1f}%")
+    lines.append("-" * len(header))
+    lines.append(f"{'total':<28} {'':<12} {'':<16} {'':>5} {'':>8} {self.total:>15,}")
+    return "\n".join(lines)
+
+
+def density(coefficients: jax.Array | np.ndarray) -> float:
+  """nnz(P) / size(P) of already thresholded coefficients."""
+  p = np.asarray(coefficients)
+  return float(np.count_nonzero(p)) / p.size if p.size else 0.0
+
+
+def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape: Sequence[int]) -> LayerCount:
+  out_elements = math.prod(y_shape[1:])
+  in_shape, out_shape = tuple(x_shape[1:]), tuple(y_shape[1:])
+  if isinstance(module, layers.LookupConv):
+    kh, kw = module.kernel_size
+    ph, pw = module.padding
+    k = module.dictionary_size
+    padded_elements = k * (x_shape[1] + 2 * ph) * (x_shape[2] + 2 * pw)  # elements of S
+    dictionary_mults = padded_elements * module.in_features
+    d = density(module.thresholded_coefficients())
+    coefficient_mults = out_elements * k * kh * kw * d
+    return LayerCount(path, "lookup_conv", in_shape, out_shape, tuple(module.coefficients.shape), k, d,
+                      int(round(dictionary_mults + coefficient_mults)), dictionary_mults)
+  if isinstance(module, layers.LookupDense):
+    k = module.dictionary_size
+    vectors = math.prod(y_shape[1:-1])  # 1 for flat input
+    dictionary_mults = vectors * k * module.in_features
+    d = density(module.thresholded_coefficients())
+    return LayerCount(path, "lookup_dense", in_shape, out_shape, tuple(module.coefficients.shape), k, d,
+                      int(round(dictionary_mults + out_elements * k * d)), dictionary_mults)
+  kernel_shape = tuple(module.kernel.shape)
+  if isinstance(module, nnx.Conv):
+    # kernel (kh, kw, in / groups, out): each output element costs in/groups · kh · kw.
+    per_output = math.prod(kernel_shape[:-1])
+    return LayerCount(path, "conv", in_shape, out_shape, kernel_shape, None, 1.0, out_elements * per_output, 0)
+  return LayerCount(path, "linear", in_shape, out_shape, kernel_shape, None, 1.0,
+                    out_elements * kernel_shape[0], 0)
+
+
+_COUNTED = (layers.LookupConv, layers.LookupDense, nnx.Conv, nnx.Linear)
+
+
+@contextlib.contextmanager
+def _recording(paths: dict[int, str], records: list) -> Iterator[None]:
+  """Wraps the counted classes' ``__call__`` so each call appends (path, module, input, output shapes)."""
+  originals = {cls: cls.__call__ for cls in _COUNTED}
+
+  def make_wrapper(original):
+    def wrapper(module, x, *args, **kwargs):
+      y = original(module, x, *args, **kwargs)
+      if id(module) in paths:
+        records.append((paths[id(module)], module, tuple(x.shape), tuple(y.shape)))
+      return y
+    return wrapper
+
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = make_wrapper(original)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+def module_paths(model: nnx.Module) -> dict[int, str]:
+  """id(module) -> 'a/b/0' path of each counted layer in the model."""
+  return {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(model)
+          if isinstance(m, _COUNTED)}
+
+
+def count_multiplications(model: nnx.Module, input_shape: Sequence[int]) -> MultiplicationCount:
+  """Counts the multiplications of one forward pass of one example of shape ``input_shape``.
+
+  Args:
+    model: any NNX model whose convolutions and dense layers are ``nnx.Conv``/``nnx.Linear`` or lookup layers.
+      It is evaluated in eval mode (a view; the model itself is not changed).
+    input_shape: one example's shape without the batch axis, e.g. (224, 224, 3).
+  Returns:
+    A :class:`MultiplicationCount` with one row per layer call, in the order the forward pass calls them.
+  """
+  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+  paths = module_paths(eval_model)
+  records: list = []
+  spec = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+  with _recording(paths, records):
+    jax.eval_shape(lambda x: eval_model(x), spec)
+  # Densities need P's values, which are concrete on the modules themselves.
+  return MultiplicationCount(tuple(_count_layer(path, m, xs, ys) for path, m, xs, ys in records))
