@@ -23,8 +23,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "digits-lcnn"  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
   c.model.depth = 18  # ResNet depth: 8, 18 or 34.
   c.model.first_pool = 3  # Dictionary size of the first (RGB) layer.
-  c.model.pool_size = 30  # Dictionary size of the conv layers (AlexNet-LCNN).
-  c.model.pool_sizes = ml_collections.config_dict.placeholder(tuple)  # Per-conv sizes, overriding pool_size.
+  c.model.pool_size = 30  # Dictionary size of the conv layers after the first (alexnet-lcnn, digits-lcnn).
+  # Per-conv sizes overriding pool_size: alexnet-lcnn conv2..conv5 (4 values), digits-lcnn conv2, conv3 (2).
+  c.model.pool_sizes = ml_collections.config_dict.placeholder(tuple)
   c.model.fc_pool = 0  # Dictionary size of fc6/fc7; 0 keeps them dense.
   c.model.classifier_pool = 0  # Dictionary size of the classifier; 0 keeps it dense.
   c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4.
@@ -96,3 +97,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("model.first_pool=0: the first layer's dictionary size must be > 0.")
   if config.model.pool_sizes is not None and any(int(k) <= 0 for k in config.model.pool_sizes):
     raise ValueError(f"model.pool_sizes={tuple(config.model.pool_sizes)}: every dictionary size must be > 0.")
+  from lcnn_jax import models  # Imported here: the schema itself needs no JAX.
+  if config.model.name not in models.MODELS:
+    raise ValueError(f"model.name={config.model.name!r}: expected one of {sorted(models.MODELS)}.")
+  if config.model.depth not in models.RESNET_DEPTHS:
+    raise ValueError(f"model.depth={config.model.depth}: expected one of {models.RESNET_DEPTHS}.")
+  if not 0 <= config.model.dropout < 1:
+    raise ValueError(f"model.dropout={config.model.dropout}: must be in [0, 1).")
+  if config.model.initial_sparsity < 0 or config.model.width <= 0:
+    raise ValueError(f"model.initial_sparsity={config.model.initial_sparsity} must be >= 0 and "
+                     f"model.width={config.model.width} > 0.")

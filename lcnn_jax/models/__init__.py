@@ -1,0 +1,69 @@
+"""The models, built from ``config.model`` by the original's ``netType`` names.
+
+=============== ================================================== ==========
+name            model                                              baseline
+=============== ================================================== ==========
+alexnet         AlexNet CNN (96-256-384-384-256)                   itself
+alexnet-lcnn    AlexNet-LCNN (64-192-384-256-256)                  alexnet
+resnet          ResNet-8/18/34 (``model.depth``), shortcut type B  itself
+resnet-lcnn     ResNet-LCNN (``first_pool``, ``pool1``..``pool4``) resnet
+digits          small CNN for 8×8 digits and other small inputs    itself
+digits-lcnn     its LCNN twin                                      digits
+=============== ================================================== ==========
+
+Every model takes NHWC float images and returns (batch, num_classes) logits. ``model.train()`` and
+``model.eval()`` switch BatchNorm and Dropout; dropout draws from the ``dropout`` stream of the ``nnx.Rngs``
+the model was built with (its ``default`` stream when there is none).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import ml_collections
+from flax import nnx
+
+from lcnn_jax.models.alexnet import AlexNet, alexnet, alexnet_lcnn
+from lcnn_jax.models.resnet import STAGE_BLOCKS, ResNet, resnet, resnet_lcnn
+from lcnn_jax.models.small import DigitsNet, digits, digits_lcnn
+
+Builder = Callable[..., nnx.Module]
+
+MODELS: dict[str, Builder] = {
+    "alexnet": alexnet,
+    "alexnet-lcnn": alexnet_lcnn,
+    "resnet": resnet,
+    "resnet-lcnn": resnet_lcnn,
+    "digits": digits,
+    "digits-lcnn": digits_lcnn,
+}
+BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits"}
+RESNET_DEPTHS = tuple(sorted(STAGE_BLOCKS))
+
+
+def _check_name(name: str) -> None:
+  if name not in MODELS:
+    raise ValueError(f"model.name={name!r}: expected one of {sorted(MODELS)}.")
+
+
+def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
+                 input_shape: Sequence[int], rngs: nnx.Rngs) -> nnx.Module:
+  """Builds ``model_config.name`` for ``num_classes`` outputs and one example's ``input_shape`` (h, w, c)."""
+  _check_name(model_config.name)
+  if num_classes <= 0:
+    raise ValueError(f"num_classes={num_classes}: must be positive.")
+  if len(input_shape) != 3:
+    raise ValueError(f"input_shape={tuple(input_shape)}: expected one example's (height, width, channels).")
+  return MODELS[model_config.name](model_config, num_classes=num_classes, input_shape=tuple(input_shape),
+                                   rngs=rngs)
+
+
+def baseline_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config of the dense CNN the paper compares ``model_config`` with (a CNN's is a copy of its own)."""
+  _check_name(model_config.name)
+  baseline = ml_collections.ConfigDict(model_config.to_dict())
+  baseline.name = BASELINES.get(model_config.name, model_config.name)
+  return baseline
+
+
+__all__ = ["AlexNet", "BASELINES", "DigitsNet", "MODELS", "RESNET_DEPTHS", "ResNet", "baseline_config", "create_model"]
