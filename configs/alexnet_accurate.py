@@ -1,0 +1,40 @@
+"""AlexNet-LCNN "accurate" on ImageNet: the paper's 3.2× row (55.1% top-1 / 78.1% top-5).
+
+    python -m lcnn_jax.main --config configs/alexnet_accurate.py --config.data.dir /data/imagenet --workdir runs/acc
+
+Dictionary sizes and λ are the TF port's published settings (REFERENCE §4): conv1..conv5, fc6, fc7 =
+3, 500, 500, 500, 30, 1024, 1024 with λ = 0.3 (the value in the port's code; its README says 0.4) and initial
+sparsity 0.01; fc8 stays dense.
+
+**conv5 keeps 30 atoms.** The 30 among the 500s looks like a typo, but it is the setting behind the only
+published result for this row: the port lists the same vector in its code and three times in its README, and
+reports 58.17% top-1 on ImageNet with it. A 500 would be a configuration nobody has trained, and consistency
+alone is no evidence. It is also the cheaper choice: with 500 atoms conv5's dictionary stage alone costs
+28.8M multiplications (19% of the dense conv5), against 1.7M with 30. To try the other reading, pass
+``--config.model.pool_sizes='(500, 500, 500, 500)'``.
+
+Multiplications per 224×224 image against the CNN's 1,135,256,096 (``lcnn_jax.flops``, every P at density d):
+0.4× at d = 1 (the 500-atom dictionaries are overcomplete for conv2–conv4), 1.9× at 0.2, 3.2× at
+d ≈ 0.097, and at most 9.8× (d → 0). With conv5 = 500 the paper's 3.2× would need d ≈ 0.080.
+"""
+
+from lcnn_jax import config as config_lib
+
+
+def get_config():
+  c = config_lib.default_config()
+  c.model.name = "alexnet-lcnn"
+  c.model.first_pool = 3
+  c.model.pool_sizes = (500, 500, 500, 30)  # conv2..conv5
+  c.model.fc_pool = 1024
+  c.model.classifier_pool = 0
+  c.model.initial_sparsity = 0.01
+  c.data.name = "folder"
+  c.data.image_size = 224
+  c.data.balanced = True
+  c.train.batch_size = 128
+  c.train.lr_schedule = "alexnet"
+  c.train.epochs = 55
+  c.train.steps_per_epoch = 10_000
+  c.sparsity.strength = 0.3
+  return c
