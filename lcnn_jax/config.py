@@ -39,10 +39,13 @@ def default_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | folder | tfds:<name> | synthetic
   c.data.dir = ""  # ImageNet-style folder root, or the TFDS data_dir.
-  c.data.image_size = 0  # Crop size; 0 = the source's natural size (224 for folder/tfds/synthetic, 8 for digits).
-  c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224.
-  c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per-channel mean; computed once if unset.
+  c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 224 folder/synthetic, tfds fixed size or 224.
+  c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224 (photos only).
+  c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per channel, pixels in [0, 1]; computed if unset.
   c.data.std = ml_collections.config_dict.placeholder(tuple)
+  c.data.stats_images = 2000  # Training images sampled to compute mean/std (cached in the workdir).
+  c.data.train_split = ""  # Folder subdirectory or TFDS split; "" = train.
+  c.data.eval_split = ""  # "" = val (folder); validation, else test (tfds).
   c.data.balanced = False  # Class-balanced sampling (uniform class, then uniform image), as the original.
   c.data.fatal_corrupt = False  # A corrupt image stops the run instead of being skipped and counted.
   c.data.num_workers = 0  # grain worker processes for decoding (0 = in-process).
