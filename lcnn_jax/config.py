@@ -71,6 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 0  # Steps between evaluations; 0 = at the end of each epoch.
   c.train.eval_batch_size = 0  # 0 = train.batch_size.
+  c.train.freeze_dictionaries = False  # Train only the coefficients (dictionary transfer, few-iteration learning).
+  c.train.init_from = ""  # A workdir or checkpoint whose dictionaries are copied in before training.
 
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.rule = "prox"  # prox (optax L1 proximal step) | threshold (the original's rule)

@@ -155,3 +155,54 @@ def count_multiplications(model: nnx.Module, input_shape: Sequence[int]) -> Mult
     jax.eval_shape(lambda x: eval_model(x), spec)
   # Densities need P's values, which are concrete on the modules themselves.
   return MultiplicationCount(tuple(_count_layer(path, m, xs, ys) for path, m, xs, ys in records))
+
+
+def stored_parameters(model: nnx.Module) -> int:
+  """Parameters a deployed model stores: dictionaries, non-zeros of P, biases, and every dense layer whole.
+
+  The original's memory column; BatchNorm statistics are left out (they fold into the layers before them).
+  """
+  total = 0
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = np.asarray(variable[...])
+    if isinstance(variable, layers.Coefficients):
+      threshold = _owner(model, path).threshold
+      total += int(np.count_nonzero(np.abs(value) > threshold))
+    else:
+      total += value.size
+  return total
+
+
+def _owner(model: nnx.Module, path) -> nnx.Module:
+  module = model
+  for part in path[:-1]:
+    module = module[part] if isinstance(part, int) else getattr(module, part)
+  return module
+
+
+def baseline_count(model_config, num_classes: int, input_shape: Sequence[int]) -> MultiplicationCount:
+  """Multiplications of the dense CNN the paper compares ``model_config`` with (AlexNet-LCNN vs ``alexnet``...)."""
+  from lcnn_jax import models
+  baseline = models.create_model(models.baseline_config(model_config), num_classes=num_classes,
+                                 input_shape=tuple(input_shape), rngs=nnx.Rngs(0))
+  return count_multiplications(baseline, input_shape)
+
+
+def checkpoint_report(path: str, step: int | None = None) -> str:
+  """The per-layer table of a run's checkpoint, its CNN baseline's total, the speedup and parameters stored."""
+  from lcnn_jax import checkpoint
+  model, config, restored_step = checkpoint.restore_model(path, step)
+  _, dataset = checkpoint.load_run_info(path)
+  input_shape = tuple(dataset["image_shape"])
+  count = count_multiplications(model, input_shape)
+  baseline = baseline_count(config.model, dataset["num_classes"], input_shape)
+  return "\n".join([
+      f"{config.model.name} at step {restored_step} on {'x'.join(map(str, input_shape))} inputs",
+      count.table(),
+      f"baseline ({baseline.rows and _baseline_name(config.model)}): {baseline.total:,} multiplications",
+      f"speedup: {count.speedup_over(baseline):.2f}x    parameters stored: {stored_parameters(model):,}"])
+
+
+def _baseline_name(model_config) -> str:
+  from lcnn_jax import models
+  return models.baseline_config(model_config).name

@@ -1,0 +1,263 @@
+"""Orbax checkpoints of a run, and reading them back with or without the training code's state.
+
+Layout of a workdir::
+
+  WORKDIR/config.json              the run's config and its dataset's shape (classes, image shape, mean/std)
+  WORKDIR/checkpoints/<step>/      params/ rest/ opt_state/ data/ meta/  (orbax, one directory per step)
+
+``params`` and ``rest`` (BatchNorm statistics, dropout RNG state) are saved as plain nested dicts keyed by the
+model's attribute paths, so a tool can read them, and a model can be rebuilt from ``config.json`` alone, on any
+topology: a checkpoint written by 8 devices or 2 processes restores on one CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from flax import nnx
+
+from lcnn_jax import config as config_lib
+from lcnn_jax.sparsity import path_string
+
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that cannot be used as asked: missing, incomplete, or of another model."""
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def save_run_info(workdir: str, config: ml_collections.ConfigDict, dataset: dict[str, Any]) -> None:
+  """Writes ``config.json``: the full config and the dataset facts a model needs (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump({"config": config.to_dict(), "dataset": dataset}, f, indent=2, default=list)
+  os.replace(path + ".tmp", path)  # never leaves a half-written file
+
+
+def load_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
+  """(config, dataset facts) from ``workdir/config.json``; the config is completed with today's defaults."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise CheckpointError(f"No {CONFIG_FILE} in {workdir!r}: is it the --workdir of a training run?")
+  with open(path) as f:
+    saved = json.load(f)
+  config = config_lib.default_config()
+  _merge(config, saved["config"])
+  return config, saved["dataset"]
+
+
+def _merge(config: ml_collections.ConfigDict, values: dict) -> None:
+  for key, value in values.items():
+    if key not in config:
+      logging.warning("Ignoring config key %r from a saved config: this version has no such key.", key)
+    elif isinstance(value, dict):
+      _merge(config[key], value)
+    else:
+      with config.ignore_type():
+        config[key] = tuple(value) if isinstance(value, list) else value
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def checkpoint_dir(path: str) -> str:
+  """The checkpoints directory of a workdir (or the directory itself when given one)."""
+  nested = os.path.join(path, CHECKPOINT_DIR)
+  return nested if os.path.isdir(nested) else path
+
+
+def _step_of(path: str) -> int | None:
+  name = os.path.basename(os.path.normpath(path))
+  return int(name) if name.isdigit() else None
+
+
+def _structure(tree) -> dict[str, tuple[int, ...]]:
+  return {path_string(kp): tuple(leaf.shape) for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_compatible(saved_params: dict, expected_params: dict, where: str) -> None:
+  """Raises CheckpointError naming the parameters that differ between a checkpoint and the model."""
+  saved, expected = _structure(saved_params), _structure(expected_params)
+  if saved == expected:
+    return
+  missing = sorted(set(expected) - set(saved))
+  extra = sorted(set(saved) - set(expected))
+  reshaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+  details = []
+  if missing:
+    details.append(f"missing from the checkpoint: {missing[:5]}")
+  if extra:
+    details.append(f"not in the model: {extra[:5]}")
+  if reshaped:
+    details.append("different shapes: " + ", ".join(f"{k} {saved[k]} vs {expected[k]}" for k in reshaped[:5]))
+  raise CheckpointError(
+      f"The checkpoint at {where} is of another model than the one configured ({'; '.join(details)}). "
+      "Use the config the checkpoint was trained with (its workdir's config.json), or another workdir.")
+
+
+def _metadata_tree(step_dir: str, item: str) -> dict:
+  """The saved tree of one item of a step (array metadata: shapes and dtypes), read without restoring."""
+  return ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.abspath(os.path.join(step_dir, item)))).tree
+
+
+class Checkpointer:
+  """Saves and restores a TrainState and the data iterator under ``workdir/checkpoints``."""
+
+  def __init__(self, workdir: str, *, keep: int = 3):
+    self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state, data_iter) -> None:
+    """Writes ``state`` (a train.TrainState) and the iterator's position; blocks until it is on disk."""
+    import grain
+    step = int(np.asarray(jax.device_get(state.step.addressable_data(0))))
+    self.manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(state.params)),
+        rest=ocp.args.StandardSave(nnx.to_pure_dict(state.rest)),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        data=grain.checkpoint.CheckpointSave(data_iter),
+        meta=ocp.args.JsonSave({"step": step, "process_count": jax.process_count()})))
+    self.manager.wait_until_finished()
+
+  def restore_latest(self, template, data_iter):
+    """The newest complete step restored into ``template``'s structure and shardings, or None if none.
+
+    A step that fails to restore (left incomplete or damaged by a crash) is skipped with a warning, falling back
+    to the one before it; nothing on disk is deleted. A checkpoint of another model raises CheckpointError.
+    """
+    import grain
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    for step in steps:
+      step_dir = os.path.join(self.directory, str(step))
+      try:
+        saved_params = _metadata_tree(step_dir, "params")
+      except Exception as e:  # unreadable metadata: an incomplete step
+        logging.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before.", step,
+                        self.directory, e)
+        continue
+      check_compatible(saved_params, nnx.to_pure_dict(template.params), step_dir)
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(nnx.to_pure_dict(template.params)),
+            rest=ocp.args.StandardRestore(nnx.to_pure_dict(template.rest)),
+            opt_state=ocp.args.StandardRestore(template.opt_state),
+            data=grain.checkpoint.CheckpointRestore(data_iter)))
+      except Exception as e:
+        logging.warning("Checkpoint step %d in %s could not be restored (%s); trying the one before.", step,
+                        self.directory, e)
+        continue
+      params, rest = template.params, template.rest
+      nnx.replace_by_pure_dict(params, restored["params"])
+      nnx.replace_by_pure_dict(rest, restored["rest"])
+      return template.replace(step=jax.device_put(np.int32(step), template.step.sharding), params=params,
+                              rest=rest, opt_state=restored["opt_state"])
+    if steps:
+      raise CheckpointError(f"None of the checkpoint steps {steps} in {self.directory} could be restored; "
+                            "see the warnings above. Move the directory away to start afresh.")
+    return None
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def resolve_step_dir(path: str, step: int | None = None) -> str:
+  """A step directory from a workdir, a checkpoints directory or a step directory; the latest unless ``step``."""
+  if not os.path.exists(path):
+    raise CheckpointError(f"Checkpoint path {path!r} does not exist.")
+  path = os.path.abspath(path)
+  if _step_of(path) is not None and os.path.isdir(os.path.join(path, "params")):
+    return path
+  directory = checkpoint_dir(path)
+  steps = sorted(int(name) for name in os.listdir(directory)
+                 if name.isdigit() and os.path.isdir(os.path.join(directory, name, "params")))
+  if not steps:
+    raise CheckpointError(f"No checkpoint in {directory!r}: expected {directory}/<step>/params (train first, "
+                          "or pass the workdir of a run that saved one).")
+  if step is None:
+    return os.path.join(directory, str(steps[-1]))
+  if step not in steps:
+    raise CheckpointError(f"No step {step} in {directory!r}; the steps there are {steps}.")
+  return os.path.join(directory, str(step))
+
+
+def restore_into(model: nnx.Module, step_dir: str) -> None:
+  """Loads params and the rest (BatchNorm statistics) of ``step_dir`` into ``model`` on this host's devices."""
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  params_dict, rest_dict = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  check_compatible(_metadata_tree(step_dir, "params"), params_dict, step_dir)
+  checkpointer = ocp.PyTreeCheckpointer()
+  here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever topology wrote the checkpoint
+  on_this_host = lambda tree: jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=here), tree)
+  for item, state, tree in (("params", params, params_dict), ("rest", rest, rest_dict)):
+    restored = checkpointer.restore(os.path.join(step_dir, item),
+                                    args=ocp.args.PyTreeRestore(tree, restore_args=on_this_host(tree)))
+    nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, params, rest)
+
+
+def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """(model in eval-ready state, its config, the step) from a run's workdir, on this host alone."""
+  from lcnn_jax import models
+  config, dataset = load_run_info(workdir)
+  model = models.create_model(config.model, num_classes=dataset["num_classes"],
+                              input_shape=tuple(dataset["image_shape"]), rngs=nnx.Rngs(0))
+  step_dir = resolve_step_dir(workdir, step)
+  restore_into(model, step_dir)
+  return model, config, _step_of(step_dir)
+
+
+def restore_model_for(config: ml_collections.ConfigDict, info, workdir: str) -> tuple[nnx.Module, int]:
+  """The configured model loaded from ``config.restore`` (a step, checkpoints or workdir path) or ``workdir``."""
+  from lcnn_jax import train
+  model = train.create_model(config, info)
+  step_dir = resolve_step_dir(config.restore or workdir)
+  restore_into(model, step_dir)
+  return model, _step_of(step_dir)
+
+
+def transfer_dictionaries_from(source: str, model: nnx.Module) -> int:
+  """Copies every lookup layer's dictionary of the checkpoint at ``source`` into ``model`` by path.
+
+  Returns the number of dictionaries copied; a dictionary whose shape differs raises CheckpointError.
+  """
+  from lcnn_jax.optimizer import dictionary_paths
+  step_dir = resolve_step_dir(source)
+  saved = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "params"))
+  flat = {path_string(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  copied = 0
+  for path in sorted(dictionary_paths(model)):
+    if path not in flat:
+      continue
+    module = model
+    for part in path.split("/")[:-1]:
+      module = module[int(part)] if part.isdigit() else getattr(module, part)
+    if flat[path].shape != module.dictionary.shape:
+      raise CheckpointError(f"Dictionary {path} has shape {flat[path].shape} in {step_dir} but "
+                            f"{module.dictionary.shape} in the model: the layers' widths or dictionary sizes differ.")
+    module.dictionary[...] = flat[path]
+    copied += 1
+  if not copied:
+    raise CheckpointError(f"No dictionary of the model has a counterpart in {step_dir}.")
+  logging.info("Copied %d dictionaries from %s.", copied, step_dir)
+  return copied

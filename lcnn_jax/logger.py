@@ -1,0 +1,103 @@
+"""What a run reports: a progress bar, ``metrics.jsonl`` and TensorBoard event files in the workdir.
+
+``metrics.jsonl`` holds one JSON object per logged point, ``{"step": …, "split": "train"|"eval", …}``; eval rows
+carry ``top1``, ``top5`` and ``loss`` (fractions in [0, 1]). When a run resumes from step s, rows past s (written
+after the checkpoint it resumes from) are dropped, so the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Mapping
+
+from absl import logging
+
+from lcnn_jax import flops
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of ``workdir/metrics.jsonl`` (empty when there is none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricsLogger:
+  """Writes train and eval rows to metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.writer = None
+    if not enabled:
+      return
+    rows = [row for row in read_metrics(workdir) if row["step"] <= resume_step]
+    with open(self.path, "w") as f:
+      f.writelines(json.dumps(row) + "\n" for row in rows)
+    from tensorboardX import SummaryWriter  # imported only where it writes
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+
+  def _append(self, row: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row) + "\n")
+
+  def train(self, step: int, row: Mapping[str, float], densities: Mapping[str, float]) -> None:
+    """A training point: loss, top-1, learning rate, images/s, mean density, and per-layer density."""
+    if not self.enabled:
+      return
+    self._append({"step": step, "split": "train", **row, "densities": dict(densities)})
+    for name, value in row.items():
+      self.writer.add_scalar(f"train/{name}", value, step)
+    for layer, value in densities.items():
+      self.writer.add_scalar(f"density/{layer}", value, step)
+
+  def eval(self, step: int, metrics: Mapping[str, float], count: flops.MultiplicationCount,
+           baseline: flops.MultiplicationCount) -> None:
+    """An evaluation point, with the model's multiplications and its speedup over the CNN baseline."""
+    speedup = count.speedup_over(baseline)
+    logging.info("step %d eval: top-1 %.4f top-5 %.4f loss %.4f | %s multiplications, %.2fx fewer than the "
+                 "baseline's %s", step, metrics["top1"], metrics["top5"], metrics["loss"], f"{count.total:,}",
+                 speedup, f"{baseline.total:,}")
+    if not self.enabled:
+      return
+    self._append({"step": step, "split": "eval", **metrics, "multiplications": count.total,
+                  "baseline_multiplications": baseline.total, "speedup": speedup})
+    for name in ("top1", "top5", "loss"):
+      self.writer.add_scalar(f"eval/{name}", metrics[name], step)
+    self.writer.add_scalar("eval/multiplications", count.total, step)
+    self.writer.add_scalar("eval/speedup", speedup, step)
+    for row in count.rows:
+      self.writer.add_scalar(f"multiplications/{row.path}", row.multiplications, step)
+
+  def close(self) -> None:
+    if self.writer is not None:
+      self.writer.close()
+
+
+class Progress:
+  """A tqdm bar over the steps showing loss, learning rate, images/s and mean density."""
+
+  def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
+    self.bar = None
+    if enabled:
+      from tqdm import tqdm
+      interactive = sys.stderr.isatty()
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                      mininterval=0.5 if interactive else 10.0, desc="train")
+
+  def update(self, step: int, row: Mapping[str, float]) -> None:
+    if self.bar is None:
+      return
+    self.bar.update(step - self.bar.n)
+    self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2g}",
+                         img_s=f"{row['images_per_second']:.0f}", density=f"{row['density']:.3f}", refresh=False)
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()

@@ -1,0 +1,82 @@
+"""Learning-rate and weight-decay schedules (REFERENCE §5) and the SGD chain with the sparsity rule.
+
+The original schedules are tables by epoch (1-based, ``epoch = step // steps_per_epoch + 1``); ``-LR`` is a
+multiplier on the table. SGD follows Torch: g += wd·w; buf = momentum·buf + g; w −= lr·buf.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from lcnn_jax import sparsity
+
+# (first epoch, learning rate, weight decay), the original's tables.
+ALEXNET_TABLE = ((1, 1e-2, 0.0), (19, 5e-3, 0.0), (30, 1e-3, 0.0), (44, 5e-4, 0.0), (53, 1e-4, 0.0))
+RESNET_TABLE = ((1, 0.1, 5e-4), (8, 0.03, 5e-4), (17, 0.01, 0.0), (26, 3e-3, 0.0), (31, 1e-3, 0.0))
+
+
+def _by_epoch(table: Sequence[tuple[int, float, float]], column: int, steps_per_epoch: int,
+              multiplier: float) -> optax.Schedule:
+  boundaries = jnp.asarray([(first - 1) * steps_per_epoch for first, *_ in table[1:]])
+  values = jnp.asarray([row[column] * multiplier for row in table])
+
+  def schedule(step):
+    return values[jnp.sum(step >= boundaries)]
+  return schedule
+
+
+def schedules(train_config: ml_collections.ConfigDict, steps_per_epoch: int,
+              total_steps: int) -> tuple[optax.Schedule, optax.Schedule]:
+  """(learning rate, weight decay) as functions of the step, from ``config.train``."""
+  name, multiplier = train_config.lr_schedule, train_config.learning_rate
+  if name in ("alexnet", "resnet"):
+    table = ALEXNET_TABLE if name == "alexnet" else RESNET_TABLE
+    lr = _by_epoch(table, 1, steps_per_epoch, multiplier)
+    wd = _by_epoch(table, 2, steps_per_epoch, 1.0)
+  elif name == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(0.0, multiplier, max(train_config.warmup_steps, 0),
+                                            max(total_steps, train_config.warmup_steps + 1))
+    wd = optax.constant_schedule(0.0)
+  elif name == "constant":
+    lr, wd = optax.constant_schedule(multiplier), optax.constant_schedule(0.0)
+  else:
+    raise ValueError(f"train.lr_schedule={name!r}: expected alexnet, resnet, cosine or constant.")
+  if train_config.weight_decay >= 0:  # An explicit value overrides the schedule's own.
+    wd = optax.constant_schedule(train_config.weight_decay)
+  return lr, wd
+
+
+def freeze(paths: Mapping[str, object] | set[str]) -> optax.GradientTransformation:
+  """Zeroes the updates of the leaves at ``paths`` (e.g. 'conv2/dictionary'): those parameters stay fixed."""
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, u: jnp.zeros_like(u) if sparsity.path_string(kp) in paths else u, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def dictionary_paths(model: nnx.Module) -> set[str]:
+  """Paths of the dictionary leaves of every lookup layer in ``model``."""
+  return {f"{path}/dictionary" if path else "dictionary" for path, _ in sparsity.lookup_layers(model)}
+
+
+def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_per_epoch: int,
+                   total_steps: int) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
+  """The full update: sparsity rule (before), Torch SGD with decayed weights, sparsity rule (after).
+
+  Returns the transformation, the sparsity rule (the trainer persists the threshold when the rule asks) and
+  the learning-rate schedule (for logging).
+  """
+  lr, wd = schedules(config.train, steps_per_epoch, total_steps)
+  rule = sparsity.make_rule(model, config.sparsity.rule, config.sparsity.strength, lr)
+  chain = [rule.before, optax.add_decayed_weights(wd), optax.trace(decay=config.train.momentum),
+           optax.scale_by_learning_rate(lr), rule.after]
+  if config.train.freeze_dictionaries:
+    chain.append(freeze(dictionary_paths(model)))
+  return optax.chain(*chain), rule, lr

@@ -1,0 +1,361 @@
+"""Training and evaluation: one mesh over all devices, data-parallel SGD with the sparsity rule on P.
+
+``train_and_evaluate(config, workdir)`` is the main job. Parameters are replicated, each batch is sharded over
+the ``data`` axis of a mesh that spans every device of every process, and each process feeds its own shard.
+The step is functional: the model is split once into its graph definition, its parameters (``nnx.Param``) and
+the rest (BatchNorm statistics, dropout RNG state), and each step merges them, runs the pieces of the batch
+(``train.break_batch``), and applies one optimizer update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import flax
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lcnn_jax import checkpoint, config as config_lib, data, flops, layers, models, optimizer as optimizer_lib
+from lcnn_jax import sparsity
+from lcnn_jax import logger as logger_lib
+
+DATA_AXIS = "data"
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (a non-finite loss, a bad resume); the message says why and what to do."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a step changes; ``params`` and ``rest`` are nnx.State of the model's split."""
+  step: jax.Array  # int32 ()
+  params: Any
+  rest: Any
+  opt_state: Any
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> None:
+  """Runs convolutions, dense and lookup layers in ``dtype`` (parameters stay float32; BatchNorm float32)."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, (nnx.Conv, nnx.Linear, *layers.LOOKUP_LAYERS)):
+      module.dtype = dtype
+
+
+def dataset_facts(info: data.DatasetInfo) -> dict[str, Any]:
+  """What a tool needs of the dataset to rebuild the model and read its outputs, saved in config.json."""
+  return {"name": info.name, "num_classes": info.num_classes, "image_shape": list(info.image_shape),
+          "class_names": info.class_names, "mean": list(info.mean), "std": list(info.std),
+          "num_train": info.num_train, "num_eval": info.num_eval}
+
+
+def create_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> nnx.Module:
+  """The configured model for the dataset's classes and image shape, seeded from ``config.seed``."""
+  model = models.create_model(config.model, num_classes=info.num_classes, input_shape=info.image_shape,
+                              rngs=nnx.Rngs(params=config.seed, dropout=config.seed + 1))
+  if config.train.compute_dtype != "float32":
+    set_compute_dtype(model, jnp.dtype(config.train.compute_dtype))
+  return model
+
+
+def eval_view(model: nnx.Module) -> nnx.Module:
+  """The model with BatchNorm on running statistics and dropout off."""
+  return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
+# ------------------------------------------------------------------------------------------------ steps
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Per-example softmax cross-entropy, computed in float32."""
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+  """1.0 where the label is among the k highest logits."""
+  _, top = jax.lax.top_k(logits, k)
+  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def train_step(graphdef, state: TrainState, batch: dict, *, tx: optax.GradientTransformation,
+               thresholds: dict[str, float] | None, pieces: int, piece_sharding=None):
+  """One update on one global batch, accumulated over ``pieces`` sequential pieces.
+
+  ``thresholds`` (the original rule) first zeroes |P| ≤ τ in the stored parameters. BatchNorm sees each
+  piece on its own and its running statistics advance once per piece, as in the original's ``-breakBatch``.
+  Returns the new state and the step's mean loss and top-1 accuracy.
+  """
+  params = state.params
+  if thresholds:
+    params = sparsity.threshold_state(params, thresholds)
+
+  def split_pieces(x):
+    # Piece i holds rows i, i + pieces, ...: each device keeps its share of every piece.
+    x = x.reshape(x.shape[0] // pieces, pieces, *x.shape[1:]).swapaxes(0, 1)
+    if piece_sharding is not None:
+      x = jax.lax.with_sharding_constraint(x, piece_sharding(x.ndim))
+    return x
+
+  def piece_loss(params, rest, images, labels):
+    model = nnx.merge(graphdef, params, rest, copy=True)  # fresh Variables at this trace level
+    logits = model(images)
+    loss = cross_entropy(logits, labels).mean()
+    _, _, new_rest = nnx.split(model, nnx.Param, ...)
+    return loss, (new_rest, topk_correct(logits, labels, 1).mean())
+
+  grad_fn = jax.value_and_grad(piece_loss, has_aux=True)
+
+  def accumulate(carry, piece):
+    grads, rest, loss, top1 = carry
+    (piece_loss_value, (rest, piece_top1)), piece_grads = grad_fn(params, rest, *piece)
+    grads = jax.tree.map(jnp.add, grads, piece_grads)
+    return (grads, rest, loss + piece_loss_value, top1 + piece_top1), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  images, labels = split_pieces(batch["image"]), split_pieces(batch["label"])
+  (grads, rest, loss, top1), _ = jax.lax.scan(
+      accumulate, (zeros, state.rest, jnp.zeros([]), jnp.zeros([])), (images, labels))
+  grads = jax.tree.map(lambda g: g / pieces, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, params)
+  params = optax.apply_updates(params, updates)
+  new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+  return new_state, {"loss": loss / pieces, "top1": top1 / pieces}
+
+
+def eval_step(eval_graphdef, params, rest, batch: dict) -> dict[str, jax.Array]:
+  """Sums over the real (mask True) examples of one batch: loss, top-1 and top-5 hits, and the count."""
+  model = nnx.merge(eval_graphdef, params, rest)
+  logits = model(batch["image"])
+  mask = batch["mask"].astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  return {"loss": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+          "top1": jnp.sum(topk_correct(logits, batch["label"], 1) * mask),
+          "top5": jnp.sum(topk_correct(logits, batch["label"], k) * mask),
+          "count": jnp.sum(mask)}
+
+
+def layer_densities(params, thresholds: dict[str, float]) -> tuple[dict[str, jax.Array], jax.Array]:
+  """Density of thresholded P per lookup layer path ('conv2', ...) and over all of them, on device."""
+  nonzeros, sizes = {}, {}
+  for keypath, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+    path = sparsity.path_string(keypath)
+    if path in thresholds:
+      layer = path.rsplit("/", 1)[0]
+      nonzeros[layer], sizes[layer] = jnp.sum(jnp.abs(p) > thresholds[path]), p.size
+  if not sizes:
+    return {}, jnp.ones([])
+  mean = sum(nonzeros.values()) / sum(sizes.values())
+  return {layer: nonzeros[layer] / sizes[layer] for layer in nonzeros}, mean
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def make_mesh() -> jax.sharding.Mesh:
+  """A one-axis mesh over every device of every process."""
+  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Per-process batches -> one global array per key, sharded over the data axis."""
+  return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local.items()}
+
+
+def host_local(tree):
+  """A NumPy copy of a tree of replicated (possibly multi-process) arrays; PRNG keys stay on this host's device."""
+  def local(x):
+    if not isinstance(x, jax.Array):
+      return x
+    shard = x.addressable_data(0)
+    return shard if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else np.asarray(shard)
+  return jax.tree.map(local, tree)
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """How long the run is and how often it logs, evaluates and saves."""
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+  log_every: int
+  checkpoint_every: int
+
+
+def make_plan(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> Plan:
+  steps_per_epoch = config.train.steps_per_epoch or max(1, info.num_train // config.train.batch_size)
+  total = config.train.num_steps or config.train.epochs * steps_per_epoch
+  if total <= 0:
+    raise ValueError(f"train.epochs={config.train.epochs}, train.num_steps={config.train.num_steps}: "
+                     "the run has no steps; set one of them > 0.")
+  return Plan(steps_per_epoch=steps_per_epoch, total_steps=total,
+              eval_every=config.train.eval_every or steps_per_epoch,
+              log_every=max(1, config.train.log_every),
+              checkpoint_every=max(1, config.train.checkpoint_every))
+
+
+class Evaluator:
+  """Evaluates on the validation split: every image exactly once, the last batch padded and masked."""
+
+  def __init__(self, config, info, model, mesh):
+    self.config, self.info = config, info
+    self.batch_size = config.train.eval_batch_size or config.train.batch_size
+    if self.batch_size % jax.device_count():
+      raise ValueError(f"eval batch size {self.batch_size} must be divisible by the {jax.device_count()} devices; "
+                       "set train.eval_batch_size.")
+    self.sharding = NamedSharding(mesh, P(DATA_AXIS))
+    self.graphdef = nnx.graphdef(eval_view(model))
+    self._step = jax.jit(functools.partial(eval_step, self.graphdef))
+
+  def __call__(self, params, rest) -> dict[str, float]:
+    totals = None
+    for local in data.make_eval_iterator(self.config.data, self.info, global_batch_size=self.batch_size,
+                                         process_index=jax.process_index(), process_count=jax.process_count()):
+      sums = self._step(params, rest, global_batch(local, self.sharding))
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+      raise TrainingError(f"The validation split of data.name={self.config.data.name!r} yielded no batch.")
+    totals = jax.tree.map(float, host_local(totals))
+    count = totals.pop("count")
+    logging.info("Evaluated %d validation images (of %d).", count, self.info.num_eval)
+    return {name: value / count for name, value in totals.items()} | {"count": int(count)}
+
+
+def count_model(model: nnx.Module, params, rest, graphdef, input_shape) -> flops.MultiplicationCount:
+  """Multiplications per layer with the current (host-local) parameters."""
+  return flops.count_multiplications(nnx.merge(graphdef, host_local(params), host_local(rest)), input_shape)
+
+
+def baseline_count(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> flops.MultiplicationCount:
+  """Multiplications of the dense CNN the paper compares the configured model with."""
+  baseline = models.create_model(models.baseline_config(config.model), num_classes=info.num_classes,
+                                 input_shape=info.image_shape, rngs=nnx.Rngs(0))
+  return flops.count_multiplications(baseline, info.image_shape)
+
+
+def _check_finite(step: int, loss: float, last_saved: int | None, workdir: str) -> None:
+  if not math.isfinite(loss):
+    saved = (f"the last good checkpoint, step {last_saved}, is kept in {workdir}/checkpoints"
+             if last_saved is not None else "no checkpoint had been written yet")
+    raise TrainingError(
+        f"Loss became {loss} at step {step}; training stopped and {saved}. Lower train.learning_rate, check the "
+        "data (data.mean/data.std), or resume from that checkpoint with another config.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final eval metrics."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  info = data.dataset_info(config.data, cache_dir=workdir)
+  if config.train.batch_size % jax.process_count():
+    raise ValueError(f"train.batch_size={config.train.batch_size} must be divisible by the "
+                     f"{jax.process_count()} processes.")
+  if (config.train.batch_size // config.train.break_batch) % jax.device_count():
+    raise ValueError(f"train.batch_size / train.break_batch = {config.train.batch_size // config.train.break_batch} "
+                     f"must be divisible by the {jax.device_count()} devices.")
+  plan = make_plan(config, info)
+  mesh = make_mesh()
+  replicated = NamedSharding(mesh, P())
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+
+  model = create_model(config, info)
+  if config.train.init_from:
+    checkpoint.transfer_dictionaries_from(config.train.init_from, model)
+  tx, rule, lr_schedule = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps)
+  thresholds = sparsity.coefficient_thresholds(model)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  state = TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  state = jax.device_put(state, replicated)
+
+  train_iter = data.make_train_iterator(config.data, info, global_batch_size=config.train.batch_size,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  manager = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  checkpoint.save_run_info(workdir, config, dataset_facts(info))
+  restored = manager.restore_latest(state, train_iter)
+  step = 0
+  if restored is not None:
+    state, step = restored, int(host_local(restored.step))
+    logging.info("Resumed from step %d in %s.", step, manager.directory)
+  log = logger_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0, resume_step=step)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, graphdef, tx=tx, thresholds=thresholds if rule.persist_threshold else None,
+                        pieces=config.train.break_batch,
+                        piece_sharding=lambda ndim: NamedSharding(mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))),
+      donate_argnums=(0,))
+  densities_fn = jax.jit(functools.partial(layer_densities, thresholds=thresholds))
+  evaluator = Evaluator(config, info, model, mesh)
+  baseline = baseline_count(config, info)
+
+  def evaluate(step):
+    metrics = evaluator(state.params, state.rest)
+    count = count_model(model, state.params, state.rest, graphdef, info.image_shape)
+    log.eval(step, metrics, count, baseline)
+    return metrics
+
+  last_saved = manager.latest_step()
+  progress = logger_lib.Progress(plan.total_steps, initial=step, enabled=jax.process_index() == 0)
+  metrics = None
+  window_start, window_images = time.perf_counter(), 0
+  with jax.set_mesh(mesh):
+    while step < plan.total_steps:
+      batch = global_batch(next(train_iter), batch_sharding)
+      state, step_metrics = step_fn(state, batch)
+      window_images += config.train.batch_size
+      step += 1
+      if step % plan.log_every == 0 or step == plan.total_steps:
+        loss = float(host_local(step_metrics["loss"]))
+        _check_finite(step, loss, last_saved, workdir)
+        densities, mean_density = host_local(densities_fn(state.params))
+        elapsed = time.perf_counter() - window_start
+        row = {"loss": loss, "top1": float(host_local(step_metrics["top1"])),
+               "learning_rate": float(lr_schedule(step - 1)), "images_per_second": window_images / elapsed,
+               "density": float(mean_density)}
+        log.train(step, row, {k: float(v) for k, v in densities.items()})
+        progress.update(step, row)
+        window_start, window_images = time.perf_counter(), 0
+      if step % plan.eval_every == 0 or step == plan.total_steps:
+        metrics = evaluate(step)
+      if step % plan.checkpoint_every == 0 or step == plan.total_steps:
+        if step % plan.log_every:  # a checkpoint is only ever written after a finite loss
+          _check_finite(step, float(host_local(step_metrics["loss"])), last_saved, workdir)
+        manager.save(state, train_iter)
+        last_saved = step
+  progress.close()
+  manager.close()
+  if metrics is None:  # resumed at the end: evaluate what was restored
+    metrics = evaluate(step)
+  log.close()
+  return metrics
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """The original's ``-testOnly``: top-1/top-5 of the latest checkpoint in ``workdir`` or ``config.restore``."""
+  info = data.dataset_info(config.data, cache_dir=workdir)
+  model, step = checkpoint.restore_model_for(config, info, workdir)
+  mesh = make_mesh()
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  replicated = NamedSharding(mesh, P())
+  with jax.set_mesh(mesh):
+    metrics = Evaluator(config, info, model, mesh)(jax.device_put(params, replicated),
+                                                     jax.device_put(rest, replicated))
+  logging.info("Step %d: top-1 %.4f, top-5 %.4f, loss %.4f over %d images.", step, metrics["top1"],
+               metrics["top5"], metrics["loss"], metrics["count"])
+  return metrics | {"step": step}

@@ -1,0 +1,228 @@
+"""The trainer: loss falls, resume is exact, sharding and accumulation change nothing, errors are clear."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lcnn_jax import checkpoint, config as config_lib, layers, logger, optimizer, train
+
+
+def tiny_config(**train_overrides):
+  c = config_lib.default_config()
+  c.model.name = "digits-lcnn"
+  c.model.width = 8
+  c.model.first_pool = 1
+  c.model.pool_size = 4
+  c.data.name = "digits"
+  c.train.batch_size = 32
+  c.train.num_steps = 8
+  c.train.steps_per_epoch = 4
+  c.train.lr_schedule = "constant"
+  c.train.learning_rate = 0.05
+  c.train.checkpoint_every = 4
+  c.train.log_every = 2
+  c.train.eval_every = 8
+  c.train.eval_batch_size = 128
+  c.sparsity.strength = 10.0
+  for key, value in train_overrides.items():
+    c.train[key] = value
+  return c
+
+
+def final_params(workdir):
+  model, _, step = checkpoint.restore_model(workdir)
+  return step, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+
+
+def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path):
+  config = tiny_config(num_steps=30, learning_rate=0.1, eval_every=30, checkpoint_every=30)
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  rows = logger.read_metrics(str(tmp_path))
+  train_rows = [r for r in rows if r["split"] == "train"]
+  assert train_rows[-1]["loss"] < train_rows[0]["loss"] - 0.3
+  eval_rows = [r for r in rows if r["split"] == "eval"]
+  assert len(eval_rows) == 1 and eval_rows[0]["count"] == 360
+  for key in ("top1", "top5", "loss"):
+    assert key in eval_rows[0]
+  assert 0 <= eval_rows[0]["top1"] <= eval_rows[0]["top5"] <= 1
+  assert metrics["top1"] == eval_rows[0]["top1"] > 0.2  # well above chance (0.1) after 30 steps
+  assert 0 < train_rows[-1]["density"] < 1
+  assert os.listdir(tmp_path / "tensorboard")
+  saved = json.loads((tmp_path / "config.json").read_text())
+  assert saved["dataset"]["num_classes"] == 10 and saved["config"]["model"]["name"] == "digits-lcnn"
+
+
+@pytest.mark.parametrize("rule", ["prox", "threshold"])
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, rule):
+  config = tiny_config()
+  config.sparsity.rule = rule
+  train.train_and_evaluate(config, str(tmp_path / "whole"))
+  half = tiny_config(num_steps=4)
+  half.sparsity.rule = rule
+  train.train_and_evaluate(half, str(tmp_path / "resumed"))  # stops at step 4 with a checkpoint
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))  # the same command again: resumes at 4
+  step_a, whole = final_params(str(tmp_path / "whole"))
+  step_b, resumed = final_params(str(tmp_path / "resumed"))
+  assert step_a == step_b == 8
+  jax.tree.map(np.testing.assert_array_equal, whole, resumed)
+  losses = lambda d: [(r["step"], r["loss"]) for r in logger.read_metrics(str(tmp_path / d)) if r["split"] == "train"]
+  assert losses("whole") == losses("resumed")
+
+
+class NoNormNet(nnx.Module):
+  """A net without BatchNorm or dropout, so a batch and its pieces give the same gradient."""
+
+  def __init__(self, rngs):
+    self.conv = layers.LookupConv(1, 8, 3, dictionary_size=1, padding=1, rngs=rngs)
+    self.head = layers.LookupDense(8, 10, dictionary_size=4, rngs=rngs)
+
+  def __call__(self, x):
+    return self.head(nnx.relu(self.conv(x)).mean(axis=(1, 2)))
+
+
+def one_step(model, batch, pieces, mesh=None):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.chain(optax.trace(0.9), optax.scale(-0.1))
+  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  new_state, metrics = jax.jit(lambda s, b: train.train_step(graphdef, s, b, tx=tx, thresholds=None,
+                                                             pieces=pieces))(state, batch)
+  return nnx.to_pure_dict(new_state.params), float(metrics["loss"])
+
+
+def test_gradient_accumulation_equals_the_full_batch_without_batchnorm(rng):
+  batch = {"image": jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  full, full_loss = one_step(NoNormNet(nnx.Rngs(0)), batch, pieces=1)
+  pieced, pieced_loss = one_step(NoNormNet(nnx.Rngs(0)), batch, pieces=4)
+  assert pieced_loss == pytest.approx(full_loss, rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), full, pieced)
+
+
+SHARDED_SCRIPT = r"""
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+import json, numpy as np, optax, jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from lcnn_jax import config as config_lib, models, train
+
+config = config_lib.default_config()
+config.model.name, config.model.width, config.model.first_pool, config.model.pool_size = "digits-lcnn", 8, 1, 4
+rng = np.random.default_rng(0)
+batch = {"image": rng.normal(size=(32, 8, 8, 1)).astype(np.float32), "label": rng.integers(0, 10, 32).astype(np.int32)}
+results = {}
+for n in (1, 8):
+  model = models.create_model(config.model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0, dropout=1))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optax.chain(optax.trace(0.9), optax.scale(-0.1))
+  mesh = Mesh(np.array(jax.devices()[:n]), ("data",))
+  state = jax.device_put(train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest,
+                                          opt_state=tx.init(params)), NamedSharding(mesh, P()))
+  sharded = train.global_batch(batch, NamedSharding(mesh, P("data")))
+  assert len(sharded["image"].sharding.device_set) == n
+  step = jax.jit(lambda s, b: train.train_step(graphdef, s, b, tx=tx, thresholds=None, pieces=2,
+      piece_sharding=lambda nd: NamedSharding(mesh, P(None, "data", *[None] * (nd - 2)))))
+  with jax.set_mesh(mesh):
+    new_state, metrics = step(state, sharded)
+  results[n] = {"loss": float(metrics["loss"]),
+                "params": [np.asarray(x).tolist() for x in jax.tree.leaves(new_state.params)]}
+print(json.dumps(results))
+"""
+
+
+def test_eight_device_sharded_step_equals_one_device():
+  out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, check=True,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  assert results["8"]["loss"] == pytest.approx(results["1"]["loss"], rel=1e-5)
+  for a, b in zip(results["1"]["params"], results["8"]["params"]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_original_schedules_by_epoch():
+  c = config_lib.default_config().train
+  c.lr_schedule, c.learning_rate = "alexnet", 2.0  # -LR multiplies the table
+  lr, wd = optimizer.schedules(c, steps_per_epoch=10, total_steps=600)
+  for epoch, expected in ((1, 1e-2), (18, 1e-2), (19, 5e-3), (29, 5e-3), (30, 1e-3), (44, 5e-4), (53, 1e-4),
+                          (55, 1e-4)):
+    assert float(lr((epoch - 1) * 10)) == pytest.approx(2 * expected)
+    assert float(lr((epoch - 1) * 10 + 9)) == pytest.approx(2 * expected)
+    assert float(wd((epoch - 1) * 10)) == 0.0
+  c.lr_schedule, c.learning_rate = "resnet", 1.0
+  lr, wd = optimizer.schedules(c, steps_per_epoch=10, total_steps=600)
+  for epoch, expected_lr, expected_wd in ((1, 0.1, 5e-4), (7, 0.1, 5e-4), (8, 0.03, 5e-4), (16, 0.03, 5e-4),
+                                          (17, 0.01, 0), (26, 3e-3, 0), (31, 1e-3, 0), (50, 1e-3, 0)):
+    assert float(lr((epoch - 1) * 10)) == pytest.approx(expected_lr)
+    assert float(wd((epoch - 1) * 10)) == pytest.approx(expected_wd)
+  c.lr_schedule, c.warmup_steps, c.learning_rate = "cosine", 10, 0.5
+  lr, _ = optimizer.schedules(c, steps_per_epoch=10, total_steps=100)
+  assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(0.0)
+
+
+def test_torch_sgd_semantics_with_weight_decay():
+  c = tiny_config()
+  c.train.weight_decay, c.train.momentum, c.sparsity.strength = 0.1, 0.9, 0.0
+  model = NoNormNet(nnx.Rngs(0))
+  tx, _, _ = optimizer.make_optimizer(c, model, steps_per_epoch=4, total_steps=8)
+  params = {"w": jnp.asarray([1.0, -2.0])}
+  state = tx.init(params)
+  grads = {"w": jnp.asarray([0.5, 0.5])}
+  # g = 0.5 + 0.1·w = [0.6, 0.3]; buf = g; w -= 0.05·buf -> [0.97, -2.015].
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params["w"], [0.97, -2.015], rtol=1e-6)
+  # g = 0.5 + 0.1·w = [0.597, 0.2985]; buf = 0.9·[0.6, 0.3] + g = [1.137, 0.5685]; w -= 0.05·buf.
+  updates, state = tx.update(grads, state, params)
+  params = optax.apply_updates(params, updates)
+  np.testing.assert_allclose(params["w"], [0.97 - 0.05 * 1.137, -2.015 - 0.05 * 0.5685], rtol=1e-6)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  config = tiny_config(num_steps=8, checkpoint_every=2, log_every=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 8
+  bad = tiny_config(num_steps=12, checkpoint_every=2, log_every=2, learning_rate=float("nan"))
+  with pytest.raises(train.TrainingError, match="at step 10.*step 8"):
+    train.train_and_evaluate(bad, str(tmp_path))
+  assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 8
+  step, params = final_params(str(tmp_path))
+  assert step == 8 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path):
+  train.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2, eval_every=2), str(tmp_path))
+  other = tiny_config(num_steps=4)
+  other.model.pool_size = 6
+  with pytest.raises(checkpoint.CheckpointError, match="another model.*conv2/coefficients"):
+    train.train_and_evaluate(other, str(tmp_path))
+
+
+def run_main(*args, cwd):
+  return subprocess.run([sys.executable, "-m", "lcnn_jax.main", *args], capture_output=True, text=True, cwd=cwd,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_main_trains_evaluates_benchmarks_and_rejects_misspelt_keys(tmp_path):
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  config = os.path.join(repo, "configs", "quickstart.py")
+  small = ["--config.train.num_steps=4", "--config.train.batch_size=32", "--config.model.width=8",
+           "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
+  done = run_main("--config", config, "--workdir", str(tmp_path), *small, cwd=repo)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "speedup" in done.stdout and "eval top-1" in done.stdout
+  evaluated = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "eval", *small, cwd=repo)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+  assert result["step"] == 4 and result["count"] == 360
+  benchmark = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "benchmark", cwd=repo)
+  assert benchmark.returncode == 0 and "conv2" in benchmark.stdout and "speedup" in benchmark.stdout
+  typo = run_main("--config", config, "--workdir", str(tmp_path), "--config.train.batchsize=8", cwd=repo)
+  assert typo.returncode != 0 and "batchsize" in typo.stderr
