@@ -1,0 +1,343 @@
+"""Ways to run one lookup layer at inference, all equal to the convolution with the reconstructed kernel.
+
+A :class:`LookupLayer` is a trained lookup convolution ready for inference: its dictionary D (m, k), the
+non-zeros of its coefficients P (kh, kw, k, n) grouped per output (the *lookups*), and its bias, with any
+BatchNorm after it already folded in. The backends differ in how they compute Y = (X ⊛ D) ⊛ P + bias:
+
+* ``dense``: the reconstructed kernel W = D·P (kh, kw, m, n) in one XLA convolution (or matmul).
+* ``factored``: S = X ⊛ D as a 1×1 convolution, then P as a dense kh×kw convolution over S. Two
+  tensor-core-friendly XLA ops; the zeros of P still cost.
+* ``gather``: S in channels-first layout, then for each non-zero slot one row gather of S shifted to the
+  non-zero's tap, scaled and accumulated, in plain XLA (works on any device; the fallback for ``lookup``).
+* ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
+  output's accumulators in registers over all its non-zeros (CPU only).
+
+``dense`` and ``factored`` take and return NHWC activations; ``gather`` and ``lookup`` take and return
+channels-first, batch-last CHWN (channels, height, width, batch) activations, the layout in which one non-zero
+reads a contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the
+output row is computed over S's full width (the "wide" row whose columns past the output width are dropped).
+Strided layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
+(r div s_h, c div s_w).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lcnn_jax.inference import kernels
+
+CHWN = (3, 1, 2, 0)
+"""The transpose between NHWC and CHWN (its own inverse)."""
+
+
+def to_chwn(x: jax.Array) -> jax.Array:
+  """(batch, h, w, c) -> (c, h, w, batch)."""
+  return jnp.transpose(x, CHWN)
+
+
+def to_nhwc(x: jax.Array) -> jax.Array:
+  """(c, h, w, batch) -> (batch, h, w, c)."""
+  return jnp.transpose(x, CHWN)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LookupLayer:
+  """A lookup convolution for inference: D, the non-zeros of P per output, and the bias (BatchNorm folded).
+
+  Output o's non-zeros are ``indices[starts[o]:starts[o + 1]]`` with ``values`` alongside; an index is the flat
+  position (r·kw + c)·k + j of the coefficient P[r, c, j, o] in a (kh, kw, k) block.
+  """
+  dictionary: np.ndarray  # (m, k) float32
+  starts: np.ndarray  # (n + 1,) int32
+  indices: np.ndarray  # (nnz,) uint16 when kh·kw·k ≤ 65536, else int32
+  values: np.ndarray  # (nnz,) float32
+  bias: np.ndarray  # (n,) float32
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int]
+  padding: tuple[int, int]
+  input_size: tuple[int, int]  # (h, w) of the input the layer sees
+
+  @property
+  def in_features(self) -> int:
+    return self.dictionary.shape[0]
+
+  @property
+  def dictionary_size(self) -> int:
+    return self.dictionary.shape[1]
+
+  @property
+  def out_features(self) -> int:
+    return self.bias.shape[0]
+
+  @property
+  def nnz(self) -> int:
+    return int(self.values.shape[0])
+
+  @property
+  def padded_size(self) -> tuple[int, int]:
+    """(h + 2·ph, w + 2·pw): the size of S."""
+    return tuple(s + 2 * p for s, p in zip(self.input_size, self.padding))
+
+  @property
+  def output_size(self) -> tuple[int, int]:
+    return tuple((s - k) // st + 1 for s, k, st in zip(self.padded_size, self.kernel_size, self.strides))
+
+  @property
+  def density(self) -> float:
+    """nnz(P) / size(P)."""
+    kh, kw = self.kernel_size
+    return self.nnz / (kh * kw * self.dictionary_size * self.out_features)
+
+  @classmethod
+  def from_coefficients(cls, dictionary: np.ndarray, coefficients: np.ndarray, bias: np.ndarray | None, *,
+                        strides: tuple[int, int], padding: tuple[int, int],
+                        input_size: tuple[int, int]) -> "LookupLayer":
+    """Builds the lookups from P (kh, kw, k, n), keeping its non-zeros (already thresholded)."""
+    p = np.asarray(coefficients, np.float32)
+    kh, kw, k, n = p.shape
+    flat = p.reshape(kh * kw * k, n).T  # (n, kh·kw·k)
+    outputs, positions = np.nonzero(flat)  # row-major: grouped by output, positions ascending
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(outputs, minlength=n), out=starts[1:])
+    index_dtype = np.uint16 if kh * kw * k <= 1 << 16 else np.int32
+    return cls(dictionary=np.asarray(dictionary, np.float32), starts=starts.astype(np.int32),
+               indices=positions.astype(index_dtype), values=flat[outputs, positions],
+               bias=np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32),
+               kernel_size=(kh, kw), strides=tuple(strides), padding=tuple(padding),
+               input_size=tuple(input_size))
+
+  def output_of_each_nonzero(self) -> np.ndarray:
+    """(nnz,) the output each non-zero belongs to."""
+    return np.repeat(np.arange(self.out_features), np.diff(self.starts))
+
+  def coefficients(self) -> np.ndarray:
+    """P as a dense (kh, kw, k, n) array."""
+    kh, kw = self.kernel_size
+    p = np.zeros((kh * kw * self.dictionary_size, self.out_features), np.float32)
+    p[self.indices.astype(np.int64), self.output_of_each_nonzero()] = self.values
+    return p.reshape(kh, kw, self.dictionary_size, self.out_features)
+
+  def dense_kernel(self) -> np.ndarray:
+    """W = D·P, the equivalent dense kernel (kh, kw, m, n)."""
+    return np.einsum("mk,rcko->rcmo", self.dictionary, self.coefficients())
+
+
+def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                   padding: tuple[int, int]) -> jax.Array:
+  """An NHWC convolution without bias, as a matmul where it is one (1×1 kernels; kernels covering the input)."""
+  kh, kw, m, n = kernel.shape
+  b, h, w, _ = x.shape
+  if (kh, kw) == (1, 1) and tuple(strides) == (1, 1) and tuple(padding) == (0, 0):
+    return jnp.einsum("bhwm,mn->bhwn", x, kernel[0, 0])
+  if tuple(padding) == (0, 0) and (h, w) == (kh, kw):
+    return (x.reshape(b, h * w * m) @ kernel.reshape(kh * kw * m, n)).reshape(b, 1, 1, n)
+  ph, pw = padding
+  return jax.lax.conv_general_dilated(x, kernel, tuple(strides), ((ph, ph), (pw, pw)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+class Backend(Protocol):
+  """How one lookup layer runs: ``apply(layer, prepare(layer), x)`` with x in ``layout``."""
+  name: str
+  layout: str  # "nhwc" | "chwn"
+
+  def available(self) -> tuple[bool, str]:
+    """(True, '') when usable on the default device, else (False, the reason)."""
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    """The arrays ``apply`` needs, in this backend's own layout."""
+
+  def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """The layer's output for a 4-D ``x`` in ``layout`` (traceable; ``layer`` gives only static geometry)."""
+
+
+class Dense:
+  """The reconstructed kernel W = D·P in one XLA convolution."""
+  name = "dense"
+  layout = "nhwc"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    return {"kernel": layer.dense_kernel(), "bias": layer.bias}
+
+  def apply(self, layer, params, x):
+    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"]
+
+
+class Factored:
+  """A 1×1 dictionary convolution, then P as a dense convolution over S."""
+  name = "factored"
+  layout = "nhwc"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    return {"dictionary": layer.dictionary, "coefficients": layer.coefficients(), "bias": layer.bias}
+
+  def apply(self, layer, params, x):
+    ph, pw = layer.padding
+    s = jnp.einsum("bhwm,mk->bhwk", x, params["dictionary"])  # (batch, h, w, k)
+    s = jnp.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """S after space-to-depth: (atoms, height, width) per example, and the kept output."""
+  atoms: int
+  height: int
+  width: int
+  out_height: int
+  out_width: int
+
+  def tail(self, batch: int) -> int:
+    """Elements to pad S's flat end with so every block of wide elements (≤ 256) and row reads inside it."""
+    return (self.width - self.out_width) * batch + 256
+
+
+def _geometry(layer: LookupLayer) -> _Geometry:
+  (hp, wp), (sh, sw) = layer.padded_size, layer.strides
+  oh, ow = layer.output_size
+  return _Geometry(layer.dictionary_size * sh * sw, -(-hp // sh), -(-wp // sw), oh, ow)
+
+
+def _s2d_indices(layer: LookupLayer) -> np.ndarray:
+  """Each non-zero's position in flat S (space-to-depth view), per example: (atom·H + r)·W + c."""
+  kh, kw = layer.kernel_size
+  k = layer.dictionary_size
+  sh, sw = layer.strides
+  g = _geometry(layer)
+  flat = layer.indices.astype(np.int64)
+  tap, j = np.divmod(flat, k)
+  r, c = np.divmod(tap, kw)
+  atom = (j * sh + r % sh) * sw + c % sw
+  return (atom * g.height + r // sh) * g.width + c // sw
+
+
+def _dictionary_stage_chwn(layer: LookupLayer, dictionary_t: jax.Array, x: jax.Array) -> jax.Array:
+  """S of a CHWN input, padded, in space-to-depth layout, flat, with the tail the row reads need."""
+  g = _geometry(layer)
+  (ph, pw), (sh, sw) = layer.padding, layer.strides
+  _, h, w, b = x.shape
+  k = layer.dictionary_size
+  s = jnp.einsum("km,mhwb->khwb", dictionary_t, x)  # (k, h, w, batch)
+  s = jnp.pad(s, ((0, 0), (ph, g.height * sh - h - ph), (pw, g.width * sw - w - pw), (0, 0)))
+  if (sh, sw) != (1, 1):
+    s = s.reshape(k, g.height, sh, g.width, sw, b).transpose(0, 2, 4, 1, 3, 5)
+  return jnp.pad(s.reshape(-1), (0, g.tail(b)))  # (atoms·H·W·batch + tail,)
+
+
+class Gather:
+  """Channels-first row gathers over shifted S, one non-zero slot per step, in plain XLA."""
+  name = "gather"
+  layout = "chwn"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    counts = np.diff(layer.starts)
+    slots = max(int(counts.max(initial=0)), 1)
+    # Output o's t-th non-zero sits in row o, column t; missing ones read S[0] with coefficient 0.
+    column = np.arange(layer.nnz) - np.repeat(layer.starts[:-1], counts)
+    rows = layer.output_of_each_nonzero()
+    offsets = np.zeros((slots, layer.out_features), np.int32)
+    values = np.zeros((slots, layer.out_features), np.float32)
+    offsets[column, rows] = _s2d_indices(layer)
+    values[column, rows] = layer.values
+    return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "offsets": offsets, "values": values,
+            "bias": layer.bias}
+
+  def apply(self, layer, params, x):
+    g = _geometry(layer)
+    batch = x.shape[-1]
+    s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
+    wide = g.out_height * g.width * batch  # whole rows, so the result reshapes to (n, oh, W, batch)
+
+    def row(offset):
+      return jax.lax.dynamic_slice(s, (offset * batch,), (wide,))
+
+    def step(t, acc):
+      return acc + params["values"][t][:, None] * jax.vmap(row)(params["offsets"][t])  # (n, wide)
+
+    acc = jax.lax.fori_loop(0, params["offsets"].shape[0], step, jnp.zeros((layer.out_features, wide), s.dtype))
+    y = acc.reshape(layer.out_features, g.out_height, g.width, batch)[:, :, :g.out_width]
+    return y + params["bias"][:, None, None, None]
+
+
+class Lookup:
+  """The C++ kernel: per output, accumulators in registers over all its non-zeros (CPU)."""
+  name = "lookup"
+  layout = "chwn"
+
+  def available(self) -> tuple[bool, str]:
+    if jax.default_backend() != "cpu":
+      return False, f"the C++ kernel runs on CPU; the default device is {jax.default_backend()}"
+    ok, reason = kernels.kernel_available()
+    return ok, "" if ok else reason
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    positions = _s2d_indices(layer)
+    # Within each output, visit S in memory order.
+    order = np.lexsort((positions, layer.output_of_each_nonzero()))
+    positions = positions[order]
+    index_dtype = np.uint16 if positions.max(initial=0) < 1 << 16 else np.int32
+    return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "starts": layer.starts,
+            "indices": positions.astype(index_dtype), "values": layer.values[order], "bias": layer.bias}
+
+  def apply(self, layer, params, x):
+    kernels.ensure_kernel()
+    g = _geometry(layer)
+    batch = x.shape[-1]
+    s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
+    out = jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32)
+    return jax.ffi.ffi_call(kernels.TARGET, out, vmap_method="sequential")(
+        s, params["starts"], params["indices"], params["values"], params["bias"], width=np.int64(g.width))
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
+"""Every backend by name."""
+
+
+def available_backends() -> list[str]:
+  """The names of the backends usable on the default device."""
+  return [name for name, backend in BACKENDS.items() if backend.available()[0]]
+
+
+def get_backend(name: str) -> Backend:
+  """The backend called ``name``; raises ValueError naming the choices."""
+  if name not in BACKENDS:
+    raise ValueError(f"backend={name!r}: expected one of {sorted(BACKENDS)}.")
+  return BACKENDS[name]
+
+
+def apply_nhwc(backend: Backend, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+  """Runs ``backend`` on an NHWC input and returns NHWC, converting around CHWN backends."""
+  if backend.layout == "chwn":
+    return to_nhwc(backend.apply(layer, params, to_chwn(x)))
+  return backend.apply(layer, params, x)
+
+
+def multiplications(layer: LookupLayer) -> int:
+  """Multiply-adds of one example: the dictionary stage over padded S plus one per non-zero per output pixel."""
+  hp, wp = layer.padded_size
+  oh, ow = layer.output_size
+  return layer.dictionary_size * hp * wp * layer.in_features + layer.nnz * oh * ow
+
+
+def coefficient_bytes(layer: LookupLayer) -> int:
+  """Bytes of D and the lookups the layer must read once per call (its weight traffic)."""
+  return (layer.dictionary.nbytes + layer.starts.nbytes + layer.indices.nbytes + layer.values.nbytes
+          + layer.bias.nbytes)
+
+
+__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "available_backends", "coefficient_bytes",
+           "conv_or_matmul", "get_backend", "multiplications", "to_chwn", "to_nhwc"]
