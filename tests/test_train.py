@@ -39,11 +39,12 @@ def tiny_config(**train_overrides):
 
 def final_params(workdir):
   model, _, step = checkpoint.restore_model(workdir)
-  return step, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  return step, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
 
 
 def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path):
-  config = tiny_config(num_steps=30, learning_rate=0.1, eval_every=30, checkpoint_every=30)
+  config = tiny_config(num_steps=60, eval_every=60, checkpoint_every=60)
+  config.model.width, config.model.dropout = 16, 0.0
   metrics = train.train_and_evaluate(config, str(tmp_path))
   rows = logger.read_metrics(str(tmp_path))
   train_rows = [r for r in rows if r["split"] == "train"]
@@ -53,7 +54,7 @@ def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path):
   for key in ("top1", "top5", "loss"):
     assert key in eval_rows[0]
   assert 0 <= eval_rows[0]["top1"] <= eval_rows[0]["top5"] <= 1
-  assert metrics["top1"] == eval_rows[0]["top1"] > 0.2  # well above chance (0.1) after 30 steps
+  assert metrics["top1"] == eval_rows[0]["top1"] > 0.5  # well above chance (0.1) after 60 steps
   assert 0 < train_rows[-1]["density"] < 1
   assert os.listdir(tmp_path / "tensorboard")
   saved = json.loads((tmp_path / "config.json").read_text())
