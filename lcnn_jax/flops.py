@@ -63,7 +63,7 @@ class MultiplicationCount:
     total = self.total or 1
     for row in self.rows:
       lines.append(
-          f"{row.path:<28} {row.kind:<12} {'x'.join(map(str, row.output_shape)):<16} "
+          f"{row.path or '(model)':<28} {row.kind:<12} {'x'.join(map(str, row.output_shape)):<16} "
           f"{row.dictionary_size if row.dictionary_size is not None else '-':>5} {row.density:>8.4f} "
           f"{row.multiplications:>15,} {100 * row.multiplications / total:>5.1f}%")
     lines.append("-" * len(header))
