@@ -227,11 +227,12 @@ def _dictionary_stage_chwn(layer: LookupLayer, dictionary_t: jax.Array, x: jax.A
   g = _geometry(layer)
   (ph, pw), (sh, sw) = layer.padding, layer.strides
   _, h, w, b = x.shape
-  k = layer.dictionary_size
   s = jnp.einsum("km,mhwb->khwb", dictionary_t, x)  # (k, h, w, batch)
   s = jnp.pad(s, ((0, 0), (ph, g.height * sh - h - ph), (pw, g.width * sw - w - pw), (0, 0)))
   if (sh, sw) != (1, 1):
-    s = s.reshape(k, g.height, sh, g.width, sw, b).transpose(0, 2, 4, 1, 3, 5)
+    # Strided slices, stacked, run several times faster in XLA on CPU than the equivalent 6-D transpose.
+    phases = [s[:, r::sh, c::sw] for r in range(sh) for c in range(sw)]  # each (k, H, W, batch)
+    s = jnp.stack(phases, axis=1)  # (k, sh·sw, H, W, batch)
   return jnp.pad(s.reshape(-1), (0, g.tail(b)))  # (atoms·H·W·batch + tail,)
 
 

@@ -1,0 +1,289 @@
+"""Exporting a trained LCNN for inference, saving it as one file, and loading it back.
+
+:func:`export` takes a live model or a run's workdir, traces its eval-mode forward pass
+(:mod:`lcnn_jax.inference.graph`), and turns each layer into its inference form: a lookup layer keeps its
+dictionary and the non-zeros of P as per-output indices and coefficients; a BatchNorm that directly follows a
+layer is folded into that layer's coefficients (or kernel) and bias, scale per output; dense convolutions and
+dense layers stay dense. It then picks each lookup layer's backend by measurement
+(:mod:`lcnn_jax.inference.tuning`) for the batch size given.
+
+The file is an ``.npz`` archive read with ``allow_pickle=False``: a JSON header (``header``: graph, layer
+geometry, backends, class names, preprocessing) and the arrays (``layers/<name>/<array>``,
+``consts/<name>``). Loading it runs no code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from lcnn_jax import layers as layers_lib
+from lcnn_jax.inference import graph as graph_lib
+from lcnn_jax.inference import tuning
+from lcnn_jax.inference.backends import LookupLayer
+from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, Layer, LinearLayer, layer_arrays
+
+FORMAT = "lcnn_jax.inference"
+VERSION = 1
+KINDS = {LookupLayer: "lookup", ConvLayer: "conv", LinearLayer: "linear", AffineLayer: "affine"}
+
+
+# From modules --------------------------------------------------------------------------------------------
+
+def _array(variable) -> np.ndarray:
+  return np.asarray(variable[...], np.float32)
+
+
+def _bias(module, n: int) -> np.ndarray:
+  return _array(module.bias) if module.bias is not None else np.zeros(n, np.float32)
+
+
+def _explicit_padding(module: nnx.Conv, input_size: Sequence[int]) -> tuple[tuple[int, int], tuple[int, int]]:
+  padding = module.padding
+  kernel = module.kernel_size
+  strides = module.strides if not isinstance(module.strides, int) else (module.strides,) * 2
+  if isinstance(padding, str):
+    if padding not in ("SAME", "VALID"):
+      raise graph_lib.UnsupportedModel(f"nnx.Conv padding={padding!r}: only SAME, VALID or explicit pairs export.")
+    return tuple(jax.lax.padtype_to_pads(tuple(input_size), tuple(kernel), tuple(strides), padding))
+  if isinstance(padding, int):
+    return ((padding, padding),) * 2
+  return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
+
+
+def _conv_layer(name: str, module: nnx.Conv, call: graph_lib.LayerCall) -> ConvLayer:
+  if len(module.kernel_size) != 2 or module.feature_group_count != 1:
+    raise graph_lib.UnsupportedModel(f"Layer {name!r}: only 2-D convolutions without groups export.")
+  for attribute in ("kernel_dilation", "input_dilation"):
+    dilation = getattr(module, attribute)
+    if dilation not in (None, 1) and tuple(np.broadcast_to(dilation, 2)) != (1, 1):
+      raise graph_lib.UnsupportedModel(f"Layer {name!r}: {attribute}={dilation} is not supported by the export.")
+  strides = module.strides if not isinstance(module.strides, int) else (module.strides,) * 2
+  kernel = _array(module.kernel)
+  return ConvLayer(kernel, _bias(module, kernel.shape[-1]), tuple(int(s) for s in strides),
+                   _explicit_padding(module, call.input_shape[1:3]))
+
+
+def _lookup_layer(module: layers_lib.LookupConv | layers_lib.LookupDense, call: graph_lib.LayerCall) -> LookupLayer:
+  coefficients = np.asarray(module.thresholded_coefficients(), np.float32)
+  bias = _bias(module, module.out_features)
+  if isinstance(module, layers_lib.LookupConv):
+    return LookupLayer.from_coefficients(_array(module.dictionary), coefficients, bias, strides=module.strides,
+                                         padding=module.padding, input_size=call.input_shape[1:3])
+  spatial = call.input_shape[1:-1]
+  if len(spatial) not in (0, 2):
+    raise graph_lib.UnsupportedModel(f"A LookupDense on input {call.input_shape}: export supports (batch, "
+                                     "features) and (batch, h, w, features) inputs.")
+  return LookupLayer.from_coefficients(_array(module.dictionary), coefficients[None, None], bias, strides=(1, 1),
+                                       padding=(0, 0), input_size=tuple(spatial) or (1, 1))
+
+
+def _batch_norm(name: str, module: nnx.BatchNorm, call: graph_lib.LayerCall) -> AffineLayer:
+  if module.axis not in (-1, len(call.input_shape) - 1):
+    raise graph_lib.UnsupportedModel(f"BatchNorm {name!r} normalises axis {module.axis}; export needs the last.")
+  scale = _array(module.scale) if module.scale is not None else np.ones(module.num_features, np.float32)
+  offset = _array(module.bias) if module.bias is not None else np.zeros(module.num_features, np.float32)
+  factor = scale / np.sqrt(_array(module.var) + module.epsilon)
+  return AffineLayer(factor.astype(np.float32), (offset - _array(module.mean) * factor).astype(np.float32))
+
+
+def _inference_layer(name: str, call: graph_lib.LayerCall) -> Layer:
+  module = call.module
+  if isinstance(module, (layers_lib.LookupConv, layers_lib.LookupDense)):
+    return _lookup_layer(module, call)
+  if isinstance(module, nnx.Conv):
+    return _conv_layer(name, module, call)
+  if isinstance(module, nnx.Linear):
+    return LinearLayer(_array(module.kernel), _bias(module, module.out_features))
+  return _batch_norm(name, module, call)
+
+
+def fold_batch_norm(layer: Layer, norm: AffineLayer) -> Layer:
+  """``layer`` followed by the eval-mode BatchNorm ``norm``, as one layer: scale per output, shift in the bias."""
+  bias = layer.bias * norm.scale + norm.shift
+  if isinstance(layer, LookupLayer):
+    values = layer.values * norm.scale[layer.output_of_each_nonzero()]
+    return LookupLayer(layer.dictionary, layer.starts, layer.indices, values.astype(np.float32),
+                       bias.astype(np.float32), layer.kernel_size, layer.strides, layer.padding, layer.input_size)
+  return type(layer)(**{**{f: getattr(layer, f) for f in layer.__dataclass_fields__},
+                        "kernel": (layer.kernel * norm.scale).astype(np.float32), "bias": bias.astype(np.float32)})
+
+
+def _fold(graph: graph_lib.Graph, layers: dict[str, Layer]) -> tuple[graph_lib.Graph, dict[str, Layer]]:
+  """Folds each BatchNorm whose input is a layer's output used by nothing else into that layer."""
+  producer = {e.outputs[0]: e for e in graph.equations if e.primitive == "layer"}
+  dropped, rename = set(), {}
+  for eqn in graph.equations:
+    name = eqn.params.get("name")
+    if eqn.primitive != "layer" or not isinstance(layers[name], AffineLayer) or eqn.inputs[0][0] != "var":
+      continue
+    source = producer.get(eqn.inputs[0][1])
+    if source is None or isinstance(layers[source.params["name"]], AffineLayer):
+      continue
+    if len(graph.consumers(source.outputs[0])) != 1 or source.outputs[0] == graph.output:
+      continue
+    layers[source.params["name"]] = fold_batch_norm(layers[source.params["name"]], layers.pop(name))
+    dropped.add(id(eqn))
+    rename[eqn.outputs[0]] = source.outputs[0]
+  return graph.replace([e for e in graph.equations if id(e) not in dropped], rename), layers
+
+
+def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: Mapping[str, str] | str = "auto",
+                    batch_size: int = 1, class_names: Sequence[str] | None = None,
+                    preprocessing: Mapping[str, Any] | None = None) -> InferenceModel:
+  """The :class:`InferenceModel` of a live NNX model (in memory; :func:`save` writes it).
+
+  Args:
+    model: any NNX model built from ``nnx.Conv``, ``nnx.Linear``, lookup layers and ``nnx.BatchNorm``, with
+      other operations in plain JAX; it is evaluated in eval mode and not changed.
+    input_shape: one example's (h, w, c).
+    backends: "auto" (measure and pick per layer), one backend name for every lookup layer, or a name per layer.
+    batch_size: the batch size "auto" optimises for.
+    class_names: the names of the model's outputs, when known.
+    preprocessing: how images are prepared for the model (``image_size``, ``resize_size``, ``channels``,
+      ``mean``, ``std``), stored for the prediction CLI.
+  """
+  graph, calls = graph_lib.trace(model, input_shape)
+  layers = {name: _inference_layer(name, call) for name, call in calls.items()}
+  graph, layers = _fold(graph, layers)
+  layers = {name: layers[name] for name in graph.layer_names()}
+  tuned = None
+  if backends == "auto":
+    lookup = {n: layer for n, layer in layers.items() if isinstance(layer, LookupLayer)}
+    backends, timings = tuning.choose_backends(lookup, batch_size)
+    tuned = {"batch_size": batch_size, "device": tuning.device_name(), "timings_ms": timings}
+  return InferenceModel(graph, layers, input_shape=input_shape, backends=backends, class_names=class_names,
+                        preprocessing=preprocessing, tuning=tuned)
+
+
+def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, list | None, dict]:
+  from lcnn_jax import checkpoint  # The trainer's checkpoint reader; only needed for a workdir.
+  model, config, _ = checkpoint.restore_model(workdir, step)
+  _, dataset = checkpoint.load_run_info(workdir)
+  image_size, _, channels = dataset["image_shape"]
+  resize_size = config.data.resize_size or round(image_size * 256 / 224)
+  preprocessing = {"image_size": image_size, "resize_size": resize_size, "channels": channels,
+                   "mean": list(dataset["mean"]), "std": list(dataset["std"]), "dataset": dataset["name"]}
+  return model, tuple(dataset["image_shape"]), dataset.get("class_names"), preprocessing
+
+
+def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | None = None, *,
+           input_shape: Sequence[int] | None = None, step: int | None = None,
+           backends: Mapping[str, str] | str = "auto", batch_size: int = 1,
+           class_names: Sequence[str] | None = None,
+           preprocessing: Mapping[str, Any] | None = None) -> InferenceModel:
+  """Exports a model (live, or a run's workdir) for inference and, with ``path``, saves it as one file.
+
+  Args:
+    source: an NNX model, or the workdir of a training run (its latest checkpoint, or ``step``).
+    path: where to write the ``.npz`` file; None keeps the result in memory only.
+    input_shape: one example's (h, w, c); read from the run for a workdir.
+    step: the checkpoint step of a workdir (default: the latest).
+    backends: "auto" to measure and pick per layer, or backend names (see :func:`inference_model`).
+    batch_size: the batch size "auto" optimises for.
+    class_names: output names (a workdir's dataset supplies its own when it has them).
+    preprocessing: image preparation for the prediction CLI (a workdir supplies its own).
+  Returns:
+    The exported :class:`InferenceModel`.
+  """
+  if isinstance(source, nnx.Module):
+    if input_shape is None:
+      raise ValueError("input_shape=None: exporting a live model needs one example's (h, w, c).")
+    model = source
+  else:
+    model, run_shape, run_classes, run_preprocessing = _from_workdir(os.fspath(source), step)
+    input_shape = input_shape or run_shape
+    class_names = class_names if class_names is not None else run_classes
+    preprocessing = preprocessing if preprocessing is not None else run_preprocessing
+  exported = inference_model(model, input_shape, backends=backends, batch_size=batch_size,
+                             class_names=class_names, preprocessing=preprocessing)
+  if path is not None:
+    save(exported, path)
+  return exported
+
+
+# The file ------------------------------------------------------------------------------------------------
+
+def _layer_header(layer: Layer) -> dict:
+  header = {"kind": KINDS[type(layer)]}
+  for field in ("kernel_size", "strides", "padding", "input_size"):
+    if hasattr(layer, field):
+      header[field] = np.asarray(getattr(layer, field)).tolist()
+  return header
+
+
+def save(model: InferenceModel, path: str | os.PathLike) -> None:
+  """Writes ``model`` to ``path`` (.npz): a JSON header and the arrays, no pickled objects."""
+  from lcnn_jax import __version__
+  header = {
+      "format": FORMAT, "version": VERSION, "lcnn_jax": __version__, "jax": jax.__version__,
+      "input_shape": list(model.input_shape), "class_names": model.class_names,
+      "preprocessing": model.preprocessing, "tuning": model.tuning, "backends": model.backends,
+      "graph": model.graph.to_json(),
+      "layers": {name: _layer_header(layer) for name, layer in model.layers.items()},
+  }
+  arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
+  arrays.update({f"consts/{name}": value for name, value in model.graph.consts.items()})
+  for name, layer in model.layers.items():
+    arrays.update({f"layers/{name}/{field}": value for field, value in layer_arrays(layer).items()})
+  path = os.fspath(path)
+  partial = f"{path}.partial.npz"
+  np.savez(partial, **arrays)
+  os.replace(partial, path)
+  logging.info("Exported %d layers to %s (%.1f MB).", len(model.layers), path, os.path.getsize(path) / 1e6)
+
+
+def _layer_from_file(name: str, header: dict, arrays: dict[str, np.ndarray]) -> Layer:
+  kind = header["kind"]
+  if kind == "lookup":
+    return LookupLayer(**arrays, kernel_size=tuple(header["kernel_size"]), strides=tuple(header["strides"]),
+                       padding=tuple(header["padding"]), input_size=tuple(header["input_size"]))
+  if kind == "conv":
+    return ConvLayer(**arrays, strides=tuple(header["strides"]),
+                     padding=tuple(tuple(p) for p in header["padding"]))
+  if kind == "linear":
+    return LinearLayer(**arrays)
+  if kind == "affine":
+    return AffineLayer(**arrays)
+  raise ValueError(f"Layer {name!r} has unknown kind {kind!r}; the file needs a newer lcnn_jax.")
+
+
+def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = None,
+         batch_size: int | None = None) -> InferenceModel:
+  """Loads an exported model: a callable from (batch, h, w, c) images to logits.
+
+  Args:
+    path: a file written by :func:`export` or :func:`save`.
+    backends: None keeps the backends chosen at export (an unavailable one falls back to 'gather'); "auto"
+      measures again here; or a backend name for every lookup layer, or a name per layer.
+    batch_size: the batch size "auto" optimises for (default: the one used at export).
+  """
+  with np.load(os.fspath(path), allow_pickle=False) as archive:
+    arrays = {key: archive[key] for key in archive.files}
+  header = json.loads(arrays.pop("header").tobytes())
+  if header.get("format") != FORMAT:
+    raise ValueError(f"{path}: not an lcnn_jax export (format {header.get('format')!r}).")
+  if header["version"] > VERSION:
+    raise ValueError(f"{path}: export format version {header['version']}; this lcnn_jax reads up to {VERSION}.")
+  consts = {key[len("consts/"):]: value for key, value in arrays.items() if key.startswith("consts/")}
+  graph = graph_lib.Graph.from_json(header["graph"], consts)
+  layers = {}
+  for name, layer_header in header["layers"].items():
+    prefix = f"layers/{name}/"
+    fields = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)
+              and "/" not in key[len(prefix):]}
+    layers[name] = _layer_from_file(name, layer_header, fields)
+  model = InferenceModel(graph, layers, input_shape=header["input_shape"], backends=header["backends"],
+                         class_names=header["class_names"], preprocessing=header["preprocessing"],
+                         tuning=header["tuning"])
+  if backends == "auto":
+    size = batch_size or (header["tuning"] or {}).get("batch_size", 1)
+    choice, _ = tuning.choose_backends(model.lookup_layers, size)
+    return model.with_backends(choice)
+  return model if backends is None else model.with_backends(backends)

@@ -1,0 +1,340 @@
+"""A model's eval-mode forward pass as a small graph that can be stored as JSON and run without the model code.
+
+:func:`trace` runs the model once on an abstract input whose batch size is a symbol, with every convolution,
+dense, lookup and BatchNorm layer replaced by an opaque *layer* equation named by the layer's path. What is
+left between the layers (ReLU, pooling, residual additions, reshapes, averages) are JAX primitives with plain
+parameters; nested calls (``jax.jit``, ``custom_jvp``) are inlined. The result is a :class:`Graph` of
+:class:`Equation` s whose parameters are JSON values, so an exported model holds data only: loading it binds
+the named JAX primitives again and never runs code from the file.
+
+:func:`run` evaluates a graph. Four-dimensional activations may be held channels-first (CHWN, the lookup
+kernels' layout) instead of NHWC: element-wise primitives, pooling windows and reductions run on whichever
+layout their input has, with their axes permuted, so a chain of lookup layers with ReLU and pooling between
+them never transposes its activations; any other primitive gets NHWC.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import export as jax_export
+from jax.extend import core as jax_core
+from jax.extend.core import primitives as jax_primitives
+
+from lcnn_jax.inference.backends import CHWN, to_chwn, to_nhwc
+from lcnn_jax.layers import LookupConv, LookupDense
+
+LAYER_CLASSES = (LookupConv, LookupDense, nnx.Conv, nnx.Linear, nnx.BatchNorm)
+"""Modules that become layer equations; everything else is traced through."""
+
+BATCH = "b"
+"""The symbol standing for the batch size in traced shapes and parameters."""
+
+ELEMENTWISE = frozenset({
+    "abs", "add", "and", "ceil", "clamp", "convert_element_type", "copy", "div", "eq", "erf", "exp", "exp2",
+    "expm1", "floor", "ge", "gt", "integer_pow", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul",
+    "ne", "neg", "not", "or", "pow", "round", "rsqrt", "select_n", "sign", "sqrt", "square", "stop_gradient",
+    "sub", "tanh"})
+WINDOWED = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"})
+REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_prod", "reduce_sum"})
+INLINED = {"jit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+           "custom_vjp_call": "call_jaxpr"}
+"""Call primitives whose body is inlined, and the parameter holding it."""
+
+
+class UnsupportedModel(ValueError):
+  """The model's forward pass uses something the graph cannot store."""
+
+
+_layer_p = jax_core.Primitive("lcnn_layer")
+_layer_p.def_abstract_eval(lambda x, *, name, shape, dtype: jax.core.ShapedArray(shape, dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class Equation:
+  """One step: ``outputs = primitive(*inputs, **params)``, or a layer call when ``primitive == 'layer'``.
+
+  An input is ``["var", id]``, ``["const", name]`` or ``["literal", value, dtype]``.
+  """
+  primitive: str
+  inputs: tuple
+  outputs: tuple[int, ...]
+  params: dict
+
+  def to_json(self) -> dict:
+    return {"primitive": self.primitive, "inputs": [list(i) for i in self.inputs], "outputs": list(self.outputs),
+            "params": self.params}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "Equation":
+    return cls(data["primitive"], tuple(tuple(i) for i in data["inputs"]), tuple(data["outputs"]),
+               data["params"])
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+  """What tracing saw of one layer: the module, and its input and output shapes (batch axis = ``b``)."""
+  module: nnx.Module
+  input_shape: tuple
+  output_shape: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Graph:
+  """Equations in order, from the input variable to the output variable; constants by name."""
+  equations: tuple[Equation, ...]
+  input: int
+  output: int
+  consts: dict[str, np.ndarray]
+
+  def to_json(self) -> dict:
+    return {"input": self.input, "output": self.output, "equations": [e.to_json() for e in self.equations]}
+
+  @classmethod
+  def from_json(cls, data: dict, consts: dict[str, np.ndarray]) -> "Graph":
+    return cls(tuple(Equation.from_json(e) for e in data["equations"]), data["input"], data["output"], consts)
+
+  def layer_names(self) -> list[str]:
+    """The layers in the order the forward pass calls them."""
+    return [e.params["name"] for e in self.equations if e.primitive == "layer"]
+
+  def consumers(self, var: int) -> list[Equation]:
+    return [e for e in self.equations if ["var", var] in [list(i) for i in e.inputs]]
+
+  def replace(self, equations: Sequence[Equation], rename: dict[int, int]) -> "Graph":
+    """The graph with new equations, every use of variable a replaced by rename[a]."""
+    def fix(i):
+      return ("var", rename.get(i[1], i[1])) if i[0] == "var" else i
+    fixed = tuple(dataclasses.replace(e, inputs=tuple(fix(i) for i in e.inputs)) for e in equations)
+    return Graph(fixed, self.input, rename.get(self.output, self.output), self.consts)
+
+
+# Parameters ------------------------------------------------------------------------------------------------
+
+def _encode(value: Any, where: str) -> Any:
+  """A primitive parameter as a JSON value (tuples as lists; dtypes, precisions and the batch tagged)."""
+  if value is None or isinstance(value, (bool, str)):
+    return value
+  if isinstance(value, (int, np.integer)):
+    return int(value)
+  if isinstance(value, (float, np.floating)):
+    return float(value) if math.isfinite(value) else {"float": repr(float(value))}
+  if isinstance(value, (tuple, list)):
+    return [_encode(v, where) for v in value]
+  if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+    return {"dtype": np.dtype(value).name}
+  if isinstance(value, jax.lax.Precision):
+    return {"precision": value.name}
+  if type(value).__name__ == "_DimExpr":
+    if str(value) != BATCH:
+      raise UnsupportedModel(f"{where}: the forward pass computes the shape {value} from the batch size; only the "
+                             "batch size itself can stay symbolic (reshape with x.shape[0], not a product).")
+    return {"dim": BATCH}
+  raise UnsupportedModel(f"{where}: parameter value {value!r} of type {type(value).__name__} cannot be stored.")
+
+
+def _decode(value: Any, batch: int) -> Any:
+  if isinstance(value, list):
+    return tuple(_decode(v, batch) for v in value)
+  if isinstance(value, dict):
+    if "dtype" in value:
+      return np.dtype(value["dtype"])
+    if "float" in value:
+      return float(value["float"])
+    if "precision" in value:
+      return jax.lax.Precision[value["precision"]]
+    if "dim" in value:
+      return batch
+    raise ValueError(f"Unknown tagged parameter {value!r} in the graph; re-export the model with this version.")
+  return value
+
+
+# Tracing ---------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _layers_as_equations(names: dict[int, str], calls: dict[str, LayerCall]) -> Iterator[None]:
+  """Makes each layer class's ``__call__`` emit one opaque layer equation (shape from an abstract run)."""
+  originals = {cls: cls.__call__ for cls in LAYER_CLASSES}
+
+  def make(original):
+    def call(module, x, *args, **kwargs):
+      if args or kwargs:
+        raise UnsupportedModel(f"Layer {names.get(id(module), module)!r} is called with extra arguments; only "
+                               "layer(x) can be exported.")
+      name = names[id(module)]
+      y = jax.eval_shape(lambda v: original(module, v), jax.ShapeDtypeStruct(x.shape, x.dtype))
+      seen = calls.get(name)
+      if seen is not None and (seen.input_shape, seen.output_shape) != (tuple(x.shape), tuple(y.shape)):
+        raise UnsupportedModel(f"Layer {name!r} is called on inputs of different shapes; it cannot be exported.")
+      calls[name] = LayerCall(module, tuple(x.shape), tuple(y.shape))
+      return _layer_p.bind(x, name=name, shape=tuple(y.shape), dtype=y.dtype)
+    return call
+
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = make(original)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original
+
+
+class _Builder:
+  """Flattens a jaxpr (inlining calls) into equations over integer variable ids."""
+
+  def __init__(self):
+    self.equations: list[Equation] = []
+    self.consts: dict[str, np.ndarray] = {}
+    self.count = 0
+
+  def fresh(self) -> int:
+    self.count += 1
+    return self.count - 1
+
+  def add_const(self, value) -> tuple:
+    name = str(len(self.consts))
+    self.consts[name] = np.asarray(value)
+    return ("const", name)
+
+  def emit(self, jaxpr: jax_core.Jaxpr, env: dict) -> None:
+    def ref(atom):
+      if isinstance(atom, jax_core.Literal):
+        value = np.asarray(atom.val)
+        if value.shape:
+          return self.add_const(value)
+        return ("literal", value.item(), value.dtype.name)
+      return env[atom]
+
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      inputs = [ref(v) for v in eqn.invars]
+      if name in INLINED:
+        body = eqn.params[INLINED[name]]
+        inner = body.jaxpr if isinstance(body, jax_core.ClosedJaxpr) else body
+        consts = body.consts if isinstance(body, jax_core.ClosedJaxpr) else ()
+        inner_env = {v: self.add_const(c) for v, c in zip(inner.constvars, consts)}
+        inner_env.update(zip(inner.invars, inputs))
+        self.emit(inner, inner_env)
+        for outer, result in zip(eqn.outvars, inner.outvars):
+          env[outer] = ref(result) if isinstance(result, jax_core.Literal) else inner_env[result]
+        continue
+      outputs = []
+      for v in eqn.outvars:
+        var = self.fresh()
+        outputs.append(var)
+        if not isinstance(v, jax_core.DropVar):
+          env[v] = ("var", var)
+      if name == "lcnn_layer":
+        params = {"name": eqn.params["name"]}
+        name = "layer"
+      else:
+        if not hasattr(jax_primitives, f"{name}_p"):
+          raise UnsupportedModel(f"The forward pass uses the primitive {name!r}, which the export cannot store.")
+        params = {k: _encode(v, f"primitive {name!r}, parameter {k!r}") for k, v in eqn.params.items()}
+      self.equations.append(Equation(name, tuple(inputs), tuple(outputs), params))
+
+
+def trace(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Graph, dict[str, LayerCall]]:
+  """The model's eval-mode forward on one (h, w, c) example shape, as a graph and the layers it calls.
+
+  The model is viewed in eval mode (BatchNorm on running statistics, no dropout); it is not changed.
+  """
+  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+  names = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(eval_model)
+           if isinstance(m, LAYER_CLASSES)}
+  calls: dict[str, LayerCall] = {}
+  batch, = jax_export.symbolic_shape(BATCH)
+  spec = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
+  with _layers_as_equations(names, calls):
+    closed = jax.make_jaxpr(lambda x: eval_model(x))(spec)
+  if len(closed.jaxpr.outvars) != 1:
+    raise UnsupportedModel(f"The model returns {len(closed.jaxpr.outvars)} arrays; export needs one (the logits).")
+  builder = _Builder()
+  env = {v: builder.add_const(c) for v, c in zip(closed.jaxpr.constvars, closed.consts)}
+  input_var = builder.fresh()
+  env[closed.jaxpr.invars[0]] = ("var", input_var)
+  builder.emit(closed.jaxpr, env)
+  out = closed.jaxpr.outvars[0]
+  if isinstance(out, jax_core.Literal) or env[out][0] != "var":
+    raise UnsupportedModel("The model's output does not depend on its input; nothing to export.")
+  return Graph(tuple(builder.equations), input_var, env[out][1], builder.consts), calls
+
+
+# Running ---------------------------------------------------------------------------------------------------
+
+Value = tuple[jax.Array, str]  # (array, "nhwc" | "chwn"); "nhwc" means the array as the model sees it
+LayerFn = Callable[[str, Value], Value]
+
+
+def as_layout(value: Value, layout: str) -> jax.Array:
+  """The array of ``value`` in ``layout`` ("nhwc" or "chwn"), transposing if needed."""
+  array, current = value
+  if current == layout:
+    return array
+  return to_chwn(array) if layout == "chwn" else to_nhwc(array)
+
+
+def _permuted(params: dict, keys: Sequence[str]) -> dict:
+  return {k: tuple(v[a] for a in CHWN) if k in keys and v is not None else v for k, v in params.items()}
+
+
+def _apply(primitive: str, params: dict, args: list[Value]) -> list[Value]:
+  """Binds one primitive, on CHWN operands where the primitive allows it, else on NHWC ones."""
+  prim = getattr(jax_primitives, f"{primitive}_p")
+  chwn = [a for a in args if a[1] == "chwn"]
+  if chwn and primitive in ELEMENTWISE and all(a[0].ndim in (0, 4) for a in args):
+    out = prim.bind(*[as_layout(a, "chwn") if a[0].ndim == 4 else a[0] for a in args], **params)
+    return [(o, "chwn") for o in (out if prim.multiple_results else [out])]
+  if chwn and primitive in WINDOWED and len(args) == 1:
+    keys = ("window_dimensions", "window_strides", "padding", "base_dilation", "window_dilation")
+    return [(prim.bind(args[0][0], **_permuted(params, keys)), "chwn")]
+  if chwn and primitive in REDUCTIONS and len(args) == 1:
+    axes = tuple(params["axes"])
+    kept = [a for a in range(4) if a not in axes]  # logical axes left, in logical order
+    out = prim.bind(args[0][0], **{**params, "axes": tuple(sorted(CHWN[a] for a in axes))})
+    physical_kept = sorted(CHWN[a] for a in kept)  # the result's axes, as physical axes
+    order = np.argsort([CHWN[p] for p in physical_kept])
+    return [(jnp.transpose(out, order), "nhwc")]
+  out = prim.bind(*[as_layout(a, "nhwc") for a in args], **params)
+  return [(o, "nhwc") for o in (out if prim.multiple_results else [out])]
+
+
+def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
+  """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer.
+
+  Args:
+    graph: the traced forward pass.
+    layer_fn: maps a layer's name and input (array, layout) to its output (array, layout).
+    x: (batch, h, w, c) images.
+    consts: the graph's constants as device arrays (defaults to ``graph.consts``).
+  Returns:
+    The model's output (logits).
+  """
+  consts = graph.consts if consts is None else consts
+  batch = x.shape[0]
+  env: dict[int, Value] = {graph.input: (x, "nhwc")}
+
+  def read(ref) -> Value:
+    kind = ref[0]
+    if kind == "var":
+      return env[ref[1]]
+    if kind == "const":
+      return jnp.asarray(consts[ref[1]]), "nhwc"
+    return jnp.asarray(ref[1], ref[2]), "nhwc"
+
+  for eqn in graph.equations:
+    args = [read(i) for i in eqn.inputs]
+    if eqn.primitive == "layer":
+      results = [layer_fn(eqn.params["name"], args[0])]
+    else:
+      params = {k: _decode(v, batch) for k, v in eqn.params.items()}
+      results = _apply(eqn.primitive, params, args)
+    env.update(zip(eqn.outputs, results))
+  return as_layout(env[graph.output], "nhwc")

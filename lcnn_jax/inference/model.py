@@ -1,0 +1,181 @@
+"""An exported model in memory: its graph, its layers (BatchNorm folded), and the backend of each lookup layer.
+
+:class:`InferenceModel` maps a batch of NHWC images to logits with one jitted function. Lookup layers run on
+the backend chosen for them (:mod:`lcnn_jax.inference.backends`); dense convolutions and dense layers stay
+as they were trained (XLA); a BatchNorm that does not directly follow a layer stays a per-channel affine map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lcnn_jax.inference import backends as backends_lib
+from lcnn_jax.inference import graph as graph_lib
+from lcnn_jax.inference.backends import LookupLayer
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConvLayer:
+  """A dense convolution (``nnx.Conv``), BatchNorm folded: NHWC, explicit zero padding."""
+  kernel: np.ndarray  # (kh, kw, m, n)
+  bias: np.ndarray  # (n,)
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LinearLayer:
+  """A dense layer (``nnx.Linear``) over the last axis, BatchNorm folded."""
+  kernel: np.ndarray  # (m, n)
+  bias: np.ndarray  # (n,)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AffineLayer:
+  """An eval-mode BatchNorm that could not be folded: x · scale + shift over the last (channel) axis."""
+  scale: np.ndarray  # (c,)
+  shift: np.ndarray  # (c,)
+
+
+Layer = LookupLayer | ConvLayer | LinearLayer | AffineLayer
+
+
+def layer_arrays(layer: Layer) -> dict[str, np.ndarray]:
+  """The arrays a layer stores (its dataclass fields that are arrays)."""
+  return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+          if isinstance(getattr(layer, f.name), np.ndarray)}
+
+
+def _conv(layer: ConvLayer, params: dict[str, jax.Array], value: graph_lib.Value) -> graph_lib.Value:
+  array, layout = value
+  kh, kw, _, _ = layer.kernel.shape
+  (top, bottom), (left, right) = layer.padding
+  sh, sw = layer.strides
+  if layout == "chwn" and (kh, kw) == (1, 1) and (top, bottom, left, right) == (0, 0, 0, 0):
+    # A 1×1 convolution (e.g. a ResNet shortcut) on CHWN activations: a matmul, no transpose.
+    y = jnp.einsum("mn,mhwb->nhwb", params["kernel"][0, 0], array[:, ::sh, ::sw])
+    return y + params["bias"][:, None, None, None], "chwn"
+  x = graph_lib.as_layout(value, "nhwc")
+  if top == bottom and left == right:
+    y = backends_lib.conv_or_matmul(x, params["kernel"], (sh, sw), (top, left))
+  else:
+    y = jax.lax.conv_general_dilated(x, params["kernel"], (sh, sw), layer.padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + params["bias"], "nhwc"
+
+
+def _affine(params: dict[str, jax.Array], value: graph_lib.Value) -> graph_lib.Value:
+  array, layout = value
+  if layout == "chwn":
+    return array * params["scale"][:, None, None, None] + params["shift"][:, None, None, None], "chwn"
+  return array * params["scale"] + params["shift"], "nhwc"
+
+
+def _lookup(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str, jax.Array],
+            value: graph_lib.Value) -> graph_lib.Value:
+  array, _ = value
+  if array.ndim == 2:  # A dense lookup layer on flat features: the 1×1 case.
+    y = backends_lib.apply_nhwc(backend, layer, params, array.reshape(array.shape[0], 1, 1, array.shape[1]))
+    return y.reshape(array.shape[0], layer.out_features), "nhwc"
+  return backend.apply(layer, params, graph_lib.as_layout(value, backend.layout)), backend.layout
+
+
+def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
+              value: graph_lib.Value) -> graph_lib.Value:
+  """One layer on (array, layout) -> (array, layout); ``backend`` names a lookup layer's backend."""
+  if isinstance(layer, LookupLayer):
+    return _lookup(layer, backends_lib.get_backend(backend), params, value)
+  if isinstance(layer, ConvLayer):
+    return _conv(layer, params, value)
+  if isinstance(layer, LinearLayer):
+    return graph_lib.as_layout(value, "nhwc") @ params["kernel"] + params["bias"], "nhwc"
+  return _affine(params, value)
+
+
+class InferenceModel:
+  """A batch of NHWC images -> logits, with each lookup layer on its chosen backend.
+
+  Attributes:
+    graph: the forward pass.
+    layers: every layer by name, in graph order.
+    backends: the backend of each lookup layer.
+    input_shape: one example's (h, w, c).
+    class_names: the dataset's class names, when it has them.
+    preprocessing: how to turn an image file into an input (``image_size``, ``resize_size``, ``channels``,
+      ``mean``, ``std``), when known.
+    tuning: how the backends were chosen (batch size, device, per-layer timings), when they were measured.
+  """
+
+  def __init__(self, graph: graph_lib.Graph, layers: Mapping[str, Layer], *, input_shape: Sequence[int],
+               backends: Mapping[str, str] | str = "lookup", class_names: Sequence[str] | None = None,
+               preprocessing: Mapping[str, Any] | None = None, tuning: Mapping[str, Any] | None = None):
+    self.graph = graph
+    self.layers = dict(layers)
+    self.input_shape = tuple(input_shape)
+    self.class_names = list(class_names) if class_names is not None else None
+    self.preprocessing = dict(preprocessing) if preprocessing is not None else None
+    self.tuning = dict(tuning) if tuning is not None else None
+    self.backends = self._resolve(backends)
+    self._params: dict[str, dict[str, jax.Array]] = {}
+    self._forward = jax.jit(self._apply)
+
+  @property
+  def lookup_layers(self) -> dict[str, LookupLayer]:
+    return {name: layer for name, layer in self.layers.items() if isinstance(layer, LookupLayer)}
+
+  def _resolve(self, choice: Mapping[str, str] | str) -> dict[str, str]:
+    names = list(self.lookup_layers)
+    chosen = {name: choice for name in names} if isinstance(choice, str) else dict(choice)
+    missing = sorted(set(names) - set(chosen))
+    if missing:
+      raise ValueError(f"backends: no backend given for lookup layers {missing}.")
+    resolved = {}
+    for name in names:
+      backend = backends_lib.get_backend(chosen[name])
+      ok, reason = backend.available()
+      if not ok:
+        logging.warning("Layer %s: backend %r is unavailable (%s); using 'gather'.", name, backend.name, reason)
+        backend = backends_lib.get_backend("gather")
+      resolved[name] = backend.name
+    return resolved
+
+  def with_backends(self, choice: Mapping[str, str] | str) -> "InferenceModel":
+    """The same model with other backends: one name for every lookup layer, or a name per layer."""
+    return InferenceModel(self.graph, self.layers, input_shape=self.input_shape, backends=choice,
+                          class_names=self.class_names, preprocessing=self.preprocessing, tuning=self.tuning)
+
+  def params(self) -> dict[str, dict[str, jax.Array]]:
+    """Every layer's arrays on the device, in the layout of its backend (prepared once)."""
+    if not self._params:
+      for name, layer in self.layers.items():
+        if isinstance(layer, LookupLayer):
+          arrays = backends_lib.get_backend(self.backends[name]).prepare(layer)
+        else:
+          arrays = layer_arrays(layer)
+        self._params[name] = jax.tree.map(jnp.asarray, arrays)
+      self._params["__consts__"] = {k: jnp.asarray(v) for k, v in self.graph.consts.items()}
+    return self._params
+
+  def _apply(self, params: dict[str, dict[str, jax.Array]], images: jax.Array) -> jax.Array:
+    def layer_fn(name: str, value: graph_lib.Value) -> graph_lib.Value:
+      return run_layer(self.layers[name], self.backends.get(name), params[name], value)
+    return graph_lib.run(self.graph, layer_fn, images, params["__consts__"])
+
+  def __call__(self, images: jax.Array | np.ndarray) -> jax.Array:
+    """(batch, h, w, c) float32 images -> (batch, classes) logits."""
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
+      raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, {', '.join(map(str, self.input_shape))}).")
+    return self._forward(self.params(), images)
+
+  def top_k(self, images: jax.Array | np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, probabilities) of the k most likely classes per image, most likely first."""
+    probabilities = np.asarray(jax.nn.softmax(self(images), axis=-1))
+    indices = np.argsort(-probabilities, axis=-1)[:, :k]
+    return indices, np.take_along_axis(probabilities, indices, axis=-1)

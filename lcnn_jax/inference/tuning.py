@@ -1,0 +1,126 @@
+"""Choosing each lookup layer's backend by measurement, for the device and batch size at hand.
+
+Each candidate backend runs the layer alone on random input (in the backend's own layout) after a warm-up;
+the median wall-clock time decides. Timings are cached in ``$LCNN_JAX_CACHE/tuning.json`` under the device,
+the JAX version, the batch size and the layer's shape and number of non-zeros, so exporting the same model
+again, or another with the same layers, measures nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from lcnn_jax.inference import backends as backends_lib
+from lcnn_jax.inference import kernels
+from lcnn_jax.inference.backends import LookupLayer
+
+
+def median_ms(fn: Callable[[], object], *, warmup: int = 2, min_seconds: float = 0.3, min_reps: int = 5,
+              max_reps: int = 100) -> float:
+  """Median wall-clock milliseconds of ``fn()`` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  start = time.perf_counter()
+  while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
+    begin = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - begin)
+  return float(np.median(times) * 1e3)
+
+
+def device_name() -> str:
+  """The default device, e.g. 'cpu:cpu' or 'gpu:NVIDIA H200'."""
+  device = jax.devices()[0]
+  return f"{device.platform}:{device.device_kind}"
+
+
+def layer_input(layer: LookupLayer, layout: str, batch_size: int, seed: int = 0) -> jax.Array:
+  """A random input for ``layer`` in ``layout``."""
+  h, w = layer.input_size
+  shape = (batch_size, h, w, layer.in_features) if layout == "nhwc" else (layer.in_features, h, w, batch_size)
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+def time_layer(layer: LookupLayer, backend: str, batch_size: int) -> float:
+  """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size``."""
+  impl = backends_lib.get_backend(backend)
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  x = layer_input(layer, impl.layout, batch_size)
+  fn = jax.jit(lambda p, v: impl.apply(layer, p, v))
+  return median_ms(lambda: jax.block_until_ready(fn(params, x)))
+
+
+def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
+  parts = [device_name(), f"jax{jax.__version__}", backend, f"batch{batch_size}",
+           f"m{layer.in_features}k{layer.dictionary_size}n{layer.out_features}",
+           f"kernel{layer.kernel_size}strides{layer.strides}padding{layer.padding}input{layer.input_size}",
+           f"nnz{layer.nnz}"]
+  if backend == "lookup":
+    parts.append(os.path.basename(os.path.dirname(kernels.ensure_kernel())))  # the kernel build's hash
+  return "|".join(parts)
+
+
+class TimingCache:
+  """Backend timings on disk (a JSON object), read once and written after each new measurement."""
+
+  def __init__(self, path: str | None = None):
+    self.path = path or os.path.join(kernels.cache_dir(), "tuning.json")
+    try:
+      with open(self.path) as f:
+        self.entries = json.load(f)
+    except (OSError, ValueError):
+      self.entries = {}
+
+  def get(self, key: str) -> float | None:
+    return self.entries.get(key)
+
+  def put(self, key: str, ms: float) -> None:
+    self.entries[key] = ms
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    partial = f"{self.path}.{os.getpid()}.tmp"
+    with open(partial, "w") as f:
+      json.dump(self.entries, f, indent=1, sort_keys=True)
+    os.replace(partial, self.path)
+
+
+def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
+                    candidates: Sequence[str] | None = None,
+                    cache: TimingCache | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+  """The fastest available backend per lookup layer at ``batch_size`` on the default device.
+
+  Args:
+    layers: lookup layers by name.
+    batch_size: the batch size to optimise for.
+    candidates: backends to consider (default: every available one).
+    cache: where timings are kept (default: the shared cache file); measured ones are added.
+  Returns:
+    (backend per layer, milliseconds per layer and backend).
+  """
+  available = backends_lib.available_backends()
+  candidates = [b for b in (candidates or available) if b in available]
+  if not candidates:
+    raise ValueError(f"None of the candidate backends is available here (available: {available}).")
+  cache = cache or TimingCache()
+  choice, timings = {}, {}
+  for name, layer in layers.items():
+    timings[name] = {}
+    for backend in candidates:
+      key = _cache_key(layer, backend, batch_size)
+      ms = cache.get(key)
+      if ms is None:
+        ms = time_layer(layer, backend, batch_size)
+        cache.put(key, ms)
+      timings[name][backend] = ms
+    choice[name] = min(timings[name], key=timings[name].get)
+    logging.info("Layer %s at batch %d: %s -> %s", name, batch_size,
+                 ", ".join(f"{b} {t:.3f} ms" for b, t in timings[name].items()), choice[name])
+  return choice, timings
