@@ -1,11 +1,20 @@
 """Fast inference: backends, export, loader and benchmark helpers (REFERENCE §1; issue 6)."""
 
+import functools
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
+from PIL import Image
 
-from lcnn_jax.inference import backends
+from lcnn_jax import checkpoint, inference, layers, models
+from lcnn_jax import config as config_lib
+from lcnn_jax.inference import backends, kernels, predict, tuning
+from lcnn_jax.inference.model import AffineLayer
 
 AVAILABLE = backends.available_backends()
 
@@ -16,12 +25,6 @@ def _random_layer(rng, *, m, n, k, kernel, strides, padding, size, density):
   coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
   return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
                                                 strides=strides, padding=padding, input_size=size)
-
-
-def _fresh_rng():
-  """A generator on fresh entropy, and its seed for the failure message."""
-  seed = np.random.SeedSequence().entropy
-  return np.random.default_rng(seed), seed
 
 
 def _dense_reference(layer, x):
@@ -46,8 +49,7 @@ LAYER_CASES = {
 
 @pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
-def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case):
-  rng, seed = _fresh_rng()
+def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng):
   layer = _random_layer(rng, **LAYER_CASES[case])
   impl = backends.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
@@ -59,11 +61,10 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case):
     got = np.asarray(run(params, x))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
-                               err_msg=f"seed={seed}, batch={batch}")
+                               err_msg=f"batch={batch}")
 
 
-def test_lookup_layer_round_trips_coefficients():
-  rng, _ = _fresh_rng()
+def test_lookup_layer_round_trips_coefficients(rng):
   coefficients = (rng.standard_normal((3, 2, 4, 5)) * (rng.random((3, 2, 4, 5)) < 0.4)).astype(np.float32)
   layer = backends.LookupLayer.from_coefficients(np.eye(4, dtype=np.float32), coefficients, None, strides=(1, 1),
                                                  padding=(0, 0), input_size=(4, 4))
@@ -76,3 +77,176 @@ def test_lookup_layer_round_trips_coefficients():
 def test_unknown_backend_is_rejected_with_the_choices():
   with pytest.raises(ValueError, match="expected one of"):
     backends.get_backend("sparse")
+
+
+# Export ------------------------------------------------------------------------------------------------------
+
+def _model(name, input_shape, **overrides):
+  config = config_lib.default_config().model
+  config.name = name
+  config.depth = 8
+  config.update(dict(pool1=6, pool2=8, pool3=8, pool4=8, fc_pool=16, width=8))
+  config.update(overrides)
+  return models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
+
+
+def _as_if_trained(model, rng, density=0.3):
+  """Sparse coefficients and non-trivial BatchNorm statistics, so lookups and folding are both exercised."""
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, nnx.BatchNorm):
+      n = module.num_features
+      module.mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+      module.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+      module.bias[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+    if isinstance(module, layers.LOOKUP_LAYERS):
+      p = np.asarray(module.coefficients[...])
+      module.coefficients[...] = jnp.asarray(p * (rng.random(p.shape) < density))
+  return model
+
+
+def _eval_logits(model, x):
+  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+  return np.asarray(jax.jit(lambda v: eval_model(v))(x))
+
+
+MODEL_CASES = {
+    "digits-lcnn": dict(input_shape=(8, 8, 1), classifier_pool=4),
+    "alexnet-lcnn": dict(input_shape=(67, 67, 3)),
+    "resnet-lcnn": dict(input_shape=(32, 32, 3)),
+}
+
+
+@functools.cache
+def _trained_model_and_logits(name):
+  """One model per case for every backend: (model, input shape, inputs, eval-mode logits)."""
+  case = dict(MODEL_CASES[name])
+  input_shape = case.pop("input_shape")
+  rng = np.random.default_rng(zlib.crc32(name.encode()))
+  model = _as_if_trained(_model(name, input_shape, **case), rng)
+  x = rng.standard_normal((3, *input_shape)).astype(np.float32)
+  return model, input_shape, x, _eval_logits(model, x)
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("name", sorted(MODEL_CASES))
+def test_exported_logits_equal_eval_mode_logits(name, backend):
+  model, input_shape, x, expected = _trained_model_and_logits(name)
+  exported = inference.inference_model(model, input_shape, backends=backend)
+  np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # Every BatchNorm of these models directly follows a layer, so all of them fold.
+  assert not any(isinstance(layer, AffineLayer) for layer in exported.layers.values())
+
+
+@pytest.mark.parametrize("name,input_shape", [("digits", (8, 8, 1)), ("resnet", (32, 32, 3))])
+def test_dense_models_export_with_folded_batch_norm(name, input_shape, rng):
+  model = _as_if_trained(_model(name, input_shape), rng)
+  x = rng.standard_normal((2, *input_shape)).astype(np.float32)
+  exported = inference.inference_model(model, input_shape, backends="dense")
+  expected = _eval_logits(model, x)
+  np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+class _Unfoldable(nnx.Module):
+  """BatchNorms on the input and on a tensor that a residual also reads cannot fold; the one after conv can."""
+
+  def __init__(self, rngs):
+    self.bn_in = nnx.BatchNorm(3, rngs=rngs)
+    self.conv = layers.LookupConv(3, 4, 3, dictionary_size=2, padding=1, rngs=rngs)
+    self.bn = nnx.BatchNorm(4, rngs=rngs)
+    self.conv2 = nnx.Conv(4, 4, (1, 1), strides=2, rngs=rngs)
+    self.bn2 = nnx.BatchNorm(4, rngs=rngs)
+    self.fc = layers.LookupDense(4, 5, dictionary_size=3, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.conv2(nnx.relu(self.bn(self.conv(self.bn_in(x)))))
+    return self.fc(jnp.mean(self.bn2(y) + y, axis=(1, 2)))
+
+
+@pytest.mark.parametrize("backend", AVAILABLE)
+def test_batch_norm_folds_only_into_a_layer_whose_output_nothing_else_reads(backend, rng):
+  model = _as_if_trained(_Unfoldable(nnx.Rngs(0)), rng, density=0.7)
+  x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
+  exported = inference.inference_model(model, (6, 5, 3), backends=backend)
+  kinds = {name: type(layer).__name__ for name, layer in exported.layers.items()}
+  assert kinds == {"bn_in": "AffineLayer", "conv": "LookupLayer", "conv2": "ConvLayer", "bn2": "AffineLayer",
+                   "fc": "LookupLayer"}
+  expected = _eval_logits(model, x)
+  np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_saved_file_loads_without_pickle_and_keeps_classes_and_backends(tmp_path, rng):
+  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
+  classes = [f"digit {i}" for i in range(10)]
+  exported = inference.inference_model(model, (8, 8, 1), backends="gather", class_names=classes)
+  path = tmp_path / "digits.npz"
+  inference.save(exported, path)
+  with np.load(path, allow_pickle=False) as archive:  # would raise on any pickled object
+    assert "header" in archive.files and "layers/conv1/values" in archive.files
+  loaded = inference.load(path)
+  x = rng.standard_normal((5, 8, 8, 1)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(exported(x)), rtol=1e-6, atol=1e-6)
+  assert loaded.class_names == classes and loaded.backends == exported.backends
+  assert inference.load(path, backends="dense").backends == {name: "dense" for name in exported.backends}
+
+
+def test_export_names_what_it_cannot_store():
+  class Branches(nnx.Module):
+    def __call__(self, x):
+      return jax.lax.cond(x.sum() > 0, jnp.sin, jnp.cos, x)
+
+  with pytest.raises(inference.UnsupportedModel, match="'cond'"):
+    inference.inference_model(Branches(), (2, 2, 1), backends="dense")
+
+
+def _write_run(workdir, model, dataset):
+  """A workdir as the trainer leaves it: config.json and an orbax checkpoint of params and statistics."""
+  workdir.mkdir()
+  checkpoint.save_run_info(str(workdir), _run_config(), dataset)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  for item, state in (("params", params), ("rest", rest)):
+    ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / "7" / item), nnx.to_pure_dict(state))
+
+
+def _run_config():
+  config = config_lib.default_config()
+  config.model.name = "digits-lcnn"
+  config.model.width = 8
+  config.model.classifier_pool = 4
+  config.data.name = "folder"
+  return config
+
+
+def test_export_from_workdir_and_predict_top5_of_image_files(tmp_path, rng):
+  model = models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3), rngs=nnx.Rngs(3))
+  _as_if_trained(model, rng)
+  classes = [f"class {i}" for i in range(10)]
+  _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
+                                       "class_names": classes, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]})
+  exported = inference.export(tmp_path / "run", tmp_path / "model.npz", backends="factored")
+  assert exported.class_names == classes and exported.preprocessing["resize_size"] == 18
+  paths = []
+  for i in range(2):
+    paths.append(str(tmp_path / f"image{i}.png"))
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(paths[-1])
+  loaded = inference.load(tmp_path / "model.npz")
+  top = predict.predict(loaded, paths, k=5)
+  images = predict.load_images(paths, loaded)
+  expected = np.argsort(-_eval_logits(model, images), axis=-1)[:, :5]
+  assert [[name for name, _ in row] for row in top] == [[classes[i] for i in row] for row in expected]
+  assert all(1 >= row[0][1] >= row[-1][1] > 0 for row in top)
+  assert "class" in predict.format_predictions(paths, top)
+
+
+def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  layer = _random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  choice, timings = inference.choose_backends({"a": layer}, 2)
+  assert choice["a"] in AVAILABLE and set(timings["a"]) == set(AVAILABLE)
+  monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
+  assert inference.choose_backends({"a": layer}, 2) == (choice, timings)
+
+
+def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
+  monkeypatch.setenv("CXX", "no-such-compiler-lcnn")
+  with pytest.raises(kernels.KernelUnavailable, match=r"No C\+\+ compiler.*CXX"):
+    kernels._load()
