@@ -380,14 +380,18 @@ def main(argv: Sequence[str]) -> int:
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with lcnn_jax.main
   config_flags.DEFINE_config_file("config", None, "A config file (configs/X.py): with --workdir, the model to "
                                   "load the checkpoint into; alone, an untrained model to count.",
-                                  flag_values=flag_values, lock_config=True)
+                                  flag_values=flag_values, lock_config=True, sys_argv=list(argv))
   flags.DEFINE_string("workdir", None, "The --workdir of a training run.", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "The checkpoint step; the latest when unset.", flag_values=flag_values)
   flags.DEFINE_boolean("json", False, "Print the inspection as one JSON object.", flag_values=flag_values)
   flags.DEFINE_string("plot", None, "Write a PNG of per-layer CNN vs LCNN multiplications and densities.",
                       flag_values=flag_values)
   try:
-    unparsed = flag_values(list(argv))
+    try:
+      unparsed = flag_values(list(argv))
+    except (AttributeError, KeyError) as e:  # ml_collections' answer to a misspelt --config.<key>
+      message = " ".join(str(e.args[0] if e.args else e).split())
+      raise ValueError(f"Unknown key in the --config overrides: {message}") from e
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
     config = flag_values.config
