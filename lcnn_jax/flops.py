@@ -390,7 +390,8 @@ def main(argv: Sequence[str]) -> int:
     try:
       unparsed = flag_values(list(argv))
     except (AttributeError, KeyError) as e:  # ml_collections' answer to a misspelt --config.<key>
-      message = " ".join(str(e.args[0] if e.args else e).split())
+      text = str(e.args[0] if e.args else e)  # a repr of a repr: 'key'\nDid you mean "..."?
+      message = " ".join(text.replace("\\n", " ").replace("\\", "").replace("'", "").split())
       raise ValueError(f"Unknown key in the --config overrides: {message}") from e
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
