@@ -87,10 +87,75 @@ exec sleep 600
   assert "process 1 of 2 exited with status 3" in done.stderr and "process 1 broke" in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "train.train_and_evaluate puts the initial state on the mesh with jax.device_put(state, replicated), which "
-    "jax 0.10 refuses for a sharding spanning several processes (and checkpoint.restore_latest does the same "
-    "for the step); use jax.make_array_from_process_local_data per leaf (keys via key_data/wrap_key_data)."))
+# ------------------------------------------------------------------------------------------------ slurm.sbatch
+
+
+def test_slurm_script_checks_the_shared_workdir_then_runs_main_in_every_task(tmp_path):
+  record = tmp_path / "calls"
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  write_stub(str(bin_dir), "srun", f"""
+echo "JAX_PLATFORMS=${{JAX_PLATFORMS:-unset}} srun $*" >> {record}
+if [[ $1 == --ntasks-per-node=1 ]]; then shift 2; exec "$@"; fi
+""")
+  workdir = tmp_path / "shared" / "run"
+  done = launch("slurm.sbatch", "--config", "configs/alexnet_fast.py", "--workdir", str(workdir),
+                "--config.train.batch_size=512",
+                env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": REPO, "SLURM_NNODES": "4",
+                     "SLURM_NTASKS": "32", "SLURM_JOB_ID": "7", "JAX_PLATFORMS": "cpu"})
+  assert done.returncode == 0, done.stderr
+  check, run = record.read_text().splitlines()
+  assert check.startswith("JAX_PLATFORMS=cpu srun --ntasks-per-node=1 --ntasks=4 bash -c")
+  assert run == (f"JAX_PLATFORMS=unset srun --kill-on-bad-exit=1 python -m lcnn_jax.main --config "
+                 f"configs/alexnet_fast.py --workdir {workdir} --config.train.batch_size=512")
+  assert workdir.is_dir() and "4 nodes, 32 processes" in done.stderr
+
+
+def test_slurm_script_requires_a_workdir_and_reports_one_no_node_sees(tmp_path):
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  write_stub(str(bin_dir), "srun", 'shift 2; exec "$@"\n')
+  env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": REPO}
+  missing = launch("slurm.sbatch", "--config", "c.py", env=env)
+  assert missing.returncode == 2 and "no --workdir" in missing.stderr
+  write_stub(str(bin_dir), "mkdir", "exit 0\n")  # a node-local directory: created here, absent on the nodes
+  unseen = launch("slurm.sbatch", "--config", "c.py", f"--workdir={tmp_path}/local", env=env)
+  assert unseen.returncode == 1 and "not visible on" in unseen.stderr and "shared storage" in unseen.stderr
+
+
+# ------------------------------------------------------------------------------------------------ tpu_vm.sh
+
+
+def test_tpu_script_runs_main_on_every_worker_with_the_arguments_quoted(tmp_path):
+  record = tmp_path / "calls"
+  gcloud = write_stub(str(tmp_path), "gcloud", f'for a in "$@"; do echo "$a"; done > {record}\n')
+  done = launch("tpu_vm.sh", "my-pod", "us-central2-b", "--config", "configs/resnet18_fast.py",
+                "--workdir", "/mnt/shared/run one", "--config.train.batch_size=1024",
+                env={"GCLOUD": gcloud, "PROJECT": "proj"})
+  assert done.returncode == 0, done.stderr
+  argv = record.read_text().splitlines()
+  assert argv[:8] == ["compute", "tpus", "tpu-vm", "ssh", "my-pod", "--zone=us-central2-b", "--worker=all",
+                      "--project=proj"]
+  command = argv[8].removeprefix("--command=")
+  assert command.startswith("cd lcnn_jax && PYTHONUNBUFFERED=1 python3 -m lcnn_jax.main ")
+  words = subprocess.run(["bash", "-c", "set -- " + command.split("lcnn_jax.main ", 1)[1] +
+                          '; for a in "$@"; do echo "$a"; done'], capture_output=True, text=True).stdout
+  assert words.splitlines() == ["--config", "configs/resnet18_fast.py", "--workdir", "/mnt/shared/run one",
+                                "--config.train.batch_size=1024"]
+
+
+@pytest.mark.parametrize("args", [[], ["pod", "zone"], ["pod", "zone", "--config", "c.py"],
+                                  ["--config", "c.py", "--workdir", "w"]])
+def test_tpu_script_rejects_bad_arguments_with_usage(tmp_path, args):
+  gcloud = write_stub(str(tmp_path), "gcloud", f"touch {tmp_path}/called\n")
+  done = launch("tpu_vm.sh", *args, env={"GCLOUD": gcloud})
+  assert done.returncode == 2 and "usage:" in done.stderr
+  assert not (tmp_path / "called").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes
+
+
 def test_two_process_quickstart_trains_resumes_and_equals_one_process(tmp_path):
   two = str(tmp_path / "two")
   common = ["--config", QUICKSTART, "--workdir", two]
