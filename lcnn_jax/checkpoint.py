@@ -167,7 +167,8 @@ class Checkpointer:
       params, rest = template.params, template.rest
       nnx.replace_by_pure_dict(params, restored["params"])
       nnx.replace_by_pure_dict(rest, restored["rest"])
-      return template.replace(step=jax.device_put(np.int32(step), template.step.sharding), params=params,
+      step_array = jax.make_array_from_process_local_data(template.step.sharding, np.asarray(step, np.int32))
+      return template.replace(step=step_array, params=params,
                               rest=rest, opt_state=restored["opt_state"])
     if steps:
       raise CheckpointError(f"None of the checkpoint steps {steps} in {self.directory} could be restored; "

@@ -175,6 +175,15 @@ def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local.items()}
 
 
+def replicate(tree, sharding: NamedSharding):
+  """Host values, identical on every process, as arrays replicated over ``sharding``'s mesh (any process count)."""
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+  return jax.tree.map(put, tree)
+
+
 def host_local(tree):
   """A NumPy copy of a tree of replicated (possibly multi-process) arrays; PRNG keys stay on this host's device."""
   def local(x):
@@ -281,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   thresholds = sparsity.coefficient_thresholds(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
-  state = jax.device_put(state, replicated)
+  state = replicate(state, replicated)
 
   train_iter = data.make_train_iterator(config.data, info, global_batch_size=config.train.batch_size,
                                         seed=config.seed, process_index=jax.process_index(),
@@ -354,8 +363,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   _, params, rest = nnx.split(model, nnx.Param, ...)
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
-    metrics = Evaluator(config, info, model, mesh)(jax.device_put(params, replicated),
-                                                     jax.device_put(rest, replicated))
+    metrics = Evaluator(config, info, model, mesh)(replicate(params, replicated), replicate(rest, replicated))
   logging.info("Step %d: top-1 %.4f, top-5 %.4f, loss %.4f over %d images.", step, metrics["top1"],
                metrics["top5"], metrics["loss"], metrics["count"])
   return metrics | {"step": step}
