@@ -11,14 +11,6 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "alexnet"
-  c.data.name = "folder"
-  c.data.image_size = 224
-  c.data.balanced = True
-  c.train.batch_size = 128
-  c.train.lr_schedule = "alexnet"
-  c.train.epochs = 55
-  c.train.steps_per_epoch = 10_000
+  c = config_lib.imagenet_config("alexnet", batch_size=128, lr_schedule="alexnet")
   c.sparsity.strength = 0.0
   return c

@@ -15,19 +15,11 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "alexnet-lcnn"
+  c = config_lib.imagenet_config("alexnet-lcnn", batch_size=128, lr_schedule="alexnet")
   c.model.first_pool = 3
   c.model.pool_sizes = (30, 30, 30, 30)  # conv2..conv5
   c.model.fc_pool = 512
   c.model.classifier_pool = 0
   c.model.initial_sparsity = 0.01
-  c.data.name = "folder"
-  c.data.image_size = 224
-  c.data.balanced = True
-  c.train.batch_size = 128
-  c.train.lr_schedule = "alexnet"
-  c.train.epochs = 55
-  c.train.steps_per_epoch = 10_000
   c.sparsity.strength = 1.0
   return c

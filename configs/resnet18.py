@@ -11,15 +11,7 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "resnet"
+  c = config_lib.imagenet_config("resnet", batch_size=256, lr_schedule="resnet")
   c.model.depth = 18
-  c.data.name = "folder"
-  c.data.image_size = 224
-  c.data.balanced = True
-  c.train.batch_size = 256
-  c.train.lr_schedule = "resnet"
-  c.train.epochs = 55
-  c.train.steps_per_epoch = 10_000
   c.sparsity.strength = 0.0
   return c

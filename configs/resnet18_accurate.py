@@ -21,8 +21,7 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "resnet-lcnn"
+  c = config_lib.imagenet_config("resnet-lcnn", batch_size=256, lr_schedule="resnet")
   c.model.depth = 18
   c.model.first_pool = 3
   c.model.pool1 = 44
@@ -30,12 +29,5 @@ def get_config():
   c.model.pool3 = 176
   c.model.pool4 = 352
   c.model.initial_sparsity = 0.01
-  c.data.name = "folder"
-  c.data.image_size = 224
-  c.data.balanced = True
-  c.train.batch_size = 256
-  c.train.lr_schedule = "resnet"
-  c.train.epochs = 55
-  c.train.steps_per_epoch = 10_000
   c.sparsity.strength = 0.3
   return c

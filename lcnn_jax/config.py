@@ -80,6 +80,21 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml_collections.ConfigDict:
+  """The original's ImageNet recipe (REFERENCE §5) for ``model_name``: an ImageNet folder at 224×224 with
+  class-balanced sampling, 55 epochs of 10,000 steps, the architecture's learning-rate schedule."""
+  c = default_config()
+  c.model.name = model_name
+  c.data.name = "folder"
+  c.data.image_size = 224
+  c.data.balanced = True
+  c.train.batch_size = batch_size
+  c.train.lr_schedule = lr_schedule
+  c.train.epochs = 55
+  c.train.steps_per_epoch = 10_000
+  return c
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key when a value is out of its domain."""
   if config.sparsity.rule not in SPARSITY_RULES:
