@@ -395,6 +395,8 @@ def main(argv: Sequence[str]) -> int:
       raise ValueError(f"Unknown key in the --config overrides: {message}") from e
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    if flag_values.step is not None and flag_values.workdir is None:
+      raise ValueError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
     config = flag_values.config
     if config is not None:
       config_lib.validate(config)

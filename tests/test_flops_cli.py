@@ -192,6 +192,8 @@ def test_empty_or_missing_workdir_is_refused(capsys, tmp_path):
   assert status == 2 and "does not exist" in err
   status, _, err = run_cli(capsys)
   assert status == 2 and "--workdir" in err
+  status, _, err = run_cli(capsys, "--config", QUICKSTART, "--step", "4")
+  assert status == 2 and "--step=4 needs --workdir" in err
 
 
 def test_missing_step_lists_the_steps_there(capsys, one_device_run):
