@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lcnn_jax import checkpoint, inference, layers, models
+from lcnn_jax import bench, checkpoint, flops, inference, layers, models
 from lcnn_jax import config as config_lib
 from lcnn_jax.inference import backends, kernels, predict, tuning
 from lcnn_jax.inference.model import AffineLayer
@@ -250,3 +250,38 @@ def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
   monkeypatch.setenv("CXX", "no-such-compiler-lcnn")
   with pytest.raises(kernels.KernelUnavailable, match=r"No C\+\+ compiler.*CXX"):
     kernels._load()
+
+
+# Benchmark helpers -------------------------------------------------------------------------------------------
+
+def test_synthetic_sparsity_gives_the_target_multiplication_speedup(rng):
+  lcnn = _model("digits-lcnn", (8, 8, 1), pool_size=4, first_pool=2)
+  cnn = _model("digits", (8, 8, 1))
+  baseline = flops.count_multiplications(cnn, (8, 8, 1))
+  density = bench.solve_density(lcnn, baseline, 3.0, (8, 8, 1))
+  bench.set_random_sparsity(lcnn, density, rng)
+  count = flops.count_multiplications(lcnn, (8, 8, 1))
+  assert count.speedup_over(baseline) == pytest.approx(3.0, rel=0.01)
+  assert all(row.density == pytest.approx(density, abs=0.01) for row in count.rows if row.dictionary_size)
+
+
+def test_unreachable_speedup_is_explained(rng):
+  lcnn = _model("digits-lcnn", (8, 8, 1))
+  baseline = flops.count_multiplications(_model("digits", (8, 8, 1)), (8, 8, 1))
+  with pytest.raises(ValueError, match="dictionaries and dense layers alone"):
+    bench.solve_density(lcnn, baseline, 1000.0, (8, 8, 1))
+
+
+def test_prediction_command_prints_top_classes_and_rejects_a_bad_file(tmp_path, rng, capsys):
+  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
+  exported = inference.inference_model(model, (8, 8, 1), backends="gather", class_names=list("abcdefghij"),
+                                       preprocessing={"image_size": 8, "resize_size": 9, "channels": 1,
+                                                      "mean": [0.5], "std": [0.25]})
+  inference.save(exported, tmp_path / "m.npz")
+  Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / "a.png")
+  assert predict.main(["predict", f"--model={tmp_path / 'm.npz'}", "--top=3", str(tmp_path / "a.png")]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].endswith("a.png") and len(lines) == 4
+  (tmp_path / "bad.png").write_bytes(b"not an image")
+  assert predict.main(["predict", f"--model={tmp_path / 'm.npz'}", str(tmp_path / "bad.png")]) == 2
+  assert "not a readable image" in capsys.readouterr().err

@@ -10,7 +10,7 @@
 """
 
 from lcnn_jax.inference.backends import BACKENDS, LookupLayer, available_backends
-from lcnn_jax.inference.export import export, inference_model, load, save
+from lcnn_jax.inference.exporter import export, inference_model, load, save
 from lcnn_jax.inference.graph import UnsupportedModel
 from lcnn_jax.inference.model import InferenceModel
 from lcnn_jax.inference.tuning import choose_backends

@@ -8,18 +8,15 @@ Images are prepared as the model's evaluation data was (shortest side to ``resiz
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from lcnn_jax.data import transforms
-from lcnn_jax.inference.export import load
+from lcnn_jax.inference.exporter import load
 from lcnn_jax.inference.model import InferenceModel
-
-FLAGS = flags.DEFINE_string("model", None, "An exported model (.npz) written by lcnn_jax.inference.export.")
-TOP = flags.DEFINE_integer("top", 5, "How many classes to list per image.")
-BACKENDS = flags.DEFINE_string("backends", None, "None: as exported; 'auto': measure here; or one backend name.")
 
 
 def load_images(paths: Sequence[str], model: InferenceModel) -> np.ndarray:
@@ -61,13 +58,26 @@ def format_predictions(paths: Sequence[str], predictions: list[list[tuple[str, f
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> None:
-  paths = argv[1:]
-  if FLAGS.value is None or not paths:
-    raise app.UsageError("usage: python -m lcnn_jax.inference.predict --model model.npz IMAGE [IMAGE ...]")
-  model = load(FLAGS.value, backends=BACKENDS.value)
-  print(format_predictions(paths, predict(model, paths, TOP.value)))
+def main(argv: Sequence[str]) -> int:
+  """The prediction command; ``argv`` includes the program name. Returns the exit status."""
+  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
+  flags.DEFINE_string("model", None, "An exported model (.npz) written by lcnn_jax.inference.export.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("top", 5, "How many classes to list per image.", flag_values=flag_values)
+  flags.DEFINE_string("backends", None, "Unset: as exported; 'auto': measure here; or one backend name.",
+                      flag_values=flag_values)
+  try:
+    paths = flag_values(list(argv))[1:]
+    if flag_values.model is None or not paths:
+      raise ValueError("usage: python -m lcnn_jax.inference.predict --model model.npz IMAGE [IMAGE ...]")
+    model = load(flag_values.model, backends=flag_values.backends)
+    top = predict(model, paths, flag_values.top)
+  except (flags.Error, ValueError, OSError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  sys.stdout.write(format_predictions(paths, top) + "\n")
+  return 0
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main(sys.argv))

@@ -1,0 +1,277 @@
+"""Wall-clock inference of the dense CNN against its LCNN, on every backend and on the chosen mix.
+
+    python -m lcnn_jax.bench --model alexnet --preset fast --batch 32 [--checkpoint WORKDIR] [--json] [--layers]
+
+Both models run exported (:mod:`lcnn_jax.inference`: BatchNorm folded, one jitted function each) in the same
+process on the same device; each time is the median of interleaved calls after a warm-up. Without a checkpoint
+the weights are random and the LCNN's sparsity is synthetic, at the paper's operating point: one density shared
+by every lookup layer, solved so that the multiplication count (:mod:`lcnn_jax.flops`) gives the paper's
+speedup over the CNN (AlexNet 37.6× fast, 3.2× accurate; ResNet-18 29.2× and 5.0×), non-zeros at random
+positions. The LCNN's dictionary sizes are those of ``configs/<model>_<preset>.py``.
+
+``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
+"count_speedup"}, ...]}``; ``--layers`` adds the chosen mix's per-layer times against each layer's
+memory-traffic and arithmetic floors (``"layers"`` in the JSON).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from lcnn_jax import flops, layers, models
+from lcnn_jax.inference import backends as backends_lib
+from lcnn_jax.inference import exporter
+from lcnn_jax.inference import tuning
+from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
+
+CONFIGS = {("alexnet", "fast"): "alexnet_fast.py", ("alexnet", "accurate"): "alexnet_accurate.py",
+           ("resnet18", "fast"): "resnet18_fast.py", ("resnet18", "accurate"): "resnet18_accurate.py"}
+PAPER_SPEEDUPS = {("alexnet", "fast"): 37.6, ("alexnet", "accurate"): 3.2, ("resnet18", "fast"): 29.2,
+                  ("resnet18", "accurate"): 5.0}
+IMAGE_SHAPE = (224, 224, 3)
+NUM_CLASSES = 1000
+
+def preset_config(model: str, preset: str) -> ml_collections.ConfigDict:
+  """The run config of ``configs/<model>_<preset>.py`` in the source tree."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                      CONFIGS[(model, preset)])
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: the benchmark reads the presets from the source checkout's "
+                            "configs/ directory (pip install -e . from a clone).")
+  spec = importlib.util.spec_from_file_location(f"lcnn_config_{model}_{preset}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def _lookup_modules(model: nnx.Module) -> list:
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, layers.LOOKUP_LAYERS)]
+
+
+def solve_density(lcnn: nnx.Module, baseline_count: flops.MultiplicationCount, target_speedup: float,
+                  input_shape: Sequence[int]) -> float:
+  """The density d of P, shared by all lookup layers, at which count(CNN) / count(LCNN) = target_speedup.
+
+  The count is linear in d: the dictionary stages and dense layers are fixed, each P costs d times its full cost.
+  """
+  fixed = full = 0.0
+  for row in flops.count_multiplications(lcnn, input_shape).rows:
+    if row.dictionary_size is None:
+      fixed += row.multiplications
+    else:
+      fixed += row.dictionary_multiplications
+      full += (row.multiplications - row.dictionary_multiplications) / max(row.density, 1e-12)
+  density = (baseline_count.total / target_speedup - fixed) / full
+  if not 0 < density <= 1:
+    raise ValueError(f"No density reaches {target_speedup}x: the dictionaries and dense layers alone cost "
+                     f"{fixed:,.0f} of the {baseline_count.total / target_speedup:,.0f} multiplications allowed.")
+  return density
+
+
+def set_random_sparsity(lcnn: nnx.Module, density: float, rng: np.random.Generator) -> None:
+  """Gives every lookup layer round(density · size) non-zero coefficients at random positions, all above τ."""
+  for module in _lookup_modules(lcnn):
+    shape = module.coefficients.shape
+    size = int(np.prod(shape))
+    bound = 1 / np.sqrt(size / shape[-1])  # the layer's init bound, 1/√(kh·kw·k)
+    magnitudes = rng.uniform(max(2 * module.threshold, bound / 4), bound, size)
+    values = np.zeros(size, np.float32)
+    chosen = rng.choice(size, int(round(density * size)), replace=False)
+    values[chosen] = (magnitudes[chosen] * rng.choice([-1.0, 1.0], chosen.size)).astype(np.float32)
+    module.coefficients[...] = jnp.asarray(values.reshape(shape))
+
+
+@dataclasses.dataclass
+class Setup:
+  """The two models of one benchmark and the LCNN's multiplication speedup."""
+  dense: InferenceModel
+  lcnn: InferenceModel
+  lcnn_module: nnx.Module
+  count_speedup: float
+  density: float | None
+
+
+def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int) -> Setup:
+  """Random (or restored) CNN and LCNN, the LCNN's sparsity set, both exported; the LCNN tuned for ``batch``."""
+  rng = np.random.default_rng(seed)
+  density = None
+  if checkpoint:
+    from lcnn_jax import checkpoint as checkpoint_lib
+    lcnn_module, config, _ = checkpoint_lib.restore_model(checkpoint)
+    _, dataset = checkpoint_lib.load_run_info(checkpoint)
+    input_shape, num_classes = tuple(dataset["image_shape"]), dataset["num_classes"]
+  else:
+    config = preset_config(model, preset)
+    input_shape, num_classes = IMAGE_SHAPE, NUM_CLASSES
+    lcnn_module = models.create_model(config.model, num_classes=num_classes, input_shape=input_shape,
+                                      rngs=nnx.Rngs(seed))
+  dense_module = models.create_model(models.baseline_config(config.model), num_classes=num_classes,
+                                     input_shape=input_shape, rngs=nnx.Rngs(seed + 1))
+  baseline_count = flops.count_multiplications(dense_module, input_shape)
+  if not checkpoint:
+    density = solve_density(lcnn_module, baseline_count, PAPER_SPEEDUPS[(model, preset)], input_shape)
+    set_random_sparsity(lcnn_module, density, rng)
+  count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
+  dense = exporter.inference_model(dense_module, input_shape, backends="dense")
+  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch)
+  return Setup(dense, lcnn, lcnn_module, count_speedup, density)
+
+
+def time_models(models_by_name: dict[str, InferenceModel], images: jax.Array, seconds: float) -> dict[str, float]:
+  """Median milliseconds per model: each warmed up, then timed in interleaved rounds until ``seconds`` pass."""
+  calls = {}
+  for name, model in models_by_name.items():
+    calls[name] = lambda model=model: jax.block_until_ready(model(images))
+    for _ in range(2):
+      calls[name]()
+  times = {name: [] for name in calls}
+  start = time.perf_counter()
+  while min(len(t) for t in times.values()) < 3 or (time.perf_counter() - start < seconds
+                                                    and min(len(t) for t in times.values()) < 50):
+    for name, call in calls.items():
+      begin = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - begin)
+  return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
+def machine_floors() -> dict[str, float]:
+  """Measured streaming bandwidth (GB/s) and float32 matmul throughput (G multiply-adds/s) of the device."""
+  big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MB
+  total = jax.jit(jnp.sum)
+  seconds = tuning.median_ms(lambda: jax.block_until_ready(total(big)), min_reps=5) / 1e3
+  a = jnp.ones((2048, 2048), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  matmul_seconds = tuning.median_ms(lambda: jax.block_until_ready(matmul(a)), min_reps=5) / 1e3
+  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "macs_per_s": 2048**3 / matmul_seconds / 1e9}
+
+
+def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:
+  params = {k: jnp.asarray(v) for k, v in dataclasses.asdict(layer).items() if isinstance(v, np.ndarray)}
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *input_shape[1:]), np.float32))
+  if isinstance(layer, ConvLayer):
+    (top, _), (left, _) = layer.padding
+    fn = jax.jit(lambda p, v: backends_lib.conv_or_matmul(v, p["kernel"], layer.strides, (top, left)) + p["bias"])
+  else:
+    fn = jax.jit(lambda p, v: v @ p["kernel"] + p["bias"])
+  return tuning.median_ms(lambda: jax.block_until_ready(fn(params, x)))
+
+
+def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[dict[str, Any]]:
+  """Each layer of the chosen mix alone: its time, multiply-adds and bytes, and the floors they imply."""
+  from lcnn_jax.inference import graph as graph_lib
+  _, calls = graph_lib.trace(setup.lcnn_module, setup.lcnn.input_shape)
+  rows = []
+  for name, layer in setup.lcnn.layers.items():
+    if isinstance(layer, backends_lib.LookupLayer):
+      backend = setup.lcnn.backends[name]
+      ms = tuning.time_layer(layer, backend, batch)
+      (oh, ow), (h, w) = layer.output_size, layer.input_size
+      macs = backends_lib.multiplications(layer) * batch
+      weight_bytes = backends_lib.coefficient_bytes(layer)
+      activation_bytes = 4 * batch * (layer.in_features * h * w + layer.out_features * oh * ow)
+    elif isinstance(layer, (ConvLayer, LinearLayer)):
+      backend = "dense"
+      shape = calls[name].input_shape
+      ms = _dense_layer_time(layer, shape, batch)
+      out = calls[name].output_shape
+      macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
+      weight_bytes = layer.kernel.nbytes + layer.bias.nbytes
+      activation_bytes = 4 * batch * (int(np.prod(shape[1:])) + int(np.prod(out[1:])))
+    else:
+      continue
+    memory_ms = (weight_bytes + activation_bytes) / floors["bandwidth_gbs"] / 1e6
+    arithmetic_ms = macs / floors["macs_per_s"] / 1e6
+    rows.append({"layer": name, "backend": backend, "ms": ms, "macs": macs, "bytes": weight_bytes + activation_bytes,
+                 "memory_floor_ms": memory_ms, "arithmetic_floor_ms": arithmetic_ms,
+                 "floor_ratio": ms / max(memory_ms, arithmetic_ms)})
+  return rows
+
+
+def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
+        backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
+        with_layers: bool = False) -> dict[str, Any]:
+  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown)."""
+  setup = build(model, preset, batch, checkpoint, seed)
+  names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
+  variants = {"cnn": setup.dense, **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn}
+  images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
+  times = time_models(variants, images, seconds)
+  rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
+           "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup}
+          for b in [*names, "auto"]]
+  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density,
+            "auto_backends": setup.lcnn.backends}
+  if with_layers:
+    floors = machine_floors()
+    result["floors"] = floors
+    result["layers"] = layer_breakdown(setup, batch, floors)
+  return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """The rows (and the layer breakdown when present) as fixed-width text."""
+  lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
+           f"device {result['device']}; trained checkpoint",
+           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<9} {'dense ms':>10} {'lcnn ms':>10} "
+           f"{'wall x':>8} {'count x':>8}"]
+  for r in result["rows"]:
+    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<9} {r['dense_ms']:>10.3f} "
+                 f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
+  lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
+  if "layers" in result:
+    f = result["floors"]
+    lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['macs_per_s']:.1f} G multiply-adds/s")
+    lines.append(f"{'layer':<18} {'backend':<9} {'ms':>9} {'M mult-adds':>12} {'MB':>8} {'mem floor':>10} "
+                 f"{'math floor':>10} {'x floor':>8}")
+    for r in result["layers"]:
+      lines.append(f"{r['layer']:<18} {r['backend']:<9} {r['ms']:>9.3f} {r['macs'] / 1e6:>12.1f} "
+                   f"{r['bytes'] / 1e6:>8.1f} {r['memory_floor_ms']:>10.3f} {r['arithmetic_floor_ms']:>10.3f} "
+                   f"{r['floor_ratio']:>8.1f}")
+  return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> int:
+  """The ``python -m lcnn_jax.bench`` command; ``argv`` includes the program name. Returns the exit status."""
+  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
+  flags.DEFINE_enum("model", "alexnet", ["alexnet", "resnet18"], "The network.", flag_values=flag_values)
+  flags.DEFINE_enum("preset", "fast", ["fast", "accurate"], "The paper's operating point.", flag_values=flag_values)
+  flags.DEFINE_integer("batch", 1, "Images per call.", flag_values=flag_values)
+  flags.DEFINE_string("checkpoint", None, "A run's workdir: benchmark its trained LCNN instead.",
+                      flag_values=flag_values)
+  flags.DEFINE_list("backends", None, "Backends to run every lookup layer on (default: every available one).",
+                    flag_values=flag_values)
+  flags.DEFINE_bool("json", False, "Print the result as JSON instead of a table.", flag_values=flag_values)
+  flags.DEFINE_bool("layers", False, "Also time the chosen mix layer by layer against its floors.",
+                    flag_values=flag_values)
+  flags.DEFINE_float("seconds", 20.0, "Time budget of the timed calls, all models together.", flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "Seed of the random weights, sparsity pattern and images.", flag_values=flag_values)
+  try:
+    unparsed = flag_values(list(argv))
+    if len(unparsed) > 1:
+      raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
+                 backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
+                 with_layers=flag_values.layers)
+  except (flags.Error, ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  sys.stdout.write((json.dumps(result, indent=1) if flag_values.json else format_table(result)) + "\n")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
