@@ -69,7 +69,7 @@ def validate_config(data: ml_collections.ConfigDict) -> None:
       name.startswith("tfds:") and len(name) > len("tfds:")):
     raise ValueError(f"data.name={name!r}: expected one of {SOURCES}.")
   for key in ("image_size", "resize_size", "num_workers", "prefetch", "num_classes", "num_train",
-              "num_eval"):
+              "num_eval", "examples_per_class"):
     if data[key] < 0:
       raise ValueError(f"data.{key}={data[key]}: must be >= 0.")
   if data.stats_images <= 0:
@@ -97,13 +97,14 @@ class _Opened(NamedTuple):
 
 
 def _source_key(data: ml_collections.ConfigDict) -> tuple:
+  classes = None if data.classes is None else tuple(int(c) for c in data.classes)
   return (data.name, data.dir, data.train_split, data.eval_split, data.image_size, data.resize_size,
-          data.num_train, data.num_eval, data.num_classes)
+          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class)
 
 
 @functools.lru_cache(maxsize=4)
 def _open_cached(name, directory, train_split, eval_split, image_size, resize_size, num_train,
-                 num_eval, num_classes) -> _Opened:
+                 num_eval, num_classes, classes, examples_per_class) -> _Opened:
   if name == "digits":
     splits = sources.open_digits()
   elif name == "folder":
@@ -114,6 +115,7 @@ def _open_cached(name, directory, train_split, eval_split, image_size, resize_si
   else:
     splits = sources.open_tfds(name[len("tfds:"):], directory or None, train_split or "train",
                                eval_split)
+  splits = sources.select(splits, classes, examples_per_class)
   image_size = image_size or splits.natural_size
   resize_size = resize_size or round(image_size * 256 / 224)
   if name == "digits":
@@ -170,10 +172,14 @@ def _count_skipped(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def _stats_key(data: ml_collections.ConfigDict, opened: _Opened) -> dict[str, Any]:
-  return {"name": data.name, "dir": os.path.abspath(data.dir) if data.dir else "",
-          "train_split": data.train_split, "num_train": len(opened.splits.train),
-          "image_size": opened.image_size, "resize_size": opened.resize_size,
-          "stats_images": data.stats_images}
+  key = {"name": data.name, "dir": os.path.abspath(data.dir) if data.dir else "",
+         "train_split": data.train_split, "num_train": len(opened.splits.train),
+         "image_size": opened.image_size, "resize_size": opened.resize_size,
+         "stats_images": data.stats_images}
+  if data.classes is not None or data.examples_per_class:  # A subset has statistics of its own.
+    key.update(classes=None if data.classes is None else [int(c) for c in data.classes],
+               examples_per_class=data.examples_per_class)
+  return key
 
 
 def _compute_mean_std(data: ml_collections.ConfigDict, opened: _Opened):

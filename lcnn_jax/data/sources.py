@@ -318,3 +318,57 @@ def open_synthetic(size: int, num_train: int, num_eval: int, num_classes: int) -
   return Splits(SyntheticSource(0, size, num_train, num_classes),
                 SyntheticSource(1, size, num_eval, num_classes),
                 num_classes, None, channels=3, natural_size=224)
+
+
+# ------------------------------------------------------------------ class and example subsets
+
+
+class SubsetSource:
+  """Records ``indices`` of another source, with labels renumbered by ``relabel`` (old label → new)."""
+
+  def __init__(self, source, indices: np.ndarray, relabel: dict[int, int]):
+    self.source = source
+    self.indices = indices  # (n,) int64, positions in ``source``.
+    self.relabel = relabel
+    self.labels = np.array([relabel[int(l)] for l in np.asarray(source.labels)[indices]], np.int32)  # (n,)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def describe(self, index: int) -> str:
+    return self.source.describe(int(self.indices[index]))
+
+  def __getitem__(self, index: int):
+    raw, label = self.source[int(self.indices[index])]
+    return raw, self.relabel[int(label)]
+
+
+def select(splits: Splits, classes: Sequence[int] | None, examples_per_class: int) -> Splits:
+  """Keeps ``classes`` (relabelled 0..n-1 in the given order) and the first ``examples_per_class``
+  training records of each class, in record order; None and 0 keep everything.
+
+  Evaluation keeps every record of the kept classes. Raises ValueError naming a class outside the
+  dataset, a repeated class, or a kept class with fewer training records than asked for.
+  """
+  if classes is None and not examples_per_class:
+    return splits
+  classes = list(range(splits.num_classes)) if classes is None else [int(c) for c in classes]
+  if len(set(classes)) != len(classes) or any(not 0 <= c < splits.num_classes for c in classes):
+    raise ValueError(f"data.classes={tuple(classes)}: expected distinct class indices in "
+                     f"[0, {splits.num_classes}).")
+  relabel = {old: new for new, old in enumerate(classes)}
+
+  def keep(source, per_class: int) -> SubsetSource:
+    labels = np.asarray(source.labels)
+    chosen = []
+    for old in classes:
+      where = np.flatnonzero(labels == old)
+      if per_class and len(where) < per_class:
+        raise ValueError(f"data.examples_per_class={per_class}: class {old} has only {len(where)} "
+                         f"training records in {source.describe(0)}; lower it.")
+      chosen.append(where[:per_class] if per_class else where)
+    return SubsetSource(source, np.sort(np.concatenate(chosen)), relabel)
+
+  names = [splits.class_names[c] for c in classes] if splits.class_names else None
+  return Splits(keep(splits.train, examples_per_class), keep(splits.eval, 0), len(classes), names,
+                splits.channels, splits.natural_size)

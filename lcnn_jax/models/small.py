@@ -4,6 +4,10 @@ Three 3×3 convolutions of width w, 2w, 4w (Conv → BN → ReLU, a 2×2 max-poo
 average pool, dropout and a linear classifier. The LCNN twin makes every convolution a lookup layer
 (conv1 with ``first_pool``, conv2/conv3 with ``pool_size`` or ``pool_sizes``) and the classifier one when
 ``classifier_pool`` > 0; otherwise the twins are identical, so their accuracies compare like the paper's rows.
+
+``model.convs_per_stage`` = n > 1 deepens the nets for few-iteration learning: each of conv1, conv2, conv3 is
+followed by n − 1 more 3×3 convolutions of its width (``conv1_2``, ``conv1_3``, …, each with its BatchNorm; in
+the LCNN with conv2's, conv3's and conv3's dictionary size), the max-pool after the last convolution of width 2w.
 """
 
 from __future__ import annotations
@@ -26,18 +30,21 @@ class DigitsNet(nnx.Module):
     width: output channels of conv1 (conv2 has twice, conv3 four times as many).
     dictionary_sizes: dictionary sizes of conv1, conv2, conv3 and the classifier (0 = dense).
     dropout: the dropout rate before the classifier.
+    convs_per_stage: 3×3 convolutions at each width (1: conv1, conv2, conv3 only).
     initial_sparsity: sets the lookup layers' threshold τ.
     rngs: ``params`` initialises the weights; the model keeps a ``dropout`` stream for its dropout masks.
   """
 
   def __init__(self, num_classes: int, input_shape: Sequence[int], *, width: int = 32,
                dictionary_sizes: Sequence[int] = (0, 0, 0, 0), dropout: float = 0.5,
-               initial_sparsity: float = 0.01, rngs: nnx.Rngs):
+               initial_sparsity: float = 0.01, convs_per_stage: int = 1, rngs: nnx.Rngs):
     height, image_width, channels = input_shape
     if min(height, image_width) < 2:
       raise ValueError(f"input_shape={tuple(input_shape)}: the digits nets need sides of at least 2 pixels.")
     if width <= 0:
       raise ValueError(f"model.width={width}: must be positive.")
+    if convs_per_stage < 1:
+      raise ValueError(f"model.convs_per_stage={convs_per_stage}: must be at least 1.")
     k1, k2, k3, k_classifier = dictionary_sizes
     widths = (width, 2 * width, 4 * width)
 
@@ -47,22 +54,32 @@ class DigitsNet(nnx.Module):
     self.conv1, self.bn1 = conv(channels, widths[0], k1), common.batch_norm(widths[0], rngs=rngs)
     self.conv2, self.bn2 = conv(widths[0], widths[1], k2), common.batch_norm(widths[1], rngs=rngs)
     self.conv3, self.bn3 = conv(widths[1], widths[2], k3), common.batch_norm(widths[2], rngs=rngs)
+    # Deeper nets: conv{s}_2 .. conv{s}_n keep the width of conv{s}; their inputs are as wide as conv{s+1}'s.
+    self.stage_names = tuple(tuple([f"{s}"] + [f"{s}_{i}" for i in range(2, convs_per_stage + 1)])
+                             for s in (1, 2, 3))
+    for (_, *extra), w, k in zip(self.stage_names, widths, (k2, k3, k3)):
+      for name in extra:
+        setattr(self, f"conv{name}", conv(w, w, k))
+        setattr(self, f"bn{name}", common.batch_norm(w, rngs=rngs))
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
     self.classifier = common.dense(widths[2], num_classes, dictionary_size=k_classifier,
                                    initial_sparsity=initial_sparsity, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """(batch, h, w, c) images -> (batch, num_classes) logits."""
-    x = nnx.relu(self.bn1(self.conv1(x)))  # (batch, 8, 8, w) for digits
-    x = common.max_pool(nnx.relu(self.bn2(self.conv2(x))), 2, 2)  # (batch, 4, 4, 2w)
-    x = nnx.relu(self.bn3(self.conv3(x)))  # (batch, 4, 4, 4w)
+    for stage, names in enumerate(self.stage_names):
+      for name in names:  # (batch, 8, 8, w), (batch, 8, 8, 2w), (batch, 4, 4, 4w) for digits
+        x = nnx.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)))
+      if stage == 1:
+        x = common.max_pool(x, 2, 2)  # (batch, 4, 4, 2w)
     return self.classifier(self.dropout(common.global_average_pool(x)))
 
 
 def digits(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
            rngs: nnx.Rngs) -> DigitsNet:
   """The dense digits CNN, twin of ``digits-lcnn``."""
-  return DigitsNet(num_classes, input_shape, width=config.width, dropout=config.dropout, rngs=rngs)
+  return DigitsNet(num_classes, input_shape, width=config.width, dropout=config.dropout,
+                   convs_per_stage=config.convs_per_stage, rngs=rngs)
 
 
 def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
@@ -71,4 +88,4 @@ def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_sh
   k2, k3 = common.conv_pools(config, 2, "conv2, conv3")
   return DigitsNet(num_classes, input_shape, width=config.width,
                    dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
-                   initial_sparsity=config.initial_sparsity, rngs=rngs)
+                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage, rngs=rngs)
