@@ -35,6 +35,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.initial_sparsity = 0.01  # tau = initial_sparsity / sqrt(kh * kw * k).
   c.model.dropout = 0.5
   c.model.width = 32  # Base width of the small digits nets.
+  c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | folder | tfds:<name> | synthetic
@@ -53,6 +54,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.num_classes = 0  # Synthetic data only: number of classes (0 = 1000).
   c.data.num_train = 0  # Synthetic data only: number of examples.
   c.data.num_eval = 0
+  c.data.classes = ml_collections.config_dict.placeholder(tuple)  # Keep these classes, relabelled 0..n-1 in order.
+  c.data.examples_per_class = 0  # Keep the first n training records of each class (0 = all): few-shot runs.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # Global batch, split across processes.
