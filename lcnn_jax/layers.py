@@ -123,6 +123,21 @@ def lookup_conv_gather(x: jax.Array, dictionary: jax.Array, lookups: Lookups, bi
   return out
 
 
+def _lookup_parameters(in_features: int, out_features: int, taps: tuple[int, ...], dictionary_size: int,
+                       use_bias: bool, param_dtype, rngs: nnx.Rngs):
+  """D (m, k), P (*taps, k, n) and the bias (n,) with Torch's default init of each stage: U(±1/√fan_in)."""
+  if dictionary_size <= 0:
+    raise ValueError(f"dictionary_size={dictionary_size}: a lookup layer needs at least one atom.")
+  if in_features <= 0 or out_features <= 0:
+    raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive.")
+  dictionary = Dictionary(
+      _uniform(1 / math.sqrt(in_features))(rngs.params(), (in_features, dictionary_size), param_dtype))
+  bound = 1 / math.sqrt(math.prod(taps) * dictionary_size)
+  coefficients = Coefficients(_uniform(bound)(rngs.params(), (*taps, dictionary_size, out_features), param_dtype))
+  bias = nnx.Param(_uniform(bound)(rngs.params(), (out_features,), param_dtype)) if use_bias else None
+  return dictionary, coefficients, bias
+
+
 class LookupConv(nnx.Module):
   """A convolution as a dictionary (1×1, no bias) followed by sparse coefficients (kh×kw, strided).
 
@@ -132,10 +147,6 @@ class LookupConv(nnx.Module):
   def __init__(self, in_features: int, out_features: int, kernel_size: IntOrPair, *, dictionary_size: int,
                strides: IntOrPair = 1, padding: IntOrPair = 0, use_bias: bool = True,
                initial_sparsity: float = 0.01, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dictionary_size <= 0:
-      raise ValueError(f"dictionary_size={dictionary_size}: a lookup layer needs at least one atom.")
-    if in_features <= 0 or out_features <= 0:
-      raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive.")
     self.in_features = in_features
     self.out_features = out_features
     self.kernel_size = _pair(kernel_size, "kernel_size")
@@ -146,14 +157,9 @@ class LookupConv(nnx.Module):
     self.initial_sparsity = initial_sparsity
     self.dtype = dtype
     kh, kw = self.kernel_size
+    self.dictionary, self.coefficients, self.bias = _lookup_parameters(
+        in_features, out_features, self.kernel_size, dictionary_size, use_bias, param_dtype, rngs)
     self.threshold = threshold_value(initial_sparsity, kh * kw, dictionary_size)
-    # Torch's default init of each stage: U(±1/√fan_in).
-    self.dictionary = Dictionary(
-        _uniform(1 / math.sqrt(in_features))(rngs.params(), (in_features, dictionary_size), param_dtype))
-    bound = 1 / math.sqrt(kh * kw * dictionary_size)
-    self.coefficients = Coefficients(
-        _uniform(bound)(rngs.params(), (kh, kw, dictionary_size, out_features), param_dtype))
-    self.bias = nnx.Param(_uniform(bound)(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
   def thresholded_coefficients(self) -> jax.Array:
     """P with |P| ≤ τ set to zero: the coefficients every forward pass uses."""
@@ -192,22 +198,15 @@ class LookupDense(nnx.Module):
 
   def __init__(self, in_features: int, out_features: int, *, dictionary_size: int, use_bias: bool = True,
                initial_sparsity: float = 0.01, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if dictionary_size <= 0:
-      raise ValueError(f"dictionary_size={dictionary_size}: a lookup layer needs at least one atom.")
-    if in_features <= 0 or out_features <= 0:
-      raise ValueError(f"in_features={in_features}, out_features={out_features}: must be positive.")
     self.in_features = in_features
     self.out_features = out_features
     self.dictionary_size = dictionary_size
     self.use_bias = use_bias
     self.initial_sparsity = initial_sparsity
     self.dtype = dtype
+    self.dictionary, self.coefficients, self.bias = _lookup_parameters(
+        in_features, out_features, (), dictionary_size, use_bias, param_dtype, rngs)
     self.threshold = threshold_value(initial_sparsity, 1, dictionary_size)
-    self.dictionary = Dictionary(
-        _uniform(1 / math.sqrt(in_features))(rngs.params(), (in_features, dictionary_size), param_dtype))
-    bound = 1 / math.sqrt(dictionary_size)
-    self.coefficients = Coefficients(_uniform(bound)(rngs.params(), (dictionary_size, out_features), param_dtype))
-    self.bias = nnx.Param(_uniform(bound)(rngs.params(), (out_features,), param_dtype)) if use_bias else None
 
   def thresholded_coefficients(self) -> jax.Array:
     """P with |P| ≤ τ set to zero."""
