@@ -237,28 +237,12 @@ def restore_model_for(config: ml_collections.ConfigDict, info, workdir: str) -> 
   return model, _step_of(step_dir)
 
 
-def transfer_dictionaries_from(source: str, model: nnx.Module) -> int:
-  """Copies every lookup layer's dictionary of the checkpoint at ``source`` into ``model`` by path.
-
-  Returns the number of dictionaries copied; a dictionary whose shape differs raises CheckpointError.
-  """
-  from lcnn_jax.optimizer import dictionary_paths
+def transfer_dictionaries_from(source: str, model: nnx.Module) -> list[str]:
+  """Copies the dictionaries of the run at ``source`` (its workdir or one of its step directories) into
+  ``model``, for every lookup layer path the two share; returns those paths."""
+  from lcnn_jax import convert
   step_dir = resolve_step_dir(source)
-  saved = ocp.PyTreeCheckpointer().restore(os.path.join(step_dir, "params"))
-  flat = {path_string(kp): np.asarray(leaf) for kp, leaf in jax.tree_util.tree_flatten_with_path(saved)[0]}
-  copied = 0
-  for path in sorted(dictionary_paths(model)):
-    if path not in flat:
-      continue
-    module = model
-    for part in path.split("/")[:-1]:
-      module = module[int(part)] if part.isdigit() else getattr(module, part)
-    if flat[path].shape != module.dictionary.shape:
-      raise CheckpointError(f"Dictionary {path} has shape {flat[path].shape} in {step_dir} but "
-                            f"{module.dictionary.shape} in the model: the layers' widths or dictionary sizes differ.")
-    module.dictionary[...] = flat[path]
-    copied += 1
-  if not copied:
-    raise CheckpointError(f"No dictionary of the model has a counterpart in {step_dir}.")
-  logging.info("Copied %d dictionaries from %s.", copied, step_dir)
+  source_model, _, _ = restore_model(os.path.dirname(os.path.dirname(step_dir)), _step_of(step_dir))
+  copied = convert.transfer_dictionaries(source_model, model)
+  logging.info("Copied %d dictionaries from %s: %s", len(copied), step_dir, ", ".join(copied))
   return copied

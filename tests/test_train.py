@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lcnn_jax import checkpoint, config as config_lib, layers, logger, optimizer, train
+from lcnn_jax import checkpoint, config as config_lib, data, layers, logger, optimizer, train
 
 
 def tiny_config(**train_overrides):
@@ -227,3 +227,17 @@ def test_main_trains_evaluates_benchmarks_and_rejects_misspelt_keys(tmp_path):
   assert benchmark.returncode == 0 and "conv2" in benchmark.stdout and "speedup" in benchmark.stdout
   typo = run_main("--config", config, "--workdir", str(tmp_path), "--config.train.batchsize=8", cwd=repo)
   assert typo.returncode != 0 and "batchsize" in typo.stderr
+
+
+def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path):
+  source = str(tmp_path / "source")
+  train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=4, eval_every=4), source)
+  source_model, _, _ = checkpoint.restore_model(source)
+  target = tiny_config(num_steps=4, checkpoint_every=4, eval_every=4, freeze_dictionaries=True, init_from=source)
+  target.seed = 7  # a different initialisation: only the transferred dictionaries agree
+  train.train_and_evaluate(target, str(tmp_path / "target"))
+  model, _, _ = checkpoint.restore_model(str(tmp_path / "target"))
+  initial = train.create_model(target, data.dataset_info(target.data))
+  for path in ("conv1", "conv2", "conv3"):
+    np.testing.assert_array_equal(getattr(model, path).dictionary[...], getattr(source_model, path).dictionary[...])
+    assert not np.array_equal(getattr(model, path).coefficients[...], getattr(initial, path).coefficients[...])
