@@ -1,0 +1,269 @@
+"""What the experiments share: resumable points, starting a run from chosen weights, tables and plots.
+
+An experiment is a set of *points*, each an ordinary training run (``train.train_and_evaluate``) in its own
+subdirectory of the experiment's workdir. A finished point leaves ``result.json`` beside its checkpoints; a rerun
+reads it and skips the point, and an unfinished one resumes from its latest checkpoint.
+
+A run that must start from weights the trainer cannot load itself (a CNN fine-tuned from another run, an LCNN
+whose dictionaries come from a shallower net) starts from a step-0 checkpoint written by :func:`seed_run`: the
+trainer resumes from it as from any checkpoint, so the run stays resumable and the trainer needs no new option.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from lcnn_jax import checkpoint, config as config_lib, data, logger, optimizer as optimizer_lib, sparsity, train
+
+RESULT_FILE = "result.json"
+
+
+class ExperimentError(RuntimeError):
+  """An experiment cannot go on as asked; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def load_config(path: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file (``configs/quickstart.py``)."""
+  import importlib.util
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"Config file {path!r} does not exist.")
+  spec = importlib.util.spec_from_file_location(f"lcnn_experiment_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def derive(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with dotted-key overrides: ``derive(c, **{'model.pool_size': 4})``."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  for dotted, value in overrides.items():
+    *parents, key = dotted.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    with node.ignore_type():
+      node[key] = value
+  return config
+
+
+def dataset_statistics(config: ml_collections.ConfigDict, cache_dir: str) -> ml_collections.ConfigDict:
+  """``config`` with ``data.mean``/``data.std`` fixed to those of the whole training split, so that runs on
+  subsets of it (few-shot) normalise their images exactly as the run they start from."""
+  if config.data.mean is not None:
+    return config
+  whole = derive(config, **{"data.classes": None, "data.examples_per_class": 0})
+  info = data.dataset_info(whole.data, cache_dir=cache_dir)
+  return derive(config, **{"data.mean": tuple(info.mean), "data.std": tuple(info.std)})
+
+
+# ------------------------------------------------------------------------------------------------ points
+
+
+def read_result(workdir: str) -> dict[str, Any] | None:
+  """The result of a finished point, or None."""
+  path = os.path.join(workdir, RESULT_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=2, default=list)
+  os.replace(path + ".tmp", path)  # never a half-written file
+
+
+def run_point(config: ml_collections.ConfigDict, workdir: str, *,
+              prepare: Callable[[nnx.Module], None] | None = None) -> dict[str, Any]:
+  """Trains one point (or resumes it) and returns its result; a finished point is read back, not retrained.
+
+  Args:
+    config: the run's full config.
+    workdir: the point's own directory.
+    prepare: when given, changes a freshly built model before step 0 (see :func:`seed_run`); ignored when the
+      point already has a checkpoint.
+  Returns:
+    ``{'top1', 'top5', 'loss', 'density', 'multiplications', 'baseline_multiplications', 'speedup', 'steps',
+    'curve', 'config'}`` (``density``: the mean density of P at the last logged step, 1 for a CNN),
+    ``curve`` being the point's eval rows ``[{'step', 'top1', 'top5', 'loss'}, ...]``.
+  Raises:
+    ExperimentError: ``workdir`` holds a finished point of another config.
+  """
+  config_dict = json.loads(json.dumps(config.to_dict(), default=list))
+  done = read_result(workdir)
+  if done is not None:
+    if done["config"] != config_dict:
+      raise ExperimentError(
+          f"{workdir} holds a finished point trained with another config; move it away (or pass another "
+          "--workdir) to run this one.")
+    logging.info("Point %s is finished (top-1 %.4f); skipping it.", workdir, done["top1"])
+    return done
+  if prepare is not None and checkpoint_steps(workdir) is None:
+    seed_run(config, workdir, prepare)
+  metrics = train.train_and_evaluate(config, workdir)
+  rows = logger.read_metrics(workdir)
+  evals = [row for row in rows if row["split"] == "eval"]
+  trains = [row for row in rows if row["split"] == "train"]
+  last = evals[-1]
+  result = {"top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
+            "density": trains[-1]["density"] if trains else None,
+            "multiplications": last["multiplications"], "baseline_multiplications": last["baseline_multiplications"],
+            "speedup": last["speedup"], "steps": last["step"],
+            "curve": [{k: row[k] for k in ("step", "top1", "top5", "loss")} for row in evals],
+            "config": config_dict}
+  _write_json(os.path.join(workdir, RESULT_FILE), result)
+  return result
+
+
+def checkpoint_steps(workdir: str) -> int | None:
+  """The latest checkpoint step of ``workdir``, or None when it has none."""
+  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps) if steps else None
+
+
+def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[[nnx.Module], None]) -> None:
+  """Writes ``workdir``'s step-0 checkpoint: the configured model, changed by ``prepare``, a fresh optimizer
+  state and a fresh data iterator, exactly as the trainer would start them; the trainer then resumes from it."""
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  info = data.dataset_info(config.data, cache_dir=workdir)
+  plan = train.make_plan(config, info)
+  model = train.create_model(config, info)
+  if config.train.init_from:  # what the trainer does first, so that prepare sees (and may override) it
+    checkpoint.transfer_dictionaries_from(config.train.init_from, model)
+  prepare(model)
+  tx, _, _ = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps)
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
+  mesh = train.make_mesh()
+  state = train.replicate(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  train_iter = data.make_train_iterator(config.data, info, global_batch_size=config.train.batch_size,
+                                        seed=config.seed, process_index=jax.process_index(),
+                                        process_count=jax.process_count())
+  manager = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  manager.save(state, train_iter)
+  manager.close()
+  logging.info("Wrote the starting point of %s (step 0).", workdir)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def _natural_key(path: str) -> list:
+  """'layer2/1/conv10' sorts after 'layer2/1/conv9'."""
+  return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+def copy_matching_weights(source_workdir: str, model: nnx.Module, *, exclude: Sequence[str] = ("classifier",),
+                          ) -> list[str]:
+  """Copies the parameters and BatchNorm statistics of ``source_workdir``'s latest checkpoint into ``model``
+  wherever path and shape agree, except under the ``exclude`` path prefixes (the classifier, whose classes
+  differ); returns the copied paths. "Fine-tuning the usual way" starts from this."""
+  source, _, _ = checkpoint.restore_model(source_workdir)
+  kinds = (nnx.Param, nnx.BatchStat)
+  saved = {sparsity.path_string(kp): np.asarray(leaf)
+           for kp, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(source, kinds)))[0]}
+  state = nnx.state(model, kinds)
+  pure = nnx.to_pure_dict(state)
+  copied = []
+
+  def take(keypath, leaf):
+    path = sparsity.path_string(keypath)
+    if any(path == p or path.startswith(p + "/") for p in exclude):
+      return leaf
+    if path in saved and saved[path].shape == leaf.shape:
+      copied.append(path)
+      return jnp.asarray(saved[path], leaf.dtype)
+    return leaf
+
+  pure = jax.tree_util.tree_map_with_path(take, pure)
+  nnx.replace_by_pure_dict(state, pure)
+  nnx.update(model, state)
+  if not copied:
+    raise ExperimentError(f"No parameter of the model has a counterpart of the same shape in {source_workdir}.")
+  logging.info("Copied %d parameters and statistics from %s.", len(copied), source_workdir)
+  return copied
+
+
+def map_dictionaries(source: nnx.Module, target: nnx.Module) -> dict[str, str]:
+  """Which dictionary of ``source`` each lookup layer of ``target`` takes: the layer of the same path when its
+  dictionary has the same shape, else the nearest earlier (in natural path order) source layer whose dictionary
+  has that shape — in a deeper net made by repeating layers, the layer it repeats —, else the first one.
+
+  Returns {target layer path: source layer path}; raises ExperimentError naming a target layer whose dictionary
+  shape no source layer has.
+  """
+  sources = sorted(sparsity.lookup_layers(source), key=lambda item: _natural_key(item[0]))
+  mapping = {}
+  for path, layer in sparsity.lookup_layers(target):
+    shape = layer.dictionary.shape
+    same = [p for p, m in sources if m.dictionary.shape == shape]
+    if not same:
+      raise ExperimentError(
+          f"Lookup layer {path} has a dictionary of shape {shape}, and no layer of the source net has one of that "
+          f"shape ({sorted({tuple(m.dictionary.shape) for _, m in sources})}): give the shallow net a layer of "
+          "each input width and dictionary size the deep net uses.")
+    earlier = [p for p in same if _natural_key(p) <= _natural_key(path)]
+    mapping[path] = path if path in same else (earlier[-1] if earlier else same[0])
+  return mapping
+
+
+def transfer_mapped_dictionaries(source_workdir: str, model: nnx.Module) -> dict[str, str]:
+  """Copies into every lookup layer of ``model`` the dictionary :func:`map_dictionaries` picks from the latest
+  checkpoint of ``source_workdir``; returns the mapping."""
+  source, _, _ = checkpoint.restore_model(source_workdir)
+  modules = dict(sparsity.lookup_layers(source))
+  mapping = map_dictionaries(source, model)
+  for path, layer in sparsity.lookup_layers(model):
+    layer.dictionary[...] = modules[mapping[path]].dictionary[...]
+  logging.info("Dictionaries from %s: %s", source_workdir, mapping)
+  return mapping
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def format_cell(value: Any) -> str:
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+  """A GitHub markdown table of ``rows`` (dicts) with ``columns`` in that order."""
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(format_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+  return "\n".join(lines) + "\n"
+
+
+def write_report(workdir: str, name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
+                 extra: dict[str, Any] | None = None) -> str:
+  """Writes ``name.json`` (rows and ``extra``) and ``name.md`` in ``workdir``; returns the markdown."""
+  table = markdown_table(rows, columns)
+  _write_json(os.path.join(workdir, f"{name}.json"), {"rows": list(rows), **(extra or {})})
+  with open(os.path.join(workdir, f"{name}.md"), "w") as f:
+    f.write(table)
+  return table
+
+
+def pyplot():
+  """matplotlib's pyplot on the Agg backend (files only, no display)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  return plt
