@@ -241,3 +241,13 @@ def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path):
   for path in ("conv1", "conv2", "conv3"):
     np.testing.assert_array_equal(getattr(model, path).dictionary[...], getattr(source_model, path).dictionary[...])
     assert not np.array_equal(getattr(model, path).coefficients[...], getattr(initial, path).coefficients[...])
+
+
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
+  config = tiny_config(num_steps=2, checkpoint_every=2, eval_every=2, log_every=1, compute_dtype="bfloat16")
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(metrics["loss"])
+  model, _, _ = checkpoint.restore_model(str(tmp_path))
+  assert model.conv2.coefficients[...].dtype == jnp.float32
+  info = data.dataset_info(config.data)
+  assert train.create_model(config, info).conv2.dtype == jnp.bfloat16
