@@ -199,8 +199,8 @@ class _Geometry:
   out_width: int
 
   def tail(self, batch: int) -> int:
-    """Elements to pad S's flat end with so every block of wide elements (≤ 256) and row reads inside it."""
-    return (self.width - self.out_width) * batch + 256
+    """Elements to pad S's flat end with so that the gather backend's whole-row reads stay inside it."""
+    return (self.width - self.out_width) * batch
 
 
 def _geometry(layer: LookupLayer) -> _Geometry:
@@ -298,10 +298,15 @@ class Lookup:
     kernels.ensure_kernel()
     g = _geometry(layer)
     batch = x.shape[-1]
-    s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
-    out = jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32)
-    return jax.ffi.ffi_call(kernels.TARGET, out, vmap_method="sequential")(
-        s, params["starts"], params["indices"], params["values"], params["bias"], width=np.int64(g.width))
+    s = jnp.einsum("km,mhwb->khwb", params["dictionary_t"], x)  # (k, h, w, batch); the kernel pads it
+    (ph, pw), (sh, sw) = layer.padding, layer.strides
+    copied = (ph, pw, sh, sw) != (0, 0, 1, 1)
+    results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
+               jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
+    out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(
+        s, params["starts"], params["indices"], params["values"], params["bias"], pad_h=np.int64(ph),
+        pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
+    return out
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}

@@ -9,6 +9,10 @@
 // are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
 // index_t = (atom_t * H + r_t) * W + c_t. Each non-zero is then one vector multiply-add over a block of
 // consecutive wide elements, with the accumulators held in registers across all non-zeros of the output.
+//
+// S arrives unpadded, (k, h, w, batch), as the dictionary matmul leaves it. A layer with padding or strides
+// first copies it into a zero-padded space-to-depth scratch buffer (atoms k * sh * sw, H, W, batch); a
+// layer with neither reads S in place.
 
 #include <algorithm>
 #include <atomic>
@@ -28,7 +32,7 @@ namespace {
 
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
-using OutF32 = ffi::Buffer<ffi::F32, 4>;
+using SF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch)
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -101,6 +105,18 @@ void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int
   std::memcpy(acc, a[0], sizeof(a[0]));
 }
 
+// The last, partial block of an output (len < 16 * V): scalar, so that no read passes the end of S.
+template <typename Index>
+void AccumulateTail(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o, int64_t p0, int64_t len,
+                    float* acc) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0.f;
+  for (int32_t t = l.starts[o]; t < l.starts[o + 1]; ++t) {
+    const float* src = s + p0 + static_cast<int64_t>(l.indices[t]) * batch;
+    const float c = l.values[t];
+    for (int64_t i = 0; i < len; ++i) acc[i] += c * src[i];
+  }
+}
+
 // Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element.
 template <typename Index>
 float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o) {
@@ -150,8 +166,10 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
     for (int64_t o = o0; o < o1; ++o) {
       if constexpr (V == 0) {
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-      } else {
+      } else if (p0 + plan.block <= g.wide) {
         AccumulateBlock<V>(s, l, g.batch, o, p0, acc);
+      } else {
+        AccumulateTail(s, l, g.batch, o, p0, g.wide - p0, acc);
       }
       Store(g, acc, l.bias[o], o, p0, plan.block, out);
     }
@@ -217,26 +235,70 @@ void Dispatch(ffi::ThreadPool& pool, const Geometry& g, const float* s, const Lo
   return Launch<16>(pool, g, s, l, out);
 }
 
-ffi::Error LookupConvImpl(ffi::ThreadPool pool, FlatF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
-                          FlatF32 bias, ffi::Result<OutF32> out, int64_t width) {
+// S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
+void SpaceToDepth(ffi::ThreadPool& pool, const float* s, int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph,
+                  int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
+  const int64_t rows = k * sh * sw * height;
+  ParallelFor(pool, rows, [=](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t atom = item / height, row = item % height;
+      const int64_t j = atom / (sh * sw), pr = (atom / sw) % sh, pc = atom % sw;
+      float* dst = out + item * width * batch;
+      const int64_t y = row * sh + pr - ph;
+      if (y < 0 || y >= h) {
+        std::memset(dst, 0, sizeof(float) * width * batch);
+        continue;
+      }
+      const float* src = s + (j * h + y) * w * batch;
+      if (sw == 1) {  // one run: [zeros][the row][zeros]
+        const int64_t left = std::min(width, pw), copied = std::max<int64_t>(0, std::min(w, width - left));
+        std::memset(dst, 0, sizeof(float) * left * batch);
+        std::memcpy(dst + left * batch, src, sizeof(float) * copied * batch);
+        std::memset(dst + (left + copied) * batch, 0, sizeof(float) * (width - left - copied) * batch);
+        continue;
+      }
+      for (int64_t col = 0; col < width; ++col) {
+        const int64_t x = col * sw + pc - pw;
+        if (x < 0 || x >= w) std::memset(dst + col * batch, 0, sizeof(float) * batch);
+        else std::memcpy(dst + col * batch, src + x * batch, sizeof(float) * batch);
+      }
+    }
+  });
+}
+
+ffi::Error LookupConvImpl(ffi::ThreadPool pool, SF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
+                          FlatF32 bias, ffi::Result<SF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
+                          int64_t pad_w, int64_t stride_h, int64_t stride_w) {
+  const auto in = s.dimensions();
   const auto dims = out->dimensions();
+  const int64_t k = in[0], h = in[1], w = in[2];
   Geometry g;
   g.n = dims[0];
   g.oh = dims[1];
   g.ow = dims[2];
   g.batch = dims[3];
-  g.width = width;
+  const int64_t height = (h + 2 * pad_h + stride_h - 1) / stride_h;
+  g.width = (w + 2 * pad_w + stride_w - 1) / stride_w;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
-  if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n)) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: starts must have n + 1 and bias n elements");
+  if (in[3] != g.batch || starts.element_count() != static_cast<size_t>(g.n + 1) ||
+      bias.element_count() != static_cast<size_t>(g.n) || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: inconsistent shapes of S, starts, bias and out");
   }
-  if (g.ow > g.width) return ffi::Error::InvalidArgument("lcnn_lookup_conv: output wider than S");
+  const float* source = s.typed_data();
+  if (pad_h || pad_w || stride_h > 1 || stride_w > 1) {
+    if (scratch->element_count() != static_cast<size_t>(k * stride_h * stride_w * height * g.width * g.batch)) {
+      return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
+    }
+    SpaceToDepth(pool, source, k, h, w, g.batch, pad_h, pad_w, stride_h, stride_w, height, g.width,
+                 scratch->typed_data());
+    source = scratch->typed_data();
+  }
   if (indices.element_type() == ffi::DataType::U16) {
     Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, s.typed_data(), l, out->typed_data());
+    Dispatch(pool, g, source, l, out->typed_data());
   } else if (indices.element_type() == ffi::DataType::S32) {
     Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, s.typed_data(), l, out->typed_data());
+    Dispatch(pool, g, source, l, out->typed_data());
   } else {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
   }
@@ -248,10 +310,14 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, FlatF32 s, FlatS32 starts, ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<FlatF32>()         // S, flat and padded
+                                  .Arg<SF32>()            // S (k, h, w, batch), unpadded
                                   .Arg<FlatS32>()         // starts
                                   .Arg<ffi::AnyBuffer>()  // indices
                                   .Arg<FlatF32>()         // values
                                   .Arg<FlatF32>()         // bias
-                                  .Ret<OutF32>()          // out (n, oh, ow, batch)
-                                  .Attr<int64_t>("width"));
+                                  .Ret<SF32>()            // out (n, oh, ow, batch)
+                                  .Ret<FlatF32>()         // scratch for the padded space-to-depth S
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w"));
