@@ -150,8 +150,7 @@ class Checkpointer:
       try:
         saved_params = _metadata_tree(step_dir, "params")
       except Exception as e:  # unreadable metadata: an incomplete step
-        logging.warning("Checkpoint step %d in %s is unreadable (%s); trying the one before.", step,
-                        self.directory, e)
+        self._set_aside(step, f"is unreadable ({e})")
         continue
       check_compatible(saved_params, nnx.to_pure_dict(template.params), step_dir)
       try:
@@ -161,8 +160,7 @@ class Checkpointer:
             opt_state=ocp.args.StandardRestore(template.opt_state),
             data=grain.checkpoint.CheckpointRestore(data_iter)))
       except Exception as e:
-        logging.warning("Checkpoint step %d in %s could not be restored (%s); trying the one before.", step,
-                        self.directory, e)
+        self._set_aside(step, f"could not be restored ({e})")
         continue
       params, rest = template.params, template.rest
       nnx.replace_by_pure_dict(params, restored["params"])
@@ -174,6 +172,24 @@ class Checkpointer:
       raise CheckpointError(f"None of the checkpoint steps {steps} in {self.directory} could be restored; "
                             "see the warnings above. Move the directory away to start afresh.")
     return None
+
+  def _set_aside(self, step: int, why: str) -> None:
+    """Renames a damaged step to ``<step>.damaged`` (kept for inspection, never deleted) so the step can be
+    written again when training recomputes it."""
+    source = os.path.join(self.directory, str(step))
+    target = source + ".damaged"
+    suffix = 1
+    while os.path.exists(target):
+      suffix += 1
+      target = f"{source}.damaged{suffix}"
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"set aside checkpoint step {step}")
+    logging.warning("Checkpoint step %d in %s %s; kept it as %s and falling back to the step before.", step,
+                    self.directory, why, target)
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()
