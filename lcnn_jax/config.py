@@ -23,12 +23,12 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.name = "digits-lcnn"  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
   c.model.depth = 18  # ResNet depth: 8, 18 or 34.
   c.model.first_pool = 3  # Dictionary size of the first (RGB) layer.
-  c.model.pool_size = 30  # Dictionary size of the conv layers after the first (alexnet-lcnn, digits-lcnn).
+  c.model.pool_size = 30  # Dictionary size of the convs after the first (alexnet-lcnn, digits-lcnn); 0 = dense.
   # Per-conv sizes overriding pool_size: alexnet-lcnn conv2..conv5 (4 values), digits-lcnn conv2, conv3 (2).
   c.model.pool_sizes = ml_collections.config_dict.placeholder(tuple)
   c.model.fc_pool = 0  # Dictionary size of fc6/fc7; 0 keeps them dense.
   c.model.classifier_pool = 0  # Dictionary size of the classifier; 0 keeps it dense.
-  c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4.
+  c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4; 0 (or >= out·kh·kw) keeps a stage dense.
   c.model.pool2 = 0
   c.model.pool3 = 0
   c.model.pool4 = 0
