@@ -1,0 +1,130 @@
+"""Few-iteration learning (paper §4.4): a shallow net's dictionaries let a deeper LCNN learn in few iterations.
+
+    python -m lcnn_jax.experiments.few_iteration --workdir runs/few_iteration \\
+        [--config configs/experiments/few_iteration.py] [--depth_key model.convs_per_stage] \\
+        [--shallow_depth 2] [--deep_depth 4] [--deep_steps 100] [--eval_every 10]
+
+1. ``shallow_lcnn`` trains the LCNN of the config at ``depth_key = shallow_depth`` (the config's recipe).
+2. Three deep runs (``depth_key = deep_depth``), each ``--deep_steps`` steps evaluated every ``--eval_every``:
+   * ``deep_lcnn_transfer``: every lookup layer takes the shallow net's dictionary of the same path, else that of
+     the layer it repeats (:func:`common.map_dictionaries`), frozen; only indices and coefficients (with biases
+     and BatchNorm) train — the paper's setting;
+   * ``deep_cnn``: the deep CNN from scratch, the paper's baseline;
+   * ``deep_lcnn_scratch`` (``--lcnn_scratch``): the deep LCNN from scratch, which separates the effect of the
+     transferred dictionaries from that of the architecture.
+
+On the digits the depths are ``model.convs_per_stage`` (2 → 4: conv1..conv3 each followed by 1 or 3 more of its
+width); for ResNet pass ``--depth_key model.depth --shallow_depth 8 --deep_depth 18``. Every run is a resumable
+point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and ``few_iteration.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lcnn_jax import models
+from lcnn_jax.experiments import common
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "configs", "experiments", "few_iteration.py")
+ARMS = {"deep_lcnn_transfer": "LCNN, transferred dictionaries (train I and C)", "deep_cnn": "CNN from scratch",
+        "deep_lcnn_scratch": "LCNN from scratch"}
+
+
+def deep_config(config: ml_collections.ConfigDict, depth_key: str, depth: int, steps: int, eval_every: int, *,
+                cnn: bool, frozen: bool) -> ml_collections.ConfigDict:
+  """A deep run of ``steps`` steps evaluated every ``eval_every``: CNN, or LCNN with or without frozen dictionaries."""
+  overrides = {depth_key: depth, "train.num_steps": steps, "train.eval_every": eval_every,
+               "train.checkpoint_every": steps, "train.log_every": max(1, min(config.train.log_every, eval_every)),
+               "train.warmup_steps": min(config.train.warmup_steps, steps // 5), "train.freeze_dictionaries": frozen}
+  if cnn:
+    overrides.update({"model.name": models.baseline_config(config.model).name, "sparsity.strength": 0.0})
+  return common.derive(config, **overrides)
+
+
+def run_few_iteration(config: ml_collections.ConfigDict, workdir: str, *, depth_key: str, shallow_depth: int,
+                      deep_depth: int, deep_steps: int, eval_every: int,
+                      lcnn_scratch: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+  """Trains (or reads back) the shallow run and the deep arms; returns one row per evaluated step and a summary
+  (final top-1 and speedup of each run)."""
+  os.makedirs(workdir, exist_ok=True)
+  shallow_dir = os.path.join(workdir, "shallow_lcnn")
+  shallow = common.run_point(common.derive(config, **{depth_key: shallow_depth}), shallow_dir)
+  results = {}
+  for arm in ARMS:
+    if arm == "deep_lcnn_scratch" and not lcnn_scratch:
+      continue
+    logging.info("Few-iteration: %s.", arm)
+    transfer = arm == "deep_lcnn_transfer"
+    results[arm] = common.run_point(
+        deep_config(config, depth_key, deep_depth, deep_steps, eval_every, cnn=arm == "deep_cnn", frozen=transfer),
+        os.path.join(workdir, arm),
+        prepare=(lambda model: common.transfer_mapped_dictionaries(shallow_dir, model)) if transfer else None)
+  steps = sorted({point["step"] for result in results.values() for point in result["curve"]})
+  rows = []
+  for step in steps:
+    row = {"step": step}
+    for arm, result in results.items():
+      row[f"{arm}_top1"] = next((p["top1"] for p in result["curve"] if p["step"] == step), "")
+    rows.append(row)
+  summary = {"shallow_lcnn": {k: shallow[k] for k in ("top1", "top5", "speedup", "steps")},
+             **{arm: {k: result[k] for k in ("top1", "top5", "speedup", "steps")} for arm, result in results.items()}}
+  return rows, summary
+
+
+def plot_few_iteration(rows: Sequence[dict[str, Any]], summary: dict[str, Any], filename: str, title: str) -> None:
+  """Top-1 of each deep run against training iterations; the shallow net's final top-1 as a reference line."""
+  plt = common.pyplot()
+  fig, ax = plt.subplots(figsize=(6, 4.5))
+  for arm, label in ARMS.items():
+    points = [(row["step"], row[f"{arm}_top1"]) for row in rows if row.get(f"{arm}_top1", "") != ""]
+    if points:
+      ax.plot([s for s, _ in points], [100 * a for _, a in points], "o-" if "lcnn" in arm else "s--", label=label,
+              markersize=4)
+  ax.axhline(100 * summary["shallow_lcnn"]["top1"], color="gray", linestyle=":",
+             label=f"shallow LCNN after {summary['shallow_lcnn']['steps']} steps")
+  ax.set_xlabel("training iterations of the deep net")
+  ax.set_ylabel("top-1 accuracy (%)")
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=8)
+  ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(filename, dpi=120)
+  plt.close(fig)
+
+
+_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
+                               required=True)
+_DEPTH_KEY = flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth.")
+_SHALLOW = flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries.")
+_DEEP = flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them.")
+_DEEP_STEPS = flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run.")
+_EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs.")
+_LCNN_SCRATCH = flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch.")
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  workdir, config = _WORKDIR.value, _CONFIG.value
+  rows, summary = run_few_iteration(config, workdir, depth_key=_DEPTH_KEY.value, shallow_depth=_SHALLOW.value,
+                                    deep_depth=_DEEP.value, deep_steps=_DEEP_STEPS.value,
+                                    eval_every=_EVAL_EVERY.value, lcnn_scratch=_LCNN_SCRATCH.value)
+  columns = ["step", *(f"{arm}_top1" for arm in summary if arm != "shallow_lcnn")]
+  table = common.write_report(workdir, "few_iteration", rows, columns, {"summary": summary, "config": config.to_dict()})
+  plot_few_iteration(rows, summary, os.path.join(workdir, "few_iteration.png"),
+                     f"{config.model.name} on {config.data.name}: {_DEPTH_KEY.value} "
+                     f"{_SHALLOW.value} -> {_DEEP.value}")
+  print(table)  # the command's output
+  for name, result in summary.items():
+    print(f"{name}: top-1 {result['top1']:.4f} after {result['steps']} steps, {result['speedup']:.1f}x fewer "
+          "multiplications than its CNN")
+
+
+if __name__ == "__main__":
+  app.run(main)
