@@ -53,15 +53,16 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
   layer = _random_layer(rng, **LAYER_CASES[case])
   impl = backends.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
-  run = jax.jit(lambda p, x: backends.apply_nhwc(impl, layer, p, x))
-  # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks).
-  for batch in (1, 3, 17, 40):
-    x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
-    expected = _dense_reference(layer, x)
-    got = np.asarray(run(params, x))
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
-                               err_msg=f"batch={batch}")
+  for layout in ("nhwc", "chwn"):
+    run = jax.jit(lambda p, x: backends.as_layout(*impl.apply(layer, p, x, layout), "nhwc"))
+    # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks).
+    for batch in (1, 3, 17, 40):
+      x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+      expected = _dense_reference(layer, x)
+      got = np.asarray(run(params, backends.as_layout(jnp.asarray(x), "nhwc", layout)))
+      assert got.shape == expected.shape
+      np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
+                                 err_msg=f"input {layout}, batch {batch}")
 
 
 def test_lookup_layer_round_trips_coefficients(rng):

@@ -12,12 +12,13 @@ BatchNorm after it already folded in. The backends differ in how they compute Y 
 * ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
   output's accumulators in registers over all its non-zeros (CPU only).
 
-``dense`` and ``factored`` take and return NHWC activations; ``gather`` and ``lookup`` take and return
-channels-first, batch-last CHWN (channels, height, width, batch) activations, the layout in which one non-zero
-reads a contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the
-output row is computed over S's full width (the "wide" row whose columns past the output width are dropped).
-Strided layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
-(r div s_h, c div s_w).
+``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first,
+batch-last CHWN (channels, height, width, batch) activations, the layout in which one non-zero reads a
+contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output row
+is computed over S's full width (the "wide" row whose columns past the output width are dropped). Strided
+layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
+(r div s_h, c div s_w). Every backend accepts either layout and transposes what it must; a first layer
+(a dictionary of at most 64 multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
 """
 
 from __future__ import annotations
@@ -33,16 +34,6 @@ from lcnn_jax.inference import kernels
 
 CHWN = (3, 1, 2, 0)
 """The transpose between NHWC and CHWN (its own inverse)."""
-
-
-def to_chwn(x: jax.Array) -> jax.Array:
-  """(batch, h, w, c) -> (c, h, w, batch)."""
-  return jnp.transpose(x, CHWN)
-
-
-def to_nhwc(x: jax.Array) -> jax.Array:
-  """(c, h, w, batch) -> (batch, h, w, c)."""
-  return jnp.transpose(x, CHWN)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -141,52 +132,65 @@ def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
+def as_layout(x: jax.Array, layout: str, wanted: str) -> jax.Array:
+  """A 4-D activation held in ``layout`` ("nhwc" or "chwn"), transposed to ``wanted`` if it differs."""
+  return x if layout == wanted else jnp.transpose(x, CHWN)
+
+
 class Backend(Protocol):
-  """How one lookup layer runs: ``apply(layer, prepare(layer), x)`` with x in ``layout``."""
+  """How one lookup layer runs: ``apply(layer, prepare(layer), x, layout)`` -> (output, its layout)."""
   name: str
-  layout: str  # "nhwc" | "chwn"
 
   def available(self) -> tuple[bool, str]:
     """(True, '') when usable on the default device, else (False, the reason)."""
 
+  def input_layout(self, layer: LookupLayer) -> str:
+    """The layout ("nhwc" or "chwn") in which this backend reads ``layer``'s input without a transpose."""
+
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     """The arrays ``apply`` needs, in this backend's own layout."""
 
-  def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    """The layer's output for a 4-D ``x`` in ``layout`` (traceable; ``layer`` gives only static geometry)."""
+  def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array,
+            layout: str) -> tuple[jax.Array, str]:
+    """The layer's output and its layout for a 4-D ``x`` in ``layout`` (traceable; ``layer`` is static)."""
 
 
 class Dense:
   """The reconstructed kernel W = D·P in one XLA convolution."""
   name = "dense"
-  layout = "nhwc"
 
   def available(self) -> tuple[bool, str]:
     return True, ""
 
+  def input_layout(self, layer: LookupLayer) -> str:
+    return "nhwc"
+
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     return {"kernel": layer.dense_kernel(), "bias": layer.bias}
 
-  def apply(self, layer, params, x):
-    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"]
+  def apply(self, layer, params, x, layout):
+    x = as_layout(x, layout, "nhwc")
+    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], "nhwc"
 
 
 class Factored:
   """A 1×1 dictionary convolution, then P as a dense convolution over S."""
   name = "factored"
-  layout = "nhwc"
 
   def available(self) -> tuple[bool, str]:
     return True, ""
 
+  def input_layout(self, layer: LookupLayer) -> str:
+    return "nhwc"
+
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     return {"dictionary": layer.dictionary, "coefficients": layer.coefficients(), "bias": layer.bias}
 
-  def apply(self, layer, params, x):
+  def apply(self, layer, params, x, layout):
     ph, pw = layer.padding
-    s = jnp.einsum("bhwm,mk->bhwk", x, params["dictionary"])  # (batch, h, w, k)
+    s = jnp.einsum("bhwm,mk->bhwk", as_layout(x, layout, "nhwc"), params["dictionary"])  # (batch, h, w, k)
     s = jnp.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"]
+    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"], "nhwc"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,10 +243,12 @@ def _dictionary_stage_chwn(layer: LookupLayer, dictionary_t: jax.Array, x: jax.A
 class Gather:
   """Channels-first row gathers over shifted S, one non-zero slot per step, in plain XLA."""
   name = "gather"
-  layout = "chwn"
 
   def available(self) -> tuple[bool, str]:
     return True, ""
+
+  def input_layout(self, layer: LookupLayer) -> str:
+    return "chwn"
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     counts = np.diff(layer.starts)
@@ -257,7 +263,8 @@ class Gather:
     return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "offsets": offsets, "values": values,
             "bias": layer.bias}
 
-  def apply(self, layer, params, x):
+  def apply(self, layer, params, x, layout):
+    x = as_layout(x, layout, "chwn")
     g = _geometry(layer)
     batch = x.shape[-1]
     s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
@@ -271,13 +278,16 @@ class Gather:
 
     acc = jax.lax.fori_loop(0, params["offsets"].shape[0], step, jnp.zeros((layer.out_features, wide), s.dtype))
     y = acc.reshape(layer.out_features, g.out_height, g.width, batch)[:, :, :g.out_width]
-    return y + params["bias"][:, None, None, None]
+    return y + params["bias"][:, None, None, None], "chwn"
+
+
+FUSED_DICTIONARY_MACS = 64
+"""A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
 
 class Lookup:
   """The C++ kernel: per output, accumulators in registers over all its non-zeros (CPU)."""
   name = "lookup"
-  layout = "chwn"
 
   def available(self) -> tuple[bool, str]:
     if jax.default_backend() != "cpu":
@@ -285,28 +295,41 @@ class Lookup:
     ok, reason = kernels.kernel_available()
     return ok, "" if ok else reason
 
+  @staticmethod
+  def fused(layer: LookupLayer) -> bool:
+    """Whether the kernel computes S itself (a small first-layer dictionary) instead of an XLA matmul."""
+    return layer.in_features * layer.dictionary_size <= FUSED_DICTIONARY_MACS
+
+  def input_layout(self, layer: LookupLayer) -> str:
+    return "nhwc" if self.fused(layer) else "chwn"
+
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     positions = _s2d_indices(layer)
     # Within each output, visit S in memory order.
     order = np.lexsort((positions, layer.output_of_each_nonzero()))
     positions = positions[order]
     index_dtype = np.uint16 if positions.max(initial=0) < 1 << 16 else np.int32
-    return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "starts": layer.starts,
-            "indices": positions.astype(index_dtype), "values": layer.values[order], "bias": layer.bias}
+    return {"dictionary": layer.dictionary, "dictionary_t": np.ascontiguousarray(layer.dictionary.T),
+            "starts": layer.starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
+            "bias": layer.bias}
 
-  def apply(self, layer, params, x):
+  def apply(self, layer, params, x, layout):
     kernels.ensure_kernel()
     g = _geometry(layer)
-    batch = x.shape[-1]
-    s = jnp.einsum("km,mhwb->khwb", params["dictionary_t"], x)  # (k, h, w, batch); the kernel pads it
+    batch = x.shape[0] if layout == "nhwc" else x.shape[-1]
     (ph, pw), (sh, sw) = layer.padding, layer.strides
-    copied = (ph, pw, sh, sw) != (0, 0, 1, 1)
+    copied = self.fused(layer) or (ph, pw, sh, sw) != (0, 0, 1, 1)
     results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
                jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
-    out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(
-        s, params["starts"], params["indices"], params["values"], params["bias"], pad_h=np.int64(ph),
-        pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
-    return out
+    geometry = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
+    lookups = (params["starts"], params["indices"], params["values"], params["bias"])
+    if self.fused(layer):
+      out, _ = jax.ffi.ffi_call(kernels.FUSED_TARGET, results, vmap_method="sequential")(
+          x, params["dictionary"], *lookups, **geometry, nhwc=layout == "nhwc")
+    else:
+      s = jnp.einsum("km,mhwb->khwb", params["dictionary_t"], as_layout(x, layout, "chwn"))  # (k, h, w, batch)
+      out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **geometry)
+    return out, "chwn"
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
@@ -326,10 +349,9 @@ def get_backend(name: str) -> Backend:
 
 
 def apply_nhwc(backend: Backend, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-  """Runs ``backend`` on an NHWC input and returns NHWC, converting around CHWN backends."""
-  if backend.layout == "chwn":
-    return to_nhwc(backend.apply(layer, params, to_chwn(x)))
-  return backend.apply(layer, params, x)
+  """Runs ``backend`` on an NHWC input and returns NHWC."""
+  y, layout = backend.apply(layer, params, x, "nhwc")
+  return as_layout(y, layout, "nhwc")
 
 
 def multiplications(layer: LookupLayer) -> int:
@@ -345,5 +367,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
           + layer.bias.nbytes)
 
 
-__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "available_backends", "coefficient_bytes",
-           "conv_or_matmul", "get_backend", "multiplications", "to_chwn", "to_nhwc"]
+__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "as_layout", "available_backends", "coefficient_bytes",
+           "conv_or_matmul", "get_backend", "multiplications"]

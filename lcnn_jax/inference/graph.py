@@ -28,7 +28,8 @@ from jax import export as jax_export
 from jax.extend import core as jax_core
 from jax.extend.core import primitives as jax_primitives
 
-from lcnn_jax.inference.backends import CHWN, to_chwn, to_nhwc
+from lcnn_jax.inference import backends
+from lcnn_jax.inference.backends import CHWN
 from lcnn_jax.layers import LookupConv, LookupDense
 
 LAYER_CLASSES = (LookupConv, LookupDense, nnx.Conv, nnx.Linear, nnx.BatchNorm)
@@ -275,10 +276,29 @@ LayerFn = Callable[[str, Value], Value]
 
 def as_layout(value: Value, layout: str) -> jax.Array:
   """The array of ``value`` in ``layout`` ("nhwc" or "chwn"), transposing if needed."""
-  array, current = value
-  if current == layout:
-    return array
-  return to_chwn(array) if layout == "chwn" else to_nhwc(array)
+  return backends.as_layout(*value, layout)
+
+
+_WINDOW_OPS = {"reduce_window_max": (jnp.maximum, -np.inf), "reduce_window_min": (jnp.minimum, np.inf),
+               "reduce_window_sum": (jnp.add, 0.0)}
+
+
+def _window_reduce(primitive: str, x: jax.Array, params: dict) -> jax.Array:
+  """A pooling window as an element-wise reduction of strided slices: one fused pass in XLA, where XLA's own
+  reduce-window loop is several times slower on CPU. Falls back to the primitive for dilated or large windows."""
+  window, strides = params["window_dimensions"], params["window_strides"]
+  dilated = any(d != 1 for d in (*params["base_dilation"], *params["window_dilation"]))
+  if dilated or math.prod(window) > 64:
+    return getattr(jax_primitives, f"{primitive}_p").bind(x, **params)
+  op, init = _WINDOW_OPS[primitive]
+  if any(lo or hi for lo, hi in params["padding"]):
+    x = jax.lax.pad(x, jnp.asarray(init, x.dtype), [(lo, hi, 0) for lo, hi in params["padding"]])
+  out = [(size - w) // s + 1 for size, w, s in zip(x.shape, window, strides)]
+  result = None
+  for offset in np.ndindex(*window):
+    part = jax.lax.slice(x, offset, [o + (n - 1) * s + 1 for o, n, s in zip(offset, out, strides)], strides)
+    result = part if result is None else op(result, part)
+  return result
 
 
 def _permuted(params: dict, keys: Sequence[str]) -> dict:
@@ -292,9 +312,11 @@ def _apply(primitive: str, params: dict, args: list[Value]) -> list[Value]:
   if chwn and primitive in ELEMENTWISE and all(a[0].ndim in (0, 4) for a in args):
     out = prim.bind(*[as_layout(a, "chwn") if a[0].ndim == 4 else a[0] for a in args], **params)
     return [(o, "chwn") for o in (out if prim.multiple_results else [out])]
-  if chwn and primitive in WINDOWED and len(args) == 1:
-    keys = ("window_dimensions", "window_strides", "padding", "base_dilation", "window_dilation")
-    return [(prim.bind(args[0][0], **_permuted(params, keys)), "chwn")]
+  if primitive in WINDOWED and len(args) == 1:
+    if chwn:
+      keys = ("window_dimensions", "window_strides", "padding", "base_dilation", "window_dilation")
+      return [(_window_reduce(primitive, args[0][0], _permuted(params, keys)), "chwn")]
+    return [(_window_reduce(primitive, args[0][0], params), "nhwc")]
   if chwn and primitive in REDUCTIONS and len(args) == 1:
     axes = tuple(params["axes"])
     kept = [a for a in range(4) if a not in axes]  # logical axes left, in logical order

@@ -22,6 +22,7 @@ import jax
 from absl import logging
 
 TARGET = "lcnn_lookup_conv"
+FUSED_TARGET = "lcnn_lookup_conv_fused"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -82,10 +83,12 @@ def _load() -> str:
   if not os.path.exists(library):
     _build(compiler, library)
   try:
-    handler = ctypes.cdll.LoadLibrary(library).LcnnLookupConv
-  except OSError as e:
+    loaded = ctypes.cdll.LoadLibrary(library)
+    handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused}
+  except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
-  jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+  for target, handler in handlers.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
   return library
 
 

@@ -33,6 +33,7 @@ namespace {
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
 using SF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch)
+using MatrixF32 = ffi::Buffer<ffi::F32, 2>;
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -266,43 +267,121 @@ void SpaceToDepth(ffi::ThreadPool& pool, const float* s, int64_t k, int64_t h, i
   });
 }
 
-ffi::Error LookupConvImpl(ffi::ThreadPool pool, SF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
-                          FlatF32 bias, ffi::Result<SF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
-                          int64_t pad_w, int64_t stride_h, int64_t stride_w) {
-  const auto in = s.dimensions();
-  const auto dims = out->dimensions();
-  const int64_t k = in[0], h = in[1], w = in[2];
+// S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
+// layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
+// (m, h, w, batch); one (phase, row) of every atom per item.
+void DictionaryToDepth(ffi::ThreadPool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m,
+                       int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                       int64_t height, int64_t width, float* out) {
+  // Element strides of x along batch, row, column and channel.
+  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
+                xm = nhwc ? 1 : h * w * batch;
+  const int64_t plane = height * width * batch;  // one atom of the output
+  ParallelFor(pool, sh * sw * height, [=](int64_t begin, int64_t end) {
+    float column[64];  // one input pixel's channels (m ≤ 64)
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t phase = item / height, row = item % height;
+      const int64_t pr = phase / sw, pc = phase % sw;
+      const int64_t y = row * sh + pr - ph;
+      for (int64_t col = 0; col < width; ++col) {
+        const int64_t xcol = col * sw + pc - pw;
+        const bool inside = y >= 0 && y < h && xcol >= 0 && xcol < w;
+        for (int64_t b = 0; b < batch; ++b) {
+          if (inside) {
+            const float* px = x + b * xb + y * xy + xcol * xx;
+            for (int64_t c = 0; c < m; ++c) column[c] = px[c * xm];
+          }
+          for (int64_t j = 0; j < k; ++j) {
+            float sum = 0.f;
+            if (inside)
+              for (int64_t c = 0; c < m; ++c) sum += column[c] * dictionary[c * k + j];
+            out[(j * sh * sw + phase) * plane + (row * width + col) * batch + b] = sum;
+          }
+        }
+      }
+    }
+  });
+}
+
+struct Padding {
+  int64_t ph, pw, sh, sw;
+  bool copies() const { return ph || pw || sh > 1 || sw > 1; }
+};
+
+// Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed).
+ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
+                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, float* out) {
+  if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n)) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: starts must have n + 1 and bias n elements");
+  }
+  if (indices.element_type() == ffi::DataType::U16) {
+    Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
+    Dispatch(pool, g, s, l, out);
+  } else if (indices.element_type() == ffi::DataType::S32) {
+    Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
+    Dispatch(pool, g, s, l, out);
+  } else {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
+  }
+  return ffi::Error::Success();
+}
+
+Geometry MakeGeometry(const ffi::Buffer<ffi::F32, 4>& out, int64_t h, int64_t w, const Padding& p, int64_t* height) {
+  const auto dims = out.dimensions();
   Geometry g;
   g.n = dims[0];
   g.oh = dims[1];
   g.ow = dims[2];
   g.batch = dims[3];
-  const int64_t height = (h + 2 * pad_h + stride_h - 1) / stride_h;
-  g.width = (w + 2 * pad_w + stride_w - 1) / stride_w;
+  *height = (h + 2 * p.ph + p.sh - 1) / p.sh;
+  g.width = (w + 2 * p.pw + p.sw - 1) / p.sw;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
-  if (in[3] != g.batch || starts.element_count() != static_cast<size_t>(g.n + 1) ||
-      bias.element_count() != static_cast<size_t>(g.n) || g.ow > g.width || g.oh > height) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: inconsistent shapes of S, starts, bias and out");
+  return g;
+}
+
+ffi::Error LookupConvImpl(ffi::ThreadPool pool, SF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
+                          FlatF32 bias, ffi::Result<SF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
+                          int64_t pad_w, int64_t stride_h, int64_t stride_w) {
+  const auto in = s.dimensions();
+  const Padding p{pad_h, pad_w, stride_h, stride_w};
+  int64_t height;
+  const Geometry g = MakeGeometry(*out, in[1], in[2], p, &height);
+  if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
   const float* source = s.typed_data();
-  if (pad_h || pad_w || stride_h > 1 || stride_w > 1) {
-    if (scratch->element_count() != static_cast<size_t>(k * stride_h * stride_w * height * g.width * g.batch)) {
+  if (p.copies()) {
+    if (scratch->element_count() != static_cast<size_t>(in[0] * p.sh * p.sw * height * g.width * g.batch)) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
     }
-    SpaceToDepth(pool, source, k, h, w, g.batch, pad_h, pad_w, stride_h, stride_w, height, g.width,
+    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
                  scratch->typed_data());
     source = scratch->typed_data();
   }
-  if (indices.element_type() == ffi::DataType::U16) {
-    Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, source, l, out->typed_data());
-  } else if (indices.element_type() == ffi::DataType::S32) {
-    Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, source, l, out->typed_data());
-  } else {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
+  return RunLookups(pool, g, source, starts, indices, values, bias, out->typed_data());
+}
+
+ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, SF32 x, MatrixF32 dictionary, FlatS32 starts,
+                               ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<SF32> out,
+                               ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
+                               int64_t stride_w, bool nhwc) {
+  const auto in = x.dimensions();
+  const auto d = dictionary.dimensions();
+  const int64_t m = d[0], k = d[1];
+  const int64_t h = in[1], w = in[2];
+  const Padding p{pad_h, pad_w, stride_h, stride_w};
+  int64_t height;
+  const Geometry g = MakeGeometry(*out, h, w, p, &height);
+  if ((nhwc ? in[3] : in[0]) != m || (nhwc ? in[0] : in[3]) != g.batch || m > 64 || g.ow > g.width ||
+      g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m <= 64) and out disagree");
   }
-  return ffi::Error::Success();
+  if (scratch->element_count() != static_cast<size_t>(k * p.sh * p.sw * height * g.width * g.batch)) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S");
+  }
+  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
+                    p.sw, height, g.width, scratch->typed_data());
+  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, out->typed_data());
 }
 
 }  // namespace
@@ -321,3 +400,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<SF32>()                     // x, NHWC or CHWN
+                                  .Arg<MatrixF32>()                // the dictionary (m, k)
+                                  .Arg<FlatS32>()                  // starts
+                                  .Arg<ffi::AnyBuffer>()           // indices
+                                  .Arg<FlatF32>()                  // values
+                                  .Arg<FlatF32>()                  // bias
+                                  .Ret<SF32>()                     // out (n, oh, ow, batch)
+                                  .Ret<FlatF32>()                  // the padded space-to-depth S
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<bool>("nhwc"));

@@ -83,7 +83,7 @@ def _lookup(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str,
   if array.ndim == 2:  # A dense lookup layer on flat features: the 1×1 case.
     y = backends_lib.apply_nhwc(backend, layer, params, array.reshape(array.shape[0], 1, 1, array.shape[1]))
     return y.reshape(array.shape[0], layer.out_features), "nhwc"
-  return backend.apply(layer, params, graph_lib.as_layout(value, backend.layout)), backend.layout
+  return backend.apply(layer, params, *value)
 
 
 def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],

@@ -54,8 +54,9 @@ def time_layer(layer: LookupLayer, backend: str, batch_size: int) -> float:
   """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size``."""
   impl = backends_lib.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
-  x = layer_input(layer, impl.layout, batch_size)
-  fn = jax.jit(lambda p, v: impl.apply(layer, p, v))
+  layout = impl.input_layout(layer)
+  x = layer_input(layer, layout, batch_size)
+  fn = jax.jit(lambda p, v: impl.apply(layer, p, v, layout)[0])
   return median_ms(lambda: jax.block_until_ready(fn(params, x)))
 
 
