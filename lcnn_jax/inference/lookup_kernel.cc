@@ -269,37 +269,54 @@ void SpaceToDepth(ffi::ThreadPool& pool, const float* s, int64_t k, int64_t h, i
 
 // S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
 // layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
-// (m, h, w, batch); one (phase, row) of every atom per item.
-void DictionaryToDepth(ffi::ThreadPool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m,
-                       int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                       int64_t height, int64_t width, float* out) {
+// (m, h, w, batch). An item is one input row y (a phase pr and row of the output); it reads the row left to
+// right, every image of the batch at once, and writes each pixel's k responses to the column and phase pc
+// that pixel lands in. M and K are the sizes when known at compile time (0: read them at run time).
+template <int M, int K>
+void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
+                    int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                    int64_t height, int64_t width, float* out, int64_t begin, int64_t end) {
+  const int64_t m = M ? M : m_runtime, k = K ? K : k_runtime;
   // Element strides of x along batch, row, column and channel.
   const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
                 xm = nhwc ? 1 : h * w * batch;
   const int64_t plane = height * width * batch;  // one atom of the output
-  ParallelFor(pool, sh * sw * height, [=](int64_t begin, int64_t end) {
-    float column[64];  // one input pixel's channels (m ≤ 64)
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t phase = item / height, row = item % height;
-      const int64_t pr = phase / sw, pc = phase % sw;
-      const int64_t y = row * sh + pr - ph;
-      for (int64_t col = 0; col < width; ++col) {
-        const int64_t xcol = col * sw + pc - pw;
-        const bool inside = y >= 0 && y < h && xcol >= 0 && xcol < w;
-        for (int64_t b = 0; b < batch; ++b) {
-          if (inside) {
-            const float* px = x + b * xb + y * xy + xcol * xx;
-            for (int64_t c = 0; c < m; ++c) column[c] = px[c * xm];
-          }
-          for (int64_t j = 0; j < k; ++j) {
-            float sum = 0.f;
-            if (inside)
-              for (int64_t c = 0; c < m; ++c) sum += column[c] * dictionary[c * k + j];
-            out[(j * sh * sw + phase) * plane + (row * width + col) * batch + b] = sum;
-          }
+  float d[64 * 64];
+  for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t pr = item / height, row = item % height;
+    const int64_t y = row * sh + pr - ph;
+    for (int64_t padded = 0; padded < width * sw; ++padded) {
+      const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
+      float* dst = out + (pr * sw + pc) * plane + (row * width + col) * batch;  // atom j at dst + j*sh*sw*plane
+      if (y < 0 || y >= h || xcol < 0 || xcol >= w) {
+        for (int64_t j = 0; j < k; ++j) std::memset(dst + j * sh * sw * plane, 0, sizeof(float) * batch);
+        continue;
+      }
+      const float* px = x + y * xy + xcol * xx;
+      for (int64_t b = 0; b < batch; ++b) {
+        float column[M ? M : 64];
+        for (int64_t c = 0; c < m; ++c) column[c] = px[b * xb + c * xm];
+        for (int64_t j = 0; j < k; ++j) {
+          float sum = 0.f;
+          for (int64_t c = 0; c < m; ++c) sum += column[c] * d[c * k + j];
+          dst[j * sh * sw * plane + b] = sum;
         }
       }
     }
+  }
+}
+
+void DictionaryToDepth(ffi::ThreadPool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m,
+                       int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                       int64_t height, int64_t width, float* out) {
+  auto rows = &DictionaryRows<0, 0>;
+  if (m == 3 && k == 3) rows = &DictionaryRows<3, 3>;  // RGB images, the original's firstPool
+  else if (m == 1 && k == 1) rows = &DictionaryRows<1, 1>;
+  else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3>;
+  else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1>;
+  ParallelFor(pool, sh * height, [=](int64_t begin, int64_t end) {
+    rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
   });
 }
 
@@ -372,7 +389,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, SF32 x, MatrixF32 dictionar
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
   const Geometry g = MakeGeometry(*out, h, w, p, &height);
-  if ((nhwc ? in[3] : in[0]) != m || (nhwc ? in[0] : in[3]) != g.batch || m > 64 || g.ow > g.width ||
+  if ((nhwc ? in[3] : in[0]) != m || (nhwc ? in[0] : in[3]) != g.batch || m * k > 64 * 64 || m > 64 ||
+      g.ow > g.width ||
       g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m <= 64) and out disagree");
   }
