@@ -21,6 +21,7 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 from __future__ import annotations
 
 import os
+import types
 from typing import Any, Sequence
 
 import ml_collections
@@ -98,28 +99,31 @@ def plot_few_iteration(rows: Sequence[dict[str, Any]], summary: dict[str, Any], 
   plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
-                               required=True)
-_DEPTH_KEY = flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth.")
-_SHALLOW = flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries.")
-_DEEP = flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them.")
-_DEEP_STEPS = flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run.")
-_EVAL_EVERY = flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs.")
-_LCNN_SCRATCH = flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch.")
+def define_flags() -> types.SimpleNamespace:
+  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run."),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
+                                  required=True),
+      depth_key=flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth."),
+      shallow=flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries."),
+      deep=flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them."),
+      deep_steps=flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run."),
+      eval_every=flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs."),
+      lcnn_scratch=flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch."))
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
-  workdir, config = _WORKDIR.value, _CONFIG.value
-  rows, summary = run_few_iteration(config, workdir, depth_key=_DEPTH_KEY.value, shallow_depth=_SHALLOW.value,
-                                    deep_depth=_DEEP.value, deep_steps=_DEEP_STEPS.value,
-                                    eval_every=_EVAL_EVERY.value, lcnn_scratch=_LCNN_SCRATCH.value)
+  workdir, config = flag.workdir.value, flag.config.value
+  rows, summary = run_few_iteration(config, workdir, depth_key=flag.depth_key.value, shallow_depth=flag.shallow.value,
+                                    deep_depth=flag.deep.value, deep_steps=flag.deep_steps.value,
+                                    eval_every=flag.eval_every.value, lcnn_scratch=flag.lcnn_scratch.value)
   columns = ["step", *(f"{arm}_top1" for arm in summary if arm != "shallow_lcnn")]
   table = common.write_report(workdir, "few_iteration", rows, columns, {"summary": summary, "config": config.to_dict()})
   plot_few_iteration(rows, summary, os.path.join(workdir, "few_iteration.png"),
-                     f"{config.model.name} on {config.data.name}: {_DEPTH_KEY.value} "
-                     f"{_SHALLOW.value} -> {_DEEP.value}")
+                     f"{config.model.name} on {config.data.name}: {flag.depth_key.value} "
+                     f"{flag.shallow.value} -> {flag.deep.value}")
   print(table)  # the command's output
   for name, result in summary.items():
     print(f"{name}: top-1 {result['top1']:.4f} after {result['steps']} steps, {result['speedup']:.1f}x fewer "
@@ -127,4 +131,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

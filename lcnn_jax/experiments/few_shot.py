@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 from typing import Any, Sequence
 
 import ml_collections
@@ -108,25 +109,29 @@ def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str) -> 
   plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
-                               required=True)
-_NS = flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Training examples per novel class.")
-_BASE = flags.DEFINE_list("base_classes", ["0", "1", "2", "3", "4"], "Class indices learned first.")
-_NOVEL = flags.DEFINE_list("novel_classes", ["5", "6", "7", "8", "9"], "Class indices learned from few examples.")
-_NOVEL_STEPS = flags.DEFINE_integer("novel_steps", 60, "Training steps of each few-shot run.")
-_LCNN_INIT = flags.DEFINE_enum("lcnn_init", "dictionaries", LCNN_INITS,
-                               "What the few-shot LCNN takes from the base LCNN (dictionaries: the paper's setting).")
+def define_flags() -> types.SimpleNamespace:
+  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs."),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
+                                  required=True),
+      ns=flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Training examples per novel class."),
+      base=flags.DEFINE_list("base_classes", ["0", "1", "2", "3", "4"], "Class indices learned first."),
+      novel=flags.DEFINE_list("novel_classes", ["5", "6", "7", "8", "9"], "Class indices learned from few examples."),
+      novel_steps=flags.DEFINE_integer("novel_steps", 60, "Training steps of each few-shot run."),
+      lcnn_init=flags.DEFINE_enum("lcnn_init", "dictionaries", LCNN_INITS,
+                                  "What the few-shot LCNN takes from the base LCNN "
+                                  "(dictionaries: the paper's setting)."))
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
-  workdir = _WORKDIR.value
-  config = _CONFIG.value
-  rows, bases = run_few_shot(config, workdir, ns=[int(n) for n in _NS.value],
-                             base_classes=[int(c) for c in _BASE.value], novel_classes=[int(c) for c in _NOVEL.value],
-                             novel_steps=_NOVEL_STEPS.value, lcnn_init=_LCNN_INIT.value)
-  table = common.write_report(workdir, "few_shot", rows, COLUMNS, {"base": bases, "lcnn_init": _LCNN_INIT.value,
+  workdir = flag.workdir.value
+  config = flag.config.value
+  rows, bases = run_few_shot(config, workdir, ns=[int(n) for n in flag.ns.value],
+                             base_classes=[int(c) for c in flag.base.value], novel_classes=[int(c) for c in flag.novel.value],
+                             novel_steps=flag.novel_steps.value, lcnn_init=flag.lcnn_init.value)
+  table = common.write_report(workdir, "few_shot", rows, COLUMNS, {"base": bases, "lcnn_init": flag.lcnn_init.value,
                                                                    "config": config.to_dict()})
   plot_few_shot(rows, os.path.join(workdir, "few_shot.png"),
                 f"{config.model.name} on {config.data.name}: few-shot learning of novel classes")
@@ -135,4 +140,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

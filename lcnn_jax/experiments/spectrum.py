@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import types
 from typing import Any, Sequence
 
 import ml_collections
@@ -99,7 +100,8 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str) -> 
   for ax, (key, label) in zip(axes[0], panels):
     for strength in sorted({row["strength"] for row in lcnn}):
       line = sorted((row for row in lcnn if row["strength"] == strength), key=lambda row: row[key])
-      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=f"LCNN, strength {strength:g}")
+      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-",
+              label=f"LCNN, strength {strength:g}")
       for row in line:
         ax.annotate(f"k={row['dictionary_size']}", (row[key], 100 * row["top1"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
@@ -117,32 +119,37 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str) -> 
   plt.close(fig)
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config every point starts from.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point).",
-                               required=True)
-_SIZES = flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes.")
-_STRENGTHS = flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda).")
-_SIZE_KEYS = flags.DEFINE_list("size_keys", ["pool_size"],
-                               "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4).")
-_BASELINE = flags.DEFINE_bool("baseline", True, "Also train the CNN baseline.")
-_WALL_CLOCK = flags.DEFINE_bool("wall_clock", True, "Measure the wall-clock speedup with the inference benchmark.")
-_BENCH_BATCH = flags.DEFINE_integer("bench_batch", 1, "Batch size of the wall-clock measurement.")
-_BENCH_SECONDS = flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point.")
+def define_flags() -> types.SimpleNamespace:
+  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
+  return types.SimpleNamespace(
+      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config every point starts from."),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point).",
+                                  required=True),
+      sizes=flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes."),
+      strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
+      size_keys=flags.DEFINE_list("size_keys", ["pool_size"],
+                                  "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4)."),
+      baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
+      wall_clock=flags.DEFINE_bool("wall_clock", True,
+                                   "Measure the wall-clock speedup with the inference benchmark."),
+      bench_batch=flags.DEFINE_integer("bench_batch", 1, "Batch size of the wall-clock measurement."),
+      bench_seconds=flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point."))
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
-  workdir = _WORKDIR.value
+  workdir = flag.workdir.value
   os.makedirs(workdir, exist_ok=True)
-  rows = run_spectrum(_CONFIG.value, workdir, sizes=[int(k) for k in _SIZES.value],
-                      strengths=[float(s) for s in _STRENGTHS.value], size_keys=_SIZE_KEYS.value,
-                      baseline=_BASELINE.value, wall_clock=_WALL_CLOCK.value, bench_batch=_BENCH_BATCH.value,
-                      bench_seconds=_BENCH_SECONDS.value)
-  table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": _CONFIG.value.to_dict()})
+  rows = run_spectrum(flag.config.value, workdir, sizes=[int(k) for k in flag.sizes.value],
+                      strengths=[float(s) for s in flag.strengths.value], size_keys=flag.size_keys.value,
+                      baseline=flag.baseline.value, wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value,
+                      bench_seconds=flag.bench_seconds.value)
+  table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
-                f"{_CONFIG.value.model.name} on {_CONFIG.value.data.name}: accuracy vs speedup")
+                f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup")
   print(table)  # the command's output
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _FLAGS = define_flags()
+  app.run(lambda argv: main(argv, _FLAGS))

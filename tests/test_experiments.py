@@ -1,0 +1,182 @@
+"""The experiments: data subsets, deeper digits nets, weight and dictionary transfer, and each command's core
+function on tiny runs (rows, resumability, what each arm starts from)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcnn_jax import checkpoint, config as config_lib, data, models, train
+from lcnn_jax.data import sources
+from lcnn_jax.experiments import common, few_iteration, few_shot, spectrum
+
+
+def tiny_config():
+  c = config_lib.default_config()
+  c.model.name = "digits-lcnn"
+  c.model.width = 4
+  c.model.first_pool = 1
+  c.model.pool_size = 2
+  c.data.name = "digits"
+  c.train.batch_size = 16
+  c.train.num_steps = 2
+  c.train.lr_schedule = "constant"
+  c.train.learning_rate = 0.05
+  c.train.checkpoint_every = 2
+  c.train.log_every = 1
+  c.train.eval_every = 2
+  c.train.eval_batch_size = 400
+  c.sparsity.strength = 10.0
+  return c
+
+
+def no_training(*args, **kwargs):
+  raise AssertionError("a finished point was trained again")
+
+
+def lookup_array(model, path, name):
+  module = model
+  for part in path.split("/"):
+    module = getattr(module, part)
+  return np.asarray(getattr(module, name)[...])
+
+
+# ------------------------------------------------------------------------------------------------ data subsets
+
+
+def test_select_keeps_classes_relabelled_and_the_first_examples_of_each():
+  splits = sources.open_digits()
+  chosen = sources.select(splits, [7, 2], 3)
+  assert chosen.num_classes == 2 and chosen.class_names == ["7", "2"]
+  train_labels = np.asarray(splits.train.labels)
+  expected = np.sort(np.concatenate([np.flatnonzero(train_labels == 7)[:3], np.flatnonzero(train_labels == 2)[:3]]))
+  np.testing.assert_array_equal(chosen.train.indices, expected)
+  for i in range(len(chosen.train)):
+    image, label = chosen.train[i]
+    original_image, original_label = splits.train[int(expected[i])]
+    np.testing.assert_array_equal(image, original_image)
+    assert label == {7: 0, 2: 1}[original_label] == chosen.train.labels[i]
+  eval_labels = np.asarray(splits.eval.labels)
+  assert len(chosen.eval) == np.sum((eval_labels == 7) | (eval_labels == 2))
+
+
+def test_select_with_defaults_returns_the_splits_unchanged():
+  splits = sources.open_digits()
+  assert sources.select(splits, None, 0) is splits
+
+
+@pytest.mark.parametrize("classes, per_class, message", [((3, 3), 0, "distinct"), ((10,), 0, r"\[0, 10\)"),
+                                                         ((0,), 10_000, "has only")])
+def test_select_rejects_bad_subsets_with_the_key(classes, per_class, message):
+  with pytest.raises(ValueError, match=message):
+    sources.select(sources.open_digits(), classes, per_class)
+
+
+def test_dataset_info_and_iterators_see_the_subset():
+  c = tiny_config()
+  full = data.dataset_info(c.data)
+  c.data.classes, c.data.examples_per_class = (5, 6, 7, 8, 9), 2
+  c.data.mean, c.data.std = full.mean, full.std
+  info = data.dataset_info(c.data)
+  assert (info.num_classes, info.num_train) == (5, 10)
+  batch = next(data.make_train_iterator(c.data, info, global_batch_size=16, seed=0))
+  assert set(batch["label"].tolist()) <= set(range(5))
+
+
+# ------------------------------------------------------------------------------------------------ deeper digits nets
+
+
+def test_convs_per_stage_one_is_the_original_net_and_more_adds_layers_of_the_same_width():
+  c = config_lib.default_config().model
+  c.name, c.width, c.pool_size = "digits-lcnn", 4, 2
+  shallow = models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  names = {path[0] for path, _ in nnx.iter_modules(shallow) if path}
+  assert names == {"conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "dropout", "classifier"}
+  c.convs_per_stage = 3
+  deep = models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  assert lookup_array(deep, "conv1_3", "dictionary").shape == (4, 2)  # (input width w, k)
+  assert lookup_array(deep, "conv3_2", "dictionary").shape == (16, 2)  # (input width 4w, k)
+  assert deep(np.zeros((2, 8, 8, 1), np.float32)).shape == (2, 10)
+
+
+# ------------------------------------------------------------------------------------------------ transfer
+
+
+def test_map_dictionaries_prefers_the_same_path_then_the_repeated_layer():
+  c = config_lib.default_config().model
+  c.name, c.width, c.convs_per_stage = "digits-lcnn", 4, 2
+  shallow = models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  c.convs_per_stage = 4
+  deep = models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(1))
+  mapping = common.map_dictionaries(shallow, deep)
+  assert mapping["conv2"] == "conv2" and mapping["conv1_2"] == "conv1_2"
+  assert mapping["conv1_4"] == "conv1_2" and mapping["conv3_3"] == "conv3_2"
+  c.convs_per_stage = 1
+  with pytest.raises(common.ExperimentError, match="conv3_2"):
+    common.map_dictionaries(models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0)), deep)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def test_spectrum_trains_each_point_once_and_skips_finished_ones(tmp_path, monkeypatch):
+  rows = spectrum.run_spectrum(tiny_config(), str(tmp_path), sizes=[2], strengths=[30.0])
+  assert [row["point"] for row in rows] == ["cnn", "k2_s30"]
+  assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.0
+  assert json.load(open(tmp_path / "k2_s30" / "config.json"))["config"]["model"]["pool_size"] == 2
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert spectrum.run_spectrum(tiny_config(), str(tmp_path), sizes=[2], strengths=[30.0]) == rows
+  spectrum.plot_spectrum(rows, str(tmp_path / "spectrum.png"), "tiny")
+  assert os.path.getsize(tmp_path / "spectrum.png") > 0
+  other = tiny_config()
+  other.train.learning_rate = 0.01
+  with pytest.raises(common.ExperimentError, match="another config"):
+    spectrum.run_spectrum(other, str(tmp_path), sizes=[2], strengths=[30.0])
+
+
+def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_to_the_cnn(tmp_path, monkeypatch):
+  config = tiny_config()
+  rows, bases = few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
+                                      novel_steps=2)
+  assert [row["n"] for row in rows] == [1] and set(bases) == {"lcnn", "cnn"}
+  base_lcnn, _, _ = checkpoint.restore_model(str(tmp_path / "base_lcnn"))
+  novel_lcnn, novel_config, _ = checkpoint.restore_model(str(tmp_path / "lcnn_n1"))
+  assert novel_config.train.freeze_dictionaries and novel_config.data.examples_per_class == 1
+  for layer in ("conv2", "conv3"):  # frozen at the base run's values
+    np.testing.assert_array_equal(lookup_array(novel_lcnn, layer, "dictionary"),
+                                  lookup_array(base_lcnn, layer, "dictionary"))
+  assert novel_lcnn.classifier.kernel.shape[-1] == 3
+  assert json.load(open(tmp_path / "lcnn_n1" / "config.json"))["dataset"]["num_train"] == 3
+  # The CNN's step-0 checkpoint is the base CNN but its classifier; training then changes every layer.
+  base_cnn, _, _ = checkpoint.restore_model(str(tmp_path / "base_cnn"))
+  start, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_n1"), step=0)
+  np.testing.assert_array_equal(start.conv2.kernel[...], base_cnn.conv2.kernel[...])
+  np.testing.assert_array_equal(start.bn2.mean[...], base_cnn.bn2.mean[...])
+  final, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_n1"))
+  assert not np.array_equal(final.conv2.kernel[...], base_cnn.conv2.kernel[...])
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
+                               novel_steps=2) == (rows, bases)
+  few_shot.plot_few_shot(rows, str(tmp_path / "few_shot.png"), "tiny")
+  with pytest.raises(ValueError, match="overlap"):
+    few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[1, 2], novel_steps=2)
+
+
+def test_few_iteration_starts_the_deep_lcnn_from_the_shallow_dictionaries(tmp_path, monkeypatch):
+  config = tiny_config()
+  kwargs = dict(depth_key="model.convs_per_stage", shallow_depth=2, deep_depth=3, deep_steps=2, eval_every=1,
+                lcnn_scratch=False)
+  rows, summary = few_iteration.run_few_iteration(config, str(tmp_path), **kwargs)
+  assert [row["step"] for row in rows] == [1, 2]
+  assert set(rows[0]) == {"step", "deep_lcnn_transfer_top1", "deep_cnn_top1"}
+  assert set(summary) == {"shallow_lcnn", "deep_lcnn_transfer", "deep_cnn"}
+  shallow, _, _ = checkpoint.restore_model(str(tmp_path / "shallow_lcnn"))
+  deep, deep_config, _ = checkpoint.restore_model(str(tmp_path / "deep_lcnn_transfer"))
+  assert deep_config.model.convs_per_stage == 3 and deep_config.train.freeze_dictionaries
+  for target, source in (("conv2", "conv2"), ("conv2_3", "conv2_2"), ("conv3_3", "conv3_2")):
+    np.testing.assert_array_equal(lookup_array(deep, target, "dictionary"), lookup_array(shallow, source, "dictionary"))
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert few_iteration.run_few_iteration(config, str(tmp_path), **kwargs) == (rows, summary)
+  few_iteration.plot_few_iteration(rows, summary, str(tmp_path / "few_iteration.png"), "tiny")
