@@ -24,6 +24,7 @@ from absl import logging
 TARGET = "lcnn_lookup_conv"
 FUSED_TARGET = "lcnn_lookup_conv_fused"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
+SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "lookup_kernel.h"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -70,13 +71,16 @@ def _build(compiler: str, library: str) -> None:
 
 
 def _load() -> str:
-  if not os.path.exists(SOURCE):
-    raise KernelUnavailable(f"The kernel source {SOURCE} is missing from this installation; reinstall lcnn_jax "
+  missing = [path for path in SOURCES if not os.path.exists(path)]
+  if missing:
+    raise KernelUnavailable(f"The kernel sources {missing} are missing from this installation; reinstall lcnn_jax "
                             "from a source checkout (pip install -e .).")
   compiler, version = _compiler()
-  with open(SOURCE, "rb") as f:
-    source = f.read()
-  key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(),
+  sources = []
+  for path in SOURCES:
+    with open(path, "rb") as f:
+      sources.append(f.read())
+  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(),
                                    jax.ffi.include_dir().encode(), jax.__version__.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
   library = os.path.join(cache_dir(), "kernels", key, "liblcnn_lookup.so")

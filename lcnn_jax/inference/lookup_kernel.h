@@ -1,0 +1,329 @@
+// The lookup stage of an LCNN layer on CPU, free of XLA; lookup_kernel.cc binds it to the XLA FFI.
+//
+// Given S, the dictionary responses of a layer's padded input, each output value is a weighted sum of a few
+// shifted copies of S: out[o, y, x, b] = bias[o] + sum_t values[t] * S[atom_t, y + r_t, x + c_t, b] over the
+// non-zeros t of output o (strided layers arrive as stride-1 ones over a space-to-depth view of S).
+//
+// Layout (channels first, batch last, "CHWN"): S is (atoms, H, W, batch) flattened, so one non-zero reads a
+// contiguous run of S. We compute a "wide" output row of W positions per output row (of which the first ow
+// are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
+// index_t = (atom_t * H + r_t) * W + c_t. Each non-zero is then one vector multiply-add over a block of
+// consecutive wide elements, with the accumulators held in registers across all non-zeros of the output.
+//
+// S arrives unpadded, (k, h, w, batch), as the dictionary matmul leaves it. A layer with padding or strides
+// first copies it into a zero-padded space-to-depth scratch buffer (atoms k * sh * sw, H, W, batch); a
+// layer with neither reads S in place.
+
+#ifndef LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
+#define LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+// A Pool is anything with num_threads() and Schedule(task), such as xla::ffi::ThreadPool.
+namespace lcnn {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+
+inline v16 Load(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+struct Geometry {
+  int64_t batch;   // b
+  int64_t width;   // W of S (after space-to-depth)
+  int64_t n;       // outputs
+  int64_t oh, ow;  // output height and width
+  int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output
+};
+
+template <typename Index>
+struct Lookups {
+  const int32_t* starts;  // (n + 1): output o's non-zeros are [starts[o], starts[o + 1])
+  const Index* indices;   // (nnz): index_t as above
+  const float* values;    // (nnz)
+  const float* bias;      // (n)
+};
+
+// Writes wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping columns x >= ow.
+inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, int64_t p0, int64_t len, float* out) {
+  const int64_t row = g.width * g.batch;
+  const int64_t kept = g.ow * g.batch;
+  const int64_t end = std::min(p0 + len, g.wide);
+  int64_t q = p0;
+  while (q < end) {
+    const int64_t y = q / row;
+    const int64_t xb = q - y * row;  // x * batch + b
+    if (xb < kept) {
+      const int64_t stop = std::min(end, y * row + kept);
+      float* dst = out + (o * g.oh + y) * kept + xb;
+      const float* src = acc + (q - p0);
+      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] + bias;
+    }
+    q = (y + 1) * row;
+  }
+}
+
+// Sums the non-zeros of output o over the block of 16 * V wide elements starting at p0. U independent sets of
+// accumulators hide the multiply-add latency when V is small.
+template <int V, typename Index>
+void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o, int64_t p0, float* acc) {
+  constexpr int U = V >= 8 ? 1 : 8 / V;
+  v16 a[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) a[u][v] = v16{};
+  const float* base = s + p0;
+  int32_t t = l.starts[o];
+  const int32_t end = l.starts[o + 1];
+  for (; t + U <= end; t += U) {
+    for (int u = 0; u < U; ++u) {
+      const float* src = base + static_cast<int64_t>(l.indices[t + u]) * batch;
+      const float c = l.values[t + u];
+      for (int v = 0; v < V; ++v) a[u][v] += c * Load(src + 16 * v);
+    }
+  }
+  for (; t < end; ++t) {
+    const float* src = base + static_cast<int64_t>(l.indices[t]) * batch;
+    const float c = l.values[t];
+    for (int v = 0; v < V; ++v) a[0][v] += c * Load(src + 16 * v);
+  }
+  for (int u = 1; u < U; ++u)
+    for (int v = 0; v < V; ++v) a[0][v] += a[u][v];
+  std::memcpy(acc, a[0], sizeof(a[0]));
+}
+
+// The last, partial block of an output (len < 16 * V): scalar, so that no read passes the end of S.
+template <typename Index>
+void AccumulateTail(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o, int64_t p0, int64_t len,
+                    float* acc) {
+  for (int64_t i = 0; i < len; ++i) acc[i] = 0.f;
+  for (int32_t t = l.starts[o]; t < l.starts[o + 1]; ++t) {
+    const float* src = s + p0 + static_cast<int64_t>(l.indices[t]) * batch;
+    const float c = l.values[t];
+    for (int64_t i = 0; i < len; ++i) acc[i] += c * src[i];
+  }
+}
+
+// Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element.
+template <typename Index>
+float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o) {
+  int32_t t = l.starts[o];
+  const int32_t end = l.starts[o + 1];
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
+  auto gather = [&](int32_t at) {
+    __m512i index;
+    if constexpr (sizeof(Index) == 2) {
+      index = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l.indices + at)));
+    } else {
+      index = _mm512_loadu_si512(l.indices + at);
+    }
+    return _mm512_i32gather_ps(_mm512_mullo_epi32(index, scale), s, 4);
+  };
+  for (; t + 32 <= end; t += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(l.values + t), gather(t), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(l.values + t + 16), gather(t + 16), a1);
+  }
+  sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#endif
+  for (; t < end; ++t) sum += l.values[t] * s[static_cast<int64_t>(l.indices[t]) * batch];
+  return sum;
+}
+
+// A work item is one block of wide elements for one group of outputs.
+struct Plan {
+  int64_t block;        // wide elements per block (16 * V, or the whole of a small Q)
+  int64_t blocks;
+  int64_t group_size;   // outputs per item
+  int64_t groups;
+  int64_t items() const { return blocks * groups; }
+};
+
+template <int V, typename Index>
+void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index>& l, float* out,
+              int64_t begin, int64_t end) {
+  alignas(64) float acc[256];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t block = item / plan.groups;
+    const int64_t o0 = (item % plan.groups) * plan.group_size;
+    const int64_t o1 = std::min(g.n, o0 + plan.group_size);
+    const int64_t p0 = block * plan.block;
+    for (int64_t o = o0; o < o1; ++o) {
+      if constexpr (V == 0) {
+        for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
+      } else if (p0 + plan.block <= g.wide) {
+        AccumulateBlock<V>(s, l, g.batch, o, p0, acc);
+      } else {
+        AccumulateTail(s, l, g.batch, o, p0, g.wide - p0, acc);
+      }
+      Store(g, acc, l.bias[o], o, p0, plan.block, out);
+    }
+  }
+}
+
+struct Progress {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Runs items [0, total) on the calling thread and the XLA CPU thread pool. Idle helpers find no items and
+// return, so the caller never waits on a task that has not started: it waits only for items in progress.
+template <typename Pool, typename Work>
+void ParallelFor(Pool& pool, int64_t total, Work work) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t chunk = std::max<int64_t>(1, total / (8 * threads));
+  auto progress = std::make_shared<Progress>();
+  auto loop = [progress, total, chunk, work]() {
+    for (;;) {
+      const int64_t begin = progress->next.fetch_add(chunk);
+      if (begin >= total) return;
+      const int64_t end = std::min(total, begin + chunk);
+      work(begin, end);
+      progress->done.fetch_add(end - begin, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads && t * chunk < total; ++t) {
+    auto task = loop;
+    pool.Schedule(std::move(task));
+  }
+  loop();
+  // Items still running on other threads finish within microseconds unless their thread lost its core: spin
+  // briefly, then yield the core instead of competing with the thread being waited for.
+  for (int spins = 0; progress->done.load(std::memory_order_acquire) < total; ++spins) {
+    if (spins < 4096) {
+#if defined(__x86_64__)
+      __builtin_ia32_pause();
+#endif
+    } else {
+      std::this_thread::yield();
+    }
+  }
+}
+
+template <int V, typename Pool, typename Index>
+void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, float* out) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  Plan plan;
+  plan.block = V == 0 ? g.wide : 16 * V;
+  plan.blocks = (g.wide + plan.block - 1) / plan.block;
+  // Enough items for load balance; split the outputs only when the blocks alone are too few.
+  const int64_t want = 16 * threads;
+  plan.groups = std::min(g.n, std::max<int64_t>(1, (want + plan.blocks - 1) / plan.blocks));
+  plan.group_size = (g.n + plan.groups - 1) / plan.groups;
+  plan.groups = (g.n + plan.group_size - 1) / plan.group_size;
+  ParallelFor(pool, plan.items(), [g, plan, s, l, out](int64_t begin, int64_t end) {
+    RunItems<V>(g, plan, s, l, out, begin, end);
+  });
+}
+
+template <typename Pool, typename Index>
+void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, float* out) {
+  if (g.wide < 16) return Launch<0>(pool, g, s, l, out);
+  if (g.wide < 32) return Launch<1>(pool, g, s, l, out);
+  if (g.wide < 64) return Launch<2>(pool, g, s, l, out);
+  if (g.wide < 128) return Launch<4>(pool, g, s, l, out);
+  if (g.wide < 256) return Launch<8>(pool, g, s, l, out);
+  return Launch<16>(pool, g, s, l, out);
+}
+
+// S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
+template <typename Pool>
+void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph,
+                  int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
+  const int64_t rows = k * sh * sw * height;
+  ParallelFor(pool, rows, [=](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t atom = item / height, row = item % height;
+      const int64_t j = atom / (sh * sw), pr = (atom / sw) % sh, pc = atom % sw;
+      float* dst = out + item * width * batch;
+      const int64_t y = row * sh + pr - ph;
+      if (y < 0 || y >= h) {
+        std::memset(dst, 0, sizeof(float) * width * batch);
+        continue;
+      }
+      const float* src = s + (j * h + y) * w * batch;
+      if (sw == 1) {  // one run: [zeros][the row][zeros]
+        const int64_t left = std::min(width, pw), copied = std::max<int64_t>(0, std::min(w, width - left));
+        std::memset(dst, 0, sizeof(float) * left * batch);
+        std::memcpy(dst + left * batch, src, sizeof(float) * copied * batch);
+        std::memset(dst + (left + copied) * batch, 0, sizeof(float) * (width - left - copied) * batch);
+        continue;
+      }
+      for (int64_t col = 0; col < width; ++col) {
+        const int64_t x = col * sw + pc - pw;
+        if (x < 0 || x >= w) std::memset(dst + col * batch, 0, sizeof(float) * batch);
+        else std::memcpy(dst + col * batch, src + x * batch, sizeof(float) * batch);
+      }
+    }
+  });
+}
+
+// S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
+// layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
+// (m, h, w, batch). An item is one input row y (a phase pr and row of the output); it reads the row left to
+// right, every image of the batch at once, and writes each pixel's k responses to the column and phase pc
+// that pixel lands in. M and K are the sizes when known at compile time (0: read them at run time).
+template <int M, int K>
+void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
+                    int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                    int64_t height, int64_t width, float* out, int64_t begin, int64_t end) {
+  const int64_t m = M ? M : m_runtime, k = K ? K : k_runtime;
+  // Element strides of x along batch, row, column and channel.
+  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
+                xm = nhwc ? 1 : h * w * batch;
+  const int64_t plane = height * width * batch;  // one atom of the output
+  float d[64 * 64];
+  for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t pr = item / height, row = item % height;
+    const int64_t y = row * sh + pr - ph;
+    for (int64_t padded = 0; padded < width * sw; ++padded) {
+      const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
+      float* dst = out + (pr * sw + pc) * plane + (row * width + col) * batch;  // atom j at dst + j*sh*sw*plane
+      if (y < 0 || y >= h || xcol < 0 || xcol >= w) {
+        for (int64_t j = 0; j < k; ++j) std::memset(dst + j * sh * sw * plane, 0, sizeof(float) * batch);
+        continue;
+      }
+      const float* px = x + y * xy + xcol * xx;
+      for (int64_t b = 0; b < batch; ++b) {
+        float column[M ? M : 64];
+        for (int64_t c = 0; c < m; ++c) column[c] = px[b * xb + c * xm];
+        for (int64_t j = 0; j < k; ++j) {
+          float sum = 0.f;
+          for (int64_t c = 0; c < m; ++c) sum += column[c] * d[c * k + j];
+          dst[j * sh * sw * plane + b] = sum;
+        }
+      }
+    }
+  }
+}
+
+template <typename Pool>
+void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m,
+                       int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                       int64_t height, int64_t width, float* out) {
+  auto rows = &DictionaryRows<0, 0>;
+  if (m == 3 && k == 3) rows = &DictionaryRows<3, 3>;  // RGB images, the original's firstPool
+  else if (m == 1 && k == 1) rows = &DictionaryRows<1, 1>;
+  else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3>;
+  else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1>;
+  ParallelFor(pool, sh * height, [=](int64_t begin, int64_t end) {
+    rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
+  });
+}
+
+}  // namespace lcnn
+
+#endif  // LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
