@@ -99,7 +99,7 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str) -> 
   lcnn = [row for row in rows if row["point"] != "cnn"]
   for ax, (key, label) in zip(axes[0], panels):
     for strength in sorted({row["strength"] for row in lcnn}):
-      line = sorted((row for row in lcnn if row["strength"] == strength), key=lambda row: row[key])
+      line = sorted((row for row in lcnn if row["strength"] == strength), key=lambda row: row["dictionary_size"])
       ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-",
               label=f"LCNN, strength {strength:g}")
       for row in line:
