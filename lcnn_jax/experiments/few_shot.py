@@ -8,7 +8,8 @@
 2. For each n, on the novel classes with the first n training images of each:
    * ``lcnn_n<n>``: the LCNN with ``base_lcnn``'s dictionaries (``train.init_from``), training only the
      coefficients (``train.freeze_dictionaries``), biases and BatchNorm — the paper's setting. With
-     ``--lcnn_init=all`` it starts from every weight of ``base_lcnn`` but the classifier, dictionaries still frozen;
+     ``--lcnn_init=all`` (``lcnn_all_n<n>``) it starts from every weight of ``base_lcnn`` but the classifier,
+     dictionaries still frozen;
    * ``cnn_n<n>``: the CNN fine-tuned the usual way: every weight of ``base_cnn`` but the classifier copied,
      all layers trained.
    Both run ``--novel_steps`` steps of the config's optimiser and are evaluated on every validation image of the
@@ -34,7 +35,7 @@ from lcnn_jax.experiments import common
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "experiments", "few_shot.py")
 LCNN_INITS = ("dictionaries", "all")
-COLUMNS = ("n", "lcnn_top1", "cnn_top1", "lcnn_top5", "cnn_top5", "lcnn_speedup")
+COLUMNS = ("n", "lcnn_top1", "cnn_top1", "lcnn_speedup")  # top-5 (in the JSON) says little with few classes
 
 
 def base_config(config: ml_collections.ConfigDict, classes: Sequence[int], cnn: bool) -> ml_collections.ConfigDict:
@@ -77,7 +78,8 @@ def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequenc
     logging.info("Few-shot: %d examples per novel class.", n)
     lcnn = common.run_point(
         novel_config(config, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir),
-        os.path.join(workdir, f"lcnn_n{n}"), prepare=lcnn_prepare)
+        os.path.join(workdir, f"lcnn_n{n}" if lcnn_init == "dictionaries" else f"lcnn_{lcnn_init}_n{n}"),
+        prepare=lcnn_prepare)
     cnn = common.run_point(
         novel_config(config, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir),
         os.path.join(workdir, f"cnn_n{n}"), prepare=functools.partial(_copy_all_but_classifier, base_cnn_dir))
