@@ -128,6 +128,9 @@ def test_spectrum_trains_each_point_once_and_skips_finished_ones(tmp_path, monke
   assert json.load(open(tmp_path / "k2_s30" / "config.json"))["config"]["model"]["pool_size"] == 2
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert spectrum.run_spectrum(tiny_config(), str(tmp_path), sizes=[2], strengths=[30.0]) == rows
+  measured = spectrum.measure_wall_clock(str(tmp_path / "k2_s30"), 1, 0.05)
+  assert measured["wall_speedup"] > 0 and set(measured["backends"]) == {"conv1", "conv2", "conv3"}
+  assert spectrum.measure_wall_clock(str(tmp_path / "k2_s30"), 1, 0.05) == measured  # cached per batch size
   spectrum.plot_spectrum(rows, str(tmp_path / "spectrum.png"), "tiny")
   assert os.path.getsize(tmp_path / "spectrum.png") > 0
   other = tiny_config()

@@ -26,7 +26,6 @@ from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "experiments", "spectrum.py")
-WALL_CLOCK_FILE = "wall_clock.json"
 COLUMNS = ("point", "dictionary_size", "strength", "top1", "top5", "density", "speedup", "wall_speedup",
            "multiplications")
 
@@ -51,8 +50,8 @@ def point_config(config: ml_collections.ConfigDict, size: int | None, strength: 
 
 
 def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, Any]:
-  """The inference benchmark on the point's checkpoint, cached in ``WORKDIR/wall_clock.json``."""
-  path = os.path.join(workdir, WALL_CLOCK_FILE)
+  """The inference benchmark on the point's checkpoint, cached in ``WORKDIR/wall_clock_b<batch>.json``."""
+  path = os.path.join(workdir, f"wall_clock_b{batch}.json")
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
