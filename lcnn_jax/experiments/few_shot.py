@@ -92,12 +92,16 @@ def _copy_all_but_classifier(source_workdir: str, model) -> None:
   common.copy_matching_weights(source_workdir, model, exclude=("classifier",))
 
 
-def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str) -> None:
+LCNN_LABELS = {"dictionaries": "LCNN: base dictionaries, train I and C",
+               "all": "LCNN: all base weights, train I and C"}
+
+
+def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str, lcnn_init: str = "dictionaries") -> None:
   """Novel-class top-1 against examples per class, LCNN and CNN."""
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))
   ns = [row["n"] for row in rows]
-  ax.plot(ns, [100 * row["lcnn_top1"] for row in rows], "o-", label="LCNN: transferred dictionaries, train I and C")
+  ax.plot(ns, [100 * row["lcnn_top1"] for row in rows], "o-", label=LCNN_LABELS[lcnn_init])
   ax.plot(ns, [100 * row["cnn_top1"] for row in rows], "s--", label="CNN: fine-tuned")
   ax.set_xscale("log", base=2)
   ax.set_xticks(ns, [str(n) for n in ns])
@@ -136,7 +140,8 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   table = common.write_report(workdir, "few_shot", rows, COLUMNS, {"base": bases, "lcnn_init": flag.lcnn_init.value,
                                                                    "config": config.to_dict()})
   plot_few_shot(rows, os.path.join(workdir, "few_shot.png"),
-                f"{config.model.name} on {config.data.name}: few-shot learning of novel classes")
+                f"{config.model.name} on {config.data.name}: few-shot learning of novel classes",
+                flag.lcnn_init.value)
   print(f"Base classes: LCNN top-1 {bases['lcnn']['top1']:.4f} ({bases['lcnn']['speedup']:.1f}x fewer "
         f"multiplications), CNN top-1 {bases['cnn']['top1']:.4f}\n{table}")  # the command's output
 
