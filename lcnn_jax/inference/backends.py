@@ -12,13 +12,13 @@ BatchNorm after it already folded in. The backends differ in how they compute Y 
 * ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
   output's accumulators in registers over all its non-zeros (CPU only).
 
-``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first,
-batch-last CHWN (channels, height, width, batch) activations, the layout in which one non-zero reads a
-contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output row
-is computed over S's full width (the "wide" row whose columns past the output width are dropped). Strided
+``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first activations
+with the batch innermost in tiles (:mod:`lcnn_jax.inference.layouts`), the layout in which one non-zero reads
+a contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output
+row is computed over S's full width (the "wide" row whose columns past the output width are dropped). Strided
 layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
-(r div s_h, c div s_w). Every backend accepts either layout and transposes what it must; a first layer
-(a dictionary of at most 64 multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
+(r div s_h, c div s_w). Every backend accepts any layout and transposes what it must; a first layer (a
+dictionary of at most 64 multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
 """
 
 from __future__ import annotations
@@ -30,10 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax.inference import kernels
-
-CHWN = (3, 1, 2, 0)
-"""The transpose between NHWC and CHWN (its own inverse)."""
+from lcnn_jax.inference import kernels, layouts
+from lcnn_jax.inference.layouts import NHWC, Layout
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -132,11 +130,6 @@ def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def as_layout(x: jax.Array, layout: str, wanted: str) -> jax.Array:
-  """A 4-D activation held in ``layout`` ("nhwc" or "chwn"), transposed to ``wanted`` if it differs."""
-  return x if layout == wanted else jnp.transpose(x, CHWN)
-
-
 class Backend(Protocol):
   """How one lookup layer runs: ``apply(layer, prepare(layer), x, layout)`` -> (output, its layout)."""
   name: str
@@ -144,14 +137,14 @@ class Backend(Protocol):
   def available(self) -> tuple[bool, str]:
     """(True, '') when usable on the default device, else (False, the reason)."""
 
-  def input_layout(self, layer: LookupLayer) -> str:
-    """The layout ("nhwc" or "chwn") in which this backend reads ``layer``'s input without a transpose."""
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    """The layout in which this backend reads ``layer``'s input at ``batch`` without a transpose."""
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     """The arrays ``apply`` needs, in this backend's own layout."""
 
   def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array,
-            layout: str) -> tuple[jax.Array, str]:
+            layout: Layout) -> tuple[jax.Array, Layout]:
     """The layer's output and its layout for a 4-D ``x`` in ``layout`` (traceable; ``layer`` is static)."""
 
 
@@ -162,15 +155,15 @@ class Dense:
   def available(self) -> tuple[bool, str]:
     return True, ""
 
-  def input_layout(self, layer: LookupLayer) -> str:
-    return "nhwc"
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     return {"kernel": layer.dense_kernel(), "bias": layer.bias}
 
   def apply(self, layer, params, x, layout):
-    x = as_layout(x, layout, "nhwc")
-    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], "nhwc"
+    x = layouts.convert(x, layout, NHWC)
+    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], NHWC
 
 
 class Factored:
@@ -180,17 +173,17 @@ class Factored:
   def available(self) -> tuple[bool, str]:
     return True, ""
 
-  def input_layout(self, layer: LookupLayer) -> str:
-    return "nhwc"
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     return {"dictionary": layer.dictionary, "coefficients": layer.coefficients(), "bias": layer.bias}
 
   def apply(self, layer, params, x, layout):
     ph, pw = layer.padding
-    s = jnp.einsum("bhwm,mk->bhwk", as_layout(x, layout, "nhwc"), params["dictionary"])  # (batch, h, w, k)
+    s = jnp.einsum("bhwm,mk->bhwk", layouts.convert(x, layout, NHWC), params["dictionary"])  # (batch, h, w, k)
     s = jnp.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"], "nhwc"
+    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"], NHWC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,8 +240,8 @@ class Gather:
   def available(self) -> tuple[bool, str]:
     return True, ""
 
-  def input_layout(self, layer: LookupLayer) -> str:
-    return "chwn"
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return batch  # one tile: CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     counts = np.diff(layer.starts)
@@ -264,9 +257,9 @@ class Gather:
             "bias": layer.bias}
 
   def apply(self, layer, params, x, layout):
-    x = as_layout(x, layout, "chwn")
+    batch = layouts.batch_size(x, layout)
+    x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
     g = _geometry(layer)
-    batch = x.shape[-1]
     s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
     wide = g.out_height * g.width * batch  # whole rows, so the result reshapes to (n, oh, W, batch)
 
@@ -278,7 +271,7 @@ class Gather:
 
     acc = jax.lax.fori_loop(0, params["offsets"].shape[0], step, jnp.zeros((layer.out_features, wide), s.dtype))
     y = acc.reshape(layer.out_features, g.out_height, g.width, batch)[:, :, :g.out_width]
-    return y + params["bias"][:, None, None, None], "chwn"
+    return (y + params["bias"][:, None, None, None])[None], batch
 
 
 FUSED_DICTIONARY_MACS = 64
@@ -300,8 +293,14 @@ class Lookup:
     """Whether the kernel computes S itself (a small first-layer dictionary) instead of an XLA matmul."""
     return layer.in_features * layer.dictionary_size <= FUSED_DICTIONARY_MACS
 
-  def input_layout(self, layer: LookupLayer) -> str:
-    return "nhwc" if self.fused(layer) else "chwn"
+  @staticmethod
+  def tile(layer: LookupLayer, batch: int) -> int:
+    """The images per tile the kernel runs ``layer`` with (:func:`layouts.tile_for`)."""
+    oh, ow = layer.output_size
+    return layouts.tile_for(batch, oh * ow)
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC if self.fused(layer) else self.tile(layer, batch)
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     positions = _s2d_indices(layer)
@@ -316,20 +315,25 @@ class Lookup:
   def apply(self, layer, params, x, layout):
     kernels.ensure_kernel()
     g = _geometry(layer)
-    batch = x.shape[0] if layout == "nhwc" else x.shape[-1]
+    batch = layouts.batch_size(x, layout)
+    tile = self.tile(layer, batch)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
-    copied = self.fused(layer) or (ph, pw, sh, sw) != (0, 0, 1, 1)
-    results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
+    fused = self.fused(layer)
+    copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
+    tiles = batch // tile
+    results = (jax.ShapeDtypeStruct((tiles, layer.out_features, g.out_height, g.out_width, tile), jnp.float32),
                jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
     geometry = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
     lookups = (params["starts"], params["indices"], params["values"], params["bias"])
-    if self.fused(layer):
+    if fused:
+      x = x if layout == NHWC else layouts.convert(x, layout, tile)  # NHWC, or tiled like the output
       out, _ = jax.ffi.ffi_call(kernels.FUSED_TARGET, results, vmap_method="sequential")(
-          x, params["dictionary"], *lookups, **geometry, nhwc=layout == "nhwc")
+          x, params["dictionary"], *lookups, **geometry)
     else:
-      s = jnp.einsum("km,mhwb->khwb", params["dictionary_t"], as_layout(x, layout, "chwn"))  # (k, h, w, batch)
+      x = layouts.convert(x, layout, tile)  # (tiles, m, h, w, tile)
+      s = jnp.einsum("km,tmhwb->tkhwb", params["dictionary_t"], x)  # (tiles, k, h, w, tile)
       out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **geometry)
-    return out, "chwn"
+    return out, tile
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
@@ -350,8 +354,8 @@ def get_backend(name: str) -> Backend:
 
 def apply_nhwc(backend: Backend, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
   """Runs ``backend`` on an NHWC input and returns NHWC."""
-  y, layout = backend.apply(layer, params, x, "nhwc")
-  return as_layout(y, layout, "nhwc")
+  y, layout = backend.apply(layer, params, x, NHWC)
+  return layouts.convert(y, layout, NHWC)
 
 
 def multiplications(layer: LookupLayer) -> int:
@@ -367,5 +371,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
           + layer.bias.nbytes)
 
 
-__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "as_layout", "available_backends", "coefficient_bytes",
+__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "available_backends", "coefficient_bytes",
            "conv_or_matmul", "get_backend", "multiplications"]

@@ -7,10 +7,10 @@ parameters; nested calls (``jax.jit``, ``custom_jvp``) are inlined. The result i
 :class:`Equation` s whose parameters are JSON values, so an exported model holds data only: loading it binds
 the named JAX primitives again and never runs code from the file.
 
-:func:`run` evaluates a graph. Four-dimensional activations may be held channels-first (CHWN, the lookup
-kernels' layout) instead of NHWC: element-wise primitives, pooling windows and reductions run on whichever
-layout their input has, with their axes permuted, so a chain of lookup layers with ReLU and pooling between
-them never transposes its activations; any other primitive gets NHWC.
+:func:`run` evaluates a graph. Four-dimensional activations may be held channels-first in batch tiles (the
+lookup kernels' layouts, :mod:`lcnn_jax.inference.layouts`) instead of NHWC: element-wise primitives, pooling
+windows and reductions run on whichever layout their input has, with their axes mapped, so a chain of lookup
+layers with ReLU and pooling between them never transposes its activations; any other primitive gets NHWC.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from jax import export as jax_export
 from jax.extend import core as jax_core
 from jax.extend.core import primitives as jax_primitives
 
-from lcnn_jax.inference import backends
-from lcnn_jax.inference.backends import CHWN
+from lcnn_jax.inference import layouts
+from lcnn_jax.inference.layouts import NHWC, Layout
 from lcnn_jax.layers import LookupConv, LookupDense
 
 LAYER_CLASSES = (LookupConv, LookupDense, nnx.Conv, nnx.Linear, nnx.BatchNorm)
@@ -43,7 +43,6 @@ ELEMENTWISE = frozenset({
     "expm1", "floor", "ge", "gt", "integer_pow", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul",
     "ne", "neg", "not", "or", "pow", "round", "rsqrt", "select_n", "sign", "sqrt", "square", "stop_gradient",
     "sub", "tanh"})
-WINDOWED = frozenset({"reduce_window_max", "reduce_window_min", "reduce_window_sum"})
 REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_prod", "reduce_sum"})
 INLINED = {"jit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
            "custom_vjp_call": "call_jaxpr"}
@@ -270,17 +269,19 @@ def trace(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Graph, dict[st
 
 # Running ---------------------------------------------------------------------------------------------------
 
-Value = tuple[jax.Array, str]  # (array, "nhwc" | "chwn"); "nhwc" means the array as the model sees it
+Value = tuple[jax.Array, Layout]  # (array, layout); NHWC means the array as the model sees it
 LayerFn = Callable[[str, Value], Value]
 
 
-def as_layout(value: Value, layout: str) -> jax.Array:
-  """The array of ``value`` in ``layout`` ("nhwc" or "chwn"), transposing if needed."""
-  return backends.as_layout(*value, layout)
+def as_layout(value: Value, layout: Layout) -> jax.Array:
+  """The array of ``value`` held in ``layout``, transposing if needed (arrays other than 4-D are as they are)."""
+  array, current = value
+  return array if current == layout else layouts.convert(array, current, layout)
 
 
 _WINDOW_OPS = {"reduce_window_max": (jnp.maximum, -np.inf), "reduce_window_min": (jnp.minimum, np.inf),
                "reduce_window_sum": (jnp.add, 0.0)}
+_WINDOW_KEYS = ("window_dimensions", "window_strides", "padding", "base_dilation", "window_dilation")
 
 
 def _window_reduce(primitive: str, x: jax.Array, params: dict) -> jax.Array:
@@ -301,31 +302,44 @@ def _window_reduce(primitive: str, x: jax.Array, params: dict) -> jax.Array:
   return result
 
 
-def _permuted(params: dict, keys: Sequence[str]) -> dict:
-  return {k: tuple(v[a] for a in CHWN) if k in keys and v is not None else v for k, v in params.items()}
+def _tiled_params(params: dict) -> dict:
+  """Window parameters of a logical (n, h, w, c) array for its tiled (tiles, c, h, w, tile) form."""
+  def tiled(values, unit):
+    return (unit, values[3], values[1], values[2], unit)
+  units = {"padding": (0, 0)}
+  return {k: tiled(v, units.get(k, 1)) if k in _WINDOW_KEYS else v for k, v in params.items()}
+
+
+def _reduce_tiled(prim, x: jax.Array, params: dict) -> jax.Array:
+  """A reduction over logical axes among (h, w, c) of a tiled array, returned in NHWC order."""
+  axes = tuple(params["axes"])
+  kept = [a for a in (1, 2, 3) if a not in axes]
+  physical_kept = sorted(layouts.physical_axis(a) for a in kept)
+  out = prim.bind(x, **{**params, "axes": tuple(sorted(layouts.physical_axis(a) for a in axes))})
+  # out is (tiles, kept in physical order, tile): put the tile after the tiles, the rest in logical order.
+  order = [0, len(kept) + 1] + [1 + physical_kept.index(layouts.physical_axis(a)) for a in kept]
+  out = jnp.transpose(out, order)
+  return out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
 
 
 def _apply(primitive: str, params: dict, args: list[Value]) -> list[Value]:
-  """Binds one primitive, on CHWN operands where the primitive allows it, else on NHWC ones."""
+  """Binds one primitive, on tiled operands where the primitive allows it, else on NHWC ones."""
   prim = getattr(jax_primitives, f"{primitive}_p")
-  chwn = [a for a in args if a[1] == "chwn"]
-  if chwn and primitive in ELEMENTWISE and all(a[0].ndim in (0, 4) for a in args):
-    out = prim.bind(*[as_layout(a, "chwn") if a[0].ndim == 4 else a[0] for a in args], **params)
-    return [(o, "chwn") for o in (out if prim.multiple_results else [out])]
-  if primitive in WINDOWED and len(args) == 1:
-    if chwn:
-      keys = ("window_dimensions", "window_strides", "padding", "base_dilation", "window_dilation")
-      return [(_window_reduce(primitive, args[0][0], _permuted(params, keys)), "chwn")]
-    return [(_window_reduce(primitive, args[0][0], params), "nhwc")]
-  if chwn and primitive in REDUCTIONS and len(args) == 1:
-    axes = tuple(params["axes"])
-    kept = [a for a in range(4) if a not in axes]  # logical axes left, in logical order
-    out = prim.bind(args[0][0], **{**params, "axes": tuple(sorted(CHWN[a] for a in axes))})
-    physical_kept = sorted(CHWN[a] for a in kept)  # the result's axes, as physical axes
-    order = np.argsort([CHWN[p] for p in physical_kept])
-    return [(jnp.transpose(out, order), "nhwc")]
-  out = prim.bind(*[as_layout(a, "nhwc") for a in args], **params)
-  return [(o, "nhwc") for o in (out if prim.multiple_results else [out])]
+  tile = next((layout for _, layout in args if layout != NHWC), None)
+  if tile is not None and primitive in ELEMENTWISE and all(a.ndim in (0, 4) or l != NHWC for a, l in args):
+    out = prim.bind(*[a if a.ndim == 0 else as_layout((a, l), tile) for a, l in args], **params)
+    return [(o, tile) for o in (out if prim.multiple_results else [out])]
+  if tile is not None and len(args) == 1:
+    x = args[0][0]
+    if primitive in _WINDOW_OPS and params["window_dimensions"][0] == 1:
+      return [(_window_reduce(primitive, x, _tiled_params(params)), tile)]
+    if primitive in REDUCTIONS and 0 not in params["axes"]:
+      return [(_reduce_tiled(prim, x, params), NHWC)]
+  arrays = [as_layout(a, NHWC) for a in args]
+  if primitive in _WINDOW_OPS:
+    return [(_window_reduce(primitive, arrays[0], params), NHWC)]
+  out = prim.bind(*arrays, **params)
+  return [(o, NHWC) for o in (out if prim.multiple_results else [out])]
 
 
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
@@ -341,15 +355,15 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
   """
   consts = graph.consts if consts is None else consts
   batch = x.shape[0]
-  env: dict[int, Value] = {graph.input: (x, "nhwc")}
+  env: dict[int, Value] = {graph.input: (x, NHWC)}
 
   def read(ref) -> Value:
     kind = ref[0]
     if kind == "var":
       return env[ref[1]]
     if kind == "const":
-      return jnp.asarray(consts[ref[1]]), "nhwc"
-    return jnp.asarray(ref[1], ref[2]), "nhwc"
+      return jnp.asarray(consts[ref[1]]), NHWC
+    return jnp.asarray(ref[1], ref[2]), NHWC
 
   for eqn in graph.equations:
     args = [read(i) for i in eqn.inputs]
@@ -359,4 +373,4 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
       params = {k: _decode(v, batch) for k, v in eqn.params.items()}
       results = _apply(eqn.primitive, params, args)
     env.update(zip(eqn.outputs, results))
-  return as_layout(env[graph.output], "nhwc")
+  return as_layout(env[graph.output], NHWC)

@@ -17,12 +17,15 @@ using lcnn::Lookups;
 using lcnn::SpaceToDepth;
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
-using SF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch)
+using TiledF32 = ffi::Buffer<ffi::F32, 5>;  // (tiles, channels, height, width, batch)
+using OutF32 = TiledF32;
+using AnyF32 = ffi::Buffer<ffi::F32>;  // any rank
 using MatrixF32 = ffi::Buffer<ffi::F32, 2>;
 
 struct Padding {
   int64_t ph, pw, sh, sw;
-  bool copies() const { return ph || pw || sh > 1 || sw > 1; }
+  bool always_copies = false;  // the fused kernel always builds S in the scratch buffer
+  bool copies() const { return always_copies || ph || pw || sh > 1 || sw > 1; }
 };
 
 // Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed).
@@ -43,62 +46,66 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
   return ffi::Error::Success();
 }
 
-Geometry MakeGeometry(const ffi::Buffer<ffi::F32, 4>& out, int64_t h, int64_t w, const Padding& p, int64_t* height) {
+// out is (tiles, n, oh, ow, batch); S (or x) has h × w pixels.
+Geometry MakeGeometry(const OutF32& out, int64_t k, int64_t h, int64_t w, const Padding& p, int64_t* height) {
   const auto dims = out.dimensions();
   Geometry g;
-  g.n = dims[0];
-  g.oh = dims[1];
-  g.ow = dims[2];
-  g.batch = dims[3];
+  g.tiles = dims[0];
+  g.n = dims[1];
+  g.oh = dims[2];
+  g.ow = dims[3];
+  g.batch = dims[4];
   *height = (h + 2 * p.ph + p.sh - 1) / p.sh;
   g.width = (w + 2 * p.pw + p.sw - 1) / p.sw;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
+  g.s_tile = p.copies() ? k * p.sh * p.sw * *height * g.width * g.batch : k * h * w * g.batch;
   return g;
 }
 
-ffi::Error LookupConvImpl(ffi::ThreadPool pool, SF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
-                          FlatF32 bias, ffi::Result<SF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
+ffi::Error LookupConvImpl(ffi::ThreadPool pool, TiledF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
+                          FlatF32 bias, ffi::Result<OutF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
                           int64_t pad_w, int64_t stride_h, int64_t stride_w) {
-  const auto in = s.dimensions();
+  const auto in = s.dimensions();  // (tiles, k, h, w, batch)
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, in[1], in[2], p, &height);
-  if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
+  const Geometry g = MakeGeometry(*out, in[1], in[2], in[3], p, &height);
+  if (in[0] != g.tiles || in[4] != g.batch || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (tiles, k, h, w, batch) does not match the output");
   }
   const float* source = s.typed_data();
   if (p.copies()) {
-    if (scratch->element_count() != static_cast<size_t>(in[0] * p.sh * p.sw * height * g.width * g.batch)) {
+    if (scratch->element_count() != static_cast<size_t>(g.tiles * g.s_tile)) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
     }
-    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
+    SpaceToDepth(pool, source, g.tiles, in[1], in[2], in[3], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
                  scratch->typed_data());
     source = scratch->typed_data();
   }
   return RunLookups(pool, g, source, starts, indices, values, bias, out->typed_data());
 }
 
-ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, SF32 x, MatrixF32 dictionary, FlatS32 starts,
-                               ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<SF32> out,
+ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, AnyF32 x, MatrixF32 dictionary, FlatS32 starts,
+                               ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<OutF32> out,
                                ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
-                               int64_t stride_w, bool nhwc) {
-  const auto in = x.dimensions();
+                               int64_t stride_w) {
+  const auto in = x.dimensions();  // (images, h, w, m) or (tiles, m, h, w, batch)
   const auto d = dictionary.dimensions();
   const int64_t m = d[0], k = d[1];
-  const int64_t h = in[1], w = in[2];
+  const bool nhwc = in.size() == 4;
+  const int64_t h = nhwc ? in[1] : in[2], w = nhwc ? in[2] : in[3];
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, h, w, p, &height);
-  if ((nhwc ? in[3] : in[0]) != m || (nhwc ? in[0] : in[3]) != g.batch || m * k > 64 * 64 || m > 64 ||
-      g.ow > g.width ||
-      g.oh > height) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m <= 64) and out disagree");
+  const Geometry g = MakeGeometry(*out, k, h, w, Padding{pad_h, pad_w, stride_h, stride_w, true}, &height);
+  const bool shapes_agree = nhwc ? (in[3] == m && in[0] == g.tiles * g.batch)
+                                 : (in.size() == 5 && in[1] == m && in[0] == g.tiles && in[4] == g.batch);
+  if (!shapes_agree || m > 64 || k > 64 || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m, k <= 64) and out disagree");
   }
-  if (scratch->element_count() != static_cast<size_t>(k * p.sh * p.sw * height * g.width * g.batch)) {
+  if (scratch->element_count() != static_cast<size_t>(g.tiles * g.s_tile)) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S");
   }
-  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
-                    p.sw, height, g.width, scratch->typed_data());
+  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, g.tiles, h, w, g.batch, p.ph, p.pw,
+                    p.sh, p.sw, height, g.width, scratch->typed_data());
   return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, out->typed_data());
 }
 
@@ -107,12 +114,12 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, SF32 x, MatrixF32 dictionar
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<SF32>()            // S (k, h, w, batch), unpadded
+                                  .Arg<TiledF32>()        // S (tiles, k, h, w, batch), unpadded
                                   .Arg<FlatS32>()         // starts
                                   .Arg<ffi::AnyBuffer>()  // indices
                                   .Arg<FlatF32>()         // values
                                   .Arg<FlatF32>()         // bias
-                                  .Ret<SF32>()            // out (n, oh, ow, batch)
+                                  .Ret<OutF32>()          // out (tiles, n, oh, ow, batch)
                                   .Ret<FlatF32>()         // scratch for the padded space-to-depth S
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
@@ -122,16 +129,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<SF32>()                     // x, NHWC or CHWN
+                                  .Arg<AnyF32>()                   // x, NHWC or tiled
                                   .Arg<MatrixF32>()                // the dictionary (m, k)
                                   .Arg<FlatS32>()                  // starts
                                   .Arg<ffi::AnyBuffer>()           // indices
                                   .Arg<FlatF32>()                  // values
                                   .Arg<FlatF32>()                  // bias
-                                  .Ret<SF32>()                     // out (n, oh, ow, batch)
+                                  .Ret<OutF32>()                   // out (tiles, n, oh, ow, batch)
                                   .Ret<FlatF32>()                  // the padded space-to-depth S
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<bool>("nhwc"));
+                                  .Attr<int64_t>("stride_w"));

@@ -18,6 +18,7 @@ from absl import logging
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference.backends import LookupLayer
+from lcnn_jax.inference.layouts import NHWC
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -57,24 +58,24 @@ def _conv(layer: ConvLayer, params: dict[str, jax.Array], value: graph_lib.Value
   kh, kw, _, _ = layer.kernel.shape
   (top, bottom), (left, right) = layer.padding
   sh, sw = layer.strides
-  if layout == "chwn" and (kh, kw) == (1, 1) and (top, bottom, left, right) == (0, 0, 0, 0):
-    # A 1×1 convolution (e.g. a ResNet shortcut) on CHWN activations: a matmul, no transpose.
-    y = jnp.einsum("mn,mhwb->nhwb", params["kernel"][0, 0], array[:, ::sh, ::sw])
-    return y + params["bias"][:, None, None, None], "chwn"
-  x = graph_lib.as_layout(value, "nhwc")
+  if layout != NHWC and (kh, kw) == (1, 1) and (top, bottom, left, right) == (0, 0, 0, 0):
+    # A 1×1 convolution (e.g. a ResNet shortcut) on tiled activations: a matmul, no transpose.
+    y = jnp.einsum("mn,tmhwb->tnhwb", params["kernel"][0, 0], array[:, :, ::sh, ::sw])
+    return y + params["bias"][:, None, None, None], layout
+  x = graph_lib.as_layout(value, NHWC)
   if top == bottom and left == right:
     y = backends_lib.conv_or_matmul(x, params["kernel"], (sh, sw), (top, left))
   else:
     y = jax.lax.conv_general_dilated(x, params["kernel"], (sh, sw), layer.padding,
                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return y + params["bias"], "nhwc"
+  return y + params["bias"], NHWC
 
 
 def _affine(params: dict[str, jax.Array], value: graph_lib.Value) -> graph_lib.Value:
   array, layout = value
-  if layout == "chwn":
-    return array * params["scale"][:, None, None, None] + params["shift"][:, None, None, None], "chwn"
-  return array * params["scale"] + params["shift"], "nhwc"
+  if layout != NHWC:  # (tiles, c, h, w, tile)
+    return array * params["scale"][:, None, None, None] + params["shift"][:, None, None, None], layout
+  return array * params["scale"] + params["shift"], NHWC
 
 
 def _lookup(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str, jax.Array],
@@ -82,7 +83,7 @@ def _lookup(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str,
   array, _ = value
   if array.ndim == 2:  # A dense lookup layer on flat features: the 1×1 case.
     y = backends_lib.apply_nhwc(backend, layer, params, array.reshape(array.shape[0], 1, 1, array.shape[1]))
-    return y.reshape(array.shape[0], layer.out_features), "nhwc"
+    return y.reshape(array.shape[0], layer.out_features), NHWC
   return backend.apply(layer, params, *value)
 
 
@@ -94,7 +95,7 @@ def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
   if isinstance(layer, ConvLayer):
     return _conv(layer, params, value)
   if isinstance(layer, LinearLayer):
-    return graph_lib.as_layout(value, "nhwc") @ params["kernel"] + params["bias"], "nhwc"
+    return graph_lib.as_layout(value, NHWC) @ params["kernel"] + params["bias"], NHWC
   return _affine(params, value)
 
 

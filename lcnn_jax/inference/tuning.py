@@ -19,7 +19,7 @@ import numpy as np
 from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import kernels
+from lcnn_jax.inference import kernels, layouts
 from lcnn_jax.inference.backends import LookupLayer
 
 
@@ -43,18 +43,18 @@ def device_name() -> str:
   return f"{device.platform}:{device.device_kind}"
 
 
-def layer_input(layer: LookupLayer, layout: str, batch_size: int, seed: int = 0) -> jax.Array:
-  """A random input for ``layer`` in ``layout``."""
+def layer_input(layer: LookupLayer, layout: layouts.Layout, batch_size: int, seed: int = 0) -> jax.Array:
+  """A random input for ``layer`` held in ``layout``."""
   h, w = layer.input_size
-  shape = (batch_size, h, w, layer.in_features) if layout == "nhwc" else (layer.in_features, h, w, batch_size)
-  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+  x = np.random.default_rng(seed).standard_normal((batch_size, h, w, layer.in_features), np.float32)
+  return layouts.convert(jnp.asarray(x), layouts.NHWC, layout)
 
 
 def time_layer(layer: LookupLayer, backend: str, batch_size: int) -> float:
   """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size``."""
   impl = backends_lib.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
-  layout = impl.input_layout(layer)
+  layout = impl.input_layout(layer, batch_size)
   x = layer_input(layer, layout, batch_size)
   fn = jax.jit(lambda p, v: impl.apply(layer, p, v, layout)[0])
   return median_ms(lambda: jax.block_until_ready(fn(params, x)))
