@@ -88,12 +88,12 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
   return rows
 
 
-def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str) -> None:
+def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, bench_batch: int = 1) -> None:
   """Top-1 against multiplication speedup (and measured speedup when present), one line per strength."""
   plt = common.pyplot()
   panels = [("speedup", "speedup in multiplications (×)")]
   if any("wall_speedup" in row for row in rows):
-    panels.append(("wall_speedup", "measured wall-clock speedup (×)"))
+    panels.append(("wall_speedup", f"measured wall-clock speedup at batch {bench_batch} (×)"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
   lcnn = [row for row in rows if row["point"] != "cnn"]
   for ax, (key, label) in zip(axes[0], panels):
@@ -145,7 +145,8 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
                       bench_seconds=flag.bench_seconds.value)
   table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
-                f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup")
+                f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup",
+                flag.bench_batch.value)
   print(table)  # the command's output
 
 
