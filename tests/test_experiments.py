@@ -159,6 +159,13 @@ def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_
   np.testing.assert_array_equal(start.bn2.mean[...], base_cnn.bn2.mean[...])
   final, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_n1"))
   assert not np.array_equal(final.conv2.kernel[...], base_cnn.conv2.kernel[...])
+  # --lcnn_init=all: its own points, starting from every base LCNN weight but the classifier.
+  all_rows, _ = few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
+                                      novel_steps=2, lcnn_init="all")
+  assert len(all_rows) == 1
+  start, _, _ = checkpoint.restore_model(str(tmp_path / "lcnn_all_n1"), step=0)
+  np.testing.assert_array_equal(lookup_array(start, "conv3", "coefficients"),
+                                lookup_array(base_lcnn, "conv3", "coefficients"))
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
                                novel_steps=2) == (rows, bases)

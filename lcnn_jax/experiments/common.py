@@ -26,6 +26,7 @@ from flax import nnx
 from lcnn_jax import checkpoint, config as config_lib, data, logger, optimizer as optimizer_lib, sparsity, train
 
 RESULT_FILE = "result.json"
+CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, ResNet and AlexNet.
 
 
 class ExperimentError(RuntimeError):
@@ -169,11 +170,11 @@ def _natural_key(path: str) -> list:
   return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def copy_matching_weights(source_workdir: str, model: nnx.Module, *, exclude: Sequence[str] = ("classifier",),
-                          ) -> list[str]:
+def copy_matching_weights(source_workdir: str, model: nnx.Module, *,
+                          exclude: Sequence[str] = CLASSIFIERS) -> list[str]:
   """Copies the parameters and BatchNorm statistics of ``source_workdir``'s latest checkpoint into ``model``
-  wherever path and shape agree, except under the ``exclude`` path prefixes (the classifier, whose classes
-  differ); returns the copied paths. "Fine-tuning the usual way" starts from this."""
+  wherever path and shape agree, except under the ``exclude`` path prefixes (by default the classifiers of the
+  built-in models, whose classes differ); returns the copied paths. "Fine-tuning the usual way" starts here."""
   source, _, _ = checkpoint.restore_model(source_workdir)
   kinds = (nnx.Param, nnx.BatchStat)
   saved = {sparsity.path_string(kp): np.asarray(leaf)

@@ -89,7 +89,7 @@ def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequenc
 
 
 def _copy_all_but_classifier(source_workdir: str, model) -> None:
-  common.copy_matching_weights(source_workdir, model, exclude=("classifier",))
+  common.copy_matching_weights(source_workdir, model)
 
 
 LCNN_LABELS = {"dictionaries": "LCNN: base dictionaries, train I and C",
