@@ -113,7 +113,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
           "--workdir) to run this one.")
     logging.info("Point %s is finished (top-1 %.4f); skipping it.", workdir, done["top1"])
     return done
-  if prepare is not None and checkpoint_steps(workdir) is None:
+  if prepare is not None and latest_checkpoint_step(workdir) is None:
     seed_run(config, workdir, prepare)
   metrics = train.train_and_evaluate(config, workdir)
   rows = logger.read_metrics(workdir)
@@ -126,11 +126,12 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
             "speedup": last["speedup"], "steps": last["step"],
             "curve": [{k: row[k] for k in ("step", "top1", "top5", "loss")} for row in evals],
             "config": config_dict}
-  _write_json(os.path.join(workdir, RESULT_FILE), result)
+  if jax.process_index() == 0:
+    _write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
 
 
-def checkpoint_steps(workdir: str) -> int | None:
+def latest_checkpoint_step(workdir: str) -> int | None:
   """The latest checkpoint step of ``workdir``, or None when it has none."""
   directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
