@@ -274,6 +274,19 @@ class Gather:
     return (y + params["bias"][:, None, None, None])[None], batch
 
 
+def dictionary_stage_tiled(dictionary_t: jax.Array, x: jax.Array) -> jax.Array:
+  """S = Dᵀ·x per tile, (k, m) and (tiles, m, h, w, tile) -> (tiles, k, h, w, tile), as one batched matmul.
+
+  Written with the tiles as a batch dimension of both operands: an einsum with D shared across tiles makes XLA
+  transpose x to (pixels, m) and S back.
+  """
+  tiles, m, h, w, tile = x.shape
+  k = dictionary_t.shape[0]
+  d = jnp.broadcast_to(dictionary_t, (tiles, k, m))
+  s = jax.lax.dot_general(d, x.reshape(tiles, m, h * w * tile), (((2,), (1,)), ((0,), (0,))))
+  return s.reshape(tiles, k, h, w, tile)
+
+
 FUSED_DICTIONARY_MACS = 64
 """A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
@@ -330,8 +343,7 @@ class Lookup:
       out, _ = jax.ffi.ffi_call(kernels.FUSED_TARGET, results, vmap_method="sequential")(
           x, params["dictionary"], *lookups, **geometry)
     else:
-      x = layouts.convert(x, layout, tile)  # (tiles, m, h, w, tile)
-      s = jnp.einsum("km,tmhwb->tkhwb", params["dictionary_t"], x)  # (tiles, k, h, w, tile)
+      s = dictionary_stage_tiled(params["dictionary_t"], layouts.convert(x, layout, tile))  # (tiles, k, h, w, tile)
       out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **geometry)
     return out, tile
 

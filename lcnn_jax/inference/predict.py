@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags, logging
 
 from lcnn_jax.data import transforms
+from lcnn_jax.inference import allocator
 from lcnn_jax.inference.exporter import load
 from lcnn_jax.inference.model import InferenceModel
 
@@ -70,6 +71,7 @@ def main(argv: Sequence[str]) -> int:
     paths = flag_values(list(argv))[1:]
     if flag_values.model is None or not paths:
       raise ValueError("usage: python -m lcnn_jax.inference.predict --model model.npz IMAGE [IMAGE ...]")
+    allocator.reuse_freed_memory()
     model = load(flag_values.model, backends=flag_values.backends)
     top = predict(model, paths, flag_values.top)
   except (flags.Error, ValueError, OSError) as e:
