@@ -274,19 +274,6 @@ class Gather:
     return (y + params["bias"][:, None, None, None])[None], batch
 
 
-def dictionary_stage_tiled(dictionary_t: jax.Array, x: jax.Array) -> jax.Array:
-  """S = Dᵀ·x per tile, (k, m) and (tiles, m, h, w, tile) -> (tiles, k, h, w, tile), as one batched matmul.
-
-  Written with the tiles as a batch dimension of both operands: an einsum with D shared across tiles makes XLA
-  transpose x to (pixels, m) and S back.
-  """
-  tiles, m, h, w, tile = x.shape
-  k = dictionary_t.shape[0]
-  d = jnp.broadcast_to(dictionary_t, (tiles, k, m))
-  s = jax.lax.dot_general(d, x.reshape(tiles, m, h * w * tile), (((2,), (1,)), ((0,), (0,))))
-  return s.reshape(tiles, k, h, w, tile)
-
-
 FUSED_DICTIONARY_MACS = 64
 """A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
@@ -308,12 +295,19 @@ class Lookup:
 
   @staticmethod
   def tile(layer: LookupLayer, batch: int) -> int:
-    """The images per tile the kernel runs ``layer`` with (:func:`layouts.tile_for`)."""
+    """How many images the kernel works on at a time: a few of a feature map, all of them for a vector.
+
+    Four images of a map keep a tile's S within a core's L2 cache with rows still long (measured fastest for
+    AlexNet's and ResNet's convolutions at batch 32); a layer with few output positions needs the whole batch
+    for long runs. The layer's input and output are CHWN either way.
+    """
     oh, ow = layer.output_size
-    return layouts.tile_for(batch, oh * ow)
+    if oh * ow >= 64 and batch % 4 == 0:
+      return 4
+    return 1 if oh * ow >= 64 else batch
 
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    return NHWC if self.fused(layer) else self.tile(layer, batch)
+    return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     positions = _s2d_indices(layer)
@@ -332,20 +326,23 @@ class Lookup:
     tile = self.tile(layer, batch)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
     fused = self.fused(layer)
-    copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
-    tiles = batch // tile
-    results = (jax.ShapeDtypeStruct((tiles, layer.out_features, g.out_height, g.out_width, tile), jnp.float32),
+    copied = fused or tile < batch or (ph, pw, sh, sw) != (0, 0, 1, 1)
+    results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
                jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
-    geometry = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
+    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
+                      tile=np.int64(tile))
     lookups = (params["starts"], params["indices"], params["values"], params["bias"])
     if fused:
-      x = x if layout == NHWC else layouts.convert(x, layout, tile)  # NHWC, or tiled like the output
+      nhwc = layout == NHWC
+      x = x if nhwc else layouts.convert(x, layout, batch)[0]  # NHWC, or CHWN
       out, _ = jax.ffi.ffi_call(kernels.FUSED_TARGET, results, vmap_method="sequential")(
-          x, params["dictionary"], *lookups, **geometry)
+          x, params["dictionary"], *lookups, **attributes, nhwc=nhwc)
     else:
-      s = dictionary_stage_tiled(params["dictionary_t"], layouts.convert(x, layout, tile))  # (tiles, k, h, w, tile)
-      out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **geometry)
-    return out, tile
+      x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
+      m, h, w, _ = x.shape
+      s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
+      out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
+    return out[None], batch  # CHWN
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}

@@ -2,9 +2,8 @@
 
 A layout is either ``NHWC`` (the array as the model sees it, (batch, h, w, c)) or a *tile size* t, an int:
 the array (batch / t, c, h, w, t), channels first with the batch cut into tiles of t images kept innermost.
-t = batch is CHWN and t = 1 is NCHW. The lookup kernels read tiled activations: one non-zero of P then reads
-a contiguous run of S, t values per pixel, and a small tile keeps one tile's S in cache (conv layers) while a
-whole-batch tile gives fully connected layers vector-length runs.
+t = batch is CHWN, the lookup backends' layout (one non-zero of P then reads a contiguous run of S), and
+t = 1 is NCHW.
 
 Element-wise operations, pooling windows and reductions over h, w or c run on a tiled array directly
 (:func:`physical_axis` maps a logical axis); anything else converts to NHWC first.
@@ -51,13 +50,3 @@ def physical_axis(logical: int) -> int:
   """The axis of a tiled array holding logical axis 1, 2 or 3 (h, w, c); the batch is split over 0 and 4."""
   return {1: 2, 2: 3, 3: 1}[logical]
 
-
-def tile_for(batch: int, positions: int) -> int:
-  """The tile size the lookup kernel runs a layer at: a few images for a feature map, the batch for a vector.
-
-  Four images of a map keep one tile's S within a core's L2 cache and its rows long (measured best for
-  AlexNet's and ResNet's convolutions); a layer with few output positions needs the batch for long runs.
-  """
-  if positions >= 64 and batch % 4 == 0:
-    return 4
-  return 1 if positions >= 64 else batch

@@ -4,15 +4,17 @@
 // shifted copies of S: out[o, y, x, b] = bias[o] + sum_t values[t] * S[atom_t, y + r_t, x + c_t, b] over the
 // non-zeros t of output o (strided layers arrive as stride-1 ones over a space-to-depth view of S).
 //
-// Layout (channels first, batch last within a tile): S is (tiles, atoms, H, W, batch) where batch is the tile
-// size (a few images, or all of them), so one non-zero reads a contiguous run of S; tiles are independent. We compute a "wide" output row of W positions per output row (of which the first ow
+// Layout (channels first, batch last, "CHWN"): S is (atoms, H, W, images), so one non-zero reads a contiguous
+// run of S. For cache locality the kernel works on tiles of `batch` images at a time (a few images of a large
+// map, all of them for a vector): the padded space-to-depth copy of S below is (tiles, atoms, H, W, batch),
+// and each tile writes its images' slots of the CHWN output. We compute a "wide" output row of W positions per output row (of which the first ow
 // are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
 // index_t = (atom_t * H + r_t) * W + c_t. Each non-zero is then one vector multiply-add over a block of
 // consecutive wide elements, with the accumulators held in registers across all non-zeros of the output.
 //
-// S arrives unpadded, (tiles, k, h, w, batch), as the dictionary matmul leaves it. A layer with padding or
-// strides first copies it into a zero-padded space-to-depth scratch buffer (tiles, k * sh * sw, H, W, batch);
-// a layer with neither reads S in place.
+// S arrives unpadded, (k, h, w, images), as the dictionary matmul leaves it. A layer with padding, strides or
+// tiles smaller than the batch first copies it into a zero-padded space-to-depth scratch buffer
+// (tiles, k * sh * sw, H, W, batch); a layer with none of these reads S in place.
 
 #ifndef LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
 #define LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
@@ -41,13 +43,13 @@ inline v16 Load(const float* p) {
 
 struct Geometry {
   int64_t tiles;   // independent groups of images
-  int64_t batch;   // images per tile, innermost
+  int64_t batch;   // images per tile, innermost in S
   int64_t width;   // W of S (after space-to-depth)
   int64_t n;       // outputs
   int64_t oh, ow;  // output height and width
   int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output of a tile
   int64_t s_tile;  // elements of S per tile
-  int64_t out_tile() const { return n * oh * ow * batch; }
+  int64_t images() const { return tiles * batch; }
 };
 
 template <typename Index>
@@ -58,20 +60,29 @@ struct Lookups {
   const float* bias;      // (n)
 };
 
-// Writes wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping columns x >= ow.
+// Writes wide elements [p0, p0 + len) of output o of one tile to out (n, oh, ow, images), dropping columns
+// x >= ow; the tile's images start at `out`.
 inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, int64_t p0, int64_t len, float* out) {
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
+  const int64_t images = g.images();
   int64_t q = p0;
   while (q < end) {
     const int64_t y = q / row;
     const int64_t xb = q - y * row;  // x * batch + b
     if (xb < kept) {
       const int64_t stop = std::min(end, y * row + kept);
-      float* dst = out + (o * g.oh + y) * kept + xb;
       const float* src = acc + (q - p0);
-      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] + bias;
+      float* dst = out + (o * g.oh + y) * g.ow * images;
+      if (images == g.batch) {  // one tile: the run is contiguous in the output too
+        for (int64_t i = 0; i < stop - q; ++i) dst[xb + i] = src[i] + bias;
+      } else {
+        for (int64_t i = 0; i < stop - q; ++i) {
+          const int64_t x = (xb + i) / g.batch, b = (xb + i) % g.batch;
+          dst[x * images + b] = src[i] + bias;
+        }
+      }
     }
     q = (y + 1) * row;
   }
@@ -166,7 +177,7 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s_all, const Loo
     const int64_t o1 = std::min(g.n, o0 + plan.group_size);
     const int64_t p0 = block * plan.block;
     const float* s = s_all + tile * g.s_tile;
-    float* out = out_all + tile * g.out_tile();
+    float* out = out_all + tile * g.batch;  // the tile's first image in (n, oh, ow, images)
     for (int64_t o = o0; o < o1; ++o) {
       if constexpr (V == 0) {
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
@@ -246,15 +257,16 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   return Launch<16>(pool, g, s, l, out);
 }
 
-// S (tiles, k, h, w, batch) -> the zero-padded space-to-depth view (tiles, k * sh * sw, H, W, batch), one
-// (tile, atom, row) per item.
+// S (k, h, w, images) -> the zero-padded space-to-depth view (tiles, k * sh * sw, H, W, batch) in tiles of
+// `batch` images, one (tile, atom, row) per item.
 template <typename Pool>
 void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int64_t h, int64_t w, int64_t batch,
                   int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
   const int64_t rows = k * sh * sw * height;
+  const int64_t images = tiles * batch;
   ParallelFor(pool, tiles * rows, [=](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const float* s = s_all + item / rows * k * h * w * batch;
+      const float* s = s_all + item / rows * batch;  // the tile's first image
       const int64_t atom = item % rows / height, row = item % height;
       const int64_t j = atom / (sh * sw), pr = (atom / sw) % sh, pc = atom % sw;
       float* dst = out + item * width * batch;
@@ -263,8 +275,8 @@ void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int6
         std::memset(dst, 0, sizeof(float) * width * batch);
         continue;
       }
-      const float* src = s + (j * h + y) * w * batch;
-      if (sw == 1) {  // one run: [zeros][the row][zeros]
+      const float* src = s + (j * h + y) * w * images;
+      if (sw == 1 && tiles == 1) {  // one run: [zeros][the row][zeros]
         const int64_t left = std::min(width, pw), copied = std::max<int64_t>(0, std::min(w, width - left));
         std::memset(dst, 0, sizeof(float) * left * batch);
         std::memcpy(dst + left * batch, src, sizeof(float) * copied * batch);
@@ -274,32 +286,32 @@ void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int6
       for (int64_t col = 0; col < width; ++col) {
         const int64_t x = col * sw + pc - pw;
         if (x < 0 || x >= w) std::memset(dst + col * batch, 0, sizeof(float) * batch);
-        else std::memcpy(dst + col * batch, src + x * batch, sizeof(float) * batch);
+        else std::memcpy(dst + col * batch, src + x * images, sizeof(float) * batch);
       }
     }
   });
 }
 
 // S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
-// layer): one pass over x instead of a matmul, a transpose and a copy. x is (tiles * batch, h, w, m) when
-// nhwc, else (tiles, m, h, w, batch). An item is one input row y of one tile (a phase pr and row of the
-// output); it reads the row left to right, every image of the tile at once, and writes each pixel's k
-// responses to the column and phase pc that pixel lands in. M and K are the sizes when known at compile
-// time (0: read them at run time).
+// layer): one pass over x instead of a matmul, a transpose and a copy. x is (images, h, w, m) when nhwc, else
+// (m, h, w, images). An item is one input row y of one tile (a phase pr and row of the output); it reads the
+// row left to right, every image of the tile at once, and writes each pixel's k responses to the column and
+// phase pc that pixel lands in. M and K are the sizes when known at compile time (0: read them at run time).
 template <int M, int K>
 void DictionaryRows(const float* x_all, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
-                    int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                    int64_t height, int64_t width, float* out_all, int64_t begin, int64_t end) {
+                    int64_t tiles, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh,
+                    int64_t sw, int64_t height, int64_t width, float* out_all, int64_t begin, int64_t end) {
   const int64_t m = M ? M : m_runtime, k = K ? K : k_runtime;
-  // Element strides of x along the images of a tile, row, column and channel.
-  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
-                xm = nhwc ? 1 : h * w * batch;
+  const int64_t images = tiles * batch;
+  // Element strides of x along images, rows, columns and channels.
+  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * images, xx = nhwc ? m : images,
+                xm = nhwc ? 1 : h * w * images;
   const int64_t plane = height * width * batch;  // one atom of the output
   float d[64 * 64];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t tile = item / (sh * height);
-    const float* x = x_all + tile * batch * h * w * m;  // the same offset in both layouts
+    const float* x = x_all + tile * batch * xb;  // the tile's first image
     float* out = out_all + tile * k * sh * sw * plane;
     const int64_t pr = item / height % sh, row = item % height;
     const int64_t y = row * sh + pr - ph;
@@ -334,7 +346,7 @@ void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dicti
   else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3>;
   else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1>;
   ParallelFor(pool, tiles * sh * height, [=](int64_t begin, int64_t end) {
-    rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
+    rows(x, nhwc, dictionary, m, k, tiles, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
   });
 }
 
