@@ -1,4 +1,4 @@
-"""The embedded default: an LCNN on scikit-learn's handwritten digits, about two minutes on 2 CPU cores.
+"""The embedded default: an LCNN on scikit-learn's handwritten digits, about a minute on 2 CPU cores.
 
     python -m lcnn_jax.main --config configs/quickstart.py --workdir runs/quickstart
 
