@@ -44,7 +44,7 @@ LAYER_CASES = {
     "fc6_like": dict(m=16, n=33, k=20, kernel=(6, 6), strides=(1, 1), padding=(0, 0), size=(6, 6), density=0.05),
     "1x1": dict(m=40, n=12, k=8, kernel=(1, 1), strides=(1, 1), padding=(0, 0), size=(1, 1), density=0.2),
     "empty": dict(m=4, n=5, k=3, kernel=(2, 2), strides=(1, 1), padding=(0, 0), size=(3, 3), density=0.0),
-    # Maps of ≥ 64 output positions run the kernel in tiles of 4 or 1 images.
+    # A first layer whose dictionary the kernel applies itself, and a strided map (space-to-depth copy).
     "map_fused_dictionary": dict(m=4, n=6, k=5, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(8, 9),
                                  density=0.3),
     "map_strided": dict(m=16, n=7, k=6, kernel=(5, 5), strides=(2, 2), padding=(2, 2), size=(17, 16), density=0.2),
@@ -57,8 +57,8 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
   layer = _random_layer(rng, **LAYER_CASES[case])
   impl = backends.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
-  # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks, one
-  # tile or several); the input arrives as NHWC, or (batch 17) as one tile of the whole batch or single images.
+  # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks);
+  # the input arrives as NHWC, or (batch 17) as CHWN or NCHW.
   for batch, layout in [(1, layouts.NHWC), (3, layouts.NHWC), (17, layouts.NHWC), (17, 17), (17, 1),
                         (40, layouts.NHWC)]:
     run = jax.jit(lambda p, x: layouts.convert(*impl.apply(layer, p, x, layout), layouts.NHWC))

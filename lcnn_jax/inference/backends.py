@@ -12,9 +12,9 @@ BatchNorm after it already folded in. The backends differ in how they compute Y 
 * ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
   output's accumulators in registers over all its non-zeros (CPU only).
 
-``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first activations
-with the batch innermost in tiles (:mod:`lcnn_jax.inference.layouts`), the layout in which one non-zero reads
-a contiguous run of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output
+``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first, batch-last
+CHWN activations (:mod:`lcnn_jax.inference.layouts`), the layout in which one non-zero reads a contiguous run
+of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output
 row is computed over S's full width (the "wide" row whose columns past the output width are dropped). Strided
 layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
 (r div s_h, c div s_w). Every backend accepts any layout and transposes what it must; a first layer (a
@@ -293,19 +293,6 @@ class Lookup:
     """Whether the kernel computes S itself (a small first-layer dictionary) instead of an XLA matmul."""
     return layer.in_features * layer.dictionary_size <= FUSED_DICTIONARY_MACS
 
-  @staticmethod
-  def tile(layer: LookupLayer, batch: int) -> int:
-    """How many images the kernel works on at a time: a few of a feature map, all of them for a vector.
-
-    Four images of a map keep a tile's S within a core's L2 cache with rows still long (measured fastest for
-    AlexNet's and ResNet's convolutions at batch 32); a layer with few output positions needs the whole batch
-    for long runs. The layer's input and output are CHWN either way.
-    """
-    oh, ow = layer.output_size
-    if oh * ow >= 64 and batch % 4 == 0:
-      return 4
-    return 1 if oh * ow >= 64 else batch
-
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
     return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
 
@@ -323,14 +310,12 @@ class Lookup:
     kernels.ensure_kernel()
     g = _geometry(layer)
     batch = layouts.batch_size(x, layout)
-    tile = self.tile(layer, batch)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
     fused = self.fused(layer)
-    copied = fused or tile < batch or (ph, pw, sh, sw) != (0, 0, 1, 1)
+    copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
     results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
                jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
-    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
-                      tile=np.int64(tile))
+    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
     lookups = (params["starts"], params["indices"], params["values"], params["bias"])
     if fused:
       nhwc = layout == NHWC

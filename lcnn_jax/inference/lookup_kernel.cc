@@ -17,14 +17,13 @@ using lcnn::Lookups;
 using lcnn::SpaceToDepth;
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
-using ChwnF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, images), or NHWC images
+using ChwnF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch), or NHWC images
 using OutF32 = ChwnF32;
 using MatrixF32 = ffi::Buffer<ffi::F32, 2>;
 
 struct Padding {
   int64_t ph, pw, sh, sw;
-  bool always_copies = false;  // the fused kernel, and tiles smaller than the batch, build S in the scratch
-  bool copies() const { return always_copies || ph || pw || sh > 1 || sw > 1; }
+  bool copies() const { return ph || pw || sh > 1 || sw > 1; }
 };
 
 // Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed).
@@ -45,43 +44,36 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
   return ffi::Error::Success();
 }
 
-// out is (n, oh, ow, images), run in tiles of `tile` images; S (or x) has h × w pixels.
-Geometry MakeGeometry(const OutF32& out, int64_t k, int64_t h, int64_t w, int64_t tile, const Padding& p,
-                      int64_t* height) {
+// out is (n, oh, ow, batch); S (or x) has h × w pixels.
+Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const Padding& p, int64_t* height) {
   const auto dims = out.dimensions();
   Geometry g;
   g.n = dims[0];
   g.oh = dims[1];
   g.ow = dims[2];
-  g.batch = tile;
-  g.tiles = dims[3] / tile;
+  g.batch = dims[3];
   *height = (h + 2 * p.ph + p.sh - 1) / p.sh;
   g.width = (w + 2 * p.pw + p.sw - 1) / p.sw;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
-  g.s_tile = p.copies() ? k * p.sh * p.sw * *height * g.width * g.batch : k * h * w * g.batch;
   return g;
 }
 
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
                           FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
-                          int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t tile) {
-  const auto in = s.dimensions();  // (k, h, w, images)
-  const auto images = out->dimensions()[3];
-  const Padding p{pad_h, pad_w, stride_h, stride_w, tile < images};
-  if (tile <= 0 || images % tile) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: the tile must divide the batch");
-  }
+                          int64_t pad_w, int64_t stride_h, int64_t stride_w) {
+  const auto in = s.dimensions();  // (k, h, w, batch)
+  const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, in[0], in[1], in[2], tile, p, &height);
-  if (in[3] != images || g.ow > g.width || g.oh > height) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, images) does not match the output");
+  const Geometry g = MakeGeometry(*out, in[1], in[2], p, &height);
+  if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
   const float* source = s.typed_data();
   if (p.copies()) {
-    if (scratch->element_count() != static_cast<size_t>(g.tiles * g.s_tile)) {
+    if (scratch->element_count() != static_cast<size_t>(in[0] * p.sh * p.sw * height * g.width * g.batch)) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
     }
-    SpaceToDepth(pool, source, g.tiles, in[0], in[1], in[2], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
+    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
                  scratch->typed_data());
     source = scratch->typed_data();
   }
@@ -91,26 +83,23 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<ChwnF32> out,
                                ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
-                               int64_t stride_w, int64_t tile, bool nhwc) {
-  const auto in = x.dimensions();  // (images, h, w, m) when nhwc, else (m, h, w, images)
+                               int64_t stride_w, bool nhwc) {
+  const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
   const auto d = dictionary.dimensions();
   const int64_t m = d[0], k = d[1];
-  const int64_t h = in[1], w = in[2], images = out->dimensions()[3];
-  const Padding p{pad_h, pad_w, stride_h, stride_w, true};
-  if (tile <= 0 || images % tile) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: the tile must divide the batch");
-  }
+  const int64_t h = in[1], w = in[2];
+  const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, k, h, w, tile, p, &height);
-  const bool shapes_agree = nhwc ? (in[3] == m && in[0] == images) : (in[0] == m && in[3] == images);
+  const Geometry g = MakeGeometry(*out, h, w, p, &height);
+  const bool shapes_agree = nhwc ? (in[3] == m && in[0] == g.batch) : (in[0] == m && in[3] == g.batch);
   if (!shapes_agree || m > 64 || k > 64 || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m, k <= 64) and out disagree");
   }
-  if (scratch->element_count() != static_cast<size_t>(g.tiles * g.s_tile)) {
+  if (scratch->element_count() != static_cast<size_t>(k * p.sh * p.sw * height * g.width * g.batch)) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S");
   }
-  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, g.tiles, h, w, g.batch, p.ph, p.pw,
-                    p.sh, p.sw, height, g.width, scratch->typed_data());
+  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
+                    p.sw, height, g.width, scratch->typed_data());
   return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, out->typed_data());
 }
 
@@ -119,18 +108,17 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ChwnF32>()         // S (k, h, w, images), unpadded
+                                  .Arg<ChwnF32>()         // S (k, h, w, batch), unpadded
                                   .Arg<FlatS32>()         // starts
                                   .Arg<ffi::AnyBuffer>()  // indices
                                   .Arg<FlatF32>()         // values
                                   .Arg<FlatF32>()         // bias
-                                  .Ret<OutF32>()          // out (n, oh, ow, images)
+                                  .Ret<OutF32>()          // out (n, oh, ow, batch)
                                   .Ret<FlatF32>()         // scratch for the padded space-to-depth S
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("tile"));
+                                  .Attr<int64_t>("stride_w"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
@@ -141,11 +129,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                   .Arg<ffi::AnyBuffer>()           // indices
                                   .Arg<FlatF32>()                  // values
                                   .Arg<FlatF32>()                  // bias
-                                  .Ret<OutF32>()                   // out (n, oh, ow, images)
+                                  .Ret<OutF32>()                   // out (n, oh, ow, batch)
                                   .Ret<FlatF32>()                  // the padded space-to-depth S
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("tile")
                                   .Attr<bool>("nhwc"));

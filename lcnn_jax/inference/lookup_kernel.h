@@ -4,17 +4,16 @@
 // shifted copies of S: out[o, y, x, b] = bias[o] + sum_t values[t] * S[atom_t, y + r_t, x + c_t, b] over the
 // non-zeros t of output o (strided layers arrive as stride-1 ones over a space-to-depth view of S).
 //
-// Layout (channels first, batch last, "CHWN"): S is (atoms, H, W, images), so one non-zero reads a contiguous
-// run of S. For cache locality the kernel works on tiles of `batch` images at a time (a few images of a large
-// map, all of them for a vector): the padded space-to-depth copy of S below is (tiles, atoms, H, W, batch),
-// and each tile writes its images' slots of the CHWN output. We compute a "wide" output row of W positions per output row (of which the first ow
+// Layout (channels first, batch last, "CHWN"): S is (atoms, H, W, batch), so one non-zero reads a contiguous
+// run of S. (Splitting the batch into tiles of a few images, for a tile's S to stay in cache, measured slower
+// end to end: CHWN activations then take partial cache-line writes, XLA's pooling short vectors.) We compute a "wide" output row of W positions per output row (of which the first ow
 // are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
 // index_t = (atom_t * H + r_t) * W + c_t. Each non-zero is then one vector multiply-add over a block of
 // consecutive wide elements, with the accumulators held in registers across all non-zeros of the output.
 //
-// S arrives unpadded, (k, h, w, images), as the dictionary matmul leaves it. A layer with padding, strides or
-// tiles smaller than the batch first copies it into a zero-padded space-to-depth scratch buffer
-// (tiles, k * sh * sw, H, W, batch); a layer with none of these reads S in place.
+// S arrives unpadded, (k, h, w, batch), as the dictionary matmul leaves it. A layer with padding or strides
+// first copies it into a zero-padded space-to-depth scratch buffer (k * sh * sw, H, W, batch); a layer with
+// neither reads S in place.
 
 #ifndef LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
 #define LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
@@ -42,14 +41,11 @@ inline v16 Load(const float* p) {
 }
 
 struct Geometry {
-  int64_t tiles;   // independent groups of images
-  int64_t batch;   // images per tile, innermost in S
+  int64_t batch;   // b
   int64_t width;   // W of S (after space-to-depth)
   int64_t n;       // outputs
   int64_t oh, ow;  // output height and width
-  int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output of a tile
-  int64_t s_tile;  // elements of S per tile
-  int64_t images() const { return tiles * batch; }
+  int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output
 };
 
 template <typename Index>
@@ -60,29 +56,20 @@ struct Lookups {
   const float* bias;      // (n)
 };
 
-// Writes wide elements [p0, p0 + len) of output o of one tile to out (n, oh, ow, images), dropping columns
-// x >= ow; the tile's images start at `out`.
+// Writes wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping columns x >= ow.
 inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, int64_t p0, int64_t len, float* out) {
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
-  const int64_t images = g.images();
   int64_t q = p0;
   while (q < end) {
     const int64_t y = q / row;
     const int64_t xb = q - y * row;  // x * batch + b
     if (xb < kept) {
       const int64_t stop = std::min(end, y * row + kept);
+      float* dst = out + (o * g.oh + y) * kept + xb;
       const float* src = acc + (q - p0);
-      float* dst = out + (o * g.oh + y) * g.ow * images;
-      if (images == g.batch) {  // one tile: the run is contiguous in the output too
-        for (int64_t i = 0; i < stop - q; ++i) dst[xb + i] = src[i] + bias;
-      } else {
-        for (int64_t i = 0; i < stop - q; ++i) {
-          const int64_t x = (xb + i) / g.batch, b = (xb + i) % g.batch;
-          dst[x * images + b] = src[i] + bias;
-        }
-      }
+      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] + bias;
     }
     q = (y + 1) * row;
   }
@@ -156,28 +143,24 @@ float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t 
   return sum;
 }
 
-// A work item is one block of wide elements of one tile for one group of outputs.
+// A work item is one block of wide elements for one group of outputs.
 struct Plan {
-  int64_t tiles;
   int64_t block;        // wide elements per block (16 * V, or the whole of a small Q)
-  int64_t blocks;       // per tile
+  int64_t blocks;
   int64_t group_size;   // outputs per item
   int64_t groups;
-  int64_t items() const { return tiles * blocks * groups; }
+  int64_t items() const { return blocks * groups; }
 };
 
 template <int V, typename Index>
-void RunItems(const Geometry& g, const Plan& plan, const float* s_all, const Lookups<Index>& l, float* out_all,
+void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index>& l, float* out,
               int64_t begin, int64_t end) {
   alignas(64) float acc[256];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t tile = item / (plan.blocks * plan.groups);
-    const int64_t block = item / plan.groups % plan.blocks;
+    const int64_t block = item / plan.groups;
     const int64_t o0 = (item % plan.groups) * plan.group_size;
     const int64_t o1 = std::min(g.n, o0 + plan.group_size);
     const int64_t p0 = block * plan.block;
-    const float* s = s_all + tile * g.s_tile;
-    float* out = out_all + tile * g.batch;  // the tile's first image in (n, oh, ow, images)
     for (int64_t o = o0; o < o1; ++o) {
       if constexpr (V == 0) {
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
@@ -234,12 +217,11 @@ template <int V, typename Pool, typename Index>
 void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, float* out) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Plan plan;
-  plan.tiles = g.tiles;
   plan.block = V == 0 ? g.wide : 16 * V;
   plan.blocks = (g.wide + plan.block - 1) / plan.block;
   // Enough items for load balance; split the outputs only when the blocks alone are too few.
-  const int64_t want = 16 * threads, spans = plan.tiles * plan.blocks;
-  plan.groups = std::min(g.n, std::max<int64_t>(1, (want + spans - 1) / spans));
+  const int64_t want = 16 * threads;
+  plan.groups = std::min(g.n, std::max<int64_t>(1, (want + plan.blocks - 1) / plan.blocks));
   plan.group_size = (g.n + plan.groups - 1) / plan.groups;
   plan.groups = (g.n + plan.group_size - 1) / plan.group_size;
   ParallelFor(pool, plan.items(), [g, plan, s, l, out](int64_t begin, int64_t end) {
@@ -257,17 +239,14 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   return Launch<16>(pool, g, s, l, out);
 }
 
-// S (k, h, w, images) -> the zero-padded space-to-depth view (tiles, k * sh * sw, H, W, batch) in tiles of
-// `batch` images, one (tile, atom, row) per item.
+// S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
 template <typename Pool>
-void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int64_t h, int64_t w, int64_t batch,
-                  int64_t ph, int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
+void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph,
+                  int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
   const int64_t rows = k * sh * sw * height;
-  const int64_t images = tiles * batch;
-  ParallelFor(pool, tiles * rows, [=](int64_t begin, int64_t end) {
+  ParallelFor(pool, rows, [=](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const float* s = s_all + item / rows * batch;  // the tile's first image
-      const int64_t atom = item % rows / height, row = item % height;
+      const int64_t atom = item / height, row = item % height;
       const int64_t j = atom / (sh * sw), pr = (atom / sw) % sh, pc = atom % sw;
       float* dst = out + item * width * batch;
       const int64_t y = row * sh + pr - ph;
@@ -275,8 +254,8 @@ void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int6
         std::memset(dst, 0, sizeof(float) * width * batch);
         continue;
       }
-      const float* src = s + (j * h + y) * w * images;
-      if (sw == 1 && tiles == 1) {  // one run: [zeros][the row][zeros]
+      const float* src = s + (j * h + y) * w * batch;
+      if (sw == 1) {  // one run: [zeros][the row][zeros]
         const int64_t left = std::min(width, pw), copied = std::max<int64_t>(0, std::min(w, width - left));
         std::memset(dst, 0, sizeof(float) * left * batch);
         std::memcpy(dst + left * batch, src, sizeof(float) * copied * batch);
@@ -286,34 +265,30 @@ void SpaceToDepth(Pool& pool, const float* s_all, int64_t tiles, int64_t k, int6
       for (int64_t col = 0; col < width; ++col) {
         const int64_t x = col * sw + pc - pw;
         if (x < 0 || x >= w) std::memset(dst + col * batch, 0, sizeof(float) * batch);
-        else std::memcpy(dst + col * batch, src + x * images, sizeof(float) * batch);
+        else std::memcpy(dst + col * batch, src + x * batch, sizeof(float) * batch);
       }
     }
   });
 }
 
 // S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
-// layer): one pass over x instead of a matmul, a transpose and a copy. x is (images, h, w, m) when nhwc, else
-// (m, h, w, images). An item is one input row y of one tile (a phase pr and row of the output); it reads the
-// row left to right, every image of the tile at once, and writes each pixel's k responses to the column and
-// phase pc that pixel lands in. M and K are the sizes when known at compile time (0: read them at run time).
+// layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
+// (m, h, w, batch). An item is one input row y (a phase pr and row of the output); it reads the row left to
+// right, every image at once, and writes each pixel's k responses to the column and phase pc that pixel lands
+// in. M and K are the sizes when known at compile time (0: read them at run time).
 template <int M, int K>
-void DictionaryRows(const float* x_all, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
-                    int64_t tiles, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh,
-                    int64_t sw, int64_t height, int64_t width, float* out_all, int64_t begin, int64_t end) {
+void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
+                    int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                    int64_t height, int64_t width, float* out, int64_t begin, int64_t end) {
   const int64_t m = M ? M : m_runtime, k = K ? K : k_runtime;
-  const int64_t images = tiles * batch;
   // Element strides of x along images, rows, columns and channels.
-  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * images, xx = nhwc ? m : images,
-                xm = nhwc ? 1 : h * w * images;
+  const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
+                xm = nhwc ? 1 : h * w * batch;
   const int64_t plane = height * width * batch;  // one atom of the output
   float d[64 * 64];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t tile = item / (sh * height);
-    const float* x = x_all + tile * batch * xb;  // the tile's first image
-    float* out = out_all + tile * k * sh * sw * plane;
-    const int64_t pr = item / height % sh, row = item % height;
+    const int64_t pr = item / height, row = item % height;
     const int64_t y = row * sh + pr - ph;
     for (int64_t padded = 0; padded < width * sw; ++padded) {
       const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
@@ -338,15 +313,15 @@ void DictionaryRows(const float* x_all, bool nhwc, const float* dictionary, int6
 
 template <typename Pool>
 void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m, int64_t k,
-                       int64_t tiles, int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh,
-                       int64_t sw, int64_t height, int64_t width, float* out) {
+                       int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
+                       int64_t height, int64_t width, float* out) {
   auto rows = &DictionaryRows<0, 0>;
   if (m == 3 && k == 3) rows = &DictionaryRows<3, 3>;  // RGB images, the original's firstPool
   else if (m == 1 && k == 1) rows = &DictionaryRows<1, 1>;
   else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3>;
   else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1>;
-  ParallelFor(pool, tiles * sh * height, [=](int64_t begin, int64_t end) {
-    rows(x, nhwc, dictionary, m, k, tiles, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
+  ParallelFor(pool, sh * height, [=](int64_t begin, int64_t end) {
+    rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
   });
 }
 
