@@ -291,3 +291,12 @@ def test_prediction_command_prints_top_classes_and_rejects_a_bad_file(tmp_path, 
   (tmp_path / "bad.png").write_bytes(b"not an image")
   assert predict.main(["predict", f"--model={tmp_path / 'm.npz'}", str(tmp_path / "bad.png")]) == 2
   assert "not a readable image" in capsys.readouterr().err
+
+
+def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  model, input_shape, x, expected = _trained_model_and_logits("digits-lcnn")
+  exported = inference.inference_model(model, input_shape, backends="auto", batch_size=3)
+  assert exported.tuning["chosen"] in ["per-layer", *AVAILABLE]
+  assert set(exported.tuning["model_ms"]) == {"per-layer", *AVAILABLE}
+  np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -153,13 +153,32 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
   layers = {name: _inference_layer(name, call) for name, call in calls.items()}
   graph, layers = _fold(graph, layers)
   layers = {name: layers[name] for name in graph.layer_names()}
-  tuned = None
-  if backends == "auto":
-    lookup = {n: layer for n, layer in layers.items() if isinstance(layer, LookupLayer)}
-    backends, timings = tuning.choose_backends(lookup, batch_size)
-    tuned = {"batch_size": batch_size, "device": tuning.device_name(), "timings_ms": timings}
-  return InferenceModel(graph, layers, input_shape=input_shape, backends=backends, class_names=class_names,
-                        preprocessing=preprocessing, tuning=tuned)
+  exported = InferenceModel(graph, layers, input_shape=input_shape, backends="dense", class_names=class_names,
+                            preprocessing=preprocessing)
+  if backends != "auto":
+    return exported.with_backends(backends)
+  return tune(exported, batch_size)
+
+
+def tune(model: InferenceModel, batch_size: int) -> InferenceModel:
+  """``model`` on the fastest backends at ``batch_size`` here: per layer, then checked on the whole model.
+
+  Each lookup layer's fastest backend alone (:func:`tuning.choose_backends`) can lose on the whole model when
+  neighbours disagree on the activations' layout and pay transposes, so the per-layer mix competes with every
+  backend used throughout, end to end; the fastest of these is kept.
+  """
+  mix, timings = tuning.choose_backends(model.lookup_layers, batch_size)
+  candidates = {"per-layer": mix, **{name: name for name in tuning.candidate_backends()}}
+  model_ms = {}
+  if model.lookup_layers:
+    model_ms = {name: tuning.model_ms(model.with_backends(choice), batch_size) for name, choice in candidates.items()}
+  best = min(model_ms, key=model_ms.get) if model_ms else "per-layer"
+  tuned = model.with_backends(candidates[best])
+  tuned.tuning = {"batch_size": batch_size, "device": tuning.device_name(), "timings_ms": timings,
+                  "model_ms": model_ms, "chosen": best}
+  logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
+               ", ".join(f"{k} {v:.2f} ms" for k, v in model_ms.items()))
+  return tuned
 
 
 def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, list | None, dict]:
@@ -283,7 +302,5 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
                          class_names=header["class_names"], preprocessing=header["preprocessing"],
                          tuning=header["tuning"])
   if backends == "auto":
-    size = batch_size or (header["tuning"] or {}).get("batch_size", 1)
-    choice, _ = tuning.choose_backends(model.lookup_layers, size)
-    return model.with_backends(choice)
+    return tune(model, batch_size or (header["tuning"] or {}).get("batch_size", 1))
   return model if backends is None else model.with_backends(backends)

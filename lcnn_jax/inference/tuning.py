@@ -93,6 +93,17 @@ class TimingCache:
     os.replace(partial, self.path)
 
 
+def candidate_backends() -> list[str]:
+  """The backends tuning considers: every one available on the default device."""
+  return backends_lib.available_backends()
+
+
+def model_ms(model, batch_size: int) -> float:
+  """Median milliseconds of one call of an :class:`~lcnn_jax.inference.model.InferenceModel` at ``batch_size``."""
+  images = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, *model.input_shape), np.float32))
+  return median_ms(lambda: jax.block_until_ready(model(images)))
+
+
 def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
                     candidates: Sequence[str] | None = None,
                     cache: TimingCache | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
@@ -106,7 +117,7 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
   Returns:
     (backend per layer, milliseconds per layer and backend).
   """
-  available = backends_lib.available_backends()
+  available = candidate_backends()
   candidates = [b for b in (candidates or available) if b in available]
   if not candidates:
     raise ValueError(f"None of the candidate backends is available here (available: {available}).")
