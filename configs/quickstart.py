@@ -12,23 +12,4 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "digits-lcnn"
-  c.model.width = 32
-  c.model.first_pool = 1
-  c.model.pool_size = 8
-  c.model.dropout = 0.2
-  c.data.name = "digits"
-  c.train.batch_size = 64
-  c.train.epochs = 30
-  c.train.steps_per_epoch = 0  # one pass over the training split
-  c.train.lr_schedule = "cosine"
-  c.train.learning_rate = 0.1
-  c.train.warmup_steps = 50
-  c.train.weight_decay = 5e-4
-  c.train.checkpoint_every = 200
-  c.train.log_every = 20
-  c.train.eval_every = 0  # once per epoch
-  c.sparsity.rule = "prox"
-  c.sparsity.strength = 10.0
-  return c
+  return config_lib.digits_quickstart_config()

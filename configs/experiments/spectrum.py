@@ -4,21 +4,11 @@ The quickstart digits LCNN, shortened to 8 epochs per point so that the CNN and 
 about ten minutes on 2 CPU cores. The experiment sets ``model.pool_size`` and ``sparsity.strength`` per point.
 """
 
-import importlib.util
-import os
-
-_QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "quickstart.py")
-
-
-def _quickstart():
-  spec = importlib.util.spec_from_file_location("lcnn_quickstart_config", _QUICKSTART)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = _quickstart().get_config()
+  c = config_lib.digits_quickstart_config()
   c.train.epochs = 8
   c.train.warmup_steps = 20
   c.train.checkpoint_every = 1000
