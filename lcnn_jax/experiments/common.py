@@ -269,3 +269,17 @@ def pyplot():
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
   return plt
+
+
+def save_figure(fig, axes: Sequence, filename: str, *, title: str | None = None, suptitle: str | None = None) -> None:
+  """Grids and legends on ``axes``, the title, then writes ``filename`` and frees the figure."""
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    axes[0].set_title(title)
+  if suptitle:
+    fig.suptitle(suptitle)
+  fig.tight_layout()
+  fig.savefig(filename, dpi=120)
+  pyplot().close(fig)

@@ -91,12 +91,7 @@ def plot_few_iteration(rows: Sequence[dict[str, Any]], summary: dict[str, Any], 
              label=f"shallow LCNN after {summary['shallow_lcnn']['steps']} steps")
   ax.set_xlabel("training iterations of the deep net")
   ax.set_ylabel("top-1 accuracy (%)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(filename, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, [ax], filename, title=title)
 
 
 def define_flags() -> types.SimpleNamespace:

@@ -107,12 +107,7 @@ def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str, lcn
   ax.set_xticks(ns, [str(n) for n in ns])
   ax.set_xlabel("training examples per novel class")
   ax.set_ylabel("novel-class top-1 accuracy (%)")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title(title)
-  fig.tight_layout()
-  fig.savefig(filename, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, [ax], filename, title=title)
 
 
 def define_flags() -> types.SimpleNamespace:

@@ -110,12 +110,7 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, ben
     ax.set_xscale("log")
     ax.set_xlabel(label)
     ax.set_ylabel("top-1 accuracy (%)")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(filename, dpi=120)
-  plt.close(fig)
+  common.save_figure(fig, list(axes[0]), filename, suptitle=title)
 
 
 def define_flags() -> types.SimpleNamespace:
