@@ -152,13 +152,14 @@ def time_models(models_by_name: dict[str, InferenceModel], images: jax.Array, se
 
 def machine_floors() -> dict[str, float]:
   """Measured streaming bandwidth (GB/s) and float32 matmul throughput (G multiply-adds/s) of the device."""
-  big = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MB
+  big = jnp.ones((32 * 2**20,), jnp.float32)  # 128 MB, beyond any cache
   total = jax.jit(jnp.sum)
   seconds = tuning.median_ms(lambda: jax.block_until_ready(total(big)), min_reps=5) / 1e3
-  a = jnp.ones((2048, 2048), jnp.float32)
+  n = 1024
+  a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul_seconds = tuning.median_ms(lambda: jax.block_until_ready(matmul(a)), min_reps=5) / 1e3
-  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "macs_per_s": 2048**3 / matmul_seconds / 1e9}
+  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "macs_per_s": n**3 / matmul_seconds / 1e9}
 
 
 def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:

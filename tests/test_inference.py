@@ -59,8 +59,7 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
   # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks);
   # the input arrives as NHWC, or (batch 17) as CHWN or NCHW.
-  for batch, layout in [(1, layouts.NHWC), (3, layouts.NHWC), (17, layouts.NHWC), (17, 17), (17, 1),
-                        (40, layouts.NHWC)]:
+  for batch, layout in [(1, layouts.NHWC), (3, layouts.NHWC), (17, 17), (17, 1), (40, layouts.NHWC)]:
     run = jax.jit(lambda p, x: layouts.convert(*impl.apply(layer, p, x, layout), layouts.NHWC))
     x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
     expected = _dense_reference(layer, x)
@@ -300,3 +299,18 @@ def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path
   assert exported.tuning["chosen"] in ["per-layer", *AVAILABLE]
   assert set(exported.tuning["model_ms"]) == {"per-layer", *AVAILABLE}
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  model = models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(3))
+  _as_if_trained(model, rng)
+  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                       "class_names": None, "mean": [0.5], "std": [0.25]})
+  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True)
+  assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto"]
+  for row in result["rows"]:
+    assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
+    assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
+  assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3", "classifier"]
+  assert "auto" in bench.format_table(result)
