@@ -133,21 +133,28 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
 
 
 def time_models(models_by_name: dict[str, InferenceModel], images: jax.Array, seconds: float) -> dict[str, float]:
-  """Median milliseconds per model: each warmed up, then timed in interleaved rounds until ``seconds`` pass."""
-  calls = {}
+  """Median milliseconds per model: each warmed up, then timed in interleaved rounds until ``seconds`` pass.
+
+  A model whose warm-up call took over ``tuning.GIVE_UP`` times the fastest one's keeps that single time.
+  """
+  calls, warm = {}, {}
   for name, model in models_by_name.items():
     calls[name] = lambda model=model: jax.block_until_ready(model(images))
     for _ in range(2):
+      begin = time.perf_counter()
       calls[name]()
-  times = {name: [] for name in calls}
+    warm[name] = time.perf_counter() - begin
+  fastest = min(warm.values())
+  slow = {name: t * 1e3 for name, t in warm.items() if t > tuning.GIVE_UP * fastest}
+  times = {name: [] for name in calls if name not in slow}
   start = time.perf_counter()
   while min(len(t) for t in times.values()) < 3 or (time.perf_counter() - start < seconds
                                                     and min(len(t) for t in times.values()) < 50):
-    for name, call in calls.items():
+    for name in times:
       begin = time.perf_counter()
-      call()
+      calls[name]()
       times[name].append(time.perf_counter() - begin)
-  return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+  return {**{name: float(np.median(t) * 1e3) for name, t in times.items()}, **slow}
 
 
 def machine_floors() -> dict[str, float]:

@@ -170,8 +170,9 @@ def tune(model: InferenceModel, batch_size: int) -> InferenceModel:
   mix, timings = tuning.choose_backends(model.lookup_layers, batch_size)
   candidates = {"per-layer": mix, **{name: name for name in tuning.candidate_backends()}}
   model_ms = {}
-  if model.lookup_layers:
-    model_ms = {name: tuning.model_ms(model.with_backends(choice), batch_size) for name, choice in candidates.items()}
+  for name, choice in candidates.items() if model.lookup_layers else ():
+    best = min(model_ms.values(), default=None)
+    model_ms[name] = tuning.model_ms(model.with_backends(choice), batch_size, give_up_ms=best and tuning.GIVE_UP * best)
   best = min(model_ms, key=model_ms.get) if model_ms else "per-layer"
   tuned = model.with_backends(candidates[best])
   tuned.tuning = {"batch_size": batch_size, "device": tuning.device_name(), "timings_ms": timings,

@@ -24,10 +24,17 @@ from lcnn_jax.inference.backends import LookupLayer
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 2, min_seconds: float = 0.3, min_reps: int = 5,
-              max_reps: int = 100) -> float:
-  """Median wall-clock milliseconds of ``fn()`` (which must block until its result is ready)."""
+              max_reps: int = 100, give_up_ms: float | None = None) -> float:
+  """Median wall-clock milliseconds of ``fn()`` (which must block until its result is ready).
+
+  With ``give_up_ms``, a candidate whose last warm-up call already took longer is not timed further: that call's
+  time is returned (enough to rule it out, without minutes spent on a hopeless backend).
+  """
   for _ in range(warmup):
+    begin = time.perf_counter()
     fn()
+  if give_up_ms is not None and (time.perf_counter() - begin) * 1e3 > give_up_ms:
+    return (time.perf_counter() - begin) * 1e3
   times = []
   start = time.perf_counter()
   while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start < min_seconds):
@@ -50,14 +57,14 @@ def layer_input(layer: LookupLayer, layout: layouts.Layout, batch_size: int, see
   return layouts.convert(jnp.asarray(x), layouts.NHWC, layout)
 
 
-def time_layer(layer: LookupLayer, backend: str, batch_size: int) -> float:
-  """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size``."""
+def time_layer(layer: LookupLayer, backend: str, batch_size: int, give_up_ms: float | None = None) -> float:
+  """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size`` (see :func:`median_ms`)."""
   impl = backends_lib.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
   layout = impl.input_layout(layer, batch_size)
   x = layer_input(layer, layout, batch_size)
   fn = jax.jit(lambda p, v: impl.apply(layer, p, v, layout)[0])
-  return median_ms(lambda: jax.block_until_ready(fn(params, x)))
+  return median_ms(lambda: jax.block_until_ready(fn(params, x)), give_up_ms=give_up_ms)
 
 
 def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
@@ -93,15 +100,24 @@ class TimingCache:
     os.replace(partial, self.path)
 
 
+PREFERENCE = ("lookup", "factored", "dense", "gather")
+"""The order candidates are timed in: likely winners first, so hopeless ones are given up early."""
+
+
 def candidate_backends() -> list[str]:
-  """The backends tuning considers: every one available on the default device."""
-  return backends_lib.available_backends()
+  """The backends tuning considers: every one available on the default device, likely winners first."""
+  available = backends_lib.available_backends()
+  return sorted(available, key=lambda b: PREFERENCE.index(b) if b in PREFERENCE else len(PREFERENCE))
 
 
-def model_ms(model, batch_size: int) -> float:
+GIVE_UP = 10.0
+"""A candidate that takes this many times the best time so far is not timed further."""
+
+
+def model_ms(model, batch_size: int, give_up_ms: float | None = None) -> float:
   """Median milliseconds of one call of an :class:`~lcnn_jax.inference.model.InferenceModel` at ``batch_size``."""
   images = jnp.asarray(np.random.default_rng(0).standard_normal((batch_size, *model.input_shape), np.float32))
-  return median_ms(lambda: jax.block_until_ready(model(images)))
+  return median_ms(lambda: jax.block_until_ready(model(images)), give_up_ms=give_up_ms)
 
 
 def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
@@ -129,7 +145,8 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
       key = _cache_key(layer, backend, batch_size)
       ms = cache.get(key)
       if ms is None:
-        ms = time_layer(layer, backend, batch_size)
+        best = min(timings[name].values(), default=None)
+        ms = time_layer(layer, backend, batch_size, give_up_ms=best and GIVE_UP * best)
         cache.put(key, ms)
       timings[name][backend] = ms
     choice[name] = min(timings[name], key=timings[name].get)
