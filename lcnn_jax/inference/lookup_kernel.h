@@ -103,18 +103,6 @@ void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int
   std::memcpy(acc, a[0], sizeof(a[0]));
 }
 
-// The last, partial block of an output (len < 16 * V): scalar, so that no read passes the end of S.
-template <typename Index>
-void AccumulateTail(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o, int64_t p0, int64_t len,
-                    float* acc) {
-  for (int64_t i = 0; i < len; ++i) acc[i] = 0.f;
-  for (int32_t t = l.starts[o]; t < l.starts[o + 1]; ++t) {
-    const float* src = s + p0 + static_cast<int64_t>(l.indices[t]) * batch;
-    const float c = l.values[t];
-    for (int64_t i = 0; i < len; ++i) acc[i] += c * src[i];
-  }
-}
-
 // Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element.
 template <typename Index>
 float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o) {
@@ -167,7 +155,13 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
       } else if (p0 + plan.block <= g.wide) {
         AccumulateBlock<V>(s, l, g.batch, o, p0, acc);
       } else {
-        AccumulateTail(s, l, g.batch, o, p0, g.wide - p0, acc);
+        // The last, partial block: a whole block ending at the last wide element (it overlaps the one before,
+        // since Q >= 16 * V), of which only the elements from p0 on are stored. Vector code throughout, and no
+        // read past the end of S.
+        const int64_t start = g.wide - plan.block;
+        AccumulateBlock<V>(s, l, g.batch, o, start, acc);
+        Store(g, acc + (p0 - start), l.bias[o], o, p0, g.wide - p0, out);
+        continue;
       }
       Store(g, acc, l.bias[o], o, p0, plan.block, out);
     }
