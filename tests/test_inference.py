@@ -14,6 +14,7 @@ from PIL import Image
 from lcnn_jax import bench, checkpoint, flops, inference, layers, models
 from lcnn_jax import config as config_lib
 from lcnn_jax.inference import backends, kernels, layouts, predict, tuning
+from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference.model import AffineLayer
 
 AVAILABLE = backends.available_backends()
@@ -77,6 +78,41 @@ def test_lookup_layer_round_trips_coefficients(rng):
   assert layer.nnz == np.count_nonzero(coefficients)
   assert layer.indices.dtype == np.uint16
   assert np.all(np.diff(layer.starts) == np.count_nonzero(coefficients.reshape(-1, 5), axis=0))
+
+
+def _max_pool_reference(x, window, strides, padding, relu):
+  """Max pooling of an NHWC array in float64 numpy, positions outside x left out (independent of XLA)."""
+  (top, bottom), (left, right) = padding
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)),
+                  constant_values=-np.inf)
+  windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=(1, 2))[:, ::strides[0], ::strides[1]]
+  pooled = windows.max(axis=(-2, -1))
+  return np.maximum(pooled, 0) if relu else pooled
+
+
+@pytest.mark.skipif("lookup" not in AVAILABLE, reason="the C++ kernel is not available here")
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("window,strides,padding", [((3, 3), (2, 2), ((0, 0), (0, 0))),  # AlexNet
+                                                    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet
+                                                    ((2, 3), (1, 2), ((0, 1), (1, 0)))])
+def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
+  x = rng.standard_normal((5, 11, 12, 7)).astype(np.float32)  # NHWC
+  params = {"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
+            "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4, "window_dilation": (1,) * 4}
+  chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, 5)
+  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, graph_lib._tiled_params(params), relu))(chwn)
+  np.testing.assert_allclose(np.asarray(layouts.convert(pooled, 5, layouts.NHWC)),
+                             _max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
+
+
+def test_relu_before_max_pool_is_applied_by_the_pool(rng):
+  model = _as_if_trained(_model("alexnet-lcnn", (67, 67, 3)), rng)
+  graph, _ = graph_lib.trace(model, (67, 67, 3))
+  deferred = graph_lib._relus_into_max_pools(graph)
+  pools = [e for e in graph.equations if e.primitive == "reduce_window_max"]
+  assert pools and {e.inputs[0][1] for e in pools} == deferred
+  relus = [e for e in graph.equations if graph_lib._is_relu(e)]
+  assert {e.outputs[0] for e in relus} > deferred  # those after conv3, conv4, fc6 and fc7 stay ReLUs
 
 
 def test_unknown_backend_is_rejected_with_the_choices():

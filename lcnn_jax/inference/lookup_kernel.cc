@@ -1,5 +1,6 @@
 // The XLA FFI handlers of the lookup kernel (lookup_kernel.h): lcnn_lookup_conv takes S from a dictionary
-// matmul done by XLA; lcnn_lookup_conv_fused computes S itself from the layer's input (small dictionaries).
+// matmul done by XLA; lcnn_lookup_conv_fused computes S itself from the layer's input (small dictionaries);
+// lcnn_max_pool pools CHWN activations (optionally with the ReLU before it).
 
 #include <cstdint>
 
@@ -14,6 +15,7 @@ using lcnn::Dispatch;
 using lcnn::DictionaryToDepth;
 using lcnn::Geometry;
 using lcnn::Lookups;
+using lcnn::MaxPool;
 using lcnn::SpaceToDepth;
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
@@ -103,7 +105,33 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, out->typed_data());
 }
 
+ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, int64_t window_h, int64_t window_w,
+                      int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, bool relu) {
+  const auto in = x.dimensions();  // (c, h, w, batch)
+  const auto o = out->dimensions();  // (c, oh, ow, batch)
+  if (o[0] != in[0] || o[3] != in[3] || window_h < 1 || window_w < 1 || stride_h < 1 || stride_w < 1 ||
+      pad_h < 0 || pad_w < 0 || (o[1] - 1) * stride_h - pad_h >= in[1] || (o[2] - 1) * stride_w - pad_w >= in[2]) {
+    return ffi::Error::InvalidArgument("lcnn_max_pool: x (c, h, w, batch), the window and out disagree");
+  }
+  MaxPool(pool, x.typed_data(), in[0], in[1], in[2], in[3], window_h, window_w, stride_h, stride_w, pad_h, pad_w,
+          relu, o[1], o[2], out->typed_data());
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnMaxPool, MaxPoolImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()  // x (c, h, w, batch)
+                                  .Ret<ChwnF32>()  // out (c, oh, ow, batch)
+                                  .Attr<int64_t>("window_h")
+                                  .Attr<int64_t>("window_w")
+                                  .Attr<int64_t>("stride_h")
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                               ffi::Ffi::Bind()

@@ -329,6 +329,37 @@ void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dicti
   });
 }
 
+// Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, oh, ow, batch): window wh × ww, strides sh × sw,
+// the window's origin at (-ph, -pw) (positions outside x are left out, as XLA's -inf padding does). With `relu`,
+// max(·, 0) of the result: the same as pooling a ReLU's output, as both are monotone, without that pass over x.
+// One (channel, output row) per item; the innermost loop runs over a contiguous run of batch values.
+template <typename Pool>
+void MaxPool(Pool& pool, const float* x, int64_t c, int64_t h, int64_t w, int64_t batch, int64_t wh, int64_t ww,
+             int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu, int64_t oh, int64_t ow, float* out) {
+  ParallelFor(pool, c * oh, c * oh * ow * batch * wh * ww, [=](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t ch = item / oh, oy = item % oh;
+      float* dst = out + item * ow * batch;
+      const float init = relu ? 0.f : -__builtin_inff();
+      for (int64_t i = 0; i < ow * batch; ++i) dst[i] = init;
+      for (int64_t r = 0; r < wh; ++r) {
+        const int64_t y = oy * sh + r - ph;
+        if (y < 0 || y >= h) continue;
+        const float* row = x + (ch * h + y) * w * batch;
+        for (int64_t ox = 0; ox < ow; ++ox) {
+          float* acc = dst + ox * batch;
+          for (int64_t col = 0; col < ww; ++col) {
+            const int64_t xx = ox * sw + col - pw;
+            if (xx < 0 || xx >= w) continue;
+            const float* src = row + xx * batch;
+            for (int64_t b = 0; b < batch; ++b) acc[b] = std::max(acc[b], src[b]);
+          }
+        }
+      }
+    }
+  });
+}
+
 }  // namespace lcnn
 
 #endif  // LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_
