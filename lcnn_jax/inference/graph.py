@@ -322,13 +322,18 @@ def _reduce_tiled(prim, x: jax.Array, params: dict) -> jax.Array:
   return out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
 
 
+POOL_KERNEL_MIN_BATCH = 16
+"""Smaller batches pool in XLA: the kernel's innermost loop runs over the batch, too short to vectorise there
+(AlexNet-LCNN's first pooling at batch 1: 1.0 ms in the kernel, 0.08 ms in XLA)."""
+
+
 def _max_pool_kernel(x: jax.Array, params: dict, relu: bool) -> jax.Array | None:
   """Max pooling of a CHWN array (1, c, h, w, batch) with tiled window ``params`` in the C++ kernel
   (:mod:`lcnn_jax.inference.kernels`), ReLU included when ``relu``; None where the kernel does not apply (not
-  float32 on CPU, a window over channels or dilated, or no kernel here). XLA's fusion of the same pooling ran
+  float32 on CPU, a batch under :data:`POOL_KERNEL_MIN_BATCH`, a window over channels or dilated, or no kernel). XLA's fusion of the same pooling ran
   2–3× slower inside AlexNet-LCNN at batch 32 (its input no longer in cache)."""
   window, strides, padding = params["window_dimensions"], params["window_strides"], params["padding"]
-  plain = (x.shape[0] == 1 and x.dtype == jnp.float32 and window[0] == window[1] == window[4] == 1
+  plain = (x.shape[0] == 1 and x.shape[-1] >= POOL_KERNEL_MIN_BATCH and x.dtype == jnp.float32 and window[0] == window[1] == window[4] == 1
            and strides[0] == strides[1] == strides[4] == 1 and tuple(padding[1]) == (0, 0)
            and all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"])))
   if not plain or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]:

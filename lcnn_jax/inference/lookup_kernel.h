@@ -239,8 +239,7 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   if (g.wide < 32) return Launch<1>(pool, g, s, l, out);
   if (g.wide < 64) return Launch<2>(pool, g, s, l, out);
   if (g.wide < 128) return Launch<4>(pool, g, s, l, out);
-  if (g.wide < 256) return Launch<8>(pool, g, s, l, out);
-  return Launch<16>(pool, g, s, l, out);
+  return Launch<8>(pool, g, s, l, out);
 }
 
 // S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
