@@ -14,6 +14,7 @@ from PIL import Image
 from lcnn_jax import bench, checkpoint, flops, inference, layers, models
 from lcnn_jax import config as config_lib
 from lcnn_jax.inference import backends, kernels, layouts, predict, tuning
+from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference.model import AffineLayer
 
@@ -289,6 +290,41 @@ def test_export_from_workdir_and_predict_top5_of_image_files(tmp_path, rng):
   assert [[name for name, _ in row] for row in top] == [[classes[i] for i in row] for row in expected]
   assert all(1 >= row[0][1] >= row[-1][1] > 0 for row in top)
   assert "class" in predict.format_predictions(paths, top)
+
+
+def test_digits_run_predicts_image_files_as_its_evaluation_sees_them(tmp_path, rng):
+  from sklearn.datasets import load_digits
+  from lcnn_jax.data import transforms
+  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1),
+                                             rngs=nnx.Rngs(5)), rng)
+  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                       "mean": [0.3], "std": [0.4]})
+  exported = inference.export(tmp_path / "run", backends="dense")
+  assert exported.preprocessing["resize_size"] == 8  # no resize-and-crop: digits are evaluated whole
+  digit = load_digits().images[-1]
+  path = str(tmp_path / "digit.png")
+  Image.fromarray((digit * 255 / 16).astype(np.uint8)).save(path)
+  evaluated = transforms.DigitsTransform(8).eval((digit / 16)[..., None].astype(np.float32))
+  expected = _eval_logits(model, ((evaluated - 0.3) / 0.4)[None].astype(np.float32))
+  np.testing.assert_allclose(np.asarray(exported(predict.load_images([path], exported))), expected,
+                             rtol=1e-3, atol=2e-2 * np.abs(expected).max())  # the PNG holds 8-bit pixels
+
+
+def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, capsys):
+  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3),
+                                             rngs=nnx.Rngs(4)), rng)
+  _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
+                                       "mean": [0.5] * 3, "std": [0.2] * 3})
+  output = tmp_path / "model.npz"
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={output}",
+                            "--backends=gather"]) == 0
+  assert "gather" in capsys.readouterr().out
+  x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
+  expected = _eval_logits(model, x)
+  np.testing.assert_allclose(np.asarray(inference.load(output)(x)), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'missing'}", f"--output={output}"]) == 2
+  assert "missing" in capsys.readouterr().err
 
 
 def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):

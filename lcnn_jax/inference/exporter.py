@@ -187,7 +187,10 @@ def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, li
   model, config, _ = checkpoint.restore_model(workdir, step)
   _, dataset = checkpoint.load_run_info(workdir)
   image_size, _, channels = dataset["image_shape"]
-  resize_size = config.data.resize_size or round(image_size * 256 / 224)
+  if dataset["name"] == "digits":  # evaluated whole, only resized to image_size: no resize-and-crop margin
+    resize_size = image_size
+  else:
+    resize_size = config.data.resize_size or round(image_size * 256 / 224)
   preprocessing = {"image_size": image_size, "resize_size": resize_size, "channels": channels,
                    "mean": list(dataset["mean"]), "std": list(dataset["std"]), "dataset": dataset["name"]}
   return model, tuple(dataset["image_shape"]), dataset.get("class_names"), preprocessing
@@ -305,3 +308,45 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
   if backends == "auto":
     return tune(model, batch_size or (header["tuning"] or {}).get("batch_size", 1))
   return model if backends is None else model.with_backends(backends)
+
+
+def main(argv: Sequence[str]) -> int:
+  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz``; ``argv`` includes the program
+  name. Returns the exit status."""
+  import sys
+
+  from absl import flags
+
+  from lcnn_jax.inference import allocator
+
+  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
+  flags.DEFINE_string("workdir", None, "The training run to export (its latest checkpoint, or --step).",
+                      flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Where to write the exported model (.npz).", flag_values=flag_values)
+  flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).", flag_values=flag_values)
+  flags.DEFINE_string("backends", "auto", "'auto' (measured here per layer), or one backend name for every lookup "
+                      "layer: dense, factored, gather, lookup.", flag_values=flag_values)
+  flags.DEFINE_integer("batch_size", 1, "The batch size 'auto' optimises for.", flag_values=flag_values)
+  try:
+    unparsed = flag_values(list(argv))
+    if len(unparsed) > 1 or flag_values.workdir is None or flag_values.output is None:
+      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz "
+                       "[--step N] [--backends auto] [--batch_size 1]")
+    allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
+    model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
+                   batch_size=flag_values.batch_size)
+  except (flags.Error, ValueError, FileNotFoundError) as e:
+    sys.stderr.write(f"error: {e}\n")
+    return 2
+  lookups = model.lookup_layers
+  sys.stdout.write(f"{flag_values.output}: {len(model.layers)} layers ({len(lookups)} lookup), input "
+                   f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names or [])} class names\n")
+  for name, layer in lookups.items():
+    sys.stdout.write(f"  {name:<24} {model.backends[name]:<9} k={layer.dictionary_size:<4} "
+                     f"density {layer.density:.4f}\n")
+  return 0
+
+
+if __name__ == "__main__":
+  import sys
+  sys.exit(main(sys.argv))
