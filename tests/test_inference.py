@@ -109,6 +109,28 @@ def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
                              _max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
 
 
+@pytest.mark.skipif("lookup" not in AVAILABLE, reason="the C++ kernel is not available here")
+@pytest.mark.parametrize("case,pooling", [
+    ("alexnet_conv1_like", backends.Pooling((3, 3), (2, 2), ((0, 0), (0, 0)), relu=True)),
+    ("3x3_pad1", backends.Pooling((3, 3), (2, 2), ((1, 1), (1, 1)), relu=True)),  # ResNet's first pooling
+    ("map_strided", backends.Pooling((2, 3), (1, 2), ((0, 1), (1, 0)), relu=False)),
+    ("map_fused_dictionary", backends.Pooling((3, 3), (3, 3), ((0, 0), (0, 0)), relu=True))])
+def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
+  layer = _random_layer(rng, **LAYER_CASES[case])
+  impl = backends.get_backend("lookup")
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  batch = backends.POOLED_MIN_BATCH + 1
+  x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+  layout = impl.input_layout(layer, batch)
+  assert impl.pools(pooling, batch, layer) and not impl.pools(pooling, batch - 2, layer)
+  run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layout, pooling=pooling), layouts.NHWC))
+  got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
+  conv = _dense_reference(layer, x)
+  expected = _max_pool_reference(np.maximum(conv, 0) if pooling.relu else conv, pooling.window, pooling.strides,
+                                 pooling.padding, relu=False)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_relu_before_max_pool_is_applied_by_the_pool(rng):
   model = _as_if_trained(_model("alexnet-lcnn", (67, 67, 3)), rng)
   graph, _ = graph_lib.trace(model, (67, 67, 3))
@@ -190,6 +212,11 @@ def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
   expected = _eval_logits(model, x)
   exported = inference.inference_model(model, input_shape, backends="lookup")
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # Every max pooling of these models follows a lookup layer and its ReLU: the kernel computes all three.
+  graph = exported.graph
+  pools = [e for e in graph.equations if e.primitive == "reduce_window_max"]
+  fused = graph_lib._layers_into_max_pools(graph, graph_lib._relus_into_max_pools(graph))
+  assert pools and sorted(id(pool) for pool, _ in fused.values()) == sorted(map(id, pools))
 
 
 @pytest.mark.parametrize("name,input_shape", [("digits", (8, 8, 1)), ("resnet", (32, 32, 3))])

@@ -274,6 +274,41 @@ class Gather:
     return (y + params["bias"][:, None, None, None])[None], batch
 
 
+@dataclasses.dataclass(frozen=True)
+class Pooling:
+  """A max pooling over (h, w) after a layer, the ReLU before it included when ``relu``; the window's origin at
+  (-top, -left), positions outside the map left out."""
+  window: tuple[int, int]
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+  relu: bool
+
+  NONE = None  # set below: no pooling (a zero window)
+
+  def output_size(self, size: tuple[int, int]) -> tuple[int, int]:
+    return tuple((n + lo + hi - w) // s + 1 for n, (lo, hi), w, s in zip(size, self.padding, self.window,
+                                                                          self.strides))
+
+  def fits(self, size: tuple[int, int]) -> bool:
+    """Whether every window starts inside a map of ``size`` and the sizes are sane."""
+    out = self.output_size(size)
+    return (all(w >= 1 and s >= 1 and lo >= 0 and hi >= 0 and o >= 1 for w, s, (lo, hi), o in
+                zip(self.window, self.strides, self.padding, out))
+            and all((o - 1) * s - lo < n for o, s, (lo, _), n in zip(out, self.strides, self.padding, size)))
+
+  def attributes(self) -> dict:
+    """The kernel's pool_* attributes."""
+    (top, _), (left, _) = self.padding
+    return dict(pool_window_h=np.int64(self.window[0]), pool_window_w=np.int64(self.window[1]),
+                pool_stride_h=np.int64(self.strides[0]), pool_stride_w=np.int64(self.strides[1]),
+                pool_pad_h=np.int64(top), pool_pad_w=np.int64(left), pool_relu=self.relu)
+
+
+Pooling.NONE = Pooling((0, 0), (1, 1), ((0, 0), (0, 0)), False)
+
+POOLED_MIN_BATCH = 16
+"""From this batch the lookup kernel pools a layer's output as it computes it (vectors run over the batch)."""
+
 FUSED_DICTIONARY_MACS = 64
 """A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
@@ -306,16 +341,29 @@ class Lookup:
             "starts": layer.starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
             "bias": layer.bias}
 
-  def apply(self, layer, params, x, layout):
+  @staticmethod
+  def pools(pooling: "Pooling", batch: int, layer: LookupLayer) -> bool:
+    """Whether the kernel can apply ``pooling`` to ``layer``'s output itself at ``batch`` (vectors over the
+    batch: from :data:`POOLED_MIN_BATCH` images)."""
+    return batch >= POOLED_MIN_BATCH and layer.output_size[1] * batch >= 16 and pooling.fits(layer.output_size)
+
+  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None):
+    """As :meth:`Backend.apply`; with ``pooling`` (see :meth:`pools`), the output is the pooled map, computed
+    without writing the layer's own output to memory."""
     kernels.ensure_kernel()
     g = _geometry(layer)
     batch = layouts.batch_size(x, layout)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
     fused = self.fused(layer)
     copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
-    results = (jax.ShapeDtypeStruct((layer.out_features, g.out_height, g.out_width, batch), jnp.float32),
+    if pooling is not None and not self.pools(pooling, batch, layer):
+      raise ValueError(f"The lookup kernel cannot pool this layer's output ({pooling}, batch {batch}).")
+    out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
+    results = (jax.ShapeDtypeStruct((layer.out_features, *out_size, batch), jnp.float32),
                jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
-    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw))
+    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
+                      out_h=np.int64(g.out_height), out_w=np.int64(g.out_width),
+                      **(pooling or Pooling.NONE).attributes())
     lookups = (params["starts"], params["indices"], params["values"], params["bias"])
     if fused:
       nhwc = layout == NHWC
@@ -365,5 +413,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
           + layer.bias.nbytes)
 
 
-__all__ = ["BACKENDS", "Backend", "LookupLayer", "apply_nhwc", "available_backends", "coefficient_bytes",
+__all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends", "coefficient_bytes",
            "conv_or_matmul", "get_backend", "multiplications"]

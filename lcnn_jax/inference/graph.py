@@ -270,7 +270,10 @@ def trace(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Graph, dict[st
 # Running ---------------------------------------------------------------------------------------------------
 
 Value = tuple[jax.Array, Layout]  # (array, layout); NHWC means the array as the model sees it
-LayerFn = Callable[[str, Value], Value]
+LayerFn = Callable[..., Value | None]
+"""``layer_fn(name, value)`` -> the layer's output; ``layer_fn(name, value, pooling=p)`` -> the output after the
+ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), or None where the layer
+cannot apply them itself (the graph then runs them)."""
 
 
 def as_layout(value: Value, layout: Layout) -> jax.Array:
@@ -397,12 +400,42 @@ def _relus_into_max_pools(graph: Graph) -> set[int]:
   return deferred
 
 
+def _layers_into_max_pools(graph: Graph, deferred: set[int]) -> dict[int, tuple[Equation, dict]]:
+  """Layer outputs whose only use is a ReLU deferred into a max pooling over (h, w): output variable ->
+  (the pooling equation, its parameters). The layer may then compute the pooled map itself."""
+  fusable = {}
+  for pool in graph.equations:
+    if pool.primitive != "reduce_window_max" or pool.inputs[0][0] != "var" or pool.inputs[0][1] not in deferred:
+      continue
+    relu = next(e for e in graph.equations if e.outputs[0] == pool.inputs[0][1])
+    source = next(i for i in relu.inputs if i[0] == "var")[1]
+    layer = next((e for e in graph.equations if source in e.outputs), None)
+    if layer is None or layer.primitive != "layer" or len(graph.consumers(source)) != 1 or source == graph.output:
+      continue
+    p = pool.params
+    plain = (all(d == 1 for d in (*p["base_dilation"], *p["window_dilation"]))
+             and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
+             and p["window_strides"][0] == p["window_strides"][3] == 1
+             and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0))
+    if plain:
+      fusable[source] = (pool, relu)
+  return fusable
+
+
+def _pooling(params: dict) -> "backends_lib.Pooling":
+  from lcnn_jax.inference import backends as backends_lib  # backends imports nothing of the graph
+  return backends_lib.Pooling(window=tuple(params["window_dimensions"][1:3]),
+                              strides=tuple(params["window_strides"][1:3]),
+                              padding=tuple(tuple(p) for p in params["padding"][1:3]), relu=True)
+
+
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
   """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer.
 
   Args:
     graph: the traced forward pass.
-    layer_fn: maps a layer's name and input (array, layout) to its output (array, layout).
+    layer_fn: maps a layer's name and input (array, layout) to its output (array, layout); see :data:`LayerFn`
+      for the pooling it may be offered.
     x: (batch, h, w, c) images.
     consts: the graph's constants as device arrays (defaults to ``graph.consts``).
   Returns:
@@ -421,11 +454,23 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
     return jnp.asarray(ref[1], ref[2]), NHWC
 
   deferred = _relus_into_max_pools(graph)
+  fusable = _layers_into_max_pools(graph, deferred)
+  done = set()  # outputs of a ReLU and a pooling that the layer before them computed
   for eqn in graph.equations:
+    if eqn.outputs[0] in done:
+      continue
     args = [read(i) for i in eqn.inputs]
     if eqn.outputs[0] in deferred:  # a ReLU that the max pooling after it applies
       env[eqn.outputs[0]] = next(a for a, i in zip(args, eqn.inputs) if i[0] == "var")
       continue
+    if eqn.primitive == "layer" and eqn.outputs[0] in fusable:
+      pool, relu = fusable[eqn.outputs[0]]
+      pooled = layer_fn(eqn.params["name"], args[0], pooling=_pooling({k: _decode(v, batch)
+                                                                        for k, v in pool.params.items()}))
+      if pooled is not None:  # the layer, its ReLU and the pooling in one step
+        env[pool.outputs[0]] = pooled
+        done.update((relu.outputs[0], pool.outputs[0]))
+        continue
     if eqn.primitive == "layer":
       results = [layer_fn(eqn.params["name"], args[0])]
     else:

@@ -16,6 +16,7 @@ using lcnn::DictionaryToDepth;
 using lcnn::Geometry;
 using lcnn::Lookups;
 using lcnn::MaxPool;
+using lcnn::PoolGeometry;
 using lcnn::SpaceToDepth;
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
@@ -28,31 +29,55 @@ struct Padding {
   bool copies() const { return ph || pw || sh > 1 || sw > 1; }
 };
 
-// Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed).
+// The pooling after the layer, from the pool_* attributes (pool_window_h = 0: none).
+struct PoolAttributes {
+  int64_t window_h, window_w, stride_h, stride_w, pad_h, pad_w;
+  bool relu;
+  bool pools() const { return window_h > 0; }
+};
+
+// Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed), then
+// the pooling when there is one (out is then the pooled map).
 ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
-                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, float* out) {
+                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, const PoolAttributes& pooling,
+                      const OutF32& out_buffer, float* out) {
+  PoolGeometry pg{};
+  if (pooling.pools()) {
+    const auto dims = out_buffer.dimensions();
+    pg = PoolGeometry{pooling.window_h, pooling.window_w, pooling.stride_h, pooling.stride_w, pooling.pad_h,
+                      pooling.pad_w, dims[1], dims[2], pooling.relu};
+    if (pg.wh < 1 || pg.ww < 1 || pg.sh < 1 || pg.sw < 1 || pg.ph < 0 || pg.pw < 0 || g.ow * g.batch < 16 ||
+        (pg.oh - 1) * pg.sh - pg.ph >= g.oh || (pg.ow - 1) * pg.sw - pg.pw >= g.ow) {
+      return ffi::Error::InvalidArgument("lcnn_lookup_conv: the pooling, the layer's output and out disagree");
+    }
+  } else if (out_buffer.dimensions()[1] != g.oh || out_buffer.dimensions()[2] != g.ow) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: out must be (n, out_h, out_w, batch)");
+  }
   if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n)) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: starts must have n + 1 and bias n elements");
   }
   if (indices.element_type() == ffi::DataType::U16) {
     Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, s, l, out);
+    if (pooling.pools()) DispatchPooled(pool, g, s, l, pg, out);
+    else Dispatch(pool, g, s, l, out);
   } else if (indices.element_type() == ffi::DataType::S32) {
     Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
-    Dispatch(pool, g, s, l, out);
+    if (pooling.pools()) DispatchPooled(pool, g, s, l, pg, out);
+    else Dispatch(pool, g, s, l, out);
   } else {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
   }
   return ffi::Error::Success();
 }
 
-// out is (n, oh, ow, batch); S (or x) has h × w pixels.
-Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const Padding& p, int64_t* height) {
+// out is (n, ., ., batch), the layer's output oh × ow (or its pooling); S (or x) has h × w pixels.
+Geometry MakeGeometry(const OutF32& out, int64_t oh, int64_t ow, int64_t h, int64_t w, const Padding& p,
+                      int64_t* height) {
   const auto dims = out.dimensions();
   Geometry g;
   g.n = dims[0];
-  g.oh = dims[1];
-  g.ow = dims[2];
+  g.oh = oh;
+  g.ow = ow;
   g.batch = dims[3];
   *height = (h + 2 * p.ph + p.sh - 1) / p.sh;
   g.width = (w + 2 * p.pw + p.sw - 1) / p.sw;
@@ -62,11 +87,15 @@ Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const Padding& p,
 
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
                           FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
-                          int64_t pad_w, int64_t stride_h, int64_t stride_w) {
+                          int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
+                          int64_t pool_window_h, int64_t pool_window_w, int64_t pool_stride_h,
+                          int64_t pool_stride_w, int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
+  const PoolAttributes pooling{pool_window_h, pool_window_w, pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
+                               pool_relu};
   const auto in = s.dimensions();  // (k, h, w, batch)
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, in[1], in[2], p, &height);
+  const Geometry g = MakeGeometry(*out, out_h, out_w, in[1], in[2], p, &height);
   if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
@@ -79,20 +108,24 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
                  scratch->typed_data());
     source = scratch->typed_data();
   }
-  return RunLookups(pool, g, source, starts, indices, values, bias, out->typed_data());
+  return RunLookups(pool, g, source, starts, indices, values, bias, pooling, *out, out->typed_data());
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<ChwnF32> out,
                                ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
-                               int64_t stride_w, bool nhwc) {
+                               int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
+                               int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
+                               int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu, bool nhwc) {
+  const PoolAttributes pooling{pool_window_h, pool_window_w, pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
+                               pool_relu};
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
   const auto d = dictionary.dimensions();
   const int64_t m = d[0], k = d[1];
   const int64_t h = in[1], w = in[2];
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, h, w, p, &height);
+  const Geometry g = MakeGeometry(*out, out_h, out_w, h, w, p, &height);
   const bool shapes_agree = nhwc ? (in[3] == m && in[0] == g.batch) : (in[0] == m && in[3] == g.batch);
   if (!shapes_agree || m > 64 || k > 64 || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m, k <= 64) and out disagree");
@@ -102,7 +135,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   }
   DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
                     p.sw, height, g.width, scratch->typed_data());
-  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, out->typed_data());
+  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, pooling, *out,
+                    out->typed_data());
 }
 
 ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, int64_t window_h, int64_t window_w,
@@ -146,7 +180,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                   .Attr<int64_t>("pad_h")
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w"));
+                                  .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("out_h")
+                                  .Attr<int64_t>("out_w")
+                                  .Attr<int64_t>("pool_window_h")
+                                  .Attr<int64_t>("pool_window_w")
+                                  .Attr<int64_t>("pool_stride_h")
+                                  .Attr<int64_t>("pool_stride_w")
+                                  .Attr<int64_t>("pool_pad_h")
+                                  .Attr<int64_t>("pool_pad_w")
+                                  .Attr<bool>("pool_relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
@@ -163,4 +206,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                   .Attr<int64_t>("pad_w")
                                   .Attr<int64_t>("stride_h")
                                   .Attr<int64_t>("stride_w")
+                                  .Attr<int64_t>("out_h")
+                                  .Attr<int64_t>("out_w")
+                                  .Attr<int64_t>("pool_window_h")
+                                  .Attr<int64_t>("pool_window_w")
+                                  .Attr<int64_t>("pool_stride_h")
+                                  .Attr<int64_t>("pool_stride_w")
+                                  .Attr<int64_t>("pool_pad_h")
+                                  .Attr<int64_t>("pool_pad_w")
+                                  .Attr<bool>("pool_relu")
                                   .Attr<bool>("nhwc"));

@@ -242,6 +242,97 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   return Launch<8>(pool, g, s, l, out);
 }
 
+// A max pooling (after a ReLU when `relu`) applied to a layer's output as the lookups produce it.
+struct PoolGeometry {
+  int64_t wh, ww;  // window
+  int64_t sh, sw;  // strides
+  int64_t ph, pw;  // top and left padding (positions outside the map are left out)
+  int64_t oh, ow;  // pooled size
+  bool relu;
+};
+
+// Output rows [y_lo, y_hi) of outputs [o0, o1) into `local` (o - o0, y - y_lo, x, batch): the lookups over the
+// band's wide elements, S read from row y_lo on.
+template <int V, typename Index>
+void BandRows(const Geometry& g, const float* s, const Lookups<Index>& l, int64_t y_lo, int64_t y_hi, int64_t o0,
+              int64_t o1, float* local) {
+  Geometry band = g;
+  band.oh = y_hi - y_lo;
+  band.wide = ((band.oh - 1) * g.width + g.ow) * g.batch;
+  const float* sb = s + y_lo * g.width * g.batch;
+  const int64_t block = 16 * V, plane = band.oh * g.ow * g.batch;
+  alignas(64) float acc[16 * V];
+  for (int64_t o = o0; o < o1; ++o) {
+    float* dst = local + (o - o0) * plane;
+    for (int64_t p0 = 0; p0 < band.wide; p0 += block) {
+      if (p0 + block <= band.wide) {
+        AccumulateBlock<V>(sb, l, g.batch, o, p0, acc);
+        Store(band, acc, l.bias[o], 0, p0, block, dst);
+      } else {  // as in RunItems: a whole block ending at the last element, stored from p0 on
+        const int64_t start = band.wide - block;
+        AccumulateBlock<V>(sb, l, g.batch, o, start, acc);
+        Store(band, acc + (p0 - start), l.bias[o], 0, p0, band.wide - p0, dst);
+      }
+    }
+  }
+}
+
+// The lookups followed by the pooling, without writing the unpooled map: an item is a band of pooled rows and a
+// group of outputs; it computes the layer's rows that band needs into a buffer of its own (rows shared with the
+// next band are computed twice), then pools them into out (n, p.oh, p.ow, batch). The unpooled map of a first
+// layer (AlexNet's conv1 at batch 32: 25 MB) then never goes to memory and back.
+template <int V, typename Pool, typename Index>
+void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, const PoolGeometry& p,
+                  float* out) {
+  constexpr int64_t kBandRows = 3, kGroup = 16;  // pooled rows and outputs per item
+  const int64_t bands = (p.oh + kBandRows - 1) / kBandRows, groups = (g.n + kGroup - 1) / kGroup;
+  const int64_t max_rows = std::min(g.oh, (kBandRows - 1) * p.sh + p.wh);
+  const int64_t cost = static_cast<int64_t>(l.starts[g.n]) * g.oh * g.ow * g.batch;
+  ParallelFor(pool, bands * groups, cost, [=](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> local(new float[kGroup * max_rows * g.ow * g.batch]);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t band = item / groups, o0 = (item % groups) * kGroup, o1 = std::min(g.n, o0 + kGroup);
+      const int64_t py0 = band * kBandRows, py1 = std::min(p.oh, py0 + kBandRows);
+      const int64_t y_lo = std::max<int64_t>(0, py0 * p.sh - p.ph);
+      const int64_t y_hi = std::min(g.oh, (py1 - 1) * p.sh - p.ph + p.wh);
+      BandRows<V>(g, s, l, y_lo, y_hi, o0, o1, local.get());
+      const int64_t rows = y_hi - y_lo;
+      const float init = p.relu ? 0.f : -__builtin_inff();
+      for (int64_t o = o0; o < o1; ++o) {
+        const float* map = local.get() + (o - o0) * rows * g.ow * g.batch;
+        for (int64_t py = py0; py < py1; ++py) {
+          float* dst = out + (o * p.oh + py) * p.ow * g.batch;
+          for (int64_t i = 0; i < p.ow * g.batch; ++i) dst[i] = init;
+          for (int64_t r = 0; r < p.wh; ++r) {
+            const int64_t y = py * p.sh - p.ph + r;
+            if (y < y_lo || y >= y_hi) continue;
+            const float* row = map + (y - y_lo) * g.ow * g.batch;
+            for (int64_t ox = 0; ox < p.ow; ++ox) {
+              float* a = dst + ox * g.batch;
+              for (int64_t c = 0; c < p.ww; ++c) {
+                const int64_t x = ox * p.sw - p.pw + c;
+                if (x < 0 || x >= g.ow) continue;
+                const float* src = row + x * g.batch;
+                for (int64_t b = 0; b < g.batch; ++b) a[b] = std::max(a[b], src[b]);
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename Pool, typename Index>
+void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, const PoolGeometry& p,
+                    float* out) {
+  const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
+  if (narrowest < 32) return LaunchPooled<1>(pool, g, s, l, p, out);
+  if (narrowest < 64) return LaunchPooled<2>(pool, g, s, l, p, out);
+  if (narrowest < 128) return LaunchPooled<4>(pool, g, s, l, p, out);
+  return LaunchPooled<8>(pool, g, s, l, p, out);
+}
+
 // S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
 template <typename Pool>
 void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph,

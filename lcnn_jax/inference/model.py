@@ -17,6 +17,7 @@ from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import graph as graph_lib
+from lcnn_jax.inference import layouts
 from lcnn_jax.inference.backends import LookupLayer
 from lcnn_jax.inference.layouts import NHWC
 
@@ -116,6 +117,19 @@ def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
   return _affine(params, value)
 
 
+def run_layer_pooled(layer: Layer, backend: str | None, params: dict[str, jax.Array], value: graph_lib.Value,
+                     pooling: backends_lib.Pooling) -> graph_lib.Value | None:
+  """One layer, then the ReLU and max ``pooling`` after it, in one step where the layer's backend can (the
+  ``lookup`` kernel from :data:`~lcnn_jax.inference.backends.POOLED_MIN_BATCH` images); else None."""
+  array, layout = value
+  impl = backends_lib.get_backend(backend) if isinstance(layer, LookupLayer) else None
+  if not isinstance(impl, backends_lib.Lookup) or array.ndim == 2:
+    return None
+  if not impl.pools(pooling, layouts.batch_size(array, layout), layer):
+    return None
+  return impl.apply(layer, params, array, layout, pooling=pooling)
+
+
 class InferenceModel:
   """A batch of NHWC images -> logits, with each lookup layer on its chosen backend.
 
@@ -181,7 +195,10 @@ class InferenceModel:
     return self._params
 
   def _apply(self, params: dict[str, dict[str, jax.Array]], images: jax.Array) -> jax.Array:
-    def layer_fn(name: str, value: graph_lib.Value) -> graph_lib.Value:
+    def layer_fn(name: str, value: graph_lib.Value,
+                 pooling: backends_lib.Pooling | None = None) -> graph_lib.Value | None:
+      if pooling is not None:
+        return run_layer_pooled(self.layers[name], self.backends.get(name), params[name], value, pooling)
       return run_layer(self.layers[name], self.backends.get(name), params[name], value)
     return graph_lib.run(self.graph, layer_fn, images, params["__consts__"])
 
