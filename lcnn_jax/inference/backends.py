@@ -413,5 +413,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
           + layer.bias.nbytes)
 
 
-__all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends", "coefficient_bytes",
-           "conv_or_matmul", "get_backend", "multiplications"]
+__all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
+           "coefficient_bytes", "conv_or_matmul", "get_backend", "multiplications"]
