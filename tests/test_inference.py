@@ -97,14 +97,14 @@ def _max_pool_reference(x, window, strides, padding, relu):
                                                     ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet
                                                     ((2, 3), (1, 2), ((0, 1), (1, 0)))])
 def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
-  batch = graph_lib.POOL_KERNEL_MIN_BATCH + 1
+  batch = backends.POOLED_MIN_BATCH + 1
   x = rng.standard_normal((batch, 11, 12, 7)).astype(np.float32)  # NHWC
-  params = graph_lib._tiled_params({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
-                                    "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
-                                    "window_dilation": (1,) * 4})
+  pooling = graph_lib._pooling({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
+                                "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
+                                "window_dilation": (1,) * 4}, relu)
   chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, batch)
-  assert graph_lib._max_pool_kernel(chwn[..., :batch - 2], params, relu) is None  # small batches pool in XLA
-  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, params, relu))(chwn)
+  assert graph_lib._max_pool_kernel(chwn[..., :batch - 2], pooling) is None  # small batches pool in XLA
+  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, pooling))(chwn)
   np.testing.assert_allclose(np.asarray(layouts.convert(pooled, batch, layouts.NHWC)),
                              _max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
 
@@ -208,7 +208,7 @@ def test_exported_logits_equal_eval_mode_logits(name, backend):
 @pytest.mark.parametrize("name", ["alexnet-lcnn", "resnet-lcnn"])
 def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
   model, input_shape, _, _ = _trained_model_and_logits(name)
-  x = rng.standard_normal((graph_lib.POOL_KERNEL_MIN_BATCH + 1, *input_shape)).astype(np.float32)
+  x = rng.standard_normal((backends.POOLED_MIN_BATCH + 1, *input_shape)).astype(np.float32)
   expected = _eval_logits(model, x)
   exported = inference.inference_model(model, input_shape, backends="lookup")
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

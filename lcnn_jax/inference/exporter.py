@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from flax import nnx
 
 from lcnn_jax import layers as layers_lib
+from lcnn_jax.inference import allocator
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import tuning
 from lcnn_jax.inference.backends import LookupLayer
@@ -313,12 +315,6 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
 def main(argv: Sequence[str]) -> int:
   """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz``; ``argv`` includes the program
   name. Returns the exit status."""
-  import sys
-
-  from absl import flags
-
-  from lcnn_jax.inference import allocator
-
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
   flags.DEFINE_string("workdir", None, "The training run to export (its latest checkpoint, or --step).",
                       flag_values=flag_values)
@@ -348,5 +344,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-  import sys
   sys.exit(main(sys.argv))

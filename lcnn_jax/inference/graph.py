@@ -28,6 +28,7 @@ from jax import export as jax_export
 from jax.extend import core as jax_core
 from jax.extend.core import primitives as jax_primitives
 
+from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts
 from lcnn_jax.inference.layouts import NHWC, Layout
 from lcnn_jax.layers import LookupConv, LookupDense
@@ -325,30 +326,31 @@ def _reduce_tiled(prim, x: jax.Array, params: dict) -> jax.Array:
   return out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
 
 
-POOL_KERNEL_MIN_BATCH = 16
-"""Smaller batches pool in XLA: the kernel's innermost loop runs over the batch, too short to vectorise there
-(AlexNet-LCNN's first pooling at batch 1: 1.0 ms in the kernel, 0.08 ms in XLA)."""
-
-
-def _max_pool_kernel(x: jax.Array, params: dict, relu: bool) -> jax.Array | None:
-  """Max pooling of a CHWN array (1, c, h, w, batch) with tiled window ``params`` in the C++ kernel
-  (:mod:`lcnn_jax.inference.kernels`), ReLU included when ``relu``; None where the kernel does not apply (not
-  float32 on CPU, a batch under :data:`POOL_KERNEL_MIN_BATCH`, a window over channels or dilated, or no kernel). XLA's fusion of the same pooling ran
-  2–3× slower inside AlexNet-LCNN at batch 32 (its input no longer in cache)."""
-  window, strides, padding = params["window_dimensions"], params["window_strides"], params["padding"]
-  plain = (x.shape[0] == 1 and x.shape[-1] >= POOL_KERNEL_MIN_BATCH and x.dtype == jnp.float32 and window[0] == window[1] == window[4] == 1
-           and strides[0] == strides[1] == strides[4] == 1 and tuple(padding[1]) == (0, 0)
-           and all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"])))
-  if not plain or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]:
+def _pooling(params: dict, relu: bool) -> backends_lib.Pooling | None:
+  """The max pooling over (h, w) of logical (n, h, w, c) window ``params``; None for any other window (over the
+  batch or channels, or dilated)."""
+  plain = (all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"]))
+           and params["window_dimensions"][0] == params["window_dimensions"][3] == 1
+           and params["window_strides"][0] == params["window_strides"][3] == 1
+           and tuple(params["padding"][0]) == tuple(params["padding"][3]) == (0, 0))
+  if not plain:
     return None
+  return backends_lib.Pooling(window=tuple(params["window_dimensions"][1:3]),
+                              strides=tuple(params["window_strides"][1:3]),
+                              padding=tuple(tuple(p) for p in params["padding"][1:3]), relu=relu)
+
+
+def _max_pool_kernel(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array | None:
+  """``pooling`` of a CHWN array (1, c, h, w, batch) in the C++ kernel (:mod:`lcnn_jax.inference.kernels`); None
+  where the kernel does not apply (not float32 on CPU, a batch under
+  :data:`~lcnn_jax.inference.backends.POOLED_MIN_BATCH`, a window not inside the map, or no kernel here). XLA's
+  fusion of the same pooling ran 2–3× slower inside AlexNet-LCNN at batch 32 (its input no longer in cache)."""
   _, c, h, w, batch = x.shape
-  (top, bottom), (left, right) = padding[2], padding[3]
-  oh, ow = (h + top + bottom - window[2]) // strides[2] + 1, (w + left + right - window[3]) // strides[3] + 1
-  result = jax.ShapeDtypeStruct((c, oh, ow, batch), jnp.float32)
-  out = jax.ffi.ffi_call(kernels.POOL_TARGET, result, vmap_method="sequential")(
-      x[0], window_h=np.int64(window[2]), window_w=np.int64(window[3]), stride_h=np.int64(strides[2]),
-      stride_w=np.int64(strides[3]), pad_h=np.int64(top), pad_w=np.int64(left), relu=relu)
-  return out[None]
+  if (x.shape[0] != 1 or batch < backends_lib.POOLED_MIN_BATCH or x.dtype != jnp.float32
+      or not pooling.fits((h, w)) or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]):
+    return None
+  result = jax.ShapeDtypeStruct((c, *pooling.output_size((h, w)), batch), jnp.float32)
+  return jax.ffi.ffi_call(kernels.POOL_TARGET, result, vmap_method="sequential")(x[0], **pooling.attributes())[None]
 
 
 def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) -> list[Value]:
@@ -356,11 +358,12 @@ def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) 
   max pooling also applies the ReLU before it (see :func:`_relus_into_max_pools`)."""
   prim = getattr(jax_primitives, f"{primitive}_p")
   tile = next((layout for _, layout in args if layout != NHWC), None)
+  if primitive == "reduce_window_max" and tile is not None and len(args) == 1:
+    pooling = _pooling(params, relu)
+    pooled = None if pooling is None else _max_pool_kernel(args[0][0], pooling)
+    if pooled is not None:
+      return [(pooled, tile)]
   if relu:
-    if tile is not None and len(args) == 1:
-      pooled = _max_pool_kernel(args[0][0], _tiled_params(params), relu=True)
-      if pooled is not None:
-        return [(pooled, tile)]
     args = [(jnp.maximum(a, jnp.zeros((), a.dtype)), layout) for a, layout in args]
   if tile is not None and primitive in ELEMENTWISE and all(a.ndim in (0, 4) or l != NHWC for a, l in args):
     out = prim.bind(*[a if a.ndim == 0 else as_layout((a, l), tile) for a, l in args], **params)
@@ -368,9 +371,7 @@ def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) 
   if tile is not None and len(args) == 1:
     x = args[0][0]
     if primitive in _WINDOW_OPS and params["window_dimensions"][0] == 1:
-      tiled = _tiled_params(params)
-      pooled = _max_pool_kernel(x, tiled, relu=False) if primitive == "reduce_window_max" else None
-      return [(pooled if pooled is not None else _window_reduce(primitive, x, tiled), tile)]
+      return [(_window_reduce(primitive, x, _tiled_params(params)), tile)]
     if primitive in REDUCTIONS and 0 not in params["axes"]:
       return [(_reduce_tiled(prim, x, params), NHWC)]
   arrays = [as_layout(a, NHWC) for a in args]
@@ -412,21 +413,9 @@ def _layers_into_max_pools(graph: Graph, deferred: set[int]) -> dict[int, tuple[
     layer = next((e for e in graph.equations if source in e.outputs), None)
     if layer is None or layer.primitive != "layer" or len(graph.consumers(source)) != 1 or source == graph.output:
       continue
-    p = pool.params
-    plain = (all(d == 1 for d in (*p["base_dilation"], *p["window_dilation"]))
-             and p["window_dimensions"][0] == p["window_dimensions"][3] == 1
-             and p["window_strides"][0] == p["window_strides"][3] == 1
-             and tuple(p["padding"][0]) == tuple(p["padding"][3]) == (0, 0))
-    if plain:
+    if _pooling(pool.params, relu=True) is not None:
       fusable[source] = (pool, relu)
   return fusable
-
-
-def _pooling(params: dict) -> "backends_lib.Pooling":
-  from lcnn_jax.inference import backends as backends_lib  # backends imports nothing of the graph
-  return backends_lib.Pooling(window=tuple(params["window_dimensions"][1:3]),
-                              strides=tuple(params["window_strides"][1:3]),
-                              padding=tuple(tuple(p) for p in params["padding"][1:3]), relu=True)
 
 
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
@@ -465,8 +454,8 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
       continue
     if eqn.primitive == "layer" and eqn.outputs[0] in fusable:
       pool, relu = fusable[eqn.outputs[0]]
-      pooled = layer_fn(eqn.params["name"], args[0], pooling=_pooling({k: _decode(v, batch)
-                                                                        for k, v in pool.params.items()}))
+      pooling = _pooling({k: _decode(v, batch) for k, v in pool.params.items()}, relu=True)
+      pooled = layer_fn(eqn.params["name"], args[0], pooling=pooling)
       if pooled is not None:  # the layer, its ReLU and the pooling in one step
         env[pool.outputs[0]] = pooled
         done.update((relu.outputs[0], pool.outputs[0]))

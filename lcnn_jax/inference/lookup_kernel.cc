@@ -3,6 +3,7 @@
 // lcnn_max_pool pools CHWN activations (optionally with the ReLU before it).
 
 #include <cstdint>
+#include <utility>
 
 #include "lookup_kernel.h"
 #include "xla/ffi/api/ffi.h"
@@ -29,25 +30,29 @@ struct Padding {
   bool copies() const { return ph || pw || sh > 1 || sw > 1; }
 };
 
-// The pooling after the layer, from the pool_* attributes (pool_window_h = 0: none).
-struct PoolAttributes {
-  int64_t window_h, window_w, stride_h, stride_w, pad_h, pad_w;
-  bool relu;
-  bool pools() const { return window_h > 0; }
-};
+// The pooling of the pool_* attributes (pool_window_h = 0: none) into `out`, whose rows and columns are the
+// pooled size.
+PoolGeometry MakePooling(const OutF32& out, int64_t window_h, int64_t window_w, int64_t stride_h, int64_t stride_w,
+                         int64_t pad_h, int64_t pad_w, bool relu) {
+  const auto dims = out.dimensions();
+  return PoolGeometry{window_h, window_w, stride_h, stride_w, pad_h, pad_w, dims[1], dims[2], relu};
+}
+
+// Whether pooling p is sane for a map of h × w: a window and strides of at least 1, no negative padding, and
+// every window starting inside the map.
+bool PoolingFits(const PoolGeometry& p, int64_t h, int64_t w) {
+  return p.wh >= 1 && p.ww >= 1 && p.sh >= 1 && p.sw >= 1 && p.ph >= 0 && p.pw >= 0 &&
+         (p.oh - 1) * p.sh - p.ph < h && (p.ow - 1) * p.sw - p.pw < w;
+}
 
 // Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed), then
 // the pooling when there is one (out is then the pooled map).
 ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
-                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, const PoolAttributes& pooling,
+                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, const PoolGeometry& pooling,
                       const OutF32& out_buffer, float* out) {
-  PoolGeometry pg{};
-  if (pooling.pools()) {
-    const auto dims = out_buffer.dimensions();
-    pg = PoolGeometry{pooling.window_h, pooling.window_w, pooling.stride_h, pooling.stride_w, pooling.pad_h,
-                      pooling.pad_w, dims[1], dims[2], pooling.relu};
-    if (pg.wh < 1 || pg.ww < 1 || pg.sh < 1 || pg.sw < 1 || pg.ph < 0 || pg.pw < 0 || g.ow * g.batch < 16 ||
-        (pg.oh - 1) * pg.sh - pg.ph >= g.oh || (pg.ow - 1) * pg.sw - pg.pw >= g.ow) {
+  const bool pools = pooling.wh > 0;
+  if (pools) {
+    if (!PoolingFits(pooling, g.oh, g.ow) || g.ow * g.batch < 16) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: the pooling, the layer's output and out disagree");
     }
   } else if (out_buffer.dimensions()[1] != g.oh || out_buffer.dimensions()[2] != g.ow) {
@@ -58,11 +63,11 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
   }
   if (indices.element_type() == ffi::DataType::U16) {
     Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
-    if (pooling.pools()) DispatchPooled(pool, g, s, l, pg, out);
+    if (pools) DispatchPooled(pool, g, s, l, pooling, out);
     else Dispatch(pool, g, s, l, out);
   } else if (indices.element_type() == ffi::DataType::S32) {
     Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
-    if (pooling.pools()) DispatchPooled(pool, g, s, l, pg, out);
+    if (pools) DispatchPooled(pool, g, s, l, pooling, out);
     else Dispatch(pool, g, s, l, out);
   } else {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
@@ -90,8 +95,8 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
                           int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
                           int64_t pool_window_h, int64_t pool_window_w, int64_t pool_stride_h,
                           int64_t pool_stride_w, int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
-  const PoolAttributes pooling{pool_window_h, pool_window_w, pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
-                               pool_relu};
+  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
+                                           pool_pad_h, pool_pad_w, pool_relu);
   const auto in = s.dimensions();  // (k, h, w, batch)
   const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
@@ -117,8 +122,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
                                int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
                                int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
                                int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu, bool nhwc) {
-  const PoolAttributes pooling{pool_window_h, pool_window_w, pool_stride_h, pool_stride_w, pool_pad_h, pool_pad_w,
-                               pool_relu};
+  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
+                                           pool_pad_h, pool_pad_w, pool_relu);
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
   const auto d = dictionary.dimensions();
   const int64_t m = d[0], k = d[1];
@@ -139,80 +144,73 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
                     out->typed_data());
 }
 
-ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, int64_t window_h, int64_t window_w,
-                      int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, bool relu) {
+ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, int64_t pool_window_h,
+                       int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w, int64_t pool_pad_h,
+                       int64_t pool_pad_w, bool pool_relu) {
   const auto in = x.dimensions();  // (c, h, w, batch)
   const auto o = out->dimensions();  // (c, oh, ow, batch)
-  if (o[0] != in[0] || o[3] != in[3] || window_h < 1 || window_w < 1 || stride_h < 1 || stride_w < 1 ||
-      pad_h < 0 || pad_w < 0 || (o[1] - 1) * stride_h - pad_h >= in[1] || (o[2] - 1) * stride_w - pad_w >= in[2]) {
+  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
+                                           pool_pad_h, pool_pad_w, pool_relu);
+  if (o[0] != in[0] || o[3] != in[3] || !PoolingFits(pooling, in[1], in[2])) {
     return ffi::Error::InvalidArgument("lcnn_max_pool: x (c, h, w, batch), the window and out disagree");
   }
-  MaxPool(pool, x.typed_data(), in[0], in[1], in[2], in[3], window_h, window_w, stride_h, stride_w, pad_h, pad_w,
-          relu, o[1], o[2], out->typed_data());
+  MaxPool(pool, x.typed_data(), in[0], in[1], in[2], in[3], pooling, out->typed_data());
   return ffi::Error::Success();
+}
+
+// The pool_* attributes, last among a handler's attributes (Python: backends.Pooling.attributes()).
+template <typename Binding>
+auto PoolAttributes(Binding binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("pool_window_h")
+      .template Attr<int64_t>("pool_window_w")
+      .template Attr<int64_t>("pool_stride_h")
+      .template Attr<int64_t>("pool_stride_w")
+      .template Attr<int64_t>("pool_pad_h")
+      .template Attr<int64_t>("pool_pad_w")
+      .template Attr<bool>("pool_relu");
+}
+
+// A lookup layer's attributes: its padding and strides, its output size, and the pooling after it.
+template <typename Binding>
+auto LayerAttributes(Binding binding) {
+  return PoolAttributes(std::move(binding)
+                            .template Attr<int64_t>("pad_h")
+                            .template Attr<int64_t>("pad_w")
+                            .template Attr<int64_t>("stride_h")
+                            .template Attr<int64_t>("stride_w")
+                            .template Attr<int64_t>("out_h")
+                            .template Attr<int64_t>("out_w"));
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnMaxPool, MaxPoolImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ChwnF32>()  // x (c, h, w, batch)
-                                  .Ret<ChwnF32>()  // out (c, oh, ow, batch)
-                                  .Attr<int64_t>("window_h")
-                                  .Attr<int64_t>("window_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<bool>("relu"));
+                              PoolAttributes(ffi::Ffi::Bind()
+                                                 .Ctx<ffi::ThreadPool>()
+                                                 .Arg<ChwnF32>()    // x (c, h, w, batch)
+                                                 .Ret<ChwnF32>()));  // out (c, oh, ow, batch)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ChwnF32>()         // S (k, h, w, batch), unpadded
-                                  .Arg<FlatS32>()         // starts
-                                  .Arg<ffi::AnyBuffer>()  // indices
-                                  .Arg<FlatF32>()         // values
-                                  .Arg<FlatF32>()         // bias
-                                  .Ret<OutF32>()          // out (n, oh, ow, batch)
-                                  .Ret<FlatF32>()         // scratch for the padded space-to-depth S
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("out_h")
-                                  .Attr<int64_t>("out_w")
-                                  .Attr<int64_t>("pool_window_h")
-                                  .Attr<int64_t>("pool_window_w")
-                                  .Attr<int64_t>("pool_stride_h")
-                                  .Attr<int64_t>("pool_stride_w")
-                                  .Attr<int64_t>("pool_pad_h")
-                                  .Attr<int64_t>("pool_pad_w")
-                                  .Attr<bool>("pool_relu"));
+                              LayerAttributes(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
+                                                  .Arg<ChwnF32>()           // S (k, h, w, batch), unpadded
+                                                  .Arg<FlatS32>()           // starts
+                                                  .Arg<ffi::AnyBuffer>()    // indices
+                                                  .Arg<FlatF32>()           // values
+                                                  .Arg<FlatF32>()           // bias
+                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                                  .Ret<FlatF32>()));        // the padded space-to-depth S
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ChwnF32>()                  // x, NHWC or CHWN
-                                  .Arg<MatrixF32>()                // the dictionary (m, k)
-                                  .Arg<FlatS32>()                  // starts
-                                  .Arg<ffi::AnyBuffer>()           // indices
-                                  .Arg<FlatF32>()                  // values
-                                  .Arg<FlatF32>()                  // bias
-                                  .Ret<OutF32>()                   // out (n, oh, ow, batch)
-                                  .Ret<FlatF32>()                  // the padded space-to-depth S
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w")
-                                  .Attr<int64_t>("stride_h")
-                                  .Attr<int64_t>("stride_w")
-                                  .Attr<int64_t>("out_h")
-                                  .Attr<int64_t>("out_w")
-                                  .Attr<int64_t>("pool_window_h")
-                                  .Attr<int64_t>("pool_window_w")
-                                  .Attr<int64_t>("pool_stride_h")
-                                  .Attr<int64_t>("pool_stride_w")
-                                  .Attr<int64_t>("pool_pad_h")
-                                  .Attr<int64_t>("pool_pad_w")
-                                  .Attr<bool>("pool_relu")
+                              LayerAttributes(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
+                                                  .Arg<ChwnF32>()           // x, NHWC or CHWN
+                                                  .Arg<MatrixF32>()         // the dictionary (m, k)
+                                                  .Arg<FlatS32>()           // starts
+                                                  .Arg<ffi::AnyBuffer>()    // indices
+                                                  .Arg<FlatF32>()           // values
+                                                  .Arg<FlatF32>()           // bias
+                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                                  .Ret<FlatF32>())          // the padded space-to-depth S
                                   .Attr<bool>("nhwc"));

@@ -6,8 +6,8 @@
 //
 // Layout (channels first, batch last, "CHWN"): S is (atoms, H, W, batch), so one non-zero reads a contiguous
 // run of S. (Splitting the batch into tiles of a few images, for a tile's S to stay in cache, measured slower
-// end to end: CHWN activations then take partial cache-line writes, XLA's pooling short vectors.) We compute a "wide" output row of W positions per output row (of which the first ow
-// are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
+// end to end: CHWN activations then take partial cache-line writes, XLA's pooling short vectors.) We compute a
+// "wide" output row of W positions per output row (of which the first ow are kept): wide element q = (y * W + x) * batch + b reads S[index_t * batch + q], where
 // index_t = (atom_t * H + r_t) * W + c_t. Each non-zero is then one vector multiply-add over a block of
 // consecutive wide elements, with the accumulators held in registers across all non-zeros of the output.
 //
@@ -140,10 +140,22 @@ struct Plan {
   int64_t items() const { return blocks * groups; }
 };
 
+// Output o's wide elements [p0, p0 + 16 * V) (fewer for the last block), stored to out as output `slot`.
+// The last, partial block is a whole block ending at the last wide element (it overlaps the one before, since
+// Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no read past S.
+template <int V, typename Index>
+void LookupBlock(const Geometry& g, const float* s, const Lookups<Index>& l, int64_t o, int64_t p0, int64_t slot,
+                 float* out) {
+  constexpr int64_t block = 16 * V;
+  alignas(64) float acc[block];
+  const int64_t start = std::min(p0, g.wide - block);
+  AccumulateBlock<V>(s, l, g.batch, o, start, acc);
+  Store(g, acc + (p0 - start), l.bias[o], slot, p0, std::min(block, g.wide - p0), out);
+}
+
 template <int V, typename Index>
 void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index>& l, float* out,
               int64_t begin, int64_t end) {
-  alignas(64) float acc[256];
   for (int64_t item = begin; item < end; ++item) {
     const int64_t block = item / plan.groups;
     const int64_t o0 = (item % plan.groups) * plan.group_size;
@@ -151,19 +163,12 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
     const int64_t p0 = block * plan.block;
     for (int64_t o = o0; o < o1; ++o) {
       if constexpr (V == 0) {
+        alignas(64) float acc[16];
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-      } else if (p0 + plan.block <= g.wide) {
-        AccumulateBlock<V>(s, l, g.batch, o, p0, acc);
+        Store(g, acc, l.bias[o], o, p0, plan.block, out);
       } else {
-        // The last, partial block: a whole block ending at the last wide element (it overlaps the one before,
-        // since Q >= 16 * V), of which only the elements from p0 on are stored. Vector code throughout, and no
-        // read past the end of S.
-        const int64_t start = g.wide - plan.block;
-        AccumulateBlock<V>(s, l, g.batch, o, start, acc);
-        Store(g, acc + (p0 - start), l.bias[o], o, p0, g.wide - p0, out);
-        continue;
+        LookupBlock<V>(g, s, l, o, p0, o, out);
       }
-      Store(g, acc, l.bias[o], o, p0, plan.block, out);
     }
   }
 }
@@ -242,14 +247,37 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   return Launch<8>(pool, g, s, l, out);
 }
 
-// A max pooling (after a ReLU when `relu`) applied to a layer's output as the lookups produce it.
+// A max pooling, with max(·, 0) of the result when `relu`: the same as pooling a ReLU's output, as both are
+// monotone, without that pass over the map.
 struct PoolGeometry {
   int64_t wh, ww;  // window
   int64_t sh, sw;  // strides
-  int64_t ph, pw;  // top and left padding (positions outside the map are left out)
+  int64_t ph, pw;  // top and left padding (positions outside the map are left out, as XLA's -inf padding does)
   int64_t oh, ow;  // pooled size
   bool relu;
 };
+
+// Pooled row py into dst (p.ow, batch) from a map (rows, w, batch) holding rows [y_lo, y_hi) of the pooled
+// activation; the innermost loop runs over a contiguous run of batch values.
+inline void PoolRow(const float* map, int64_t y_lo, int64_t y_hi, int64_t w, int64_t batch, const PoolGeometry& p,
+                    int64_t py, float* dst) {
+  const float init = p.relu ? 0.f : -__builtin_inff();
+  for (int64_t i = 0; i < p.ow * batch; ++i) dst[i] = init;
+  for (int64_t r = 0; r < p.wh; ++r) {
+    const int64_t y = py * p.sh - p.ph + r;
+    if (y < y_lo || y >= y_hi) continue;
+    const float* row = map + (y - y_lo) * w * batch;
+    for (int64_t ox = 0; ox < p.ow; ++ox) {
+      float* acc = dst + ox * batch;
+      for (int64_t col = 0; col < p.ww; ++col) {
+        const int64_t x = ox * p.sw - p.pw + col;
+        if (x < 0 || x >= w) continue;
+        const float* src = row + x * batch;
+        for (int64_t b = 0; b < batch; ++b) acc[b] = std::max(acc[b], src[b]);
+      }
+    }
+  }
+}
 
 // Output rows [y_lo, y_hi) of outputs [o0, o1) into `local` (o - o0, y - y_lo, x, batch): the lookups over the
 // band's wide elements, S read from row y_lo on.
@@ -260,20 +288,8 @@ void BandRows(const Geometry& g, const float* s, const Lookups<Index>& l, int64_
   band.oh = y_hi - y_lo;
   band.wide = ((band.oh - 1) * g.width + g.ow) * g.batch;
   const float* sb = s + y_lo * g.width * g.batch;
-  const int64_t block = 16 * V, plane = band.oh * g.ow * g.batch;
-  alignas(64) float acc[16 * V];
   for (int64_t o = o0; o < o1; ++o) {
-    float* dst = local + (o - o0) * plane;
-    for (int64_t p0 = 0; p0 < band.wide; p0 += block) {
-      if (p0 + block <= band.wide) {
-        AccumulateBlock<V>(sb, l, g.batch, o, p0, acc);
-        Store(band, acc, l.bias[o], 0, p0, block, dst);
-      } else {  // as in RunItems: a whole block ending at the last element, stored from p0 on
-        const int64_t start = band.wide - block;
-        AccumulateBlock<V>(sb, l, g.batch, o, start, acc);
-        Store(band, acc + (p0 - start), l.bias[o], 0, p0, band.wide - p0, dst);
-      }
-    }
+    for (int64_t p0 = 0; p0 < band.wide; p0 += 16 * V) LookupBlock<V>(band, sb, l, o, p0, o - o0, local);
   }
 }
 
@@ -297,26 +313,10 @@ void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<I
       const int64_t y_hi = std::min(g.oh, (py1 - 1) * p.sh - p.ph + p.wh);
       BandRows<V>(g, s, l, y_lo, y_hi, o0, o1, local.get());
       const int64_t rows = y_hi - y_lo;
-      const float init = p.relu ? 0.f : -__builtin_inff();
       for (int64_t o = o0; o < o1; ++o) {
         const float* map = local.get() + (o - o0) * rows * g.ow * g.batch;
         for (int64_t py = py0; py < py1; ++py) {
-          float* dst = out + (o * p.oh + py) * p.ow * g.batch;
-          for (int64_t i = 0; i < p.ow * g.batch; ++i) dst[i] = init;
-          for (int64_t r = 0; r < p.wh; ++r) {
-            const int64_t y = py * p.sh - p.ph + r;
-            if (y < y_lo || y >= y_hi) continue;
-            const float* row = map + (y - y_lo) * g.ow * g.batch;
-            for (int64_t ox = 0; ox < p.ow; ++ox) {
-              float* a = dst + ox * g.batch;
-              for (int64_t c = 0; c < p.ww; ++c) {
-                const int64_t x = ox * p.sw - p.pw + c;
-                if (x < 0 || x >= g.ow) continue;
-                const float* src = row + x * g.batch;
-                for (int64_t b = 0; b < g.batch; ++b) a[b] = std::max(a[b], src[b]);
-              }
-            }
-          }
+          PoolRow(map, y_lo, y_hi, g.ow, g.batch, p, py, out + (o * p.oh + py) * p.ow * g.batch);
         }
       }
     }
@@ -443,33 +443,15 @@ void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dicti
   });
 }
 
-// Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, oh, ow, batch): window wh × ww, strides sh × sw,
-// the window's origin at (-ph, -pw) (positions outside x are left out, as XLA's -inf padding does). With `relu`,
-// max(·, 0) of the result: the same as pooling a ReLU's output, as both are monotone, without that pass over x.
-// One (channel, output row) per item; the innermost loop runs over a contiguous run of batch values.
+// Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, p.oh, p.ow, batch), one (channel, pooled row)
+// per item.
 template <typename Pool>
-void MaxPool(Pool& pool, const float* x, int64_t c, int64_t h, int64_t w, int64_t batch, int64_t wh, int64_t ww,
-             int64_t sh, int64_t sw, int64_t ph, int64_t pw, bool relu, int64_t oh, int64_t ow, float* out) {
-  ParallelFor(pool, c * oh, c * oh * ow * batch * wh * ww, [=](int64_t begin, int64_t end) {
+void MaxPool(Pool& pool, const float* x, int64_t c, int64_t h, int64_t w, int64_t batch, const PoolGeometry& p,
+             float* out) {
+  ParallelFor(pool, c * p.oh, c * p.oh * p.ow * batch * p.wh * p.ww, [=](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t ch = item / oh, oy = item % oh;
-      float* dst = out + item * ow * batch;
-      const float init = relu ? 0.f : -__builtin_inff();
-      for (int64_t i = 0; i < ow * batch; ++i) dst[i] = init;
-      for (int64_t r = 0; r < wh; ++r) {
-        const int64_t y = oy * sh + r - ph;
-        if (y < 0 || y >= h) continue;
-        const float* row = x + (ch * h + y) * w * batch;
-        for (int64_t ox = 0; ox < ow; ++ox) {
-          float* acc = dst + ox * batch;
-          for (int64_t col = 0; col < ww; ++col) {
-            const int64_t xx = ox * sw + col - pw;
-            if (xx < 0 || xx >= w) continue;
-            const float* src = row + xx * batch;
-            for (int64_t b = 0; b < batch; ++b) acc[b] = std::max(acc[b], src[b]);
-          }
-        }
-      }
+      const int64_t ch = item / p.oh, py = item % p.oh;
+      PoolRow(x + ch * h * w * batch, 0, h, w, batch, p, py, out + item * p.ow * batch);
     }
   });
 }

@@ -206,7 +206,8 @@ class InferenceModel:
     """(batch, h, w, c) float32 images -> (batch, classes) logits."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or tuple(images.shape[1:]) != self.input_shape:
-      raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, {', '.join(map(str, self.input_shape))}).")
+      expected = ", ".join(map(str, self.input_shape))
+      raise ValueError(f"images of shape {tuple(images.shape)}: expected (batch, {expected}).")
     return self._forward(self.params(), images)
 
   def top_k(self, images: jax.Array | np.ndarray, k: int = 5) -> tuple[np.ndarray, np.ndarray]:
