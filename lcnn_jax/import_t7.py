@@ -572,6 +572,9 @@ def write_run(model: nnx.Module, config: ml_collections.ConfigDict, info: data.D
   os.makedirs(parent, exist_ok=True)
   temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(workdir)}.import-", dir=parent)
   try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's 0700 would make the run private
     checkpoint.save_run_info(temporary, config, train.dataset_facts(info) | {"imported_from": source})
     with open(os.path.join(temporary, CONFIG_FILE), "w") as f:
       f.write(GENERATED_CONFIG.format(source=os.path.basename(source["file"]), workdir=workdir))

@@ -1,0 +1,291 @@
+"""A small Torch7 binary writer and a float64 NumPy forward with Torch's semantics, for the importer's tests.
+
+``write(path, obj)`` follows torch7's ``File:writeObject`` (binary mode, little-endian, 8-byte longs): tables,
+numbers, strings, booleans, nil, and Torch objects (a version string, the class name, then the object's table;
+tensors as ndim, sizes, strides, 1-based storage offset and their storage). An object referenced twice is written
+once and then by its index, as Torch does (the original's lookup layer shares ``weight`` with its ``poolconv``).
+
+``alexnet_lcnn(...)`` builds the module tree of the original's ``models/alexnet-lcnn.lua`` with
+``layers/PooledSpatialConvolution.lua`` lookup layers, and ``forward(module, x)`` evaluates such a tree in float64
+as Torch would in evaluation mode: each lookup layer first zeroes |P| <= sparseTh, BatchNorm uses its running
+statistics, ``nn.SpatialDropout`` and ``nn.Dropout`` without ``v2`` multiply by 1 - p.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from typing import Any, Sequence
+
+import numpy as np
+
+NIL, NUMBER, STRING, TABLE, TORCH, BOOLEAN = 0, 1, 2, 3, 4, 5
+STORAGE = {"torch.FloatTensor": ("torch.FloatStorage", np.float32),
+           "torch.DoubleTensor": ("torch.DoubleStorage", np.float64),
+           "torch.CudaTensor": ("torch.CudaStorage", np.float32),
+           "torch.CudaDoubleTensor": ("torch.CudaDoubleStorage", np.float64),
+           "torch.LongTensor": ("torch.LongStorage", np.int64)}
+
+
+class Module:
+  """A Torch object: its class name and its fields (the table Torch serialises)."""
+
+  def __init__(self, typename: str, **fields):
+    self.typename = typename
+    self.fields = fields
+
+  def __getitem__(self, key):
+    return self.fields.get(key)
+
+
+class Tensor:
+  """A Torch tensor of ``typename`` (e.g. torch.CudaTensor) holding ``array``."""
+
+  def __init__(self, array: np.ndarray, typename: str):
+    self.typename = typename
+    self.array = np.ascontiguousarray(array, STORAGE[typename][1])
+
+
+class _Writer:
+
+  def __init__(self, f):
+    self.f = f
+    self.index: dict[int, int] = {}
+
+  def int(self, value: int) -> None:
+    self.f.write(struct.pack("<i", value))
+
+  def long(self, *values: int) -> None:
+    self.f.write(struct.pack(f"<{len(values)}q", *values))
+
+  def string(self, value: str) -> None:
+    raw = value.encode()
+    self.int(len(raw))
+    self.f.write(raw)
+
+  def _reference(self, obj) -> bool:
+    """Writes the object's index; True when it was written before (only the index is due then)."""
+    if id(obj) in self.index:
+      self.int(self.index[id(obj)])
+      return True
+    self.index[id(obj)] = len(self.index) + 1
+    self.int(self.index[id(obj)])
+    return False
+
+  def object(self, obj: Any) -> None:
+    if obj is None:
+      self.int(NIL)
+    elif isinstance(obj, bool):
+      self.int(BOOLEAN)
+      self.int(int(obj))
+    elif isinstance(obj, (int, float)):
+      self.int(NUMBER)
+      self.f.write(struct.pack("<d", float(obj)))
+    elif isinstance(obj, str):
+      self.int(STRING)
+      self.string(obj)
+    elif isinstance(obj, (dict, list)):
+      self.int(TABLE)
+      if self._reference(obj):
+        return
+      items = obj.items() if isinstance(obj, dict) else enumerate(obj, start=1)
+      items = list(items)
+      self.int(len(items))
+      for key, value in items:
+        self.object(key)
+        self.object(value)
+    elif isinstance(obj, Tensor):
+      self.int(TORCH)
+      if self._reference(obj):
+        return
+      self.string("V 1")
+      self.string(obj.typename)
+      array = obj.array
+      self.int(array.ndim)
+      self.long(*array.shape)
+      self.long(*(s // array.itemsize for s in array.strides))
+      self.long(1)  # storage offset, 1-based
+      self.int(TORCH)
+      self.int(len(self.index) + 1)  # the storage is an object of its own
+      self.index[id(array)] = len(self.index) + 1
+      self.string("V 1")
+      self.string(STORAGE[obj.typename][0])
+      self.long(array.size)
+      self.f.write(array.tobytes())
+    elif isinstance(obj, Module):
+      self.int(TORCH)
+      if self._reference(obj):
+        return
+      self.string("V 1")
+      self.string(obj.typename)
+      self.object(obj.fields)
+    else:
+      raise TypeError(f"cannot write {type(obj).__name__}")
+
+
+def write(path: str, obj: Any) -> None:
+  """Writes ``obj`` as torch.save(path, obj) would in binary mode."""
+  with open(path, "wb") as f:
+    _Writer(f).object(obj)
+
+
+# ------------------------------------------------------------------------------------------------ modules
+
+
+class Factory:
+  """Builds the original's modules with tensors of one type (CPU or CUDA)."""
+
+  def __init__(self, tensor_type: str = "torch.CudaTensor"):
+    self.tensor_type = tensor_type
+
+  def tensor(self, array) -> Tensor:
+    return Tensor(np.asarray(array), self.tensor_type)
+
+  def _base(self) -> dict:
+    return {"train": False, "output": self.tensor(np.zeros(0)), "gradInput": self.tensor(np.zeros(0))}
+
+  def conv(self, weight: np.ndarray, bias: np.ndarray | None, stride: int = 1, pad: int = 0,
+           typename: str = "cudnn.SpatialConvolution") -> Module:
+    """A convolution with Torch's OIHW ``weight``."""
+    n, m, kh, kw = weight.shape
+    return Module(typename, **self._base(), nInputPlane=m, nOutputPlane=n, kW=kw, kH=kh, dW=stride, dH=stride,
+                  padW=pad, padH=pad, groups=1, weight=self.tensor(weight),
+                  bias=None if bias is None else self.tensor(bias), gradWeight=self.tensor(np.zeros_like(weight)))
+
+  def pooled_conv(self, dictionary: np.ndarray, coefficients: np.ndarray, bias: np.ndarray, stride: int, pad: int,
+                  initial_sparsity: float = 0.01, strength: float = 0.0) -> Module:
+    """The original's cudnn.PooledSpatialConvolution: ``dictionary`` (k, m), ``coefficients`` (n, k, kh, kw)."""
+    k, m = dictionary.shape
+    n, _, kh, kw = coefficients.shape
+    poolconv = self.conv(dictionary.reshape(k, m, 1, 1), None, 1, pad)
+    alignconv = self.conv(coefficients, bias, stride, 0)
+    return Module("cudnn.PooledSpatialConvolution", **self._base(), nInputPlane=m, nOutputPlane=n, kW=kw, kH=kh,
+                  dW=stride, dH=stride, padW=pad, padH=pad, poolSize=k, **{"lambda": strength},
+                  sparseTh=initial_sparsity / math.sqrt(kw * kh * k), poolconv=poolconv, alignconv=alignconv,
+                  m=self.sequential([poolconv, alignconv]), weight=poolconv["weight"], bias=alignconv["bias"],
+                  gradWeight=poolconv["gradWeight"])
+
+  def batch_norm(self, weight, bias, mean, var, eps: float) -> Module:
+    return Module("nn.SpatialBatchNormalization", **self._base(), eps=eps, momentum=0.1, affine=True,
+                  weight=self.tensor(weight), bias=self.tensor(bias), running_mean=self.tensor(mean),
+                  running_var=self.tensor(var))
+
+  def relu(self, typename: str = "cudnn.ReLU") -> Module:
+    return Module(typename, **self._base(), inplace=True, threshold=0, val=0)
+
+  def max_pool(self, kernel: int = 3, stride: int = 2) -> Module:
+    return Module("nn.SpatialMaxPooling", **self._base(), kW=kernel, kH=kernel, dW=stride, dH=stride, padW=0,
+                  padH=0, ceil_mode=False)
+
+  def dropout(self, p: float, typename: str = "nn.Dropout", v2: bool = True) -> Module:
+    fields = {"p": p, "noise": self.tensor(np.zeros(0))}
+    if typename == "nn.Dropout":
+      fields["v2"] = v2
+    return Module(typename, **self._base(), **fields)
+
+  def view(self, size: int) -> Module:
+    return Module("nn.View", **self._base(), size=Tensor(np.array([size]), "torch.LongTensor"), numElements=size,
+                  numInputDims=3)
+
+  def linear(self, weight: np.ndarray, bias: np.ndarray) -> Module:
+    return Module("nn.Linear", **self._base(), weight=self.tensor(weight), bias=self.tensor(bias))
+
+  def log_softmax(self) -> Module:
+    return Module("nn.LogSoftMax", **self._base())
+
+  def sequential(self, modules: Sequence[Module]) -> Module:
+    return Module("nn.Sequential", **self._base(), modules=list(modules))
+
+
+def alexnet_lcnn(rng: np.random.Generator, factory: Factory, *, num_classes: int, map_size: int,
+                 first_pool: int, pool_sizes: Sequence[int], fc_pool: int, initial_sparsity: float,
+                 strength: float = 1.0, dropout: tuple[str, bool] = ("nn.Dropout", True),
+                 linear_classifier: bool = False) -> Module:
+  """The original's models/alexnet-lcnn.lua with random trained-looking weights (fc_pool > 0, fc8 dense).
+
+  ``dropout`` is (type, v2) of the two classifier dropouts; ``linear_classifier`` writes fc8 as View + nn.Linear.
+  """
+  def lookup(m, n, kernel, stride, pad, k):
+    bound = 1 / math.sqrt(kernel * kernel * k)
+    return factory.pooled_conv(rng.uniform(-1, 1, (k, m)) / math.sqrt(m),
+                               rng.uniform(-bound, bound, (n, k, kernel, kernel)), rng.uniform(-bound, bound, n),
+                               stride, pad, initial_sparsity, strength)
+
+  def bn(n):
+    return factory.batch_norm(rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                              rng.uniform(0.2, 0.5, n), 1e-3)
+
+  k2, k3, k4, k5 = pool_sizes
+  features = factory.sequential([
+      lookup(3, 64, 11, 4, 2, first_pool), bn(64), factory.relu(), factory.max_pool(),
+      lookup(64, 192, 5, 1, 2, k2), bn(192), factory.relu(), factory.max_pool(),
+      lookup(192, 384, 3, 1, 1, k3), bn(384), factory.relu(),
+      lookup(384, 256, 3, 1, 1, k4), bn(256), factory.relu(),
+      lookup(256, 256, 3, 1, 1, k5), bn(256), factory.relu(), factory.max_pool()])
+  kind, v2 = dropout
+  fc8_weight = rng.normal(0, 4 / math.sqrt(4096), (num_classes, 4096))
+  fc8_bias = rng.normal(0, 0.1, num_classes)
+  if linear_classifier:
+    fc8 = [factory.view(4096), factory.linear(fc8_weight, fc8_bias)]
+  else:
+    fc8 = [factory.conv(fc8_weight.reshape(num_classes, 4096, 1, 1), fc8_bias), factory.view(num_classes)]
+  classifier = factory.sequential([
+      factory.dropout(0.5, kind, v2), lookup(256, 4096, map_size, 1, 0, fc_pool), bn(4096), factory.relu(),
+      factory.dropout(0.5, kind, v2), lookup(4096, 4096, 1, 1, 0, fc_pool), bn(4096), factory.relu(),
+      *fc8, factory.log_softmax()])
+  return factory.sequential([features, classifier])
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+def _array(tensor: Tensor | None) -> np.ndarray | None:
+  return None if tensor is None else tensor.array.astype(np.float64)
+
+
+def _conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None, stride: int, pad: int) -> np.ndarray:
+  """(N, C, H, W) ⊛ (O, C, kh, kw) with zero padding, in float64."""
+  x = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+  kh, kw = weight.shape[2:]
+  windows = np.lib.stride_tricks.sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+  y = np.einsum("nchwij,ocij->nohw", windows, weight)  # (N, O, OH, OW)
+  return y if bias is None else y + bias[None, :, None, None]
+
+
+def forward(module: Module, x: np.ndarray) -> np.ndarray:
+  """Torch's evaluation-mode forward of ``module`` on NCHW ``x``, in float64."""
+  t = module.typename
+  if t == "nn.Sequential":
+    for child in module["modules"]:
+      x = forward(child, x)
+    return x
+  if t == "cudnn.PooledSpatialConvolution":
+    p = _array(module["alignconv"]["weight"])
+    p[np.abs(p) <= module["sparseTh"]] = 0  # the original's forward zeroes |P| <= τ first
+    s = _conv(x, _array(module["poolconv"]["weight"]), None, 1, module["padW"])
+    return _conv(s, p, _array(module["alignconv"]["bias"]), module["dW"], 0)
+  if t in ("cudnn.SpatialConvolution", "nn.SpatialConvolution"):
+    return _conv(x, _array(module["weight"]), _array(module["bias"]), module["dW"], module["padW"])
+  if t == "nn.SpatialBatchNormalization":
+    shape = (1, -1, 1, 1)
+    scale = _array(module["weight"]) / np.sqrt(_array(module["running_var"]) + module["eps"])
+    return (x - _array(module["running_mean"]).reshape(shape)) * scale.reshape(shape) + _array(
+        module["bias"]).reshape(shape)
+  if t in ("cudnn.ReLU", "nn.ReLU"):
+    return np.maximum(x, 0)
+  if t == "nn.SpatialMaxPooling":
+    k, s = module["kW"], module["dW"]
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]
+    return windows.max(axis=(-2, -1))
+  if t == "nn.SpatialDropout" or (t == "nn.Dropout" and not module["v2"]):
+    return x * (1 - module["p"])
+  if t == "nn.Dropout":
+    return x
+  if t == "nn.View":
+    return x.reshape(x.shape[0], -1)
+  if t == "nn.Linear":
+    return x.reshape(x.shape[0], -1) @ _array(module["weight"]).T + _array(module["bias"])
+  if t == "nn.LogSoftMax":
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+  raise TypeError(f"no forward for {t}")

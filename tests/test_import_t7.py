@@ -1,0 +1,245 @@
+"""``lcnn_jax.import_t7``: the original's Torch7 models become runs whose logits are Torch's, read by every tool.
+
+The files are written by ``tests/t7_writer.py`` with the structure of the original's ``models/alexnet-lcnn.lua``
+at a small size (95×95 inputs, dictionaries of 3–8 atoms, 10 classes) and a large initial sparsity (0.3), so
+about 30% of every P lies at or below its threshold τ in the file and only the threshold makes the logits right.
+"""
+
+import contextlib
+import importlib.util
+import io
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torchfile", reason="the t7 extra (pip install 'lcnn-jax[t7]') reads .t7 files")
+
+from lcnn_jax import checkpoint, flops, import_t7, train  # noqa: E402
+from lcnn_jax.inference import exporter  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import t7_writer  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = 95  # conv1 23, pool 11, pool 5, pool 2: fc6 is a 2×2 lookup convolution
+SIZES = {"num_classes": 10, "map_size": 2, "first_pool": 3, "pool_sizes": (5, 6, 7, 8), "fc_pool": 8,
+         "initial_sparsity": 0.3}
+CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # the file's output order, not sorted
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+TENSOR_TYPES = ("torch.CudaTensor", "torch.FloatTensor", "torch.DoubleTensor")
+
+
+def tree_of(seed: str, tensor_type: str = "torch.CudaTensor", **overrides):
+  rng = np.random.default_rng(zlib.crc32(seed.encode()))
+  return t7_writer.alexnet_lcnn(rng, t7_writer.Factory(tensor_type), **(SIZES | overrides))
+
+
+def torch_logits(tree, images: np.ndarray) -> np.ndarray:
+  """The original's forward in float64 up to its LogSoftMax, on NHWC images."""
+  features, classifier = tree["modules"]
+  assert classifier["modules"][-1].typename == "nn.LogSoftMax"
+  body = t7_writer.Factory().sequential([features, t7_writer.Factory().sequential(classifier["modules"][:-1])])
+  return t7_writer.forward(body, images.transpose(0, 3, 1, 2).astype(np.float64))
+
+
+def logits_of(model, images: np.ndarray) -> np.ndarray:
+  return np.asarray(train.eval_view(model)(images.astype(np.float32)), np.float64)
+
+
+def assert_logits_close(got: np.ndarray, expected: np.ndarray) -> None:
+  assert np.std(expected) > 0.5  # the test inputs give informative logits, not zeros
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+  """A CUDA-tagged file with a classes .t7 and a mean/std .t7, imported as a run by the command's function."""
+  directory = tmp_path_factory.mktemp("t7")
+  tree = tree_of("imported")
+  paths = {name: str(directory / f"{name}.t7") for name in ("model", "classes", "meanstd")}
+  t7_writer.write(paths["model"], tree)
+  t7_writer.write(paths["classes"], t7_writer.Module("dataLoader", classes=CLASSES, sampleSize=[3, 224, 224]))
+  t7_writer.write(paths["meanstd"], {"mean": MEAN, "std": STD})
+  workdir = str(directory / "run")
+  summary = import_t7.import_run(paths["model"], workdir, image_size=IMAGE_SIZE, classes=paths["classes"],
+                                 meanstd=paths["meanstd"])
+  return {"tree": tree, "workdir": workdir, "summary": summary, **paths}
+
+
+@pytest.mark.parametrize("tensor_type", TENSOR_TYPES)
+def test_imported_logits_equal_torch_forward_in_float64(tmp_path, rng, tensor_type):
+  tree = tree_of("logits", tensor_type)
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, tree)
+  model, config, names = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  assert names is None
+  assert config.model.name == "alexnet-lcnn" and config.model.first_pool == 3
+  assert tuple(config.model.pool_sizes) == (5, 6, 7, 8) and config.model.fc_pool == 8
+  assert config.model.classifier_pool == 0
+  assert config.model.initial_sparsity == pytest.approx(0.3)
+  assert (config.sparsity.rule, config.sparsity.strength) == ("threshold", 1.0)  # the file's lambda
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
+def test_threshold_of_the_file_is_applied_on_every_forward(tmp_path, rng):
+  tree = tree_of("threshold")
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, tree)
+  model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  conv2 = tree["modules"][0]["modules"][4]
+  p = conv2["alignconv"]["weight"].array  # (n, k, kh, kw), Torch's layout
+  below = (p != 0) & (np.abs(p) <= conv2["sparseTh"])
+  assert 0.2 < below.mean() < 0.4  # stored non-zero in the file, zero in the original's forward
+  ours = np.asarray(model.conv2.thresholded_coefficients()).transpose(3, 2, 0, 1)  # HWIO -> OIHW
+  np.testing.assert_array_equal(ours == 0, below)
+  np.testing.assert_array_equal(ours[~below], p[~below])
+  # Without the threshold the logits would differ: the reference with P unthresholded is far from ours.
+  conv2.fields["sparseTh"] = 0.0
+  images = rng.normal(size=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  unthresholded = torch_logits(tree, images)
+  assert np.abs(logits_of(model, images) - unthresholded).max() > 1e-2 * np.abs(unthresholded).max()
+
+
+@pytest.mark.parametrize("dropout", [("nn.SpatialDropout", False), ("nn.Dropout", False)])
+def test_dropout_that_scales_at_evaluation_is_folded_into_the_next_layer(tmp_path, rng, dropout):
+  tree = tree_of("dropout", dropout=dropout)
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, tree)
+  model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
+def test_view_and_linear_classifier(tmp_path, rng):
+  tree = tree_of("linear", linear_classifier=True)
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, tree)
+  model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
+def test_run_holds_torch_logits_in_sorted_class_order_and_the_preprocessing(imported, rng):
+  model, config, step = checkpoint.restore_model(imported["workdir"])
+  _, dataset = checkpoint.load_run_info(imported["workdir"])
+  assert step == 0 and config.model.name == "alexnet-lcnn"
+  assert dataset["class_names"] == sorted(CLASSES)
+  assert dataset["mean"] == MEAN and dataset["std"] == STD
+  assert list(config.data.mean) == MEAN and list(config.data.std) == STD
+  assert dataset["image_shape"] == [IMAGE_SIZE, IMAGE_SIZE, 3]
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  expected = torch_logits(imported["tree"], images)  # in the file's order, CLASSES
+  order = [CLASSES.index(name) for name in dataset["class_names"]]
+  assert_logits_close(logits_of(model, images), expected[:, order])
+  assert "reordered to sorted names" in imported["summary"]
+
+
+def test_generated_config_file_reads_the_runs_config(imported):
+  path = os.path.join(imported["workdir"], import_t7.CONFIG_FILE)
+  spec = importlib.util.spec_from_file_location("imported_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config, _ = checkpoint.load_run_info(imported["workdir"])
+  assert module.get_config().to_dict() == config.to_dict()
+
+
+def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert flops.main(["flops", "--workdir", imported["workdir"]]) == 0
+  report = out.getvalue()
+  assert "alexnet-lcnn at step 0 on 95x95x3 inputs" in report and "speedup:" in report
+  output = str(tmp_path / "model.npz")
+  with contextlib.redirect_stdout(io.StringIO()):
+    assert exporter.main(["exporter", "--workdir", imported["workdir"], "--output", output,
+                          "--backends", "dense"]) == 0
+  exported = exporter.load(output)
+  assert exported.class_names == sorted(CLASSES)
+  assert exported.preprocessing["mean"] == MEAN and exported.preprocessing["std"] == STD
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  order = [CLASSES.index(name) for name in sorted(CLASSES)]
+  expected = torch_logits(imported["tree"], images)[:, order]
+  got = np.asarray(exported(images.astype(np.float32)), np.float64)
+  np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+def test_mismatch_against_the_config_names_the_module_and_writes_nothing(imported, tmp_path):
+  spec = importlib.util.spec_from_file_location("alexnet_fast", os.path.join(REPO, "configs", "alexnet_fast.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()  # conv2..conv5 with 30 atoms; the file has 5, 6, 7, 8
+  with pytest.raises(import_t7.T7ImportError, match=r"model.modules\[1\].modules\[1\] .* initial sparsity 0.3 "
+                     r"does not fit conv1 .* initial sparsity 0.01 \(model.initial_sparsity\)"):
+    import_t7.import_run(imported["model"], str(tmp_path / "run"), config=config, image_size=IMAGE_SIZE,
+                         meanstd=imported["meanstd"])
+  config.model.initial_sparsity = 0.3
+  workdir = str(tmp_path / "run")
+  with pytest.raises(import_t7.T7ImportError) as error:
+    import_t7.import_run(imported["model"], workdir, config=config, image_size=IMAGE_SIZE,
+                         meanstd=imported["meanstd"])
+  message = str(error.value)
+  assert "model.modules[1].modules[5] (cudnn.PooledSpatialConvolution)" in message
+  assert "dictionary 5" in message and "dictionary 30 (model.pool_sizes)" in message and "conv2" in message
+  assert os.listdir(tmp_path) == []  # no run, no temporary directory
+
+
+def test_an_existing_workdir_is_never_written_over(imported, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "notes.txt").write_text("mine")
+  with pytest.raises(import_t7.T7ImportError, match="already exists and is not empty"):
+    import_t7.import_run(imported["model"], str(workdir), image_size=IMAGE_SIZE, meanstd=imported["meanstd"])
+  assert os.listdir(workdir) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_side_file_mistakes_are_clear(imported, tmp_path):
+  with pytest.raises(import_t7.T7ImportError, match="--meanstd PATH, or --mean R,G,B --std R,G,B"):
+    import_t7.import_run(imported["model"], str(tmp_path / "a"), image_size=IMAGE_SIZE)
+  names = tmp_path / "classes.txt"
+  names.write_text("\n".join(CLASSES[:9]) + "\n")
+  with pytest.raises(import_t7.T7ImportError, match="--classes gives 9 names; the model's classifier "
+                     r"model.modules\[2\].modules\[9\] has 10 outputs"):
+    import_t7.import_run(imported["model"], str(tmp_path / "b"), image_size=IMAGE_SIZE, classes=str(names),
+                         mean=["0.5"] * 3, std=["0.25"] * 3)
+  assert sorted(os.listdir(tmp_path)) == ["classes.txt"]
+
+
+def _command(*args, cwd):
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "lcnn_jax.import_t7", *args], capture_output=True, text=True,
+                        env=env, cwd=cwd, timeout=300)
+
+
+def test_command_stops_on_an_unknown_module_with_its_path_and_exit_2(tmp_path):
+  tree = tree_of("unknown")
+  tree["modules"][0]["modules"][2] = t7_writer.Module("nn.Tanh", train=False)  # conv1's ReLU
+  t7_writer.write(str(tmp_path / "model.t7"), tree)
+  result = _command("model.t7", "--workdir", "run", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2",
+                    cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "error: model.modules[1].modules[3] is a nn.Tanh, which the importer does not know" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(tmp_path)) == ["model.t7"]
+  help_text = _command("--help", cwd=tmp_path)
+  assert "--meanstd" in help_text.stdout + help_text.stderr  # absl prints the flags (and exits 1)
+
+
+def test_reader_gives_the_writers_tensors_for_cpu_and_cuda_types(tmp_path):
+  for tensor_type in TENSOR_TYPES:
+    tree = tree_of("reader", tensor_type)
+    path = str(tmp_path / f"{tensor_type}.t7")
+    t7_writer.write(path, tree)
+    leaves = import_t7.flatten(import_t7.read_t7(path))
+    assert [leaf.path for leaf in leaves][:2] == ["model.modules[1].modules[1]", "model.modules[1].modules[2]"]
+    layer = import_t7.read_layer(leaves[0])
+    conv1 = tree["modules"][0]["modules"][0]
+    np.testing.assert_array_equal(layer.coefficients, conv1["alignconv"]["weight"].array.astype(np.float32))
+    np.testing.assert_array_equal(layer.dictionary,
+                                  conv1["poolconv"]["weight"].array.reshape(3, 3).astype(np.float32))
+    assert layer.threshold == conv1["sparseTh"]
+    assert leaves[0].typename == "cudnn.PooledSpatialConvolution" and leaves[0].kind == "lookup"
