@@ -49,7 +49,7 @@ from lcnn_jax import checkpoint, config as config_lib, data, layers, train
 
 MISSING_READER = ("Reading .t7 files needs the torchfile package: pip install 'lcnn-jax[t7]' "
                   "(or pip install torchfile).")
-CONTAINERS = ("nn.Sequential",)
+CONTAINERS = ("nn.Sequential", "nn.DataParallelTable")  # a DataParallelTable's first replica is the model
 KINDS = {
     "nn.SpatialConvolution": "conv", "cudnn.SpatialConvolution": "conv", "nn.SpatialConvolutionMM": "conv",
     "cudnn.PooledSpatialConvolution": "lookup", "nn.PooledSpatialConvolution": "lookup",
@@ -143,6 +143,8 @@ def flatten(obj, path: str = "model") -> list[Leaf]:
                         "torch.save (an nn.Sequential).")
   if typename in CONTAINERS:
     children = obj["modules"] or []
+    if typename == "nn.DataParallelTable":
+      children = children[:1]
     return [leaf for i, child in enumerate(children) for leaf in flatten(child, f"{path}.modules[{i + 1}]")]
   if typename not in KINDS:
     raise T7ImportError(f"{path} is a {typename}, which the importer does not know; it reads "
@@ -458,7 +460,7 @@ def assign(model: nnx.Module, values: dict[str, dict[str, np.ndarray]]) -> None:
       if tuple(variable.shape) != value.shape:
         raise T7ImportError(f"{name}.{attribute}: the file gives shape {value.shape}, the model has "
                             f"{tuple(variable.shape)}.")
-      variable.value = jnp.asarray(value, variable.dtype)
+      variable[...] = jnp.asarray(value, variable.dtype)
 
 
 def sort_classes(values: dict[str, dict[str, np.ndarray]], classifier: str,

@@ -289,3 +289,22 @@ def forward(module: Module, x: np.ndarray) -> np.ndarray:
     shifted = x - x.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
   raise TypeError(f"no forward for {t}")
+
+
+def write_example(directory: str, seed: int = 0) -> None:
+  """A small AlexNet-LCNN file (95×95 inputs, 10 classes) with its classes.t7 and meanstd.t7, for trying the
+  importer: ``python tests/t7_writer.py DIR``."""
+  import os
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  tree = alexnet_lcnn(rng, Factory("torch.CudaTensor"), num_classes=10, map_size=2, first_pool=3,
+                      pool_sizes=(5, 6, 7, 8), fc_pool=8, initial_sparsity=0.3)
+  write(os.path.join(directory, "alexnet-lcnn-small.t7"), tree)
+  classes = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # an unsorted label order, as a directory listing gives
+  write(os.path.join(directory, "classes.t7"), classes)
+  write(os.path.join(directory, "meanstd.t7"), {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+
+
+if __name__ == "__main__":
+  import sys
+  write_example(sys.argv[1])

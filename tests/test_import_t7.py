@@ -243,3 +243,8 @@ def test_reader_gives_the_writers_tensors_for_cpu_and_cuda_types(tmp_path):
                                   conv1["poolconv"]["weight"].array.reshape(3, 3).astype(np.float32))
     assert layer.threshold == conv1["sparseTh"]
     assert leaves[0].typename == "cudnn.PooledSpatialConvolution" and leaves[0].kind == "lookup"
+  # A model saved inside nn.DataParallelTable (replicas on several GPUs) is read from its first replica.
+  t7_writer.write(path, t7_writer.Module("nn.DataParallelTable", modules=[tree, tree_of("replica")], train=False))
+  wrapped = import_t7.flatten(import_t7.read_t7(path))
+  assert [leaf.path for leaf in wrapped] == [leaf.path.replace("model.", "model.modules[1].", 1) for leaf in leaves]
+  np.testing.assert_array_equal(import_t7.read_layer(wrapped[0]).coefficients, layer.coefficients)
