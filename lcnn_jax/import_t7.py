@@ -32,6 +32,7 @@ import dataclasses
 import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 from typing import Any, Sequence
@@ -89,6 +90,26 @@ class T7ImportError(ValueError):
 # ------------------------------------------------------------------------------------------------ reading
 
 
+STORAGE_TYPES = {"Byte": np.uint8, "Char": np.int8, "Short": np.int16, "Int": np.int32, "Long": np.int64,
+                 "Float": np.float32, "Double": np.float64}
+
+
+class TruncatedFile(Exception):
+  """A storage holds fewer values than its header says: the file ends early."""
+
+
+def _checked_storage_reader(dtype):
+  """torchfile's storage reader, refusing a storage cut short (torchfile would return a shorter array, and the
+  tensors viewing it would read past its end)."""
+  def read(reader, version):
+    size = reader.read_long()
+    values = np.fromfile(reader.f, dtype=dtype, count=size)
+    if values.size != size:
+      raise TruncatedFile(f"a storage of {size} values ends after {values.size}")
+    return values
+  return read
+
+
 def read_t7(path: str) -> Any:
   """The object saved in a Torch7 binary file (tables become dicts/lists, modules ``torchfile.TorchObject``)."""
   try:
@@ -97,8 +118,13 @@ def read_t7(path: str) -> Any:
     raise T7ImportError(MISSING_READER) from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist: pass the .t7 file (e.g. alexnet-lcnn-fast.t7).")
+  for name, dtype in STORAGE_TYPES.items():
+    for storage in (f"torch.{name}Storage", "torch.CudaStorage" if name == "Float" else f"torch.Cuda{name}Storage"):
+      torchfile.type_handlers[storage.encode()] = _checked_storage_reader(dtype)
   try:
     return torchfile.load(path, utf8_decode_strings=True)
+  except (TruncatedFile, struct.error) as e:
+    raise T7ImportError(f"{path} ends early ({e}): an incomplete download? Fetch the file again.") from e
   except Exception as e:  # torchfile raises whatever a damaged stream triggers
     raise T7ImportError(f"{path} is not a readable Torch7 binary file ({type(e).__name__}: {e}); expected a "
                         "file written by torch.save in binary mode, such as the original's model_<epoch>.t7.") from e

@@ -248,3 +248,21 @@ def test_reader_gives_the_writers_tensors_for_cpu_and_cuda_types(tmp_path):
   wrapped = import_t7.flatten(import_t7.read_t7(path))
   assert [leaf.path for leaf in wrapped] == [leaf.path.replace("model.", "model.modules[1].", 1) for leaf in leaves]
   np.testing.assert_array_equal(import_t7.read_layer(wrapped[0]).coefficients, layer.coefficients)
+
+
+def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
+  path = tmp_path / "model.t7"
+  t7_writer.write(str(path), tree_of("truncated"))
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])  # an interrupted download, cut inside a storage
+  with pytest.raises(import_t7.T7ImportError, match="ends early .* values ends after .* Fetch the file again"):
+    import_t7.read_t7(str(path))
+  path.write_bytes(data[:-2])  # cut inside the last number
+  with pytest.raises(import_t7.T7ImportError, match="ends early"):
+    import_t7.read_t7(str(path))
+  path.write_bytes(b"PK\x03\x04 not a Torch7 file")
+  with pytest.raises(import_t7.T7ImportError, match="is not a readable Torch7 binary file"):
+    import_t7.read_t7(str(path))
+  t7_writer.write(str(path), {"weights": t7_writer.Tensor(np.ones(3), "torch.FloatTensor")})
+  with pytest.raises(import_t7.T7ImportError, match="model is a hashable_uniq_dict, not a Torch module"):
+    import_t7.flatten(import_t7.read_t7(str(path)))
