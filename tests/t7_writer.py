@@ -135,8 +135,9 @@ def write(path: str, obj: Any) -> None:
 class Factory:
   """Builds the original's modules with tensors of one type (CPU or CUDA)."""
 
-  def __init__(self, tensor_type: str = "torch.CudaTensor"):
+  def __init__(self, tensor_type: str = "torch.CudaTensor", grad_buffers: bool = True):
     self.tensor_type = tensor_type
+    self.grad_buffers = grad_buffers  # Torch keeps gradWeight in saved models; large files can leave it out
 
   def tensor(self, array) -> Tensor:
     return Tensor(np.asarray(array), self.tensor_type)
@@ -150,7 +151,8 @@ class Factory:
     n, m, kh, kw = weight.shape
     return Module(typename, **self._base(), nInputPlane=m, nOutputPlane=n, kW=kw, kH=kh, dW=stride, dH=stride,
                   padW=pad, padH=pad, groups=1, weight=self.tensor(weight),
-                  bias=None if bias is None else self.tensor(bias), gradWeight=self.tensor(np.zeros_like(weight)))
+                  bias=None if bias is None else self.tensor(bias),
+                  gradWeight=self.tensor(np.zeros_like(weight) if self.grad_buffers else np.zeros(0)))
 
   def pooled_conv(self, dictionary: np.ndarray, coefficients: np.ndarray, bias: np.ndarray, stride: int, pad: int,
                   initial_sparsity: float = 0.01, strength: float = 0.0) -> Module:
@@ -233,6 +235,27 @@ def alexnet_lcnn(rng: np.random.Generator, factory: Factory, *, num_classes: int
       factory.dropout(0.5, kind, v2), lookup(256, 4096, map_size, 1, 0, fc_pool), bn(4096), factory.relu(),
       factory.dropout(0.5, kind, v2), lookup(4096, 4096, 1, 1, 0, fc_pool), bn(4096), factory.relu(),
       *fc8, factory.log_softmax()])
+  return factory.sequential([features, classifier])
+
+
+def alexnet(rng: np.random.Generator, factory: Factory, *, num_classes: int, map_size: int) -> Module:
+  """The original's models/alexnet.lua (the CNN): Conv-BN-ReLU blocks in their own Sequentials, SpatialDropout."""
+  def block(m, n, kernel, stride=1, pad=0):
+    weight = rng.normal(0, math.sqrt(2 / (m * kernel * kernel)), (n, m, kernel, kernel))
+    return factory.sequential([
+        factory.conv(weight, rng.normal(0, 0.1, n), stride, pad),
+        factory.batch_norm(rng.uniform(0.5, 1.5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n),
+                           rng.uniform(0.5, 2.0, n), 1e-5),
+        factory.relu()])
+
+  features = factory.sequential([
+      block(3, 96, 11, 4, 2), factory.max_pool(), block(96, 256, 5, 1, 2), factory.max_pool(),
+      block(256, 384, 3, 1, 1), block(384, 384, 3, 1, 1), block(384, 256, 3, 1, 1), factory.max_pool()])
+  classifier = factory.sequential([
+      factory.dropout(0.5, "nn.SpatialDropout"), block(256, 4096, map_size),
+      factory.dropout(0.5, "nn.SpatialDropout"), block(4096, 4096, 1),
+      factory.conv(rng.normal(0, 1 / math.sqrt(4096), (num_classes, 4096, 1, 1)), rng.normal(0, 0.1, num_classes)),
+      factory.view(num_classes), factory.log_softmax()])
   return factory.sequential([features, classifier])
 
 

@@ -86,6 +86,18 @@ def test_imported_logits_equal_torch_forward_in_float64(tmp_path, rng, tensor_ty
   assert_logits_close(logits_of(model, images), torch_logits(tree, images))
 
 
+def test_cnn_baseline_file_with_nested_blocks_and_spatial_dropout(tmp_path):
+  rng = np.random.default_rng(zlib.crc32(b"cnn"))
+  tree = t7_writer.alexnet(rng, t7_writer.Factory("torch.CudaTensor", grad_buffers=False), num_classes=10,
+                           map_size=1)
+  path = str(tmp_path / "alexnet.t7")
+  t7_writer.write(path, tree)
+  model, config, _ = import_t7.import_model(path, image_size=63)  # the smallest AlexNet input: fc6 is 1×1
+  assert config.model.name == "alexnet" and config.sparsity.strength == 0.0
+  images = rng.normal(size=(2, 63, 63, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
 def test_threshold_of_the_file_is_applied_on_every_forward(tmp_path, rng):
   tree = tree_of("threshold")
   path = str(tmp_path / "model.t7")
