@@ -223,14 +223,20 @@ class TorchLayer:
     return f"{self.leaf.describe()}: {shape}, {what}"
 
 
-def read_layer(leaf: Leaf) -> TorchLayer:
-  """The weights and geometry of a convolution, lookup or linear module."""
+def _has_tensor(fields, name: str) -> bool:
+  return isinstance(fields[name], np.ndarray) and fields[name].size > 0
+
+
+def read_layer(leaf: Leaf, weights: bool = True) -> TorchLayer:
+  """The geometry of a convolution, lookup or linear module, and its weights (float32 copies) unless
+  ``weights`` is False."""
   if leaf.kind == "linear":
-    weight = leaf.tensor("weight")
-    if weight.ndim != 2:
-      raise T7ImportError(f"{leaf.describe()}: weight of shape {weight.shape}; expected (out, in).")
-    bias = leaf.tensor("bias") if isinstance(leaf.fields["bias"], np.ndarray) else None
-    return TorchLayer(leaf, weight.shape[1], weight.shape[0], (1, 1), (1, 1), (0, 0), weight=weight, bias=bias)
+    shape = leaf.fields["weight"].shape if _has_tensor(leaf.fields, "weight") else ()
+    if len(shape) != 2:
+      raise T7ImportError(f"{leaf.describe()}: weight of shape {shape}; expected (out, in).")
+    return TorchLayer(leaf, shape[1], shape[0], (1, 1), (1, 1), (0, 0),
+                      weight=leaf.tensor("weight") if weights else None,
+                      bias=leaf.tensor("bias") if weights and _has_tensor(leaf.fields, "bias") else None)
   kernel = _pair(leaf, "kH", "kW")
   strides = _pair(leaf, "dH", "dW", 1)
   padding = _pair(leaf, "padH", "padW")
@@ -239,9 +245,11 @@ def read_layer(leaf: Leaf) -> TorchLayer:
     if int(leaf.get("groups", 1)) != 1:
       raise T7ImportError(f"{leaf.describe()}: groups={leaf.get('groups')}; the importer reads ungrouped "
                           "convolutions only.")
-    bias = leaf.tensor("bias") if isinstance(leaf.fields["bias"], np.ndarray) and leaf.fields["bias"].size else None
+    if not weights:
+      return TorchLayer(leaf, in_features, out_features, kernel, strides, padding)
     return TorchLayer(leaf, in_features, out_features, kernel, strides, padding,
-                      weight=_conv_weight(leaf, None, out_features, in_features, kernel), bias=bias)
+                      weight=_conv_weight(leaf, None, out_features, in_features, kernel),
+                      bias=leaf.tensor("bias") if _has_tensor(leaf.fields, "bias") else None)
   # The lookup layer: poolconv (dictionary, 1×1 with the padding), alignconv (P, kh×kw with the stride).
   k = int(leaf.get("poolSize"))
   poolconv, alignconv = leaf.fields["poolconv"], leaf.fields["alignconv"]
@@ -257,14 +265,14 @@ def read_layer(leaf: Leaf) -> TorchLayer:
   threshold = leaf.get("sparseTh")
   if not isinstance(threshold, (int, float)) or threshold < 0:
     raise T7ImportError(f"{leaf.describe()}: sparseTh={threshold!r}; expected the layer's threshold τ >= 0.")
-  bias = align.fields["bias"]
   lam = leaf.get("lambda")
-  return TorchLayer(
-      leaf, in_features, out_features, kernel, strides, padding, dictionary_size=k, threshold=float(threshold),
-      dictionary=_conv_weight(pool, poolconv, k, in_features, (1, 1)).reshape(k, in_features),
-      coefficients=_conv_weight(align, alignconv, out_features, k, kernel),
-      bias=align.tensor("bias", alignconv) if isinstance(bias, np.ndarray) and bias.size else None,
-      strength=float(lam) if isinstance(lam, (int, float)) else None)
+  layer = TorchLayer(leaf, in_features, out_features, kernel, strides, padding, dictionary_size=k,
+                     threshold=float(threshold), strength=float(lam) if isinstance(lam, (int, float)) else None)
+  if weights:
+    layer.dictionary = _conv_weight(pool, poolconv, k, in_features, (1, 1)).reshape(k, in_features)
+    layer.coefficients = _conv_weight(align, alignconv, out_features, k, kernel)
+    layer.bias = align.tensor("bias", alignconv) if _has_tensor(alignconv, "bias") else None
+  return layer
 
 
 def eval_scale(leaf: Leaf) -> float:
@@ -282,7 +290,7 @@ def eval_scale(leaf: Leaf) -> float:
 
 def infer_config(leaves: Sequence[Leaf], image_size: int) -> ml_collections.ConfigDict:
   """The lcnn_jax config of an AlexNet or AlexNet-LCNN file: sizes, τ and λ read from its modules."""
-  found = [read_layer(leaf) for leaf in leaves if leaf.kind in LAYER_KINDS]
+  found = [read_layer(leaf, weights=False) for leaf in leaves if leaf.kind in LAYER_KINDS]
   if len(found) != 8:
     raise T7ImportError(f"The file has {len(found)} convolution/lookup/linear modules "
                         f"({', '.join(layer.leaf.path for layer in found)}); the original's AlexNet models have 8 "
@@ -559,7 +567,7 @@ def import_model(t7_path: str, config: ml_collections.ConfigDict | None = None, 
     raise T7ImportError(f"model.name={config.model.name!r}: the importer reads the original's AlexNet files "
                         f"({', '.join(ALEXNET_MODELS)}), the architecture of its published models.")
   layer_leaves = [leaf for leaf in leaves if leaf.kind in LAYER_KINDS]
-  classifier = read_layer(layer_leaves[-1]) if layer_leaves else None
+  classifier = read_layer(layer_leaves[-1], weights=False) if layer_leaves else None
   if classifier is None:
     raise T7ImportError(f"{t7_path} holds no convolution or linear module: not a trained model.")
   num_classes = classifier.out_features
