@@ -160,6 +160,40 @@ def test_generated_config_file_reads_the_runs_config(imported):
   assert module.get_config().to_dict() == config.to_dict()
 
 
+def test_eval_mode_on_an_image_folder_scores_the_original_forward(imported, tmp_path):
+  from PIL import Image
+  from lcnn_jax.data import transforms
+  rng = np.random.default_rng(zlib.crc32(b"folder"))
+  paths, labels = [], []
+  for split, count in (("train", 1), ("val", 2)):
+    for label, name in enumerate(sorted(CLASSES)):
+      os.makedirs(tmp_path / split / name)
+      for i in range(count):
+        path = str(tmp_path / split / name / f"{i}.JPEG")
+        Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(path)
+        if split == "val":
+          paths.append(path)
+          labels.append(label)
+  spec = importlib.util.spec_from_file_location("imported_config", os.path.join(imported["workdir"], "config.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.data.dir = str(tmp_path)
+  config.train.eval_batch_size = 8  # 20 images: the last batch is padded and masked
+  metrics = train.evaluate_checkpoint(config, imported["workdir"])
+  # The same images through the original's forward: resize 109, centre crop 95, its mean/std; labels by name.
+  transform = transforms.PhotoTransform(IMAGE_SIZE, round(IMAGE_SIZE * 256 / 224), 3)
+  normalize = transforms.Normalize(MEAN, STD)
+  images = np.stack([normalize(transform.eval(open(path, "rb").read())) for path in paths])
+  logits = torch_logits(imported["tree"], images)[:, [CLASSES.index(name) for name in sorted(CLASSES)]]
+  log_probabilities = logits - logits.max(1, keepdims=True)
+  log_probabilities -= np.log(np.exp(log_probabilities).sum(1, keepdims=True))
+  labels = np.array(labels)
+  assert metrics["count"] == 20 and metrics["step"] == 0
+  assert metrics["loss"] == pytest.approx(-log_probabilities[np.arange(20), labels].mean(), rel=1e-4)
+  assert metrics["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
+
+
 def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
