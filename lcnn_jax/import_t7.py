@@ -391,7 +391,8 @@ def _layer_values(layer: TorchLayer, module, scale: float) -> dict[str, np.ndarr
   return {"kernel": weight.transpose(2, 3, 1, 0) * scale, "bias": bias}
 
 
-def _bn_values(leaf: Leaf, module: nnx.BatchNorm) -> dict[str, np.ndarray]:
+def batch_norm_values(leaf: Leaf, module: nnx.BatchNorm) -> dict[str, np.ndarray]:
+  """Scale, bias and running statistics of a SpatialBatchNormalization for ``module`` (eps must agree)."""
   n = module.num_features
   eps = float(leaf.get("eps", 1e-5))
   if not math.isclose(eps, module.epsilon, rel_tol=RELATIVE_TOLERANCE):
@@ -469,7 +470,7 @@ def match(leaves: Sequence[Leaf], model: nnx.Module, config: ml_collections.Conf
       values[step.name] = _layer_values(layer, module, scale)
       scale = 1.0
     elif step.kind == "bn":
-      values[step.name] = _bn_values(leaf, getattr(model, step.name))
+      values[step.name] = batch_norm_values(leaf, getattr(model, step.name))
     elif step.kind == "relu":
       _check_relu(leaf)
     elif step.kind == "pool":

@@ -312,3 +312,22 @@ def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
   t7_writer.write(str(path), {"weights": t7_writer.Tensor(np.ones(3), "torch.FloatTensor")})
   with pytest.raises(import_t7.T7ImportError, match="model is a hashable_uniq_dict, not a Torch module"):
     import_t7.flatten(import_t7.read_t7(str(path)))
+
+
+def test_batch_norm_of_older_files_and_without_affine(tmp_path, rng):
+  from flax import nnx
+  factory = t7_writer.Factory("torch.FloatTensor")
+  var = rng.uniform(0.5, 2.0, 4)
+  old = t7_writer.Module("nn.SpatialBatchNormalization", eps=1e-3, affine=False, weight=None, bias=None,
+                         running_mean=factory.tensor(rng.normal(size=4)),
+                         running_std=factory.tensor(1 / np.sqrt(var + 1e-3)))  # nn before running_var
+  path = str(tmp_path / "bn.t7")
+  t7_writer.write(path, factory.sequential([old]))
+  (leaf,) = import_t7.flatten(import_t7.read_t7(path))
+  values = import_t7.batch_norm_values(leaf, nnx.BatchNorm(4, epsilon=1e-3, rngs=nnx.Rngs(0)))
+  np.testing.assert_allclose(values["var"], var, rtol=1e-5)
+  np.testing.assert_array_equal(values["scale"], np.ones(4))
+  np.testing.assert_array_equal(values["bias"], np.zeros(4))
+  with pytest.raises(import_t7.T7ImportError, match=r"model.modules\[1\] \(nn.SpatialBatchNormalization\): "
+                     "eps=0.001; expected 1e-05"):
+    import_t7.batch_norm_values(leaf, nnx.BatchNorm(4, epsilon=1e-5, rngs=nnx.Rngs(0)))
