@@ -1,4 +1,5 @@
-"""The Pallas lookup backend in interpret mode, against the dense convolution with the reconstructed kernel."""
+"""The Pallas lookup backend against the dense convolution with the reconstructed kernel: interpreted on a CPU,
+compiled through Triton on a GPU (``python -m lcnn_jax.devicecheck`` runs this module there)."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from flax import nnx
 from lcnn_jax import inference, layers
 from lcnn_jax.inference import backends, layouts, pallas_lookup, tuning
 
-INTERPRETED = pallas_lookup.PallasLookup(interpret=True)
+PALLAS = pallas_lookup.PallasLookup()  # interpreted anywhere but a GPU
 COMPILED = pallas_lookup.PallasLookup(interpret=False)
 
 
@@ -68,7 +69,7 @@ def test_pallas_lookups_equal_dense_conv_with_reconstructed_kernel(case, rng):
   layer = _random_layer(rng, **spec)
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
   expected = _dense_reference(layer, x)
-  got = np.asarray(_run(INTERPRETED, layer, x))
+  got = np.asarray(_run(PALLAS, layer, x))
   assert got.shape == expected.shape and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -79,7 +80,7 @@ def test_pallas_lookups_in_bfloat16_accumulate_in_float32(case, rng):
   layer = _random_layer(rng, **spec)
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
   expected = _dense_reference(layer, x)
-  got = _run(INTERPRETED, layer, x.astype(jnp.bfloat16))
+  got = _run(PALLAS, layer, x.astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
   # S and the output are rounded to bfloat16 (8 bits of mantissa); the sums over hundreds of terms are not.
   np.testing.assert_allclose(np.asarray(got, np.float64), expected, rtol=0, atol=2e-2 * np.abs(expected).max())
@@ -88,10 +89,10 @@ def test_pallas_lookups_in_bfloat16_accumulate_in_float32(case, rng):
 def test_pallas_reads_channels_first_input_without_a_transpose(rng):
   spec, _ = LAYER_CASES["uneven"]
   layer = _random_layer(rng, **spec)
-  assert INTERPRETED.input_layout(layer, 5) == 5
+  assert PALLAS.input_layout(layer, 5) == 5
   x = rng.standard_normal((5, *layer.input_size, layer.in_features)).astype(np.float32)
   expected = _dense_reference(layer, x)
-  np.testing.assert_allclose(np.asarray(_run(INTERPRETED, layer, x, layout=5)), expected, rtol=1e-4,
+  np.testing.assert_allclose(np.asarray(_run(PALLAS, layer, x, layout=5)), expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
 
 
@@ -119,11 +120,13 @@ def test_block_shapes_are_powers_of_two_within_the_register_budget(outputs, colu
 
 def test_pallas_is_offered_to_auto_on_gpus_only(monkeypatch):
   monkeypatch.delenv(pallas_lookup.INTERPRET_ENV, raising=False)
+  on_gpu = jax.default_backend() == "gpu"
   ok, reason = backends.get_backend("pallas").available()
-  assert not ok and pallas_lookup.INTERPRET_ENV in reason
+  assert ok == on_gpu and (on_gpu or pallas_lookup.INTERPRET_ENV in reason)
+  assert ("pallas" in tuning.candidate_backends()) == on_gpu
   monkeypatch.setenv(pallas_lookup.INTERPRET_ENV, "1")
   assert "pallas" in backends.available_backends()
-  assert "pallas" not in tuning.candidate_backends()  # interpreted on this CPU: never timed for auto
+  assert ("pallas" in tuning.candidate_backends()) == on_gpu  # interpreted: never timed for auto
 
 
 class _TinyLcnn(nnx.Module):
