@@ -52,6 +52,7 @@ BLOCK_ELEMENTS = 2048
 of :data:`NUM_WARPS` warps."""
 
 MAX_COLUMNS_PER_BLOCK = 256
+"""The most columns a kernel block holds (a row of the block: one contiguous read of S per non-zero)."""
 
 TARGET_PROGRAMS = 256
 """Blocks are made smaller (down to :data:`GROUP` outputs) until the grid has about this many programs, two per
