@@ -86,7 +86,7 @@ DEVICE_TESTS = (
     "tests/test_train.py::test_gradient_accumulation_equals_the_full_batch_without_batchnorm",
 )
 
-FULL = Sizes(budget_s=450, tests=DEVICE_TESTS, tests_timeout_s=150,
+FULL = Sizes(budget_s=450, tests=DEVICE_TESTS, tests_timeout_s=120,
              train_image_size={"alexnet": 224, "resnet18": 224}, train_batch=256, train_steps=10,
              probe_batches=(512, 1024), inference_families=FAMILIES, inference_batches=(1, 256), inference_seconds=3.0,
              pipeline_batch=256, pipeline_steps=4, pipeline_images=512, pipeline_workers=os.cpu_count() or 1)
@@ -115,8 +115,8 @@ def require(*modules: str) -> None:
 class Run:
   """The rows, part statuses and clock of one check; written to ``out`` after every part."""
 
-  def __init__(self, out: str, sizes: Sizes, smoke: bool):
-    self.out, self.sizes, self.smoke = out, sizes, smoke
+  def __init__(self, out: str, sizes: Sizes, smoke: bool, families: tuple[str, ...] = FAMILIES):
+    self.out, self.sizes, self.smoke, self.families = out, sizes, smoke, tuple(families)
     self.start = time.monotonic()
     self.rows: list[dict[str, Any]] = []
     self.parts: dict[str, dict[str, Any]] = {}
@@ -230,13 +230,13 @@ def run_train(run: Run) -> dict:
   from lcnn_jax import models, throughput  # pylint: disable=g-import-not-at-top
   sizes, skipped = run.sizes, []
   configs = {}
-  for family in FLAGS.families:
+  for family in run.families:
     config = _preset(family, sizes.train_image_size[family])
     configs[family] = [(name, model_config) for name, model_config in
                        zip(TRAINED[family], (models.baseline_config(config.model), config.model))]
     for name, model_config in configs[family]:
       try:
-        run.ensure_time(30, f"training {name}")
+        run.ensure_time(45, f"training {name}")
       except Skipped as e:
         skipped.append(str(e))
         continue
@@ -244,7 +244,7 @@ def run_train(run: Run) -> dict:
       run.add(part="train", model=name, backend="xla", dtype="bfloat16", batch=sizes.train_batch,
               image_size=sizes.train_image_size[family], images_per_s=images_per_s)
       run.write()
-  for family in [f for f in FLAGS.families if f == "resnet18"]:
+  for family in [f for f in run.families if f == "resnet18"]:
     config = _preset(family, sizes.train_image_size[family])
     for name, model_config in configs[family]:
       for batch in sizes.probe_batches:
@@ -270,11 +270,11 @@ def run_inference(run: Run) -> dict:
   require("ml_collections")
   from lcnn_jax import bench  # pylint: disable=g-import-not-at-top
   skipped = []
-  for family in [f for f in run.sizes.inference_families if f in FLAGS.families]:
+  for family in [f for f in run.sizes.inference_families if f in run.families]:
     cnn, lcnn = TRAINED[family]
     for batch in run.sizes.inference_batches:
       try:
-        run.ensure_time(60, f"inference of {lcnn} at batch {batch}")
+        run.ensure_time(100, f"inference of {lcnn} at batch {batch}")
       except Skipped as e:
         skipped.append(str(e))
         continue
@@ -385,7 +385,7 @@ def main(argv):
   sizes = SMOKE if FLAGS.smoke else FULL
   if FLAGS.budget_s is not None:
     sizes = dataclasses.replace(sizes, budget_s=FLAGS.budget_s)
-  run = Run(FLAGS.out, sizes, FLAGS.smoke)
+  run = Run(FLAGS.out, sizes, FLAGS.smoke, FLAGS.families)
   if "tests" in FLAGS.parts:  # first: the child process then has the device to itself
     run.part("tests", run_tests)
   device = jax.devices()[0]

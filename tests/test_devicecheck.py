@@ -73,3 +73,23 @@ def test_targets_compare_measurements_with_the_goals_for_one_h200():
   assert goals["resnet18-lcnn-fast training images/s / resnet18's"]["met"] is False
   assert goals["alexnet-lcnn-fast inference (auto) speedup over dense XLA at batch 1"]["value"] == pytest.approx(2.5)
   assert goals["alexnet-lcnn-fast inference (auto) speedup over dense XLA at batch 256"]["met"] is None
+
+
+def test_larger_batches_are_tried_until_one_does_not_fit(tmp_path, monkeypatch):
+  from lcnn_jax import throughput
+
+  def measured(config, model_config, batch, steps):  # a device whose memory holds 8 images of ResNet-18
+    if batch > 8:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.2GiB.")
+    return 100.0 * batch
+
+  monkeypatch.setattr(throughput, "compute_images_per_second", measured)
+  sizes = dataclasses.replace(devicecheck.SMOKE, probe_batches=(8, 16, 32), budget_s=3600)
+  run = devicecheck.Run(str(tmp_path), sizes, smoke=True, families=("resnet18",))
+  run.part("train", devicecheck.run_train)
+  assert run.parts["train"]["status"] == "ok"
+  probes = [(r["model"], r["batch"], r.get("note")) for r in run.rows if r.get("probe")]
+  assert probes == [("resnet18", 8, None), ("resnet18", 16, "out of memory"),
+                    ("resnet18-lcnn-fast", 8, None), ("resnet18-lcnn-fast", 16, "out of memory")]
+  goals = {t["target"]: t for t in devicecheck.targets(run.rows)}
+  assert goals["ResNet-18 bfloat16 training images/s"]["value"] == 400.0  # batch 4, not a probe
