@@ -23,7 +23,7 @@ a short table last. Sizes fit about 8 minutes on one H200 (``--budget_s``: a par
 after the budget is skipped, saying so). It never changes device settings.
 
 ``--smoke`` runs the same code paths at tiny sizes (AlexNet 64×64 and ResNet 32×32 training at batch 4,
-AlexNet inference at batch 1 and 2, the Pallas kernel interpreted) on a CPU in under 5 minutes.
+AlexNet inference at batch 1 and 2, the Pallas kernel interpreted) on a CPU: about 2.5 minutes of CPU time.
 
 Only jax, numpy and absl are imported up front; each part imports what it needs and is skipped, naming the
 missing package, when that is not installed (a GPU image without ml_collections or grain: see
