@@ -9,8 +9,10 @@ the rest (BatchNorm statistics, dropout RNG state), and each step merges them, r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import math
 import os
 import time
@@ -50,9 +52,11 @@ class TrainState:
 
 
 def set_compute_dtype(model: nnx.Module, dtype) -> None:
-  """Runs convolutions, dense and lookup layers in ``dtype`` (parameters stay float32; BatchNorm float32)."""
+  """Runs convolutions, dense and lookup layers in ``dtype``, and has BatchNorm return ``dtype`` so activations
+  stay in it between layers. Parameters stay float32; BatchNorm computes its statistics in float32 and keeps its
+  running statistics in float32."""
   for _, module in nnx.iter_modules(model):
-    if isinstance(module, (nnx.Conv, nnx.Linear, *layers.LOOKUP_LAYERS)):
+    if isinstance(module, (nnx.Conv, nnx.Linear, nnx.BatchNorm, *layers.LOOKUP_LAYERS)):
       module.dtype = dtype
 
 
@@ -179,6 +183,35 @@ def make_mesh() -> jax.sharding.Mesh:
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Per-process batches -> one global array per key, sharded over the data axis."""
   return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in local.items()}
+
+
+class DevicePrefetch:
+  """The batches of a host iterator, put on the devices ``size`` steps ahead, so that each transfer overlaps the
+  steps before it. Checkpoints see the position after the last batch *taken*, not the last one read ahead:
+  ``get_state()`` is the host iterator's state recorded when that batch was read (as JSON bytes, the form
+  grain's checkpoint handler stores for iterators that are not its own)."""
+
+  def __init__(self, iterator, put, size: int = 2):
+    self.iterator, self.put = iterator, put
+    self.state = iterator.get_state()
+    self.queue = collections.deque()
+    for _ in range(size):
+      self._read()
+
+  def _read(self) -> None:
+    batch = self.put(next(self.iterator))  # dispatched: the transfer runs while the device computes
+    self.queue.append((batch, self.iterator.get_state()))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._read()
+    batch, self.state = self.queue.popleft()
+    return batch
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state).encode()
 
 
 def replicate(tree, sharding: NamedSharding):
@@ -309,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, step = restored, int(host_local(restored.step))
     logging.info("Resumed from step %d in %s.", step, manager.directory)
   log = logger_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0, resume_step=step)
+  batches = DevicePrefetch(train_iter, lambda local: global_batch(local, batch_sharding))
 
   step_fn = jax.jit(
       functools.partial(train_step, graphdef, tx=tx, thresholds=thresholds if rule.persist_threshold else None,
@@ -331,7 +365,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   window_start, window_images = time.perf_counter(), 0
   with jax.set_mesh(mesh):
     while step < plan.total_steps:
-      batch = global_batch(next(train_iter), batch_sharding)
+      batch = next(batches)
       state, step_metrics = step_fn(state, batch)
       window_images += config.train.batch_size
       step += 1
@@ -351,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if step % plan.checkpoint_every == 0 or step == plan.total_steps:
         if step % plan.log_every:  # a checkpoint is only ever written after a finite loss
           _check_finite(step, float(host_local(step_metrics["loss"])), last_saved, workdir)
-        manager.save(state, train_iter)
+        manager.save(state, batches)
         last_saved = step
   progress.close()
   manager.close()

@@ -251,3 +251,36 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
   assert model.conv2.coefficients[...].dtype == jnp.float32
   info = data.dataset_info(config.data)
   assert train.create_model(config, info).conv2.dtype == jnp.bfloat16
+
+
+def test_bfloat16_activations_keep_float32_batch_norm_statistics(rng):
+  config = tiny_config(compute_dtype="bfloat16")
+  model = train.create_model(config, data.dataset_info(config.data))
+  x = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
+  before = np.asarray(model.bn1.mean[...])
+  assert model.bn1(model.conv1(x)).dtype == jnp.bfloat16  # activations stay bfloat16 between layers
+  assert model.bn1.mean[...].dtype == jnp.float32 and model.bn1.var[...].dtype == jnp.float32
+  assert not np.array_equal(np.asarray(model.bn1.mean[...]), before)
+
+
+class _CountingIterator:
+  """Yields 0, 1, 2, ...; its state is the next value."""
+
+  def __init__(self):
+    self.next_value = 0
+
+  def __next__(self):
+    self.next_value += 1
+    return self.next_value - 1
+
+  def get_state(self):
+    return {"next": self.next_value}
+
+
+def test_device_prefetch_reads_ahead_but_checkpoints_the_position_of_the_batches_taken():
+  iterator = _CountingIterator()
+  batches = train.DevicePrefetch(iterator, lambda b: jnp.asarray([b]), size=2)
+  assert iterator.next_value == 2 and json.loads(batches.get_state()) == {"next": 0}
+  assert [int(next(batches)[0]) for _ in range(3)] == [0, 1, 2]
+  assert iterator.next_value == 5  # two batches on the device ahead of the step
+  assert json.loads(batches.get_state()) == {"next": 3}  # a resume continues with batch 3

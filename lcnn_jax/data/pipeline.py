@@ -24,7 +24,6 @@ import os
 import threading
 from typing import Any, Callable, Iterator, NamedTuple
 
-import grain
 import ml_collections
 import numpy as np
 from absl import flags
@@ -357,8 +356,20 @@ def _local_batch_size(global_batch_size: int, process_index: int, process_count:
   return global_batch_size // process_count
 
 
+def _grain():
+  """grain, imported where a pipeline is built: the trainer's step (and ``python -m lcnn_jax.devicecheck``'s
+  training measurement) runs without it."""
+  try:
+    import grain  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("The input pipeline needs grain: pip install grain (docs/accelerators.md shows how to "
+                      "install it from carried wheels on a machine without a package index).") from e
+  return grain
+
+
 def _deliver(dataset: grain.MapDataset, data: ml_collections.ConfigDict) -> grain.DatasetIterator:
   """Reading threads, worker processes when asked, skip counting in this process."""
+  grain = _grain()
   reading = dataset.to_iter_dataset(
       grain.ReadOptions(num_threads=data.prefetch, prefetch_buffer_size=data.prefetch))
   if data.num_workers > 0:
@@ -385,7 +396,7 @@ def make_train_iterator(data: ml_collections.ConfigDict, info: DatasetInfo, *,
   class_index = ClassIndex(source.labels) if data.balanced else None
   example = _TrainExample(source, opened.transform, transforms.Normalize(info.mean, info.std),
                           class_index, data.fatal_corrupt)
-  dataset = (grain.MapDataset.range(len(source)).seed(seed).shuffle().random_map(example)
+  dataset = (_grain().MapDataset.range(len(source)).seed(seed).shuffle().random_map(example)
              [process_index::process_count].repeat().batch(local_batch, drop_remainder=True))
   return _deliver(dataset, data)
 
@@ -413,7 +424,7 @@ def make_eval_iterator(data: ml_collections.ConfigDict, info: DatasetInfo, *,
   example = _EvalExample(opened.splits.eval, opened.transform,
                          transforms.Normalize(info.mean, info.std), info.image_shape,
                          data.fatal_corrupt)
-  dataset = (grain.MapDataset.range(num_batches * local_batch)
+  dataset = (_grain().MapDataset.range(num_batches * local_batch)
              .map(_EvalSlot(global_batch_size, local_batch, process_index)).map(example)
              .batch(local_batch))
   return _closing(_deliver(dataset, data))

@@ -9,6 +9,7 @@
 ``python -m lcnn_jax.bench`` measures the dense CNN against the LCNN on every backend.
 """
 
+from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend
 from lcnn_jax.inference.backends import BACKENDS, LookupLayer, available_backends
 from lcnn_jax.inference.exporter import export, inference_model, load, save
 from lcnn_jax.inference.graph import UnsupportedModel

@@ -11,6 +11,8 @@ BatchNorm after it already folded in. The backends differ in how they compute Y 
   non-zero's tap, scaled and accumulated, in plain XLA (works on any device; the fallback for ``lookup``).
 * ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
   output's accumulators in registers over all its non-zeros (CPU only).
+* ``pallas``: the same gathers in one Pallas kernel per layer (GPU, Triton), registered by
+  :mod:`lcnn_jax.inference.pallas_lookup`.
 
 ``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first, batch-last
 CHWN activations (:mod:`lcnn_jax.inference.layouts`), the layout in which one non-zero reads a contiguous run

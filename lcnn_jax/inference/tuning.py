@@ -100,13 +100,14 @@ class TimingCache:
     os.replace(partial, self.path)
 
 
-PREFERENCE = ("lookup", "factored", "dense", "gather")
+PREFERENCE = ("lookup", "pallas", "factored", "dense", "gather")
 """The order candidates are timed in: likely winners first, so hopeless ones are given up early."""
 
 
 def candidate_backends() -> list[str]:
-  """The backends tuning considers: every one available on the default device, likely winners first."""
-  available = backends_lib.available_backends()
+  """The backends tuning considers: every one available on the default device, likely winners first; ``pallas``
+  on GPUs only (elsewhere it can only run interpreted)."""
+  available = [b for b in backends_lib.available_backends() if b != "pallas" or jax.default_backend() == "gpu"]
   return sorted(available, key=lambda b: PREFERENCE.index(b) if b in PREFERENCE else len(PREFERENCE))
 
 
