@@ -16,7 +16,11 @@ layer). A target speedup T over the CNN baseline's B multiplications is the budg
    :mod:`lcnn_jax.sparsity`) follows an integral controller on the measured weighted count N_t = Σ w · nnz:
    log λ ← log λ + gain · clip(log(N_t / R_t), −1, 1), where the reference R_t falls geometrically (linearly
    in log N) from the starting count to the budget and reaches it at ``REFERENCE_END`` of the phase; the gain
-   lets λ change at most e-fold in ``RESPONSE`` of the reference's steps. The L1 term is applied only while
+   lets λ change at most e-fold in ``RESPONSE`` of the reference's steps, and λ never exceeds
+   ``MAX_STEP`` · (1 − momentum) / lr_t, where the L1 term's steady step through momentum, lr·λ·τ/(1 − momentum),
+   reaches ``MAX_STEP`` thresholds τ: beyond it the original rule stops sparsifying (its entries jump over the
+   band |P| ≤ τ where they die instead of landing in it; measured on the digits, λ = 30 at lr 0.1 made P no
+   sparser than λ = 10, and λ wound up without bound), so a larger λ only harms. The L1 term is applied only while
    N_t > R_t, so the count approaches the budget from above and an overshoot stops at once, but for the L1
    term still in the momentum buffer (under ``threshold`` a zero never grows back).
 2. **Projection** (at ``project_at · total_steps``): the exact projection onto the budget. P's entries are
@@ -48,6 +52,7 @@ from lcnn_jax import flops, models, sparsity
 REFERENCE_END = 0.8  # The reference reaches the budget at this fraction of the steering phase.
 KEEP_MARGIN = 0.01  # Kept entries stay at |P| >= (1 + KEEP_MARGIN) · τ during fine-tuning.
 RESPONSE = 0.05  # λ changes at most e-fold in this fraction of the reference's steps.
+MAX_STEP = 10.0  # λ ≤ MAX_STEP · (1 − momentum) / lr: the L1 step through momentum stays ≤ MAX_STEP · τ.
 MAX_LOG_RANGE = 12.0  # λ stays within e^±12 of its starting value.
 BISECTION_STEPS = 64
 
@@ -162,6 +167,32 @@ def target_from_config(sparsity_config, budget: Budget) -> Target | None:
   return None
 
 
+def project(params, weights: Mapping[str, float], thresholds: Mapping[str, float], budget: float):
+  """The exact projection onto ``Σ weights · nnz ≤ budget``: a tree like ``params``, True where P is kept.
+
+  Entries are ranked by |P| / τ of their layer and kept largest first while their summed weights fit; the
+  cut-off is found by bisection (jit-friendly, no sort). Leaves other than P get a scalar True.
+  """
+  leaves = [(sparsity.path_string(kp), p) for kp, p in jax.tree_util.tree_flatten_with_path(params)[0]]
+  leaves = [(path, p) for path, p in leaves if path in thresholds]
+
+  def weight_above(cutoff):
+    return sum(weights.get(path, 0.0) * jnp.sum(jnp.abs(p) / thresholds[path] > cutoff).astype(jnp.float32)
+               for path, p in leaves)
+
+  def bisect(_, bounds):
+    low, high = bounds
+    middle = 0.5 * (low + high)
+    fits = weight_above(middle) <= budget  # high always fits: nothing is above the largest score
+    return jnp.where(fits, low, middle), jnp.where(fits, middle, high)
+
+  high = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) / thresholds[path] for path, p in leaves]))
+  _, cutoff = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (jnp.zeros([], jnp.float32), high))
+  return jax.tree_util.tree_map_with_path(
+      lambda kp, p: (jnp.abs(p) / thresholds[sparsity.path_string(kp)] > cutoff
+                     if sparsity.path_string(kp) in thresholds else jnp.ones([], bool)), params)
+
+
 class SteerState(NamedTuple):
   """The controller's state, part of the optimizer state (and so of every checkpoint)."""
   step: jax.Array  # int32 (): updates so far
@@ -185,7 +216,8 @@ def _local(x):
 
 def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Target,
           thresholds: Mapping[str, float], *, initial_strength: float, total_steps: int,
-          project_at: float) -> optax.GradientTransformation:
+          project_at: float, learning_rate: float | optax.Schedule = 0.0,
+          momentum: float = 0.0) -> optax.GradientTransformation:
   """Wraps the optimizer ``build(λ)`` so that training ends at ``target`` (module docstring).
 
   Args:
@@ -195,6 +227,8 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
     initial_strength: λ at the first step (``sparsity.strength``; 1.0 when that is 0).
     total_steps: the run's steps.
     project_at: the fraction of ``total_steps`` after which P is projected onto the budget and fine-tuned.
+    learning_rate, momentum: the gradient step's, which bound λ (``MAX_STEP``); a learning rate of 0 leaves
+      λ unbounded.
   """
   project_step = min(max(1, int(round(project_at * total_steps))), total_steps)
   reference_steps = max(1, int(round(REFERENCE_END * project_step)))
@@ -217,29 +251,6 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
     return SteerState(step=jnp.zeros([], jnp.int32), log_strength=jnp.asarray(log_initial, jnp.float32),
                       start=start, measured=measure(params, target.weights, thresholds), keep=keep, inner=inner)
 
-  def project(params):
-    """The kept set: the largest |P| / τ whose summed weights fit the budget."""
-    leaves = [(sparsity.path_string(kp), p) for kp, p in jax.tree_util.tree_flatten_with_path(params)[0]]
-    leaves = [(path, p) for path, p in leaves if path in thresholds]
-
-    def weight_above(cutoff):
-      return sum(target.weights.get(path, 0.0) * jnp.sum(jnp.abs(p) / thresholds[path] > cutoff)
-                 .astype(jnp.float32) for path, p in leaves)
-
-    high = jnp.max(jnp.stack([jnp.max(jnp.abs(p)) / thresholds[path] for path, p in leaves]))
-    low = jnp.zeros([], jnp.float32)
-
-    def bisect(_, bounds):
-      low, high = bounds
-      middle = 0.5 * (low + high)
-      fits = weight_above(middle) <= budget
-      return jnp.where(fits, low, middle), jnp.where(fits, middle, high)
-
-    _, cutoff = jax.lax.fori_loop(0, BISECTION_STEPS, bisect, (low, high))  # weight_above(cutoff) <= budget
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, p: jnp.abs(p) / thresholds[sparsity.path_string(kp)] > cutoff if is_coefficient(kp)
-        else jnp.ones([], bool), params)
-
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("steer needs the parameters: call tx.update(grads, state, params).")
@@ -249,7 +260,8 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
     updates, inner = build(strength).update(updates, state.inner, params)
     new_params = optax.apply_updates(params, updates)
     step = state.step + 1
-    keep = jax.lax.cond(step == project_step, project, lambda _: state.keep, new_params)
+    keep = jax.lax.cond(step == project_step, lambda tree: project(tree, target.weights, thresholds, budget),
+                        lambda _: state.keep, new_params)
 
     def hold(keypath, p, kept):
       if not is_coefficient(keypath):
@@ -265,7 +277,10 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
     measured = measure(new_params, target.weights, thresholds)
     error = jnp.clip(jnp.log(jnp.maximum(measured, 1.0)) - jnp.log(reference(step, state.start)), -1.0, 1.0)
     log_strength = jnp.where(steering, state.log_strength + gain * error, state.log_strength)
-    log_strength = jnp.clip(log_strength, log_initial - MAX_LOG_RANGE, log_initial + MAX_LOG_RANGE)
+    lr = learning_rate(step) if callable(learning_rate) else jnp.asarray(learning_rate, jnp.float32)
+    ceiling = jnp.where(lr > 0, jnp.log(MAX_STEP * (1.0 - momentum) / jnp.maximum(lr, 1e-30)), jnp.inf)
+    log_strength = jnp.clip(log_strength, log_initial - MAX_LOG_RANGE,
+                            jnp.minimum(log_initial + MAX_LOG_RANGE, ceiling))
     return updates, SteerState(step=step, log_strength=log_strength, start=state.start, measured=measured,
                                keep=keep, inner=inner)
 

@@ -98,5 +98,5 @@ def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_p
     tx = operating_point.steer(lambda strength: chain_for(strength)[0], target,
                                sparsity.coefficient_thresholds(model),
                                initial_strength=config.sparsity.strength or 1.0, total_steps=total_steps,
-                               project_at=config.sparsity.project_at)
+                               project_at=config.sparsity.project_at, learning_rate=lr, momentum=momentum)
   return tx, rule, lr
