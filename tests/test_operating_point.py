@@ -166,12 +166,27 @@ def test_training_ends_at_the_target_speedup(tmp_path, rule, overrides):
   assert os.listdir(tmp_path / "tensorboard")
 
 
-def test_resume_with_a_target_reproduces_the_uninterrupted_run_exactly(tmp_path):
-  # 8 steps, projection after step 5: the run stops at 4 (steering) and resumes across the projection.
-  config = tiny_config(**{"sparsity.target_speedup": 12.0, "sparsity.rule": "threshold"})
+class Crash(Exception):
+  pass
+
+
+def test_a_crash_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
+  # 8 steps, projection after step 5: the run dies before saving step 6 and resumes from step 4, across the
+  # projection; the controller's state comes back from the checkpoint.
+  config = tiny_config(**{"sparsity.target_speedup": 12.0, "sparsity.rule": "threshold",
+                          "train.checkpoint_every": 2})
   train.train_and_evaluate(config, str(tmp_path / "whole"))
-  half = tiny_config(**{"sparsity.target_speedup": 12.0, "sparsity.rule": "threshold", "train.num_steps": 4})
-  train.train_and_evaluate(half, str(tmp_path / "resumed"))
+  save = train.checkpoint.Checkpointer.save
+
+  def save_or_crash(self, state, data_iter):
+    if int(train.host_local(state.step)) == 6:
+      raise Crash()
+    save(self, state, data_iter)
+
+  monkeypatch.setattr(train.checkpoint.Checkpointer, "save", save_or_crash)
+  with pytest.raises(Crash):
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  monkeypatch.setattr(train.checkpoint.Checkpointer, "save", save)
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
 
   def final(workdir):
@@ -188,9 +203,9 @@ def test_resume_with_a_target_reproduces_the_uninterrupted_run_exactly(tmp_path)
 
 def test_spectrum_sweeps_target_speedups_and_skips_unreachable_ones(tmp_path):
   config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 6, "train.eval_every": 6})
-  rows = spectrum.run_spectrum(config, str(tmp_path), sizes=[2], targets=[4.0, 1000.0], baseline=False)
-  assert [row["point"] for row in rows] == ["k2_t4"]
-  assert rows[0]["target"] == 4.0 and rows[0]["speedup"] == pytest.approx(4.0, rel=0.03)
+  rows = spectrum.run_spectrum(config, str(tmp_path), sizes=[2], targets=[8.0, 1000.0], baseline=False)
+  assert [row["point"] for row in rows] == ["k2_t8"]
+  assert rows[0]["target"] == 8.0 and rows[0]["speedup"] == pytest.approx(8.0, rel=0.03)
   assert rows[0]["strength"] > 0
   assert not os.path.exists(tmp_path / "k2_t1000")
   spectrum.plot_spectrum(rows, str(tmp_path / "spectrum.png"), "tiny")
