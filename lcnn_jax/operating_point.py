@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 from flax import nnx
 
 from lcnn_jax import flops, models, sparsity
@@ -235,6 +236,8 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
   gain = 1.0 / max(1.0, RESPONSE * reference_steps)
   log_initial = math.log(initial_strength)
   budget = max(float(target.budget), 1.0)
+  logging.info("Operating point %s: λ steered from %g, P projected onto the budget after step %d of %d.",
+               target.description, initial_strength, project_step, total_steps)
 
   def is_coefficient(keypath) -> bool:
     return sparsity.path_string(keypath) in thresholds
