@@ -279,11 +279,11 @@ def steer(build: Callable[[jax.Array], optax.GradientTransformation], target: Ta
     updates = jax.tree.map(lambda new, old, u: (new - old).astype(u.dtype), new_params, params, updates)
     measured = measure(new_params, target.weights, thresholds)
     error = jnp.clip(jnp.log(jnp.maximum(measured, 1.0)) - jnp.log(reference(step, state.start)), -1.0, 1.0)
-    log_strength = jnp.where(steering, state.log_strength + gain * error, state.log_strength)
     lr = learning_rate(step) if callable(learning_rate) else jnp.asarray(learning_rate, jnp.float32)
     ceiling = jnp.where(lr > 0, jnp.log(MAX_STEP * (1.0 - momentum) / jnp.maximum(lr, 1e-30)), jnp.inf)
-    log_strength = jnp.clip(log_strength, log_initial - MAX_LOG_RANGE,
-                            jnp.minimum(log_initial + MAX_LOG_RANGE, ceiling))
+    steered = jnp.clip(state.log_strength + gain * error, log_initial - MAX_LOG_RANGE,
+                       jnp.minimum(log_initial + MAX_LOG_RANGE, ceiling))
+    log_strength = jnp.where(steering, steered, state.log_strength)  # frozen once P is projected
     return updates, SteerState(step=step, log_strength=log_strength, start=state.start, measured=measured,
                                keep=keep, inner=inner)
 
