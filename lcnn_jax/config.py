@@ -80,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.sparsity = ml_collections.ConfigDict()
   c.sparsity.rule = "prox"  # prox (optax L1 proximal step) | threshold (the original's rule)
   c.sparsity.strength = 0.0  # The original's lambda: the L1 weight on P is strength * tau, per layer.
+  # Operating points (lcnn_jax.operating_point): training steers the strength (starting from `strength`, or 1
+  # when 0) and ends at the target by construction. 0 = off; set at most one.
+  c.sparsity.target_speedup = 0.0  # Counted speedup over the CNN baseline at the end of training.
+  c.sparsity.target_density = 0.0  # Fraction of P's entries (all lookup layers together) kept at the end.
+  c.sparsity.project_at = 0.6  # Fraction of the steps after which P is projected onto the target, then fine-tuned.
   return c
 
 
@@ -129,6 +134,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"sparsity.rule={config.sparsity.rule!r}: expected one of {SPARSITY_RULES}.")
   if config.sparsity.strength < 0:
     raise ValueError(f"sparsity.strength={config.sparsity.strength}: must be >= 0.")
+  if config.sparsity.target_speedup < 0 or not 0 <= config.sparsity.target_density < 1:
+    raise ValueError(f"sparsity.target_speedup={config.sparsity.target_speedup}, sparsity.target_density="
+                     f"{config.sparsity.target_density}: a speedup must be > 1 and a density in (0, 1); 0 = off.")
+  if config.sparsity.target_speedup and config.sparsity.target_density:
+    raise ValueError(f"sparsity.target_speedup={config.sparsity.target_speedup} and sparsity.target_density="
+                     f"{config.sparsity.target_density}: set one of them.")
+  if not 0 < config.sparsity.project_at <= 1:
+    raise ValueError(f"sparsity.project_at={config.sparsity.project_at}: must be in (0, 1], the fraction of the "
+                     "steps after which P is projected onto the target.")
   if config.train.lr_schedule not in LR_SCHEDULES:
     raise ValueError(f"train.lr_schedule={config.train.lr_schedule!r}: expected one of {LR_SCHEDULES}.")
   if config.train.batch_size <= 0:

@@ -5,8 +5,11 @@ One image, eval mode. Only multiplications count; BatchNorm, ReLU, pooling, drop
 * convolution: (elements of the output) × (m_in · kh · kw) (per group)
 * linear: (elements of the output) × m_in
 * lookup convolution: (elements of S over the *padded* input, k · H_p · W_p) × m_in
-  + (elements of the output) × (k · kh · kw) × density(P)
-* lookup dense: k · m_in + n_out · k · density(P)
+  + (elements of the output) × (k · kh · kw) × density(P) = … + H_out · W_out × nnz(P)
+* lookup dense: k · m_in + n_out · k · density(P) = k · m_in + nnz(P)
+
+So a lookup layer costs a fixed part (its dictionary stage) plus ``cost_per_nonzero`` (the output positions
+each non-zero of P is used at) times nnz(P); :mod:`lcnn_jax.operating_point` steers training by this sum.
 
 The counter works on any NNX model: it runs the model once on an abstract input of one example
 (``jax.eval_shape``, nothing is computed) and records the shapes each ``nnx.Conv``, ``nnx.Linear``,
@@ -44,6 +47,7 @@ class LayerCount:
   density: float  # nnz(P) / size(P); 1.0 for dense layers
   multiplications: int
   dictionary_multiplications: int  # the lookup layer's dictionary stage; 0 for dense layers
+  cost_per_nonzero: int = 0  # lookup layers: multiplications per non-zero of P (output positions); 0 for dense
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +93,18 @@ def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape:
     k = module.dictionary_size
     padded_elements = k * (x_shape[1] + 2 * ph) * (x_shape[2] + 2 * pw)  # elements of S
     dictionary_mults = padded_elements * module.in_features
-    d = density(module.thresholded_coefficients())
-    coefficient_mults = out_elements * k * kh * kw * d
-    return LayerCount(path, "lookup_conv", in_shape, out_shape, tuple(module.coefficients.shape), k, d,
-                      int(round(dictionary_mults + coefficient_mults)), dictionary_mults)
+    p = np.asarray(module.thresholded_coefficients())
+    # (elements of the output) · (k · kh · kw) · nnz / (kh · kw · k · n): each non-zero at every output position.
+    per_nonzero = math.prod(y_shape[1:-1])
+    return LayerCount(path, "lookup_conv", in_shape, out_shape, tuple(module.coefficients.shape), k, density(p),
+                      dictionary_mults + per_nonzero * int(np.count_nonzero(p)), dictionary_mults, per_nonzero)
   if isinstance(module, layers.LookupDense):
     k = module.dictionary_size
     vectors = math.prod(y_shape[1:-1])  # 1 for flat input
     dictionary_mults = vectors * k * module.in_features
-    d = density(module.thresholded_coefficients())
-    return LayerCount(path, "lookup_dense", in_shape, out_shape, tuple(module.coefficients.shape), k, d,
-                      int(round(dictionary_mults + out_elements * k * d)), dictionary_mults)
+    p = np.asarray(module.thresholded_coefficients())
+    return LayerCount(path, "lookup_dense", in_shape, out_shape, tuple(module.coefficients.shape), k, density(p),
+                      dictionary_mults + vectors * int(np.count_nonzero(p)), dictionary_mults, vectors)
   kernel_shape = tuple(module.kernel.shape)
   if isinstance(module, nnx.Conv):
     # kernel (kh, kw, in / groups, out): each output element costs in/groups · kh · kw.

@@ -48,7 +48,8 @@ class MetricsLogger:
       f.write(json.dumps(row) + "\n")
 
   def train(self, step: int, row: Mapping[str, float], densities: Mapping[str, float]) -> None:
-    """A training point: loss, top-1, learning rate, images/s, mean density, and per-layer density."""
+    """A training point: loss, top-1, learning rate, images/s, mean density, counted speedup over the CNN
+    baseline, L1 strength (the steered λ under a target), and per-layer density."""
     if not self.enabled:
       return
     self._append({"step": step, "split": "train", **row, "densities": dict(densities)})
@@ -81,7 +82,7 @@ class MetricsLogger:
 
 
 class Progress:
-  """A tqdm bar over the steps showing loss, learning rate, images/s and mean density."""
+  """A tqdm bar over the steps showing loss, learning rate, images/s, mean density, counted speedup, strength."""
 
   def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
     self.bar = None
@@ -96,7 +97,8 @@ class Progress:
       return
     self.bar.update(step - self.bar.n)
     self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2g}",
-                         img_s=f"{row['images_per_second']:.0f}", density=f"{row['density']:.3f}", refresh=False)
+                         img_s=f"{row['images_per_second']:.0f}", density=f"{row['density']:.3f}",
+                         speedup=f"{row['speedup']:.1f}x", strength=f"{row['strength']:.3g}", refresh=False)
 
   def close(self) -> None:
     if self.bar is not None:

@@ -1,7 +1,9 @@
 """Learning-rate and weight-decay schedules (REFERENCE §5) and the SGD chain with the sparsity rule.
 
 The original schedules are tables by epoch (1-based, ``epoch = step // steps_per_epoch + 1``); ``-LR`` is a
-multiplier on the table. SGD follows Torch: g += wd·w; buf = momentum·buf + g; w −= lr·buf.
+multiplier on the table. SGD follows Torch: g += wd·w; buf = momentum·buf + g; w −= lr·buf. The ``prox`` rule
+is told the momentum so that its L1 step equals the original's L1 term through that buffer
+(:mod:`lcnn_jax.sparsity`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from lcnn_jax import sparsity
+from lcnn_jax import operating_point, sparsity
 
 # (first epoch, learning rate, weight decay), the original's tables.
 ALEXNET_TABLE = ((1, 1e-2, 0.0), (19, 5e-3, 0.0), (30, 1e-3, 0.0), (44, 5e-4, 0.0), (53, 1e-4, 0.0))
@@ -66,17 +68,35 @@ def dictionary_paths(model: nnx.Module) -> set[str]:
   return {f"{path}/dictionary" if path else "dictionary" for path, _ in sparsity.lookup_layers(model)}
 
 
-def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_per_epoch: int,
-                   total_steps: int) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
+def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_per_epoch: int, total_steps: int,
+                   input_shape=None) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
   """The full update: sparsity rule (before), Torch SGD with decayed weights, sparsity rule (after).
 
-  Returns the transformation, the sparsity rule (the trainer persists the threshold when the rule asks) and
-  the learning-rate schedule (for logging).
+  With ``sparsity.target_speedup`` or ``sparsity.target_density`` the update is wrapped in
+  :func:`lcnn_jax.operating_point.steer`, which steers the rule's λ and ends at the target; that needs
+  ``input_shape`` (one example's shape) to count multiplications, and raises ValueError for a target the model
+  cannot reach. Returns the transformation, the sparsity rule (the trainer persists the threshold when the rule
+  asks) and the learning-rate schedule (for logging).
   """
   lr, wd = schedules(config.train, steps_per_epoch, total_steps)
-  rule = sparsity.make_rule(model, config.sparsity.rule, config.sparsity.strength, lr)
-  chain = [rule.before, optax.add_decayed_weights(wd), optax.trace(decay=config.train.momentum),
-           optax.scale_by_learning_rate(lr), rule.after]
-  if config.train.freeze_dictionaries:
-    chain.append(freeze(dictionary_paths(model)))
-  return optax.chain(*chain), rule, lr
+  momentum = config.train.momentum
+
+  def chain_for(strength):
+    rule = sparsity.make_rule(model, config.sparsity.rule, strength, lr, momentum)
+    chain = [rule.before, optax.add_decayed_weights(wd), optax.trace(decay=momentum),
+             optax.scale_by_learning_rate(lr), rule.after]
+    if config.train.freeze_dictionaries:
+      chain.append(freeze(dictionary_paths(model)))
+    return optax.chain(*chain), rule
+
+  tx, rule = chain_for(config.sparsity.strength)
+  if config.sparsity.target_speedup or config.sparsity.target_density:
+    if input_shape is None:
+      raise ValueError("sparsity.target_speedup/target_density need the input shape to count multiplications.")
+    budget = operating_point.budget_for(model, config.model, input_shape)
+    target = operating_point.target_from_config(config.sparsity, budget)
+    tx = operating_point.steer(lambda strength: chain_for(strength)[0], target,
+                               sparsity.coefficient_thresholds(model),
+                               initial_strength=config.sparsity.strength or 1.0, total_steps=total_steps,
+                               project_at=config.sparsity.project_at, learning_rate=lr, momentum=momentum)
+  return tx, rule, lr

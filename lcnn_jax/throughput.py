@@ -46,7 +46,8 @@ def compute_images_per_second(config, model_config, batch_size: int, steps: int)
   with run_config.unlocked():
     run_config.model = model_config
   model = train.create_model(run_config, info)
-  tx, rule, _ = optimizer.make_optimizer(run_config, model, steps_per_epoch=1000, total_steps=1000)
+  tx, rule, _ = optimizer.make_optimizer(run_config, model, steps_per_epoch=1000, total_steps=1000,
+                                         input_shape=info.image_shape)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   mesh = train.make_mesh()
   state = jax.device_put(train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest,

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lcnn_jax import checkpoint, config as config_lib, data, flops, layers, models, optimizer as optimizer_lib
-from lcnn_jax import sparsity
+from lcnn_jax import operating_point, sparsity
 from lcnn_jax import logger as logger_lib
 
 DATA_AXIS = "data"
@@ -325,7 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model = create_model(config, info)
   if config.train.init_from:
     checkpoint.transfer_dictionaries_from(config.train.init_from, model)
-  tx, rule, lr_schedule = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps)
+  tx, rule, lr_schedule = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
+                                                       input_shape=info.image_shape)
   thresholds = sparsity.coefficient_thresholds(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
@@ -350,6 +351,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                         piece_sharding=lambda ndim: NamedSharding(mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))),
       donate_argnums=(0,))
   densities_fn = jax.jit(functools.partial(layer_densities, thresholds=thresholds))
+  budget = operating_point.budget_for(model, config.model, info.image_shape)
+  count_fn = jax.jit(budget.count)
   evaluator = Evaluator(config, info, model, mesh)
   baseline = baseline_count(config, info)
 
@@ -376,7 +379,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         elapsed = time.perf_counter() - window_start
         row = {"loss": loss, "top1": float(host_local(step_metrics["top1"])),
                "learning_rate": float(lr_schedule(step - 1)), "images_per_second": window_images / elapsed,
-               "density": float(mean_density)}
+               "density": float(mean_density),
+               "speedup": budget.speedup(float(host_local(count_fn(state.params)))),
+               "strength": operating_point.strength_of(state.opt_state) or config.sparsity.strength}
         log.train(step, row, {k: float(v) for k, v in densities.items()})
         progress.update(step, row)
         window_start, window_images = time.perf_counter(), 0

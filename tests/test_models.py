@@ -295,6 +295,22 @@ def test_alexnet_spatial_dropout_drops_whole_channels_and_lcnn_single_elements()
   assert 0 < kept.mean() < 1
 
 
+def test_cnn_spatial_dropout_keeps_values_unscaled_in_training_and_scales_by_one_minus_p_at_evaluation(rng):
+  # Torch's nn.SpatialDropout: y = x · mask (whole channels) in training, y = (1 − p) · x at evaluation.
+  from lcnn_jax.models.alexnet import SpatialDropout
+  cnn = abstract("alexnet", 10, (224, 224, 3))
+  assert isinstance(cnn.dropout6, SpatialDropout) and isinstance(cnn.dropout7, SpatialDropout)
+  assert type(abstract("alexnet-lcnn", 10, (224, 224, 3)).dropout6) is nnx.Dropout  # Torch's Dropout rescales
+  dropout = SpatialDropout(0.3, rngs=nnx.Rngs(dropout=0))
+  x = jnp.asarray(rng.normal(size=(8, 5, 5, 64)), jnp.float32)
+  y = np.asarray(dropout(x))
+  kept = np.broadcast_to(y[:, :1, :1, :] != 0, y.shape)
+  np.testing.assert_array_equal(y, np.where(kept, np.asarray(x), 0))  # kept values are not rescaled
+  assert 0.5 < kept.mean() < 0.9
+  np.testing.assert_allclose(np.asarray(nnx.view(dropout, deterministic=True)(x)), 0.7 * np.asarray(x),
+                             rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ configs
 
 
@@ -326,6 +342,16 @@ def test_config_loads_validates_and_builds_its_model_and_baseline(path):
     model = nnx.eval_shape(lambda c=model_cfg: models.create_model(c, num_classes=num_classes,
                                                                      input_shape=input_shape, rngs=nnx.Rngs(0)))
     assert abstract_output(model, (2, *input_shape)).shape == (2, num_classes)
+
+
+@pytest.mark.parametrize("name, target", [
+    ("alexnet_fast", 37.6), ("alexnet_accurate", 3.2), ("resnet18_fast", 29.2), ("resnet18_accurate", 5.0),
+])
+def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, target):
+  config = load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  assert (config.sparsity.target_speedup, config.sparsity.rule) == (target, "threshold")
+  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(
+      os.path.join(CONFIG_DIR, f"{name}.py")).read()
 
 
 @pytest.mark.parametrize("name, model, pools, strength", [

@@ -93,6 +93,48 @@ def test_prox_l1_on_an_nnx_model_touches_coefficients_only():
   np.testing.assert_array_equal(after["norm"]["scale"], before["norm"]["scale"])
 
 
+def l1_only_shrinkage(rule_name, momentum, steps=100, lr=0.01, strength=0.1):
+  """How far P = 1 moves in ``steps`` SGD steps with zero loss gradient under ``rule_name`` (L1 alone)."""
+  model = layers.LookupDense(2, 3, dictionary_size=4, rngs=nnx.Rngs(0))
+  model.coefficients[...] = jnp.ones_like(model.coefficients[...])
+  rule = sparsity.make_rule(model, rule_name, strength=strength, learning_rate=lr, momentum=momentum)
+  tx = optax.chain(rule.before, optax.trace(decay=momentum), optax.scale_by_learning_rate(lr), rule.after)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  state = tx.init(params)
+  for _ in range(steps):
+    updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+    params = optax.apply_updates(params, updates)
+  return 1.0 - float(np.mean(params["coefficients"])), model.threshold
+
+
+def test_one_strength_gives_the_same_l1_path_under_prox_and_threshold():
+  # lr 0.01, momentum 0.9, λ 0.1, 100 steps from P = 1: the original passes λ·τ·sign(P) through momentum.
+  by_threshold, tau = l1_only_shrinkage("threshold", momentum=0.9)
+  by_prox, _ = l1_only_shrinkage("prox", momentum=0.9)
+  # The exact trace: Σ_t lr · λ·τ · (1 − 0.9^t) / (1 − 0.9), in float64.
+  expected = sum(0.01 * 0.1 * tau * (1 - 0.9 ** t) / 0.1 for t in range(1, 101))
+  assert by_threshold == pytest.approx(expected, rel=1e-3)
+  assert by_prox == pytest.approx(by_threshold, rel=0.10)
+  # Without the momentum correction the proximal step is about (100 − 9) / 100 · 10 ≈ 9× weaker.
+  uncorrected, _ = l1_only_shrinkage("prox", momentum=0.0)
+  assert by_threshold / uncorrected > 8
+
+
+def test_prox_trace_follows_a_changing_strength(rng):
+  # a_t = m · a_{t−1} + λ_t: with λ switched off, the step keeps shrinking by the decaying trace.
+  params = {"p": jnp.asarray(1.0 + rng.random(6), jnp.float32)}
+  strengths = [0.3, 0.3, 0.0, 0.0, 0.5]
+  trace, p = 0.0, np.asarray(params["p"], np.float64)
+  state = sparsity.prox_l1({"p": 0.0}, 0.1, momentum=0.9).init(params)  # the state does not depend on λ
+  for strength in strengths:
+    tx = sparsity.prox_l1({"p": jnp.asarray(strength, jnp.float32)}, 0.1, momentum=0.9)
+    updates, state = tx.update({"p": jnp.zeros(6)}, state, params)
+    params = optax.apply_updates(params, updates)
+    trace = 0.9 * trace + strength
+    p = p - 0.1 * trace
+    np.testing.assert_allclose(params["p"], p, rtol=1e-6)
+
+
 def test_original_rule_reproduces_a_hand_worked_step():
   # One LookupDense with k = 4 atoms and one output: τ = 0.01 / √4 = 0.005.
   model = layers.LookupDense(2, 1, dictionary_size=4, rngs=nnx.Rngs(0))

@@ -31,7 +31,7 @@ def tiny_config(**train_overrides):
   c.train.log_every = 2
   c.train.eval_every = 8
   c.train.eval_batch_size = 128
-  c.sparsity.strength = 10.0
+  c.sparsity.strength = 1.0
   for key, value in train_overrides.items():
     c.train[key] = value
   return c

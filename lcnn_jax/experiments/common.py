@@ -149,7 +149,8 @@ def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[
   if config.train.init_from:  # what the trainer does first, so that prepare sees (and may override) it
     checkpoint.transfer_dictionaries_from(config.train.init_from, model)
   prepare(model)
-  tx, _, _ = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps)
+  tx, _, _ = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
+                                          input_shape=info.image_shape)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
   mesh = train.make_mesh()

@@ -1,10 +1,13 @@
 """The paper's Figure 3 for any dataset: top-1 accuracy against speedup as dictionary size and sparsity vary.
 
     python -m lcnn_jax.experiments.spectrum --workdir runs/spectrum \\
-        [--config configs/experiments/spectrum.py] [--sizes 2,4,8,16] [--strengths 3,30]
+        [--config configs/experiments/spectrum.py] [--sizes 2,4,8,16] [--strengths 3,30 | --targets 2,5,10,20,40]
 
 Every (dictionary size, sparsity strength) pair is one LCNN run, plus the CNN baseline, each in
-``WORKDIR/<point>/`` (resumable; a rerun skips finished points). The speedup is the multiplication count's
+``WORKDIR/<point>/`` (resumable; a rerun skips finished points). With ``--targets`` the grid is (dictionary
+size, target speedup) instead: each point trains with ``sparsity.target_speedup`` (:mod:`lcnn_jax.operating_point`),
+so the points land on the figure's x-axis where asked; a target a dictionary size cannot reach (its
+dictionary stages and dense layers alone cost more) is skipped with a warning naming its largest speedup. The speedup is the multiplication count's
 (REFERENCE §6, from the final checkpoint) and, with ``--wall_clock``, the measured one: the inference
 benchmark (:mod:`lcnn_jax.bench`) times the exported LCNN (backends chosen per layer) against its dense CNN at
 ``--bench_batch``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in the workdir.
@@ -21,32 +24,52 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import models
+from lcnn_jax import logger, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "experiments", "spectrum.py")
-COLUMNS = ("point", "dictionary_size", "strength", "top1", "top5", "density", "speedup", "wall_speedup",
+COLUMNS = ("point", "dictionary_size", "strength", "target", "top1", "top5", "density", "speedup", "wall_speedup",
            "multiplications")
 
 
-def point_name(size: int | None, strength: float | None) -> str:
-  """'cnn' for the baseline, else 'k8_s10' (strength with '.' as 'p': 'k8_s0p3')."""
+def point_name(size: int | None, strength: float | None, target: float | None = None) -> str:
+  """'cnn' for the baseline, else 'k8_s10' or, for a target speedup, 'k8_t10' ('.' as 'p': 'k8_s0p3')."""
   if size is None:
     return "cnn"
-  return f"k{size}_s{strength:g}".replace(".", "p")
+  return (f"k{size}_t{target:g}" if target is not None else f"k{size}_s{strength:g}").replace(".", "p")
 
 
 def point_config(config: ml_collections.ConfigDict, size: int | None, strength: float | None,
-                 size_keys: Sequence[str]) -> ml_collections.ConfigDict:
-  """The CNN baseline's config (``size`` None) or the LCNN's with every ``size_keys`` model key set to ``size``."""
+                 size_keys: Sequence[str], target: float | None = None) -> ml_collections.ConfigDict:
+  """The CNN baseline's config (``size`` None) or the LCNN's with every ``size_keys`` model key set to ``size``
+  and either ``sparsity.strength`` = ``strength`` or ``sparsity.target_speedup`` = ``target``."""
   if size is None:
     return common.derive(config, **{"model.name": models.baseline_config(config.model).name,
-                                     "sparsity.strength": 0.0})
+                                     "sparsity.strength": 0.0, "sparsity.target_speedup": 0.0,
+                                     "sparsity.target_density": 0.0})
   overrides = {f"model.{key}": size for key in size_keys}
   if "pool_size" in size_keys:
     overrides["model.pool_sizes"] = None  # pool_size applies to every layer after the first
-  return common.derive(config, **overrides, **{"sparsity.strength": strength})
+  if target is not None:
+    overrides["sparsity.target_speedup"] = target
+  else:
+    overrides["sparsity.strength"] = strength
+  return common.derive(config, **overrides)
+
+
+def unreachable(config: ml_collections.ConfigDict) -> str | None:
+  """Why the untrained model of ``config`` cannot reach its ``sparsity.target_speedup`` (None when it can)."""
+  from flax import nnx
+  from lcnn_jax import flops, operating_point
+  num_classes, input_shape = flops.input_facts(config)
+  model = models.create_model(config.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
+  try:
+    operating_point.target_from_config(config.sparsity, operating_point.budget_for(model, config.model,
+                                                                                   input_shape))
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, Any]:
@@ -67,18 +90,32 @@ def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, An
 
 
 def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequence[int],
-                 strengths: Sequence[float], size_keys: Sequence[str] = ("pool_size",), baseline: bool = True,
-                 wall_clock: bool = False, bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
-  """Trains (or reads back) every point and returns the table's rows, the CNN first."""
-  points = ([(None, None)] if baseline else []) + [(k, s) for k in sizes for s in strengths]
+                 strengths: Sequence[float] = (), targets: Sequence[float] = (),
+                 size_keys: Sequence[str] = ("pool_size",), baseline: bool = True, wall_clock: bool = False,
+                 bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
+  """Trains (or reads back) every point and returns the table's rows, the CNN first.
+
+  The LCNN points are ``sizes`` × ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` ×
+  ``strengths``; unreachable targets are skipped with a warning.
+  """
+  grid = ([(k, None, t) for k in sizes for t in targets] if targets
+          else [(k, s, None) for k in sizes for s in strengths])
+  points = ([(None, None, None)] if baseline else []) + grid
   rows = []
-  for size, strength in points:
-    name = point_name(size, strength)
+  for index, (size, strength, target) in enumerate(points):
+    name = point_name(size, strength, target)
     point_dir = os.path.join(workdir, name)
-    logging.info("Spectrum point %s (%d of %d).", name, len(rows) + 1, len(points))
-    result = common.run_point(point_config(config, size, strength, size_keys), point_dir)
+    logging.info("Spectrum point %s (%d of %d).", name, index + 1, len(points))
+    run_config = point_config(config, size, strength, size_keys, target)
+    if target is not None and not os.path.isdir(point_dir) and (why := unreachable(run_config)):
+      logging.warning("Spectrum point %s skipped: %s", name, why)
+      continue
+    result = common.run_point(run_config, point_dir)
+    if target is not None:  # the steered strength the run ended with
+      strength = [row for row in logger.read_metrics(point_dir) if row["split"] == "train"][-1]["strength"]
     row = {"point": name, "dictionary_size": size if size is not None else "-",
-           "strength": strength if strength is not None else "-", "top1": result["top1"], "top5": result["top5"],
+           "strength": strength if strength is not None else "-",
+           "target": target if target is not None else "-", "top1": result["top1"], "top5": result["top5"],
            "speedup": result["speedup"], "multiplications": result["multiplications"],
            "density": result["density"] if result["density"] is not None else "-"}
     if wall_clock:
@@ -96,13 +133,21 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, ben
     panels.append(("wall_speedup", f"measured wall-clock speedup at batch {bench_batch} (×)"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
   lcnn = [row for row in rows if row["point"] != "cnn"]
+  by_target = any(row.get("target", "-") != "-" for row in lcnn)
   for ax, (key, label) in zip(axes[0], panels):
-    for strength in sorted({row["strength"] for row in lcnn}):
-      line = sorted((row for row in lcnn if row["strength"] == strength), key=lambda row: row["dictionary_size"])
-      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-",
-              label=f"LCNN, strength {strength:g}")
+    if by_target:  # one line per dictionary size through its targets
+      lines = [(f"LCNN, k={size}", sorted((row for row in lcnn if row["dictionary_size"] == size),
+                                          key=lambda row: row["target"]), "target", "{:g}x")
+               for size in sorted({row["dictionary_size"] for row in lcnn})]
+    else:  # one line per strength through the dictionary sizes
+      lines = [(f"LCNN, strength {strength:g}", sorted((row for row in lcnn if row["strength"] == strength),
+                                                       key=lambda row: row["dictionary_size"]),
+                "dictionary_size", "k={}")
+               for strength in sorted({row["strength"] for row in lcnn})]
+    for line_label, line, note_key, note in lines:
+      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
       for row in line:
-        ax.annotate(f"k={row['dictionary_size']}", (row[key], 100 * row["top1"]), textcoords="offset points",
+        ax.annotate(note.format(row[note_key]), (row[key], 100 * row["top1"]), textcoords="offset points",
                     xytext=(4, 4), fontsize=7)
     for row in rows:
       if row["point"] == "cnn":
@@ -121,6 +166,8 @@ def define_flags() -> types.SimpleNamespace:
                                   required=True),
       sizes=flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes."),
       strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
+      targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
+                                "sweeps (dictionary size, target) instead of (dictionary size, strength)."),
       size_keys=flags.DEFINE_list("size_keys", ["pool_size"],
                                   "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
@@ -135,7 +182,8 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   workdir = flag.workdir.value
   os.makedirs(workdir, exist_ok=True)
   rows = run_spectrum(flag.config.value, workdir, sizes=[int(k) for k in flag.sizes.value],
-                      strengths=[float(s) for s in flag.strengths.value], size_keys=flag.size_keys.value,
+                      strengths=[float(s) for s in flag.strengths.value],
+                      targets=[float(t) for t in flag.targets.value], size_keys=flag.size_keys.value,
                       baseline=flag.baseline.value, wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value,
                       bench_seconds=flag.bench_seconds.value)
   table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})

@@ -4,8 +4,10 @@ Both have five convolutions (Conv → BN → ReLU, max-pool 3/2 after conv1, con
 written as convolutions over the feature map, as the original: fc6 a 6×6 convolution (the map's size at 224×224
 input; the map's size in general, so other input sizes work), fc7 and fc8 1×1 convolutions.
 
-* ``alexnet``: widths 96-256-384-384-256, BN eps 1e-5, spatial dropout (whole channels) before fc6 and fc7.
-* ``alexnet-lcnn``: widths 64-192-384-256-256, BN eps 1e-3, element-wise dropout, every convolution a lookup
+* ``alexnet``: widths 96-256-384-384-256, BN eps 1e-5, Torch's ``SpatialDropout`` (whole channels, no rescaling
+  in training, × (1 − p) at evaluation: :class:`SpatialDropout`) before fc6 and fc7.
+* ``alexnet-lcnn``: widths 64-192-384-256-256, BN eps 1e-3, element-wise dropout (Torch's ``Dropout``, which
+  rescales by 1 / (1 − p) in training, as ``nnx.Dropout``), every convolution a lookup
   layer (conv1 with ``first_pool``, conv2–conv5 with ``pool_size`` or ``pool_sizes``), fc6/fc7 lookup layers
   with ``fc_pool`` (0 = dense) and fc8 with ``classifier_pool`` (0 = dense).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -34,6 +37,22 @@ def feature_map_size(size: int) -> int:
   return common.pooled_size(size, 3, 2)  # pool5
 
 
+class SpatialDropout(nnx.Dropout):
+  """Torch's ``nn.SpatialDropout``: drops whole channels of (batch, h, w, c) maps with probability ``rate``
+  and, unlike ``nnx.Dropout``, does not rescale the kept ones in training; at evaluation it multiplies every
+  value by (1 − rate) instead, so both modes see the same expected activation."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    super().__init__(rate, broadcast_dims=(1, 2), rngs=rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None) -> jax.Array:
+    deterministic = self.deterministic if deterministic is None else deterministic
+    if deterministic:
+      return inputs * (1.0 - self.rate)
+    kept = super().__call__(jnp.ones_like(inputs), deterministic=False)  # 1 / (1 − rate) where kept, else 0
+    return jnp.where(kept > 0, inputs, jnp.zeros_like(inputs))
+
+
 class AlexNet(nnx.Module):
   """AlexNet with configurable widths and per-layer dictionary sizes (0 = dense).
 
@@ -43,7 +62,7 @@ class AlexNet(nnx.Module):
     widths: output channels of conv1..conv5.
     dictionary_sizes: dictionary sizes of conv1..conv5, fc6, fc7, fc8 (8 values; 0 keeps the layer dense).
     bn_epsilon: BatchNorm epsilon (the original: 1e-5 in the CNN, 1e-3 in the LCNN).
-    spatial_dropout: drop whole channels (the CNN's SpatialDropout) instead of single elements.
+    spatial_dropout: Torch's SpatialDropout (:class:`SpatialDropout`) instead of element-wise dropout.
     dropout: the dropout rate before fc6 and fc7.
     initial_sparsity: sets the lookup layers' threshold τ.
     rngs: ``params`` initialises the weights; the model keeps a ``dropout`` stream for its dropout masks.
@@ -76,10 +95,10 @@ class AlexNet(nnx.Module):
     self.conv3, self.bn3 = conv(w2, w3, 3, 1, 1, k[2]), bn(w3)
     self.conv4, self.bn4 = conv(w3, w4, 3, 1, 1, k[3]), bn(w4)
     self.conv5, self.bn5 = conv(w4, w5, 3, 1, 1, k[4]), bn(w5)
-    broadcast_dims = (1, 2) if spatial_dropout else ()
-    self.dropout6 = nnx.Dropout(dropout, broadcast_dims=broadcast_dims, rngs=rngs)
+    make_dropout = SpatialDropout if spatial_dropout else nnx.Dropout
+    self.dropout6 = make_dropout(dropout, rngs=rngs)
     self.fc6, self.bn6 = conv(w5, FC_WIDTH, map_size, 1, 0, k[5]), bn(FC_WIDTH)
-    self.dropout7 = nnx.Dropout(dropout, broadcast_dims=broadcast_dims, rngs=rngs)
+    self.dropout7 = make_dropout(dropout, rngs=rngs)
     self.fc7, self.bn7 = conv(FC_WIDTH, FC_WIDTH, 1, 1, 0, k[6]), bn(FC_WIDTH)
     self.fc8 = conv(FC_WIDTH, num_classes, 1, 1, 0, k[7])
 
