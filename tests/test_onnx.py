@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcnn_jax import inference, models
+from lcnn_jax import bench, inference, models
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import onnx_export
 from test_inference import _Unfoldable, _as_if_trained, _eval_logits, _model, _run_config, _write_run
@@ -115,3 +115,40 @@ def test_export_command_writes_onnx_by_suffix_and_explains_a_missing_onnx(tmp_pa
   missing = tmp_path / "other.onnx"
   assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={missing}"]) == 2
   assert "pip install -e '.[onnx]'" in capsys.readouterr().err and not missing.exists()
+
+
+# Benchmark baselines -----------------------------------------------------------------------------------------
+
+def test_benchmark_times_the_cnn_on_each_engine_and_skips_the_missing_ones(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1),
+                                             rngs=nnx.Rngs(3)), rng)
+  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                       "class_names": None, "mean": [0.5], "std": [0.25]})
+  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, backend_names=["gather"],
+                     baselines=["xla", "onnxruntime", "torch"])
+  baselines = result["baselines"]
+  assert baselines["xla"]["dense_ms"] > 0 and baselines["onnxruntime"]["dense_ms"] > 0
+  assert "torch" in baselines["torch"]["skipped"]
+  fastest = min(["xla", "onnxruntime"], key=lambda e: baselines[e]["dense_ms"])
+  headline = result["headline"]
+  assert headline["fastest_dense_engine"] == fastest
+  assert headline["wall_speedup"] == pytest.approx(baselines[fastest]["dense_ms"] / headline["lcnn_ms"])
+  for row in result["rows"]:  # the existing keys, against XLA, and the new ones against the fastest engine
+    assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
+    assert row["dense_ms"] == baselines["xla"]["dense_ms"]
+    assert row["wall_speedup_vs_fastest"] == pytest.approx(baselines[fastest]["dense_ms"] / row["lcnn_ms"])
+  assert result["lcnn_onnxruntime"]["lcnn_ms"] > 0
+  assert set(result["lcnn_onnxruntime"]["lookup_forms"]) == {"conv1", "conv2", "conv3", "classifier"}
+  assert "headline" in bench.format_table(result)
+
+  monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, backend_names=["gather"],
+                     baselines=["xla", "onnxruntime"])
+  assert "pip install" in result["baselines"]["onnxruntime"]["skipped"]
+  assert result["headline"]["fastest_dense_engine"] == "xla" and "lcnn_onnxruntime" not in result
+
+
+def test_benchmark_rejects_an_unknown_engine(capsys):
+  assert bench.main(["bench", "--baselines=xla,tensorrt"]) == 2
+  assert "tensorrt" in capsys.readouterr().err

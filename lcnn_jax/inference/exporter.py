@@ -329,6 +329,9 @@ def main(argv: Sequence[str]) -> int:
                     "one convolution with W = D·P (dense), as the dictionary's 1×1 convolution then the "
                     "coefficients' (factored), or whichever of the two ONNX Runtime runs faster (auto, measured "
                     "here at --batch_size).", flag_values=flag_values)
+  if {"--help", "-h"} & set(argv[1:]):
+    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
+    return 0
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1 or flag_values.workdir is None or flag_values.output is None:
