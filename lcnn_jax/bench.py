@@ -19,7 +19,8 @@ engine.
 
 ``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
 "count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
-{engine: {"dense_ms"} or {"skipped"}}, "headline": {...}}`` (``dense_ms`` and ``wall_speedup`` are against
+{engine: {"dense_ms"} or {"skipped"}}, "headline": {...}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
+"lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against
 XLA:CPU); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic and arithmetic
 floors (``"layers"`` in the JSON).
 """
@@ -149,8 +150,9 @@ class OnnxRuntimeEngine:
   The images are given to the session in NCHW once, outside the timed calls (an ONNX user feeds NCHW)."""
 
   def __init__(self, model: InferenceModel, batch: int, threads: int):
-    forms, _ = onnx_export.choose_lookup_forms(model, batch, threads=threads) if model.lookup_layers else ({}, {})
-    self.lookup_forms = forms
+    forms, timings = (onnx_export.choose_lookup_forms(model, batch, threads=threads) if model.lookup_layers
+                      else ({}, {}))
+    self.lookup_forms, self.lookup_form_ms = forms, timings  # per lookup layer: form; {form: ms}
     self.session = onnx_export.session(onnx_export.to_onnx(model, forms), threads)
     self._images = None
 
@@ -295,7 +297,8 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
                          "count_speedup": setup.count_speedup}}
   if "lcnn:onnxruntime" in variants:
     result["lcnn_onnxruntime"] = {"lcnn_ms": times["lcnn:onnxruntime"],
-                                  "lookup_forms": variants["lcnn:onnxruntime"].lookup_forms}
+                                  "lookup_forms": variants["lcnn:onnxruntime"].lookup_forms,
+                                  "lookup_form_ms": variants["lcnn:onnxruntime"].lookup_form_ms}
   if with_layers:
     floors = machine_floors()
     result["floors"] = floors
