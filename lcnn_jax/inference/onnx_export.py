@@ -334,7 +334,10 @@ def to_onnx(model: InferenceModel, lookup_forms: Mapping[str, str] | str = "dens
 
   result = env[model.graph.output]
   b.nodes.append(onnx.helper.make_node("Identity", [_in_layout(b, result, _NHWC)], [OUTPUT_NAME], name=OUTPUT_NAME))
-  dims = lambda shape: ["batch" if _is_batch(d) else int(d) for d in shape]  # noqa: E731
+
+  def dims(shape):
+    return ["batch" if _is_batch(d) else int(d) for d in shape]
+
   inputs = [onnx.helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, dims((batch, c, h, w)))]
   outputs = [onnx.helper.make_tensor_value_info(
       OUTPUT_NAME, onnx.helper.np_dtype_to_tensor_dtype(result.dtype), dims(result.shape))]
@@ -439,7 +442,8 @@ def save(model: InferenceModel, path: str | os.PathLike, *, lookup_forms: Mappin
   ``batch_size`` first. Returns the form of each lookup layer."""
   if lookup_forms == "auto":
     lookup_forms, _ = choose_lookup_forms(model, batch_size)
-  proto = to_onnx(model, lookup_forms)
+  forms = _resolve_forms(model, lookup_forms)
+  proto = to_onnx(model, forms)
   path = os.fspath(path)
   partial = f"{path}.partial"
   with open(partial, "wb") as f:
@@ -447,4 +451,4 @@ def save(model: InferenceModel, path: str | os.PathLike, *, lookup_forms: Mappin
   os.replace(partial, path)
   logging.info("Exported %d layers to %s (%.1f MB, ONNX opset %d).", len(model.layers), path,
                os.path.getsize(path) / 1e6, OPSET)
-  return json.loads(next(p.value for p in proto.metadata_props if p.key == "lookup_forms"))
+  return forms
