@@ -61,6 +61,32 @@ def test_unfolded_batch_norms_flat_lookups_and_strided_1x1_convolutions_export(t
     _assert_close(onnx_export.run(onnx_export.session(onnx_export.to_onnx(loaded, form)), x), _eval_logits(model, x))
 
 
+class _Between(nnx.Module):
+  """Operations between layers that the project's models do not use: a constant map, average pooling with
+  padding, a maximum over channels, flattening maps larger than 1×1, a concatenation, other element-wise
+  functions."""
+
+  def __init__(self, rngs):
+    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+    self.offset = jnp.asarray(np.linspace(-1, 1, 8 * 7 * 4, dtype=np.float32).reshape(1, 8, 7, 4))
+    self.fc = nnx.Linear(4 * 4 * 4 + 4 * 4, 5, rngs=rngs)
+
+  def __call__(self, x):
+    y = jnp.tanh(self.conv(x) - self.offset)  # (b, 8, 7, 4)
+    pooled = nnx.avg_pool(y, (2, 2), strides=(2, 2), padding=((0, 0), (1, 0)))  # (b, 4, 4, 4)
+    channel_max = jnp.exp(-jnp.max(pooled, axis=3))  # (b, 4, 4)
+    return self.fc(jnp.concatenate([pooled.reshape(x.shape[0], -1), channel_max.reshape(x.shape[0], -1)], axis=1))
+
+
+def test_operations_between_layers_translate_in_either_layout(tmp_path, rng):
+  model = _Between(nnx.Rngs(1))
+  loaded = _npz_model(model, (8, 7, 3), tmp_path)
+  x = rng.standard_normal((3, 8, 7, 3)).astype(np.float32)
+  proto = onnx_export.to_onnx(loaded)
+  assert {"AveragePool", "ReduceMax", "Concat", "Transpose"} <= {n.op_type for n in proto.graph.node}
+  _assert_close(onnx_export.run(onnx_export.session(proto), x), _eval_logits(model, x))
+
+
 @pytest.mark.parametrize("form", onnx_export.LOOKUP_FORMS)
 def test_lookup_forms_equal_the_dense_reference(form, rng):
   from test_inference import LAYER_CASES, _dense_reference, _random_layer

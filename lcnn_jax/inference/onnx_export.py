@@ -279,6 +279,11 @@ def _primitive(b: _Builder, primitive: str, params: dict, args: list[Any], hint:
     else:
       out = b.node("Pow", [operands[0], b.const(np.asarray(params["y"], aval.dtype))], hint)
     return _Value(out, layout if len(aval.shape) == 4 else None, aval.shape, aval.dtype)
+  if primitive == "concatenate":
+    layout = _NCHW if len(aval.shape) == 4 and all(v.layout == _NCHW for v in values) else _NHWC
+    axis = _NCHW_AXIS[params["dimension"]] if len(aval.shape) == 4 and layout == _NCHW else params["dimension"]
+    out = b.node("Concat", [_operand(b, a, layout) for a in args], hint, axis=int(axis))
+    return _Value(out, layout if len(aval.shape) == 4 else None, aval.shape, aval.dtype)
   if len(values) != 1:
     raise graph_lib.UnsupportedModel(f"The forward pass uses the primitive {primitive!r} on {len(args)} operands, "
                                      "which the ONNX export does not translate.")
@@ -293,7 +298,7 @@ def _primitive(b: _Builder, primitive: str, params: dict, args: list[Any], hint:
     return _Value(out, _NHWC if len(aval.shape) == 4 else None, aval.shape, aval.dtype)
   raise graph_lib.UnsupportedModel(f"The forward pass uses the primitive {primitive!r}, which the ONNX export does "
                                    "not translate (supported: layers, element-wise arithmetic, max/average pooling "
-                                   "over (h, w), sums and maxima over axes, reshapes).")
+                                   "over (h, w), sums and maxima over axes, reshapes, concatenations).")
 
 
 # The model -----------------------------------------------------------------------------------------------
