@@ -62,17 +62,18 @@ def test_unfolded_batch_norms_flat_lookups_and_strided_1x1_convolutions_export(t
 
 
 class _Between(nnx.Module):
-  """Operations between layers that the project's models do not use: a constant map, average pooling with
+  """Operations between layers that the project's models do not use: constants, average pooling with
   padding, a maximum over channels, flattening maps larger than 1×1, a concatenation, other element-wise
   functions."""
 
   def __init__(self, rngs):
     self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
     self.offset = jnp.asarray(np.linspace(-1, 1, 8 * 7 * 4, dtype=np.float32).reshape(1, 8, 7, 4))
+    self.scale = jnp.asarray(np.linspace(0.5, 2, 4, dtype=np.float32))  # per channel, broadcast
     self.fc = nnx.Linear(4 * 4 * 4 + 4 * 4, 5, rngs=rngs)
 
   def __call__(self, x):
-    y = jnp.tanh(self.conv(x) - self.offset)  # (b, 8, 7, 4)
+    y = jnp.tanh(self.conv(x) * self.scale - self.offset)  # (b, 8, 7, 4)
     pooled = nnx.avg_pool(y, (2, 2), strides=(2, 2), padding=((0, 0), (1, 0)))  # (b, 4, 4, 4)
     channel_max = jnp.exp(-jnp.max(pooled, axis=3))  # (b, 4, 4)
     return self.fc(jnp.concatenate([pooled.reshape(x.shape[0], -1), channel_max.reshape(x.shape[0], -1)], axis=1))

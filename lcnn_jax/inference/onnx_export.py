@@ -253,8 +253,8 @@ def _operand(b: _Builder, arg: Any, layout: str | None) -> str:
   return b.const(np.ascontiguousarray(array))
 
 
-def _primitive(b: _Builder, primitive: str, params: dict, args: list[Any], hint: str) -> _Value:
-  """One JAX primitive between layers as ONNX nodes."""
+def _primitive(b: _Builder, primitive: str, params: dict, args: list[Any], hint: str) -> _Value | np.ndarray:
+  """One JAX primitive between layers as ONNX nodes (a constant broadcast stays a constant, broadcastable)."""
   aval = _output_aval(primitive, params, args)
   values = [a for a in args if isinstance(a, _Value)]
   if primitive in _ELEMENTWISE or primitive in _IDENTITY or primitive in ("integer_pow", "square", "rsqrt",
@@ -279,14 +279,18 @@ def _primitive(b: _Builder, primitive: str, params: dict, args: list[Any], hint:
     else:
       out = b.node("Pow", [operands[0], b.const(np.asarray(params["y"], aval.dtype))], hint)
     return _Value(out, layout if len(aval.shape) == 4 else None, aval.shape, aval.dtype)
+  if primitive == "broadcast_in_dim" and not values:  # a constant, e.g. a bias: ONNX operators broadcast it
+    operand, dimensions = np.asarray(args[0]), list(params["broadcast_dimensions"])
+    return operand.reshape([operand.shape[dimensions.index(d)] if d in dimensions else 1
+                            for d in range(len(params["shape"]))])
   if primitive == "concatenate":
     layout = _NCHW if len(aval.shape) == 4 and all(v.layout == _NCHW for v in values) else _NHWC
     axis = _NCHW_AXIS[params["dimension"]] if len(aval.shape) == 4 and layout == _NCHW else params["dimension"]
     out = b.node("Concat", [_operand(b, a, layout) for a in args], hint, axis=int(axis))
     return _Value(out, layout if len(aval.shape) == 4 else None, aval.shape, aval.dtype)
   if len(values) != 1:
-    raise graph_lib.UnsupportedModel(f"The forward pass uses the primitive {primitive!r} on {len(args)} operands, "
-                                     "which the ONNX export does not translate.")
+    raise graph_lib.UnsupportedModel(f"The forward pass uses the primitive {primitive!r} on {len(values)} "
+                                     "activations, which the ONNX export does not translate.")
   value = values[0]
   if primitive in ("reduce_window_max", "reduce_window_sum"):
     return _Value(_window(b, primitive, value, params, hint), _NCHW, aval.shape, aval.dtype)
