@@ -9,7 +9,8 @@ dense layers stay dense. It then picks each lookup layer's backend by measuremen
 
 The file is an ``.npz`` archive read with ``allow_pickle=False``: a JSON header (``header``: graph, layer
 geometry, backends, class names, preprocessing) and the arrays (``layers/<name>/<array>``,
-``consts/<name>``). Loading it runs no code from the file.
+``consts/<name>``). Loading it runs no code from the file. An ``.onnx`` output writes the same model as an ONNX
+graph instead (:mod:`lcnn_jax.inference.onnx_export`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from flax import nnx
 from lcnn_jax import layers as layers_lib
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import graph as graph_lib
-from lcnn_jax.inference import tuning
+from lcnn_jax.inference import onnx_export, tuning
 from lcnn_jax.inference.backends import LookupLayer
 from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, Layer, LinearLayer, layer_arrays
 
@@ -313,24 +314,39 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
 
 
 def main(argv: Sequence[str]) -> int:
-  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz``; ``argv`` includes the program
-  name. Returns the exit status."""
+  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz`` (or ``model.onnx``); ``argv``
+  includes the program name. Returns the exit status."""
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
   flags.DEFINE_string("workdir", None, "The training run to export (its latest checkpoint, or --step).",
                       flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Where to write the exported model (.npz).", flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Where to write the exported model: .npz (this package's runtime) or .onnx "
+                      "(ONNX Runtime and other ONNX engines; needs the onnx extra).", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).", flag_values=flag_values)
   flags.DEFINE_string("backends", "auto", "'auto' (measured here per layer), or one backend name for every lookup "
                       "layer: dense, factored, gather, lookup.", flag_values=flag_values)
   flags.DEFINE_integer("batch_size", 1, "The batch size 'auto' optimises for.", flag_values=flag_values)
+  flags.DEFINE_enum("lookup_form", "auto", ["auto", *onnx_export.LOOKUP_FORMS], "ONNX only: each lookup layer as "
+                    "one convolution with W = D·P (dense), as the dictionary's 1×1 convolution then the "
+                    "coefficients' (factored), or whichever of the two ONNX Runtime runs faster (auto, measured "
+                    "here at --batch_size).", flag_values=flag_values)
+  if {"--help", "-h"} & set(argv[1:]):
+    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
+    return 0
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1 or flag_values.workdir is None or flag_values.output is None:
-      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz "
-                       "[--step N] [--backends auto] [--batch_size 1]")
-    allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
-    model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
-                   batch_size=flag_values.batch_size)
+      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx "
+                       "[--step N] [--backends auto] [--batch_size 1] [--lookup_form auto]")
+    if flag_values.output.endswith(".onnx"):
+      onnx_export.require("onnx")
+      model = export(flag_values.workdir, step=flag_values.step, backends="dense")
+      forms = onnx_export.save(model, flag_values.output, lookup_forms=flag_values.lookup_form,
+                               batch_size=flag_values.batch_size)
+    else:
+      allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
+      model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
+                     batch_size=flag_values.batch_size)
+      forms = model.backends
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
@@ -338,7 +354,7 @@ def main(argv: Sequence[str]) -> int:
   sys.stdout.write(f"{flag_values.output}: {len(model.layers)} layers ({len(lookups)} lookup), input "
                    f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names or [])} class names\n")
   for name, layer in lookups.items():
-    sys.stdout.write(f"  {name:<24} {model.backends[name]:<9} k={layer.dictionary_size:<4} "
+    sys.stdout.write(f"  {name:<24} {forms[name]:<9} k={layer.dictionary_size:<4} "
                      f"density {layer.density:.4f}\n")
   return 0
 
