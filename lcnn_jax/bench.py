@@ -36,7 +36,8 @@ from lcnn_jax import flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter
-from lcnn_jax.inference import tuning
+from lcnn_jax.inference import layouts, tuning
+from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
 
 CONFIGS = {("alexnet", "fast"): "alexnet_fast.py", ("alexnet", "accurate"): "alexnet_accurate.py",
@@ -106,7 +107,8 @@ class Setup:
   density: float | None
 
 
-def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int) -> Setup:
+def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int,
+          precision: str = "float32") -> Setup:
   """Random (or restored) CNN and LCNN, the LCNN's sparsity set, both exported; the LCNN tuned for ``batch``."""
   rng = np.random.default_rng(seed)
   density = None
@@ -128,7 +130,7 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
     set_random_sparsity(lcnn_module, density, rng)
   count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
   dense = exporter.inference_model(dense_module, input_shape, backends="dense")
-  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch)
+  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch, precision=precision)
   return Setup(dense, lcnn, lcnn_module, count_speedup, density)
 
 
@@ -170,13 +172,9 @@ def machine_floors() -> dict[str, float]:
 
 
 def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:
-  params = {k: jnp.asarray(v) for k, v in dataclasses.asdict(layer).items() if isinstance(v, np.ndarray)}
+  params = {k: jnp.asarray(v) for k, v in model_lib.device_arrays(layer).items()}  # as the model holds them
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *input_shape[1:]), np.float32))
-  if isinstance(layer, ConvLayer):
-    (top, _), (left, _) = layer.padding
-    fn = jax.jit(lambda p, v: backends_lib.conv_or_matmul(v, p["kernel"], layer.strides, (top, left)) + p["bias"])
-  else:
-    fn = jax.jit(lambda p, v: v @ p["kernel"] + p["bias"])
+  fn = jax.jit(lambda p, v: model_lib.run_layer(layer, None, p, (v, layouts.NHWC))[0])
   return tuning.median_ms(lambda: jax.block_until_ready(fn(params, x)))
 
 
@@ -199,7 +197,7 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       ms = _dense_layer_time(layer, shape, batch)
       out = calls[name].output_shape
       macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
-      weight_bytes = layer.kernel.nbytes + layer.bias.nbytes
+      weight_bytes = sum(a.nbytes for a in model_lib.layer_arrays(layer).values())
       activation_bytes = 4 * batch * (int(np.prod(shape[1:])) + int(np.prod(out[1:])))
     else:
       continue
@@ -213,9 +211,10 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
 
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
-        with_layers: bool = False) -> dict[str, Any]:
-  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown)."""
-  setup = build(model, preset, batch, checkpoint, seed)
+        with_layers: bool = False, precision: str = "float32") -> dict[str, Any]:
+  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown); the LCNN's weights
+  stored in ``precision`` (the CNN's stay float32)."""
+  setup = build(model, preset, batch, checkpoint, seed, precision)
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
   variants = {"cnn": setup.dense, **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn}
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
@@ -223,7 +222,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
            "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup}
           for b in [*names, "auto"]]
-  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density,
+  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends}
   if with_layers:
     floors = machine_floors()
@@ -269,6 +268,8 @@ def main(argv: Sequence[str]) -> int:
                     flag_values=flag_values)
   flags.DEFINE_float("seconds", 20.0, "Time budget of the timed calls, all models together.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Seed of the random weights, sparsity pattern and images.", flag_values=flag_values)
+  flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "int8"], "How the LCNN's weights are stored "
+                    "and computed from (the CNN stays float32).", flag_values=flag_values)
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1:
@@ -276,7 +277,7 @@ def main(argv: Sequence[str]) -> int:
     allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
-                 with_layers=flag_values.layers)
+                 with_layers=flag_values.layers, precision=flag_values.precision)
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
