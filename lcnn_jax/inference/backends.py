@@ -407,13 +407,15 @@ class Lookup:
     else:
       x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
       m, h, w, _ = x.shape
-      if h * w * batch <= DICTIONARY_COLUMNS_MAX:
-        k = layer.dictionary_size
-        s = dense_columns(x.reshape(m, h * w * batch), params["dictionary_q"], params["dictionary_scale"],
-                          jnp.zeros((k,), jnp.float32)).reshape(k, h, w, batch)
+      columns = h * w * batch
+      if columns <= DICTIONARY_COLUMNS_MAX and columns * m * layer.dictionary_size <= DICTIONARY_MACS_MAX:
+        # The dictionary stage in the same call, from D as stored.
+        s_shape = jax.ShapeDtypeStruct((layer.dictionary_size, h, w, batch), jnp.float32)
+        out, _, _ = jax.ffi.ffi_call(kernels.DICTIONARY_TARGET, (*results, s_shape), vmap_method="sequential")(
+            x, params["dictionary_q"], params["dictionary_scale"], *lookups, **attributes)
       else:
         s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
-      out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
+        out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
     return out[None], batch  # CHWN
 
 
@@ -435,17 +437,10 @@ def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Arr
 
 DICTIONARY_COLUMNS_MAX = 1024
 """Up to this many columns (h·w·batch: AlexNet-LCNN's layers at batch 1), the ``lookup`` backend computes a
-dictionary stage in the C++ kernel (:func:`dense_columns`, from D as stored) rather than as an XLA matmul, whose
-dispatch costs more than such small matmuls take."""
-
-
-def dense_columns(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
-  """x (m, p) float32 -> (n, p) = (weights · scale) · x + bias in the C++ kernel (CPU), for ``weights`` (n, m)
-  float32, bfloat16 or int8 as stored, converted in registers, accumulated in float32."""
-  kernels.ensure_kernel()
-  result = jax.ShapeDtypeStruct((weights.shape[0], x.shape[1]), jnp.float32)
-  return jax.ffi.ffi_call(kernels.COLUMNS_TARGET, result, vmap_method="sequential")(
-      x.astype(jnp.float32), weights, scale, bias)
+layer's dictionary stage in the same kernel call as its lookups (from D as stored) rather than as an XLA matmul,
+whose dispatch costs more than such small matmuls take: one call per layer."""
+DICTIONARY_MACS_MAX = 1 << 23
+"""... and up to this many multiply-adds (AlexNet-LCNN's at batch 1: 1–5 M); larger stages are XLA's matmuls."""
 
 
 def dense_rows_available() -> bool:
@@ -490,5 +485,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
 
 
 __all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
-           "coefficient_bytes", "conv_or_matmul", "dense_columns", "dense_rows", "get_backend", "multiplications",
+           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "multiplications",
            "narrowest_index_dtype"]

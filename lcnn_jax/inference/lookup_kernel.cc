@@ -1,8 +1,8 @@
 // The XLA FFI handlers of the lookup kernel (lookup_kernel.h): lcnn_lookup_conv takes S from a dictionary
-// matmul done by XLA; lcnn_lookup_conv_fused computes S itself from the layer's input (small dictionaries);
+// matmul done by XLA; lcnn_lookup_conv_dictionary computes S first from D as stored (small maps);
+// lcnn_lookup_conv_fused computes S itself while filling the space-to-depth buffer (small dictionaries);
 // lcnn_max_pool pools CHWN activations (optionally with the ReLU before it); lcnn_dense_rows is a dense layer
-// over a few rows and lcnn_dense_columns one over the columns of a CHWN map (a dictionary stage), each with
-// float32, bfloat16 or int8 weights. The lookups' coefficients may be float32, bfloat16
+// over a few rows with float32, bfloat16 or int8 weights. The lookups' coefficients may be float32, bfloat16
 // or int8 (with a scale per output), their indices uint8, uint16 or int32.
 
 #include <cstdint>
@@ -125,8 +125,8 @@ Geometry MakeGeometry(const OutF32& out, int64_t oh, int64_t ow, int64_t h, int6
 }
 
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
-                          ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
-                          int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
+                          ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Result<ChwnF32> out,
+                          ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
                           int64_t pool_window_h, int64_t pool_window_w, int64_t pool_stride_h,
                           int64_t pool_stride_w, int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
   const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
@@ -148,6 +148,35 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
     source = scratch->typed_data();
   }
   return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, *out, out->typed_data());
+}
+
+// As LookupConvImpl, with S = Dᵀ·x computed here first (DenseColumns, from D as stored) into `s_buffer`:
+// one call for the whole layer where XLA's matmul would cost more to dispatch than to run (small maps).
+ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuffer dictionary, FlatF32 d_scale,
+                                    FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
+                                    FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch,
+                                    ffi::Result<ChwnF32> s_buffer, int64_t pad_h, int64_t pad_w, int64_t stride_h,
+                                    int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
+                                    int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
+                                    int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
+  const auto in = x.dimensions();  // (m, h, w, batch)
+  const auto d = dictionary.dimensions();  // (k, m)
+  const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
+  if (d.size() != 2 || d[1] != in[0] || sd[0] != d[0] || sd[1] != in[1] || sd[2] != in[2] || sd[3] != in[3] ||
+      d_scale.element_count() != static_cast<size_t>(d[0])) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: x (m, h, w, batch), the dictionary (k, m), "
+                                       "its scale (k) and S (k, h, w, batch) disagree");
+  }
+  const int64_t columns = in[1] * in[2] * in[3];
+  std::unique_ptr<float[]> zeros(new float[d[0]]());
+  const bool typed = WithValues(dictionary, [&](auto value) {
+    DenseColumns(pool, x.typed_data(), value, d_scale.typed_data(), zeros.get(), in[0], columns, d[0],
+                 s_buffer->typed_data());
+  });
+  if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
+  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, out, scratch, pad_h, pad_w, stride_h,
+                        stride_w, out_h, out_w, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
+                        pool_pad_h, pool_pad_w, pool_relu);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
@@ -208,24 +237,6 @@ ffi::Error DenseRowsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weigh
               out->typed_data());
   });
   if (!typed) return ffi::Error::InvalidArgument("lcnn_dense_rows: weights must be float32, bfloat16 or int8");
-  return ffi::Error::Success();
-}
-
-ffi::Error DenseColumnsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weights, FlatF32 scale,
-                            FlatF32 bias, ffi::Result<MatrixF32> out) {
-  const auto in = x.dimensions();  // (m, p)
-  const auto w = weights.dimensions();  // (n, m)
-  const auto o = out->dimensions();  // (n, p)
-  if (w.size() != 2 || w[1] != in[0] || o[1] != in[1] || o[0] != w[0] ||
-      scale.element_count() != static_cast<size_t>(w[0]) || bias.element_count() != static_cast<size_t>(w[0])) {
-    return ffi::Error::InvalidArgument("lcnn_dense_columns: x (m, p), weights (n, m), scale and bias (n) and out "
-                                       "(n, p) disagree");
-  }
-  const bool typed = WithValues(weights, [&](auto value) {
-    DenseColumns(pool, x.typed_data(), value, scale.typed_data(), bias.typed_data(), in[0], in[1], w[0],
-                 out->typed_data());
-  });
-  if (!typed) return ffi::Error::InvalidArgument("lcnn_dense_columns: weights must be float32, bfloat16 or int8");
   return ffi::Error::Success();
 }
 
@@ -297,11 +308,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
                                   .Arg<FlatF32>()          // bias (n)
                                   .Ret<MatrixF32>());      // out (rows, n)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseColumns, DenseColumnsImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<MatrixF32>()        // x (m, p)
-                                  .Arg<ffi::AnyBuffer>()   // weights (n, m)
-                                  .Arg<FlatF32>()          // scale (n)
-                                  .Arg<FlatF32>()          // bias (n)
-                                  .Ret<MatrixF32>());      // out (n, p)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl,
+                              LayerAttributes(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
+                                                  .Arg<ChwnF32>()           // x (m, h, w, batch)
+                                                  .Arg<ffi::AnyBuffer>()    // Dᵀ (k, m) as stored
+                                                  .Arg<FlatF32>()           // its scale (k)
+                                                  .Arg<FlatS32>()           // starts
+                                                  .Arg<ffi::AnyBuffer>()    // indices
+                                                  .Arg<ffi::AnyBuffer>()    // values
+                                                  .Arg<FlatF32>()           // scale
+                                                  .Arg<FlatF32>()           // bias
+                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                                  .Ret<FlatF32>()           // the padded space-to-depth S
+                                                  .Ret<ChwnF32>()));        // S (k, h, w, batch)
