@@ -352,6 +352,15 @@ def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, 
                              atol=1e-4 * np.abs(expected).max())
   assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'missing'}", f"--output={output}"]) == 2
   assert "missing" in capsys.readouterr().err
+  compact = tmp_path / "int8.npz"
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}", "--backends=gather",
+                            "--precision=int8"]) == 0
+  out = capsys.readouterr().out
+  assert "(int8); dense CNN" in out and "MB float32" in out, out  # its bytes beside the dense CNN's
+  assert inference.load(compact).precision == "int8"
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}",
+                            "--precision=float16"]) == 2
+  assert "float16" in capsys.readouterr().err
 
 
 def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):
