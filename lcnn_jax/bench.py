@@ -37,6 +37,7 @@ from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter
 from lcnn_jax.inference import layouts, tuning
+from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
 
@@ -211,17 +212,21 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
 
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
-        with_layers: bool = False, precision: str = "float32") -> dict[str, Any]:
-  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown); the LCNN's weights
-  stored in ``precision`` (the CNN's stay float32)."""
+        with_layers: bool = False, precisions: Sequence[str] = ("float32",)) -> dict[str, Any]:
+  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown). The LCNN's weights are
+  stored in ``precisions[0]`` (the CNN's stay float32); each further precision adds an ``auto`` row of the same
+  backend mix with its weights stored in that precision, timed in the same rounds."""
+  precision = precisions[0]
   setup = build(model, preset, batch, checkpoint, seed, precision)
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
-  variants = {"cnn": setup.dense, **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn}
+  variants = {"cnn": setup.dense, **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
+              **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
   times = time_models(variants, images, seconds)
   rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
-           "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup}
-          for b in [*names, "auto"]]
+           "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup,
+           "precision": b.split(" ")[1] if " " in b else precision}
+          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:])]]
   result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends}
   if with_layers:
@@ -235,10 +240,10 @@ def format_table(result: dict[str, Any]) -> str:
   """The rows (and the layer breakdown when present) as fixed-width text."""
   lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
            f"device {result['device']}; trained checkpoint",
-           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<9} {'dense ms':>10} {'lcnn ms':>10} "
+           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
            f"{'wall x':>8} {'count x':>8}"]
   for r in result["rows"]:
-    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<9} {r['dense_ms']:>10.3f} "
+    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
   if "layers" in result:
@@ -268,16 +273,21 @@ def main(argv: Sequence[str]) -> int:
                     flag_values=flag_values)
   flags.DEFINE_float("seconds", 20.0, "Time budget of the timed calls, all models together.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Seed of the random weights, sparsity pattern and images.", flag_values=flag_values)
-  flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16", "int8"], "How the LCNN's weights are stored "
-                    "and computed from (the CNN stays float32).", flag_values=flag_values)
+  flags.DEFINE_list("precision", ["float32"], "How the LCNN's weights are stored and computed from: float32, "
+                    "bfloat16 or int8 (the CNN stays float32); a list adds a row of the chosen mix per further "
+                    "precision, timed in the same rounds.", flag_values=flag_values)
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
+    if unknown or not flag_values.precision:
+      raise ValueError(f"--precision={','.join(flag_values.precision)}: expected a list of "
+                       f"{', '.join(precision_lib.PRECISIONS)}.")
     allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
-                 with_layers=flag_values.layers, precision=flag_values.precision)
+                 with_layers=flag_values.layers, precisions=flag_values.precision)
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2

@@ -428,8 +428,10 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
   _as_if_trained(model, rng)
   _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
                                        "class_names": None, "mean": [0.5], "std": [0.25]})
-  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True)
-  assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto"]
+  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True,
+                     precisions=("float32", "int8"))
+  assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto", "auto int8"]
+  assert [row["precision"] for row in result["rows"]] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
