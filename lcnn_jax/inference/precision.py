@@ -8,9 +8,10 @@ channel: per atom for a dictionary (column j of D), per output for the non-zeros
 whichever is the narrowest that holds the layer's kh·kw·k positions
 (:func:`~lcnn_jax.inference.backends.narrowest_index_dtype`).
 
-The C++ lookup kernel reads the stored values and converts them in registers, accumulating in float32; so does
-its dense-rows kernel for the dense layers and the dictionary stages of a few rows (batch 1's fully connected
-layers, bound by reading their weights). XLA's convolutions and large matmuls run on float32 copies made at load.
+The C++ lookup kernel reads the stored values and converts them in registers, accumulating in float32; so do its
+dictionary stage over small maps (batch 1) and its dense-rows routine for dense layers over a few rows (batch
+1's fully connected layers, bound by reading their weights). XLA's convolutions and larger matmuls, and the
+XLA backends, run on float32 copies made at load.
 """
 
 from __future__ import annotations
