@@ -356,7 +356,7 @@ def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, 
   assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}", "--backends=gather",
                             "--precision=int8"]) == 0
   out = capsys.readouterr().out
-  assert "(int8); dense CNN" in out and "MB float32" in out, out  # its bytes beside the dense CNN's
+  assert "(int8); dense CNN" in out and "B float32" in out, out  # its bytes beside the dense CNN's
   assert inference.load(compact).precision == "int8"
   assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}",
                             "--precision=float16"]) == 2

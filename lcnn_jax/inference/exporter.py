@@ -379,11 +379,12 @@ def _dense_cnn_parameters(workdir: str) -> tuple[int, int]:
 
 def _bytes_line(model: InferenceModel, dense_weights: int, dense_outputs: int) -> str:
   """The exported model's bytes beside its dense CNN's (float32, and at the model's precision)."""
-  size = precision_lib.model_bytes(model)
-  line = (f"stored: {size / 1e6:.2f} MB ({model.precision}); dense CNN "
-          f"{precision_lib.dense_bytes(dense_weights, 'float32') / 1e6:.2f} MB float32")
+  def size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+  line = (f"stored: {size(precision_lib.model_bytes(model))} ({model.precision}); dense CNN "
+          f"{size(precision_lib.dense_bytes(dense_weights, 'float32'))} float32")
   if model.precision in ("bfloat16", "int8"):
-    line += f", {precision_lib.dense_bytes(dense_weights, model.precision, dense_outputs) / 1e6:.2f} MB {model.precision}"
+    line += f", {size(precision_lib.dense_bytes(dense_weights, model.precision, dense_outputs))} {model.precision}"
   return line
 
 
