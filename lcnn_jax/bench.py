@@ -46,7 +46,9 @@ from lcnn_jax import flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter, onnx_export
-from lcnn_jax.inference import tuning
+from lcnn_jax.inference import layouts, tuning
+from lcnn_jax.inference import precision as precision_lib
+from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
 
 CONFIGS = {("alexnet", "fast"): "alexnet_fast.py", ("alexnet", "accurate"): "alexnet_accurate.py",
@@ -118,7 +120,8 @@ class Setup:
   density: float | None
 
 
-def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int) -> Setup:
+def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int,
+          precision: str = "float32") -> Setup:
   """Random (or restored) CNN and LCNN, the LCNN's sparsity set, both exported; the LCNN tuned for ``batch``."""
   rng = np.random.default_rng(seed)
   density = None
@@ -140,7 +143,7 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
     set_random_sparsity(lcnn_module, density, rng)
   count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
   dense = exporter.inference_model(dense_module, input_shape, backends="dense")
-  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch)
+  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch, precision=precision)
   return Setup(dense, lcnn, lcnn_module, count_speedup, density)
 
 
@@ -221,13 +224,9 @@ def machine_floors() -> dict[str, float]:
 
 
 def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:
-  params = {k: jnp.asarray(v) for k, v in dataclasses.asdict(layer).items() if isinstance(v, np.ndarray)}
+  params = {k: jnp.asarray(v) for k, v in model_lib.device_arrays(layer).items()}  # as the model holds them
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *input_shape[1:]), np.float32))
-  if isinstance(layer, ConvLayer):
-    (top, _), (left, _) = layer.padding
-    fn = jax.jit(lambda p, v: backends_lib.conv_or_matmul(v, p["kernel"], layer.strides, (top, left)) + p["bias"])
-  else:
-    fn = jax.jit(lambda p, v: v @ p["kernel"] + p["bias"])
+  fn = jax.jit(lambda p, v: model_lib.run_layer(layer, None, p, (v, layouts.NHWC))[0])
   return tuning.median_ms(lambda: jax.block_until_ready(fn(params, x)))
 
 
@@ -250,7 +249,7 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       ms = _dense_layer_time(layer, shape, batch)
       out = calls[name].output_shape
       macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
-      weight_bytes = layer.kernel.nbytes + layer.bias.nbytes
+      weight_bytes = sum(a.nbytes for a in model_lib.layer_arrays(layer).values())
       activation_bytes = 4 * batch * (int(np.prod(shape[1:])) + int(np.prod(out[1:])))
     else:
       continue
@@ -264,19 +263,24 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
 
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
-        with_layers: bool = False, baselines: Sequence[str] = ("xla",)) -> dict[str, Any]:
+        with_layers: bool = False, baselines: Sequence[str] = ("xla",),
+        precisions: Sequence[str] = ("float32",)) -> dict[str, Any]:
   """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown).
 
   ``baselines``: the engines the dense CNN runs on (:data:`BASELINES`; XLA always); the rows' speedups are
-  also given against the fastest of them."""
+  also given against the fastest of them. The LCNN's weights are stored in ``precisions[0]`` (the CNN's stay
+  float32); each further precision adds an ``auto`` row of the same backend mix with its weights stored in that
+  precision, timed in the same rounds."""
   unknown = sorted(set(baselines) - set(BASELINES))
   if unknown:
     raise ValueError(f"--baselines: unknown engine(s) {unknown}; expected some of {', '.join(BASELINES)}.")
-  setup = build(model, preset, batch, checkpoint, seed)
+  precision = precisions[0]
+  setup = build(model, preset, batch, checkpoint, seed, precision)
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
   engines, skipped = dense_engines(setup, baselines, batch)
   variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
-              **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn}
+              **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
+              **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
@@ -286,9 +290,10 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
            "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup,
            "fastest_dense_engine": fastest, "fastest_dense_ms": dense_ms[fastest],
-           "wall_speedup_vs_fastest": dense_ms[fastest] / times[b]}
-          for b in [*names, "auto"]]
-  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density,
+           "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
+           "precision": b.split(" ")[1] if " " in b else precision}
+          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:])]]
+  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends,
             "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},
                           **{e: {"skipped": reason} for e, reason in skipped.items()}},
@@ -310,10 +315,10 @@ def format_table(result: dict[str, Any]) -> str:
   """The rows (and the layer breakdown when present) as fixed-width text."""
   lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
            f"device {result['device']}; trained checkpoint",
-           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<9} {'dense ms':>10} {'lcnn ms':>10} "
+           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
            f"{'wall x':>8} {'count x':>8}"]
   for r in result["rows"]:
-    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<9} {r['dense_ms']:>10.3f} "
+    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
   if "baselines" in result:
@@ -355,6 +360,9 @@ def main(argv: Sequence[str]) -> int:
                     flag_values=flag_values)
   flags.DEFINE_float("seconds", 20.0, "Time budget of the timed calls, all models together.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Seed of the random weights, sparsity pattern and images.", flag_values=flag_values)
+  flags.DEFINE_list("precision", ["float32"], "How the LCNN's weights are stored and computed from: float32, "
+                    "bfloat16 or int8 (the CNN stays float32); a list adds a row of the chosen mix per further "
+                    "precision, timed in the same rounds.", flag_values=flag_values)
   if {"--help", "-h"} & set(argv[1:]):
     sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
     return 0
@@ -362,10 +370,15 @@ def main(argv: Sequence[str]) -> int:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
+    if unknown or not flag_values.precision:
+      raise ValueError(f"--precision={','.join(flag_values.precision)}: expected a list of "
+                       f"{', '.join(precision_lib.PRECISIONS)}.")
     allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
-                 with_layers=flag_values.layers, baselines=flag_values.baselines)
+                 with_layers=flag_values.layers, baselines=flag_values.baselines,
+                 precisions=flag_values.precision)
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
