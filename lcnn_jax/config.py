@@ -38,9 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"  # digits | folder | tfds:<name> | synthetic
-  c.data.dir = ""  # ImageNet-style folder root, or the TFDS data_dir.
-  c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 224 folder/synthetic, tfds fixed size or 224.
+  c.data.name = "digits"  # digits | folder | tfds:<name> | idx | fashion_mnist | synthetic
+  c.data.dir = ""  # ImageNet-style folder root, the TFDS data_dir, or the IDX files' directory.
+  c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 28 idx, 224 folder/synthetic, tfds fixed size or 224.
   c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224 (photos only).
   c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per channel, pixels in [0, 1]; computed if unset.
   c.data.std = ml_collections.config_dict.placeholder(tuple)
@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.train_split = ""  # Folder subdirectory or TFDS split; "" = train.
   c.data.eval_split = ""  # "" = val (folder); validation, else test (tfds).
   c.data.balanced = False  # Class-balanced sampling (uniform class, then uniform image), as the original.
+  c.data.flip = ml_collections.config_dict.placeholder(bool)  # IDX training flips; unset: fashion_mnist only.
   c.data.fatal_corrupt = False  # A corrupt image stops the run instead of being skipped and counted.
   c.data.num_workers = 0  # grain worker processes for decoding (0 = in-process).
   c.data.prefetch = 2  # Batches prefetched per worker.
