@@ -15,21 +15,4 @@ from lcnn_jax import config as config_lib
 
 
 def get_config():
-  c = config_lib.default_config()
-  c.model.name = "mnist"
-  c.model.width = 32
-  c.model.dropout = 0.2
-  c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
-  c.train.batch_size = 128
-  c.train.epochs = 10
-  c.train.steps_per_epoch = 0  # one pass over the 60,000 training images (468 steps)
-  c.train.lr_schedule = "cosine"
-  c.train.learning_rate = 0.1
-  c.train.warmup_steps = 200
-  c.train.weight_decay = 5e-4
-  c.train.checkpoint_every = 1000
-  c.train.log_every = 100
-  c.train.eval_every = 0  # once per epoch
-  c.train.eval_batch_size = 500
-  c.sparsity.strength = 0.0
-  return c
+  return config_lib.fashion_mnist_config(lcnn=False)

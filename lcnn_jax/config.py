@@ -109,6 +109,33 @@ def digits_quickstart_config() -> ml_collections.ConfigDict:
   return c
 
 
+def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
+  """``configs/fashion_mnist.py`` (the ``mnist`` CNN) or, with ``lcnn``, ``configs/fashion_mnist_lcnn.py`` (its
+  LCNN twin at a fixed sparsity strength): 10 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
+  translations and horizontal flips, a cosine learning rate."""
+  c = default_config()
+  c.model.name = "mnist-lcnn" if lcnn else "mnist"
+  c.model.width = 32
+  c.model.first_pool = 1
+  c.model.pool_size = 8
+  c.model.dropout = 0.2
+  c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
+  c.train.batch_size = 128
+  c.train.epochs = 10
+  c.train.steps_per_epoch = 0  # one pass over the 60,000 training images (468 steps)
+  c.train.lr_schedule = "cosine"
+  c.train.learning_rate = 0.1
+  c.train.warmup_steps = 200
+  c.train.weight_decay = 5e-4
+  c.train.checkpoint_every = 1000
+  c.train.log_every = 100
+  c.train.eval_every = 0  # once per epoch
+  c.train.eval_batch_size = 500
+  c.sparsity.rule = "prox"
+  c.sparsity.strength = 0.5 if lcnn else 0.0
+  return c
+
+
 def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml_collections.ConfigDict:
   """The original's ImageNet recipe (REFERENCE §5) for ``model_name``: an ImageNet folder at 224×224 with
   class-balanced sampling, 55 epochs of 10,000 steps, the architecture's learning-rate schedule."""
