@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lcnn_jax import checkpoint, config as config_lib, data, train
+from lcnn_jax import checkpoint, config as config_lib, data, models, train
 from lcnn_jax.data import pipeline, sources, transforms
 from lcnn_jax.inference import exporter, predict
 
@@ -231,3 +231,38 @@ def test_exported_run_predicts_png_files_of_the_dataset_exactly_as_evaluation_sc
   assert metrics["top1"] == pytest.approx(np.mean(expected.argmax(-1) == arrays["t10k"][1]))
   top = predict.predict(loaded, paths, k=1)
   assert [row[0][0] for row in top] == [sources.FASHION_MNIST_CLASSES[i] for i in expected.argmax(-1)]
+
+
+def _experiment_config(name, directory):
+  """configs/experiments/<name>.py on the tiny files, shrunk to a few steps of a narrow net."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  assert config.data.name == "fashion_mnist" and config.model.name == "mnist-lcnn"
+  config.data.dir = str(directory)
+  config.model.width = 4
+  config.train.update(batch_size=8, num_steps=2, checkpoint_every=2, log_every=1, eval_every=2, warmup_steps=0)
+  return config
+
+
+def test_the_experiment_configs_train_fashion_mnist_subsets_and_deepen_the_28x28_lcnn(tmp_path, rng):
+  from lcnn_jax.experiments import common, few_iteration, few_shot, spectrum
+  write_dataset(tmp_path / "fashion", rng, num_train=30, num_eval=10)
+  point = spectrum.point_config(_experiment_config("spectrum_fashion", tmp_path / "fashion"), 2, 3.0,
+                                 ["pool_size"])
+  assert (point.model.pool_size, point.sparsity.strength) == (2, 3.0)
+  config_lib.validate(point)
+  shot = _experiment_config("few_shot_fashion", tmp_path / "fashion")
+  novel = few_shot.novel_config(shot, [5, 6, 7, 8, 9], 1, 2, cnn=False, base_workdir=str(tmp_path / "base"))
+  info = data.dataset_info(novel.data, cache_dir=str(tmp_path / "novel"))
+  assert (info.num_train, info.num_eval, info.class_names) == (5, 5, list(sources.FASHION_MNIST_CLASSES[5:]))
+  deep = _experiment_config("few_iteration_fashion", tmp_path / "fashion")
+  deep_config = few_iteration.deep_config(deep, "model.convs_per_stage", 3, 2, 2, cnn=False, frozen=True)
+  deep.model.convs_per_stage = 2  # the shallow net of the documented command
+  nets = [models.create_model(c.model, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
+          for c in (deep, deep_config)]
+  mapping = common.map_dictionaries(*nets)
+  assert mapping["conv3_3"] == "conv3_2" and mapping["conv2"] == "conv2"
+  assert nets[1](rng.standard_normal((2, 28, 28, 1)).astype(np.float32)).shape == (2, 10)
