@@ -266,3 +266,18 @@ def test_the_experiment_configs_train_fashion_mnist_subsets_and_deepen_the_28x28
   mapping = common.map_dictionaries(*nets)
   assert mapping["conv3_3"] == "conv3_2" and mapping["conv2"] == "conv2"
   assert nets[1](rng.standard_normal((2, 28, 28, 1)).astype(np.float32)).shape == (2, 10)
+
+
+def test_fashion_configs_count_the_28x28_nets_without_data():
+  from lcnn_jax import flops
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("fm", os.path.join(REPO, "configs", "fashion_mnist.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  num_classes, input_shape = flops.input_facts(config)
+  assert (num_classes, input_shape) == (10, (28, 28, 1))
+  model = models.create_model(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
+  # conv1 at 28×28, conv2 at 14×14, conv3 at 7×7 (3×3 kernels), then the 128 → 10 classifier.
+  expected = 28 * 28 * 9 * 1 * 32 + 14 * 14 * 9 * 32 * 64 + 7 * 7 * 9 * 64 * 128 + 128 * 10
+  assert flops.count_multiplications(model, input_shape).total == expected
