@@ -220,8 +220,9 @@ def _baseline_name(model_config) -> str:
 def input_facts(config) -> tuple[int, tuple[int, int, int]]:
   """(num_classes, one image's (h, w, c)) that ``config.data`` implies, read from the config alone, no data.
 
-  digits: 10 classes of 8×8×1 (``image_size`` upsamples); idx, fashion_mnist: 10 classes of 28×28×1; folder, tfds and synthetic: ``data.num_classes`` or
-  1000 classes of ``image_size`` (or 224) square RGB images.
+  digits: 10 classes of 8×8×1 (``image_size`` upsamples); idx, fashion_mnist: ``data.num_classes`` or 10 classes
+  of 28×28×1; folder, tfds and synthetic: ``data.num_classes`` or 1000 classes of ``image_size`` (or 224) square
+  RGB images.
   """
   data = config.data
   if data.name == "digits":

@@ -6,8 +6,8 @@ pixel random translation for training (zero padding, then a random 8×8 crop), n
 mirror-symmetric), and bilinear upsampling when ``image_size`` > 8. Synthetic images are generated at
 ``image_size``; training flips them. IDX images (28×28 grey, the MNIST family): a ±2 pixel random
 translation for training (zero padding, then a random crop), a horizontal flip only where the classes are
-mirror-symmetric (clothing: ``data.flip``), bilinear resizing when ``image_size`` differs. Every transform returns an unnormalised image; :class:`Normalize`
-turns it into float32 (x − mean) / std with x in [0, 1].
+mirror-symmetric (clothing: ``data.flip``), bilinear resizing when ``image_size`` differs. Every transform
+returns an unnormalised image; :class:`Normalize` turns it into float32 (x − mean) / std with x in [0, 1].
 """
 
 from __future__ import annotations
