@@ -11,7 +11,8 @@ needs about 40% or fewer of the lookup coefficients. Measured (one seed, docs/ex
 10.6× counted speedup, densities 0.48/0.39/0.28, 16.7 CPU-minutes.
 
 The sparsity is a fixed ``sparsity.strength`` until ``sparsity.target_speedup`` is available: the L1 weight
-acts once per step, so it is tied to this schedule (10 epochs of 468 steps at a cosine learning rate of 0.1); a run with other steps or rates needs another strength.
+acts once per step, so it is tied to this schedule (10 epochs of 468 steps at a cosine learning rate of 0.1);
+a run with other steps or rates needs another strength.
 """
 
 from lcnn_jax import config as config_lib
