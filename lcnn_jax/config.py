@@ -116,7 +116,7 @@ def digits_quickstart_config() -> ml_collections.ConfigDict:
 
 def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
   """``configs/fashion_mnist.py`` (the ``mnist`` CNN) or, with ``lcnn``, ``configs/fashion_mnist_lcnn.py`` (its
-  LCNN twin at a fixed sparsity strength): 10 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
+  LCNN twin, steered to a counted speedup of 10×): 10 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
   translations and horizontal flips, a cosine learning rate."""
   c = default_config()
   c.model.name = "mnist-lcnn" if lcnn else "mnist"
@@ -137,7 +137,8 @@ def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # once per epoch
   c.train.eval_batch_size = 500
   c.sparsity.rule = "prox"
-  c.sparsity.strength = 0.5 if lcnn else 0.0
+  c.sparsity.strength = 0.05 if lcnn else 0.0  # the LCNN's starting λ; the target then steers it
+  c.sparsity.target_speedup = 10.0 if lcnn else 0.0
   return c
 
 
