@@ -91,6 +91,10 @@ class Progress:
       interactive = sys.stderr.isatty()
       self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
                       mininterval=0.5 if interactive else 10.0, desc="train")
+      from tqdm.contrib import DummyTqdmFile
+      self.log_handler = logging.get_absl_handler().python_handler  # log lines go above the bar, not into it
+      self.log_stream = self.log_handler.stream
+      self.log_handler.stream = DummyTqdmFile(self.log_stream)
 
   def update(self, step: int, row: Mapping[str, float]) -> None:
     if self.bar is None:
@@ -103,3 +107,4 @@ class Progress:
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+      self.log_handler.stream = self.log_stream
