@@ -391,6 +391,11 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_boolean("json", False, "Print the inspection as one JSON object.", flag_values=flag_values)
   flags.DEFINE_string("plot", None, "Write a PNG of per-layer CNN vs LCNN multiplications and densities.",
                       flag_values=flag_values)
+  if {"--help", "-h", "--helpshort", "--helpfull"} & set(argv[1:]):
+    sys.stdout.write("Multiplications per layer of a training run or a config's model:\n"
+                     "python -m lcnn_jax.flops (--workdir RUN [--step N] | --config configs/X.py) [--json] "
+                     f"[--plot FILE.png]\n\nflags:\n{flag_values.get_help()}\n")
+    return 0
   try:
     try:
       unparsed = flag_values(list(argv))

@@ -84,6 +84,20 @@ def test_help_and_print_config():
   assert "batch_size: 7" in done.stdout and "Traceback" not in done.stderr
 
 
+ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
+                "lcnn_jax.experiments.spectrum", "lcnn_jax.experiments.few_shot", "lcnn_jax.experiments.few_iteration"]
+
+
+def test_every_entry_point_answers_help_and_h_with_its_flags():
+  commands = [(module, flag) for module, flag in zip(ENTRY_POINTS, ["-h", "--help"] * len(ENTRY_POINTS))]
+  running = [subprocess.Popen([sys.executable, "-m", module, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=ENV) for module, flag in commands]
+  for (module, flag), process in zip(commands, running):
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in err, (module, flag, err[-2000:])
+    assert "flags:" in out and "  --" in out, (module, flag, out)
+
+
 # Runs lcnn_jax.main, sending itself SIGNAL once step STEP is logged: the stop is asked mid-run at a known step.
 SIGNAL_AT_STEP = r"""
 import os, signal, sys
