@@ -59,6 +59,9 @@ def main(argv):
   initialize_distributed()
   from lcnn_jax import config as config_lib, train
   config_lib.validate(config)
+  if config.data.dir and config.data.name in ("digits", "synthetic"):
+    logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for folder and tfds:<name>).",
+                    config.data.dir, config.data.name)
   if FLAGS.mode == "train":
     with cli.no_empty_dir_left(FLAGS.workdir):
       cli.check_output_dir(FLAGS.workdir, "--workdir")

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lcnn_jax import logger, main, train
+from lcnn_jax import checkpoint, logger, main, train
 from tests.test_faults import QUICKSTART, REPO, final_state, flags, quickstart, run_main, train_losses
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -130,9 +130,10 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
   assert done.stderr.count("tensorboard --logdir") == 1
   assert "checkpoint_manager.py" not in done.stderr and "Restoring checkpoint" not in done.stderr
 
-  done = run_signalled(stopped, signal.SIGTERM, 5, args)
+  done = run_signalled(stopped, signal.SIGTERM, 5, [*args, "--config.data.dir=/nonexistent"])
   assert done.returncode == 143, done.stderr[-3000:]
   assert "Resumed from step 2" in done.stderr
+  assert "warning: data.dir=/nonexistent is ignored: data.name=digits reads no files" in done.stderr
   assert "interrupted at step 5; rerun the same command to resume" in done.stderr and "Traceback" not in done.stderr
 
   done = run_main(stopped, *args)
@@ -151,3 +152,9 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
   # --mode eval prints the line training prints, with the step.
   line = main.eval_line(train.evaluate_checkpoint(quickstart(7), str(stopped)))
   assert line.startswith("step 7: eval top-1 ") and line.endswith("(360 images)")
+
+  # A damaged latest step reaches eval as our message, naming the steps saved beside it.
+  for name in ("_METADATA", "manifest.ocdbt"):
+    (stopped / "checkpoints" / "7" / "params" / name).unlink()
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is damaged or incomplete .*\(2, 5\)"):
+    train.evaluate_checkpoint(quickstart(7), str(stopped))
