@@ -10,9 +10,19 @@ by every lookup layer, solved so that the multiplication count (:mod:`lcnn_jax.f
 speedup over the CNN (AlexNet 37.6× fast, 3.2× accurate; ResNet-18 29.2× and 5.0×), non-zeros at random
 positions. The LCNN's dictionary sizes are those of ``configs/<model>_<preset>.py``.
 
+``--baselines xla,onnxruntime,torch`` also times the dense CNN on the other engines a user might deploy it on,
+in the same interleaved rounds: ONNX Runtime runs the CNN's ONNX export (:mod:`lcnn_jax.inference.onnx_export`,
+NCHW, one intra-op thread per core, as XLA) and, for comparison, the LCNN's (lookup forms measured at the
+batch size); PyTorch is not implemented here and is reported as skipped. An engine that is not installed is
+reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
+engine.
+
 ``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
-"count_speedup"}, ...]}``; ``--layers`` adds the chosen mix's per-layer times against each layer's
-memory-traffic and arithmetic floors (``"layers"`` in the JSON).
+"count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
+{engine: {"dense_ms"} or {"skipped"}}, "headline": {...}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
+"lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against
+XLA:CPU); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic and arithmetic
+floors (``"layers"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ from flax import nnx
 from lcnn_jax import flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import exporter
-from lcnn_jax.inference import tuning
+from lcnn_jax.inference import exporter, onnx_export
+from lcnn_jax.inference import layouts, tuning
+from lcnn_jax.inference import precision as precision_lib
+from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
 
 CONFIGS = {("alexnet", "fast"): "alexnet_fast.py", ("alexnet", "accurate"): "alexnet_accurate.py",
@@ -45,6 +57,8 @@ PAPER_SPEEDUPS = {("alexnet", "fast"): 37.6, ("alexnet", "accurate"): 3.2, ("res
                   ("resnet18", "accurate"): 5.0}
 IMAGE_SHAPE = (224, 224, 3)
 NUM_CLASSES = 1000
+BASELINES = ("xla", "onnxruntime", "torch")
+"""Engines that can run the dense CNN; XLA:CPU (this package's runtime) is always timed."""
 
 def preset_config(model: str, preset: str) -> ml_collections.ConfigDict:
   """The run config of ``configs/<model>_<preset>.py`` in the source tree."""
@@ -106,7 +120,8 @@ class Setup:
   density: float | None
 
 
-def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int) -> Setup:
+def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int,
+          precision: str = "float32") -> Setup:
   """Random (or restored) CNN and LCNN, the LCNN's sparsity set, both exported; the LCNN tuned for ``batch``."""
   rng = np.random.default_rng(seed)
   density = None
@@ -128,12 +143,51 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
     set_random_sparsity(lcnn_module, density, rng)
   count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
   dense = exporter.inference_model(dense_module, input_shape, backends="dense")
-  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch)
+  lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch, precision=precision)
   return Setup(dense, lcnn, lcnn_module, count_speedup, density)
 
 
-def time_models(models_by_name: dict[str, InferenceModel], images: jax.Array, seconds: float) -> dict[str, float]:
-  """Median milliseconds per model: each warmed up, then timed in interleaved rounds until ``seconds`` pass.
+class OnnxRuntimeEngine:
+  """An exported model's ONNX form on ONNX Runtime, called like an :class:`InferenceModel` (NHWC images).
+
+  The images are given to the session in NCHW once, outside the timed calls (an ONNX user feeds NCHW)."""
+
+  def __init__(self, model: InferenceModel, batch: int, threads: int):
+    forms, timings = (onnx_export.choose_lookup_forms(model, batch, threads=threads) if model.lookup_layers
+                      else ({}, {}))
+    self.lookup_forms, self.lookup_form_ms = forms, timings  # per lookup layer: form; {form: ms}
+    self.session = onnx_export.session(onnx_export.to_onnx(model, forms), threads)
+    self._images = None
+
+  def __call__(self, images: jax.Array) -> np.ndarray:
+    if self._images is None or self._images[0] is not images:
+      self._images = (images, np.ascontiguousarray(np.transpose(np.asarray(images), (0, 3, 1, 2))))
+    return self.session.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: self._images[1]})[0]
+
+
+def cpu_threads() -> int:
+  """The cores this process may run on: ONNX Runtime gets one intra-op thread per core, as XLA:CPU uses."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def dense_engines(setup: Setup, baselines: Sequence[str], batch: int) -> tuple[dict[str, Any], dict[str, str]]:
+  """The dense CNN on each baseline engine that can run here, and the reason for each that cannot."""
+  engines, skipped = {"xla": setup.dense}, {}
+  if "onnxruntime" in baselines:
+    try:
+      engines["onnxruntime"] = OnnxRuntimeEngine(setup.dense, batch, cpu_threads())
+    except onnx_export.OnnxUnavailable as e:
+      skipped["onnxruntime"] = str(e)
+  if "torch" in baselines:
+    skipped["torch"] = ("not implemented in this benchmark: PyTorch runs no model of this package (and is not "
+                        "installed where it was measured)" if importlib.util.find_spec("torch") else
+                        "torch is not installed")
+  return engines, skipped
+
+
+def time_models(models_by_name: dict[str, Any], images: jax.Array, seconds: float) -> dict[str, float]:
+  """Median milliseconds per model (any callable on NHWC images): each warmed up, then timed in interleaved
+  rounds until ``seconds`` pass.
 
   A model whose warm-up call took over ``tuning.GIVE_UP`` times the fastest one's keeps that single time.
   """
@@ -170,13 +224,9 @@ def machine_floors() -> dict[str, float]:
 
 
 def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:
-  params = {k: jnp.asarray(v) for k, v in dataclasses.asdict(layer).items() if isinstance(v, np.ndarray)}
+  params = {k: jnp.asarray(v) for k, v in model_lib.device_arrays(layer).items()}  # as the model holds them
   x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, *input_shape[1:]), np.float32))
-  if isinstance(layer, ConvLayer):
-    (top, _), (left, _) = layer.padding
-    fn = jax.jit(lambda p, v: backends_lib.conv_or_matmul(v, p["kernel"], layer.strides, (top, left)) + p["bias"])
-  else:
-    fn = jax.jit(lambda p, v: v @ p["kernel"] + p["bias"])
+  fn = jax.jit(lambda p, v: model_lib.run_layer(layer, None, p, (v, layouts.NHWC))[0])
   return tuning.median_ms(lambda: jax.block_until_ready(fn(params, x)))
 
 
@@ -199,7 +249,7 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       ms = _dense_layer_time(layer, shape, batch)
       out = calls[name].output_shape
       macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
-      weight_bytes = layer.kernel.nbytes + layer.bias.nbytes
+      weight_bytes = sum(a.nbytes for a in model_lib.layer_arrays(layer).values())
       activation_bytes = 4 * batch * (int(np.prod(shape[1:])) + int(np.prod(out[1:])))
     else:
       continue
@@ -213,18 +263,47 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
 
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
-        with_layers: bool = False) -> dict[str, Any]:
-  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown)."""
-  setup = build(model, preset, batch, checkpoint, seed)
+        with_layers: bool = False, baselines: Sequence[str] = ("xla",),
+        precisions: Sequence[str] = ("float32",)) -> dict[str, Any]:
+  """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown).
+
+  ``baselines``: the engines the dense CNN runs on (:data:`BASELINES`; XLA always); the rows' speedups are
+  also given against the fastest of them. The LCNN's weights are stored in ``precisions[0]`` (the CNN's stay
+  float32); each further precision adds an ``auto`` row of the same backend mix with its weights stored in that
+  precision, timed in the same rounds."""
+  unknown = sorted(set(baselines) - set(BASELINES))
+  if unknown:
+    raise ValueError(f"--baselines: unknown engine(s) {unknown}; expected some of {', '.join(BASELINES)}.")
+  precision = precisions[0]
+  setup = build(model, preset, batch, checkpoint, seed, precision)
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
-  variants = {"cnn": setup.dense, **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn}
+  engines, skipped = dense_engines(setup, baselines, batch)
+  variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
+              **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
+              **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
+  if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
+    variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
   times = time_models(variants, images, seconds)
+  dense_ms = {e: times["cnn" if e == "xla" else f"cnn:{e}"] for e in engines}
+  fastest = min(dense_ms, key=dense_ms.get)
   rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
-           "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup}
-          for b in [*names, "auto"]]
-  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density,
-            "auto_backends": setup.lcnn.backends}
+           "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup,
+           "fastest_dense_engine": fastest, "fastest_dense_ms": dense_ms[fastest],
+           "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
+           "precision": b.split(" ")[1] if " " in b else precision}
+          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:])]]
+  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
+            "auto_backends": setup.lcnn.backends,
+            "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},
+                          **{e: {"skipped": reason} for e, reason in skipped.items()}},
+            "headline": {"lcnn_ms": times["auto"], "fastest_dense_engine": fastest,
+                         "fastest_dense_ms": dense_ms[fastest], "wall_speedup": dense_ms[fastest] / times["auto"],
+                         "count_speedup": setup.count_speedup}}
+  if "lcnn:onnxruntime" in variants:
+    result["lcnn_onnxruntime"] = {"lcnn_ms": times["lcnn:onnxruntime"],
+                                  "lookup_forms": variants["lcnn:onnxruntime"].lookup_forms,
+                                  "lookup_form_ms": variants["lcnn:onnxruntime"].lookup_form_ms}
   if with_layers:
     floors = machine_floors()
     result["floors"] = floors
@@ -236,12 +315,22 @@ def format_table(result: dict[str, Any]) -> str:
   """The rows (and the layer breakdown when present) as fixed-width text."""
   lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
            f"device {result['device']}; trained checkpoint",
-           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<9} {'dense ms':>10} {'lcnn ms':>10} "
+           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
            f"{'wall x':>8} {'count x':>8}"]
   for r in result["rows"]:
-    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<9} {r['dense_ms']:>10.3f} "
+    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
+  if "baselines" in result:
+    lines.append("dense CNN: " + ", ".join(f"{e} {b['dense_ms']:.3f} ms" if "dense_ms" in b else
+                                           f"{e} skipped ({b['skipped']})" for e, b in result["baselines"].items()))
+    if "lcnn_onnxruntime" in result:
+      forms = result["lcnn_onnxruntime"]["lookup_forms"]
+      lines.append(f"LCNN on onnxruntime: {result['lcnn_onnxruntime']['lcnn_ms']:.3f} ms (lookups: "
+                   + ", ".join(f"{k}={v}" for k, v in forms.items()) + ")")
+    h = result["headline"]
+    lines.append(f"headline: LCNN (auto) {h['lcnn_ms']:.3f} ms vs the fastest dense engine, {h['fastest_dense_engine']}"
+                 f" {h['fastest_dense_ms']:.3f} ms: {h['wall_speedup']:.2f}x wall (count {h['count_speedup']:.2f}x)")
   if "layers" in result:
     f = result["floors"]
     lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['macs_per_s']:.1f} G multiply-adds/s")
@@ -264,19 +353,32 @@ def main(argv: Sequence[str]) -> int:
                       flag_values=flag_values)
   flags.DEFINE_list("backends", None, "Backends to run every lookup layer on (default: every available one).",
                     flag_values=flag_values)
+  flags.DEFINE_list("baselines", ["xla"], f"Engines to run the dense CNN on, among {', '.join(BASELINES)} (XLA "
+                    "always); the headline speedup is against the fastest.", flag_values=flag_values)
   flags.DEFINE_bool("json", False, "Print the result as JSON instead of a table.", flag_values=flag_values)
   flags.DEFINE_bool("layers", False, "Also time the chosen mix layer by layer against its floors.",
                     flag_values=flag_values)
   flags.DEFINE_float("seconds", 20.0, "Time budget of the timed calls, all models together.", flag_values=flag_values)
   flags.DEFINE_integer("seed", 0, "Seed of the random weights, sparsity pattern and images.", flag_values=flag_values)
+  flags.DEFINE_list("precision", ["float32"], "How the LCNN's weights are stored and computed from: float32, "
+                    "bfloat16 or int8 (the CNN stays float32); a list adds a row of the chosen mix per further "
+                    "precision, timed in the same rounds.", flag_values=flag_values)
+  if {"--help", "-h"} & set(argv[1:]):
+    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
+    return 0
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
+    if unknown or not flag_values.precision:
+      raise ValueError(f"--precision={','.join(flag_values.precision)}: expected a list of "
+                       f"{', '.join(precision_lib.PRECISIONS)}.")
     allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
-                 with_layers=flag_values.layers)
+                 with_layers=flag_values.layers, baselines=flag_values.baselines,
+                 precisions=flag_values.precision)
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2

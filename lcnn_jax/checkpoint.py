@@ -114,6 +114,22 @@ def _metadata_tree(step_dir: str, item: str) -> dict:
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.abspath(os.path.join(step_dir, item)))).tree
 
 
+def _refuse_imported(step_dir: str) -> None:
+  """Raises CheckpointError if ``step_dir`` holds an imported model (``lcnn_jax.import_t7``): it has no optimizer
+  or data-iterator state, so training cannot resume from it (and must not set it aside as damaged)."""
+  try:
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return
+  if isinstance(meta, dict) and meta.get("imported_from"):
+    workdir = os.path.dirname(os.path.dirname(os.path.abspath(step_dir)))
+    raise CheckpointError(
+        f"{step_dir} holds a model imported from {meta['imported_from']}, without optimizer or data-iterator "
+        f"state, so training cannot resume from it. Evaluate, inspect or export it here; to train from its "
+        f"dictionaries use a new workdir with --config.train.init_from={workdir}.")
+
+
 class Checkpointer:
   """Saves and restores a TrainState and the data iterator under ``workdir/checkpoints``."""
 
@@ -152,6 +168,7 @@ class Checkpointer:
       except Exception as e:  # unreadable metadata: an incomplete step
         self._set_aside(step, f"is unreadable ({e})")
         continue
+      _refuse_imported(step_dir)
       check_compatible(saved_params, nnx.to_pure_dict(template.params), step_dir)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(

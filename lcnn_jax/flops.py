@@ -181,6 +181,31 @@ def stored_parameters(model: nnx.Module) -> int:
   return total
 
 
+VALUE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+"""Bytes per stored weight at each precision of ``python -m lcnn_jax.inference.exporter --precision``."""
+
+
+def stored_bytes(model: nnx.Module, precision: str = "float32") -> int:
+  """Bytes a deployed model stores with its weights (dictionaries, non-zeros of P, dense kernels) in
+  ``precision``: each non-zero of P with its index (uint8/uint16/int32, the narrowest for kh·kw·k positions) and
+  each output's start (int32); int8 weights with a float32 scale per output channel; 1-D parameters in float32."""
+  size = VALUE_BYTES[precision]
+  total = 0
+  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = np.asarray(variable[...])
+    scales = 4 * value.shape[-1] if precision == "int8" else 0
+    if isinstance(variable, layers.Coefficients):
+      nnz = int(np.count_nonzero(np.abs(value) > _owner(model, path).threshold))
+      positions = value.size // value.shape[-1]
+      index = 1 if positions <= 1 << 8 else 2 if positions <= 1 << 16 else 4
+      total += nnz * (size + index) + 4 * (value.shape[-1] + 1) + scales
+    elif value.ndim >= 2:
+      total += value.size * size + scales
+    else:
+      total += 4 * value.size
+  return total
+
+
 def _owner(model: nnx.Module, path) -> nnx.Module:
   module = model
   for part in path[:-1]:
@@ -245,7 +270,8 @@ def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape
   Keys: model, baseline, step, input_shape, layers (path, kind, input/output/kernel shape, dictionary_size,
   density, multiplications, dictionary_multiplications, share of the total, baseline_multiplications of the
   baseline's layer of the same path or None), total_multiplications, baseline_multiplications, speedup,
-  parameters_stored (dictionaries + non-zeros of P + biases + dense layers) and baseline_parameters_stored.
+  parameters_stored (dictionaries + non-zeros of P + biases + dense layers) and baseline_parameters_stored,
+  bytes_stored and baseline_bytes_stored (per precision, :func:`stored_bytes`).
   """
   from lcnn_jax import models
   input_shape = tuple(int(n) for n in input_shape)
@@ -269,6 +295,8 @@ def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape
       "total_multiplications": total, "baseline_multiplications": baseline.total,
       "speedup": count.speedup_over(baseline),
       "parameters_stored": stored_parameters(model), "baseline_parameters_stored": stored_parameters(baseline_model),
+      "bytes_stored": {p: stored_bytes(model, p) for p in VALUE_BYTES},
+      "baseline_bytes_stored": {p: stored_bytes(baseline_model, p) for p in VALUE_BYTES},
   }
 
 
@@ -337,7 +365,9 @@ def format_inspection(report: dict) -> str:
             f"{'':>6} {report['baseline_multiplications']:>15,}",
             f"baseline ({report['baseline']}): {report['baseline_multiplications']:,} multiplications",
             f"speedup: {report['speedup']:.2f}x",
-            f"parameters stored: {report['parameters_stored']:,} (baseline {report['baseline_parameters_stored']:,})"]
+            f"parameters stored: {report['parameters_stored']:,} (baseline {report['baseline_parameters_stored']:,})",
+            "bytes stored: " + ", ".join(f"{report['bytes_stored'][p] / 1e6:.3f} MB {p} (baseline "
+                                         f"{report['baseline_bytes_stored'][p] / 1e6:.3f})" for p in VALUE_BYTES)]
   return "\n".join(lines)
 
 

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import io
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -331,3 +332,13 @@ def test_batch_norm_of_older_files_and_without_affine(tmp_path, rng):
   with pytest.raises(import_t7.T7ImportError, match=r"model.modules\[1\] \(nn.SpatialBatchNormalization\): "
                      "eps=0.001; expected 1e-05"):
     import_t7.batch_norm_values(leaf, nnx.BatchNorm(4, epsilon=1e-5, rngs=nnx.Rngs(0)))
+
+
+def test_training_in_an_imported_workdir_is_refused_and_the_checkpoint_kept(imported, tmp_path):
+  from lcnn_jax import checkpoint
+  workdir = str(tmp_path / "run")
+  shutil.copytree(imported["workdir"], workdir)
+  with pytest.raises(checkpoint.CheckpointError, match="train.init_from=") as error:
+    checkpoint.Checkpointer(workdir).restore_latest(template=None, data_iter=None)
+  assert "imported from" in str(error.value)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["0"]

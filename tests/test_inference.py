@@ -77,7 +77,7 @@ def test_lookup_layer_round_trips_coefficients(rng):
                                                  padding=(0, 0), input_size=(4, 4))
   np.testing.assert_array_equal(layer.coefficients(), coefficients)
   assert layer.nnz == np.count_nonzero(coefficients)
-  assert layer.indices.dtype == np.uint16
+  assert layer.indices.dtype == np.uint8  # 3·2·4 positions
   assert np.all(np.diff(layer.starts) == np.count_nonzero(coefficients.reshape(-1, 5), axis=0))
 
 
@@ -352,6 +352,15 @@ def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, 
                              atol=1e-4 * np.abs(expected).max())
   assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'missing'}", f"--output={output}"]) == 2
   assert "missing" in capsys.readouterr().err
+  compact = tmp_path / "int8.npz"
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}", "--backends=gather",
+                            "--precision=int8"]) == 0
+  out = capsys.readouterr().out
+  assert "(int8); dense CNN" in out and "B float32" in out, out  # its bytes beside the dense CNN's
+  assert inference.load(compact).precision == "int8"
+  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}",
+                            "--precision=float16"]) == 2
+  assert "float16" in capsys.readouterr().err
 
 
 def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):
@@ -404,8 +413,10 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
   _as_if_trained(model, rng)
   _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
                                        "class_names": None, "mean": [0.5], "std": [0.25]})
-  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True)
-  assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto"]
+  result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True,
+                     precisions=("float32", "int8"))
+  assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto", "auto int8"]
+  assert [row["precision"] for row in result["rows"]] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])

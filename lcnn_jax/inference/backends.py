@@ -42,16 +42,22 @@ class LookupLayer:
 
   Output o's non-zeros are ``indices[starts[o]:starts[o + 1]]`` with ``values`` alongside; an index is the flat
   position (r·kw + c)·k + j of the coefficient P[r, c, j, o] in a (kh, kw, k) block.
+
+  D and the values are stored in float32, bfloat16 or int8 (:mod:`lcnn_jax.inference.precision`); int8 ones
+  carry a float32 scale per output channel (``dictionary_scale`` per atom, ``value_scale`` per output), so that
+  D[:, j] = dictionary[:, j] · dictionary_scale[j] and the values of output o are scaled by value_scale[o].
   """
-  dictionary: np.ndarray  # (m, k) float32
+  dictionary: np.ndarray  # (m, k) float32, bfloat16 or int8
   starts: np.ndarray  # (n + 1,) int32
-  indices: np.ndarray  # (nnz,) uint16 when kh·kw·k ≤ 65536, else int32
-  values: np.ndarray  # (nnz,) float32
+  indices: np.ndarray  # (nnz,) uint8 when kh·kw·k ≤ 256, uint16 when ≤ 65536, else int32
+  values: np.ndarray  # (nnz,) float32, bfloat16 or int8
   bias: np.ndarray  # (n,) float32
   kernel_size: tuple[int, int]
   strides: tuple[int, int]
   padding: tuple[int, int]
   input_size: tuple[int, int]  # (h, w) of the input the layer sees
+  dictionary_scale: np.ndarray | None = None  # (k,) float32, int8 dictionaries only
+  value_scale: np.ndarray | None = None  # (n,) float32, int8 values only
 
   @property
   def in_features(self) -> int:
@@ -68,6 +74,16 @@ class LookupLayer:
   @property
   def nnz(self) -> int:
     return int(self.values.shape[0])
+
+  def float_dictionary(self) -> np.ndarray:
+    """D (m, k) in float32, as stored (scaled back from int8)."""
+    d = self.dictionary.astype(np.float32)
+    return d if self.dictionary_scale is None else d * self.dictionary_scale
+
+  def float_values(self) -> np.ndarray:
+    """The non-zeros (nnz,) in float32, as stored (scaled back from int8)."""
+    v = self.values.astype(np.float32)
+    return v if self.value_scale is None else v * self.value_scale[self.output_of_each_nonzero()]
 
   @property
   def padded_size(self) -> tuple[int, int]:
@@ -95,7 +111,7 @@ class LookupLayer:
     outputs, positions = np.nonzero(flat)  # row-major: grouped by output, positions ascending
     starts = np.zeros(n + 1, np.int64)
     np.cumsum(np.bincount(outputs, minlength=n), out=starts[1:])
-    index_dtype = np.uint16 if kh * kw * k <= 1 << 16 else np.int32
+    index_dtype = narrowest_index_dtype(kh * kw * k)
     return cls(dictionary=np.asarray(dictionary, np.float32), starts=starts.astype(np.int32),
                indices=positions.astype(index_dtype), values=flat[outputs, positions],
                bias=np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32),
@@ -110,12 +126,17 @@ class LookupLayer:
     """P as a dense (kh, kw, k, n) array."""
     kh, kw = self.kernel_size
     p = np.zeros((kh * kw * self.dictionary_size, self.out_features), np.float32)
-    p[self.indices.astype(np.int64), self.output_of_each_nonzero()] = self.values
+    p[self.indices.astype(np.int64), self.output_of_each_nonzero()] = self.float_values()
     return p.reshape(kh, kw, self.dictionary_size, self.out_features)
 
   def dense_kernel(self) -> np.ndarray:
     """W = D·P, the equivalent dense kernel (kh, kw, m, n)."""
-    return np.einsum("mk,rcko->rcmo", self.dictionary, self.coefficients())
+    return np.einsum("mk,rcko->rcmo", self.float_dictionary(), self.coefficients())
+
+
+def narrowest_index_dtype(size: int) -> np.dtype:
+  """uint8, uint16 or int32: the narrowest that holds indices in [0, size)."""
+  return np.dtype(np.uint8 if size <= 1 << 8 else np.uint16 if size <= 1 << 16 else np.int32)
 
 
 def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -179,7 +200,7 @@ class Factored:
     return NHWC
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    return {"dictionary": layer.dictionary, "coefficients": layer.coefficients(), "bias": layer.bias}
+    return {"dictionary": layer.float_dictionary(), "coefficients": layer.coefficients(), "bias": layer.bias}
 
   def apply(self, layer, params, x, layout):
     ph, pw = layer.padding
@@ -254,8 +275,8 @@ class Gather:
     offsets = np.zeros((slots, layer.out_features), np.int32)
     values = np.zeros((slots, layer.out_features), np.float32)
     offsets[column, rows] = _s2d_indices(layer)
-    values[column, rows] = layer.values
-    return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "offsets": offsets, "values": values,
+    values[column, rows] = layer.float_values()
+    return {"dictionary_t": np.ascontiguousarray(layer.float_dictionary().T), "offsets": offsets, "values": values,
             "bias": layer.bias}
 
   def apply(self, layer, params, x, layout):
@@ -339,10 +360,22 @@ class Lookup:
     # Within each output, visit S in memory order.
     order = np.lexsort((positions, layer.output_of_each_nonzero()))
     positions = positions[order]
-    index_dtype = np.uint16 if positions.max(initial=0) < 1 << 16 else np.int32
-    return {"dictionary": layer.dictionary, "dictionary_t": np.ascontiguousarray(layer.dictionary.T),
-            "starts": layer.starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
-            "bias": layer.bias}
+    index_dtype = narrowest_index_dtype(int(positions.max(initial=0)) + 1)
+    n = layer.out_features
+    # The values as stored (float32, bfloat16 or int8), with their scale per output.
+    scale = layer.value_scale if layer.value_scale is not None else np.ones(n, np.float32)
+    dictionary = layer.float_dictionary()
+    arrays = {"dictionary": dictionary, "dictionary_t": np.ascontiguousarray(dictionary.T),
+              "starts": layer.starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
+              "scale": scale.astype(np.float32), "bias": layer.bias}
+    if not self.fused(layer):
+      # Dᵀ as stored, for the kernel's dictionary stage over few columns (DICTIONARY_COLUMNS_MAX); larger ones
+      # are matmuls in XLA over the float32 Dᵀ above.
+      k = layer.dictionary_size
+      arrays["dictionary_q"] = np.ascontiguousarray(layer.dictionary.T)  # (k, m)
+      arrays["dictionary_scale"] = (layer.dictionary_scale if layer.dictionary_scale is not None
+                                    else np.ones(k, np.float32)).astype(np.float32)
+    return arrays
 
   @staticmethod
   def pools(pooling: "Pooling", batch: int, layer: LookupLayer) -> bool:
@@ -367,7 +400,7 @@ class Lookup:
     attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
                       out_h=np.int64(g.out_height), out_w=np.int64(g.out_width),
                       **(pooling or NO_POOLING).attributes())
-    lookups = (params["starts"], params["indices"], params["values"], params["bias"])
+    lookups = (params["starts"], params["indices"], params["values"], params["scale"], params["bias"])
     if fused:
       nhwc = layout == NHWC
       x = x if nhwc else layouts.convert(x, layout, batch)[0]  # NHWC, or CHWN
@@ -376,9 +409,45 @@ class Lookup:
     else:
       x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
       m, h, w, _ = x.shape
-      s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
-      out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
+      columns = h * w * batch
+      if columns <= DICTIONARY_COLUMNS_MAX and columns * m * layer.dictionary_size <= DICTIONARY_MACS_MAX:
+        # The dictionary stage in the same call, from D as stored.
+        s_shape = jax.ShapeDtypeStruct((layer.dictionary_size, h, w, batch), jnp.float32)
+        out, _, _ = jax.ffi.ffi_call(kernels.DICTIONARY_TARGET, (*results, s_shape), vmap_method="sequential")(
+            x, params["dictionary_q"], params["dictionary_scale"], *lookups, **attributes)
+      else:
+        s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
+        out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
     return out[None], batch  # CHWN
+
+
+DENSE_ROWS_MAX = 8
+"""Up to this many rows (images × pixels), a dense stage with bfloat16 or int8 weights runs in the C++ kernel
+(:func:`dense_rows`), which reads the weights as stored: there it is bound by reading them. From more rows on,
+the weights' float32 copy goes to XLA's matmul."""
+
+
+def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """x (rows, m) float32 -> (rows, n) = x · (weights · scale)ᵀ + bias in the C++ kernel (CPU), for ``weights``
+  (n, m) float32, bfloat16 or int8 as stored, converted in registers, accumulated in float32."""
+  kernels.ensure_kernel()
+  rows, n = x.shape[0], weights.shape[0]
+  result = jax.ShapeDtypeStruct((rows, n), jnp.float32)
+  return jax.ffi.ffi_call(kernels.DENSE_TARGET, result, vmap_method="sequential")(
+      x.astype(jnp.float32), weights, scale, bias)
+
+
+DICTIONARY_COLUMNS_MAX = 1024
+"""Up to this many columns (h·w·batch: AlexNet-LCNN's layers at batch 1), the ``lookup`` backend computes a
+layer's dictionary stage in the same kernel call as its lookups (from D as stored) rather than as an XLA matmul,
+whose dispatch costs more than such small matmuls take: one call per layer."""
+DICTIONARY_MACS_MAX = 1 << 23
+"""... and up to this many multiply-adds (AlexNet-LCNN's at batch 1: 1–5 M); larger stages are XLA's matmuls."""
+
+
+def dense_rows_available() -> bool:
+  """Whether :func:`dense_rows` runs here (the C++ kernel on a CPU default device)."""
+  return jax.default_backend() == "cpu" and kernels.kernel_available()[0]
 
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
@@ -411,10 +480,12 @@ def multiplications(layer: LookupLayer) -> int:
 
 
 def coefficient_bytes(layer: LookupLayer) -> int:
-  """Bytes of D and the lookups the layer must read once per call (its weight traffic)."""
+  """Bytes of D and the lookups the layer must read once per call (its weight traffic), as stored."""
+  scales = sum(a.nbytes for a in (layer.dictionary_scale, layer.value_scale) if a is not None)
   return (layer.dictionary.nbytes + layer.starts.nbytes + layer.indices.nbytes + layer.values.nbytes
-          + layer.bias.nbytes)
+          + layer.bias.nbytes + scales)
 
 
 __all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
-           "coefficient_bytes", "conv_or_matmul", "get_backend", "multiplications"]
+           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "multiplications",
+           "narrowest_index_dtype"]

@@ -9,7 +9,8 @@ dense layers stay dense. It then picks each lookup layer's backend by measuremen
 
 The file is an ``.npz`` archive read with ``allow_pickle=False``: a JSON header (``header``: graph, layer
 geometry, backends, class names, preprocessing) and the arrays (``layers/<name>/<array>``,
-``consts/<name>``). Loading it runs no code from the file.
+``consts/<name>``). Loading it runs no code from the file. An ``.onnx`` output writes the same model as an ONNX
+graph instead (:mod:`lcnn_jax.inference.onnx_export`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from flax import nnx
 from lcnn_jax import layers as layers_lib
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import graph as graph_lib
-from lcnn_jax.inference import tuning
+from lcnn_jax.inference import onnx_export, tuning
+from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference.backends import LookupLayer
 from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, Layer, LinearLayer, layer_arrays
 
@@ -138,7 +140,7 @@ def _fold(graph: graph_lib.Graph, layers: dict[str, Layer]) -> tuple[graph_lib.G
 
 def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: Mapping[str, str] | str = "auto",
                     batch_size: int = 1, class_names: Sequence[str] | None = None,
-                    preprocessing: Mapping[str, Any] | None = None) -> InferenceModel:
+                    preprocessing: Mapping[str, Any] | None = None, precision: str = "float32") -> InferenceModel:
   """The :class:`InferenceModel` of a live NNX model (in memory; :func:`save` writes it).
 
   Args:
@@ -150,6 +152,8 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
     class_names: the names of the model's outputs, when known.
     preprocessing: how images are prepared for the model (``image_size``, ``resize_size``, ``channels``,
       ``mean``, ``std``), stored for the prediction CLI.
+    precision: how the weights are stored and computed from: float32, bfloat16 or int8
+      (:mod:`lcnn_jax.inference.precision`).
   """
   graph, calls = graph_lib.trace(model, input_shape)
   layers = {name: _inference_layer(name, call) for name, call in calls.items()}
@@ -157,6 +161,7 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
   layers = {name: layers[name] for name in graph.layer_names()}
   exported = InferenceModel(graph, layers, input_shape=input_shape, backends="dense", class_names=class_names,
                             preprocessing=preprocessing)
+  exported = precision_lib.quantize(exported, precision)
   if backends != "auto":
     return exported.with_backends(backends)
   return tune(exported, batch_size)
@@ -202,7 +207,7 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
            input_shape: Sequence[int] | None = None, step: int | None = None,
            backends: Mapping[str, str] | str = "auto", batch_size: int = 1,
            class_names: Sequence[str] | None = None,
-           preprocessing: Mapping[str, Any] | None = None) -> InferenceModel:
+           preprocessing: Mapping[str, Any] | None = None, precision: str = "float32") -> InferenceModel:
   """Exports a model (live, or a run's workdir) for inference and, with ``path``, saves it as one file.
 
   Args:
@@ -214,6 +219,7 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
     batch_size: the batch size "auto" optimises for.
     class_names: output names (a workdir's dataset supplies its own when it has them).
     preprocessing: image preparation for the prediction CLI (a workdir supplies its own).
+    precision: float32, bfloat16 or int8 weights (see :func:`inference_model`).
   Returns:
     The exported :class:`InferenceModel`.
   """
@@ -227,7 +233,7 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
     class_names = class_names if class_names is not None else run_classes
     preprocessing = preprocessing if preprocessing is not None else run_preprocessing
   exported = inference_model(model, input_shape, backends=backends, batch_size=batch_size,
-                             class_names=class_names, preprocessing=preprocessing)
+                             class_names=class_names, preprocessing=preprocessing, precision=precision)
   if path is not None:
     save(exported, path)
   return exported
@@ -240,7 +246,14 @@ def _layer_header(layer: Layer) -> dict:
   for field in ("kernel_size", "strides", "padding", "input_size"):
     if hasattr(layer, field):
       header[field] = np.asarray(getattr(layer, field)).tolist()
+  bfloat16 = sorted(f for f, a in layer_arrays(layer).items() if a.dtype == precision_lib.BFLOAT16)
+  if bfloat16:
+    header["bfloat16"] = bfloat16  # stored as their uint16 bits: .npy has no bfloat16
   return header
+
+
+def _stored(array: np.ndarray) -> np.ndarray:
+  return array.view(np.uint16) if array.dtype == precision_lib.BFLOAT16 else array
 
 
 def save(model: InferenceModel, path: str | os.PathLike) -> None:
@@ -250,13 +263,14 @@ def save(model: InferenceModel, path: str | os.PathLike) -> None:
       "format": FORMAT, "version": VERSION, "lcnn_jax": __version__, "jax": jax.__version__,
       "input_shape": list(model.input_shape), "class_names": model.class_names,
       "preprocessing": model.preprocessing, "tuning": model.tuning, "backends": model.backends,
+      "precision": model.precision,
       "graph": model.graph.to_json(),
       "layers": {name: _layer_header(layer) for name, layer in model.layers.items()},
   }
   arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
   arrays.update({f"consts/{name}": value for name, value in model.graph.consts.items()})
   for name, layer in model.layers.items():
-    arrays.update({f"layers/{name}/{field}": value for field, value in layer_arrays(layer).items()})
+    arrays.update({f"layers/{name}/{field}": _stored(value) for field, value in layer_arrays(layer).items()})
   path = os.fspath(path)
   partial = f"{path}.partial.npz"
   np.savez(partial, **arrays)
@@ -303,6 +317,8 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
     prefix = f"layers/{name}/"
     fields = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)
               and "/" not in key[len(prefix):]}
+    for field in layer_header.get("bfloat16", ()):
+      fields[field] = fields[field].view(precision_lib.BFLOAT16)
     layers[name] = _layer_from_file(name, layer_header, fields)
   model = InferenceModel(graph, layers, input_shape=header["input_shape"], backends=header["backends"],
                          class_names=header["class_names"], preprocessing=header["preprocessing"],
@@ -313,24 +329,47 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
 
 
 def main(argv: Sequence[str]) -> int:
-  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz``; ``argv`` includes the program
-  name. Returns the exit status."""
+  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz`` (or ``model.onnx``); ``argv``
+  includes the program name. Returns the exit status."""
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
   flags.DEFINE_string("workdir", None, "The training run to export (its latest checkpoint, or --step).",
                       flag_values=flag_values)
-  flags.DEFINE_string("output", None, "Where to write the exported model (.npz).", flag_values=flag_values)
+  flags.DEFINE_string("output", None, "Where to write the exported model: .npz (this package's runtime) or .onnx "
+                      "(ONNX Runtime and other ONNX engines; needs the onnx extra).", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).", flag_values=flag_values)
   flags.DEFINE_string("backends", "auto", "'auto' (measured here per layer), or one backend name for every lookup "
                       "layer: dense, factored, gather, lookup.", flag_values=flag_values)
   flags.DEFINE_integer("batch_size", 1, "The batch size 'auto' optimises for.", flag_values=flag_values)
+  flags.DEFINE_enum("lookup_form", "auto", ["auto", *onnx_export.LOOKUP_FORMS], "ONNX only: each lookup layer as "
+                    "one convolution with W = D·P (dense), as the dictionary's 1×1 convolution then the "
+                    "coefficients' (factored), or whichever of the two ONNX Runtime runs faster (auto, measured "
+                    "here at --batch_size).", flag_values=flag_values)
+  flags.DEFINE_enum("precision", "float32", list(precision_lib.PRECISIONS), "How weights are stored and computed "
+                    "from: dictionaries, non-zeros of P and dense kernels (int8: one scale per output channel). "
+                    ".npz only: an ONNX file stores float32.", flag_values=flag_values)
+  if {"--help", "-h"} & set(argv[1:]):
+    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
+    return 0
   try:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1 or flag_values.workdir is None or flag_values.output is None:
-      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz "
-                       "[--step N] [--backends auto] [--batch_size 1]")
-    allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
-    model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
-                   batch_size=flag_values.batch_size)
+      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx "
+                       "[--step N] [--backends auto] [--batch_size 1] [--lookup_form auto] "
+                       "[--precision float32|bfloat16|int8]")
+    if flag_values.output.endswith(".onnx"):
+      if flag_values.precision != "float32":
+        raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "
+                         "for bfloat16 or int8 storage, or drop --precision.")
+      onnx_export.require("onnx")
+      model = export(flag_values.workdir, step=flag_values.step, backends="dense")
+      forms = onnx_export.save(model, flag_values.output, lookup_forms=flag_values.lookup_form,
+                               batch_size=flag_values.batch_size)
+    else:
+      allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
+      model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
+                     batch_size=flag_values.batch_size, precision=flag_values.precision)
+      forms = model.backends
+    dense = _dense_cnn_parameters(flag_values.workdir)
   except (flags.Error, ValueError, FileNotFoundError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
@@ -338,9 +377,35 @@ def main(argv: Sequence[str]) -> int:
   sys.stdout.write(f"{flag_values.output}: {len(model.layers)} layers ({len(lookups)} lookup), input "
                    f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names or [])} class names\n")
   for name, layer in lookups.items():
-    sys.stdout.write(f"  {name:<24} {model.backends[name]:<9} k={layer.dictionary_size:<4} "
+    sys.stdout.write(f"  {name:<24} {forms[name]:<9} k={layer.dictionary_size:<4} "
                      f"density {layer.density:.4f}\n")
+  sys.stdout.write(_bytes_line(model, *dense) + "\n")
   return 0
+
+
+def _dense_cnn_parameters(workdir: str) -> tuple[int, int]:
+  """(weights, output channels) of the dense CNN a run's LCNN is compared with (BatchNorm folded away)."""
+  from lcnn_jax import checkpoint, flops, models  # only for the report; the export itself needs neither
+  config, dataset = checkpoint.load_run_info(workdir)
+  cnn = models.create_model(models.baseline_config(config.model), num_classes=dataset["num_classes"],
+                            input_shape=tuple(dataset["image_shape"]), rngs=nnx.Rngs(0))
+  weights = outputs = 0
+  for _, module in nnx.iter_modules(cnn):
+    if isinstance(module, (nnx.Conv, nnx.Linear)):
+      weights += module.kernel[...].size + (module.bias[...].size if module.bias is not None else 0)
+      outputs += module.kernel[...].shape[-1]
+  return weights, outputs
+
+
+def _bytes_line(model: InferenceModel, dense_weights: int, dense_outputs: int) -> str:
+  """The exported model's bytes beside its dense CNN's (float32, and at the model's precision)."""
+  def size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
+  line = (f"stored: {size(precision_lib.model_bytes(model))} ({model.precision}); dense CNN "
+          f"{size(precision_lib.dense_bytes(dense_weights, 'float32'))} float32")
+  if model.precision in ("bfloat16", "int8"):
+    line += f", {size(precision_lib.dense_bytes(dense_weights, model.precision, dense_outputs))} {model.precision}"
+  return line
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from absl import logging
 TARGET = "lcnn_lookup_conv"
 FUSED_TARGET = "lcnn_lookup_conv_fused"
 POOL_TARGET = "lcnn_max_pool"
+DENSE_TARGET = "lcnn_dense_rows"
+DICTIONARY_TARGET = "lcnn_lookup_conv_dictionary"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
 SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "lookup_kernel.h"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
@@ -90,7 +92,8 @@ def _load() -> str:
   try:
     loaded = ctypes.cdll.LoadLibrary(library)
     handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused,
-                POOL_TARGET: loaded.LcnnMaxPool}
+                POOL_TARGET: loaded.LcnnMaxPool, DENSE_TARGET: loaded.LcnnDenseRows,
+                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary}
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():

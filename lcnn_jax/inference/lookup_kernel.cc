@@ -1,8 +1,12 @@
 // The XLA FFI handlers of the lookup kernel (lookup_kernel.h): lcnn_lookup_conv takes S from a dictionary
-// matmul done by XLA; lcnn_lookup_conv_fused computes S itself from the layer's input (small dictionaries);
-// lcnn_max_pool pools CHWN activations (optionally with the ReLU before it).
+// matmul done by XLA; lcnn_lookup_conv_dictionary computes S first from D as stored (small maps);
+// lcnn_lookup_conv_fused computes S itself while filling the space-to-depth buffer (small dictionaries);
+// lcnn_max_pool pools CHWN activations (optionally with the ReLU before it); lcnn_dense_rows is a dense layer
+// over a few rows with float32, bfloat16 or int8 weights. The lookups' coefficients may be float32, bfloat16
+// or int8 (with a scale per output), their indices uint8, uint16 or int32.
 
 #include <cstdint>
+#include <type_traits>
 #include <utility>
 
 #include "lookup_kernel.h"
@@ -12,6 +16,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using lcnn::BF16;
+using lcnn::DenseColumns;
+using lcnn::DenseRows;
 using lcnn::Dispatch;
 using lcnn::DictionaryToDepth;
 using lcnn::Geometry;
@@ -45,11 +52,33 @@ bool PoolingFits(const PoolGeometry& p, int64_t h, int64_t w) {
          (p.oh - 1) * p.sh - p.ph < h && (p.ow - 1) * p.sw - p.pw < w;
 }
 
+// Calls f(typed pointer) with the data of a weight buffer: float32, bfloat16 or int8; false for another type.
+template <typename F>
+bool WithValues(ffi::AnyBuffer& values, F f) {
+  switch (values.element_type()) {
+    case ffi::DataType::F32: f(values.typed_data<float>()); return true;
+    case ffi::DataType::BF16: f(reinterpret_cast<const BF16*>(values.untyped_data())); return true;
+    case ffi::DataType::S8: f(values.typed_data<int8_t>()); return true;
+    default: return false;
+  }
+}
+
+// Calls f(typed pointer) with the data of an index buffer: uint8, uint16 or int32; false for another type.
+template <typename F>
+bool WithIndices(ffi::AnyBuffer& indices, F f) {
+  switch (indices.element_type()) {
+    case ffi::DataType::U8: f(indices.typed_data<uint8_t>()); return true;
+    case ffi::DataType::U16: f(indices.typed_data<uint16_t>()); return true;
+    case ffi::DataType::S32: f(indices.typed_data<int32_t>()); return true;
+    default: return false;
+  }
+}
+
 // Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed), then
 // the pooling when there is one (out is then the pooled map).
 ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
-                      ffi::AnyBuffer& indices, FlatF32& values, FlatF32& bias, const PoolGeometry& pooling,
-                      const OutF32& out_buffer, float* out) {
+                      ffi::AnyBuffer& indices, ffi::AnyBuffer& values, FlatF32& scale, FlatF32& bias,
+                      const PoolGeometry& pooling, const OutF32& out_buffer, float* out) {
   const bool pools = pooling.wh > 0;
   if (pools) {
     if (!PoolingFits(pooling, g.oh, g.ow) || g.ow * g.batch < 16) {
@@ -58,19 +87,24 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
   } else if (out_buffer.dimensions()[1] != g.oh || out_buffer.dimensions()[2] != g.ow) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: out must be (n, out_h, out_w, batch)");
   }
-  if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n)) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: starts must have n + 1 and bias n elements");
+  if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n) ||
+      scale.element_count() != static_cast<size_t>(g.n) || indices.element_count() != values.element_count()) {
+    return ffi::Error::InvalidArgument(
+        "lcnn_lookup_conv: starts must have n + 1, scale and bias n elements, indices as many as values");
   }
-  if (indices.element_type() == ffi::DataType::U16) {
-    Lookups<uint16_t> l{starts.typed_data(), indices.typed_data<uint16_t>(), values.typed_data(), bias.typed_data()};
-    if (pools) DispatchPooled(pool, g, s, l, pooling, out);
-    else Dispatch(pool, g, s, l, out);
-  } else if (indices.element_type() == ffi::DataType::S32) {
-    Lookups<int32_t> l{starts.typed_data(), indices.typed_data<int32_t>(), values.typed_data(), bias.typed_data()};
-    if (pools) DispatchPooled(pool, g, s, l, pooling, out);
-    else Dispatch(pool, g, s, l, out);
-  } else {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv: indices must be uint16 or int32");
+  bool typed = false;
+  const bool indexed = WithIndices(indices, [&](auto index) {
+    typed = WithValues(values, [&](auto value) {
+      using Index = std::remove_cv_t<std::remove_pointer_t<decltype(index)>>;
+      using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value)>>;
+      Lookups<Index, Value> l{starts.typed_data(), index, value, scale.typed_data(), bias.typed_data()};
+      if (pools) DispatchPooled(pool, g, s, l, pooling, out);
+      else Dispatch(pool, g, s, l, out);
+    });
+  });
+  if (!indexed || !typed) {
+    return ffi::Error::InvalidArgument(
+        "lcnn_lookup_conv: indices must be uint8, uint16 or int32, values float32, bfloat16 or int8");
   }
   return ffi::Error::Success();
 }
@@ -90,9 +124,9 @@ Geometry MakeGeometry(const OutF32& out, int64_t oh, int64_t ow, int64_t h, int6
   return g;
 }
 
-ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices, FlatF32 values,
-                          FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, int64_t pad_h,
-                          int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
+ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
+                          ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Result<ChwnF32> out,
+                          ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
                           int64_t pool_window_h, int64_t pool_window_w, int64_t pool_stride_h,
                           int64_t pool_stride_w, int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
   const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
@@ -113,11 +147,41 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
                  scratch->typed_data());
     source = scratch->typed_data();
   }
-  return RunLookups(pool, g, source, starts, indices, values, bias, pooling, *out, out->typed_data());
+  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, *out, out->typed_data());
+}
+
+// As LookupConvImpl, with S = Dᵀ·x computed here first (DenseColumns, from D as stored) into `s_buffer`:
+// one call for the whole layer where XLA's matmul would cost more to dispatch than to run (small maps).
+ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuffer dictionary, FlatF32 d_scale,
+                                    FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
+                                    FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch,
+                                    ffi::Result<ChwnF32> s_buffer, int64_t pad_h, int64_t pad_w, int64_t stride_h,
+                                    int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
+                                    int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
+                                    int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
+  const auto in = x.dimensions();  // (m, h, w, batch)
+  const auto d = dictionary.dimensions();  // (k, m)
+  const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
+  if (d.size() != 2 || d[1] != in[0] || sd[0] != d[0] || sd[1] != in[1] || sd[2] != in[2] || sd[3] != in[3] ||
+      d_scale.element_count() != static_cast<size_t>(d[0])) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: x (m, h, w, batch), the dictionary (k, m), "
+                                       "its scale (k) and S (k, h, w, batch) disagree");
+  }
+  const int64_t columns = in[1] * in[2] * in[3];
+  std::unique_ptr<float[]> zeros(new float[d[0]]());
+  const bool typed = WithValues(dictionary, [&](auto value) {
+    DenseColumns(pool, x.typed_data(), value, d_scale.typed_data(), zeros.get(), in[0], columns, d[0],
+                 s_buffer->typed_data());
+  });
+  if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
+  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, out, scratch, pad_h, pad_w, stride_h,
+                        stride_w, out_h, out_w, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
+                        pool_pad_h, pool_pad_w, pool_relu);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
-                               ffi::AnyBuffer indices, FlatF32 values, FlatF32 bias, ffi::Result<ChwnF32> out,
+                               ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias,
+                               ffi::Result<ChwnF32> out,
                                ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
                                int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
                                int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
@@ -140,7 +204,7 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   }
   DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
                     p.sw, height, g.width, scratch->typed_data());
-  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, bias, pooling, *out,
+  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling, *out,
                     out->typed_data());
 }
 
@@ -155,6 +219,24 @@ ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out
     return ffi::Error::InvalidArgument("lcnn_max_pool: x (c, h, w, batch), the window and out disagree");
   }
   MaxPool(pool, x.typed_data(), in[0], in[1], in[2], in[3], pooling, out->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseRowsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weights, FlatF32 scale, FlatF32 bias,
+                         ffi::Result<MatrixF32> out) {
+  const auto in = x.dimensions();  // (rows, m)
+  const auto w = weights.dimensions();  // (n, m)
+  const auto o = out->dimensions();  // (rows, n)
+  if (w.size() != 2 || w[1] != in[1] || o[0] != in[0] || o[1] != w[0] ||
+      scale.element_count() != static_cast<size_t>(w[0]) || bias.element_count() != static_cast<size_t>(w[0])) {
+    return ffi::Error::InvalidArgument("lcnn_dense_rows: x (rows, m), weights (n, m), scale and bias (n) and out "
+                                       "(rows, n) disagree");
+  }
+  const bool typed = WithValues(weights, [&](auto value) {
+    DenseRows(pool, x.typed_data(), value, scale.typed_data(), bias.typed_data(), in[0], in[1], w[0],
+              out->typed_data());
+  });
+  if (!typed) return ffi::Error::InvalidArgument("lcnn_dense_rows: weights must be float32, bfloat16 or int8");
   return ffi::Error::Success();
 }
 
@@ -197,7 +279,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                                   .Arg<ChwnF32>()           // S (k, h, w, batch), unpadded
                                                   .Arg<FlatS32>()           // starts
                                                   .Arg<ffi::AnyBuffer>()    // indices
-                                                  .Arg<FlatF32>()           // values
+                                                  .Arg<ffi::AnyBuffer>()    // values
+                                                  .Arg<FlatF32>()           // scale
                                                   .Arg<FlatF32>()           // bias
                                                   .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
                                                   .Ret<FlatF32>()));        // the padded space-to-depth S
@@ -209,8 +292,33 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                                   .Arg<MatrixF32>()         // the dictionary (m, k)
                                                   .Arg<FlatS32>()           // starts
                                                   .Arg<ffi::AnyBuffer>()    // indices
-                                                  .Arg<FlatF32>()           // values
+                                                  .Arg<ffi::AnyBuffer>()    // values
+                                                  .Arg<FlatF32>()           // scale
                                                   .Arg<FlatF32>()           // bias
                                                   .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
                                                   .Ret<FlatF32>())          // the padded space-to-depth S
                                   .Attr<bool>("nhwc"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<MatrixF32>()        // x (rows, m)
+                                  .Arg<ffi::AnyBuffer>()   // weights (n, m)
+                                  .Arg<FlatF32>()          // scale (n)
+                                  .Arg<FlatF32>()          // bias (n)
+                                  .Ret<MatrixF32>());      // out (rows, n)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl,
+                              LayerAttributes(ffi::Ffi::Bind()
+                                                  .Ctx<ffi::ThreadPool>()
+                                                  .Arg<ChwnF32>()           // x (m, h, w, batch)
+                                                  .Arg<ffi::AnyBuffer>()    // Dᵀ (k, m) as stored
+                                                  .Arg<FlatF32>()           // its scale (k)
+                                                  .Arg<FlatS32>()           // starts
+                                                  .Arg<ffi::AnyBuffer>()    // indices
+                                                  .Arg<ffi::AnyBuffer>()    // values
+                                                  .Arg<FlatF32>()           // scale
+                                                  .Arg<FlatF32>()           // bias
+                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                                  .Ret<FlatF32>()           // the padded space-to-depth S
+                                                  .Ret<ChwnF32>()));        // S (k, h, w, batch)

@@ -40,6 +40,42 @@ inline v16 Load(const float* p) {
   return v;
 }
 
+// Stored weights: float32, bfloat16 (its 16 high bits, as stored) or int8 (scaled per output, see Lookups).
+// Each is converted to float32 as it is loaded into registers; accumulation is float32 throughout.
+struct BF16 {
+  uint16_t bits;
+};
+
+inline float ToFloat(float v) { return v; }
+inline float ToFloat(int8_t v) { return static_cast<float>(v); }
+inline float ToFloat(BF16 v) {
+  const uint32_t u = static_cast<uint32_t>(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+#if defined(__AVX512F__)
+// 16 consecutive stored weights as float32.
+inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 Load16(const BF16* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+inline __m512 Load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// 16 consecutive indices as int32.
+inline __m512i LoadIndices16(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m512i LoadIndices16(const uint16_t* p) {
+  return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512i LoadIndices16(const int32_t* p) { return _mm512_loadu_si512(p); }
+#endif
+
 struct Geometry {
   int64_t batch;   // b
   int64_t width;   // W of S (after space-to-depth)
@@ -48,16 +84,19 @@ struct Geometry {
   int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output
 };
 
-template <typename Index>
+template <typename Index, typename Value = float>
 struct Lookups {
   const int32_t* starts;  // (n + 1): output o's non-zeros are [starts[o], starts[o + 1])
-  const Index* indices;   // (nnz): index_t as above
-  const float* values;    // (nnz)
+  const Index* indices;   // (nnz): index_t as above; uint8, uint16 or int32
+  const Value* values;    // (nnz): float, BF16 or int8
+  const float* scale;     // (n): output o is scale[o] * (its sum over the stored values) + bias[o]
   const float* bias;      // (n)
 };
 
-// Writes wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping columns x >= ow.
-inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, int64_t p0, int64_t len, float* out) {
+// Writes scale * acc + bias for wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping
+// columns x >= ow.
+inline void Store(const Geometry& g, const float* acc, float scale, float bias, int64_t o, int64_t p0, int64_t len,
+                  float* out) {
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
@@ -69,7 +108,7 @@ inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, in
       const int64_t stop = std::min(end, y * row + kept);
       float* dst = out + (o * g.oh + y) * kept + xb;
       const float* src = acc + (q - p0);
-      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] + bias;
+      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] * scale + bias;
     }
     q = (y + 1) * row;
   }
@@ -77,8 +116,9 @@ inline void Store(const Geometry& g, const float* acc, float bias, int64_t o, in
 
 // Sums the non-zeros of output o over the block of 16 * V wide elements starting at p0. U independent sets of
 // accumulators hide the multiply-add latency when V is small.
-template <int V, typename Index>
-void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o, int64_t p0, float* acc) {
+template <int V, typename Index, typename Value>
+void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
+                     float* acc) {
   constexpr int U = V >= 8 ? 1 : 8 / V;
   v16 a[U][V];
   for (int u = 0; u < U; ++u)
@@ -89,13 +129,13 @@ void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int
   for (; t + U <= end; t += U) {
     for (int u = 0; u < U; ++u) {
       const float* src = base + static_cast<int64_t>(l.indices[t + u]) * batch;
-      const float c = l.values[t + u];
+      const float c = ToFloat(l.values[t + u]);
       for (int v = 0; v < V; ++v) a[u][v] += c * Load(src + 16 * v);
     }
   }
   for (; t < end; ++t) {
     const float* src = base + static_cast<int64_t>(l.indices[t]) * batch;
-    const float c = l.values[t];
+    const float c = ToFloat(l.values[t]);
     for (int v = 0; v < V; ++v) a[0][v] += c * Load(src + 16 * v);
   }
   for (int u = 1; u < U; ++u)
@@ -104,8 +144,8 @@ void AccumulateBlock(const float* s, const Lookups<Index>& l, int64_t batch, int
 }
 
 // Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element.
-template <typename Index>
-float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t o) {
+template <typename Index, typename Value>
+float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
   int32_t t = l.starts[o];
   const int32_t end = l.starts[o + 1];
   float sum = 0.f;
@@ -113,21 +153,15 @@ float SparseDot(const float* s, const Lookups<Index>& l, int64_t batch, int64_t 
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
   auto gather = [&](int32_t at) {
-    __m512i index;
-    if constexpr (sizeof(Index) == 2) {
-      index = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(l.indices + at)));
-    } else {
-      index = _mm512_loadu_si512(l.indices + at);
-    }
-    return _mm512_i32gather_ps(_mm512_mullo_epi32(index, scale), s, 4);
+    return _mm512_i32gather_ps(_mm512_mullo_epi32(LoadIndices16(l.indices + at), scale), s, 4);
   };
   for (; t + 32 <= end; t += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(l.values + t), gather(t), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(l.values + t + 16), gather(t + 16), a1);
+    a0 = _mm512_fmadd_ps(Load16(l.values + t), gather(t), a0);
+    a1 = _mm512_fmadd_ps(Load16(l.values + t + 16), gather(t + 16), a1);
   }
   sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #endif
-  for (; t < end; ++t) sum += l.values[t] * s[static_cast<int64_t>(l.indices[t]) * batch];
+  for (; t < end; ++t) sum += ToFloat(l.values[t]) * s[static_cast<int64_t>(l.indices[t]) * batch];
   return sum;
 }
 
@@ -143,18 +177,18 @@ struct Plan {
 // Output o's wide elements [p0, p0 + 16 * V) (fewer for the last block), stored to out as output `slot`.
 // The last, partial block is a whole block ending at the last wide element (it overlaps the one before, since
 // Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no read past S.
-template <int V, typename Index>
-void LookupBlock(const Geometry& g, const float* s, const Lookups<Index>& l, int64_t o, int64_t p0, int64_t slot,
-                 float* out) {
+template <int V, typename Index, typename Value>
+void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
+                 int64_t slot, float* out) {
   constexpr int64_t block = 16 * V;
   alignas(64) float acc[block];
   const int64_t start = std::min(p0, g.wide - block);
   AccumulateBlock<V>(s, l, g.batch, o, start, acc);
-  Store(g, acc + (p0 - start), l.bias[o], slot, p0, std::min(block, g.wide - p0), out);
+  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], slot, p0, std::min(block, g.wide - p0), out);
 }
 
-template <int V, typename Index>
-void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index>& l, float* out,
+template <int V, typename Index, typename Value>
+void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index, Value>& l, float* out,
               int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t block = item / plan.groups;
@@ -165,7 +199,7 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
       if constexpr (V == 0) {
         alignas(64) float acc[16];
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-        Store(g, acc, l.bias[o], o, p0, plan.block, out);
+        Store(g, acc, l.scale[o], l.bias[o], o, p0, plan.block, out);
       } else {
         LookupBlock<V>(g, s, l, o, p0, o, out);
       }
@@ -221,8 +255,8 @@ void ParallelFor(Pool& pool, int64_t total, int64_t cost, Work work) {
   }
 }
 
-template <int V, typename Pool, typename Index>
-void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, float* out) {
+template <int V, typename Pool, typename Index, typename Value>
+void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Plan plan;
   plan.block = V == 0 ? g.wide : 16 * V;
@@ -238,8 +272,8 @@ void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>&
   });
 }
 
-template <typename Pool, typename Index>
-void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, float* out) {
+template <typename Pool, typename Index, typename Value>
+void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out) {
   if (g.wide < 16) return Launch<0>(pool, g, s, l, out);
   if (g.wide < 32) return Launch<1>(pool, g, s, l, out);
   if (g.wide < 64) return Launch<2>(pool, g, s, l, out);
@@ -281,9 +315,9 @@ inline void PoolRow(const float* map, int64_t y_lo, int64_t y_hi, int64_t w, int
 
 // Output rows [y_lo, y_hi) of outputs [o0, o1) into `local` (o - o0, y - y_lo, x, batch): the lookups over the
 // band's wide elements, S read from row y_lo on.
-template <int V, typename Index>
-void BandRows(const Geometry& g, const float* s, const Lookups<Index>& l, int64_t y_lo, int64_t y_hi, int64_t o0,
-              int64_t o1, float* local) {
+template <int V, typename Index, typename Value>
+void BandRows(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t y_lo, int64_t y_hi,
+              int64_t o0, int64_t o1, float* local) {
   Geometry band = g;
   band.oh = y_hi - y_lo;
   band.wide = ((band.oh - 1) * g.width + g.ow) * g.batch;
@@ -297,9 +331,9 @@ void BandRows(const Geometry& g, const float* s, const Lookups<Index>& l, int64_
 // group of outputs; it computes the layer's rows that band needs into a buffer of its own (rows shared with the
 // next band are computed twice), then pools them into out (n, p.oh, p.ow, batch). The unpooled map of a first
 // layer (AlexNet's conv1 at batch 32: 25 MB) then never goes to memory and back.
-template <int V, typename Pool, typename Index>
-void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, const PoolGeometry& p,
-                  float* out) {
+template <int V, typename Pool, typename Index, typename Value>
+void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
+                  const PoolGeometry& p, float* out) {
   constexpr int64_t kBandRows = 3, kGroup = 16;  // pooled rows and outputs per item
   const int64_t bands = (p.oh + kBandRows - 1) / kBandRows, groups = (g.n + kGroup - 1) / kGroup;
   const int64_t max_rows = std::min(g.oh, (kBandRows - 1) * p.sh + p.wh);
@@ -323,9 +357,9 @@ void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<I
   });
 }
 
-template <typename Pool, typename Index>
-void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index>& l, const PoolGeometry& p,
-                    float* out) {
+template <typename Pool, typename Index, typename Value>
+void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
+                    const PoolGeometry& p, float* out) {
   const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
   if (narrowest < 32) return LaunchPooled<1>(pool, g, s, l, p, out);
   if (narrowest < 64) return LaunchPooled<2>(pool, g, s, l, p, out);
@@ -441,6 +475,136 @@ void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dicti
   ParallelFor(pool, sh * height, k * sh * sw * height * width * batch * m, [=](int64_t begin, int64_t end) {
     rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
   });
+}
+
+// A dense layer over a few input rows (a fully connected layer at a small batch, bound by reading its weights):
+// out[r, o] = scale[o] * sum_i w[o, i] * x[r, i] + bias[o] for x (rows, m), w (n, m) and out (rows, n). Each
+// weight is read once, converted in registers, and used for all R rows; U independent sets of accumulators
+// hide the multiply-add latency when R is small.
+template <int R, typename Value>
+void DenseRowsRange(const float* x, const Value* w, const float* scale, const float* bias, int64_t m, int64_t n,
+                    int64_t o0, int64_t o1, float* out) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const Value* row = w + o * m;
+    float sum[R];
+    for (int r = 0; r < R; ++r) sum[r] = 0.f;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    constexpr int U = R >= 4 ? 1 : 4 / R;
+    __m512 acc[U][R];
+    for (int u = 0; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
+    for (; i + 16 * U <= m; i += 16 * U) {
+      for (int u = 0; u < U; ++u) {
+        const __m512 weights = Load16(row + i + 16 * u);
+        for (int r = 0; r < R; ++r) {
+          acc[u][r] = _mm512_fmadd_ps(weights, _mm512_loadu_ps(x + r * m + i + 16 * u), acc[u][r]);
+        }
+      }
+    }
+    for (int u = 1; u < U; ++u)
+      for (int r = 0; r < R; ++r) acc[0][r] = _mm512_add_ps(acc[0][r], acc[u][r]);
+    for (int r = 0; r < R; ++r) sum[r] = _mm512_reduce_add_ps(acc[0][r]);
+#endif
+    for (; i < m; ++i) {
+      const float weight = ToFloat(row[i]);
+      for (int r = 0; r < R; ++r) sum[r] += weight * x[r * m + i];
+    }
+    for (int r = 0; r < R; ++r) out[r * n + o] = sum[r] * scale[o] + bias[o];
+  }
+}
+
+constexpr int64_t kDenseMaxRows = 8;  // rows of x that DenseRows takes at once
+
+template <typename Pool, typename Value>
+void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t rows,
+               int64_t m, int64_t n, float* out) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kDenseMaxRows) {
+    const int64_t count = std::min(kDenseMaxRows, rows - r0);
+    auto range = &DenseRowsRange<kDenseMaxRows, Value>;
+    switch (count) {
+      case 1: range = &DenseRowsRange<1, Value>; break;
+      case 2: range = &DenseRowsRange<2, Value>; break;
+      case 3: range = &DenseRowsRange<3, Value>; break;
+      case 4: range = &DenseRowsRange<4, Value>; break;
+      case 5: range = &DenseRowsRange<5, Value>; break;
+      case 6: range = &DenseRowsRange<6, Value>; break;
+      case 7: range = &DenseRowsRange<7, Value>; break;
+      default: break;
+    }
+    const float* xr = x + r0 * m;
+    float* outr = out + r0 * n;
+    constexpr int64_t kOutputs = 16;  // outputs per item
+    const int64_t items = (n + kOutputs - 1) / kOutputs;
+    ParallelFor(pool, items, n * m * static_cast<int64_t>(sizeof(Value)), [=](int64_t begin, int64_t end) {
+      range(xr, w, scale, bias, m, n, begin * kOutputs, std::min(n, end * kOutputs), outr);
+    });
+  }
+}
+
+// A dense stage over columns: out[o, q] = scale[o] * sum_c w[o, c] * x[c, q] + bias[o] for x (m, p), w (n, m)
+// and out (n, p) -- a lookup layer's dictionary stage S = Dᵀ·x over a CHWN input of p = h·w·batch columns.
+// An item is a block of 16·V columns of one output, accumulated in registers over all m inputs (the last block
+// overlaps the one before, as in LookupBlock). Under 16 columns, x is transposed and DenseRows takes it.
+template <int V, typename Value>
+void DenseColumnsBlock(const float* x, const Value* w, const float* scale, const float* bias, int64_t m, int64_t p,
+                       int64_t o, int64_t p0, float* out) {
+  constexpr int U = V >= 8 ? 1 : 8 / V;
+  constexpr int64_t block = 16 * V;
+  const int64_t start = std::min(p0, p - block);
+  v16 a[U][V];
+  for (int u = 0; u < U; ++u)
+    for (int v = 0; v < V; ++v) a[u][v] = v16{};
+  const Value* row = w + o * m;
+  const float* base = x + start;
+  int64_t c = 0;
+  for (; c + U <= m; c += U) {
+    for (int u = 0; u < U; ++u) {
+      const float weight = ToFloat(row[c + u]);
+      const float* src = base + (c + u) * p;
+      for (int v = 0; v < V; ++v) a[u][v] += weight * Load(src + 16 * v);
+    }
+  }
+  for (; c < m; ++c) {
+    const float weight = ToFloat(row[c]);
+    for (int v = 0; v < V; ++v) a[0][v] += weight * Load(base + c * p + 16 * v);
+  }
+  for (int u = 1; u < U; ++u)
+    for (int v = 0; v < V; ++v) a[0][v] += a[u][v];
+  alignas(64) float acc[block];
+  std::memcpy(acc, a[0], sizeof(a[0]));
+  const int64_t end = std::min(p0 + block, p);
+  for (int64_t q = p0; q < end; ++q) out[o * p + q] = acc[q - start] * scale[o] + bias[o];
+}
+
+template <int V, typename Pool, typename Value>
+void LaunchDenseColumns(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t m,
+                        int64_t p, int64_t n, float* out) {
+  const int64_t blocks = (p + 16 * V - 1) / (16 * V);
+  ParallelFor(pool, n * blocks, n * m * p, [=](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      DenseColumnsBlock<V>(x, w, scale, bias, m, p, item / blocks, (item % blocks) * 16 * V, out);
+    }
+  });
+}
+
+template <typename Pool, typename Value>
+void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t m,
+                  int64_t p, int64_t n, float* out) {
+  if (p < 16) {
+    std::unique_ptr<float[]> rows(new float[p * m]);  // xᵀ (p, m)
+    for (int64_t c = 0; c < m; ++c)
+      for (int64_t q = 0; q < p; ++q) rows[q * m + c] = x[c * p + q];
+    std::unique_ptr<float[]> result(new float[p * n]);  // (p, n)
+    DenseRows(pool, rows.get(), w, scale, bias, p, m, n, result.get());
+    for (int64_t q = 0; q < p; ++q)
+      for (int64_t o = 0; o < n; ++o) out[o * p + q] = result[q * n + o];
+    return;
+  }
+  if (p < 32) return LaunchDenseColumns<1>(pool, x, w, scale, bias, m, p, n, out);
+  if (p < 64) return LaunchDenseColumns<2>(pool, x, w, scale, bias, m, p, n, out);
+  if (p < 128) return LaunchDenseColumns<4>(pool, x, w, scale, bias, m, p, n, out);
+  return LaunchDenseColumns<8>(pool, x, w, scale, bias, m, p, n, out);
 }
 
 // Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, p.oh, p.ow, batch), one (channel, pooled row)

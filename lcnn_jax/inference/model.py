@@ -22,20 +22,31 @@ from lcnn_jax.inference.backends import LookupLayer
 from lcnn_jax.inference.layouts import NHWC
 
 
+class _Kernel:
+  """A dense kernel stored in float32, bfloat16 or int8; int8 with a float32 scale per output (last axis)."""
+
+  def float_kernel(self) -> np.ndarray:
+    """The kernel in float32, as stored (scaled back from int8)."""
+    kernel = self.kernel.astype(np.float32)
+    return kernel if self.kernel_scale is None else kernel * self.kernel_scale
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class ConvLayer:
+class ConvLayer(_Kernel):
   """A dense convolution (``nnx.Conv``), BatchNorm folded: NHWC, explicit zero padding."""
-  kernel: np.ndarray  # (kh, kw, m, n)
+  kernel: np.ndarray  # (kh, kw, m, n) float32, bfloat16 or int8
   bias: np.ndarray  # (n,)
   strides: tuple[int, int]
   padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
+  kernel_scale: np.ndarray | None = None  # (n,) float32, int8 kernels only
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class LinearLayer:
+class LinearLayer(_Kernel):
   """A dense layer (``nnx.Linear``) over the last axis, BatchNorm folded."""
-  kernel: np.ndarray  # (m, n)
+  kernel: np.ndarray  # (m, n) float32, bfloat16 or int8
   bias: np.ndarray  # (n,)
+  kernel_scale: np.ndarray | None = None  # (n,) float32, int8 kernels only
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -59,14 +70,42 @@ def _pointwise(layer: ConvLayer) -> bool:
   return layer.kernel.shape[:2] == (1, 1) and tuple(map(tuple, layer.padding)) == ((0, 0), (0, 0))
 
 
+def _matmul(layer: Layer) -> bool:
+  """Whether ``layer`` is a matmul over its input's last axis (a dense layer or a pointwise convolution)."""
+  return isinstance(layer, LinearLayer) or (isinstance(layer, ConvLayer) and _pointwise(layer))
+
+
 def device_arrays(layer: ConvLayer | LinearLayer | AffineLayer) -> dict[str, np.ndarray]:
   """The arrays a dense layer runs with. Matmul kernels are held transposed, (n, m): XLA:CPU then reads W
-  row by row on every thread (a CHWN 1×1 convolution over W as (m, n) ran 3.6× slower at batch 32, cold cache)."""
+  row by row on every thread (a CHWN 1×1 convolution over W as (m, n) ran 3.6× slower at batch 32, cold cache).
+  A bfloat16 or int8 matmul kernel is also held as stored (``kernel_q``, (n, m), with ``kernel_scale``) for
+  the C++ dense-rows kernel at a few rows (:data:`~lcnn_jax.inference.backends.DENSE_ROWS_MAX`); XLA's
+  convolutions and larger matmuls run on its float32 copy."""
   arrays = layer_arrays(layer)
-  if isinstance(layer, LinearLayer) or (isinstance(layer, ConvLayer) and _pointwise(layer)):
+  arrays.pop("kernel_scale", None)
+  if isinstance(layer, AffineLayer):
+    return arrays
+  arrays["kernel"] = layer.float_kernel()
+  if _matmul(layer):
     kernel = arrays.pop("kernel")
     arrays["kernel_t"] = np.ascontiguousarray(kernel.reshape(kernel.shape[-2:]).T)
+    if layer.kernel.dtype != np.float32:
+      n = layer.kernel.shape[-1]
+      arrays["kernel_q"] = np.ascontiguousarray(layer.kernel.reshape(-1, n).T)
+      arrays["kernel_scale"] = (layer.kernel_scale if layer.kernel_scale is not None
+                                else np.ones(n, np.float32)).astype(np.float32)
   return arrays
+
+
+def _dense_rows(params: dict[str, jax.Array], x: jax.Array) -> jax.Array | None:
+  """x (..., m) through a stored bfloat16/int8 matmul kernel in the C++ dense-rows kernel, where it has one and
+  x has few rows (its weights then dominate the time); None otherwise."""
+  rows = int(np.prod(x.shape[:-1]))
+  if "kernel_q" not in params or rows > backends_lib.DENSE_ROWS_MAX or not backends_lib.dense_rows_available():
+    return None
+  y = backends_lib.dense_rows(x.reshape(rows, x.shape[-1]), params["kernel_q"], params["kernel_scale"],
+                              params["bias"])
+  return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _conv(layer: ConvLayer, params: dict[str, jax.Array], value: graph_lib.Value) -> graph_lib.Value:
@@ -74,6 +113,11 @@ def _conv(layer: ConvLayer, params: dict[str, jax.Array], value: graph_lib.Value
   (top, bottom), (left, right) = layer.padding
   sh, sw = layer.strides
   if _pointwise(layer):
+    b, h, w, _ = layouts.logical_shape(array, layout)
+    if "kernel_q" in params and b * -(-h // sh) * -(-w // sw) <= backends_lib.DENSE_ROWS_MAX:
+      rows = _dense_rows(params, graph_lib.as_layout(value, NHWC)[:, ::sh, ::sw])  # a few rows: no transpose cost
+      if rows is not None:
+        return rows, NHWC
     if layout != NHWC:  # e.g. a ResNet shortcut on tiled activations: a matmul, no transpose
       y = jnp.einsum("nm,tmhwb->tnhwb", params["kernel_t"], array[:, :, ::sh, ::sw])
       return y + params["bias"][:, None, None, None], layout
@@ -113,6 +157,9 @@ def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
     return _conv(layer, params, value)
   if isinstance(layer, LinearLayer):
     x = graph_lib.as_layout(value, NHWC)
+    rows = _dense_rows(params, x)
+    if rows is not None:
+      return rows, NHWC
     return jnp.einsum("...m,nm->...n", x, params["kernel_t"]) + params["bias"], NHWC
   return _affine(params, value)
 
@@ -156,6 +203,13 @@ class InferenceModel:
     self.backends = self._resolve(backends)
     self._params: dict[str, dict[str, jax.Array]] = {}
     self._forward = jax.jit(self._apply)
+
+  @property
+  def precision(self) -> str:
+    """How the weights are stored: 'float32', 'bfloat16', 'int8', or 'mixed'."""
+    dtypes = {np.dtype(array.dtype).name for layer in self.layers.values() if not isinstance(layer, AffineLayer)
+              for key, array in layer_arrays(layer).items() if key in ("dictionary", "values", "kernel")}
+    return dtypes.pop() if len(dtypes) == 1 else "mixed" if dtypes else "float32"
 
   @property
   def lookup_layers(self) -> dict[str, LookupLayer]:

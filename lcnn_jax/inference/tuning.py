@@ -71,7 +71,7 @@ def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
   parts = [device_name(), f"jax{jax.__version__}", backend, f"batch{batch_size}",
            f"m{layer.in_features}k{layer.dictionary_size}n{layer.out_features}",
            f"kernel{layer.kernel_size}strides{layer.strides}padding{layer.padding}input{layer.input_size}",
-           f"nnz{layer.nnz}"]
+           f"nnz{layer.nnz}", f"dictionary {layer.dictionary.dtype}", f"values {layer.values.dtype}"]
   if backend == "lookup":
     parts.append(os.path.basename(os.path.dirname(kernels.ensure_kernel())))  # the kernel build's hash
   return "|".join(parts)

@@ -1,0 +1,58 @@
+"""Batch 1 without dispatch overhead: a lookup layer over a small map is one kernel call (its dictionary stage
+included), and equals the layer-by-layer path (an XLA matmul for S, then the lookups)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lcnn_jax import config as config_lib
+from lcnn_jax import inference, layers, models
+from lcnn_jax.inference import backends
+
+pytestmark = pytest.mark.skipif("lookup" not in backends.available_backends(),
+                                reason="the C++ kernel is not available here")
+
+MODELS = {"alexnet-lcnn": (67, 67, 3), "resnet-lcnn": (32, 32, 3), "digits-lcnn": (8, 8, 1)}
+
+
+def _model(name, input_shape, rng):
+  config = config_lib.default_config().model
+  config.update(dict(name=name, depth=8, pool1=6, pool2=8, pool3=8, pool4=8, fc_pool=16, width=8))
+  if name == "digits-lcnn":
+    config.classifier_pool = 4
+  model = models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, nnx.BatchNorm):
+      n = module.num_features
+      module.mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
+      module.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
+    if isinstance(module, layers.LOOKUP_LAYERS):
+      p = np.asarray(module.coefficients[...])
+      module.coefficients[...] = jnp.asarray(p * (rng.random(p.shape) < 0.3))
+  return model
+
+
+def _calls(model, x, target):
+  """How many times the jitted forward pass calls the kernel ``target``."""
+  return model._forward.lower(model.params(), x).as_text().count(f"@{target}(")
+
+
+@pytest.mark.parametrize("name,prec", [("alexnet-lcnn", "int8"), ("resnet-lcnn", "float32"),
+                                       ("digits-lcnn", "bfloat16")])
+def test_batch1_path_equals_layer_by_layer_path(name, prec, rng, monkeypatch):
+  input_shape = MODELS[name]
+  model = _model(name, input_shape, rng)
+  x = jnp.asarray(rng.standard_normal((1, *input_shape)).astype(np.float32))
+  one_call = inference.inference_model(model, input_shape, backends="lookup", precision=prec)
+  got = np.asarray(one_call(x))
+  # Every lookup layer whose dictionary XLA would apply is one call with its dictionary stage.
+  separate = [n for n, layer in one_call.lookup_layers.items() if not backends.Lookup.fused(layer)]
+  assert separate and _calls(one_call, x, "lcnn_lookup_conv_dictionary") == len(separate)
+  assert _calls(one_call, x, "lcnn_lookup_conv") == 0
+  monkeypatch.setattr(backends, "DICTIONARY_COLUMNS_MAX", 0)  # S from an XLA matmul, then the lookups
+  layer_by_layer = one_call.with_backends("lookup")
+  assert _calls(layer_by_layer, x, "lcnn_lookup_conv") == len(separate)
+  expected = np.asarray(layer_by_layer(x))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
