@@ -54,7 +54,13 @@ def load_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   if not os.path.exists(path):
     raise CheckpointError(f"No {CONFIG_FILE} in {workdir!r}: is it the --workdir of a training run?")
   with open(path) as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError:
+      saved = None
+  if not isinstance(saved, dict) or not {"config", "dataset"} <= set(saved):
+    raise CheckpointError(f"{path} is not the {CONFIG_FILE} of an lcnn_jax run (it needs 'config' and 'dataset'): "
+                          f"is {workdir!r} the --workdir of a training run of lcnn_jax?")
   config = config_lib.default_config()
   _merge(config, saved["config"])
   return config, saved["dataset"]

@@ -170,6 +170,21 @@ def check_output_dir(path: str, flag: str) -> None:
     raise UsageError(f"{flag} {path} cannot be written ({e.strerror}): pass a directory you can write to.") from None
 
 
+def check_output_file(path: str, flag: str) -> None:
+  """Raises :class:`UsageError` unless a file can be written at ``path`` (its directory exists and is writable)."""
+  directory = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise UsageError(f"{flag} {path} is a directory: pass a file name.")
+  if not os.path.isdir(directory):
+    raise UsageError(f"{flag} {path}: the directory {directory} does not exist; create it or pass another path.")
+  try:
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise UsageError(f"{flag} {path} cannot be written ({e.strerror}): pass a path in a directory you can write "
+                     "to.") from None
+
+
 @contextlib.contextmanager
 def no_empty_dir_left(path: str) -> Iterator[None]:
   """Removes the directories of ``path`` this block created if it fails and leaves them empty (never a file)."""

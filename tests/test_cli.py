@@ -158,3 +158,14 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
     (stopped / "checkpoints" / "7" / "params" / name).unlink()
   with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is damaged or incomplete .*\(2, 5\)"):
     train.evaluate_checkpoint(quickstart(7), str(stopped))
+
+
+def test_the_exporter_refuses_an_unwritable_output_and_another_programs_config_json(tmp_path, capsys):
+  from lcnn_jax.inference import exporter
+  assert exporter.main(["exporter", f"--workdir={tmp_path}", "--output=/proc/lcnn_jax/model.npz"]) == 2
+  assert "--output /proc/lcnn_jax/model.npz" in capsys.readouterr().err
+  (tmp_path / "config.json").write_text('{"name": "another program"}')
+  assert exporter.main(["exporter", f"--workdir={tmp_path}", f"--output={tmp_path / 'm.npz'}"]) == 2
+  err = capsys.readouterr().err
+  assert "is not the config.json of an lcnn_jax run" in err and err.count("error:") == 1
+  assert (tmp_path / "config.json").read_text() == '{"name": "another program"}'
