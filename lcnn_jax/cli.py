@@ -150,12 +150,12 @@ def quiet_logs() -> None:
   """Unless ``--verbosity`` was given: lcnn_jax's INFO lines and everyone's warnings, as plain lines on stderr."""
   if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].using_default_value:
     return
+  logging.use_absl_handler()  # app.run installs it; a command parsing its own flags may not have
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
-  handler.addFilter(_OwnOrWarnings())
+  if not any(isinstance(f, _OwnOrWarnings) for f in handler.filters):
+    handler.addFilter(_OwnOrWarnings())
   handler.setFormatter(_Plain("%(message)s"))
-  for name in ("jax", "orbax", "absl"):
-    std_logging.getLogger(name).addFilter(_OwnOrWarnings())
 
 
 def check_output_dir(path: str, flag: str) -> None:

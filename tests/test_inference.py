@@ -417,6 +417,7 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
                      precisions=("float32", "int8"))
   assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto", "auto int8"]
   assert [row["precision"] for row in result["rows"]] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
+  assert {(row["model"], row["preset"]) for row in result["rows"]} == {(_run_config().model.name, "trained")}
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
