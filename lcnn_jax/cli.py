@@ -151,6 +151,8 @@ def quiet_logs() -> None:
   if "verbosity" in flags.FLAGS and not flags.FLAGS["verbosity"].using_default_value:
     return
   logging.use_absl_handler()  # app.run installs it; a command parsing its own flags may not have
+  if not flags.FLAGS.is_parsed():  # such a command leaves absl's flags at their defaults
+    flags.FLAGS.mark_as_parsed()
   logging.set_verbosity(logging.INFO)
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OwnOrWarnings) for f in handler.filters):

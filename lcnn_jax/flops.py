@@ -411,7 +411,7 @@ def main(argv: Sequence[str]) -> int:
   """The ``python -m lcnn_jax.flops`` command; ``argv`` includes the program name. Returns the exit status."""
   from absl import flags
   from ml_collections import config_flags
-  from lcnn_jax import checkpoint, config as config_lib
+  from lcnn_jax import checkpoint, cli, config as config_lib
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with lcnn_jax.main
   config_flags.DEFINE_config_file("config", None, "A config file (configs/X.py): with --workdir, the model to "
                                   "load the checkpoint into; alone, an untrained model to count.",
@@ -435,6 +435,7 @@ def main(argv: Sequence[str]) -> int:
       raise ValueError(f"Unknown key in the --config overrides: {message}") from e
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    cli.quiet_logs()
     if flag_values.step is not None and flag_values.workdir is None:
       raise ValueError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
     config = flag_values.config

@@ -357,6 +357,7 @@ def main(argv: Sequence[str]) -> int:
                        "[--step N] [--backends auto] [--batch_size 1] [--lookup_form auto] "
                        "[--precision float32|bfloat16|int8]")
     cli.check_output_file(flag_values.output, "--output")
+    cli.quiet_logs()
     if flag_values.output.endswith(".onnx"):
       if flag_values.precision != "float32":
         raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "
