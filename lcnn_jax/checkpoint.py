@@ -271,7 +271,8 @@ def _damaged(step_dir: str, error: Exception) -> CheckpointError:
   fix = (f"use another saved step ({', '.join(map(str, others))}): pass {directory}/<step> "
          "(--config.restore for lcnn_jax.main, --step for the exporter and flops)" if others
          else "no other step is saved there; train again")
-  return CheckpointError(f"Checkpoint {step_dir} is damaged or incomplete ({type(error).__name__}: {detail}); {fix}.")
+  return CheckpointError(f"Checkpoint {step_dir} is incomplete or damaged ({type(error).__name__}: {detail}); "
+                         f"{fix}.")
 
 
 def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:

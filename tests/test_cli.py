@@ -156,7 +156,7 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
   # A damaged latest step reaches eval as our message, naming the steps saved beside it.
   for name in ("_METADATA", "manifest.ocdbt"):
     (stopped / "checkpoints" / "7" / "params" / name).unlink()
-  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is damaged or incomplete .*\(2, 5\)"):
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is incomplete or damaged .*\(2, 5\)"):
     train.evaluate_checkpoint(quickstart(7), str(stopped))
 
 
