@@ -232,7 +232,8 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   steps = sorted(int(name) for name in os.listdir(directory)
                  if name.isdigit() and os.path.isdir(os.path.join(directory, name, "params")))
   if not steps:
-    raise CheckpointError(f"No checkpoint in {directory!r}: expected {directory}/<step>/params (train first, "
+    expected = directory if os.path.basename(directory) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
+    raise CheckpointError(f"No checkpoint in {path!r}: expected {expected}/<step>/params (train first, "
                           "or pass the workdir of a run that saved one).")
   if step is None:
     return os.path.join(directory, str(steps[-1]))

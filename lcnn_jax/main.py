@@ -56,6 +56,9 @@ def main(argv):
   if not FLAGS.workdir:
     raise cli.UsageError("--workdir is missing: pass the directory where the run's checkpoints and logs go "
                          "(created if new; an existing run there is resumed).")
+  if FLAGS.mode != "train" and not config.restore and not os.path.isdir(FLAGS.workdir):
+    raise cli.UsageError(f"--workdir {FLAGS.workdir} does not exist: --mode {FLAGS.mode} reads the checkpoints of a "
+                         "training run; pass its --workdir (or --config.restore=RUN/checkpoints/STEP).")
   initialize_distributed()
   from lcnn_jax import config as config_lib, train
   config_lib.validate(config)

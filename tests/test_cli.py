@@ -30,6 +30,7 @@ def assert_one_message(done, *needles):
     (["--config.model.nmae=x"], ["'nmae'", "did you mean 'name'"]),
     (["--config.train.batch_size=abc"], ["--config.train.batch_size=abc", "not a value this key takes"]),
     (["--bogus=1", "stray"], ["'bogus'", "--help"]),
+    (["--mode=eval"], ["does not exist: --mode eval reads the checkpoints of a training run"]),
 ])
 def test_a_flag_mistake_is_one_paragraph_naming_the_flag_and_the_fix(tmp_path, args, needles):
   workdir = tmp_path / "run"
