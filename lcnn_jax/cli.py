@@ -219,7 +219,8 @@ class StopSignals:
   def __enter__(self) -> "StopSignals":
     if threading.current_thread() is threading.main_thread():
       for signum in (signal.SIGINT, signal.SIGTERM):
-        self.previous[signum] = signal.signal(signum, self._record)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # e.g. SIGINT of a job started with `&`
+          self.previous[signum] = signal.signal(signum, self._record)
     return self
 
   def __exit__(self, *exc) -> None:
