@@ -38,9 +38,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "digits"  # digits | folder | tfds:<name> | synthetic
-  c.data.dir = ""  # ImageNet-style folder root, or the TFDS data_dir.
-  c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 224 folder/synthetic, tfds fixed size or 224.
+  c.data.name = "digits"  # digits | folder | tfds:<name> | idx | fashion_mnist | synthetic
+  c.data.dir = ""  # ImageNet-style folder root, the TFDS data_dir, or the IDX files' directory.
+  c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 28 idx, 224 folder/synthetic, tfds fixed size or 224.
   c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224 (photos only).
   c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per channel, pixels in [0, 1]; computed if unset.
   c.data.std = ml_collections.config_dict.placeholder(tuple)  # Per channel, as data.mean; computed if unset.
@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.train_split = ""  # Folder subdirectory or TFDS split; "" = train.
   c.data.eval_split = ""  # "" = val (folder); validation, else test (tfds).
   c.data.balanced = False  # Class-balanced sampling (uniform class, then uniform image), as the original.
+  c.data.flip = ml_collections.config_dict.placeholder(bool)  # IDX training flips; unset: fashion_mnist only.
   c.data.fatal_corrupt = False  # A corrupt image stops the run instead of being skipped and counted.
   c.data.num_workers = 0  # grain worker processes for decoding (0 = in-process).
   c.data.prefetch = 2  # Batches prefetched per worker.
@@ -110,6 +111,33 @@ def digits_quickstart_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # once per epoch
   c.sparsity.rule = "prox"
   c.sparsity.strength = 10.0
+  return c
+
+
+def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
+  """``configs/fashion_mnist.py`` (the ``mnist`` CNN) or, with ``lcnn``, ``configs/fashion_mnist_lcnn.py`` (its
+  LCNN twin at a fixed sparsity strength): 10 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
+  translations and horizontal flips, a cosine learning rate."""
+  c = default_config()
+  c.model.name = "mnist-lcnn" if lcnn else "mnist"
+  c.model.width = 32
+  c.model.first_pool = 1
+  c.model.pool_size = 8
+  c.model.dropout = 0.2
+  c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
+  c.train.batch_size = 128
+  c.train.epochs = 10
+  c.train.steps_per_epoch = 0  # one pass over the 60,000 training images (468 steps)
+  c.train.lr_schedule = "cosine"
+  c.train.learning_rate = 0.1
+  c.train.warmup_steps = 200
+  c.train.weight_decay = 5e-4
+  c.train.checkpoint_every = 1000
+  c.train.log_every = 100
+  c.train.eval_every = 0  # once per epoch
+  c.train.eval_batch_size = 500
+  c.sparsity.rule = "prox"
+  c.sparsity.strength = 0.5 if lcnn else 0.0
   return c
 
 

@@ -1,4 +1,5 @@
-"""Input pipeline: image folders, TFDS array_record, scikit-learn digits, synthetic data (docs/data.md).
+"""Input pipeline: image folders, TFDS array_record, IDX files (Fashion-MNIST, MNIST), scikit-learn digits, synthetic
+data (docs/data.md).
 
 ::
 

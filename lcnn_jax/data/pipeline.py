@@ -33,7 +33,8 @@ from lcnn_jax.data import sources
 from lcnn_jax.data import transforms
 from lcnn_jax.data.transforms import CorruptImageError
 
-SOURCES = ("digits", "folder", "synthetic", "tfds:<name>")
+SOURCES = ("digits", "fashion_mnist", "folder", "idx", "synthetic", "tfds:<name>")
+IDX_SOURCES = ("idx", "fashion_mnist")  # The four standard IDX files of data.dir.
 STATS_FILE = "data_stats.json"
 IMAGENET_SIZE = (1_281_167, 50_000, 1000)  # Synthetic defaults: train and eval examples, classes.
 MAX_CONSECUTIVE_CORRUPT = 64  # More unreadable records in a row than this is not a skippable accident.
@@ -64,7 +65,7 @@ def corrupt_count() -> int:
 def validate_config(data: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the ``data.*`` key whose value is out of its domain."""
   name = data.name
-  if name not in ("digits", "folder", "synthetic") and not (
+  if name not in ("digits", "folder", "synthetic", *IDX_SOURCES) and not (
       name.startswith("tfds:") and len(name) > len("tfds:")):
     raise ValueError(f"data.name={name!r}: expected one of {SOURCES}.")
   for key in ("image_size", "resize_size", "num_workers", "prefetch", "num_classes", "num_train",
@@ -76,6 +77,13 @@ def validate_config(data: ml_collections.ConfigDict) -> None:
   if name == "digits" and 0 < data.image_size < transforms.DIGIT_SIZE:
     raise ValueError(f"data.image_size={data.image_size}: digits are 8×8; use 0 (8) or a larger size "
                      f"to upsample.")
+  if name in IDX_SOURCES and (data.train_split or data.eval_split or data.resize_size):
+    raise ValueError(f"data.train_split={data.train_split!r}, data.eval_split={data.eval_split!r}, "
+                     f"data.resize_size={data.resize_size}: {name!r} reads the fixed train and t10k files "
+                     f"and is evaluated whole; leave them unset (\"\", 0).")
+  if data.flip is not None and name not in IDX_SOURCES:
+    raise ValueError(f"data.flip={data.flip}: only the IDX sources {IDX_SOURCES} take it (photographs are "
+                     f"always flipped, digits never).")
   if data.resize_size and data.resize_size < data.image_size:
     raise ValueError(f"data.resize_size={data.resize_size} is smaller than data.image_size="
                      f"{data.image_size}: the crop must fit in the resized image.")
@@ -92,20 +100,24 @@ class _Opened(NamedTuple):
   splits: sources.Splits
   image_size: int
   resize_size: int
-  transform: Any  # PhotoTransform | DigitsTransform | SyntheticTransform
+  transform: Any  # PhotoTransform | DigitsTransform | IdxTransform | SyntheticTransform
 
 
 def _source_key(data: ml_collections.ConfigDict) -> tuple:
   classes = None if data.classes is None else tuple(int(c) for c in data.classes)
   return (data.name, data.dir, data.train_split, data.eval_split, data.image_size, data.resize_size,
-          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class)
+          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class, data.flip)
 
 
 @functools.lru_cache(maxsize=4)
 def _open_cached(name, directory, train_split, eval_split, image_size, resize_size, num_train,
-                 num_eval, num_classes, classes, examples_per_class) -> _Opened:
+                 num_eval, num_classes, classes, examples_per_class, flip) -> _Opened:
   if name == "digits":
     splits = sources.open_digits()
+  elif name == "idx":
+    splits = sources.open_idx(directory)
+  elif name == "fashion_mnist":
+    splits = sources.open_fashion_mnist(directory)
   elif name == "folder":
     splits = sources.open_folder(directory, train_split or "train", eval_split or "val")
   elif name == "synthetic":
@@ -119,6 +131,10 @@ def _open_cached(name, directory, train_split, eval_split, image_size, resize_si
   resize_size = resize_size or round(image_size * 256 / 224)
   if name == "digits":
     transform = transforms.DigitsTransform(image_size)
+  elif name in IDX_SOURCES:  # Clothing is mirror-symmetric; digits and letters are not.
+    flip = (name == "fashion_mnist") if flip is None else flip
+    transform = transforms.IdxTransform(image_size, splits.natural_size, flip)
+    resize_size = image_size  # Evaluated whole.
   elif name == "synthetic":
     transform = transforms.SyntheticTransform()
   else:

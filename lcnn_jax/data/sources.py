@@ -1,15 +1,17 @@
-"""Random-access sources of (image, label) records: an image folder, TFDS array_record, digits, synthetic.
+"""Random-access sources of (image, label) records: an image folder, TFDS array_record, IDX files
+(Fashion-MNIST, MNIST and their family), digits, synthetic.
 
 A source is a split of a dataset: ``len(source)``, ``source[i] -> (raw image, label)`` and
 ``source.describe(i)`` (where record i lives, for messages), plus ``labels`` (int32, one per record)
 for class-balanced sampling. The raw image is the encoded file for photographs (decoded by
-:class:`~lcnn_jax.data.transforms.PhotoTransform`), an array for digits and synthetic data. Sources are
+:class:`~lcnn_jax.data.transforms.PhotoTransform`), an array for IDX, digits and synthetic data. Sources are
 picklable, so grain worker processes can read them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import os
 from typing import NamedTuple, Sequence
 
@@ -244,6 +246,133 @@ def open_tfds(name: str, data_dir: str | None, train_split: str, eval_split: str
   logging.info("TFDS %s from %s: %d classes, %d %s and %d %s records.", name, builder.data_dir,
                len(names), len(splits[0]), train_split, len(splits[1]), eval_split)
   return Splits(splits[0], splits[1], len(names), names, channels, natural_size)
+
+
+# ------------------------------------------------------------------ IDX files (the MNIST family)
+
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+             "t10k-labels-idx1-ubyte")  # Each read as is, or with a .gz suffix.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist package.
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                         "Sneaker", "Bag", "Ankle boot")
+FASHION_MNIST_URL = "https://github.com/zalandoresearch/fashion-mnist"
+# The IDX type byte → big-endian NumPy dtype.
+IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
+              0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def _idx_path(directory: str, name: str) -> str | None:
+  """``directory/name`` or ``directory/name.gz``, whichever exists (the plain file first), else None."""
+  for candidate in (name, f"{name}.gz"):
+    path = os.path.join(directory, candidate)
+    if os.path.isfile(path):
+      return path
+  return None
+
+
+def read_idx(path: str) -> np.ndarray:
+  """The array stored in an IDX file (gzip-compressed when ``path`` ends in .gz), in native byte order.
+
+  The header is 0, 0, a type byte (see ``IDX_DTYPES``), the number of dimensions, then each dimension
+  as a big-endian uint32; the data follows, big-endian, row-major, and must fill the file exactly.
+
+  Raises:
+    ValueError: naming the file, when it is not gzip data (for .gz), has a bad magic number or type,
+      is shorter than its header says (truncated) or longer (trailing bytes).
+  """
+  try:
+    if path.endswith(".gz"):
+      with gzip.open(path, "rb") as f:
+        data = f.read()
+    else:
+      with open(path, "rb") as f:
+        data = f.read()
+  except (gzip.BadGzipFile, EOFError, OSError) as error:  # EOFError: a truncated .gz stream.
+    raise ValueError(f"IDX file {path} cannot be read ({type(error).__name__}: {error}); replace it.") from error
+  if len(data) < 4:
+    raise ValueError(f"IDX file {path} holds {len(data)} bytes, shorter than the 4-byte magic number: "
+                     f"it is truncated; replace it.")
+  zero, zero2, type_byte, ndim = data[:4]
+  if zero or zero2 or type_byte not in IDX_DTYPES or ndim == 0:
+    raise ValueError(f"IDX file {path} starts with bytes {data[:4].hex()}, not an IDX magic number "
+                     f"(00 00, a type in {sorted(f'{t:02x}' for t in IDX_DTYPES)}, at least 1 dimension): "
+                     f"not an IDX file (a .gz file not named .gz?); replace it.")
+  header = 4 + 4 * ndim
+  if len(data) < header:
+    raise ValueError(f"IDX file {path} is truncated inside its header ({len(data)} bytes, the "
+                     f"{ndim} dimensions need {header}); replace it.")
+  shape = tuple(int(d) for d in np.frombuffer(data, ">u4", ndim, 4))
+  dtype = IDX_DTYPES[type_byte]
+  expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  if len(data) != expected:
+    what = "truncated" if len(data) < expected else "longer than its header says (trailing bytes)"
+    raise ValueError(f"IDX file {path} is {what}: shape {shape} of {dtype.name} needs {expected} bytes, "
+                     f"the file holds {len(data)}; replace it.")
+  return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def _idx_split(images_path: str, labels_path: str, num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+  """(n, h, w, 1) uint8 images and (n,) int32 labels of one split, their shapes and counts checked."""
+  images, labels = read_idx(images_path), read_idx(labels_path)
+  if images.ndim != 3 or images.dtype != np.uint8:
+    raise ValueError(f"IDX file {images_path} holds {images.dtype.name} of shape {images.shape}; images "
+                     f"should be uint8 (count, rows, columns).")
+  if labels.ndim != 1 or labels.dtype != np.uint8:
+    raise ValueError(f"IDX file {labels_path} holds {labels.dtype.name} of shape {labels.shape}; labels "
+                     f"should be uint8 (count,).")
+  if len(images) != len(labels):
+    raise ValueError(f"IDX files {images_path} and {labels_path} disagree: {len(images)} images but "
+                     f"{len(labels)} labels.")
+  if not len(labels):
+    raise ValueError(f"IDX file {labels_path} holds no records.")
+  if num_classes is not None and labels.max() >= num_classes:
+    raise ValueError(f"IDX file {labels_path} holds label {labels.max()}; expected labels 0..{num_classes - 1}.")
+  return images[..., None], labels.astype(np.int32)
+
+
+def open_idx(directory: str, *, name: str = "idx", class_names: Sequence[str] | None = None,
+             get_them: str = "") -> Splits:
+  """The four standard IDX files of ``directory`` (each plain or .gz): train and t10k images and labels.
+
+  Images are uint8 (n, h, w, 1), square; the number of classes is ``len(class_names)`` when given, else
+  the largest label + 1. ``get_them`` adds to the message for missing files (where to get them).
+
+  Raises:
+    FileNotFoundError: naming the directory, the files expected and ``get_them``.
+    ValueError: a file that is not IDX, truncated, of the wrong shape or type, or splits that disagree.
+  """
+  if not directory:
+    raise ValueError(f"data.name={name!r} needs data.dir: a directory holding {', '.join(IDX_FILES)} "
+                     f"(each plain or .gz).")
+  paths = [_idx_path(directory, file) for file in IDX_FILES]
+  if None in paths:
+    missing = [f"{file}[.gz]" for file, path in zip(IDX_FILES, paths) if path is None]
+    where = ("does not exist" if not os.path.isdir(directory) else f"lacks {', '.join(missing)}")
+    raise FileNotFoundError(
+        f"IDX directory {directory} {where}: expected the four files {', '.join(IDX_FILES)} (each plain "
+        f"or .gz){get_them}; pass --config.data.dir=DIR.")
+  num_classes = len(class_names) if class_names else None
+  train_images, train_labels = _idx_split(paths[0], paths[1], num_classes)
+  eval_images, eval_labels = _idx_split(paths[2], paths[3], num_classes)
+  if train_images.shape[1:] != eval_images.shape[1:] or train_images.shape[1] != train_images.shape[2]:
+    raise ValueError(f"IDX images of {paths[0]} are {train_images.shape[1:3]} and of {paths[2]} "
+                     f"{eval_images.shape[1:3]}: expected the same square size in both.")
+  if num_classes is None:
+    num_classes = int(max(train_labels.max(), eval_labels.max())) + 1
+    class_names = [str(c) for c in range(num_classes)]
+  logging.info("IDX %s from %s: %d classes, %d train and %d eval images of %dx%d.", name, directory,
+               num_classes, len(train_labels), len(eval_labels), *train_images.shape[1:3])
+  return Splits(ArraySource(f"{paths[0]} image", train_images, train_labels),
+                ArraySource(f"{paths[2]} image", eval_images, eval_labels), num_classes,
+                list(class_names), channels=1, natural_size=train_images.shape[1])
+
+
+def open_fashion_mnist(directory: str) -> Splits:
+  """Fashion-MNIST's IDX files, from ``directory`` or Debian's ``dataset-fashion-mnist`` location."""
+  get_them = (f"; install them with `apt-get install dataset-fashion-mnist` (into {FASHION_MNIST_DIR}) or "
+              f"download the four .gz files from {FASHION_MNIST_URL} into a directory")
+  return open_idx(directory or FASHION_MNIST_DIR, name="fashion_mnist",
+                  class_names=FASHION_MNIST_CLASSES, get_them=get_them)
 
 
 # ------------------------------------------------------------------ digits

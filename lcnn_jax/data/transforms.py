@@ -4,8 +4,10 @@ Photographs (folder and TFDS sources): shortest side → ``resize_size`` (biline
 random ``image_size`` crop and a horizontal flip for training, a centre crop for evaluation. Digits: a ±1
 pixel random translation for training (zero padding, then a random 8×8 crop), no flip (digits are not
 mirror-symmetric), and bilinear upsampling when ``image_size`` > 8. Synthetic images are generated at
-``image_size``; training flips them. Every transform returns an unnormalised image; :class:`Normalize`
-turns it into float32 (x − mean) / std with x in [0, 1].
+``image_size``; training flips them. IDX images (28×28 grey, the MNIST family): a ±2 pixel random
+translation for training (zero padding, then a random crop), a horizontal flip only where the classes are
+mirror-symmetric (clothing: ``data.flip``), bilinear resizing when ``image_size`` differs. Every transform
+returns an unnormalised image; :class:`Normalize` turns it into float32 (x − mean) / std with x in [0, 1].
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from PIL import Image
 
 DIGIT_SIZE = 8  # load_digits images are 8×8.
 DIGIT_SHIFT = 1  # Training translation of digits, in pixels.
+IDX_SHIFT = 2  # Training translation of 28×28 IDX images, in pixels (the object keeps ≥ 24 of 28 rows).
 
 # What PIL raises on a file that is not a readable image: zero bytes or unknown format
 # (UnidentifiedImageError, an OSError), truncated data (OSError), malformed headers (SyntaxError,
@@ -125,6 +128,29 @@ class DigitsTransform:
   def eval(self, digit: np.ndarray) -> np.ndarray:
     """Upsampling only."""
     return self._upsampled(digit)
+
+
+class IdxTransform:
+  """A uint8 (n, n, 1) IDX image → uint8 (image_size, image_size, 1); flipped for training when ``flip``."""
+
+  def __init__(self, image_size: int, natural_size: int, flip: bool):
+    self.image_size, self.natural_size, self.flip = image_size, natural_size, flip
+
+  def _resized(self, image: np.ndarray) -> np.ndarray:
+    if self.image_size == self.natural_size:
+      return image
+    resized = Image.fromarray(image[..., 0]).resize((self.image_size, self.image_size), Image.BILINEAR)
+    return as_array(resized)
+
+  def train(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random translation by up to ±2 pixels (zero fill), a random flip if ``flip``, then resizing."""
+    padded = np.pad(image, ((IDX_SHIFT, IDX_SHIFT), (IDX_SHIFT, IDX_SHIFT), (0, 0)))
+    shifted = random_crop(padded, self.natural_size, rng)
+    return self._resized(random_flip(shifted, rng) if self.flip else shifted)
+
+  def eval(self, image: np.ndarray) -> np.ndarray:
+    """Resizing only (none at the natural size): the stored image as is."""
+    return self._resized(image)
 
 
 class SyntheticTransform:

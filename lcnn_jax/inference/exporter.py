@@ -194,7 +194,7 @@ def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, li
   model, config, _ = checkpoint.restore_model(workdir, step)
   _, dataset = checkpoint.load_run_info(workdir)
   image_size, _, channels = dataset["image_shape"]
-  if dataset["name"] == "digits":  # evaluated whole, only resized to image_size: no resize-and-crop margin
+  if dataset["name"] in ("digits", "idx", "fashion_mnist"):  # evaluated whole, only resized to image_size: no resize-and-crop margin
     resize_size = image_size
   else:
     resize_size = config.data.resize_size or round(image_size * 256 / 224)

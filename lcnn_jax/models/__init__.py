@@ -9,6 +9,8 @@ resnet          ResNet-8/18/34 (``model.depth``), shortcut type B  itself
 resnet-lcnn     ResNet-LCNN (``first_pool``, ``pool1``..``pool4``) resnet
 digits          small CNN for 8×8 digits and other small inputs    itself
 digits-lcnn     its LCNN twin                                      digits
+mnist           the small CNN pooled for 28×28 (Fashion-MNIST)     itself
+mnist-lcnn      its LCNN twin                                      mnist
 =============== ================================================== ==========
 
 Every model takes NHWC float images and returns (batch, num_classes) logits. ``model.train()`` and
@@ -25,7 +27,7 @@ from flax import nnx
 
 from lcnn_jax.models.alexnet import AlexNet, alexnet, alexnet_lcnn
 from lcnn_jax.models.resnet import STAGE_BLOCKS, ResNet, resnet, resnet_lcnn
-from lcnn_jax.models.small import DigitsNet, digits, digits_lcnn
+from lcnn_jax.models.small import DigitsNet, digits, digits_lcnn, mnist, mnist_lcnn
 
 Builder = Callable[..., nnx.Module]
 
@@ -36,8 +38,10 @@ MODELS: dict[str, Builder] = {
     "resnet-lcnn": resnet_lcnn,
     "digits": digits,
     "digits-lcnn": digits_lcnn,
+    "mnist": mnist,
+    "mnist-lcnn": mnist_lcnn,
 }
-BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits"}
+BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits", "mnist-lcnn": "mnist"}
 RESNET_DEPTHS = tuple(sorted(STAGE_BLOCKS))
 
 

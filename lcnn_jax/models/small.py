@@ -8,6 +8,11 @@ average pool, dropout and a linear classifier. The LCNN twin makes every convolu
 ``model.convs_per_stage`` = n > 1 deepens the nets for few-iteration learning: each of conv1, conv2, conv3 is
 followed by n − 1 more 3×3 convolutions of its width (``conv1_2``, ``conv1_3``, …, each with its BatchNorm; in
 the LCNN with conv2's, conv3's and conv3's dictionary size), the max-pool after the last convolution of width 2w.
+
+The 28×28 twins ``mnist`` and ``mnist-lcnn`` (Fashion-MNIST, MNIST and the rest of the IDX family) are the same
+nets with a second max-pool after the last convolution of width w: conv1 runs at 28×28, conv2 at 14×14, conv3 at
+7×7, so a training step costs about a quarter of what the digits layout would at 28×28, and the dictionary
+stage of each lookup layer runs on the smaller maps.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ class DigitsNet(nnx.Module):
     dictionary_sizes: dictionary sizes of conv1, conv2, conv3 and the classifier (0 = dense).
     dropout: the dropout rate before the classifier.
     convs_per_stage: 3×3 convolutions at each width (1: conv1, conv2, conv3 only).
+    pool_after: the stages (0: width w, 1: 2w, 2: 4w) followed by a 2×2 max-pool.
     initial_sparsity: sets the lookup layers' threshold τ.
     rngs: ``params`` initialises the weights; the model keeps a ``dropout`` stream for its dropout masks.
   """
 
   def __init__(self, num_classes: int, input_shape: Sequence[int], *, width: int = 32,
                dictionary_sizes: Sequence[int] = (0, 0, 0, 0), dropout: float = 0.5,
-               initial_sparsity: float = 0.01, convs_per_stage: int = 1, rngs: nnx.Rngs):
+               initial_sparsity: float = 0.01, convs_per_stage: int = 1,
+               pool_after: Sequence[int] = (1,), rngs: nnx.Rngs):
     height, image_width, channels = input_shape
     if min(height, image_width) < 2:
       raise ValueError(f"input_shape={tuple(input_shape)}: the digits nets need sides of at least 2 pixels.")
@@ -46,6 +53,7 @@ class DigitsNet(nnx.Module):
     if convs_per_stage < 1:
       raise ValueError(f"model.convs_per_stage={convs_per_stage}: must be at least 1.")
     k1, k2, k3, k_classifier = dictionary_sizes
+    self.pool_after = tuple(pool_after)
     widths = (width, 2 * width, 4 * width)
 
     def conv(i, o, size):
@@ -70,8 +78,8 @@ class DigitsNet(nnx.Module):
     for stage, names in enumerate(self.stage_names):
       for name in names:  # (batch, 8, 8, w), (batch, 8, 8, 2w), (batch, 4, 4, 4w) for digits
         x = nnx.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)))
-      if stage == 1:
-        x = common.max_pool(x, 2, 2)  # (batch, 4, 4, 2w)
+      if stage in self.pool_after:
+        x = common.max_pool(x, 2, 2)  # digits: (batch, 4, 4, 2w); mnist: (batch, 14, 14, w), (batch, 7, 7, 2w)
     return self.classifier(self.dropout(common.global_average_pool(x)))
 
 
@@ -89,3 +97,23 @@ def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_sh
   return DigitsNet(num_classes, input_shape, width=config.width,
                    dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
                    initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage, rngs=rngs)
+
+
+MNIST_POOLS = (0, 1)  # 28 → 14 after conv1, 14 → 7 after conv2.
+
+
+def mnist(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
+          rngs: nnx.Rngs) -> DigitsNet:
+  """The dense 28×28 CNN (conv1 at 28×28, conv2 at 14×14, conv3 at 7×7), twin of ``mnist-lcnn``."""
+  return DigitsNet(num_classes, input_shape, width=config.width, dropout=config.dropout,
+                   convs_per_stage=config.convs_per_stage, pool_after=MNIST_POOLS, rngs=rngs)
+
+
+def mnist_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
+               rngs: nnx.Rngs) -> DigitsNet:
+  """The 28×28 LCNN: dictionary sizes as ``digits-lcnn``'s, the pooling of ``mnist``."""
+  k2, k3 = common.conv_pools(config, 2, "conv2, conv3")
+  return DigitsNet(num_classes, input_shape, width=config.width,
+                   dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
+                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
+                   pool_after=MNIST_POOLS, rngs=rngs)
