@@ -36,6 +36,9 @@ POLARITY = {
               "drawings first",
     "tfds:mnist": "white (bright) strokes on a black background: invert black-on-white drawings first",
     "tfds:fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
+    "fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
+    "idx": "bright strokes or objects on a black background, as in MNIST-style IDX files: invert dark-on-light "
+           "images first",
 }
 
 
