@@ -39,10 +39,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from flax import nnx
 
-from lcnn_jax import flops, layers, models
+from lcnn_jax import cli, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter, onnx_export
@@ -275,7 +275,11 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   if unknown:
     raise ValueError(f"--baselines: unknown engine(s) {unknown}; expected some of {', '.join(BASELINES)}.")
   precision = precisions[0]
+  logging.info("Building the CNN and the LCNN and measuring each lookup layer's backends at batch %d ...", batch)
   setup = build(model, preset, batch, checkpoint, seed, precision)
+  if checkpoint:  # the rows name the checkpoint's model, not the --model/--preset it ignores
+    from lcnn_jax import checkpoint as checkpoint_lib
+    model, preset = checkpoint_lib.load_run_info(checkpoint)[0].model.name, "trained"
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
   engines, skipped = dense_engines(setup, baselines, batch)
   variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
@@ -284,6 +288,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
+  logging.info("Timing %d variants for about %.0f s: %s", len(variants), seconds, ", ".join(variants))
   times = time_models(variants, images, seconds)
   dense_ms = {e: times["cnn" if e == "xla" else f"cnn:{e}"] for e in engines}
   fastest = min(dense_ms, key=dense_ms.get)
@@ -370,6 +375,7 @@ def main(argv: Sequence[str]) -> int:
     unparsed = flag_values(list(argv))
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    cli.quiet_logs()  # the progress lines, without other libraries' INFO lines
     unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
     if unknown or not flag_values.precision:
       raise ValueError(f"--precision={','.join(flag_values.precision)}: expected a list of "

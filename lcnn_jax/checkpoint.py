@@ -54,7 +54,13 @@ def load_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   if not os.path.exists(path):
     raise CheckpointError(f"No {CONFIG_FILE} in {workdir!r}: is it the --workdir of a training run?")
   with open(path) as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError:
+      saved = None
+  if not isinstance(saved, dict) or not {"config", "dataset"} <= set(saved):
+    raise CheckpointError(f"{path} is not the {CONFIG_FILE} of an lcnn_jax run (it needs 'config' and 'dataset'): "
+                          f"is {workdir!r} the --workdir of a training run of lcnn_jax?")
   config = config_lib.default_config()
   _merge(config, saved["config"])
   return config, saved["dataset"]
@@ -226,7 +232,8 @@ def resolve_step_dir(path: str, step: int | None = None) -> str:
   steps = sorted(int(name) for name in os.listdir(directory)
                  if name.isdigit() and os.path.isdir(os.path.join(directory, name, "params")))
   if not steps:
-    raise CheckpointError(f"No checkpoint in {directory!r}: expected {directory}/<step>/params (train first, "
+    expected = directory if os.path.basename(directory) == CHECKPOINT_DIR else os.path.join(path, CHECKPOINT_DIR)
+    raise CheckpointError(f"No checkpoint in {path!r}: expected {expected}/<step>/params (train first, "
                           "or pass the workdir of a run that saved one).")
   if step is None:
     return os.path.join(directory, str(steps[-1]))
@@ -239,15 +246,34 @@ def restore_into(model: nnx.Module, step_dir: str) -> None:
   """Loads params and the rest (BatchNorm statistics) of ``step_dir`` into ``model`` on this host's devices."""
   _, params, rest = nnx.split(model, nnx.Param, ...)
   params_dict, rest_dict = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-  check_compatible(_metadata_tree(step_dir, "params"), params_dict, step_dir)
+  try:
+    saved = _metadata_tree(step_dir, "params")
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds on a damaged step)
+    raise _damaged(step_dir, e) from None
+  check_compatible(saved, params_dict, step_dir)
   checkpointer = ocp.PyTreeCheckpointer()
   here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # whatever topology wrote the checkpoint
   on_this_host = lambda tree: jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=here), tree)
   for item, state, tree in (("params", params, params_dict), ("rest", rest, rest_dict)):
-    restored = checkpointer.restore(os.path.join(step_dir, item),
-                                    args=ocp.args.PyTreeRestore(tree, restore_args=on_this_host(tree)))
+    try:
+      restored = checkpointer.restore(os.path.join(step_dir, item),
+                                      args=ocp.args.PyTreeRestore(tree, restore_args=on_this_host(tree)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise _damaged(step_dir, e) from None
     nnx.replace_by_pure_dict(state, restored)
   nnx.update(model, params, rest)
+
+
+def _damaged(step_dir: str, error: Exception) -> CheckpointError:
+  """The error for a step that cannot be read, naming the other steps saved beside it."""
+  directory, step = os.path.dirname(step_dir), _step_of(step_dir)
+  others = sorted(int(name) for name in os.listdir(directory) if name.isdigit() and int(name) != step)
+  detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+  fix = (f"use another saved step ({', '.join(map(str, others))}): pass {directory}/<step> "
+         "(--config.restore for lcnn_jax.main, --step for the exporter and flops)" if others
+         else "no other step is saved there; train again")
+  return CheckpointError(f"Checkpoint {step_dir} is incomplete or damaged ({type(error).__name__}: {detail}); "
+                         f"{fix}.")
 
 
 def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:

@@ -29,11 +29,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.fc_pool = 0  # Dictionary size of fc6/fc7; 0 keeps them dense.
   c.model.classifier_pool = 0  # Dictionary size of the classifier; 0 keeps it dense.
   c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4; 0 (or >= out·kh·kw) keeps a stage dense.
-  c.model.pool2 = 0
-  c.model.pool3 = 0
-  c.model.pool4 = 0
+  c.model.pool2 = 0  # ResNet-LCNN stage 2 (see pool1).
+  c.model.pool3 = 0  # ResNet-LCNN stage 3 (see pool1).
+  c.model.pool4 = 0  # ResNet-LCNN stage 4 (see pool1).
   c.model.initial_sparsity = 0.01  # tau = initial_sparsity / sqrt(kh * kw * k).
-  c.model.dropout = 0.5
+  c.model.dropout = 0.5  # Dropout rate before the fully connected layers (AlexNet, digits nets).
   c.model.width = 32  # Base width of the small digits nets.
   c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
 
@@ -43,7 +43,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.image_size = 0  # Crop size; 0 = natural: 8 digits, 28 idx, 224 folder/synthetic, tfds fixed size or 224.
   c.data.resize_size = 0  # Shortest side before cropping; 0 = image_size * 256 / 224 (photos only).
   c.data.mean = ml_collections.config_dict.placeholder(tuple)  # Per channel, pixels in [0, 1]; computed if unset.
-  c.data.std = ml_collections.config_dict.placeholder(tuple)
+  c.data.std = ml_collections.config_dict.placeholder(tuple)  # Per channel, as data.mean; computed if unset.
   c.data.stats_images = 2000  # Training images sampled to compute mean/std (cached in the workdir).
   c.data.train_split = ""  # Folder subdirectory or TFDS split; "" = train.
   c.data.eval_split = ""  # "" = val (folder); validation, else test (tfds).
@@ -54,25 +54,25 @@ def default_config() -> ml_collections.ConfigDict:
   c.data.prefetch = 2  # Batches prefetched per worker.
   c.data.num_classes = 0  # Synthetic data only: number of classes (0 = 1000).
   c.data.num_train = 0  # Synthetic data only: number of examples.
-  c.data.num_eval = 0
+  c.data.num_eval = 0  # Synthetic data only: number of evaluation examples.
   c.data.classes = ml_collections.config_dict.placeholder(tuple)  # Keep these classes, relabelled 0..n-1 in order.
   c.data.examples_per_class = 0  # Keep the first n training records of each class (0 = all): few-shot runs.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # Global batch, split across processes.
   c.train.break_batch = 1  # Split each batch into this many pieces and accumulate gradients.
-  c.train.epochs = 55
+  c.train.epochs = 55  # Training length in epochs of train.steps_per_epoch steps.
   c.train.steps_per_epoch = 10_000  # The original's epochSize, independent of batch size; 0 = one pass.
   c.train.num_steps = 0  # Overrides epochs * steps_per_epoch when > 0.
   c.train.lr_schedule = "alexnet"  # alexnet | resnet | cosine | constant
   c.train.learning_rate = 1.0  # The original's -LR: a multiplier on the schedule (the base LR for cosine/constant).
   c.train.warmup_steps = 0  # cosine only.
   c.train.weight_decay = -1.0  # < 0: the schedule's own (AlexNet 0, ResNet 5e-4 then 0); else constant.
-  c.train.momentum = 0.9
+  c.train.momentum = 0.9  # SGD momentum, Torch style: buf = momentum·buf + g.
   c.train.compute_dtype = "float32"  # float32 | bfloat16
   c.train.checkpoint_every = 1000  # Steps between checkpoints.
-  c.train.keep_checkpoints = 3
-  c.train.log_every = 50
+  c.train.keep_checkpoints = 3  # Newest checkpoints kept in workdir/checkpoints.
+  c.train.log_every = 50  # Steps between training rows in metrics.jsonl, TensorBoard and the progress bar.
   c.train.eval_every = 0  # Steps between evaluations; 0 = at the end of each epoch.
   c.train.eval_batch_size = 0  # 0 = train.batch_size.
   c.train.freeze_dictionaries = False  # Train only the coefficients (dictionary transfer, few-iteration learning).
@@ -152,7 +152,7 @@ def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml
   c.data.balanced = True
   c.train.batch_size = batch_size
   c.train.lr_schedule = lr_schedule
-  c.train.epochs = 55
+  c.train.epochs = 55  # Training length in epochs of train.steps_per_epoch steps.
   c.train.steps_per_epoch = 10_000
   return c
 

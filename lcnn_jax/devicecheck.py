@@ -45,7 +45,9 @@ import time
 from typing import Any, Callable
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
+
+from lcnn_jax import cli
 
 PARTS = ("tests", "train", "inference", "pipeline")
 FAMILIES = ("alexnet", "resnet18")
@@ -372,7 +374,7 @@ def markdown(result: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
   bad = sorted(set(FLAGS.parts) - set(PARTS)) or sorted(set(FLAGS.families) - set(FAMILIES))
   if bad or not FLAGS.out:
     sys.stderr.write(f"error: --parts must be among {','.join(PARTS)} and --families among {','.join(FAMILIES)} "
@@ -408,4 +410,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -415,7 +415,7 @@ def main(argv: Sequence[str]) -> int:
   """The ``python -m lcnn_jax.flops`` command; ``argv`` includes the program name. Returns the exit status."""
   from absl import flags
   from ml_collections import config_flags
-  from lcnn_jax import checkpoint, config as config_lib
+  from lcnn_jax import checkpoint, cli, config as config_lib
   flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with lcnn_jax.main
   config_flags.DEFINE_config_file("config", None, "A config file (configs/X.py): with --workdir, the model to "
                                   "load the checkpoint into; alone, an untrained model to count.",
@@ -425,6 +425,11 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_boolean("json", False, "Print the inspection as one JSON object.", flag_values=flag_values)
   flags.DEFINE_string("plot", None, "Write a PNG of per-layer CNN vs LCNN multiplications and densities.",
                       flag_values=flag_values)
+  if {"--help", "-h", "--helpshort", "--helpfull"} & set(argv[1:]):
+    sys.stdout.write("Multiplications per layer of a training run or a config's model:\n"
+                     "python -m lcnn_jax.flops (--workdir RUN [--step N] | --config configs/X.py) [--json] "
+                     f"[--plot FILE.png]\n\nflags:\n{flag_values.get_help()}\n")
+    return 0
   try:
     try:
       unparsed = flag_values(list(argv))
@@ -434,6 +439,7 @@ def main(argv: Sequence[str]) -> int:
       raise ValueError(f"Unknown key in the --config overrides: {message}") from e
     if len(unparsed) > 1:
       raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
+    cli.quiet_logs()
     if flag_values.step is not None and flag_values.workdir is None:
       raise ValueError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
     config = flag_values.config

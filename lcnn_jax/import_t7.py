@@ -42,11 +42,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import checkpoint, config as config_lib, data, layers, train
+from lcnn_jax import checkpoint, cli, config as config_lib, data, layers, train
 
 MISSING_READER = ("Reading .t7 files needs the torchfile package: pip install 'lcnn-jax[t7]' "
                   "(or pip install torchfile).")
@@ -719,19 +719,14 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 def main(argv: Sequence[str]) -> None:
   """``python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR --meanstd FILE``: exit status 2 on a user mistake."""
   FLAGS = flags.FLAGS
-  try:
-    if len(argv) != 2 or not FLAGS.workdir:
-      raise T7ImportError("usage: python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR (--meanstd FILE | --mean "
-                          "R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE]")
-    summary = import_run(argv[1], FLAGS.workdir, config=FLAGS.config, image_size=FLAGS.image_size,
-                         classes=FLAGS.classes, meanstd=FLAGS.meanstd, mean=FLAGS.mean, std=FLAGS.std)
-  except (T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
-    logging.error("%s", e)
-    sys.stderr.write(f"error: {e}\n")
-    sys.exit(2)
+  if len(argv) != 2 or not FLAGS.workdir:
+    raise T7ImportError("usage: python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR (--meanstd FILE | --mean "
+                        "R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE]")
+  summary = import_run(argv[1], FLAGS.workdir, config=FLAGS.config, image_size=FLAGS.image_size,
+                       classes=FLAGS.classes, meanstd=FLAGS.meanstd, mean=FLAGS.mean, std=FLAGS.std)
   sys.stdout.write(summary + "\n")
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main, user_errors=(T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Mapping
 
 from absl import logging
@@ -82,24 +83,35 @@ class MetricsLogger:
 
 
 class Progress:
-  """A tqdm bar over the steps showing loss, learning rate, images/s, mean density, counted speedup, strength."""
+  """A tqdm bar over the steps showing loss, learning rate, images/s, mean density, counted speedup, strength;
+  log lines are written above the bar. When stderr is not a terminal (a log file, a scheduler), a plain line
+  every 30 s instead."""
 
   def __init__(self, total: int, *, initial: int = 0, enabled: bool = True):
     self.bar = None
-    if enabled:
+    self.total, self.enabled = total, enabled
+    self.interactive = sys.stderr.isatty()
+    self.last_line = time.monotonic()
+    if enabled and self.interactive:
       from tqdm import tqdm
-      interactive = sys.stderr.isatty()
-      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                      mininterval=0.5 if interactive else 10.0, desc="train")
+      from tqdm.contrib import DummyTqdmFile
+      self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=0.5, desc="train")
+      self.log_handler = logging.get_absl_handler().python_handler  # log lines go above the bar, not into it
+      self.log_stream = self.log_handler.stream
+      self.log_handler.stream = DummyTqdmFile(self.log_stream)
 
   def update(self, step: int, row: Mapping[str, float]) -> None:
-    if self.bar is None:
-      return
-    self.bar.update(step - self.bar.n)
-    self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2g}",
-                         img_s=f"{row['images_per_second']:.0f}", density=f"{row['density']:.3f}",
-                         speedup=f"{row['speedup']:.1f}x", strength=f"{row['strength']:.3g}", refresh=False)
+    values = dict(loss=f"{row['loss']:.4f}", lr=f"{row['learning_rate']:.2g}",
+                  img_s=f"{row['images_per_second']:.0f}", density=f"{row['density']:.3f}",
+                  speedup=f"{row['speedup']:.1f}x", strength=f"{row['strength']:.3g}")
+    if self.bar is not None:
+      self.bar.update(step - self.bar.n)
+      self.bar.set_postfix(**values, refresh=False)
+    elif self.enabled and (time.monotonic() - self.last_line >= 30 or step == self.total):
+      self.last_line = time.monotonic()
+      logging.info("train step %d/%d: %s", step, self.total, " ".join(f"{k} {v}" for k, v in values.items()))
 
   def close(self) -> None:
     if self.bar is not None:
       self.bar.close()
+      self.log_handler.stream = self.log_stream

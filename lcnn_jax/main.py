@@ -3,16 +3,19 @@
 ``train`` (the default) trains and evaluates, resuming from the latest checkpoint in DIR when there is one;
 ``eval`` is the original's ``-testOnly`` (top-1/top-5 of the latest checkpoint, or ``--config.restore=PATH``);
 ``benchmark`` is the original's ``-benchmark`` (the per-layer multiplication table of the checkpoint).
+``--print_config`` prints the resolved config; docs/config.md explains every key. Ctrl-C or SIGTERM saves a
+checkpoint and stops; the same command resumes. Logs show lcnn_jax's lines and warnings; ``--verbosity=0`` adds
+every library's INFO lines, ``--verbosity=1`` debug lines.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
+
+from lcnn_jax import cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file in configs/, e.g. configs/quickstart.py.",
@@ -24,7 +27,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "unset, jax.distributed is initialised only where a cluster is detected (SLURM, TPU pods).")
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_bool("print_config", False, "Print the resolved config (the file with its --config.KEY=VALUE "
+                  "overrides) and exit; needs no --workdir.")
+flags.mark_flags_as_required(["config"])
 
 
 def initialize_distributed() -> None:
@@ -36,46 +41,64 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
-  logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
-               jax.local_device_count(), jax.device_count())
+  if jax.process_count() > 1:
+    logging.info("Process %d of %d, %d local / %d global devices.", jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise cli.UsageError(f"unexpected arguments {argv[1:]}: options are --flag=value (see --help).")
+  config = FLAGS.config
+  if FLAGS.print_config:
+    print(config)
+    return
+  if not FLAGS.workdir:
+    raise cli.UsageError("--workdir is missing: pass the directory where the run's checkpoints and logs go "
+                         "(created if new; an existing run there is resumed).")
+  if FLAGS.mode != "train" and not config.restore and not os.path.isdir(FLAGS.workdir):
+    raise cli.UsageError(f"--workdir {FLAGS.workdir} does not exist: --mode {FLAGS.mode} reads the checkpoints of a "
+                         "training run; pass its --workdir (or --config.restore=RUN/checkpoints/STEP).")
   initialize_distributed()
   from lcnn_jax import config as config_lib, train
-  config = FLAGS.config
   config_lib.validate(config)
+  if config.data.dir and config.data.name in ("digits", "synthetic"):
+    logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for folder and tfds:<name>).",
+                    config.data.dir, config.data.name)
   if FLAGS.mode == "train":
-    metrics = train.train_and_evaluate(config, FLAGS.workdir)
+    with cli.no_empty_dir_left(FLAGS.workdir):
+      cli.check_output_dir(FLAGS.workdir, "--workdir")
+      logging.info("TensorBoard files go to %s; view them with: tensorboard --logdir %s",
+                   os.path.join(FLAGS.workdir, "tensorboard"), FLAGS.workdir)
+      metrics = train.train_and_evaluate(config, FLAGS.workdir)
     report(FLAGS.workdir, metrics)
   elif FLAGS.mode == "eval":
     metrics = train.evaluate_checkpoint(config, FLAGS.workdir)
-    print(json.dumps(metrics))
+    print(eval_line(metrics))
   else:
     from lcnn_jax import flops
     print(flops.checkpoint_report(config.restore or FLAGS.workdir))
 
 
+def eval_line(metrics: dict) -> str:
+  """The evaluation as training and ``--mode eval`` print it."""
+  step = f"step {metrics['step']}: " if "step" in metrics else ""
+  return (f"{step}eval top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
+          f"({metrics['count']} images)")
+
+
 def report(workdir: str, metrics: dict) -> None:
   """Prints the final evaluation and the per-layer multiplications with the speedup over the CNN baseline."""
   from lcnn_jax import flops
-  print(f"eval top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
-        f"({metrics['count']} images)")
+  print(eval_line(metrics))
   print(flops.checkpoint_report(workdir))
 
 
 def run() -> None:
-  """Entry point that turns user mistakes into one clear line instead of a traceback."""
+  """Entry point: user mistakes end in one paragraph with exit code 2, Ctrl-C/SIGTERM in a resumable stop."""
   from lcnn_jax.checkpoint import CheckpointError
   from lcnn_jax.train import TrainingError
-  try:
-    app.run(main)
-  except (ValueError, FileNotFoundError, CheckpointError, TrainingError) as e:
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run(main, user_errors=(ValueError, FileNotFoundError, CheckpointError, TrainingError))
 
 
 if __name__ == "__main__":

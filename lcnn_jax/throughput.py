@@ -19,12 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from lcnn_jax import data, models, optimizer, sparsity, train
+from lcnn_jax import cli, data, models, optimizer, sparsity, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.", lock_config=True)
@@ -127,4 +127,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, user_errors=(ValueError, FileNotFoundError))

@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lcnn_jax import checkpoint, config as config_lib, data, flops, layers, models, optimizer as optimizer_lib
+from lcnn_jax import checkpoint, cli, config as config_lib, data, flops, layers, models, optimizer as optimizer_lib
 from lcnn_jax import operating_point, sparsity
 from lcnn_jax import logger as logger_lib
 
@@ -281,7 +281,7 @@ class Evaluator:
       raise TrainingError(f"The validation split of data.name={self.config.data.name!r} yielded no batch.")
     totals = jax.tree.map(float, host_local(totals))
     count = totals.pop("count")
-    logging.info("Evaluated %d validation images (of %d).", count, self.info.num_eval)
+    logging.vlog(1, "Evaluated %d validation images (of %d).", count, self.info.num_eval)
     return {name: value / count for name, value in totals.items()} | {"count": int(count)}
 
 
@@ -366,7 +366,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   progress = logger_lib.Progress(plan.total_steps, initial=step, enabled=jax.process_index() == 0)
   metrics = None
   window_start, window_images = time.perf_counter(), 0
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), cli.StopSignals() as stop:
     while step < plan.total_steps:
       batch = next(batches)
       state, step_metrics = step_fn(state, batch)
@@ -387,11 +387,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         window_start, window_images = time.perf_counter(), 0
       if step % plan.eval_every == 0 or step == plan.total_steps:
         metrics = evaluate(step)
-      if step % plan.checkpoint_every == 0 or step == plan.total_steps:
+      if step % plan.checkpoint_every == 0 or step == plan.total_steps or stop.signum:
         if step % plan.log_every:  # a checkpoint is only ever written after a finite loss
           _check_finite(step, float(host_local(step_metrics["loss"])), last_saved, workdir)
         manager.save(state, batches)
         last_saved = step
+      if stop.signum:  # Ctrl-C or SIGTERM (a scheduler's preemption): saved above, with the data iterator
+        progress.close()
+        manager.close()
+        log.close()
+        raise cli.Interrupted(f"interrupted at step {step}; rerun the same command to resume", stop.signum)
   progress.close()
   manager.close()
   if metrics is None:  # resumed at the end: evaluate what was restored

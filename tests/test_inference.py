@@ -398,21 +398,6 @@ def test_unreachable_speedup_is_explained(rng):
     bench.solve_density(lcnn, baseline, 1000.0, (8, 8, 1))
 
 
-def test_prediction_command_prints_top_classes_and_rejects_a_bad_file(tmp_path, rng, capsys):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
-  exported = inference.inference_model(model, (8, 8, 1), backends="gather", class_names=list("abcdefghij"),
-                                       preprocessing={"image_size": 8, "resize_size": 9, "channels": 1,
-                                                      "mean": [0.5], "std": [0.25]})
-  inference.save(exported, tmp_path / "m.npz")
-  Image.fromarray(rng.integers(0, 256, (12, 10), dtype=np.uint8)).save(tmp_path / "a.png")
-  assert predict.main(["predict", f"--model={tmp_path / 'm.npz'}", "--top=3", str(tmp_path / "a.png")]) == 0
-  lines = capsys.readouterr().out.splitlines()
-  assert lines[0].endswith("a.png") and len(lines) == 4
-  (tmp_path / "bad.png").write_bytes(b"not an image")
-  assert predict.main(["predict", f"--model={tmp_path / 'm.npz'}", str(tmp_path / "bad.png")]) == 2
-  assert "not a readable image" in capsys.readouterr().err
-
-
 def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path, monkeypatch, rng):
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
   model, input_shape, x, expected = _trained_model_and_logits("digits-lcnn")
@@ -432,6 +417,7 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
                      precisions=("float32", "int8"))
   assert [row["backend"] for row in result["rows"]] == [*AVAILABLE, "auto", "auto int8"]
   assert [row["precision"] for row in result["rows"]] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
+  assert {(row["model"], row["preset"]) for row in result["rows"]} == {(_run_config().model.name, "trained")}
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])

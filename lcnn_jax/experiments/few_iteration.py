@@ -25,10 +25,10 @@ import types
 from typing import Any, Sequence
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import models
+from lcnn_jax import cli, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -127,4 +127,4 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  app.run(lambda argv: main(argv, _FLAGS))
+  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError))

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from lcnn_jax import layers as layers_lib
+from lcnn_jax import cli, layers as layers_lib
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import onnx_export, tuning
@@ -356,6 +356,8 @@ def main(argv: Sequence[str]) -> int:
       raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx "
                        "[--step N] [--backends auto] [--batch_size 1] [--lookup_form auto] "
                        "[--precision float32|bfloat16|int8]")
+    cli.check_output_file(flag_values.output, "--output")
+    cli.quiet_logs()
     if flag_values.output.endswith(".onnx"):
       if flag_values.precision != "float32":
         raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "
@@ -370,7 +372,7 @@ def main(argv: Sequence[str]) -> int:
                      batch_size=flag_values.batch_size, precision=flag_values.precision)
       forms = model.backends
     dense = _dense_cnn_parameters(flag_values.workdir)
-  except (flags.Error, ValueError, FileNotFoundError) as e:
+  except (flags.Error, ValueError, FileNotFoundError, cli.UsageError) as e:
     sys.stderr.write(f"error: {e}\n")
     return 2
   lookups = model.lookup_layers

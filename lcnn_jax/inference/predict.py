@@ -1,27 +1,48 @@
 """The top-k classes of image files under an exported model.
 
-    python -m lcnn_jax.inference.predict --model model.npz cat.jpg dog.png [--top 5] [--backends auto]
+    python -m lcnn_jax.inference.predict --model model.npz cat.jpg photos/ [--top 5] [--json] [--backends auto]
+    python -m lcnn_jax.inference.predict --model model.npz --describe
 
 Images are prepared as the model's evaluation data was (shortest side to ``resize_size``, centre crop to
-``image_size``, per-channel mean/std), from the preprocessing stored at export.
+``image_size``, per-channel mean/std), from the preprocessing stored at export. A directory stands for the image
+files under it; a file that cannot be read is reported and skipped, and the exit status is 1 if any was.
+``--describe`` prints the input the model expects.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
-from typing import Sequence
+import zipfile
+from typing import Iterator, Sequence
 
 import numpy as np
 from absl import flags, logging
+from PIL import Image
 
+from lcnn_jax import cli
 from lcnn_jax.data import transforms
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference.exporter import load
 from lcnn_jax.inference.model import InferenceModel
 
 
-def load_images(paths: Sequence[str], model: InferenceModel) -> np.ndarray:
-  """The images at ``paths`` as one (n, h, w, c) float32 batch, prepared for ``model``."""
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+MAX_PIXELS = 50_000_000  # a 50-megapixel photo; larger files are refused unless --max_pixels allows them
+# What a grey model's training images look like, by the dataset name stored at export.
+POLARITY = {
+    "digits": "white (bright) strokes on a black background, like scikit-learn's digits: invert black-on-white "
+              "drawings first",
+    "tfds:mnist": "white (bright) strokes on a black background: invert black-on-white drawings first",
+    "tfds:fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
+    "fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
+    "idx": "bright strokes or objects on a black background, as in MNIST-style IDX files: invert dark-on-light "
+           "images first",
+}
+
+
+def _preprocessing(model: InferenceModel) -> dict:
   height, width, channels = model.input_shape
   prep = model.preprocessing
   if prep is None:
@@ -32,16 +53,87 @@ def load_images(paths: Sequence[str], model: InferenceModel) -> np.ndarray:
   if height != width or prep["image_size"] != height:
     raise ValueError(f"The model takes {height}x{width} inputs, which a centre crop of size {prep['image_size']} "
                      "cannot give.")
+  return prep
+
+
+def load_image(path: str, model: InferenceModel, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+  """The image at ``path`` as a float32 (h, w, c) array prepared for ``model``; ValueError if it cannot be."""
+  prep = _preprocessing(model)
+  limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # the size is checked here, against max_pixels
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+  except Image.UnidentifiedImageError:
+    raise ValueError(f"{path}: not a readable image (not a format Pillow decodes).") from None
+  except OSError as e:
+    raise ValueError(f"{path}: not a readable image ({e.strerror or e}).") from None
+  finally:
+    Image.MAX_IMAGE_PIXELS = limit
+  if width * height > max_pixels:
+    raise ValueError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit of "
+                     f"{max_pixels / 1e6:g}; downscale it, or raise --max_pixels if the file is trusted.")
   transform = transforms.PhotoTransform(prep["image_size"], prep["resize_size"], prep["channels"])
-  normalize = transforms.Normalize(prep["mean"], prep["std"])
-  images = []
+  with open(path, "rb") as f:
+    try:
+      return transforms.Normalize(prep["mean"], prep["std"])(transform.eval(f.read()))  # (h, w, c)
+    except transforms.CorruptImageError as e:
+      raise ValueError(f"{path}: not a readable image ({e}).") from e
+
+
+def load_images(paths: Sequence[str], model: InferenceModel) -> np.ndarray:
+  """The images at ``paths`` as one (n, h, w, c) float32 batch, prepared for ``model``."""
+  return np.stack([load_image(path, model) for path in paths])  # (n, h, w, c)
+
+
+def image_files(paths: Sequence[str]) -> Iterator[str]:
+  """``paths`` with each directory replaced by the image files under it (sorted, by extension)."""
   for path in paths:
-    with open(path, "rb") as f:
-      try:
-        images.append(normalize(transform.eval(f.read())))
-      except transforms.CorruptImageError as e:
-        raise ValueError(f"{path}: not a readable image ({e}).") from e
-  return np.stack(images)  # (n, h, w, c)
+    if os.path.isdir(path):
+      for root, dirs, files in os.walk(path):
+        dirs.sort()
+        yield from (os.path.join(root, name) for name in sorted(files) if name.lower().endswith(IMAGE_EXTENSIONS))
+    else:
+      yield path
+
+
+def load_model(path: str, backends: str | None = None) -> InferenceModel:
+  """The exported model at ``path``; a :class:`cli.UsageError` that says so when it is not one."""
+  how = "python -m lcnn_jax.inference.exporter writes one from a training run"
+  if not os.path.isfile(path):
+    raise cli.UsageError(f"--model {path}: no such file; pass a model exported by lcnn_jax ({how}).")
+  if not zipfile.is_zipfile(path):
+    raise cli.UsageError(f"--model {path} is not a model exported by lcnn_jax (not an .npz archive); {how}.")
+  try:
+    return load(path, backends=backends)
+  except (KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    reason = ("it holds pickled Python objects, which lcnn_jax never loads" if "pickle" in str(e)
+              else "it has no lcnn_jax header" if isinstance(e, KeyError) else str(e))
+    raise cli.UsageError(f"--model {path} is not a model exported by lcnn_jax ({reason}); {how}.") from None
+
+
+def describe(model: InferenceModel) -> str:
+  """What input ``model`` expects, in words, from the preprocessing stored at export."""
+  height, width, channels = model.input_shape
+  prep = model.preprocessing
+  lines = [f"input: {height}x{width} pixels, {channels} channel{'s' if channels > 1 else ''} "
+           f"({'RGB' if channels == 3 else 'grey'})"]
+  if prep is None:
+    lines.append("preparation: not stored in the file; images are resized to the input size and scaled to [0, 1]")
+  else:
+    crop = (f"shortest side resized to {prep['resize_size']}, centre crop of {prep['image_size']}"
+            if prep["resize_size"] != prep["image_size"] else f"resized to {prep['image_size']}")
+    lines.append(f"preparation: {crop}; pixels scaled to [0, 1], then (x - mean) / std with mean "
+                 f"{[round(m, 4) for m in prep['mean']]} and std {[round(s, 4) for s in prep['std']]}")
+    dataset = prep.get("dataset")
+    if dataset:
+      lines.append(f"trained on: {dataset}")
+    if channels == 1:
+      lines.append("looks like: " + POLARITY.get(dataset, "the training images (their polarity is not recorded: "
+                                                          "bright-on-dark or dark-on-bright as they were)"))
+  names = model.class_names
+  lines.append(f"classes: {len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names
+               else "classes: unnamed (printed as their indices)")
+  return "\n".join(lines)
 
 
 def predict(model: InferenceModel, paths: Sequence[str], k: int = 5) -> list[list[tuple[str, float]]]:
@@ -59,27 +151,69 @@ def format_predictions(paths: Sequence[str], predictions: list[list[tuple[str, f
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-  """The prediction command; ``argv`` includes the program name. Returns the exit status."""
-  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
-  flags.DEFINE_string("model", None, "An exported model (.npz) written by lcnn_jax.inference.export.",
-                      flag_values=flag_values)
-  flags.DEFINE_integer("top", 5, "How many classes to list per image.", flag_values=flag_values)
-  flags.DEFINE_string("backends", None, "Unset: as exported; 'auto': measure here; or one backend name.",
-                      flag_values=flag_values)
-  try:
-    paths = flag_values(list(argv))[1:]
-    if flag_values.model is None or not paths:
-      raise ValueError("usage: python -m lcnn_jax.inference.predict --model model.npz IMAGE [IMAGE ...]")
-    allocator.reuse_freed_memory()
-    model = load(flag_values.model, backends=flag_values.backends)
-    top = predict(model, paths, flag_values.top)
-  except (flags.Error, ValueError, OSError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
-  sys.stdout.write(format_predictions(paths, top) + "\n")
-  return 0
+def define_flags() -> None:
+  """The command's flags (defined by the command only, so importing this module defines none)."""
+  flags.DEFINE_string("model", None, "An exported model (.npz) written by python -m lcnn_jax.inference.exporter.")
+  flags.DEFINE_integer("top", 5, "How many classes to list per image.", lower_bound=1)
+  flags.DEFINE_string("backends", None, "Unset: as exported; 'auto': measure here; or one backend name.")
+  flags.DEFINE_bool("json", False, "Print one JSON list: per image file {image, top: [{index, class, "
+                    "probability}]}, or {image, error} for a file that could not be read.")
+  flags.DEFINE_bool("describe", False, "Print the input the model expects (size, channels, preparation, "
+                    "polarity of grey images) and exit when no image is given.")
+  flags.DEFINE_integer("max_pixels", MAX_PIXELS, "Images with more pixels are refused (decompression bombs).",
+                       lower_bound=1)
+  flags.DEFINE_integer("batch", 64, "Images per forward pass.", lower_bound=1)
+  flags.mark_flag_as_required("model")
+
+
+def main(argv: Sequence[str]) -> None:
+  """The prediction command: top classes per image file; exit status 1 if any file could not be read."""
+  FLAGS = flags.FLAGS
+  model = load_model(FLAGS.model, FLAGS.backends)
+  if FLAGS.describe:
+    print(describe(model))
+    if len(argv) == 1:
+      return
+  if len(argv) == 1:
+    raise cli.UsageError("no image given: pass image files or directories after the flags, e.g. "
+                         "python -m lcnn_jax.inference.predict --model model.npz cat.jpg photos/")
+  allocator.reuse_freed_memory()
+  Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, FLAGS.max_pixels)
+  paths = list(image_files(argv[1:]))
+  results, failed = [], 0
+  names = model.class_names
+  for start in range(0, len(paths), FLAGS.batch):
+    images, read = [], []  # read: the entries of the images, in order
+    for path in paths[start:start + FLAGS.batch]:
+      try:
+        images.append(load_image(path, model, FLAGS.max_pixels))
+        read.append({"image": path})
+        results.append(read[-1])
+      except (ValueError, OSError) as e:
+        message = str(e) if isinstance(e, ValueError) else f"{path}: {e.strerror or e}"
+        print(f"error: {message}", file=sys.stderr)
+        results.append({"image": path, "error": message})
+        failed += 1
+    if images:
+      indices, probabilities = model.top_k(np.stack(images), FLAGS.top)  # (n, k) each
+      for entry, row, row_p in zip(read, indices, probabilities):
+        entry["top"] = [{"index": int(i), "class": names[i] if names else str(int(i)), "probability": float(p)}
+                        for i, p in zip(row, row_p)]
+  if FLAGS.json:
+    print(json.dumps(results, indent=1))
+  else:
+    for result in results:
+      if "top" in result:
+        print(format_predictions([result["image"]], [[(t["class"], t["probability"]) for t in result["top"]]]))
+  if failed:
+    print(f"error: {failed} of {len(paths)} image files could not be read (listed above); the others are "
+          "predicted.", file=sys.stderr)
+    sys.exit(1)
+  if not paths:
+    raise cli.UsageError(f"no image files in {argv[1:]}: a directory stands for its {', '.join(IMAGE_EXTENSIONS)} "
+                         "files.")
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  define_flags()
+  cli.run(main)

@@ -1,0 +1,51 @@
+"""The reference of every config key, generated from the schema (:func:`lcnn_jax.config.default_config` and its
+comments): ``python -m lcnn_jax.config_reference > docs/config.md``."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from lcnn_jax import config as config_lib
+
+KEY_LINE = re.compile(r"^\s*c\.(\w+)\.(\w+) = .*?(?:  # (.*))?$")
+TOP_KEY_LINE = re.compile(r"^\s*c\.(\w+) = (?!ml_collections\.ConfigDict).*?(?:  # (.*))?$")
+COMMENT_LINE = re.compile(r"^\s*# (.*)$")
+
+
+def reference() -> str:
+  """Markdown: per section, each key with its default, its type and its meaning (the schema's comment)."""
+  defaults = config_lib.default_config()
+  lines = ["# Config reference", "",
+           "Generated from `lcnn_jax/config.py` by `python -m lcnn_jax.config_reference > docs/config.md`; do not "
+           "edit by hand. Set a key with `--config.SECTION.KEY=VALUE`; `python -m lcnn_jax.main --config FILE "
+           "--print_config` prints a config with its overrides applied.", ""]
+  section, pending = None, []
+  for line in inspect.getsource(config_lib.default_config).splitlines():
+    comment, key, top = COMMENT_LINE.match(line), KEY_LINE.match(line), TOP_KEY_LINE.match(line)
+    if comment:
+      pending.append(comment.group(1))
+      continue
+    if key:
+      name, field, meaning = key.groups()
+      if name != section:
+        section = name
+        lines += [f"## {section}", ""]
+      path, value = f"{name}.{field}", defaults[name][field]
+    elif top:
+      field, meaning = top.groups()
+      path, value = field, defaults[field]
+    else:
+      continue
+    if meaning is None and pending:  # a comment above a key without its own is that key's meaning
+      meaning, pending = " ".join(pending), []
+    elif pending:  # a note on the keys that follow
+      lines += ["", " ".join(pending), ""]
+      pending = []
+    kind = type(value).__name__ if value is not None else "tuple (unset)"
+    lines.append(f"- `{path}` = `{value!r}` ({kind}): {meaning or ''}".rstrip())
+  return "\n".join(lines).replace("\n## ", "\n\n## ") + "\n"
+
+
+if __name__ == "__main__":
+  print(reference(), end="")

@@ -1,0 +1,172 @@
+"""Every command answers a person: user mistakes end in one paragraph with exit code 2 and no traceback, nothing
+written is lost, logs are quiet, and Ctrl-C/SIGTERM stop a run where the same command resumes it exactly."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lcnn_jax import checkpoint, logger, main, train
+from tests.test_faults import QUICKSTART, REPO, final_state, flags, quickstart, run_main, train_losses
+
+ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
+
+
+def assert_one_message(done, *needles):
+  """Exit code 2, a single ``error:`` paragraph naming each needle, no traceback."""
+  assert done.returncode == 2, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.count("error:") == 1, done.stderr
+  for needle in needles:
+    assert needle in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--config.train.batchsize=3"], ["--config.train.batchsize", "did you mean 'batch_size'"]),
+    (["--config.model.nmae=x"], ["'nmae'", "did you mean 'name'"]),
+    (["--config.train.batch_size=abc"], ["--config.train.batch_size=abc", "not a value this key takes"]),
+    (["--bogus=1", "stray"], ["'bogus'", "--help"]),
+    (["--mode=eval"], ["does not exist: --mode eval reads the checkpoints of a training run"]),
+])
+def test_a_flag_mistake_is_one_paragraph_naming_the_flag_and_the_fix(tmp_path, args, needles):
+  workdir = tmp_path / "run"
+  assert_one_message(run_main(workdir, *args), *needles)
+  assert not workdir.exists()
+
+
+def run_config(config, *args):
+  return subprocess.run([sys.executable, "-m", "lcnn_jax.main", "--config", str(config), *args],
+                        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+
+
+def test_a_config_file_that_is_missing_broken_or_without_get_config_is_named(tmp_path):
+  assert_one_message(run_config(tmp_path / "nope.py", "--workdir", str(tmp_path / "w")), "nope.py", "no such file")
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  assert_one_message(run_config(broken, "--workdir", str(tmp_path / "w")), "broken.py", "SyntaxError")
+  without = tmp_path / "without.py"
+  without.write_text("X = 1\n")
+  assert_one_message(run_config(without, "--workdir", str(tmp_path / "w")), "get_config()")
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_or_cannot_be_written_is_refused_and_kept(tmp_path):
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  assert_one_message(run_main(a_file), str(a_file), "is a file")
+  assert a_file.read_text() == "mine"
+  assert_one_message(run_main("/proc/lcnn_jax_run"), "/proc/lcnn_jax_run", "cannot be written")
+
+
+def test_a_run_failing_before_it_starts_leaves_no_empty_workdir_and_keeps_what_was_there(tmp_path):
+  mistake = ["--config.data.name=folder", f"--config.data.dir={tmp_path / 'no_images'}"]
+  new = tmp_path / "new" / "run"
+  done = run_main(new, *mistake)
+  assert_one_message(done, "no_images")
+  assert not (tmp_path / "new").exists()
+  existing = tmp_path / "existing"
+  existing.mkdir()
+  (existing / "notes.txt").write_text("mine")
+  assert_one_message(run_main(existing, *mistake), "no_images")
+  assert (existing / "notes.txt").read_text() == "mine"
+
+
+def test_help_and_print_config():
+  for flag in ("--help", "-h"):
+    done = subprocess.run([sys.executable, "-m", "lcnn_jax.main", flag], capture_output=True, text=True, cwd=REPO,
+                          env=ENV, timeout=300)
+    assert done.returncode == 0 and "--workdir" in done.stdout and "print_config" in done.stdout
+  done = run_config(QUICKSTART, "--print_config", "--config.train.batch_size=7")
+  assert done.returncode == 0, done.stderr
+  assert "batch_size: 7" in done.stdout and "Traceback" not in done.stderr
+
+
+ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
+                "lcnn_jax.experiments.spectrum", "lcnn_jax.experiments.few_shot", "lcnn_jax.experiments.few_iteration"]
+
+
+def test_every_entry_point_answers_help_and_h_with_its_flags():
+  commands = [(module, flag) for module, flag in zip(ENTRY_POINTS, ["-h", "--help"] * len(ENTRY_POINTS))]
+  running = [subprocess.Popen([sys.executable, "-m", module, flag], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO, env=ENV) for module, flag in commands]
+  for (module, flag), process in zip(commands, running):
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0 and "Traceback" not in err, (module, flag, err[-2000:])
+    assert "flags:" in out and "  --" in out, (module, flag, out)
+
+
+# Runs lcnn_jax.main, sending itself SIGNAL once step STEP is logged: the stop is asked mid-run at a known step.
+SIGNAL_AT_STEP = r"""
+import os, signal, sys
+from lcnn_jax import logger, main
+signum, at = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+log_train = logger.MetricsLogger.train
+def log_then_signal(self, step, row, densities):
+  log_train(self, step, row, densities)
+  if step == at:
+    os.kill(os.getpid(), signum)
+logger.MetricsLogger.train = log_then_signal
+main.run()
+"""
+
+
+def run_signalled(workdir, signum, at, args):
+  return subprocess.run([sys.executable, "-c", SIGNAL_AT_STEP, str(signum), str(at), "--config", QUICKSTART,
+                         "--workdir", str(workdir), *args], capture_output=True, text=True, cwd=REPO, env=ENV,
+                        timeout=600)
+
+
+def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_path):
+  args = flags(7, **{"train.checkpoint_every": 100})  # no periodic save: only the stop's own checkpoint
+  stopped = tmp_path / "stopped"
+  done = run_signalled(stopped, signal.SIGINT, 2, args)
+  assert done.returncode == 130, done.stderr[-3000:]
+  assert "interrupted at step 2; rerun the same command to resume" in done.stderr
+  assert "Traceback" not in done.stderr
+  # Quiet by default: the TensorBoard hint once, no orbax/absl INFO lines.
+  assert done.stderr.count("tensorboard --logdir") == 1
+  assert "checkpoint_manager.py" not in done.stderr and "Restoring checkpoint" not in done.stderr
+
+  done = run_signalled(stopped, signal.SIGTERM, 5, [*args, "--config.data.dir=/nonexistent"])
+  assert done.returncode == 143, done.stderr[-3000:]
+  assert "Resumed from step 2" in done.stderr
+  assert "warning: data.dir=/nonexistent is ignored: data.name=digits reads no files" in done.stderr
+  assert "interrupted at step 5; rerun the same command to resume" in done.stderr and "Traceback" not in done.stderr
+
+  done = run_main(stopped, *args)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Resumed from step 5" in done.stderr
+
+  whole = tmp_path / "whole"
+  train.train_and_evaluate(quickstart(7, **{"train.checkpoint_every": 100}), str(whole))
+  step_a, params_a = final_state(whole)
+  step_b, params_b = final_state(stopped)
+  assert step_a == step_b == 7
+  jax.tree.map(np.testing.assert_array_equal, params_a, params_b)
+  assert train_losses(stopped) == train_losses(whole)
+  evals = lambda d: [(r["step"], r["loss"], r["top1"]) for r in logger.read_metrics(str(d)) if r["split"] == "eval"]
+  assert evals(stopped) == evals(whole)
+  # --mode eval prints the line training prints, with the step.
+  line = main.eval_line(train.evaluate_checkpoint(quickstart(7), str(stopped)))
+  assert line.startswith("step 7: eval top-1 ") and line.endswith("(360 images)")
+
+  # A damaged latest step reaches eval as our message, naming the steps saved beside it.
+  for name in ("_METADATA", "manifest.ocdbt"):
+    (stopped / "checkpoints" / "7" / "params" / name).unlink()
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is incomplete or damaged .*\(2, 5\)"):
+    train.evaluate_checkpoint(quickstart(7), str(stopped))
+
+
+def test_the_exporter_refuses_an_unwritable_output_and_another_programs_config_json(tmp_path, capsys):
+  from lcnn_jax.inference import exporter
+  assert exporter.main(["exporter", f"--workdir={tmp_path}", "--output=/proc/lcnn_jax/model.npz"]) == 2
+  assert "--output /proc/lcnn_jax/model.npz" in capsys.readouterr().err
+  (tmp_path / "config.json").write_text('{"name": "another program"}')
+  assert exporter.main(["exporter", f"--workdir={tmp_path}", f"--output={tmp_path / 'm.npz'}"]) == 2
+  err = capsys.readouterr().err
+  assert "is not the config.json of an lcnn_jax run" in err and err.count("error:") == 1
+  assert (tmp_path / "config.json").read_text() == '{"name": "another program"}'

@@ -1,0 +1,23 @@
+"""docs/config.md is the schema's reference: every key, with a meaning, and the file is up to date."""
+
+import os
+
+from lcnn_jax import config as config_lib, config_reference
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_key_of_the_schema_has_a_meaning_in_the_reference():
+  text = config_reference.reference()
+  defaults = config_lib.default_config()
+  keys = [s if not hasattr(sec, "items") else f"{s}.{k}" for s, sec in defaults.items()
+          for k in (sec.keys() if hasattr(sec, "items") else [None])]
+  for key in keys:
+    row = next((line for line in text.splitlines() if line.startswith(f"- `{key}` = ")), None)
+    assert row is not None, key
+    assert not row.endswith(":"), f"{key} has no meaning in lcnn_jax/config.py"
+
+
+def test_docs_config_md_is_generated_from_the_current_schema():
+  with open(os.path.join(REPO, "docs", "config.md")) as f:
+    assert f.read() == config_reference.reference(), "run: python -m lcnn_jax.config_reference > docs/config.md"
