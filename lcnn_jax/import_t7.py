@@ -22,7 +22,7 @@ The original's lookup layer holds two convolutions and a threshold:
 
 Torch's OIHW kernels become HWIO, BatchNorm's running mean and variance become its batch statistics, and a
 dropout that scales at evaluation (``nn.SpatialDropout``; ``nn.Dropout`` without ``v2``) is folded into the
-weights of the layer after it. With ``--classes``, the classifier's outputs are reordered to the sorted class
+weights of the layer after it, as far as the model's own dropout (the CNN's SpatialDropout) does not scale alike. With ``--classes``, the classifier's outputs are reordered to the sorted class
 names, the order of an ImageNet folder in lcnn_jax.
 """
 
@@ -47,6 +47,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from lcnn_jax import checkpoint, cli, config as config_lib, data, layers, train
+from lcnn_jax.models.alexnet import SpatialDropout
 
 MISSING_READER = ("Reading .t7 files needs the torchfile package: pip install 'lcnn-jax[t7]' "
                   "(or pip install torchfile).")
@@ -285,6 +286,11 @@ def eval_scale(leaf: Leaf) -> float:
   return 1.0 if scales_in_training else 1.0 - p
 
 
+def model_eval_scale(dropout: nnx.Module) -> float:
+  """The factor the model's own dropout multiplies by at evaluation (1 - rate for Torch's SpatialDropout)."""
+  return 1.0 - dropout.rate if isinstance(dropout, SpatialDropout) else 1.0
+
+
 # ------------------------------------------------------------------------------------------------ config
 
 
@@ -476,8 +482,8 @@ def match(leaves: Sequence[Leaf], model: nnx.Module, config: ml_collections.Conf
     elif step.kind == "pool":
       _check_pool(leaf)
       classifier = all(s.kind != "pool" for s in steps[i + 1:])
-    else:
-      scale *= eval_scale(leaf)
+    else:  # a dropout: fold what the file's multiplies by at evaluation beyond what the model's own does
+      scale *= eval_scale(leaf) / model_eval_scale(getattr(model, step.name))
     last = leaf.describe()
     i += 1
   if i < len(steps):
