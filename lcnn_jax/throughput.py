@@ -19,12 +19,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from lcnn_jax import cli, data, models, optimizer, sparsity, train
+from lcnn_jax import cli, data, models, operating_point, optimizer, sparsity, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.", lock_config=True)
@@ -46,6 +46,14 @@ def compute_images_per_second(config, model_config, batch_size: int, steps: int)
   with run_config.unlocked():
     run_config.model = model_config
   model = train.create_model(run_config, info)
+  if run_config.sparsity.target_speedup or run_config.sparsity.target_density:
+    budget = operating_point.budget_for(model, run_config.model, info.image_shape)
+    try:
+      operating_point.target_from_config(run_config.sparsity, budget)
+    except ValueError as e:  # a size the config was not written for (e.g. a smoke run's small images)
+      logging.warning("Timing %s without its operating point: %s", run_config.model.name, e)
+      with run_config.unlocked():
+        run_config.sparsity.target_speedup = run_config.sparsity.target_density = 0.0
   tx, rule, _ = optimizer.make_optimizer(run_config, model, steps_per_epoch=1000, total_steps=1000,
                                          input_shape=info.image_shape)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
