@@ -348,9 +348,9 @@ def format_table(result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-def main(argv: Sequence[str]) -> int:
-  """The ``python -m lcnn_jax.bench`` command; ``argv`` includes the program name. Returns the exit status."""
-  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so it never clashes with another
+  command's."""
   flags.DEFINE_enum("model", "alexnet", ["alexnet", "resnet18"], "The network.", flag_values=flag_values)
   flags.DEFINE_enum("preset", "fast", ["fast", "accurate"], "The paper's operating point.", flag_values=flag_values)
   flags.DEFINE_integer("batch", 1, "Images per call.", flag_values=flag_values)
@@ -368,29 +368,28 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_list("precision", ["float32"], "How the LCNN's weights are stored and computed from: float32, "
                     "bfloat16 or int8 (the CNN stays float32); a list adds a row of the chosen mix per further "
                     "precision, timed in the same rounds.", flag_values=flag_values)
-  if {"--help", "-h"} & set(argv[1:]):
-    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
-    return 0
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The ``python -m lcnn_jax.bench`` command, on its parsed flags (``flag_values``); raises
+  :class:`~lcnn_jax.cli.UsageError` for a user mistake."""
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
+  unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
+  if unknown or not flag_values.precision:
+    raise cli.UsageError(f"--precision={','.join(flag_values.precision)}: expected a list of "
+                         f"{', '.join(precision_lib.PRECISIONS)}.")
+  allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
   try:
-    unparsed = flag_values(list(argv))
-    if len(unparsed) > 1:
-      raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
-    cli.quiet_logs()  # the progress lines, without other libraries' INFO lines
-    unknown = [p for p in flag_values.precision if p not in precision_lib.PRECISIONS]
-    if unknown or not flag_values.precision:
-      raise ValueError(f"--precision={','.join(flag_values.precision)}: expected a list of "
-                       f"{', '.join(precision_lib.PRECISIONS)}.")
-    allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
                  with_layers=flag_values.layers, baselines=flag_values.baselines,
                  precisions=flag_values.precision)
-  except (flags.Error, ValueError, FileNotFoundError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.UsageError(str(e)) from None
   sys.stdout.write((json.dumps(result, indent=1) if flag_values.json else format_table(result)) + "\n")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  define_flags()
+  cli.run(main)

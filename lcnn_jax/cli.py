@@ -3,6 +3,8 @@ no traceback), ``-h`` as ``--help``, and quiet logs unless ``--verbosity`` asks 
 
 Every entry point ends in ``cli.run(main, user_errors=(...))``: ``main`` raises :class:`UsageError` (or one of
 ``user_errors``) for a mistake of the person at the keyboard; anything else is a bug and keeps its traceback.
+A command whose flags are defined by a ``define_flags(flag_values)`` also runs in a Python process as it would on
+the command line, with the same parser, through :func:`call`.
 """
 
 from __future__ import annotations
@@ -58,12 +60,37 @@ def run(main: Callable[[list[str]], object], *, user_errors: tuple[type[BaseExce
     sys.exit(130)
 
 
-def parse_flags(argv: Sequence[str]) -> list[str]:
-  """absl's flag parsing, with its errors (and ml_collections' config-file errors) turned into a
-  :class:`UsageError` that names the flag and the fix; ``-h`` means ``--help``."""
+def call(main: Callable[..., object], define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],
+         *, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+  """``python -m`` of a command in this process: its flags, defined by ``define_flags`` on a fresh set of flags,
+  parsed from ``argv`` (the program name first) by :func:`parse_flags`, then ``main(rest, flag_values)``. Returns the
+  exit status: 2 after one ``error:`` paragraph on stderr for a user mistake, as :func:`run` answers it."""
+  flag_values, command_line = flags.FlagValues(), sys.argv
+  sys.argv = list(argv)  # what a config flag reads its --config.<key> overrides from when defined
+  try:
+    define_flags(flag_values)
+    rest = parse_flags(argv, flag_values)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE_EXIT
+  finally:
+    sys.argv = command_line
+  try:
+    status = main(rest, flag_values)
+  except (UsageError, *user_errors) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return USAGE_EXIT
+  return int(status or 0)
+
+
+def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> list[str]:
+  """absl's flag parsing (of ``flag_values``, by default absl's global flags), with its errors (and
+  ml_collections' config-file errors) turned into a :class:`UsageError` that names the flag and the fix; ``-h``
+  means ``--help``."""
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   argv = [argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])]
   try:
-    rest = flags.FLAGS(argv)
+    rest = flag_values(argv)
   except SystemExit as e:  # absl's --help exits with 1 after printing the help
     if e.code == 1 and {"--help", "--helpshort", "--helpfull", "-?"} & set(argv):
       sys.exit(0)
@@ -84,14 +111,14 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if message is None:
       raise
     raise UsageError(message) from None
-  _check_config_files()
+  _check_config_files(flag_values)
   quiet_logs()
   return rest
 
 
-def _config_flags() -> Iterator[flags.Flag]:
-  for name in list(flags.FLAGS):
-    flag = flags.FLAGS[name]
+def _config_flags(flag_values: flags.FlagValues) -> Iterator[flags.Flag]:
+  for name in list(flag_values):
+    flag = flag_values[name]
     if flag.name == name and type(flag).__name__ == "_ConfigFlag":
       yield flag
 
@@ -121,9 +148,9 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
   return None
 
 
-def _check_config_files() -> None:
+def _check_config_files(flag_values: flags.FlagValues) -> None:
   """A config file that does not exist is found at parse time (ml_collections defers it to first use)."""
-  for flag in _config_flags():
+  for flag in _config_flags(flag_values):
     if type(flag.value).__name__ == "_ErrorConfig":
       from ml_collections import config_flags
       path = config_flags.get_config_filename(flag)

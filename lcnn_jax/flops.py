@@ -1,5 +1,7 @@
 """Counting multiplications per layer, as the original's ``-benchmark`` mode does (REFERENCE §6).
 
+    python -m lcnn_jax.flops (--workdir RUN [--step N] | --config configs/X.py) [--json] [--plot FILE.png]
+
 One image, eval mode. Only multiplications count; BatchNorm, ReLU, pooling, dropout and additions are free.
 
 * convolution: (elements of the output) × (m_in · kh · kw) (per group)
@@ -411,49 +413,45 @@ def plot_inspection(report: dict, filename: str) -> None:
   plt.close(fig)
 
 
-def main(argv: Sequence[str]) -> int:
-  """The ``python -m lcnn_jax.flops`` command; ``argv`` includes the program name. Returns the exit status."""
+def define_flags(flag_values=None) -> None:
+  """The command's flags, on ``flag_values`` (absl's global flags by default); importing this module defines none,
+  so it never clashes with another command's."""
   from absl import flags
   from ml_collections import config_flags
-  from lcnn_jax import checkpoint, cli, config as config_lib
-  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with lcnn_jax.main
+  flag_values = flags.FLAGS if flag_values is None else flag_values
   config_flags.DEFINE_config_file("config", None, "A config file (configs/X.py): with --workdir, the model to "
                                   "load the checkpoint into; alone, an untrained model to count.",
-                                  flag_values=flag_values, lock_config=True, sys_argv=list(argv))
+                                  flag_values=flag_values, lock_config=True)
   flags.DEFINE_string("workdir", None, "The --workdir of a training run.", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "The checkpoint step; the latest when unset.", flag_values=flag_values)
   flags.DEFINE_boolean("json", False, "Print the inspection as one JSON object.", flag_values=flag_values)
   flags.DEFINE_string("plot", None, "Write a PNG of per-layer CNN vs LCNN multiplications and densities.",
                       flag_values=flag_values)
-  if {"--help", "-h", "--helpshort", "--helpfull"} & set(argv[1:]):
-    sys.stdout.write("Multiplications per layer of a training run or a config's model:\n"
-                     "python -m lcnn_jax.flops (--workdir RUN [--step N] | --config configs/X.py) [--json] "
-                     f"[--plot FILE.png]\n\nflags:\n{flag_values.get_help()}\n")
-    return 0
+
+
+def main(argv: Sequence[str], flag_values=None) -> None:
+  """The ``python -m lcnn_jax.flops`` command, on its parsed flags (``flag_values``, absl's global flags by
+  default); raises :class:`~lcnn_jax.cli.UsageError` for a user mistake."""
+  from absl import flags
+  from lcnn_jax import checkpoint, cli, config as config_lib
+  flag_values = flags.FLAGS if flag_values is None else flag_values
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
+  if flag_values.step is not None and flag_values.workdir is None:
+    raise cli.UsageError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
   try:
-    try:
-      unparsed = flag_values(list(argv))
-    except (AttributeError, KeyError) as e:  # ml_collections' answer to a misspelt --config.<key>
-      text = str(e.args[0] if e.args else e)  # a repr of a repr: 'key'\nDid you mean "..."?
-      message = " ".join(text.replace("\\n", " ").replace("\\", "").replace("'", "").split())
-      raise ValueError(f"Unknown key in the --config overrides: {message}") from e
-    if len(unparsed) > 1:
-      raise ValueError(f"Unexpected arguments: {unparsed[1:]}")
-    cli.quiet_logs()
-    if flag_values.step is not None and flag_values.workdir is None:
-      raise ValueError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
     config = flag_values.config
     if config is not None:
       config_lib.validate(config)
     report = inspect_run(flag_values.workdir, flag_values.step, config)
     if flag_values.plot:
       plot_inspection(report, flag_values.plot)
-  except (flags.Error, ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
+  except (ValueError, FileNotFoundError, checkpoint.CheckpointError) as e:
+    raise cli.UsageError(str(e)) from None
   sys.stdout.write((json.dumps(report) if flag_values.json else format_inspection(report)) + "\n")
-  return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  from lcnn_jax import cli
+  define_flags()
+  cli.run(main)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lcnn_jax import checkpoint, logger, main, train
+from lcnn_jax import checkpoint, cli, logger, main, train
 from tests.test_faults import QUICKSTART, REPO, final_state, flags, quickstart, run_main, train_losses
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -86,6 +86,7 @@ def test_help_and_print_config():
 
 
 ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
+                "lcnn_jax.bench", "lcnn_jax.inference.exporter", "lcnn_jax.inference.predict",
                 "lcnn_jax.experiments.spectrum", "lcnn_jax.experiments.few_shot", "lcnn_jax.experiments.few_iteration"]
 
 
@@ -161,12 +162,17 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
     train.evaluate_checkpoint(quickstart(7), str(stopped))
 
 
-def test_the_exporter_refuses_an_unwritable_output_and_another_programs_config_json(tmp_path, capsys):
+def export_command(*args):
+  """The exit status of ``python -m lcnn_jax.inference.exporter ARGS``, run in this process."""
   from lcnn_jax.inference import exporter
-  assert exporter.main(["exporter", f"--workdir={tmp_path}", "--output=/proc/lcnn_jax/model.npz"]) == 2
+  return cli.call(exporter.main, exporter.define_flags, ["exporter", *args])
+
+
+def test_the_exporter_refuses_an_unwritable_output_and_another_programs_config_json(tmp_path, capsys):
+  assert export_command(f"--workdir={tmp_path}", "--output=/proc/lcnn_jax/model.npz") == 2
   assert "--output /proc/lcnn_jax/model.npz" in capsys.readouterr().err
   (tmp_path / "config.json").write_text('{"name": "another program"}')
-  assert exporter.main(["exporter", f"--workdir={tmp_path}", f"--output={tmp_path / 'm.npz'}"]) == 2
+  assert export_command(f"--workdir={tmp_path}", f"--output={tmp_path / 'm.npz'}") == 2
   err = capsys.readouterr().err
   assert "is not the config.json of an lcnn_jax run" in err and err.count("error:") == 1
   assert (tmp_path / "config.json").read_text() == '{"name": "another program"}'

@@ -15,7 +15,7 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from lcnn_jax import checkpoint, config as config_lib, flops, logger, models, train
+from lcnn_jax import checkpoint, cli, config as config_lib, flops, logger, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -75,7 +75,7 @@ def eight_device_run(runs):
 
 def run_cli(capsys, *args):
   """(exit status, stdout, stderr) of ``python -m lcnn_jax.flops ARGS``, run in this process."""
-  status = flops.main(["lcnn_jax.flops", *args])
+  status = cli.call(flops.main, flops.define_flags, ["lcnn_jax.flops", *args])
   out, err = capsys.readouterr()
   return status, out, err
 

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torchfile", reason="the t7 extra (pip install 'lcnn-jax[t7]') reads .t7 files")
 
-from lcnn_jax import checkpoint, flops, import_t7, train  # noqa: E402
+from lcnn_jax import checkpoint, cli, flops, import_t7, train  # noqa: E402
 from lcnn_jax.inference import exporter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -195,16 +195,26 @@ def test_eval_mode_on_an_image_folder_scores_the_original_forward(imported, tmp_
   assert metrics["top1"] == pytest.approx(np.mean(logits.argmax(1) == labels))
 
 
+def export_command(*args):
+  """The exit status of ``python -m lcnn_jax.inference.exporter ARGS``, run in this process."""
+  return cli.call(exporter.main, exporter.define_flags, ["exporter", *args])
+
+
+def flops_command(*args):
+  """The exit status of ``python -m lcnn_jax.flops ARGS``, run in this process."""
+  return cli.call(flops.main, flops.define_flags, ["flops", *args])
+
+
 def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    assert flops.main(["flops", "--workdir", imported["workdir"]]) == 0
+    assert flops_command("--workdir", imported["workdir"]) == 0
   report = out.getvalue()
   assert "alexnet-lcnn at step 0 on 95x95x3 inputs" in report and "speedup:" in report
   output = str(tmp_path / "model.npz")
   with contextlib.redirect_stdout(io.StringIO()):
-    assert exporter.main(["exporter", "--workdir", imported["workdir"], "--output", output,
-                          "--backends", "dense"]) == 0
+    assert export_command("--workdir", imported["workdir"], "--output", output,
+                          "--backends", "dense") == 0
   exported = exporter.load(output)
   assert exported.class_names == sorted(CLASSES)
   assert exported.preprocessing["mean"] == MEAN and exported.preprocessing["std"] == STD

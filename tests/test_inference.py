@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lcnn_jax import bench, checkpoint, flops, inference, layers, models
+from lcnn_jax import bench, checkpoint, cli, flops, inference, layers, models
 from lcnn_jax import config as config_lib
 from lcnn_jax.inference import backends, kernels, layouts, predict, tuning
 from lcnn_jax.inference import exporter as exporter_lib
@@ -337,29 +337,34 @@ def test_digits_run_predicts_image_files_as_its_evaluation_sees_them(tmp_path, r
                              rtol=1e-3, atol=2e-2 * np.abs(expected).max())  # the PNG holds 8-bit pixels
 
 
+def export_command(*args):
+  """The exit status of ``python -m lcnn_jax.inference.exporter ARGS``, run in this process."""
+  return cli.call(exporter_lib.main, exporter_lib.define_flags, ["exporter", *args])
+
+
 def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, capsys):
   model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3),
                                              rngs=nnx.Rngs(4)), rng)
   _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
                                        "mean": [0.5] * 3, "std": [0.2] * 3})
   output = tmp_path / "model.npz"
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={output}",
-                            "--backends=gather"]) == 0
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={output}",
+                        "--backends=gather") == 0
   assert "gather" in capsys.readouterr().out
   x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
   expected = _eval_logits(model, x)
   np.testing.assert_allclose(np.asarray(inference.load(output)(x)), expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'missing'}", f"--output={output}"]) == 2
+  assert export_command(f"--workdir={tmp_path / 'missing'}", f"--output={output}") == 2
   assert "missing" in capsys.readouterr().err
   compact = tmp_path / "int8.npz"
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}", "--backends=gather",
-                            "--precision=int8"]) == 0
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={compact}", "--backends=gather",
+                        "--precision=int8") == 0
   out = capsys.readouterr().out
   assert "(int8); dense CNN" in out and "B float32" in out, out  # its bytes beside the dense CNN's
   assert inference.load(compact).precision == "int8"
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={compact}",
-                            "--precision=float16"]) == 2
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={compact}",
+                        "--precision=float16") == 2
   assert "float16" in capsys.readouterr().err
 
 

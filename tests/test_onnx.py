@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcnn_jax import bench, inference, models
+from lcnn_jax import bench, cli, inference, models
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import onnx_export
 from test_inference import _Unfoldable, _as_if_trained, _eval_logits, _model, _run_config, _write_run
@@ -127,20 +127,25 @@ def test_bad_forms_and_untranslatable_primitives_are_named(rng):
     onnx_export.to_onnx(inference.inference_model(Sorts(), (2, 2, 1), backends="dense"))
 
 
+def export_command(*args):
+  """The exit status of ``python -m lcnn_jax.inference.exporter ARGS``, run in this process."""
+  return cli.call(exporter_lib.main, exporter_lib.define_flags, ["exporter", *args])
+
+
 def test_export_command_writes_onnx_by_suffix_and_explains_a_missing_onnx(tmp_path, rng, capsys, monkeypatch):
   model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3),
                                              rngs=nnx.Rngs(4)), rng)
   _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
                                        "mean": [0.5] * 3, "std": [0.2] * 3})
   output = tmp_path / "model.onnx"
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={output}",
-                            "--lookup_form=factored"]) == 0
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={output}",
+                        "--lookup_form=factored") == 0
   assert "factored" in capsys.readouterr().out
   x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
   _assert_close(onnx_export.run(onnx_export.session(output), x), _eval_logits(model, x))
   monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
   missing = tmp_path / "other.onnx"
-  assert exporter_lib.main(["exporter", f"--workdir={tmp_path / 'run'}", f"--output={missing}"]) == 2
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={missing}") == 2
   assert "pip install -e '.[onnx]'" in capsys.readouterr().err and not missing.exists()
 
 
@@ -176,6 +181,11 @@ def test_benchmark_times_the_cnn_on_each_engine_and_skips_the_missing_ones(tmp_p
   assert result["headline"]["fastest_dense_engine"] == "xla" and "lcnn_onnxruntime" not in result
 
 
+def bench_command(*args):
+  """The exit status of ``python -m lcnn_jax.bench ARGS``, run in this process."""
+  return cli.call(bench.main, bench.define_flags, ["bench", *args])
+
+
 def test_benchmark_rejects_an_unknown_engine(capsys):
-  assert bench.main(["bench", "--baselines=xla,tensorrt"]) == 2
+  assert bench_command("--baselines=xla,tensorrt") == 2
   assert "tensorrt" in capsys.readouterr().err

@@ -1,5 +1,8 @@
 """Exporting a trained LCNN for inference, saving it as one file, and loading it back.
 
+    python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx [--step N] [--backends auto]
+        [--batch_size 1] [--lookup_form auto] [--precision float32|bfloat16|int8]
+
 :func:`export` takes a live model or a run's workdir, traces its eval-mode forward pass
 (:mod:`lcnn_jax.inference.graph`), and turns each layer into its inference form: a lookup layer keeps its
 dictionary and the non-zeros of P as per-output indices and coefficients; a BatchNorm that directly follows a
@@ -328,10 +331,9 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
   return model if backends is None else model.with_backends(backends)
 
 
-def main(argv: Sequence[str]) -> int:
-  """``python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz`` (or ``model.onnx``); ``argv``
-  includes the program name. Returns the exit status."""
-  flag_values = flags.FlagValues()  # its own flags, so importing this module never clashes with another CLI's
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so it never clashes with another
+  command's."""
   flags.DEFINE_string("workdir", None, "The training run to export (its latest checkpoint, or --step).",
                       flag_values=flag_values)
   flags.DEFINE_string("output", None, "Where to write the exported model: .npz (this package's runtime) or .onnx "
@@ -347,17 +349,16 @@ def main(argv: Sequence[str]) -> int:
   flags.DEFINE_enum("precision", "float32", list(precision_lib.PRECISIONS), "How weights are stored and computed "
                     "from: dictionaries, non-zeros of P and dense kernels (int8: one scale per output channel). "
                     ".npz only: an ONNX file stores float32.", flag_values=flag_values)
-  if {"--help", "-h"} & set(argv[1:]):
-    sys.stdout.write(f"{__doc__}\n{flag_values.get_help(include_special_flags=False)}\n")
-    return 0
+  flags.mark_flags_as_required(["workdir", "output"], flag_values=flag_values)
+
+
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The ``python -m lcnn_jax.inference.exporter`` command, on its parsed flags (``flag_values``); raises
+  :class:`~lcnn_jax.cli.UsageError` for a user mistake."""
+  if len(argv) > 1:
+    raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
+  cli.check_output_file(flag_values.output, "--output")
   try:
-    unparsed = flag_values(list(argv))
-    if len(unparsed) > 1 or flag_values.workdir is None or flag_values.output is None:
-      raise ValueError("usage: python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx "
-                       "[--step N] [--backends auto] [--batch_size 1] [--lookup_form auto] "
-                       "[--precision float32|bfloat16|int8]")
-    cli.check_output_file(flag_values.output, "--output")
-    cli.quiet_logs()
     if flag_values.output.endswith(".onnx"):
       if flag_values.precision != "float32":
         raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "
@@ -372,9 +373,8 @@ def main(argv: Sequence[str]) -> int:
                      batch_size=flag_values.batch_size, precision=flag_values.precision)
       forms = model.backends
     dense = _dense_cnn_parameters(flag_values.workdir)
-  except (flags.Error, ValueError, FileNotFoundError, cli.UsageError) as e:
-    sys.stderr.write(f"error: {e}\n")
-    return 2
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.UsageError(str(e)) from None
   lookups = model.lookup_layers
   sys.stdout.write(f"{flag_values.output}: {len(model.layers)} layers ({len(lookups)} lookup), input "
                    f"{'x'.join(map(str, model.input_shape))}, {len(model.class_names or [])} class names\n")
@@ -382,7 +382,6 @@ def main(argv: Sequence[str]) -> int:
     sys.stdout.write(f"  {name:<24} {forms[name]:<9} k={layer.dictionary_size:<4} "
                      f"density {layer.density:.4f}\n")
   sys.stdout.write(_bytes_line(model, *dense) + "\n")
-  return 0
 
 
 def _dense_cnn_parameters(workdir: str) -> tuple[int, int]:
@@ -411,4 +410,5 @@ def _bytes_line(model: InferenceModel, dense_weights: int, dense_outputs: int) -
 
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv))
+  define_flags()
+  cli.run(main)
