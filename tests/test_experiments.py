@@ -139,6 +139,31 @@ def test_spectrum_trains_each_point_once_and_skips_finished_ones(tmp_path, monke
     spectrum.run_spectrum(other, str(tmp_path), sizes=[2], strengths=[30.0])
 
 
+def test_spectrum_figure_reads_in_percent_and_times_and_no_tick_labels_collide(tmp_path):
+  # The strength grid of docs/experiments.md: the wall-clock panel spans under a decade, where log axes label
+  # minor ticks (2×10⁰, 3×10⁰, …) that ran into each other.
+  table = [("cnn", "-", "-", 99.17, 1.0, 1.0), ("k16_s3", 16, 3.0, 98.61, 3.0, 2.0), ("k8_s3", 8, 3.0, 98.61, 5.9, 3.0),
+           ("k4_s3", 4, 3.0, 95.83, 11.4, 4.1), ("k2_s3", 2, 3.0, 86.94, 21.3, 6.0),
+           ("k16_s30", 16, 30.0, 98.61, 15.2, 4.0), ("k8_s30", 8, 30.0, 95.56, 28.5, 5.2),
+           ("k4_s30", 4, 30.0, 91.67, 54.7, 5.9), ("k2_s30", 2, 30.0, 77.5, 107.6, 6.4)]
+  rows = [{"point": point, "dictionary_size": k, "strength": strength, "target": "-", "top1": top1 / 100,
+           "speedup": speedup, "wall_speedup": wall} for point, k, strength, top1, speedup, wall in table]
+  fig, axes = spectrum.spectrum_figure(rows, bench_batch=256)
+  fig.canvas.draw()
+  renderer = fig.canvas.get_renderer()
+  for ax in axes:
+    x_labels = [t for t in ax.get_xticklabels(which="both") if t.get_visible() and t.get_text()
+                and ax.get_xlim()[0] <= t.get_position()[0] <= ax.get_xlim()[1]]
+    assert len(x_labels) >= 3 and all(t.get_text().endswith("×") for t in x_labels)
+    boxes = sorted((t.get_window_extent(renderer) for t in x_labels), key=lambda box: box.x0)
+    assert all(left.x1 < right.x0 for left, right in zip(boxes, boxes[1:])), [t.get_text() for t in x_labels]
+    y_labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert y_labels and all(text.endswith("%") for text in y_labels), y_labels
+  common.pyplot().close(fig)
+  spectrum.plot_spectrum(rows, str(tmp_path / "spectrum.png"), "strength grid", bench_batch=256)
+  assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_to_the_cnn(tmp_path, monkeypatch):
   config = tiny_config()
   rows, bases = few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],

@@ -16,6 +16,7 @@ benchmark (:mod:`lcnn_jax.bench`) times the exported LCNN (backends chosen per l
 from __future__ import annotations
 
 import json
+import math
 import os
 import types
 from typing import Any, Sequence
@@ -127,6 +128,15 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
 
 def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, bench_batch: int = 1) -> None:
   """Top-1 against multiplication speedup (and measured speedup when present), one line per strength."""
+  fig, axes = spectrum_figure(rows, bench_batch)
+  common.save_figure(fig, axes, filename, suptitle=title)
+
+
+def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
+  """The figure of :func:`plot_spectrum` and its panels, not yet written: top-1 in percent against the speedup
+  on a log axis labelled 1×, 2×, 5×, 10×, … (3× too within a decade), without the minor labels that collide on a
+  panel spanning under a decade, as the wall-clock one does."""
+  from matplotlib import ticker
   plt = common.pyplot()
   panels = [("speedup", "speedup in multiplications (×)")]
   if any("wall_speedup" in row for row in rows):
@@ -144,18 +154,28 @@ def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, ben
                                                        key=lambda row: row["dictionary_size"]),
                 "dictionary_size", "k={}")
                for strength in sorted({row["strength"] for row in lcnn})]
+    points = [(row[key], 100 * row["top1"]) for row in lcnn]
     for line_label, line, note_key, note in lines:
       ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
-      for row in line:
-        ax.annotate(note.format(row[note_key]), (row[key], 100 * row["top1"]), textcoords="offset points",
-                    xytext=(4, 4), fontsize=7)
+      for row in line:  # the note above the point, or below when another point sits just above it
+        x, y = row[key], 100 * row["top1"]
+        crowded = any(abs(math.log(other_x / x)) < 0.05 and 0 < other_y - y < 3 for other_x, other_y in points)
+        ax.annotate(note.format(row[note_key]), (x, y), textcoords="offset points",
+                    xytext=(4, -11 if crowded else 4), fontsize=7)
     for row in rows:
       if row["point"] == "cnn":
         ax.plot([row[key]] if key in row else [1.0], [100 * row["top1"]], "k*", markersize=12, label="CNN")
     ax.set_xscale("log")
+    ax.margins(x=0.08)  # room for the last point's note
+    low, high = ax.get_xlim()
+    ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0) if high > 10 * low
+                                                 else (1.0, 2.0, 3.0, 5.0)))
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}×"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(ticker.PercentFormatter(decimals=0))
     ax.set_xlabel(label)
-    ax.set_ylabel("top-1 accuracy (%)")
-  common.save_figure(fig, list(axes[0]), filename, suptitle=title)
+    ax.set_ylabel("top-1 accuracy")
+  return fig, list(axes[0])
 
 
 def define_flags() -> types.SimpleNamespace:
