@@ -27,13 +27,18 @@ from ml_collections import config_flags
 from lcnn_jax import cli, data, models, operating_point, optimizer, sparsity, train
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.", lock_config=True)
-flags.DEFINE_integer("batch", 16, "Global batch size.")
-flags.DEFINE_integer("steps", 5, "Timed steps (after two warm-up steps).")
-flags.DEFINE_string("jpeg_dir", "", "An ImageNet-style folder for the pipeline measurement; empty: generate one.")
-flags.DEFINE_integer("jpeg_images", 256, "Images in the generated JPEG folder.")
-flags.DEFINE_integer("workers", 0, "grain worker processes for the pipeline measurement.")
-flags.DEFINE_bool("json", False, "Print the results as JSON.")
+
+
+def define_flags() -> None:
+  """The command's flags on absl's global flags; importing this module defines none, so it never clashes with
+  another command's (``lcnn_jax.devicecheck`` imports it beside ``lcnn_jax.main``)."""
+  config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.", lock_config=True)
+  flags.DEFINE_integer("batch", 16, "Global batch size.")
+  flags.DEFINE_integer("steps", 5, "Timed steps (after two warm-up steps).")
+  flags.DEFINE_string("jpeg_dir", "", "An ImageNet-style folder for the pipeline measurement; empty: generate one.")
+  flags.DEFINE_integer("jpeg_images", 256, "Images in the generated JPEG folder.")
+  flags.DEFINE_integer("workers", 0, "grain worker processes for the pipeline measurement.")
+  flags.DEFINE_bool("json", False, "Print the results as JSON.")
 
 
 def compute_images_per_second(config, model_config, batch_size: int, steps: int) -> float:
@@ -134,5 +139,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   cli.run(main, user_errors=(ValueError, FileNotFoundError))
