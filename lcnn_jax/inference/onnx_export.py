@@ -382,6 +382,9 @@ def session(proto_or_path, threads: int | None = None):
   options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
   if threads:
     options.intra_op_num_threads = threads
+  # Idle worker threads sleep instead of spinning: spinning ones keep the cores busy after each call, which slows
+  # whatever runs next in the process (bench times the LCNN and XLA interleaved with this session).
+  options.add_session_config_entry("session.intra_op.allow_spinning", "0")
   if isinstance(proto_or_path, (str, os.PathLike)):
     source = os.fspath(proto_or_path)
   else:
