@@ -18,24 +18,9 @@ from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference.model import AffineLayer
 
+from lookup_reference import dense_reference, random_layer  # noqa: E402
+
 AVAILABLE = backends.available_backends()
-
-
-def _random_layer(rng, *, m, n, k, kernel, strides, padding, size, density):
-  dictionary = rng.standard_normal((m, k)).astype(np.float32)
-  shape = (*kernel, k, n)
-  coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
-  return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
-                                                strides=strides, padding=padding, input_size=size)
-
-
-def _dense_reference(layer, x):
-  """The convolution with the reconstructed kernel W = D·P, in float64 numpy (independent of XLA)."""
-  (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
-  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-  kernel = np.einsum("mk,rcko->rcmo", layer.dictionary.astype(np.float64), layer.coefficients().astype(np.float64))
-  return np.einsum("bhwmrc,rcmo->bhwo", windows, kernel) + layer.bias
 
 
 LAYER_CASES = {
@@ -56,7 +41,7 @@ LAYER_CASES = {
 @pytest.mark.parametrize("backend", AVAILABLE)
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng):
-  layer = _random_layer(rng, **LAYER_CASES[case])
+  layer = random_layer(rng, **LAYER_CASES[case])
   impl = backends.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
   # Batches 1, 3, 17 and 40 take every path of the C++ kernel (sparse dot products, 16- and 32-wide blocks);
@@ -64,7 +49,7 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
   for batch, layout in [(1, layouts.NHWC), (3, layouts.NHWC), (17, 17), (17, 1), (40, layouts.NHWC)]:
     run = jax.jit(lambda p, x: layouts.convert(*impl.apply(layer, p, x, layout), layouts.NHWC))
     x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
-    expected = _dense_reference(layer, x)
+    expected = dense_reference(layer, x)
     got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
@@ -116,7 +101,7 @@ def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
     ("map_strided", backends.Pooling((2, 3), (1, 2), ((0, 1), (1, 0)), relu=False)),
     ("map_fused_dictionary", backends.Pooling((3, 3), (3, 3), ((0, 0), (0, 0)), relu=True))])
 def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
-  layer = _random_layer(rng, **LAYER_CASES[case])
+  layer = random_layer(rng, **LAYER_CASES[case])
   impl = backends.get_backend("lookup")
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
   batch = backends.POOLED_MIN_BATCH + 1
@@ -125,7 +110,7 @@ def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
   assert impl.pools(pooling, batch, layer) and not impl.pools(pooling, batch - 2, layer)
   run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layout, pooling=pooling), layouts.NHWC))
   got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
-  conv = _dense_reference(layer, x)
+  conv = dense_reference(layer, x)
   expected = _max_pool_reference(np.maximum(conv, 0) if pooling.relu else conv, pooling.window, pooling.strides,
                                  pooling.padding, relu=False)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
@@ -370,7 +355,7 @@ def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, 
 
 def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
-  layer = _random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
   choice, timings = inference.choose_backends({"a": layer}, 2)
   assert choice["a"] in AVAILABLE and set(timings["a"]) == set(AVAILABLE)
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))

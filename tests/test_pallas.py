@@ -10,25 +10,10 @@ from flax import nnx
 from lcnn_jax import inference, layers
 from lcnn_jax.inference import backends, layouts, pallas_lookup, tuning
 
+from lookup_reference import dense_reference, random_layer  # noqa: E402
+
 PALLAS = pallas_lookup.PallasLookup()  # interpreted anywhere but a GPU
 COMPILED = pallas_lookup.PallasLookup(interpret=False)
-
-
-def _random_layer(rng, *, m, n, k, kernel, strides, padding, size, density):
-  dictionary = rng.standard_normal((m, k)).astype(np.float32)
-  shape = (*kernel, k, n)
-  coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
-  return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
-                                                strides=strides, padding=padding, input_size=size)
-
-
-def _dense_reference(layer, x):
-  """The convolution with the reconstructed kernel W = D·P, in float64 NumPy."""
-  (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
-  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-  kernel = np.einsum("mk,rcko->rcmo", layer.dictionary.astype(np.float64), layer.coefficients().astype(np.float64))
-  return np.einsum("bhwmrc,rcmo->bhwo", windows, kernel) + layer.bias
 
 
 # Every kernel size, stride, padding and dictionary size of the models (AlexNet-LCNN fast and accurate,
@@ -66,9 +51,9 @@ def _run(impl, layer, x, layout=layouts.NHWC):
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_pallas_lookups_equal_dense_conv_with_reconstructed_kernel(case, rng):
   spec, batch = LAYER_CASES[case]
-  layer = _random_layer(rng, **spec)
+  layer = random_layer(rng, **spec)
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
-  expected = _dense_reference(layer, x)
+  expected = dense_reference(layer, x)
   got = np.asarray(_run(PALLAS, layer, x))
   assert got.shape == expected.shape and got.dtype == np.float32
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
@@ -77,9 +62,9 @@ def test_pallas_lookups_equal_dense_conv_with_reconstructed_kernel(case, rng):
 @pytest.mark.parametrize("case", ["alexnet_conv2", "resnet_3x3_strided", "alexnet_fc6"])
 def test_pallas_lookups_in_bfloat16_accumulate_in_float32(case, rng):
   spec, batch = LAYER_CASES[case]
-  layer = _random_layer(rng, **spec)
+  layer = random_layer(rng, **spec)
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
-  expected = _dense_reference(layer, x)
+  expected = dense_reference(layer, x)
   got = _run(PALLAS, layer, x.astype(jnp.bfloat16))
   assert got.dtype == jnp.bfloat16
   # S and the output are rounded to bfloat16 (8 bits of mantissa); the sums over hundreds of terms are not.
@@ -88,10 +73,10 @@ def test_pallas_lookups_in_bfloat16_accumulate_in_float32(case, rng):
 
 def test_pallas_reads_channels_first_input_without_a_transpose(rng):
   spec, _ = LAYER_CASES["uneven"]
-  layer = _random_layer(rng, **spec)
+  layer = random_layer(rng, **spec)
   assert PALLAS.input_layout(layer, 5) == 5
   x = rng.standard_normal((5, *layer.input_size, layer.in_features)).astype(np.float32)
-  expected = _dense_reference(layer, x)
+  expected = dense_reference(layer, x)
   np.testing.assert_allclose(np.asarray(_run(PALLAS, layer, x, layout=5)), expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
 
@@ -101,7 +86,7 @@ def test_pallas_kernel_lowers_to_triton_for_cuda(dtype, rng):
   """Every block shape a power of two, every operation one the Triton lowering has (no GPU needed to check)."""
   for case in ("alexnet_conv1", "alexnet_fc6"):
     spec, batch = LAYER_CASES[case]
-    layer = _random_layer(rng, **spec)
+    layer = random_layer(rng, **spec)
     params = jax.tree.map(jnp.asarray, COMPILED.prepare(layer))
     x = jnp.zeros((batch, *layer.input_size, layer.in_features), dtype)
     fn = jax.jit(lambda p, v: backends.apply_nhwc(COMPILED, layer, p, v))

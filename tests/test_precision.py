@@ -11,30 +11,14 @@ from lcnn_jax import inference, layers, models
 from lcnn_jax.inference import backends, layouts, precision
 from lcnn_jax.inference import model as model_lib
 
+from lookup_reference import dense_reference, random_layer  # noqa: E402
+
 AVAILABLE = backends.available_backends()
 
 # The quantisation error allowed against the float32 layer, relative to the output's largest magnitude: bfloat16
 # keeps 8 significant bits (relative rounding 2^-9 per weight), int8 7 bits of each channel's largest weight;
 # sums of tens of such products stay well inside these.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "int8": 4e-2}
-
-
-def _random_layer(rng, *, m, n, k, kernel, strides, padding, size, density):
-  dictionary = rng.standard_normal((m, k)).astype(np.float32)
-  shape = (*kernel, k, n)
-  coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
-  return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
-                                                strides=strides, padding=padding, input_size=size)
-
-
-def _reference(layer, x):
-  """The convolution with the reconstructed kernel of ``layer`` as stored, in float64 numpy."""
-  (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
-  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-  windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
-  kernel = np.einsum("mk,rcko->rcmo", layer.float_dictionary().astype(np.float64),
-                     layer.coefficients().astype(np.float64))
-  return np.einsum("bhwmrc,rcmo->bhwo", windows, kernel) + layer.bias
 
 
 CASES = {
@@ -49,7 +33,7 @@ CASES = {
 @pytest.mark.parametrize("prec", ["bfloat16", "int8"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_reduced_precision_layer_equals_float64_reference(case, prec, backend, rng):
-  layer = _random_layer(rng, **CASES[case])
+  layer = random_layer(rng, **CASES[case])
   stored = precision.quantize_layer(layer, prec)
   assert stored.dictionary.dtype == stored.values.dtype == np.dtype(precision.BFLOAT16 if prec == "bfloat16" else
                                                                     np.int8)
@@ -59,10 +43,10 @@ def test_reduced_precision_layer_equals_float64_reference(case, prec, backend, r
   for batch in (1, 3, 40):
     x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
     got = np.asarray(jax.jit(lambda p, v: backends.apply_nhwc(impl, stored, p, v))(params, jnp.asarray(x)))
-    expected = _reference(stored, x)  # the layer as stored: the kernels must compute exactly this
+    expected = dense_reference(stored, x)  # the layer as stored: the kernels must compute exactly this
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * scale, err_msg=f"batch {batch}")
-    original = _reference(layer, x)  # and the storage costs at most the rounding of its weights
+    original = dense_reference(layer, x)  # and the storage costs at most the rounding of its weights
     np.testing.assert_allclose(got, original, rtol=0, atol=TOLERANCE[prec] * np.abs(original).max())
 
 
@@ -102,10 +86,10 @@ def test_int8_keeps_each_channel_within_half_its_step(rng):
 
 
 def test_indices_are_as_narrow_as_the_dictionary_allows(rng):
-  small = _random_layer(rng, **CASES["fused_dictionary"])  # 3·3·3 = 27 positions
+  small = random_layer(rng, **CASES["fused_dictionary"])  # 3·3·3 = 27 positions
   assert small.indices.dtype == np.uint8
   assert backends.get_backend("lookup").prepare(small)["indices"].dtype == np.uint8
-  assert _random_layer(rng, **CASES["fc6_like"]).indices.dtype == np.uint8  # 216 positions
+  assert random_layer(rng, **CASES["fc6_like"]).indices.dtype == np.uint8  # 216 positions
   assert backends.narrowest_index_dtype(257) == np.uint16 and backends.narrowest_index_dtype(1 << 16) == np.uint16
   assert backends.narrowest_index_dtype((1 << 16) + 1) == np.int32
 

@@ -1,0 +1,25 @@
+"""Random lookup layers and their independent float64 NumPy reference, shared by the inference test modules."""
+
+import numpy as np
+
+from lcnn_jax.inference import backends
+
+
+def random_layer(rng, *, m, n, k, kernel, strides, padding, size, density) -> backends.LookupLayer:
+  """A lookup layer with random D (m, k), P (kh, kw, k, n) of about ``density`` non-zeros, and a random bias."""
+  dictionary = rng.standard_normal((m, k)).astype(np.float32)
+  shape = (*kernel, k, n)
+  coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
+  return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
+                                                strides=strides, padding=padding, input_size=size)
+
+
+def dense_reference(layer: backends.LookupLayer, x) -> np.ndarray:
+  """The convolution with the reconstructed kernel W = D·P of ``layer`` as stored, in float64 NumPy (independent
+  of XLA and of the backends)."""
+  (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
+  kernel = np.einsum("mk,rcko->rcmo", layer.float_dictionary().astype(np.float64),
+                     layer.coefficients().astype(np.float64))
+  return np.einsum("bhwmrc,rcmo->bhwo", windows, kernel) + layer.bias
