@@ -10,7 +10,8 @@ from flax import nnx
 from lcnn_jax import bench, cli, inference, models
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import onnx_export
-from test_inference import _Unfoldable, _as_if_trained, _eval_logits, _model, _run_config, _write_run
+from lookup_reference import dense_reference, random_layer
+from test_inference import LAYER_CASES, _Unfoldable, _as_if_trained, _eval_logits, _model, _run_config, _write_run
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
@@ -90,12 +91,11 @@ def test_operations_between_layers_translate_in_either_layout(tmp_path, rng):
 
 @pytest.mark.parametrize("form", onnx_export.LOOKUP_FORMS)
 def test_lookup_forms_equal_the_dense_reference(form, rng):
-  from test_inference import LAYER_CASES, _dense_reference, _random_layer
-  layer = _random_layer(rng, **LAYER_CASES["map_strided"])
+  layer = random_layer(rng, **LAYER_CASES["map_strided"])
   x = rng.standard_normal((2, *layer.input_size, layer.in_features)).astype(np.float32)
   sess = onnx_export.session(onnx_export._one_layer_model(layer, form))
   got = sess.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: np.transpose(x, (0, 3, 1, 2))})[0]
-  _assert_close(np.transpose(got, (0, 2, 3, 1)), _dense_reference(layer, x))
+  _assert_close(np.transpose(got, (0, 2, 3, 1)), dense_reference(layer, x))
 
 
 def test_auto_forms_are_measured_per_layer_and_recorded(tmp_path, rng):
