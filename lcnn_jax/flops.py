@@ -21,13 +21,12 @@ are counted by the same rules.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,10 +118,8 @@ def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape:
 _COUNTED = (layers.LookupConv, layers.LookupDense, nnx.Conv, nnx.Linear)
 
 
-@contextlib.contextmanager
-def _recording(paths: dict[int, str], records: list) -> Iterator[None]:
+def _recording(paths: dict[int, str], records: list):
   """Wraps the counted classes' ``__call__`` so each call appends (path, module, input, output shapes)."""
-  originals = {cls: cls.__call__ for cls in _COUNTED}
 
   def make_wrapper(original):
     def wrapper(module, x, *args, **kwargs):
@@ -132,13 +129,7 @@ def _recording(paths: dict[int, str], records: list) -> Iterator[None]:
       return y
     return wrapper
 
-  try:
-    for cls, original in originals.items():
-      cls.__call__ = make_wrapper(original)
-    yield
-  finally:
-    for cls, original in originals.items():
-      cls.__call__ = original
+  return layers.replaced_calls(_COUNTED, make_wrapper)
 
 
 def module_paths(model: nnx.Module) -> dict[int, str]:

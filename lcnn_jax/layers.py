@@ -14,8 +14,9 @@ The equivalent dense kernel is W[r, c, :, o] = Σ_j P[r, c, j, o] · D[:, j]. En
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -240,3 +241,20 @@ class LookupDense(nnx.Module):
 
 
 LOOKUP_LAYERS = (LookupConv, LookupDense)
+
+
+@contextlib.contextmanager
+def replaced_calls(classes: Sequence[type], make: Callable[[Callable], Callable]) -> Iterator[None]:
+  """Within the block, each class's ``__call__`` is ``make(original)``; the originals come back on exit.
+
+  The one place where layer calls are intercepted: the multiplication counter records each layer's shapes
+  through it and the exporter turns each layer into one equation of its graph.
+  """
+  originals = {cls: cls.__call__ for cls in classes}
+  try:
+    for cls, original in originals.items():
+      cls.__call__ = make(original)
+    yield
+  finally:
+    for cls, original in originals.items():
+      cls.__call__ = original

@@ -15,10 +15,9 @@ layers with ReLU and pooling between them never transposes its activations; any 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +30,7 @@ from jax.extend.core import primitives as jax_primitives
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts
 from lcnn_jax.inference.layouts import NHWC, Layout
-from lcnn_jax.layers import LookupConv, LookupDense
+from lcnn_jax.layers import LookupConv, LookupDense, replaced_calls
 
 LAYER_CLASSES = (LookupConv, LookupDense, nnx.Conv, nnx.Linear, nnx.BatchNorm)
 """Modules that become layer equations; everything else is traced through."""
@@ -159,10 +158,8 @@ def _decode(value: Any, batch: int) -> Any:
 
 # Tracing ---------------------------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _layers_as_equations(names: dict[int, str], calls: dict[str, LayerCall]) -> Iterator[None]:
+def _layers_as_equations(names: dict[int, str], calls: dict[str, LayerCall]):
   """Makes each layer class's ``__call__`` emit one opaque layer equation (shape from an abstract run)."""
-  originals = {cls: cls.__call__ for cls in LAYER_CLASSES}
 
   def make(original):
     def call(module, x, *args, **kwargs):
@@ -178,13 +175,7 @@ def _layers_as_equations(names: dict[int, str], calls: dict[str, LayerCall]) -> 
       return _layer_p.bind(x, name=name, shape=tuple(y.shape), dtype=y.dtype)
     return call
 
-  try:
-    for cls, original in originals.items():
-      cls.__call__ = make(original)
-    yield
-  finally:
-    for cls, original in originals.items():
-      cls.__call__ = original
+  return replaced_calls(LAYER_CLASSES, make)
 
 
 class _Builder:
