@@ -11,6 +11,7 @@ import ml_collections
 
 SPARSITY_RULES = ("prox", "threshold")
 LR_SCHEDULES = ("alexnet", "resnet", "cosine", "constant")
+HEADS = ("average", "flatten")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.5  # Dropout rate before the fully connected layers (AlexNet, digits nets).
   c.model.width = 32  # Base width of the small digits nets.
   c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
+  c.model.head = "average"  # Digits nets: the classifier reads the global average or every pixel (flatten).
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | folder | tfds:<name> | idx | fashion_mnist | synthetic
@@ -124,9 +126,10 @@ def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
   c.model.first_pool = 1
   c.model.pool_size = 8
   c.model.dropout = 0.2
+  c.model.head = "flatten"
   c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
   c.train.batch_size = 128
-  c.train.epochs = 10
+  c.train.epochs = 12
   c.train.steps_per_epoch = 0  # one pass over the 60,000 training images (468 steps)
   c.train.lr_schedule = "cosine"
   c.train.learning_rate = 0.1
@@ -193,6 +196,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"model.name={config.model.name!r}: expected one of {sorted(models.MODELS)}.")
   if config.model.depth not in models.RESNET_DEPTHS:
     raise ValueError(f"model.depth={config.model.depth}: expected one of {models.RESNET_DEPTHS}.")
+  if config.model.head not in HEADS:
+    raise ValueError(f"model.head={config.model.head!r}: expected one of {HEADS}.")
   if not 0 <= config.model.dropout < 1:
     raise ValueError(f"model.dropout={config.model.dropout}: must be in [0, 1).")
   if config.model.initial_sparsity < 0 or config.model.width <= 0:

@@ -17,6 +17,7 @@ stage of each lookup layer runs on the smaller maps.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -37,6 +38,8 @@ class DigitsNet(nnx.Module):
     dropout: the dropout rate before the classifier.
     convs_per_stage: 3×3 convolutions at each width (1: conv1, conv2, conv3 only).
     pool_after: the stages (0: width w, 1: 2w, 2: 4w) followed by a 2×2 max-pool.
+    head: what the classifier reads: ``average`` (conv3's global average, 4w numbers) or ``flatten`` (every
+      pixel of conv3's last map, h'·w'·4w numbers: the position of a feature counts).
     initial_sparsity: sets the lookup layers' threshold τ.
     rngs: ``params`` initialises the weights; the model keeps a ``dropout`` stream for its dropout masks.
   """
@@ -44,7 +47,7 @@ class DigitsNet(nnx.Module):
   def __init__(self, num_classes: int, input_shape: Sequence[int], *, width: int = 32,
                dictionary_sizes: Sequence[int] = (0, 0, 0, 0), dropout: float = 0.5,
                initial_sparsity: float = 0.01, convs_per_stage: int = 1,
-               pool_after: Sequence[int] = (1,), rngs: nnx.Rngs):
+               pool_after: Sequence[int] = (1,), head: str = "average", rngs: nnx.Rngs):
     height, image_width, channels = input_shape
     if min(height, image_width) < 2:
       raise ValueError(f"input_shape={tuple(input_shape)}: the digits nets need sides of at least 2 pixels.")
@@ -52,8 +55,10 @@ class DigitsNet(nnx.Module):
       raise ValueError(f"model.width={width}: must be positive.")
     if convs_per_stage < 1:
       raise ValueError(f"model.convs_per_stage={convs_per_stage}: must be at least 1.")
+    if head not in ("average", "flatten"):
+      raise ValueError(f"model.head={head!r}: expected 'average' or 'flatten'.")
     k1, k2, k3, k_classifier = dictionary_sizes
-    self.pool_after = tuple(pool_after)
+    self.pool_after, self.head = tuple(pool_after), head
     widths = (width, 2 * width, 4 * width)
 
     def conv(i, o, size):
@@ -70,7 +75,9 @@ class DigitsNet(nnx.Module):
         setattr(self, f"conv{name}", conv(w, w, k))
         setattr(self, f"bn{name}", common.batch_norm(w, rngs=rngs))
     self.dropout = nnx.Dropout(dropout, rngs=rngs)
-    self.classifier = common.dense(widths[2], num_classes, dictionary_size=k_classifier,
+    side = lambda n: functools.reduce(lambda m, _: common.pooled_size(m, 2, 2), self.pool_after, n)
+    features = widths[2] * (side(height) * side(image_width) if head == "flatten" else 1)
+    self.classifier = common.dense(features, num_classes, dictionary_size=k_classifier,
                                    initial_sparsity=initial_sparsity, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -80,14 +87,15 @@ class DigitsNet(nnx.Module):
         x = nnx.relu(getattr(self, f"bn{name}")(getattr(self, f"conv{name}")(x)))
       if stage in self.pool_after:
         x = common.max_pool(x, 2, 2)  # digits: (batch, 4, 4, 2w); mnist: (batch, 14, 14, w), (batch, 7, 7, 2w)
-    return self.classifier(self.dropout(common.global_average_pool(x)))
+    features = x.reshape(x.shape[0], -1) if self.head == "flatten" else common.global_average_pool(x)
+    return self.classifier(self.dropout(features))
 
 
 def digits(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
            rngs: nnx.Rngs) -> DigitsNet:
   """The dense digits CNN, twin of ``digits-lcnn``."""
   return DigitsNet(num_classes, input_shape, width=config.width, dropout=config.dropout,
-                   convs_per_stage=config.convs_per_stage, rngs=rngs)
+                   convs_per_stage=config.convs_per_stage, head=config.head, rngs=rngs)
 
 
 def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
@@ -96,7 +104,8 @@ def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_sh
   k2, k3 = common.conv_pools(config, 2, "conv2, conv3")
   return DigitsNet(num_classes, input_shape, width=config.width,
                    dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
-                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage, rngs=rngs)
+                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
+                   head=config.head, rngs=rngs)
 
 
 MNIST_POOLS = (0, 1)  # 28 → 14 after conv1, 14 → 7 after conv2.
@@ -106,7 +115,7 @@ def mnist(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: S
           rngs: nnx.Rngs) -> DigitsNet:
   """The dense 28×28 CNN (conv1 at 28×28, conv2 at 14×14, conv3 at 7×7), twin of ``mnist-lcnn``."""
   return DigitsNet(num_classes, input_shape, width=config.width, dropout=config.dropout,
-                   convs_per_stage=config.convs_per_stage, pool_after=MNIST_POOLS, rngs=rngs)
+                   convs_per_stage=config.convs_per_stage, pool_after=MNIST_POOLS, head=config.head, rngs=rngs)
 
 
 def mnist_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
@@ -116,4 +125,4 @@ def mnist_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_sha
   return DigitsNet(num_classes, input_shape, width=config.width,
                    dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
                    initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
-                   pool_after=MNIST_POOLS, rngs=rngs)
+                   pool_after=MNIST_POOLS, head=config.head, rngs=rngs)
