@@ -20,7 +20,10 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+import ml_collections
 from absl import app, flags, logging
+
+from lcnn_jax import config as config_lib
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 USAGE_EXIT = 2
@@ -88,7 +91,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
   ml_collections' config-file errors) turned into a :class:`UsageError` that names the flag and the fix; ``-h``
   means ``--help``."""
   flag_values = flags.FLAGS if flag_values is None else flag_values
-  argv = [argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])]
+  argv = _resolve_config_files([argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])], flag_values)
   try:
     rest = flag_values(argv)
   except SystemExit as e:  # absl's --help exits with 1 after printing the help
@@ -112,6 +115,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
       raise
     raise UsageError(message) from None
   _check_config_files(flag_values)
+  _check_config_keys(flag_values)
   quiet_logs()
   return rest
 
@@ -123,6 +127,64 @@ def _config_flags(flag_values: flags.FlagValues) -> Iterator[flags.Flag]:
       yield flag
 
 
+def _resolve_config_files(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+  """``argv`` with each config flag's value that is not a file but names a preset (``--config alexnet_fast``,
+  ``--config configs/alexnet_fast.py`` from any directory) replaced by the preset's path; raises
+  :class:`UsageError` listing the presets when it is neither."""
+  names = {flag.name for flag in _config_flags(flag_values)}
+  resolved, value_of = list(argv), None
+  for i, arg in enumerate(argv[1:], 1):
+    match = re.match(r"--(\w+)(?:=(.*))?$", arg, re.S)
+    if value_of is not None:
+      resolved[i], value_of = _config_file(arg, value_of), None
+    elif match and match.group(1) in names:
+      if match.group(2) is None:
+        value_of = match.group(1)
+      else:
+        resolved[i] = f"--{match.group(1)}={_config_file(match.group(2), match.group(1))}"
+  return resolved
+
+
+def _config_file(value: str, flag: str) -> str:
+  path, colon, argument = value.partition(":")  # ml_collections' FILE:ARGUMENT passes ARGUMENT to get_config
+  if os.path.isfile(value) or os.path.isfile(path):
+    return value
+  try:
+    return config_lib.resolve(path) + colon + argument
+  except ValueError as e:
+    raise UsageError(str(e).replace("--config ", f"--{flag} ", 1)) from None
+
+
+def _check_config_keys(flag_values: flags.FlagValues) -> None:
+  """A key set in a config file that its model's schema has not (a typo, another model's dictionary size, a flat
+  key of earlier versions) is found at parse time, named with the fix."""
+  from ml_collections import config_flags
+  for flag in _config_flags(flag_values):
+    if isinstance(flag.value, ml_collections.ConfigDict):
+      try:
+        config_lib.check_keys(flag.value)
+      except ValueError as e:
+        raise UsageError(f"--{flag.name} {config_flags.get_config_filename(flag)}: {e}") from None
+
+
+def _model_name(argv: Sequence[str]) -> str | None:
+  """The model of the config file on the command line (its ``--config.model.name`` when given), or None."""
+  for arg in argv:
+    match = re.match(r"--\w+\.model\.name=(.*)$", arg)
+    if match:
+      return match.group(1)
+  for i, arg in enumerate(argv[1:], 1):
+    match = re.match(r"--(\w+)(?:=(.*))?$", arg)
+    if match and (match.group(2) or (i + 1 < len(argv) and argv[i + 1])):
+      path = match.group(2) or argv[i + 1]
+      if path.partition(":")[0].endswith(".py") and os.path.isfile(path.partition(":")[0]):
+        try:
+          return config_lib.load(path.partition(":")[0]).model.name
+        except Exception:  # pylint: disable=broad-except  # the message it is for names the key either way
+          return None
+  return None
+
+
 def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
   """The message for an exception raised while ml_collections loaded a config file or applied an override, or None
   when it came from elsewhere."""
@@ -131,6 +193,18 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
   if isinstance(e, (AttributeError, KeyError)) and key and any(f.endswith("config_path.py") for f in frames):
     key = key.group(1)
     override = next((arg.split("=")[0] for arg in argv if re.match(rf"--\w+\.(\w+\.)*{key}(=|$)", arg)), key)
+    path = override.partition(".")[2]
+    model = _model_name(argv)
+    if path.startswith("model.") and model in config_lib.MODEL_NAMES:
+      message = config_lib.unknown_key(path, model)
+      if not message.startswith("there is no config key"):
+        new = config_lib.RENAMED.get(key)
+        value = next((arg.partition("=")[2] for arg in argv if arg.startswith(override + "=")), "")
+        if new and new.split(".")[-1] in config_lib.dictionary_keys(model) and value:
+          message += f": pass {override.partition('.')[0]}.model.{new}={value}"
+        return (f"{override}: {message}. The config's model {model} takes "
+                f"model.dictionary.{{{', '.join(config_lib.dictionary_keys(model))}}}; docs/config.md lists "
+                "every model's keys.")
     suggestion = re.search(r'Did you mean "(\w+)"', str(e))
     hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
     return (f"{override}: there is no config key {key!r}; {hint}--print_config lists the keys of the config, "

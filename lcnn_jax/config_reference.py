@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import re
 
+import ml_collections
+
 from lcnn_jax import config as config_lib
 
 KEY_LINE = re.compile(r"^\s*c\.(\w+)\.(\w+) = .*?(?:  # (.*))?$")
@@ -42,9 +44,28 @@ def reference() -> str:
     elif pending:  # a note on the keys that follow
       lines += ["", " ".join(pending), ""]
       pending = []
+    if isinstance(value, ml_collections.ConfigDict):
+      lines += [f"- `{path}`: {meaning}", *dictionary_reference()]
+      continue
     kind = type(value).__name__ if value is not None else "tuple (unset)"
     lines.append(f"- `{path}` = `{value!r}` ({kind}): {meaning or ''}".rstrip())
   return "\n".join(lines).replace("\n## ", "\n\n## ") + "\n"
+
+
+def dictionary_reference() -> list[str]:
+  """Markdown lines: each LCNN's ``model.dictionary`` keys with their defaults and the layers they size."""
+  lines = ["", "  Each LCNN takes its own keys; its CNN twin takes the same and ignores them (it is the LCNN with every "
+           "layer dense). A key of another model, or a flat key of earlier versions (`model.pool_size`, ...), is an "
+           "error naming today's key. A size of 0 keeps those layers dense.", ""]
+  renamed = {}
+  for old, new in config_lib.RENAMED.items():
+    renamed.setdefault(new, []).append(f"`model.{old}`")
+  for lcnn, cnn in config_lib.BASELINES.items():
+    lines.append(f"  - `{lcnn}` (and `{cnn}`):")
+    for key, (default, meaning) in config_lib.DICTIONARIES[lcnn].items():
+      was = f" Was {' and '.join(renamed[f'dictionary.{key}'])}."
+      lines.append(f"    - `model.dictionary.{key}` = `{default!r}`: {meaning}{was}")
+  return lines + [""]
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def load_config(path: str) -> ml_collections.ConfigDict:
 
 
 def derive(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with dotted-key overrides: ``derive(c, **{'model.pool_size': 4})``."""
+  """A copy of ``config`` with dotted-key overrides: ``derive(c, **{'model.dictionary.convs': 4})``."""
   config = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in overrides.items():
     *parents, key = dotted.split(".")
