@@ -22,7 +22,7 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 
 # A digits LCNN trained for 4 steps with strong sparsity, so P's density falls below its initial value.
-TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.first_pool": 1, "model.pool_size": 4,
+TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.dictionary.first": 1, "model.dictionary.convs": 4,
         "data.name": "digits", "train.batch_size": 32, "train.num_steps": 4, "train.steps_per_epoch": 4,
         "train.lr_schedule": "constant", "train.learning_rate": 0.05, "train.checkpoint_every": 4,
         "train.eval_every": 4, "train.log_every": 4, "train.eval_batch_size": 360, "sparsity.strength": 10.0}
@@ -159,7 +159,8 @@ def test_untrained_config_needs_no_data_and_counts_the_configured_model(capsys):
   assert status == 0, err
   report = json.loads(out)
   config = config_lib.default_config()
-  config.model.name, config.model.width, config.model.first_pool, config.model.pool_size = "digits-lcnn", 8, 1, 8
+  config.model.name, config.model.width = "digits-lcnn", 8
+  config.model.dictionary.update(first=1, convs=8)
   model = models.create_model(config.model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(config.seed))
   assert report["step"] is None and report["input_shape"] == [8, 8, 1] and report["num_classes"] == 10
   assert report["total_multiplications"] == flops.count_multiplications(model, (8, 8, 1)).total
