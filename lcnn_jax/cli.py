@@ -229,7 +229,8 @@ def _check_config_files(flag_values: flags.FlagValues) -> None:
       from ml_collections import config_flags
       path = config_flags.get_config_filename(flag)
       raise UsageError(f"--{flag.name} {path}: no such file. Pass a config file such as configs/quickstart.py "
-                       "(a path relative to the current directory, or absolute).")
+                       "(a path relative to the current directory, or absolute) or a preset: "
+                       f"{', '.join(config_lib.presets())}.")
 
 
 class _OwnOrWarnings(std_logging.Filter):

@@ -1,8 +1,10 @@
 """The reference of every config key, generated from the schema (:func:`lcnn_jax.config.default_config` and its
-comments): ``python -m lcnn_jax.config_reference > docs/config.md``."""
+comments, :data:`lcnn_jax.config.DICTIONARIES`) and the presets' docstrings:
+``python -m lcnn_jax.config_reference > docs/config.md``."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 
@@ -49,14 +51,21 @@ def reference() -> str:
       continue
     kind = type(value).__name__ if value is not None else "tuple (unset)"
     lines.append(f"- `{path}` = `{value!r}` ({kind}): {meaning or ''}".rstrip())
+  lines += ["## Presets", "", "Run configs by name, `--config NAME` from any install (they ship inside the package as "
+            "`lcnn_jax.configs`), or by path, `--config configs/NAME.py`, from a checkout:", ""]
+  for name in config_lib.presets():
+    with open(config_lib.resolve(name)) as f:
+      summary = (ast.get_docstring(ast.parse(f.read())) or "").split("\n\n")[0].replace("\n", " ").replace("``", "`")
+    lines.append(f"- `{name}` (`configs/{name}.py`): {summary}")
   return "\n".join(lines).replace("\n## ", "\n\n## ") + "\n"
 
 
 def dictionary_reference() -> list[str]:
-  """Markdown lines: each LCNN's ``model.dictionary`` keys with their defaults and the layers they size."""
+  """Markdown lines: each LCNN's ``model.dictionary`` keys, their defaults and the layers they size."""
   lines = ["", "  Each LCNN takes its own keys; its CNN twin takes the same and ignores them (it is the LCNN with every "
            "layer dense). A key of another model, or a flat key of earlier versions (`model.pool_size`, ...), is an "
-           "error naming today's key. A size of 0 keeps those layers dense.", ""]
+           "error naming today's key. A size of 0 keeps those layers dense (the first layer's must be > 0); a run "
+           "saved with the flat keys is read back as today's, with a logged note.", ""]
   renamed = {}
   for old, new in config_lib.RENAMED.items():
     renamed.setdefault(new, []).append(f"`model.{old}`")

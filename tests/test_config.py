@@ -9,10 +9,8 @@ import subprocess
 import sys
 from unittest import mock
 
-import ml_collections
 import pytest
 import setuptools
-from absl import flags
 from ml_collections import config_flags
 
 from lcnn_jax import checkpoint, cli
@@ -177,8 +175,8 @@ def test_the_command_line_sets_a_dictionary_size_and_convs_as_one_size_or_a_tupl
 # ------------------------------------------------------------------------------------------------ saved configs
 
 
-FLAT_ALEXNET = {"name": "alexnet-lcnn", "depth": 18, "first_pool": 3, "pool_size": 30, "pool_sizes": [500, 500, 500, 30],
-                "fc_pool": 1024, "classifier_pool": 0, "pool1": 0, "pool2": 0, "pool3": 0, "pool4": 0,
+FLAT_ALEXNET = {"name": "alexnet-lcnn", "depth": 18, "first_pool": 3, "pool_size": 30,
+                "pool_sizes": [500, 500, 500, 30], "fc_pool": 1024, "classifier_pool": 0, "pool1": 0, "pool2": 0, "pool3": 0, "pool4": 0,
                 "initial_sparsity": 0.01, "dropout": 0.5, "width": 32, "convs_per_stage": 1}
 
 

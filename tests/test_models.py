@@ -1,7 +1,5 @@
 """Specification of lcnn_jax.models and configs/: shapes, parameter counts, the original's rules, modes."""
 
-import glob
-import importlib.util
 import json
 import math
 import os
@@ -15,8 +13,6 @@ from flax import nnx
 from lcnn_jax import config as config_lib
 from lcnn_jax import models
 from lcnn_jax.layers import LookupConv, LookupDense
-
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
 
 def model_config(name, dictionary=(), **overrides):
@@ -334,11 +330,6 @@ def test_cnn_spatial_dropout_keeps_values_unscaled_in_training_and_scales_by_one
 # ------------------------------------------------------------------------------------------------ configs
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 # Every preset's model and baseline as built before the dictionary sizes were nested per model (model.dictionary):
@@ -364,18 +355,17 @@ def test_every_preset_builds_the_same_model_and_baseline_as_with_the_flat_keys(p
     assert {"model": model_cfg.name, "params": parameter_shapes(model)} == recorded[f"{preset}:{role}"], role
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+RUN_PRESETS = [name for name in config_lib.presets() if "/" not in name]  # the experiments' are theirs
 PAPER_ROWS = ("alexnet", "alexnet_fast", "alexnet_accurate", "resnet18", "resnet18_fast", "resnet18_accurate")
 
 
 def test_every_paper_row_has_a_config():
-  names = {os.path.basename(path)[:-3] for path in CONFIG_FILES}
-  assert set(PAPER_ROWS) <= names
+  assert set(PAPER_ROWS) <= set(RUN_PRESETS)
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_validates_and_builds_its_model_and_baseline(path):
-  config = load_config(path)
+@pytest.mark.parametrize("preset", RUN_PRESETS)
+def test_config_loads_validates_and_builds_its_model_and_baseline(preset):
+  config = config_lib.load(preset)
   config_lib.validate(config)
   imagenet = config.data.name == "folder"
   size = config.data.image_size or (224 if imagenet else 8)
@@ -391,10 +381,9 @@ def test_config_loads_validates_and_builds_its_model_and_baseline(path):
     ("alexnet_fast", 37.6), ("alexnet_accurate", 3.2), ("resnet18_fast", 29.2), ("resnet18_accurate", 5.0),
 ])
 def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, target):
-  config = load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  config = config_lib.load(name)
   assert (config.sparsity.target_speedup, config.sparsity.rule) == (target, "threshold")
-  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(
-      os.path.join(CONFIG_DIR, f"{name}.py")).read()
+  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(config_lib.resolve(name)).read()
 
 
 @pytest.mark.parametrize("name, model, pools, strength", [
@@ -402,7 +391,7 @@ def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, ta
     ("alexnet_accurate", "alexnet-lcnn", (3, 500, 500, 500, 30, 1024, 1024, 0), 0.3),
 ])
 def test_alexnet_configs_follow_the_tf_ports_published_settings(name, model, pools, strength):
-  config = load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  config = config_lib.load(name)
   built = nnx.eval_shape(lambda: models.create_model(config.model, num_classes=1000, input_shape=(224, 224, 3),
                                                      rngs=nnx.Rngs(0)))
   sizes = tuple(getattr(getattr(built, layer), "dictionary_size", 0)
