@@ -300,7 +300,10 @@ def _raise_key_problems(values: ml_collections.ConfigDict, schema: ml_collection
   def compare(values, schema, prefix):
     for key in values:
       if key not in schema:
-        unknown.append(unknown_key(prefix + key, name))
+        message = unknown_key(prefix + key, name)
+        if message.endswith(f"was renamed model.{RENAMED.get(key)}") and values[key] is not None:
+          message += f" (set model.{RENAMED[key]} = {values[key]!r})"
+        unknown.append(message)
       elif isinstance(schema[key], ml_collections.ConfigDict):
         if isinstance(values[key], ml_collections.ConfigDict):
           compare(values[key], schema[key], f"{prefix}{key}.")

@@ -124,7 +124,7 @@ def test_a_misspelt_key_set_in_a_file_is_named():
 def test_an_earlier_flat_key_set_in_a_config_names_todays(model, old, new):
   config = config_lib.default_config(model)
   config.model[old] = 8
-  with pytest.raises(ValueError, match=rf"model.{old} was renamed model.{new}\. {model} takes"):
+  with pytest.raises(ValueError, match=rf"model.{old} was renamed model.{new} \(set model.{new} = 8\)\. {model} takes"):
     config_lib.check_keys(config)
 
 
@@ -160,7 +160,8 @@ def test_an_earlier_key_in_a_user_config_file_is_a_usage_error_naming_todays(tmp
   status, _ = run_config_command(["--config", path])
   assert status == 2
   err = capsys.readouterr().err
-  assert f"--config {path}: model.pool_size was renamed model.dictionary.convs. digits-lcnn takes" in err
+  assert (f"--config {path}: model.pool_size was renamed model.dictionary.convs (set model.dictionary.convs = 8). "
+          "digits-lcnn takes model.dictionary.{first, convs, classifier}") in err
 
 
 def test_the_command_line_sets_a_dictionary_size_and_convs_as_one_size_or_a_tuple():
@@ -175,9 +176,10 @@ def test_the_command_line_sets_a_dictionary_size_and_convs_as_one_size_or_a_tupl
 # ------------------------------------------------------------------------------------------------ saved configs
 
 
+# model.* of an AlexNet-accurate run saved before model.dictionary: every model's flat keys, side by side.
 FLAT_ALEXNET = {"name": "alexnet-lcnn", "depth": 18, "first_pool": 3, "pool_size": 30,
-                "pool_sizes": [500, 500, 500, 30], "fc_pool": 1024, "classifier_pool": 0, "pool1": 0, "pool2": 0, "pool3": 0, "pool4": 0,
-                "initial_sparsity": 0.01, "dropout": 0.5, "width": 32, "convs_per_stage": 1}
+                "pool_sizes": [500, 500, 500, 30], "fc_pool": 1024, "classifier_pool": 0, "pool1": 0, "pool2": 0,
+                "pool3": 0, "pool4": 0, "initial_sparsity": 0.01, "dropout": 0.5, "width": 32, "convs_per_stage": 1}
 
 
 def test_a_saved_config_with_the_earlier_flat_keys_reads_as_todays_with_a_note():

@@ -127,8 +127,8 @@ def test_a_policy_with_the_original_rule_turns_resnet_into_resnet_lcnn():
     kh, kw, _, out = kernel_shape
     return 0 if size >= out * kh * kw else size
 
-  config = config_lib.default_config().model
-  config.update(name="resnet", depth=8)
+  config = config_lib.default_config("resnet").model
+  config.depth = 8
   converted = nnx.eval_shape(lambda: convert.to_lcnn(
       models.create_model(config, num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0)),
       resnet_lcnn_rule, rngs=nnx.Rngs(1)))
