@@ -30,9 +30,7 @@ TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.dictionary.first":
 
 def tiny_config():
   c = config_lib.default_config()
-  for key, value in TINY.items():
-    section, name = key.split(".")
-    c[section][name] = value
+  c.update_from_flattened_dict(TINY)
   return c
 
 
@@ -43,9 +41,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from lcnn_jax import config as config_lib, train
 assert jax.device_count() == 8
 c = config_lib.default_config()
-for key, value in json.loads(sys.argv[2]).items():
-  section, name = key.split(".")
-  c[section][name] = value
+c.update_from_flattened_dict(json.loads(sys.argv[2]))
 train.train_and_evaluate(c, sys.argv[1])
 """
 
@@ -264,8 +260,8 @@ def test_dense_baselines_agree_with_xla_cost_analysis_up_to_the_border(name, inp
   whole network XLA counts up to 5% more (its flops of BatchNorm, ReLU, pooling and the bias additions, which
   the paper's rule leaves out; a larger share in these narrow test nets than in real ones).
   """
-  config = config_lib.default_config().model
-  config.name, config.depth, config.width = name, 8, 8
+  config = config_lib.default_config(name).model
+  config.depth, config.width = 8, 8
   model = models.create_model(config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
   model.eval()
   count = flops.count_multiplications(model, input_shape)
