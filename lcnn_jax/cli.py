@@ -13,6 +13,7 @@ import contextlib
 import logging as std_logging
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from typing import Callable, Iterator, Sequence
 
 import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from lcnn_jax import config as config_lib
 
@@ -158,7 +160,6 @@ def _config_file(value: str, flag: str) -> str:
 def _check_config_keys(flag_values: flags.FlagValues) -> None:
   """A key set in a config file that its model's schema has not (a typo, another model's dictionary size, a flat
   key of earlier versions) is found at parse time, named with the fix."""
-  from ml_collections import config_flags
   for flag in _config_flags(flag_values):
     if isinstance(flag.value, ml_collections.ConfigDict):
       try:
@@ -168,20 +169,15 @@ def _check_config_keys(flag_values: flags.FlagValues) -> None:
 
 
 def _model_name(argv: Sequence[str]) -> str | None:
-  """The model of the config file on the command line (its ``--config.model.name`` when given), or None."""
-  for arg in argv:
-    match = re.match(r"--\w+\.model\.name=(.*)$", arg)
-    if match:
-      return match.group(1)
-  for i, arg in enumerate(argv[1:], 1):
-    match = re.match(r"--(\w+)(?:=(.*))?$", arg)
-    if match and (match.group(2) or (i + 1 < len(argv) and argv[i + 1])):
-      path = match.group(2) or argv[i + 1]
-      if path.partition(":")[0].endswith(".py") and os.path.isfile(path.partition(":")[0]):
-        try:
-          return config_lib.load(path.partition(":")[0]).model.name
-        except Exception:  # pylint: disable=broad-except  # the message it is for names the key either way
-          return None
+  """The model of the config file on the command line (whose keys the config has), or None."""
+  for flag, value in zip(argv, [*argv[1:], ""]):  # --config FILE or --config=FILE
+    match = re.match(r"--\w+(?:=(.*))?$", flag)
+    path = ((match.group(1) if match.group(1) is not None else value) if match else "").partition(":")[0]
+    if path.endswith(".py") and os.path.isfile(path):
+      try:
+        return config_lib.load(path).model.name
+      except Exception:  # pylint: disable=broad-except  # the message it serves names the key either way
+        return None
   return None
 
 
@@ -201,10 +197,14 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
         new = config_lib.RENAMED.get(key)
         value = next((arg.partition("=")[2] for arg in argv if arg.startswith(override + "=")), "")
         if new and new.split(".")[-1] in config_lib.dictionary_keys(model) and value:
-          message += f": pass {override.partition('.')[0]}.model.{new}={value}"
+          message += f": pass {shlex.quote(f'{override.partition(".")[0]}.model.{new}={value}')}"
+        renamed_to = next((arg.partition("=")[2] for arg in argv if re.match(r"--\w+\.model\.name=", arg)), model)
+        if renamed_to != model:
+          message += (f" (--config.model.name={renamed_to} keeps the file's keys: start from a config of "
+                      f"{renamed_to})")
         return (f"{override}: {message}. The config's model {model} takes "
                 f"model.dictionary.{{{', '.join(config_lib.dictionary_keys(model))}}}; docs/config.md lists "
-                "every model's keys.")
+                "every model's keys and the presets.")
     suggestion = re.search(r'Did you mean "(\w+)"', str(e))
     hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
     return (f"{override}: there is no config key {key!r}; {hint}--print_config lists the keys of the config, "
@@ -226,7 +226,6 @@ def _check_config_files(flag_values: flags.FlagValues) -> None:
   """A config file that does not exist is found at parse time (ml_collections defers it to first use)."""
   for flag in _config_flags(flag_values):
     if type(flag.value).__name__ == "_ErrorConfig":
-      from ml_collections import config_flags
       path = config_flags.get_config_filename(flag)
       raise UsageError(f"--{flag.name} {path}: no such file. Pass a config file such as configs/quickstart.py "
                        "(a path relative to the current directory, or absolute) or a preset: "
