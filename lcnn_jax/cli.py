@@ -197,7 +197,8 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
         new = config_lib.RENAMED.get(key)
         value = next((arg.partition("=")[2] for arg in argv if arg.startswith(override + "=")), "")
         if new and new.split(".")[-1] in config_lib.dictionary_keys(model) and value:
-          message += f": pass {shlex.quote(f'{override.partition(".")[0]}.model.{new}={value}')}"
+          flag = f"{override.partition('.')[0]}.model.{new}={value}"
+          message += f": pass {shlex.quote(flag)}"
         renamed_to = next((arg.partition("=")[2] for arg in argv if re.match(r"--\w+\.model\.name=", arg)), model)
         if renamed_to != model:
           message += (f" (--config.model.name={renamed_to} keeps the file's keys: start from a config of "
