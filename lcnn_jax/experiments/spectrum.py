@@ -40,6 +40,14 @@ def point_name(size: int | None, strength: float | None, target: float | None = 
   return (f"k{size}_t{target:g}" if target is not None else f"k{size}_s{strength:g}").replace(".", "p")
 
 
+def check_size_keys(config: ml_collections.ConfigDict, size_keys: Sequence[str]) -> None:
+  """Raises ValueError naming a ``size_keys`` entry that is not a key of ``config.model.dictionary``."""
+  for key in size_keys:
+    if key not in config.model.dictionary:
+      raise ValueError(f"--size_keys {key}: {config_lib.unknown_key(f'model.dictionary.{key}', config.model.name)}"
+                       f"; --size_keys takes keys of model.dictionary ({', '.join(config.model.dictionary)}).")
+
+
 def point_config(config: ml_collections.ConfigDict, size: int | None, strength: float | None,
                  size_keys: Sequence[str], target: float | None = None) -> ml_collections.ConfigDict:
   """The CNN baseline's config (``size`` None) or the LCNN's with every ``size_keys`` key of ``model.dictionary`` set
@@ -49,10 +57,7 @@ def point_config(config: ml_collections.ConfigDict, size: int | None, strength: 
     return common.derive(config, **{"model.name": models.baseline_config(config.model).name,
                                      "sparsity.strength": 0.0, "sparsity.target_speedup": 0.0,
                                      "sparsity.target_density": 0.0})
-  for key in size_keys:
-    if key not in config.model.dictionary:
-      raise ValueError(f"--size_keys {key}: {config_lib.unknown_key(f'model.dictionary.{key}', config.model.name)}"
-                       f"; --size_keys takes keys of model.dictionary ({', '.join(config.model.dictionary)}).")
+  check_size_keys(config, size_keys)
   overrides = {f"model.dictionary.{key}": size for key in size_keys}
   if target is not None:
     overrides["sparsity.target_speedup"] = target
@@ -101,6 +106,7 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
   The LCNN points are ``sizes`` × ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` ×
   ``strengths``; unreachable targets are skipped with a warning.
   """
+  check_size_keys(config, size_keys)  # before any point trains
   grid = ([(k, None, t) for k in sizes for t in targets] if targets
           else [(k, s, None) for k in sizes for s in strengths])
   points = ([(None, None, None)] if baseline else []) + grid
