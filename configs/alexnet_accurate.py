@@ -11,7 +11,7 @@ published result for this row: the port lists the same vector in its code and th
 reports 58.17% top-1 on ImageNet with it. A 500 would be a configuration nobody has trained, and consistency
 alone is no evidence. It is also the cheaper choice: with 500 atoms conv5's dictionary stage alone costs
 28.8M multiplications (19% of the dense conv5), against 1.7M with 30. To try the other reading, pass
-``--config.model.pool_sizes='(500, 500, 500, 500)'``.
+``--config.model.dictionary.convs='(500, 500, 500, 500)'``.
 
 Multiplications per 224×224 image against the CNN's 1,135,256,096 (``lcnn_jax.flops``, every P at density d):
 0.4× at d = 1 (the 500-atom dictionaries are overcomplete for conv2–conv4), 1.9× at 0.2, 3.2× at
@@ -31,10 +31,10 @@ from lcnn_jax import config as config_lib
 
 def get_config():
   c = config_lib.imagenet_config("alexnet-lcnn", batch_size=128, lr_schedule="alexnet")
-  c.model.first_pool = 3
-  c.model.pool_sizes = (500, 500, 500, 30)  # conv2..conv5
-  c.model.fc_pool = 1024
-  c.model.classifier_pool = 0
+  c.model.dictionary.first = 3  # conv1
+  c.model.dictionary.convs = (500, 500, 500, 30)  # conv2..conv5
+  c.model.dictionary.fc = 1024  # fc6, fc7
+  c.model.dictionary.classifier = 0  # fc8 stays dense
   c.model.initial_sparsity = 0.01
   c.sparsity.strength = 0.3  # the starting λ of the steering
   c.sparsity.rule = "threshold"

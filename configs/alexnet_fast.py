@@ -4,7 +4,8 @@
 
 Dictionary sizes and λ are the TF port's published settings (REFERENCE §4), since the authors never
 published theirs: conv1..conv5, fc6, fc7 = 3, 30, 30, 30, 30, 512, 512 with λ = 1.0 (the value in the port's
-code; its README says 0.3) and initial sparsity 0.01; fc8 stays dense (``classifier_pool`` 0), as the original.
+code; its README says 0.3) and initial sparsity 0.01; fc8 stays dense (``model.dictionary.classifier`` 0), as the
+original.
 
 Multiplications per 224×224 image against the CNN's 1,135,256,096 (``lcnn_jax.flops``, every P at density d):
 3.6× at d = 1, 14.6× at 0.2, 23.5× at 0.1, 37.6× at d ≈ 0.039, and at most 60.3× (d → 0, dictionaries only).
@@ -24,10 +25,10 @@ from lcnn_jax import config as config_lib
 
 def get_config():
   c = config_lib.imagenet_config("alexnet-lcnn", batch_size=128, lr_schedule="alexnet")
-  c.model.first_pool = 3
-  c.model.pool_sizes = (30, 30, 30, 30)  # conv2..conv5
-  c.model.fc_pool = 512
-  c.model.classifier_pool = 0
+  c.model.dictionary.first = 3  # conv1
+  c.model.dictionary.convs = (30, 30, 30, 30)  # conv2..conv5
+  c.model.dictionary.fc = 512  # fc6, fc7
+  c.model.dictionary.classifier = 0  # fc8 stays dense
   c.model.initial_sparsity = 0.01
   c.sparsity.strength = 1.0  # the starting λ of the steering
   c.sparsity.rule = "threshold"

@@ -4,7 +4,8 @@
 
 No ResNet dictionary sizes were ever published; these were chosen as follows.
 
-* The 7×7 stem keeps the original's default ``first_pool`` = 3; projection shortcuts and the fc stay dense.
+* The 7×7 stem keeps the original's default dictionary of 3 atoms (``model.dictionary.first``); projection
+  shortcuts and the fc stay dense.
 * Each stage's dictionary is the same fraction of its input width, k = 11m/16: 44, 88, 176, 352 atoms for
   m = 64, 128, 256, 512 (equal dictionary cost per stage, as in ``resnet18_fast.py``). Unlike AlexNet-accurate's
   500 atoms they stay below m: with k = m the dictionary stages alone cap the speedup at 5.6×.
@@ -31,11 +32,11 @@ from lcnn_jax import config as config_lib
 def get_config():
   c = config_lib.imagenet_config("resnet-lcnn", batch_size=256, lr_schedule="resnet")
   c.model.depth = 18
-  c.model.first_pool = 3
-  c.model.pool1 = 44
-  c.model.pool2 = 88
-  c.model.pool3 = 176
-  c.model.pool4 = 352
+  c.model.dictionary.first = 3  # the 7×7 stem
+  c.model.dictionary.stage1 = 44
+  c.model.dictionary.stage2 = 88
+  c.model.dictionary.stage3 = 176
+  c.model.dictionary.stage4 = 352
   c.model.initial_sparsity = 0.01
   c.sparsity.strength = 0.3  # the starting λ of the steering
   c.sparsity.rule = "threshold"

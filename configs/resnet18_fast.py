@@ -4,8 +4,8 @@
 
 No ResNet dictionary sizes were ever published; these were chosen as follows.
 
-* The 7×7 stem keeps the original's default ``first_pool`` = 3; projection shortcuts and the fc stay dense
-  (19.8M multiplications that no setting can remove).
+* The 7×7 stem keeps the original's default dictionary of 3 atoms (``model.dictionary.first``); projection
+  shortcuts and the fc stay dense (19.8M multiplications that no setting can remove).
 * Each stage's dictionary is the same fraction of its input width, k = 3m/32: 6, 12, 24, 48 atoms for
   m = 64, 128, 256, 512. The dictionary stage costs k·H_p·W_p·m per conv, and a stage halves H and W while
   doubling m, so doubling k keeps every stage's dictionary cost about equal; AlexNet-fast's 30 atoms are a
@@ -32,11 +32,11 @@ from lcnn_jax import config as config_lib
 def get_config():
   c = config_lib.imagenet_config("resnet-lcnn", batch_size=256, lr_schedule="resnet")
   c.model.depth = 18
-  c.model.first_pool = 3
-  c.model.pool1 = 6
-  c.model.pool2 = 12
-  c.model.pool3 = 24
-  c.model.pool4 = 48
+  c.model.dictionary.first = 3  # the 7×7 stem
+  c.model.dictionary.stage1 = 6
+  c.model.dictionary.stage2 = 12
+  c.model.dictionary.stage3 = 24
+  c.model.dictionary.stage4 = 48
   c.model.initial_sparsity = 0.01
   c.sparsity.strength = 1.0  # the starting λ of the steering
   c.sparsity.rule = "threshold"

@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
-from lcnn_jax import cli, flops, layers, models
+from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter, onnx_export
@@ -61,16 +61,8 @@ BASELINES = ("xla", "onnxruntime", "torch")
 """Engines that can run the dense CNN; XLA:CPU (this package's runtime) is always timed."""
 
 def preset_config(model: str, preset: str) -> ml_collections.ConfigDict:
-  """The run config of ``configs/<model>_<preset>.py`` in the source tree."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                      CONFIGS[(model, preset)])
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: the benchmark reads the presets from the source checkout's "
-                            "configs/ directory (pip install -e . from a clone).")
-  spec = importlib.util.spec_from_file_location(f"lcnn_config_{model}_{preset}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """The run config of the preset ``configs/<model>_<preset>.py`` (shipped as ``lcnn_jax.configs``)."""
+  return config_lib.load(CONFIGS[(model, preset)][:-3])
 
 
 def _lookup_modules(model: nnx.Module) -> list:

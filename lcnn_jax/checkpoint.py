@@ -49,7 +49,8 @@ def save_run_info(workdir: str, config: ml_collections.ConfigDict, dataset: dict
 
 
 def load_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
-  """(config, dataset facts) from ``workdir/config.json``; the config is completed with today's defaults."""
+  """(config, dataset facts) from ``workdir/config.json``; the config is completed with today's defaults, and the
+  flat dictionary keys of earlier versions are read as today's ``model.dictionary`` (:func:`config_lib.from_dict`)."""
   path = os.path.join(workdir, CONFIG_FILE)
   if not os.path.exists(path):
     raise CheckpointError(f"No {CONFIG_FILE} in {workdir!r}: is it the --workdir of a training run?")
@@ -61,20 +62,11 @@ def load_run_info(workdir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   if not isinstance(saved, dict) or not {"config", "dataset"} <= set(saved):
     raise CheckpointError(f"{path} is not the {CONFIG_FILE} of an lcnn_jax run (it needs 'config' and 'dataset'): "
                           f"is {workdir!r} the --workdir of a training run of lcnn_jax?")
-  config = config_lib.default_config()
-  _merge(config, saved["config"])
+  try:
+    config = config_lib.from_dict(saved["config"], source=path)
+  except ValueError as e:
+    raise CheckpointError(f"{path}: {e}") from None
   return config, saved["dataset"]
-
-
-def _merge(config: ml_collections.ConfigDict, values: dict) -> None:
-  for key, value in values.items():
-    if key not in config:
-      logging.warning("Ignoring config key %r from a saved config: this version has no such key.", key)
-    elif isinstance(value, dict):
-      _merge(config[key], value)
-    else:
-      with config.ignore_type():
-        config[key] = tuple(value) if isinstance(value, list) else value
 
 
 # ------------------------------------------------------------------------------------------------ steps

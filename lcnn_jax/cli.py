@@ -13,6 +13,7 @@ import contextlib
 import logging as std_logging
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -20,7 +21,11 @@ import threading
 import traceback
 from typing import Callable, Iterator, Sequence
 
+import ml_collections
 from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lcnn_jax import config as config_lib
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 USAGE_EXIT = 2
@@ -88,7 +93,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
   ml_collections' config-file errors) turned into a :class:`UsageError` that names the flag and the fix; ``-h``
   means ``--help``."""
   flag_values = flags.FLAGS if flag_values is None else flag_values
-  argv = [argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])]
+  argv = _resolve_config_files([argv[0], *("--help" if arg == "-h" else arg for arg in argv[1:])], flag_values)
   try:
     rest = flag_values(argv)
   except SystemExit as e:  # absl's --help exits with 1 after printing the help
@@ -112,6 +117,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
       raise
     raise UsageError(message) from None
   _check_config_files(flag_values)
+  _check_config_keys(flag_values)
   quiet_logs()
   return rest
 
@@ -123,6 +129,58 @@ def _config_flags(flag_values: flags.FlagValues) -> Iterator[flags.Flag]:
       yield flag
 
 
+def _resolve_config_files(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
+  """``argv`` with each config flag's value that is not a file but names a preset (``--config alexnet_fast``,
+  ``--config configs/alexnet_fast.py`` from any directory) replaced by the preset's path; raises
+  :class:`UsageError` listing the presets when it is neither."""
+  names = {flag.name for flag in _config_flags(flag_values)}
+  resolved, value_of = list(argv), None
+  for i, arg in enumerate(argv[1:], 1):
+    match = re.match(r"--(\w+)(?:=(.*))?$", arg, re.S)
+    if value_of is not None:
+      resolved[i], value_of = _config_file(arg, value_of), None
+    elif match and match.group(1) in names:
+      if match.group(2) is None:
+        value_of = match.group(1)
+      else:
+        resolved[i] = f"--{match.group(1)}={_config_file(match.group(2), match.group(1))}"
+  return resolved
+
+
+def _config_file(value: str, flag: str) -> str:
+  path, colon, argument = value.partition(":")  # ml_collections' FILE:ARGUMENT passes ARGUMENT to get_config
+  if os.path.isfile(value) or os.path.isfile(path):
+    return value
+  try:
+    return config_lib.resolve(path) + colon + argument
+  except ValueError as e:
+    raise UsageError(str(e).replace("--config ", f"--{flag} ", 1)) from None
+
+
+def _check_config_keys(flag_values: flags.FlagValues) -> None:
+  """A key set in a config file that its model's schema has not (a typo, another model's dictionary size, a flat
+  key of earlier versions) is found at parse time, named with the fix."""
+  for flag in _config_flags(flag_values):
+    if isinstance(flag.value, ml_collections.ConfigDict):
+      try:
+        config_lib.check_keys(flag.value)
+      except ValueError as e:
+        raise UsageError(f"--{flag.name} {config_flags.get_config_filename(flag)}: {e}") from None
+
+
+def _model_name(argv: Sequence[str]) -> str | None:
+  """The model of the config file on the command line (whose keys the config has), or None."""
+  for flag, value in zip(argv, [*argv[1:], ""]):  # --config FILE or --config=FILE
+    match = re.match(r"--\w+(?:=(.*))?$", flag)
+    path = ((match.group(1) if match.group(1) is not None else value) if match else "").partition(":")[0]
+    if path.endswith(".py") and os.path.isfile(path):
+      try:
+        return config_lib.load(path).model.name
+      except Exception:  # pylint: disable=broad-except  # the message it serves names the key either way
+        return None
+  return None
+
+
 def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
   """The message for an exception raised while ml_collections loaded a config file or applied an override, or None
   when it came from elsewhere."""
@@ -131,6 +189,23 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
   if isinstance(e, (AttributeError, KeyError)) and key and any(f.endswith("config_path.py") for f in frames):
     key = key.group(1)
     override = next((arg.split("=")[0] for arg in argv if re.match(rf"--\w+\.(\w+\.)*{key}(=|$)", arg)), key)
+    path = override.partition(".")[2]
+    model = _model_name(argv)
+    if path.startswith("model.") and model in config_lib.MODEL_NAMES:
+      message = config_lib.unknown_key(path, model)
+      if not message.startswith("there is no config key"):
+        new = config_lib.RENAMED.get(key)
+        value = next((arg.partition("=")[2] for arg in argv if arg.startswith(override + "=")), "")
+        if new and new.split(".")[-1] in config_lib.dictionary_keys(model) and value:
+          flag = f"{override.partition('.')[0]}.model.{new}={value}"
+          message += f": pass {shlex.quote(flag)}"
+        renamed_to = next((arg.partition("=")[2] for arg in argv if re.match(r"--\w+\.model\.name=", arg)), model)
+        if renamed_to != model:
+          message += (f" (--config.model.name={renamed_to} keeps the file's keys: start from a config of "
+                      f"{renamed_to})")
+        return (f"{override}: {message}. The config's model {model} takes "
+                f"model.dictionary.{{{', '.join(config_lib.dictionary_keys(model))}}}; docs/config.md lists "
+                "every model's keys and the presets.")
     suggestion = re.search(r'Did you mean "(\w+)"', str(e))
     hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""
     return (f"{override}: there is no config key {key!r}; {hint}--print_config lists the keys of the config, "
@@ -152,10 +227,10 @@ def _check_config_files(flag_values: flags.FlagValues) -> None:
   """A config file that does not exist is found at parse time (ml_collections defers it to first use)."""
   for flag in _config_flags(flag_values):
     if type(flag.value).__name__ == "_ErrorConfig":
-      from ml_collections import config_flags
       path = config_flags.get_config_filename(flag)
       raise UsageError(f"--{flag.name} {path}: no such file. Pass a config file such as configs/quickstart.py "
-                       "(a path relative to the current directory, or absolute).")
+                       "(a path relative to the current directory, or absolute) or a preset: "
+                       f"{', '.join(config_lib.presets())}.")
 
 
 class _OwnOrWarnings(std_logging.Filter):

@@ -1,38 +1,87 @@
-"""The run configuration: every key a run can set, with its default.
+"""The run configuration: every key a run can set, with its default, and the presets that ship with lcnn_jax.
 
-Config files in ``configs/`` start from :func:`default_config` and change what their run needs, so a
-misspelt key in a file or on the command line (``--config.train.batch_size=64``) is rejected by
-ml_collections with the key's name. :func:`validate` checks values that have a meaning beyond their type.
+Config files (the presets in ``configs/``, shipped as ``lcnn_jax.configs``) start from
+:func:`default_config` for their model and change what their run needs. A misspelt key on the command line
+(``--config.train.batch_size=64``) is rejected by ml_collections with the key's name; :func:`check_keys` rejects
+one set in a file, a key of another model and the flat dictionary keys of earlier versions (naming today's);
+:func:`validate` checks values that have a meaning beyond their type. :func:`from_dict` reads a saved config back
+(``config.json`` of a run), translating the earlier flat keys with a logged note.
+
+``model.dictionary`` holds the dictionary sizes of the model's lookup layers in the paper's words, nested per
+model (:data:`DICTIONARIES`): AlexNet-LCNN ``{first, convs, fc, classifier}``, ResNet-LCNN ``{first, stage1..stage4}``,
+the digits and 28×28 LCNNs ``{first, convs, classifier}``. A CNN takes its LCNN twin's keys and ignores them: it is
+that LCNN with every layer dense, the baseline the paper compares with.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from typing import Any, Mapping
+
 import ml_collections
+from absl import logging
+from ml_collections import config_dict
 
 SPARSITY_RULES = ("prox", "threshold")
 LR_SCHEDULES = ("alexnet", "resnet", "cosine", "constant")
 HEADS = ("average", "flatten")
 
+# The dictionary sizes (atoms) each LCNN takes as model.dictionary: key -> (default, the layers it sizes). A size
+# of 0 keeps those layers dense; the first layer's must be > 0.
+_ALEXNET_DICTIONARY = {
+    "first": (3, "conv1, the 11×11 convolution of the RGB image."),
+    "convs": (30, "conv2..conv5: one size for the four, or 4 sizes (conv2, conv3, conv4, conv5)."),
+    "fc": (0, "fc6 and fc7 (4096 wide); 0 keeps them dense."),
+    "classifier": (0, "fc8, the classifier; 0 keeps it dense."),
+}
+_RESNET_DICTIONARY = {
+    "first": (3, "conv1, the 7×7 stem on the RGB image."),
+    **{f"stage{i}": (0, f"every 3×3 convolution of stage {i} ({w} wide); 0, or at least {w}·3·3 atoms (as many "
+                        "as the vectors it codes), keeps them dense.")
+       for i, w in zip(range(1, 5), (64, 128, 256, 512))},
+}
+_DIGITS_DICTIONARY = {
+    "first": (3, "conv1, on the input image."),
+    "convs": (30, "conv2 and conv3 (and the convolutions model.convs_per_stage adds after them): one size, or 2 "
+                  "(conv2, conv3)."),
+    "classifier": (0, "the classifier; 0 keeps it dense."),
+}
+DICTIONARIES: dict[str, dict[str, tuple[Any, str]]] = {
+    "alexnet-lcnn": _ALEXNET_DICTIONARY,
+    "resnet-lcnn": _RESNET_DICTIONARY,
+    "digits-lcnn": _DIGITS_DICTIONARY,
+    "mnist-lcnn": _DIGITS_DICTIONARY,
+}
+BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits", "mnist-lcnn": "mnist"}
+"""Each LCNN's dense CNN twin, the baseline the paper compares it with."""
+MODEL_NAMES = tuple(sorted({*BASELINES, *BASELINES.values()}))
+"""The models (the original's ``netType`` names); :mod:`lcnn_jax.models` builds each."""
 
-def default_config() -> ml_collections.ConfigDict:
-  """Returns the full schema with defaults (the original's where it had one)."""
+# The flat model keys of earlier versions (before model.dictionary) -> today's key under model.
+RENAMED = {
+    "first_pool": "dictionary.first",
+    "pool_size": "dictionary.convs",
+    "pool_sizes": "dictionary.convs",
+    "fc_pool": "dictionary.fc",
+    "classifier_pool": "dictionary.classifier",
+    **{f"pool{i}": f"dictionary.stage{i}" for i in range(1, 5)},
+}
+
+PRESET_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"),  # an installed package
+               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))  # a checkout
+
+
+def default_config(model: str = "digits-lcnn") -> ml_collections.ConfigDict:
+  """Returns the full schema with defaults (the original's where it had one) for ``model``."""
   c = ml_collections.ConfigDict()
   c.seed = 2  # The original's default seed.
   c.restore = ""  # A checkpoint step directory (or a workdir) to evaluate or start from.
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = "digits-lcnn"  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
+  c.model.name = model  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
   c.model.depth = 18  # ResNet depth: 8, 18 or 34.
-  c.model.first_pool = 3  # Dictionary size of the first (RGB) layer.
-  c.model.pool_size = 30  # Dictionary size of the convs after the first (alexnet-lcnn, digits-lcnn); 0 = dense.
-  # Per-conv sizes overriding pool_size: alexnet-lcnn conv2..conv5 (4 values), digits-lcnn conv2, conv3 (2).
-  c.model.pool_sizes = ml_collections.config_dict.placeholder(tuple)
-  c.model.fc_pool = 0  # Dictionary size of fc6/fc7; 0 keeps them dense.
-  c.model.classifier_pool = 0  # Dictionary size of the classifier; 0 keeps it dense.
-  c.model.pool1 = 0  # ResNet-LCNN dictionary sizes of stages 1..4; 0 (or >= out·kh·kw) keeps a stage dense.
-  c.model.pool2 = 0  # ResNet-LCNN stage 2 (see pool1).
-  c.model.pool3 = 0  # ResNet-LCNN stage 3 (see pool1).
-  c.model.pool4 = 0  # ResNet-LCNN stage 4 (see pool1).
+  c.model.dictionary = dictionary_config(model)  # Dictionary sizes of the lookup layers, per model (below).
   c.model.initial_sparsity = 0.01  # tau = initial_sparsity / sqrt(kh * kw * k).
   c.model.dropout = 0.5  # Dropout rate before the fully connected layers (AlexNet, digits nets).
   c.model.width = 32  # Base width of the small digits nets.
@@ -94,11 +143,10 @@ def default_config() -> ml_collections.ConfigDict:
 def digits_quickstart_config() -> ml_collections.ConfigDict:
   """The embedded default (``configs/quickstart.py``): the digits LCNN with the L1 proximal rule, about a
   minute on 2 CPU cores; the experiments on digits start from it."""
-  c = default_config()
-  c.model.name = "digits-lcnn"
+  c = default_config("digits-lcnn")
   c.model.width = 32
-  c.model.first_pool = 1
-  c.model.pool_size = 8
+  c.model.dictionary.first = 1
+  c.model.dictionary.convs = 8
   c.model.dropout = 0.2
   c.data.name = "digits"
   c.train.batch_size = 64
@@ -120,11 +168,10 @@ def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
   """``configs/fashion_mnist.py`` (the ``mnist`` CNN) or, with ``lcnn``, ``configs/fashion_mnist_lcnn.py`` (its
   LCNN twin, steered to a counted speedup of 10×): 10 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
   translations and horizontal flips, a cosine learning rate."""
-  c = default_config()
-  c.model.name = "mnist-lcnn" if lcnn else "mnist"
+  c = default_config("mnist-lcnn" if lcnn else "mnist")
   c.model.width = 32
-  c.model.first_pool = 1
-  c.model.pool_size = 8
+  c.model.dictionary.first = 1  # the CNN ignores the dictionary sizes (its LCNN twin's)
+  c.model.dictionary.convs = 8
   c.model.dropout = 0.2
   c.model.head = "flatten"
   c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
@@ -148,8 +195,7 @@ def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
 def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml_collections.ConfigDict:
   """The original's ImageNet recipe (REFERENCE §5) for ``model_name``: an ImageNet folder at 224×224 with
   class-balanced sampling, 55 epochs of 10,000 steps, the architecture's learning-rate schedule."""
-  c = default_config()
-  c.model.name = model_name
+  c = default_config(model_name)
   c.data.name = "folder"
   c.data.image_size = 224
   c.data.balanced = True
@@ -161,7 +207,9 @@ def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the key when a value is out of its domain."""
+  """Raises ValueError naming the key when a key is not the schema's (:func:`check_keys`) or a value is out of its
+  domain."""
+  check_keys(config)
   if config.sparsity.rule not in SPARSITY_RULES:
     raise ValueError(f"sparsity.rule={config.sparsity.rule!r}: expected one of {SPARSITY_RULES}.")
   if config.sparsity.strength < 0:
@@ -183,19 +231,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"train.break_batch={config.train.break_batch} must be positive and divide "
         f"train.batch_size={config.train.batch_size}.")
-  for key in ("first_pool", "pool_size", "fc_pool", "classifier_pool", "pool1", "pool2", "pool3", "pool4"):
-    value = config.model[key]
-    if value < 0:
-      raise ValueError(f"model.{key}={value}: a dictionary size must be > 0 (or 0 where 0 means dense).")
-  if config.model.first_pool == 0:
-    raise ValueError("model.first_pool=0: the first layer's dictionary size must be > 0.")
-  if config.model.pool_sizes is not None and any(int(k) <= 0 for k in config.model.pool_sizes):
-    raise ValueError(f"model.pool_sizes={tuple(config.model.pool_sizes)}: every dictionary size must be > 0.")
-  from lcnn_jax import models  # Imported here: the schema itself needs no JAX.
-  if config.model.name not in models.MODELS:
-    raise ValueError(f"model.name={config.model.name!r}: expected one of {sorted(models.MODELS)}.")
-  if config.model.depth not in models.RESNET_DEPTHS:
-    raise ValueError(f"model.depth={config.model.depth}: expected one of {models.RESNET_DEPTHS}.")
+  check_dictionary(config.model)
   if config.model.head not in HEADS:
     raise ValueError(f"model.head={config.model.head!r}: expected one of {HEADS}.")
   if not 0 <= config.model.dropout < 1:
@@ -203,3 +239,189 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model.initial_sparsity < 0 or config.model.width <= 0:
     raise ValueError(f"model.initial_sparsity={config.model.initial_sparsity} must be >= 0 and "
                      f"model.width={config.model.width} > 0.")
+
+
+# ------------------------------------------------------------------------------------------------ dictionaries
+
+
+def dictionary_keys(model: str) -> dict[str, tuple[Any, str]]:
+  """``model``'s dictionary sizes (its LCNN twin's for a CNN): key -> (default, the layers it sizes)."""
+  _check_name(model)
+  lcnn = next((lcnn for lcnn, cnn in BASELINES.items() if model in (lcnn, cnn)))
+  return DICTIONARIES[lcnn]
+
+
+def dictionary_config(model: str) -> ml_collections.ConfigDict:
+  """``model.dictionary`` of ``model`` with its defaults; ``convs`` takes one size or a tuple of them."""
+  c = ml_collections.ConfigDict()
+  for key, (default, _) in dictionary_keys(model).items():
+    c[key] = config_dict.FieldReference(default, field_type=object) if key == "convs" else default
+  return c
+
+
+def _check_name(model: str) -> None:
+  if model not in MODEL_NAMES:
+    raise ValueError(f"model.name={model!r}: expected one of {list(MODEL_NAMES)}.")
+
+
+def _takes(model: str) -> str:
+  return f"{model} takes model.dictionary.{{{', '.join(dictionary_keys(model))}}}"
+
+
+def check_dictionary(model_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key unless every dictionary size of ``model_config`` is a size: an int >= 0
+  (0 = dense; the first layer's > 0), ``convs`` also a tuple of ints > 0. How many ``convs`` sizes a model takes
+  is the model's to check when it is built."""
+  for key, value in model_config.dictionary.items():
+    sizes = tuple(value) if key == "convs" and isinstance(value, (tuple, list)) else (value,)
+    if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) for k in sizes):
+      raise ValueError(f"model.dictionary.{key}={value!r}: a dictionary size is a whole number of atoms"
+                       + (" (convs: one, or a tuple of them)." if key == "convs" else "."))
+    if min(sizes) < 0 or (len(sizes) > 1 and min(sizes) == 0):
+      raise ValueError(f"model.dictionary.{key}={value!r}: a dictionary size must be > 0 (or 0 where 0 means dense).")
+  if model_config.dictionary.get("first", 1) == 0:
+    raise ValueError("model.dictionary.first=0: the first layer's dictionary size must be > 0.")
+
+
+def check_keys(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming every key of ``config`` that the schema of its model has not: a misspelt key set in a
+  file, a dictionary size of another model, or a flat key of earlier versions (``model.pool_size`` ->
+  ``model.dictionary.convs``), and every dictionary size the model takes that is missing."""
+  _check_name(config.model.name)
+  _raise_key_problems(config, default_config(config.model.name), "")
+
+
+def check_model(model_config: ml_collections.ConfigDict) -> None:
+  """:func:`check_keys` and :func:`check_dictionary` of the model section alone (``config.model``)."""
+  _check_name(model_config.name)
+  _raise_key_problems(model_config, default_config(model_config.name).model, "model.")
+  check_dictionary(model_config)
+
+
+def _raise_key_problems(values: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
+  name = values.name if prefix == "model." else values.model.name
+  unknown, missing = [], []
+
+  def compare(values, schema, prefix):
+    for key in values:
+      if key not in schema:
+        message = unknown_key(prefix + key, name)
+        if message.endswith(f"was renamed model.{RENAMED.get(key)}") and values[key] is not None:
+          message += f" (set model.{RENAMED[key]} = {values[key]!r})"
+        unknown.append(message)
+      elif isinstance(schema[key], ml_collections.ConfigDict):
+        if isinstance(values[key], ml_collections.ConfigDict):
+          compare(values[key], schema[key], f"{prefix}{key}.")
+        else:
+          unknown.append(f"{prefix}{key} is a section of keys, not a value")
+    missing.extend(f"{prefix}{key} is missing" for key in schema if key not in values)
+
+  compare(values, schema, prefix)
+  if unknown or missing:
+    raise ValueError(f"{'; '.join(unknown + missing)}. {_takes(name)}; a config file starts from "
+                     f"lcnn_jax.config.default_config({name!r}), as the presets in configs/ do.")
+
+
+def unknown_key(path: str, model: str) -> str:
+  """What to say of a key (``model.pool_size``) the schema of ``model`` has not: its new name, the models whose
+  dictionary size it is, or that there is no such key."""
+  section, _, key = path.rpartition(".")
+  if section in ("model", "model.dictionary") and key in RENAMED:  # the flat key, or its name misplaced
+    new = RENAMED[key].split(".")[-1]
+    taken = "" if new in dictionary_keys(model) else f", which {model} does not take"
+    return f"model.{key} was renamed model.{RENAMED[key]}{taken}"
+  if section == "model.dictionary":
+    owners = [m for m in BASELINES if key in DICTIONARIES[m]]
+    if owners:
+      return f"model.dictionary.{key} is a dictionary size of {', '.join(owners)}, not of {model}"
+  return f"there is no config key {path}"
+
+
+# ------------------------------------------------------------------------------------------------ saved configs
+
+
+def from_dict(values: Mapping[str, Any], source: str = "a saved config") -> ml_collections.ConfigDict:
+  """The config of a run saved as a dict (``config.json``), completed with today's defaults for its model. The
+  flat dictionary keys of earlier versions (``model.first_pool``, ``pool_size``, ``pool_sizes``, ``fc_pool``,
+  ``classifier_pool``, ``pool1``..``pool4``) become ``model.dictionary`` with a logged note; keys this version
+  has not are ignored with a warning."""
+  values = dict(values)
+  model = dict(values.get("model", {}))
+  name = model.get("name", "digits-lcnn")
+  config = default_config(name)
+  flat = {key: model.pop(key) for key in RENAMED if key in model}
+  if flat:
+    model["dictionary"] = _translated(flat, name)
+    logging.info("%s has the flat dictionary keys of earlier versions: read %s as model.dictionary = %s.", source,
+                 ", ".join(f"model.{key}={value!r}" for key, value in flat.items()), model["dictionary"])
+    values["model"] = model
+  _merge(config, values)
+  return config
+
+
+def _translated(flat: dict[str, Any], model: str) -> dict[str, Any]:
+  """``model.dictionary`` from the flat keys of earlier versions; sizes ``model`` never read are left out."""
+  dictionary = {}
+  for key, value in flat.items():
+    new = RENAMED[key].split(".")[-1]
+    if new in dictionary_keys(model) and not (key == "pool_sizes" and value is None):
+      dictionary.setdefault(new, value)  # pool_sizes overrode pool_size: set first when both are there
+  if flat.get("pool_sizes") is not None and "convs" in dictionary:
+    dictionary["convs"] = tuple(flat["pool_sizes"])
+  return dictionary
+
+
+def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any], prefix: str = "") -> None:
+  for key, value in values.items():
+    if key not in config:
+      logging.warning("Ignoring config key %r from a saved config: this version has no such key.", prefix + key)
+    elif isinstance(value, dict):
+      _merge(config[key], value, f"{prefix}{key}.")
+    else:
+      with config.ignore_type():
+        config[key] = tuple(value) if isinstance(value, list) else value
+
+
+# ------------------------------------------------------------------------------------------------ presets
+
+
+def preset_dir() -> str:
+  """The directory of the presets: ``lcnn_jax/configs`` in an installed package, ``configs/`` in a checkout."""
+  installed, checkout = PRESET_DIRS
+  if os.path.isdir(installed) or not os.path.exists(os.path.join(os.path.dirname(checkout), "setup.cfg")):
+    return installed
+  return checkout
+
+
+def presets() -> list[str]:
+  """The names of the presets (``alexnet_fast``, ``experiments/spectrum``, ...)."""
+  root, names = preset_dir(), []
+  for directory, _, files in os.walk(root):
+    names += [os.path.relpath(os.path.join(directory, f), root)[:-3].replace(os.sep, "/") for f in files
+              if f.endswith(".py") and f != "__init__.py"]
+  return sorted(names)
+
+
+def resolve(path_or_name: str) -> str:
+  """The config file ``path_or_name`` names: an existing file as it is, else a preset by name (``alexnet_fast``,
+  ``experiments/spectrum``; ``configs/alexnet_fast.py`` too, from any directory). Raises ValueError listing the
+  presets when it is neither."""
+  if os.path.isfile(path_or_name):
+    return path_or_name
+  name = path_or_name.replace(os.sep, "/")
+  name = name[len("configs/"):] if name.startswith("configs/") else name
+  name = name[:-3] if name.endswith(".py") else name
+  path = os.path.join(preset_dir(), *name.split("/")) + ".py"
+  if name in presets():
+    return path
+  raise ValueError(f"--config {path_or_name}: no such file, and no preset of that name. Pass a config file (a path "
+                   f"relative to the current directory, or absolute) or a preset: {', '.join(presets())}.")
+
+
+def load(path_or_name: str) -> ml_collections.ConfigDict:
+  """``get_config()`` of a config file or preset (:func:`resolve`)."""
+  path = resolve(path_or_name)
+  spec = importlib.util.spec_from_file_location(f"lcnn_jax_config_{abs(hash(os.path.abspath(path)))}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

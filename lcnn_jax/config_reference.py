@@ -1,10 +1,14 @@
 """The reference of every config key, generated from the schema (:func:`lcnn_jax.config.default_config` and its
-comments): ``python -m lcnn_jax.config_reference > docs/config.md``."""
+comments, :data:`lcnn_jax.config.DICTIONARIES`) and the presets' docstrings:
+``python -m lcnn_jax.config_reference > docs/config.md``."""
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
+
+import ml_collections
 
 from lcnn_jax import config as config_lib
 
@@ -42,9 +46,35 @@ def reference() -> str:
     elif pending:  # a note on the keys that follow
       lines += ["", " ".join(pending), ""]
       pending = []
+    if isinstance(value, ml_collections.ConfigDict):
+      lines += [f"- `{path}`: {meaning}", *dictionary_reference()]
+      continue
     kind = type(value).__name__ if value is not None else "tuple (unset)"
     lines.append(f"- `{path}` = `{value!r}` ({kind}): {meaning or ''}".rstrip())
+  lines += ["## Presets", "", "Run configs by name, `--config NAME` from any install (they ship inside the package as "
+            "`lcnn_jax.configs`), or by path, `--config configs/NAME.py`, from a checkout:", ""]
+  for name in config_lib.presets():
+    with open(config_lib.resolve(name)) as f:
+      summary = (ast.get_docstring(ast.parse(f.read())) or "").split("\n\n")[0].replace("\n", " ").replace("``", "`")
+    lines.append(f"- `{name}` (`configs/{name}.py`): {summary}")
   return "\n".join(lines).replace("\n## ", "\n\n## ") + "\n"
+
+
+def dictionary_reference() -> list[str]:
+  """Markdown lines: each LCNN's ``model.dictionary`` keys, their defaults and the layers they size."""
+  lines = ["", "  Each LCNN takes its own keys; its CNN twin takes the same and ignores them (it is the LCNN with every "
+           "layer dense). A key of another model, or a flat key of earlier versions (`model.pool_size`, ...), is an "
+           "error naming today's key. A size of 0 keeps those layers dense (the first layer's must be > 0); a run "
+           "saved with the flat keys is read back as today's, with a logged note.", ""]
+  renamed = {}
+  for old, new in config_lib.RENAMED.items():
+    renamed.setdefault(new, []).append(f"`model.{old}`")
+  for lcnn, cnn in config_lib.BASELINES.items():
+    lines.append(f"  - `{lcnn}` (and `{cnn}`):")
+    for key, (default, meaning) in config_lib.DICTIONARIES[lcnn].items():
+      was = f" Was {' and '.join(renamed[f'dictionary.{key}'])}."
+      lines.append(f"    - `model.dictionary.{key}` = `{default!r}`: {meaning}{was}")
+  return lines + [""]
 
 
 if __name__ == "__main__":

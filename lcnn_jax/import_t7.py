@@ -310,13 +310,13 @@ def infer_config(leaves: Sequence[Leaf], image_size: int) -> ml_collections.Conf
       if not layer.dictionary_size:
         raise T7ImportError(f"{layer.describe()} is {name}, which alexnet-lcnn has as a lookup layer (as "
                             f"conv1 {found[0].leaf.path} is); pass --config for another model.")
-    c.model.first_pool = found[0].dictionary_size
-    c.model.pool_sizes = tuple(layer.dictionary_size for layer in found[1:5])
+    c.model.dictionary.first = found[0].dictionary_size
+    c.model.dictionary.convs = tuple(layer.dictionary_size for layer in found[1:5])
     if found[5].dictionary_size != found[6].dictionary_size:
       raise T7ImportError(f"fc6 {found[5].describe()} and fc7 {found[6].describe()} have different dictionary "
-                          "sizes; lcnn_jax's alexnet-lcnn gives both model.fc_pool.")
-    c.model.fc_pool = found[5].dictionary_size
-    c.model.classifier_pool = found[7].dictionary_size
+                          "sizes; lcnn_jax's alexnet-lcnn gives both model.dictionary.fc.")
+    c.model.dictionary.fc = found[5].dictionary_size
+    c.model.dictionary.classifier = found[7].dictionary_size
     c.model.initial_sparsity = found[0].initial_sparsity
     if found[0].strength is not None:
       c.sparsity.rule = "threshold"  # the rule the original's models were trained with
@@ -354,8 +354,8 @@ def alexnet_steps() -> list[Step]:
 
 
 def _expected_layer(module, name: str, config: ml_collections.ConfigDict) -> str:
-  key = {"conv1": "model.first_pool", "fc6": "model.fc_pool", "fc7": "model.fc_pool",
-         "fc8": "model.classifier_pool"}.get(name, "model.pool_sizes")
+  key = {"conv1": "model.dictionary.first", "fc6": "model.dictionary.fc", "fc7": "model.dictionary.fc",
+         "fc8": "model.dictionary.classifier"}.get(name, "model.dictionary.convs")
   if isinstance(module, layers.LookupConv):
     kh, kw = module.kernel_size
     return (f"a lookup layer {module.in_features}->{module.out_features}, {kh}x{kw}, stride {module.strides[0]}, "

@@ -18,8 +18,8 @@ from ml_collections import config_flags
 from lcnn_jax import cli
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A config file in configs/, e.g. configs/quickstart.py.",
-                                lock_config=True)
+config_flags.DEFINE_config_file("config", None, "A config file (configs/quickstart.py) or a preset's name "
+                                "(quickstart, alexnet_fast, ...: docs/config.md).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, metrics.jsonl and TensorBoard files go.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "benchmark"], "What to do with the run.")
 flags.DEFINE_string("coordinator_address", None,

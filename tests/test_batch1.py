@@ -18,10 +18,10 @@ MODELS = {"alexnet-lcnn": (67, 67, 3), "resnet-lcnn": (32, 32, 3), "digits-lcnn"
 
 
 def _model(name, input_shape, rng):
-  config = config_lib.default_config().model
-  config.update(dict(name=name, depth=8, pool1=6, pool2=8, pool3=8, pool4=8, fc_pool=16, width=8))
-  if name == "digits-lcnn":
-    config.classifier_pool = 4
+  config = config_lib.default_config(name).model
+  config.update(dict(depth=8, width=8))
+  sizes = dict(stage1=6, stage2=8, stage3=8, stage4=8, fc=16, classifier=4 if name == "digits-lcnn" else 0)
+  config.dictionary.update({key: size for key, size in sizes.items() if key in config.dictionary})
   model = models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
   for _, module in nnx.iter_modules(model):
     if isinstance(module, nnx.BatchNorm):

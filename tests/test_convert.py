@@ -127,12 +127,13 @@ def test_a_policy_with_the_original_rule_turns_resnet_into_resnet_lcnn():
     kh, kw, _, out = kernel_shape
     return 0 if size >= out * kh * kw else size
 
-  config = config_lib.default_config().model
-  config.update(name="resnet", depth=8)
+  config = config_lib.default_config("resnet").model
+  config.depth = 8
   converted = nnx.eval_shape(lambda: convert.to_lcnn(
       models.create_model(config, num_classes=10, input_shape=(32, 32, 3), rngs=nnx.Rngs(0)),
       resnet_lcnn_rule, rngs=nnx.Rngs(1)))
-  config.update(name="resnet-lcnn", first_pool=3, pool1=8, pool2=1152, pool3=16, pool4=32)
+  config.name = "resnet-lcnn"
+  config.dictionary.update(first=3, stage1=8, stage2=1152, stage3=16, stage4=32)
   built = nnx.eval_shape(lambda: models.create_model(config, num_classes=10, input_shape=(32, 32, 3),
                                                      rngs=nnx.Rngs(0)))
 
@@ -252,7 +253,8 @@ def test_transfer_errors_name_the_path():
 def test_frozen_dictionaries_stay_put_while_coefficients_train(rng):
   """The few-iteration setting: transferred D is frozen, P (and biases, BN) train."""
   config = config_lib.default_config().model
-  config.update(name="digits-lcnn", pool_size=8, classifier_pool=6, width=8)
+  config.update(name="digits-lcnn", width=8)
+  config.dictionary.update(convs=8, classifier=6)
   build = lambda seed: models.create_model(config, num_classes=10, input_shape=(8, 8, 1),  # noqa: E731
                                            rngs=nnx.Rngs(seed))
   source, target = build(0), build(1)

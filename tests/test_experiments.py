@@ -17,8 +17,8 @@ def tiny_config():
   c = config_lib.default_config()
   c.model.name = "digits-lcnn"
   c.model.width = 4
-  c.model.first_pool = 1
-  c.model.pool_size = 2
+  c.model.dictionary.first = 1
+  c.model.dictionary.convs = 2
   c.data.name = "digits"
   c.train.batch_size = 16
   c.train.num_steps = 2
@@ -90,7 +90,7 @@ def test_dataset_info_and_iterators_see_the_subset():
 
 def test_convs_per_stage_one_is_the_original_net_and_more_adds_layers_of_the_same_width():
   c = config_lib.default_config().model
-  c.name, c.width, c.pool_size = "digits-lcnn", 4, 2
+  c.name, c.width, c.dictionary.convs = "digits-lcnn", 4, 2
   shallow = models.create_model(c, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   names = {path[0] for path, _ in nnx.iter_modules(shallow) if path}
   assert names == {"conv1", "conv2", "conv3", "bn1", "bn2", "bn3", "dropout", "classifier"}
@@ -125,7 +125,7 @@ def test_spectrum_trains_each_point_once_and_skips_finished_ones(tmp_path, monke
   rows = spectrum.run_spectrum(tiny_config(), str(tmp_path), sizes=[2], strengths=[30.0])
   assert [row["point"] for row in rows] == ["cnn", "k2_s30"]
   assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] > 1.0
-  assert json.load(open(tmp_path / "k2_s30" / "config.json"))["config"]["model"]["pool_size"] == 2
+  assert json.load(open(tmp_path / "k2_s30" / "config.json"))["config"]["model"]["dictionary"]["convs"] == 2
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert spectrum.run_spectrum(tiny_config(), str(tmp_path), sizes=[2], strengths=[30.0]) == rows
   measured = spectrum.measure_wall_clock(str(tmp_path / "k2_s30"), 1, 0.05)

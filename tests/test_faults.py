@@ -176,10 +176,10 @@ def test_a_value_of_the_wrong_type_names_the_key_and_the_value(tmp_path):
   assert "train.batch_size=abc" in done.stderr and "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("flag,key", [("--config.model.pool_size=-1", "model.pool_size=-1"),
-                                      ("--config.model.first_pool=0", "model.first_pool=0")])
+@pytest.mark.parametrize("flag,key", [("--config.model.dictionary.convs=-1", "model.dictionary.convs=-1"),
+                                      ("--config.model.dictionary.first=0", "model.dictionary.first=0")])
 def test_a_dictionary_size_below_one_names_the_key(tmp_path, flag, key):
-  # pool_size=0 is allowed on purpose: it makes conv2/conv3 dense (config.py); first_pool has no dense option.
+  # convs=0 is allowed on purpose: it makes conv2/conv3 dense (config.py); the first layer has no dense option.
   done = run_main(tmp_path, flag)
   assert done.returncode == 2
   assert key in done.stderr and "dictionary size" in done.stderr and "Traceback" not in done.stderr

@@ -22,7 +22,7 @@ QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 
 # A digits LCNN trained for 4 steps with strong sparsity, so P's density falls below its initial value.
-TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.first_pool": 1, "model.pool_size": 4,
+TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.dictionary.first": 1, "model.dictionary.convs": 4,
         "data.name": "digits", "train.batch_size": 32, "train.num_steps": 4, "train.steps_per_epoch": 4,
         "train.lr_schedule": "constant", "train.learning_rate": 0.05, "train.checkpoint_every": 4,
         "train.eval_every": 4, "train.log_every": 4, "train.eval_batch_size": 360, "sparsity.strength": 10.0}
@@ -30,9 +30,7 @@ TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.first_pool": 1, "m
 
 def tiny_config():
   c = config_lib.default_config()
-  for key, value in TINY.items():
-    section, name = key.split(".")
-    c[section][name] = value
+  c.update_from_flattened_dict(TINY)
   return c
 
 
@@ -43,9 +41,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 from lcnn_jax import config as config_lib, train
 assert jax.device_count() == 8
 c = config_lib.default_config()
-for key, value in json.loads(sys.argv[2]).items():
-  section, name = key.split(".")
-  c[section][name] = value
+c.update_from_flattened_dict(json.loads(sys.argv[2]))
 train.train_and_evaluate(c, sys.argv[1])
 """
 
@@ -159,7 +155,8 @@ def test_untrained_config_needs_no_data_and_counts_the_configured_model(capsys):
   assert status == 0, err
   report = json.loads(out)
   config = config_lib.default_config()
-  config.model.name, config.model.width, config.model.first_pool, config.model.pool_size = "digits-lcnn", 8, 1, 8
+  config.model.name, config.model.width = "digits-lcnn", 8
+  config.model.dictionary.update(first=1, convs=8)
   model = models.create_model(config.model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(config.seed))
   assert report["step"] is None and report["input_shape"] == [8, 8, 1] and report["num_classes"] == 10
   assert report["total_multiplications"] == flops.count_multiplications(model, (8, 8, 1)).total
@@ -263,8 +260,8 @@ def test_dense_baselines_agree_with_xla_cost_analysis_up_to_the_border(name, inp
   whole network XLA counts up to 5% more (its flops of BatchNorm, ReLU, pooling and the bias additions, which
   the paper's rule leaves out; a larger share in these narrow test nets than in real ones).
   """
-  config = config_lib.default_config().model
-  config.name, config.depth, config.width = name, 8, 8
+  config = config_lib.default_config(name).model
+  config.depth, config.width = 8, 8
   model = models.create_model(config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
   model.eval()
   count = flops.count_multiplications(model, input_shape)

@@ -205,8 +205,8 @@ def test_a_missing_dataset_stops_the_main_job_with_exit_2_and_no_traceback(tmp_p
 def test_exported_run_predicts_png_files_of_the_dataset_exactly_as_evaluation_scores_them(tmp_path, rng):
   arrays = write_dataset(tmp_path / "fashion", rng, num_train=24, num_eval=6)
   config = config_lib.default_config()
-  config.model.name, config.model.width, config.model.pool_size = "mnist-lcnn", 4, 3
-  config.model.first_pool = 1
+  config.model.name, config.model.width, config.model.dictionary.convs = "mnist-lcnn", 4, 3
+  config.model.dictionary.first = 1
   config.data.name, config.data.dir = "fashion_mnist", str(tmp_path / "fashion")
   config.train.update(batch_size=8, num_steps=3, checkpoint_every=3, log_every=3, eval_every=3,
                       lr_schedule="constant", learning_rate=0.05)
@@ -251,8 +251,8 @@ def test_the_experiment_configs_train_fashion_mnist_subsets_and_deepen_the_28x28
   from lcnn_jax.experiments import common, few_iteration, few_shot, spectrum
   write_dataset(tmp_path / "fashion", rng, num_train=30, num_eval=10)
   point = spectrum.point_config(_experiment_config("spectrum_fashion", tmp_path / "fashion"), 2, 3.0,
-                                 ["pool_size"])
-  assert (point.model.pool_size, point.sparsity.strength) == (2, 3.0)
+                                 ["convs"])
+  assert (point.model.dictionary.convs, point.sparsity.strength) == (2, 3.0)
   config_lib.validate(point)
   shot = _experiment_config("few_shot_fashion", tmp_path / "fashion")
   novel = few_shot.novel_config(shot, [5, 6, 7, 8, 9], 1, 2, cnn=False, base_workdir=str(tmp_path / "base"))

@@ -78,9 +78,9 @@ def test_imported_logits_equal_torch_forward_in_float64(tmp_path, rng, tensor_ty
   t7_writer.write(path, tree)
   model, config, names = import_t7.import_model(path, image_size=IMAGE_SIZE)
   assert names is None
-  assert config.model.name == "alexnet-lcnn" and config.model.first_pool == 3
-  assert tuple(config.model.pool_sizes) == (5, 6, 7, 8) and config.model.fc_pool == 8
-  assert config.model.classifier_pool == 0
+  assert config.model.name == "alexnet-lcnn" and config.model.dictionary.first == 3
+  assert tuple(config.model.dictionary.convs) == (5, 6, 7, 8) and config.model.dictionary.fc == 8
+  assert config.model.dictionary.classifier == 0
   assert config.model.initial_sparsity == pytest.approx(0.3)
   assert (config.sparsity.rule, config.sparsity.strength) == ("threshold", 1.0)  # the file's lambda
   images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
@@ -241,7 +241,7 @@ def test_mismatch_against_the_config_names_the_module_and_writes_nothing(importe
                          meanstd=imported["meanstd"])
   message = str(error.value)
   assert "model.modules[1].modules[5] (cudnn.PooledSpatialConvolution)" in message
-  assert "dictionary 5" in message and "dictionary 30 (model.pool_sizes)" in message and "conv2" in message
+  assert "dictionary 5" in message and "dictionary 30 (model.dictionary.convs)" in message and "conv2" in message
   assert os.listdir(tmp_path) == []  # no run, no temporary directory
 
 

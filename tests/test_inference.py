@@ -134,11 +134,11 @@ def test_unknown_backend_is_rejected_with_the_choices():
 # Export ------------------------------------------------------------------------------------------------------
 
 def _model(name, input_shape, **overrides):
-  config = config_lib.default_config().model
-  config.name = name
+  config = config_lib.default_config(name).model
   config.depth = 8
-  config.update(dict(pool1=6, pool2=8, pool3=8, pool4=8, fc_pool=16, width=8))
-  config.update(overrides)
+  config.width = 8
+  sizes = dict(stage1=6, stage2=8, stage3=8, stage4=8, fc=16, **overrides)
+  config.dictionary.update({key: size for key, size in sizes.items() if key in config.dictionary})
   return models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
 
 
@@ -162,7 +162,7 @@ def _eval_logits(model, x):
 
 
 MODEL_CASES = {
-    "digits-lcnn": dict(input_shape=(8, 8, 1), classifier_pool=4),
+    "digits-lcnn": dict(input_shape=(8, 8, 1), classifier=4),
     "alexnet-lcnn": dict(input_shape=(67, 67, 3)),
     "resnet-lcnn": dict(input_shape=(32, 32, 3)),
 }
@@ -242,7 +242,7 @@ def test_batch_norm_folds_only_into_a_layer_whose_output_nothing_else_reads(back
 
 
 def test_saved_file_loads_without_pickle_and_keeps_classes_and_backends(tmp_path, rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
+  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   classes = [f"digit {i}" for i in range(10)]
   exported = inference.inference_model(model, (8, 8, 1), backends="gather", class_names=classes)
   path = tmp_path / "digits.npz"
@@ -278,7 +278,7 @@ def _run_config():
   config = config_lib.default_config()
   config.model.name = "digits-lcnn"
   config.model.width = 8
-  config.model.classifier_pool = 4
+  config.model.dictionary.classifier = 4
   config.data.name = "folder"
   return config
 
@@ -371,7 +371,7 @@ def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
 # Benchmark helpers -------------------------------------------------------------------------------------------
 
 def test_synthetic_sparsity_gives_the_target_multiplication_speedup(rng):
-  lcnn = _model("digits-lcnn", (8, 8, 1), pool_size=4, first_pool=2)
+  lcnn = _model("digits-lcnn", (8, 8, 1), convs=4, first=2)
   cnn = _model("digits", (8, 8, 1))
   baseline = flops.count_multiplications(cnn, (8, 8, 1))
   density = bench.solve_density(lcnn, baseline, 3.0, (8, 8, 1))

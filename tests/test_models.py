@@ -1,7 +1,6 @@
 """Specification of lcnn_jax.models and configs/: shapes, parameter counts, the original's rules, modes."""
 
-import glob
-import importlib.util
+import json
 import math
 import os
 
@@ -15,12 +14,11 @@ from lcnn_jax import config as config_lib
 from lcnn_jax import models
 from lcnn_jax.layers import LookupConv, LookupDense
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
-
-def model_config(name, **overrides):
-  c = config_lib.default_config().model
-  c.name = name
+def model_config(name, dictionary=(), **overrides):
+  """``name``'s model config with ``overrides`` and the sizes in ``dictionary`` set in ``model.dictionary``."""
+  c = config_lib.default_config(name).model
+  c.dictionary.update(dict(dictionary))
   for key, value in overrides.items():
     c[key] = value
   return c
@@ -67,13 +65,22 @@ def test_unknown_model_name_lists_the_known_names():
 
 
 def test_config_validate_knows_every_registered_model():
+  assert sorted(models.MODELS) == sorted(config_lib.MODEL_NAMES)
   for name in models.MODELS:
-    c = config_lib.default_config()
-    c.model.name = name
-    config_lib.validate(c)
+    config_lib.validate(config_lib.default_config(name))
+  c = config_lib.default_config()
   c.model.name = "lenet"
   with pytest.raises(ValueError, match="model.name='lenet'"):
     config_lib.validate(c)
+
+
+def test_a_dictionary_size_of_another_model_is_rejected_when_the_model_is_built():
+  c = model_config("alexnet-lcnn")
+  c.dictionary.stage1 = 6
+  with pytest.raises(ValueError, match=r"model.dictionary.stage1 is a dictionary size of resnet-lcnn, not of "
+                                       r"alexnet-lcnn.*alexnet-lcnn takes model.dictionary.\{first, convs, fc, "
+                                       r"classifier\}"):
+    models.create_model(c, num_classes=10, input_shape=(224, 224, 3), rngs=nnx.Rngs(0))
 
 
 def test_baseline_config_maps_each_lcnn_to_its_cnn_and_keeps_the_rest():
@@ -90,10 +97,10 @@ def test_baseline_config_maps_each_lcnn_to_its_cnn_and_keeps_the_rest():
 
 @pytest.mark.parametrize("name, overrides", [
     ("alexnet", {}),
-    ("alexnet-lcnn", {"fc_pool": 512, "classifier_pool": 64}),
+    ("alexnet-lcnn", {"dictionary": {"fc": 512, "classifier": 64}}),
     ("resnet", {"depth": 8}),
     ("resnet", {"depth": 34}),
-    ("resnet-lcnn", {"depth": 18, "pool1": 6, "pool2": 12, "pool3": 24, "pool4": 48}),
+    ("resnet-lcnn", {"depth": 18, "dictionary": {"stage1": 6, "stage2": 12, "stage3": 24, "stage4": 48}}),
 ])
 def test_imagenet_models_give_logits_at_224(name, overrides):
   model = abstract(name, 1000, (224, 224, 3), **overrides)
@@ -101,7 +108,7 @@ def test_imagenet_models_give_logits_at_224(name, overrides):
 
 
 def test_alexnet_lcnn_forward_at_224_gives_finite_logits(rng):
-  model = build("alexnet-lcnn", 1000, (224, 224, 3), fc_pool=64)
+  model = build("alexnet-lcnn", 1000, (224, 224, 3), dictionary={"fc": 64})
   model.eval()
   logits = nnx.jit(lambda m, x: m(x))(model, jnp.asarray(rng.standard_normal((1, 224, 224, 3)), jnp.float32))
   assert logits.shape == (1, 1000)
@@ -113,12 +120,12 @@ def test_alexnet_lcnn_forward_at_224_gives_finite_logits(rng):
 
 @pytest.mark.parametrize("name, input_shape, overrides", [
     ("digits", (8, 8, 1), {}),
-    ("digits-lcnn", (8, 8, 1), {"classifier_pool": 8}),
-    ("digits-lcnn", (32, 32, 3), {"pool_sizes": (4, 6)}),
+    ("digits-lcnn", (8, 8, 1), {"dictionary": {"classifier": 8}}),
+    ("digits-lcnn", (32, 32, 3), {"dictionary": {"convs": (4, 6)}}),
     ("resnet", (32, 32, 3), {"depth": 8}),
-    ("resnet-lcnn", (17, 23, 1), {"depth": 8, "pool1": 8, "pool2": 8, "pool3": 8, "pool4": 8}),
+    ("resnet-lcnn", (17, 23, 1), {"depth": 8, "dictionary": {"stage1": 8, "stage2": 8, "stage3": 8, "stage4": 8}}),
     ("alexnet", (63, 63, 3), {}),
-    ("alexnet-lcnn", (96, 80, 3), {"fc_pool": 16}),
+    ("alexnet-lcnn", (96, 80, 3), {"dictionary": {"fc": 16}}),
 ])
 def test_models_give_logits_on_small_inputs_with_any_class_count(name, input_shape, overrides):
   model = abstract(name, 7, input_shape, **overrides)
@@ -130,9 +137,15 @@ def test_alexnet_rejects_inputs_too_small_for_its_pools():
     abstract("alexnet", 10, (62, 62, 3))
 
 
-def test_pool_sizes_of_the_wrong_length_are_rejected():
-  with pytest.raises(ValueError, match="4 sizes"):
-    abstract("alexnet-lcnn", 10, (224, 224, 3), pool_sizes=(30, 30))
+def test_conv_dictionary_sizes_of_the_wrong_length_are_rejected():
+  with pytest.raises(ValueError, match=r"model.dictionary.convs=\(30, 30\): alexnet-lcnn takes one size or 4"):
+    abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"convs": (30, 30)})
+
+
+def test_one_conv_dictionary_size_sizes_every_conv_after_the_first():
+  one = abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"convs": 7})
+  four = abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"convs": (7, 7, 7, 7)})
+  assert [getattr(m, f"conv{i}").dictionary_size for m in (one, four) for i in range(2, 6)] == [7] * 8
 
 
 # ---------------------------------------------------------------------------------------- parameter counts
@@ -152,7 +165,7 @@ def test_alexnet_lcnn_fast_parameter_count():
               + lookup(384, k, 3, 3, 256) + lookup(256, k, 3, 3, 256)
               + lookup(256, 512, 6, 6, 4096) + lookup(4096, 512, 1, 1, 4096) + conv(4096, 1, 1, 1000)
               + 2 * (64 + 192 + 384 + 256 + 256 + 4096 + 4096))
-  model = abstract("alexnet-lcnn", 1000, (224, 224, 3), first_pool=3, pool_sizes=(k,) * 4, fc_pool=512)
+  model = abstract("alexnet-lcnn", 1000, (224, 224, 3), dictionary={"first": 3, "convs": (k,) * 4, "fc": 512})
   assert param_count(model) == expected
 
 
@@ -175,7 +188,8 @@ def test_digits_parameter_counts():
   assert param_count(abstract("digits", 10, (8, 8, 1), width=w)) == dense
   lcnn = (lookup(1, 3, 3, 3, w) + lookup(w, 8, 3, 3, 2 * w) + lookup(2 * w, 12, 3, 3, 4 * w)
           + lookup(4 * w, 16, 1, 1, 10) + 2 * 7 * w)
-  model = abstract("digits-lcnn", 10, (8, 8, 1), width=w, first_pool=3, pool_sizes=(8, 12), classifier_pool=16)
+  model = abstract("digits-lcnn", 10, (8, 8, 1), width=w,
+                   dictionary={"first": 3, "convs": (8, 12), "classifier": 16})
   assert param_count(model) == lcnn
 
 
@@ -184,20 +198,21 @@ def test_digits_parameter_counts():
 
 def test_resnet_lcnn_keeps_a_conv_dense_when_its_dictionary_is_not_smaller():
   # Stage 1 convs code 64·3·3 = 576 vectors, stage 2 ones 1152: 576 atoms is dense there, not in stage 2.
-  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=8, first_pool=64 * 49, pool1=576,
-                               pool2=576, pool3=30, pool4=30))
-  assert types["conv1"] is nnx.Conv  # first_pool ≥ 64·7·7
+  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=8, dictionary=dict(
+      first=64 * 49, stage1=576, stage2=576, stage3=30, stage4=30)))
+  assert types["conv1"] is nnx.Conv  # first ≥ 64·7·7
   assert types["layer1/0/conv1"] is nnx.Conv and types["layer1/0/conv2"] is nnx.Conv
   assert types["layer2/0/conv1"] is LookupConv and types["layer2/0/conv2"] is LookupConv
-  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=8, first_pool=64 * 49 - 1, pool1=575,
-                               pool2=0, pool3=30, pool4=30))
+  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=8, dictionary=dict(
+      first=64 * 49 - 1, stage1=575, stage2=0, stage3=30, stage4=30)))
   assert types["conv1"] is LookupConv
   assert types["layer1/0/conv1"] is LookupConv
   assert types["layer2/0/conv1"] is nnx.Conv  # 0 = dense
 
 
 def test_resnet_lcnn_keeps_projection_shortcuts_and_fc_dense():
-  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=18, pool1=8, pool2=8, pool3=8, pool4=8))
+  types = layer_types(abstract("resnet-lcnn", 10, (64, 64, 3), depth=18,
+                               dictionary=dict(stage1=8, stage2=8, stage3=8, stage4=8)))
   shortcuts = {path: t for path, t in types.items() if "shortcut" in path}
   assert sorted(shortcuts) == ["layer2/0/shortcut_conv", "layer3/0/shortcut_conv", "layer4/0/shortcut_conv"]
   assert set(shortcuts.values()) == {nnx.Conv}
@@ -206,13 +221,13 @@ def test_resnet_lcnn_keeps_projection_shortcuts_and_fc_dense():
   assert len(lookups) == 1 + 16  # the stem and every 3×3 conv
 
 
-def test_alexnet_lcnn_dense_fc_when_pools_are_zero():
-  types = layer_types(abstract("alexnet-lcnn", 10, (224, 224, 3), fc_pool=0, classifier_pool=0))
+def test_alexnet_lcnn_dense_fc_when_their_dictionary_sizes_are_zero():
+  types = layer_types(abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"fc": 0, "classifier": 0}))
   assert [types[f"conv{i}"] for i in range(1, 6)] == [LookupConv] * 5
   assert (types["fc6"], types["fc7"], types["fc8"]) == (nnx.Conv,) * 3
-  types = layer_types(abstract("alexnet-lcnn", 10, (224, 224, 3), fc_pool=64, classifier_pool=32))
+  types = layer_types(abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"fc": 64, "classifier": 32}))
   assert (types["fc6"], types["fc7"], types["fc8"]) == (LookupConv,) * 3
-  model = abstract("alexnet-lcnn", 10, (224, 224, 3), fc_pool=64)
+  model = abstract("alexnet-lcnn", 10, (224, 224, 3), dictionary={"fc": 64})
   assert model.fc6.kernel_size == (6, 6) and model.fc6.dictionary_size == 64
   assert model.bn1.epsilon == 1e-3
 
@@ -220,7 +235,8 @@ def test_alexnet_lcnn_dense_fc_when_pools_are_zero():
 def test_resnet_lcnn_equals_resnet_with_the_reconstructed_kernels(rng):
   """The twins are wired alike: the CNN with each lookup layer's D·P (and every other weight) copied in gives
   the LCNN's logits. The CNN is built abstract and filled from the LCNN, which keeps the test fast."""
-  lcnn = build("resnet-lcnn", 5, (20, 20, 3), depth=8, first_pool=3, pool1=8, pool2=8, pool3=8, pool4=8)
+  lcnn = build("resnet-lcnn", 5, (20, 20, 3), depth=8,
+               dictionary=dict(first=3, stage1=8, stage2=8, stage3=8, stage4=8))
   cnn = abstract("resnet", 5, (20, 20, 3), depth=8)
   lcnn_layers = dict(nnx.iter_modules(lcnn))
   for path, module in nnx.iter_modules(cnn):
@@ -314,25 +330,43 @@ def test_cnn_spatial_dropout_keeps_values_unscaled_in_training_and_scales_by_one
 # ------------------------------------------------------------------------------------------------ configs
 
 
-def load_config(path):
-  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+# Every preset's model and baseline as built before the dictionary sizes were nested per model (model.dictionary):
+# parameter paths, types and shapes, recorded from the flat-key presets of 2026-11-29 (the Fashion-MNIST presets
+# re-recorded when their classifier came to read every pixel of conv3, model.head = "flatten").
+PRESET_SHAPES = os.path.join(os.path.dirname(__file__), "preset_parameter_shapes.json")
+PRESET_INPUTS = {"folder": ((224, 224, 3), 1000), "digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}
 
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.py")))
+def parameter_shapes(model):
+  return {"/".join(map(str, path)): f"{type(v).__name__}{tuple(v.shape)}"
+          for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+with open(PRESET_SHAPES) as f:
+  RECORDED_SHAPES = json.load(f)
+
+
+@pytest.mark.parametrize("preset", sorted({key.split(":")[0] for key in RECORDED_SHAPES}))
+def test_every_preset_builds_the_same_model_and_baseline_as_with_the_flat_keys(preset):
+  config = config_lib.load(preset)
+  input_shape, num_classes = PRESET_INPUTS[config.data.name]
+  for role, model_cfg in (("model", config.model), ("baseline", models.baseline_config(config.model))):
+    model = nnx.eval_shape(lambda c=model_cfg: models.create_model(c, num_classes=num_classes,
+                                                                     input_shape=input_shape, rngs=nnx.Rngs(0)))
+    assert {"model": model_cfg.name, "params": parameter_shapes(model)} == RECORDED_SHAPES[f"{preset}:{role}"], role
+
+
+RUN_PRESETS = [name for name in config_lib.presets() if "/" not in name]  # the experiments' are theirs
 PAPER_ROWS = ("alexnet", "alexnet_fast", "alexnet_accurate", "resnet18", "resnet18_fast", "resnet18_accurate")
 
 
 def test_every_paper_row_has_a_config():
-  names = {os.path.basename(path)[:-3] for path in CONFIG_FILES}
-  assert set(PAPER_ROWS) <= names
+  assert set(PAPER_ROWS) <= set(RUN_PRESETS)
 
 
-@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_validates_and_builds_its_model_and_baseline(path):
-  config = load_config(path)
+@pytest.mark.parametrize("preset", RUN_PRESETS)
+def test_config_loads_validates_and_builds_its_model_and_baseline(preset):
+  config = config_lib.load(preset)
   config_lib.validate(config)
   imagenet = config.data.name == "folder"
   size = config.data.image_size or (224 if imagenet else 8)
@@ -348,10 +382,9 @@ def test_config_loads_validates_and_builds_its_model_and_baseline(path):
     ("alexnet_fast", 37.6), ("alexnet_accurate", 3.2), ("resnet18_fast", 29.2), ("resnet18_accurate", 5.0),
 ])
 def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, target):
-  config = load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  config = config_lib.load(name)
   assert (config.sparsity.target_speedup, config.sparsity.rule) == (target, "threshold")
-  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(
-      os.path.join(CONFIG_DIR, f"{name}.py")).read()
+  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(config_lib.resolve(name)).read()
 
 
 @pytest.mark.parametrize("name, model, pools, strength", [
@@ -359,7 +392,7 @@ def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, ta
     ("alexnet_accurate", "alexnet-lcnn", (3, 500, 500, 500, 30, 1024, 1024, 0), 0.3),
 ])
 def test_alexnet_configs_follow_the_tf_ports_published_settings(name, model, pools, strength):
-  config = load_config(os.path.join(CONFIG_DIR, f"{name}.py"))
+  config = config_lib.load(name)
   built = nnx.eval_shape(lambda: models.create_model(config.model, num_classes=1000, input_shape=(224, 224, 3),
                                                      rngs=nnx.Rngs(0)))
   sizes = tuple(getattr(getattr(built, layer), "dictionary_size", 0)

@@ -18,7 +18,7 @@ pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip ins
 
 MODEL_CASES = {
     "digits": dict(input_shape=(8, 8, 1)),
-    "digits-lcnn": dict(input_shape=(8, 8, 1), classifier_pool=4),
+    "digits-lcnn": dict(input_shape=(8, 8, 1), classifier=4),
     "alexnet": dict(input_shape=(67, 67, 3)),
     "alexnet-lcnn": dict(input_shape=(67, 67, 3)),
     "resnet": dict(input_shape=(32, 32, 3)),
@@ -99,7 +99,7 @@ def test_lookup_forms_equal_the_dense_reference(form, rng):
 
 
 def test_auto_forms_are_measured_per_layer_and_recorded(tmp_path, rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
+  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   exported = inference.inference_model(model, (8, 8, 1), backends="dense", class_names=list("abcdefghij"))
   forms, timings = onnx_export.choose_lookup_forms(exported, 2)
   assert set(forms) == set(exported.lookup_layers) == set(timings)
@@ -111,7 +111,7 @@ def test_auto_forms_are_measured_per_layer_and_recorded(tmp_path, rng):
 
 
 def test_bad_forms_and_untranslatable_primitives_are_named(rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier_pool=4), rng)
+  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   exported = inference.inference_model(model, (8, 8, 1), backends="dense")
   with pytest.raises(ValueError, match="'sparse'.*dense, factored"):
     onnx_export.to_onnx(exported, "sparse")

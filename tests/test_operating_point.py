@@ -21,8 +21,8 @@ def tiny_config(**overrides):
   c = config_lib.default_config()
   c.model.name = "digits-lcnn"
   c.model.width = 8
-  c.model.first_pool = 1
-  c.model.pool_size = 4
+  c.model.dictionary.first = 1
+  c.model.dictionary.convs = 4
   c.data.name = "digits"
   c.train.batch_size = 32
   c.train.num_steps = 8

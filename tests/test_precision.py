@@ -96,7 +96,8 @@ def test_indices_are_as_narrow_as_the_dictionary_allows(rng):
 
 def _digits_lcnn(rng):
   config = config_lib.default_config().model
-  config.update(dict(name="digits-lcnn", width=8, classifier_pool=4))
+  config.update(dict(name="digits-lcnn", width=8))
+  config.dictionary.classifier = 4
   model = models.create_model(config, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
   for _, module in nnx.iter_modules(model):
     if isinstance(module, layers.LOOKUP_LAYERS):

@@ -19,8 +19,8 @@ def tiny_config(**train_overrides):
   c = config_lib.default_config()
   c.model.name = "digits-lcnn"
   c.model.width = 8
-  c.model.first_pool = 1
-  c.model.pool_size = 4
+  c.model.dictionary.first = 1
+  c.model.dictionary.convs = 4
   c.data.name = "digits"
   c.train.batch_size = 32
   c.train.num_steps = 8
@@ -116,7 +116,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lcnn_jax import config as config_lib, models, train
 
 config = config_lib.default_config()
-config.model.name, config.model.width, config.model.first_pool, config.model.pool_size = "digits-lcnn", 8, 1, 4
+config.model.name, config.model.width = "digits-lcnn", 8
+config.model.dictionary.update(first=1, convs=4)
 rng = np.random.default_rng(0)
 batch = {"image": rng.normal(size=(32, 8, 8, 1)).astype(np.float32), "label": rng.integers(0, 10, 32).astype(np.int32)}
 results = {}
@@ -201,7 +202,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
 def test_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path):
   train.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2, eval_every=2), str(tmp_path))
   other = tiny_config(num_steps=4)
-  other.model.pool_size = 6
+  other.model.dictionary.convs = 6
   with pytest.raises(checkpoint.CheckpointError, match="another model.*conv2/coefficients"):
     train.train_and_evaluate(other, str(tmp_path))
 

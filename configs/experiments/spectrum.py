@@ -1,7 +1,7 @@
 """The speed/accuracy spectrum on the embedded digits (``python -m lcnn_jax.experiments.spectrum``).
 
 The quickstart digits LCNN, shortened to 8 epochs per point so that the CNN and eight LCNN points train in
-about ten minutes on 2 CPU cores. The experiment sets ``model.pool_size`` and ``sparsity.strength`` per point.
+about ten minutes on 2 CPU cores. The experiment sets ``model.dictionary.convs`` and ``sparsity.strength`` per point.
 """
 
 from lcnn_jax import config as config_lib

@@ -4,7 +4,7 @@
         --workdir runs/spectrum_fashion --sizes 2,4,8,16 --strengths 0.1,0.4 [--config.seed=S]
 
 ``configs/fashion_mnist_lcnn.py`` shortened to 3 epochs per point (1,404 steps), so that the CNN and eight LCNN
-points fit in 90 minutes on 2 idle CPU cores; the experiment sets ``model.pool_size`` and ``sparsity.strength``
+points fit in 90 minutes on 2 idle CPU cores; the experiment sets ``model.dictionary.convs`` and ``sparsity.strength``
 per point (or, with ``--targets``, the target speedup). The strengths are in the momentum-aware units of
 ``docs/operating_points.md``; 0.17 is about three times the 10-epoch run's starting strength, for a third of its
 steps. One seed per command: run it with ``--config.seed=S`` in one

@@ -37,18 +37,12 @@ class ExperimentError(RuntimeError):
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file (``configs/quickstart.py``)."""
-  import importlib.util
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Config file {path!r} does not exist.")
-  spec = importlib.util.spec_from_file_location(f"lcnn_experiment_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """``get_config()`` of a config file or preset (``configs/quickstart.py``, ``experiments/spectrum``)."""
+  return config_lib.load(path)
 
 
 def derive(config: ml_collections.ConfigDict, **overrides: Any) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with dotted-key overrides: ``derive(c, **{'model.pool_size': 4})``."""
+  """A copy of ``config`` with dotted-key overrides: ``derive(c, **{'model.dictionary.convs': 4})``."""
   config = ml_collections.ConfigDict(config.to_dict())
   for dotted, value in overrides.items():
     *parents, key = dotted.split(".")

@@ -28,11 +28,10 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli, models
+from lcnn_jax import cli, config as config_lib, models
 from lcnn_jax.experiments import common
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "configs", "experiments", "few_iteration.py")
+DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_iteration.py")
 ARMS = {"deep_lcnn_transfer": "LCNN, transferred dictionaries (train I and C)", "deep_cnn": "CNN from scratch",
         "deep_lcnn_scratch": "LCNN from scratch"}
 

@@ -29,11 +29,10 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli, models
+from lcnn_jax import cli, config as config_lib, models
 from lcnn_jax.experiments import common
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "configs", "experiments", "few_shot.py")
+DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_shot.py")
 LCNN_INITS = ("dictionaries", "all")
 COLUMNS = ("n", "lcnn_top1", "cnn_top1", "lcnn_speedup")  # top-5 (in the JSON) says little with few classes
 

@@ -25,11 +25,10 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli, logger, models
+from lcnn_jax import cli, config as config_lib, logger, models
 from lcnn_jax.experiments import common
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                              "configs", "experiments", "spectrum.py")
+DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "spectrum.py")
 COLUMNS = ("point", "dictionary_size", "strength", "target", "top1", "top5", "density", "speedup", "wall_speedup",
            "multiplications")
 
@@ -41,17 +40,25 @@ def point_name(size: int | None, strength: float | None, target: float | None = 
   return (f"k{size}_t{target:g}" if target is not None else f"k{size}_s{strength:g}").replace(".", "p")
 
 
+def check_size_keys(config: ml_collections.ConfigDict, size_keys: Sequence[str]) -> None:
+  """Raises ValueError naming a ``size_keys`` entry that is not a key of ``config.model.dictionary``."""
+  for key in size_keys:
+    if key not in config.model.dictionary:
+      raise ValueError(f"--size_keys {key}: {config_lib.unknown_key(f'model.dictionary.{key}', config.model.name)}"
+                       f"; --size_keys takes keys of model.dictionary ({', '.join(config.model.dictionary)}).")
+
+
 def point_config(config: ml_collections.ConfigDict, size: int | None, strength: float | None,
                  size_keys: Sequence[str], target: float | None = None) -> ml_collections.ConfigDict:
-  """The CNN baseline's config (``size`` None) or the LCNN's with every ``size_keys`` model key set to ``size``
+  """The CNN baseline's config (``size`` None) or the LCNN's with every ``size_keys`` key of ``model.dictionary`` set
+  to ``size``
   and either ``sparsity.strength`` = ``strength`` or ``sparsity.target_speedup`` = ``target``."""
   if size is None:
     return common.derive(config, **{"model.name": models.baseline_config(config.model).name,
                                      "sparsity.strength": 0.0, "sparsity.target_speedup": 0.0,
                                      "sparsity.target_density": 0.0})
-  overrides = {f"model.{key}": size for key in size_keys}
-  if "pool_size" in size_keys:
-    overrides["model.pool_sizes"] = None  # pool_size applies to every layer after the first
+  check_size_keys(config, size_keys)
+  overrides = {f"model.dictionary.{key}": size for key in size_keys}
   if target is not None:
     overrides["sparsity.target_speedup"] = target
   else:
@@ -92,13 +99,14 @@ def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, An
 
 def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequence[int],
                  strengths: Sequence[float] = (), targets: Sequence[float] = (),
-                 size_keys: Sequence[str] = ("pool_size",), baseline: bool = True, wall_clock: bool = False,
+                 size_keys: Sequence[str] = ("convs",), baseline: bool = True, wall_clock: bool = False,
                  bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
   """Trains (or reads back) every point and returns the table's rows, the CNN first.
 
   The LCNN points are ``sizes`` × ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` ×
   ``strengths``; unreachable targets are skipped with a warning.
   """
+  check_size_keys(config, size_keys)  # before any point trains
   grid = ([(k, None, t) for k in sizes for t in targets] if targets
           else [(k, s, None) for k in sizes for s in strengths])
   points = ([(None, None, None)] if baseline else []) + grid
@@ -188,8 +196,8 @@ def define_flags() -> types.SimpleNamespace:
       strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
       targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
                                 "sweeps (dictionary size, target) instead of (dictionary size, strength)."),
-      size_keys=flags.DEFINE_list("size_keys", ["pool_size"],
-                                  "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4)."),
+      size_keys=flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
+                                  "stage1,stage2,stage3,stage4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
       wall_clock=flags.DEFINE_bool("wall_clock", True,
                                    "Measure the wall-clock speedup with the inference benchmark."),

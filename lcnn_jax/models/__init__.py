@@ -1,17 +1,17 @@
 """The models, built from ``config.model`` by the original's ``netType`` names.
 
-=============== ================================================== ==========
-name            model                                              baseline
-=============== ================================================== ==========
-alexnet         AlexNet CNN (96-256-384-384-256)                   itself
-alexnet-lcnn    AlexNet-LCNN (64-192-384-256-256)                  alexnet
-resnet          ResNet-8/18/34 (``model.depth``), shortcut type B  itself
-resnet-lcnn     ResNet-LCNN (``first_pool``, ``pool1``..``pool4``) resnet
-digits          small CNN for 8×8 digits and other small inputs    itself
-digits-lcnn     its LCNN twin                                      digits
-mnist           the small CNN pooled for 28×28 (Fashion-MNIST)     itself
-mnist-lcnn      its LCNN twin                                      mnist
-=============== ================================================== ==========
+=============== ================================================== ========== ==========================================
+name            model                                              baseline   ``model.dictionary``
+=============== ================================================== ========== ==========================================
+alexnet         AlexNet CNN (96-256-384-384-256)                   itself     (alexnet-lcnn's, ignored)
+alexnet-lcnn    AlexNet-LCNN (64-192-384-256-256)                  alexnet    first, convs, fc, classifier
+resnet          ResNet-8/18/34 (``model.depth``), shortcut type B  itself     (resnet-lcnn's, ignored)
+resnet-lcnn     ResNet-LCNN                                        resnet     first, stage1, stage2, stage3, stage4
+digits          small CNN for 8×8 digits and other small inputs    itself     (digits-lcnn's, ignored)
+digits-lcnn     its LCNN twin                                      digits     first, convs, classifier
+mnist           the small CNN pooled for 28×28 (Fashion-MNIST)     itself     (mnist-lcnn's, ignored)
+mnist-lcnn      its LCNN twin                                      mnist      first, convs, classifier
+=============== ================================================== ========== ==========================================
 
 Every model takes NHWC float images and returns (batch, num_classes) logits. ``model.train()`` and
 ``model.eval()`` switch BatchNorm and Dropout; dropout draws from the ``dropout`` stream of the ``nnx.Rngs``
@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import ml_collections
 from flax import nnx
 
+from lcnn_jax import config as config_lib
 from lcnn_jax.models.alexnet import AlexNet, alexnet, alexnet_lcnn
 from lcnn_jax.models.resnet import STAGE_BLOCKS, ResNet, resnet, resnet_lcnn
 from lcnn_jax.models.small import DigitsNet, digits, digits_lcnn, mnist, mnist_lcnn
@@ -41,19 +42,18 @@ MODELS: dict[str, Builder] = {
     "mnist": mnist,
     "mnist-lcnn": mnist_lcnn,
 }
-BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits", "mnist-lcnn": "mnist"}
+BASELINES = config_lib.BASELINES
 RESNET_DEPTHS = tuple(sorted(STAGE_BLOCKS))
-
-
-def _check_name(name: str) -> None:
-  if name not in MODELS:
-    raise ValueError(f"model.name={name!r}: expected one of {sorted(MODELS)}.")
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
                  input_shape: Sequence[int], rngs: nnx.Rngs) -> nnx.Module:
-  """Builds ``model_config.name`` for ``num_classes`` outputs and one example's ``input_shape`` (h, w, c)."""
-  _check_name(model_config.name)
+  """Builds ``model_config.name`` for ``num_classes`` outputs and one example's ``input_shape`` (h, w, c).
+
+  Raises ValueError naming the key when ``model_config`` has a key the model does not take (a dictionary size of
+  another model, a flat key of earlier versions) or a size that is not one (:func:`lcnn_jax.config.check_model`).
+  """
+  config_lib.check_model(model_config)
   if num_classes <= 0:
     raise ValueError(f"num_classes={num_classes}: must be positive.")
   if len(input_shape) != 3:
@@ -64,7 +64,7 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
 
 def baseline_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the dense CNN the paper compares ``model_config`` with (a CNN's is a copy of its own)."""
-  _check_name(model_config.name)
+  config_lib.check_model(model_config)
   baseline = ml_collections.ConfigDict(model_config.to_dict())
   baseline.name = BASELINES.get(model_config.name, model_config.name)
   return baseline

@@ -8,8 +8,8 @@ input; the map's size in general, so other input sizes work), fc7 and fc8 1×1 c
   in training, × (1 − p) at evaluation: :class:`SpatialDropout`) before fc6 and fc7.
 * ``alexnet-lcnn``: widths 64-192-384-256-256, BN eps 1e-3, element-wise dropout (Torch's ``Dropout``, which
   rescales by 1 / (1 − p) in training, as ``nnx.Dropout``), every convolution a lookup
-  layer (conv1 with ``first_pool``, conv2–conv5 with ``pool_size`` or ``pool_sizes``), fc6/fc7 lookup layers
-  with ``fc_pool`` (0 = dense) and fc8 with ``classifier_pool`` (0 = dense).
+  layer (``model.dictionary``: conv1 with ``first``, conv2–conv5 with ``convs``), fc6/fc7 lookup layers with
+  ``fc`` (0 = dense) and fc8 with ``classifier`` (0 = dense).
 """
 
 from __future__ import annotations
@@ -123,9 +123,10 @@ def alexnet(config: ml_collections.ConfigDict, *, num_classes: int, input_shape:
 
 def alexnet_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                  rngs: nnx.Rngs) -> AlexNet:
-  """AlexNet-LCNN of ``models/alexnet-lcnn.lua``."""
-  sizes = (config.first_pool, *common.conv_pools(config, 4, "conv2..conv5"), config.fc_pool, config.fc_pool,
-           config.classifier_pool)
+  """AlexNet-LCNN of ``models/alexnet-lcnn.lua``: ``model.dictionary`` = {first, convs, fc, classifier}."""
+  dictionary = config.dictionary
+  sizes = (dictionary.first, *common.conv_dictionaries(config, 4, "conv2..conv5"), dictionary.fc, dictionary.fc,
+           dictionary.classifier)
   return AlexNet(num_classes, input_shape, widths=LCNN_WIDTHS, dictionary_sizes=sizes, bn_epsilon=1e-3,
                  spatial_dropout=False, dropout=config.dropout, initial_sparsity=config.initial_sparsity,
                  rngs=rngs)

@@ -65,16 +65,20 @@ def global_average_pool(x: jax.Array) -> jax.Array:
   return jnp.mean(x, axis=(1, 2))
 
 
-def conv_pools(config: ml_collections.ConfigDict, count: int, layers: str) -> tuple[int, ...]:
-  """The dictionary sizes of a net's convolutions after the first: ``pool_sizes`` when set, else ``pool_size``.
+def conv_dictionaries(config: ml_collections.ConfigDict, count: int, layers: str) -> tuple[int, ...]:
+  """The dictionary sizes of a net's convolutions after the first, from ``model.dictionary.convs``: one size for
+  every one of them, or ``count`` sizes.
 
   Args:
     config: the model config.
     count: how many sizes the net takes.
     layers: the layers they belong to, for the error message (e.g. 'conv2..conv5').
   """
-  if config.pool_sizes is None:
-    return (config.pool_size,) * count
-  if len(config.pool_sizes) != count:
-    raise ValueError(f"model.pool_sizes={tuple(config.pool_sizes)}: {config.name} takes {count} sizes ({layers}).")
-  return tuple(int(k) for k in config.pool_sizes)
+  convs = config.dictionary.convs
+  if not isinstance(convs, (tuple, list)):
+    return (int(convs),) * count
+  if len(convs) == 1:
+    return (int(convs[0]),) * count
+  if len(convs) != count:
+    raise ValueError(f"model.dictionary.convs={tuple(convs)}: {config.name} takes one size or {count} ({layers}).")
+  return tuple(int(k) for k in convs)

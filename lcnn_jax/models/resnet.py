@@ -4,7 +4,8 @@ Basic blocks (conv3×3-BN-ReLU-conv3×3-BN plus the shortcut, then ReLU), shortc
 with BN where the width changes, identity elsewhere), depths 8 {1,1,1,1}, 18 {2,2,2,2} and 34 {3,4,6,3}.
 ResNet-LCNN keeps the original's rules:
 
-* the 7×7 stem is a lookup layer with ``first_pool`` and every 3×3 convolution of stage i one with ``pool_i``,
+* the 7×7 stem is a lookup layer with ``model.dictionary.first`` and every 3×3 convolution of stage i one with
+  ``model.dictionary.stage<i>``,
   except that a convolution stays dense when its dictionary would have at least out·kh·kw atoms (as many atoms
   as the vectors it codes), or when the size is 0;
 * the 1×1 projection shortcuts and the final fully connected layer stay dense.
@@ -69,27 +70,27 @@ class ResNet(nnx.Module):
     depth: 8, 18 or 34.
     num_classes: outputs of the final dense layer.
     in_channels: input channels (3 for RGB).
-    first_pool: dictionary size of the 7×7 stem (0 = dense).
-    stage_pools: dictionary sizes of the 3×3 convolutions of stages 1..4 (0 = dense).
+    first_dictionary: dictionary size of the 7×7 stem (0 = dense).
+    stage_dictionaries: dictionary sizes of the 3×3 convolutions of stages 1..4 (0 = dense).
     initial_sparsity: sets the lookup layers' threshold τ.
     rngs: ``params`` initialises the weights.
   """
 
-  def __init__(self, depth: int, num_classes: int, in_channels: int = 3, *, first_pool: int = 0,
-               stage_pools: Sequence[int] = (0, 0, 0, 0), initial_sparsity: float = 0.01, rngs: nnx.Rngs):
+  def __init__(self, depth: int, num_classes: int, in_channels: int = 3, *, first_dictionary: int = 0,
+               stage_dictionaries: Sequence[int] = (0, 0, 0, 0), initial_sparsity: float = 0.01, rngs: nnx.Rngs):
     if depth not in STAGE_BLOCKS:
       raise ValueError(f"model.depth={depth}: expected one of {sorted(STAGE_BLOCKS)}.")
     self.conv1 = common.conv(in_channels, 64, 7, strides=2, padding=3,
-                             dictionary_size=dictionary_or_dense(first_pool, 64, 7),
+                             dictionary_size=dictionary_or_dense(first_dictionary, 64, 7),
                              initial_sparsity=initial_sparsity, rngs=rngs)
     self.bn1 = common.batch_norm(64, rngs=rngs)
     stages = []
     in_features = 64
-    for stage, (blocks, width, pool) in enumerate(zip(STAGE_BLOCKS[depth], STAGE_WIDTHS, stage_pools)):
+    for stage, (blocks, width, size) in enumerate(zip(STAGE_BLOCKS[depth], STAGE_WIDTHS, stage_dictionaries)):
       stage_blocks = []
       for block in range(blocks):
         strides = 2 if stage > 0 and block == 0 else 1
-        stage_blocks.append(BasicBlock(in_features, width, strides, dictionary_size=pool,
+        stage_blocks.append(BasicBlock(in_features, width, strides, dictionary_size=size,
                                        initial_sparsity=initial_sparsity, rngs=rngs))
         in_features = width
       stages.append(nnx.List(stage_blocks))
@@ -113,7 +114,8 @@ def resnet(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: 
 
 def resnet_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                 rngs: nnx.Rngs) -> ResNet:
-  """ResNet-LCNN of ``models/resnet-lcnn.lua``: ``first_pool`` and ``pool1``..``pool4``."""
-  return ResNet(config.depth, num_classes, input_shape[-1], first_pool=config.first_pool,
-                stage_pools=(config.pool1, config.pool2, config.pool3, config.pool4),
+  """ResNet-LCNN of ``models/resnet-lcnn.lua``: ``model.dictionary`` = {first, stage1, stage2, stage3, stage4}."""
+  d = config.dictionary
+  return ResNet(config.depth, num_classes, input_shape[-1], first_dictionary=d.first,
+                stage_dictionaries=(d.stage1, d.stage2, d.stage3, d.stage4),
                 initial_sparsity=config.initial_sparsity, rngs=rngs)

@@ -2,8 +2,8 @@
 
 Three 3×3 convolutions of width w, 2w, 4w (Conv → BN → ReLU, a 2×2 max-pool after the second), a global
 average pool, dropout and a linear classifier. The LCNN twin makes every convolution a lookup layer
-(conv1 with ``first_pool``, conv2/conv3 with ``pool_size`` or ``pool_sizes``) and the classifier one when
-``classifier_pool`` > 0; otherwise the twins are identical, so their accuracies compare like the paper's rows.
+(``model.dictionary``: conv1 with ``first``, conv2/conv3 with ``convs``) and the classifier one when
+``classifier`` > 0; otherwise the twins are identical, so their accuracies compare like the paper's rows.
 
 ``model.convs_per_stage`` = n > 1 deepens the nets for few-iteration learning: each of conv1, conv2, conv3 is
 followed by n − 1 more 3×3 convolutions of its width (``conv1_2``, ``conv1_3``, …, each with its BatchNorm; in
@@ -100,10 +100,11 @@ def digits(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: 
 
 def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                 rngs: nnx.Rngs) -> DigitsNet:
-  """The digits LCNN: ``first_pool``, ``pool_size`` (or 2 ``pool_sizes``: conv2, conv3), ``classifier_pool``."""
-  k2, k3 = common.conv_pools(config, 2, "conv2, conv3")
+  """The digits LCNN: ``model.dictionary`` = {first, convs (one size, or 2: conv2, conv3), classifier}."""
+  k2, k3 = common.conv_dictionaries(config, 2, "conv2, conv3")
   return DigitsNet(num_classes, input_shape, width=config.width,
-                   dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
+                   dictionary_sizes=(config.dictionary.first, k2, k3, config.dictionary.classifier),
+                   dropout=config.dropout,
                    initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
                    head=config.head, rngs=rngs)
 
@@ -121,8 +122,9 @@ def mnist(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: S
 def mnist_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                rngs: nnx.Rngs) -> DigitsNet:
   """The 28×28 LCNN: dictionary sizes as ``digits-lcnn``'s, the pooling of ``mnist``."""
-  k2, k3 = common.conv_pools(config, 2, "conv2, conv3")
+  k2, k3 = common.conv_dictionaries(config, 2, "conv2, conv3")
   return DigitsNet(num_classes, input_shape, width=config.width,
-                   dictionary_sizes=(config.first_pool, k2, k3, config.classifier_pool), dropout=config.dropout,
+                   dictionary_sizes=(config.dictionary.first, k2, k3, config.dictionary.classifier),
+                   dropout=config.dropout,
                    initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
                    pool_after=MNIST_POOLS, head=config.head, rngs=rngs)
