@@ -342,7 +342,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   budget = operating_point.budget_for(model, config.model, info.image_shape)
   count_fn = jax.jit(budget.count)
   evaluator = Evaluator(config, info, model, mesh)
-  baseline = flops.baseline_count(config.model, info.num_classes, info.image_shape).total
 
   def evaluate(step):
     metrics = evaluator(state.params, state.rest)
@@ -350,7 +349,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     per_layer = collections.Counter()
     for row in count.rows:
       per_layer[row.path] += row.multiplications
-    log.eval(step, metrics, multiplications=count.total, baseline_multiplications=baseline,
+    log.eval(step, metrics, multiplications=count.total, baseline_multiplications=budget.baseline,
              layer_multiplications=dict(per_layer))
     return metrics
 
