@@ -17,7 +17,7 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "lcnn_jax"
 # Rows in import order: each row may import itself and the rows above it. "pkg.*" is a package with every
 # module under it; a module takes the most specific entry that names it.
 LAYERS = (
-    ("config", ("lcnn_jax.cli", "lcnn_jax.config", "lcnn_jax.config_reference")),
+    ("config", ("lcnn_jax.cli", "lcnn_jax.config", "lcnn_jax.config_reference", "lcnn_jax.configs.*")),
     ("data", ("lcnn_jax.data.*",)),
     ("layers, models", ("lcnn_jax", "lcnn_jax.layers", "lcnn_jax.models.*")),
     ("sparsity, counter, optimizer", ("lcnn_jax.sparsity", "lcnn_jax.convert", "lcnn_jax.flops",
