@@ -138,29 +138,6 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ti
   assert step == 8 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def run_main(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "lcnn_jax.main", *args], capture_output=True, text=True, cwd=cwd,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-
-
-def test_main_trains_evaluates_benchmarks_and_rejects_misspelt_keys(tmp_path):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = os.path.join(repo, "configs", "quickstart.py")
-  small = ["--config.train.num_steps=4", "--config.train.batch_size=32", "--config.model.width=8",
-           "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
-  done = run_main("--config", config, "--workdir", str(tmp_path), *small, cwd=repo)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "speedup" in done.stdout and "eval top-1" in done.stdout
-  evaluated = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "eval", *small, cwd=repo)
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  line = evaluated.stdout.strip().splitlines()[-1]  # the eval line training prints, with the step
-  assert line.startswith("step 4: eval top-1 ") and line.endswith("(360 images)")
-  benchmark = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "benchmark", cwd=repo)
-  assert benchmark.returncode == 0 and "conv2" in benchmark.stdout and "speedup" in benchmark.stdout
-  typo = run_main("--config", config, "--workdir", str(tmp_path), "--config.train.batchsize=8", cwd=repo)
-  assert typo.returncode != 0 and "batchsize" in typo.stderr
-
-
 def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path, tiny_config):
   source = str(tmp_path / "source")
   train.train_and_evaluate(tiny_config(train=dict(num_steps=4, checkpoint_every=4, eval_every=4)), source)
