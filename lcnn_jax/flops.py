@@ -3,7 +3,9 @@
     python -m lcnn_jax.flops (--workdir RUN [--step N] | --config configs/X.py) [--json] [--plot FILE.png]
 
 This module is the counter; the command above, which inspects a run's checkpoint with it (tables, JSON, plot),
-is :mod:`lcnn_jax.inspection`, started under the counter's name. One image, eval mode. Only multiplications count; BatchNorm, ReLU, pooling, dropout and additions are free.
+is :mod:`lcnn_jax.inspection`, started under the counter's name.
+
+One image, eval mode. Only multiplications count; BatchNorm, ReLU, pooling, dropout and additions are free.
 
 * convolution: (elements of the output) × (m_in · kh · kw) (per group)
 * linear: (elements of the output) × m_in

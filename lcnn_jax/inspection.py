@@ -4,8 +4,8 @@
     python -m lcnn_jax.flops --config configs/X.py        (an untrained model, no data needed)
 
 The command keeps the counter's name (``lcnn_jax.flops`` runs :func:`main` with :func:`define_flags`); the
-counting itself is :mod:`lcnn_jax.flops`. Needs neither the training data nor an accelerator: a checkpoint written by any topology
-is restored onto this host's first device.
+counting itself is :mod:`lcnn_jax.flops`. Needs neither the training data nor an accelerator: a checkpoint written
+by any topology is restored onto this host's first device.
 """
 
 from __future__ import annotations
