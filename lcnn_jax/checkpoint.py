@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 from flax import nnx
 
-from lcnn_jax import config as config_lib
+from lcnn_jax import config as config_lib, convert, models
 from lcnn_jax.sparsity import path_string
 
 CONFIG_FILE = "config.json"
@@ -270,7 +270,6 @@ def _damaged(step_dir: str, error: Exception) -> CheckpointError:
 
 def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
   """(model in eval-ready state, its config, the step) from a run's workdir, on this host alone."""
-  from lcnn_jax import models
   config, dataset = load_run_info(workdir)
   model = models.create_model(config.model, num_classes=dataset["num_classes"],
                               input_shape=tuple(dataset["image_shape"]), rngs=nnx.Rngs(0))
@@ -279,19 +278,17 @@ def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml
   return model, config, _step_of(step_dir)
 
 
-def restore_model_for(config: ml_collections.ConfigDict, info, workdir: str) -> tuple[nnx.Module, int]:
-  """The configured model loaded from ``config.restore`` (a step, checkpoints or workdir path) or ``workdir``."""
-  from lcnn_jax import train
-  model = train.create_model(config, info)
-  step_dir = resolve_step_dir(config.restore or workdir)
+def restore_step(model: nnx.Module, path: str) -> int:
+  """Loads the checkpoint at ``path`` (a step directory, or the latest step of a checkpoints directory or
+  workdir) into ``model`` on this host; returns the step."""
+  step_dir = resolve_step_dir(path)
   restore_into(model, step_dir)
-  return model, _step_of(step_dir)
+  return _step_of(step_dir)
 
 
 def transfer_dictionaries_from(source: str, model: nnx.Module) -> list[str]:
   """Copies the dictionaries of the run at ``source`` (its workdir or one of its step directories) into
   ``model``, for every lookup layer path the two share; returns those paths."""
-  from lcnn_jax import convert
   step_dir = resolve_step_dir(source)
   source_model, _, _ = restore_model(os.path.dirname(os.path.dirname(step_dir)), _step_of(step_dir))
   copied = convert.transfer_dictionaries(source_model, model)

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
@@ -642,8 +642,8 @@ def _check_round_trip(model: nnx.Module, run_dir: str, image_shape: Sequence[int
   """The run restored from disk computes the logits of the model it was written from."""
   restored, _, _ = checkpoint.restore_model(run_dir)
   x = jax.random.normal(jax.random.key(0), (2, *image_shape), jnp.float32)
-  expected = np.asarray(train.eval_view(model)(x))
-  got = np.asarray(train.eval_view(restored)(x))
+  expected = np.asarray(layers.eval_view(model)(x))
+  got = np.asarray(layers.eval_view(restored)(x))
   if not np.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(np.abs(expected).max() + 1)):
     raise RuntimeError(f"The checkpoint written to {run_dir} does not restore the imported model "
                        f"(largest logit difference {np.abs(got - expected).max():g}).")

@@ -243,6 +243,12 @@ class LookupDense(nnx.Module):
 LOOKUP_LAYERS = (LookupConv, LookupDense)
 
 
+def eval_view(model: nnx.Module) -> nnx.Module:
+  """The model in eval mode, as a view (the model itself is not changed): BatchNorm on its running statistics,
+  dropout off. The one eval view of the trainer, the multiplication counter and the exporter."""
+  return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
+
+
 @contextlib.contextmanager
 def replaced_calls(classes: Sequence[type], make: Callable[[Callable], Callable]) -> Iterator[None]:
   """Within the block, each class's ``__call__`` is ``make(original)``; the originals come back on exit.

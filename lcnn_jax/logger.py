@@ -8,14 +8,13 @@ after the checkpoint it resumes from) are dropped, so the file reads as if the r
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
 from typing import Mapping
 
 from absl import logging
-
-from lcnn_jax import flops
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -59,23 +58,24 @@ class MetricsLogger:
     for layer, value in densities.items():
       self.writer.add_scalar(f"density/{layer}", value, step)
 
-  def eval(self, step: int, metrics: Mapping[str, float], count: flops.MultiplicationCount,
-           baseline: flops.MultiplicationCount) -> None:
-    """An evaluation point, with the model's multiplications and its speedup over the CNN baseline."""
-    speedup = count.speedup_over(baseline)
+  def eval(self, step: int, metrics: Mapping[str, float], *, multiplications: int, baseline_multiplications: int,
+           layer_multiplications: Mapping[str, int]) -> None:
+    """An evaluation point: top-1, top-5 and loss, the model's multiplications per image (in all and per layer
+    path) and its speedup over the CNN baseline's ``baseline_multiplications``."""
+    speedup = baseline_multiplications / multiplications if multiplications else math.inf
     logging.info("step %d eval: top-1 %.4f top-5 %.4f loss %.4f | %s multiplications, %.2fx fewer than the "
-                 "baseline's %s", step, metrics["top1"], metrics["top5"], metrics["loss"], f"{count.total:,}",
-                 speedup, f"{baseline.total:,}")
+                 "baseline's %s", step, metrics["top1"], metrics["top5"], metrics["loss"], f"{multiplications:,}",
+                 speedup, f"{baseline_multiplications:,}")
     if not self.enabled:
       return
-    self._append({"step": step, "split": "eval", **metrics, "multiplications": count.total,
-                  "baseline_multiplications": baseline.total, "speedup": speedup})
+    self._append({"step": step, "split": "eval", **metrics, "multiplications": multiplications,
+                  "baseline_multiplications": baseline_multiplications, "speedup": speedup})
     for name in ("top1", "top5", "loss"):
       self.writer.add_scalar(f"eval/{name}", metrics[name], step)
-    self.writer.add_scalar("eval/multiplications", count.total, step)
+    self.writer.add_scalar("eval/multiplications", multiplications, step)
     self.writer.add_scalar("eval/speedup", speedup, step)
-    for row in count.rows:
-      self.writer.add_scalar(f"multiplications/{row.path}", row.multiplications, step)
+    for path, value in layer_multiplications.items():
+      self.writer.add_scalar(f"multiplications/{path}", value, step)
 
   def close(self) -> None:
     if self.writer is not None:

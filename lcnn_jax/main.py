@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli
+from lcnn_jax import checkpoint, cli, config as config_lib, inspection, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file (configs/quickstart.py) or a preset's name "
@@ -34,7 +35,6 @@ flags.mark_flags_as_required(["config"])
 
 def initialize_distributed() -> None:
   """Starts jax.distributed when this is one of several processes; a no-op for a single process."""
-  import jax
   if FLAGS.coordinator_address:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu" or jax.config.jax_platforms == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -60,7 +60,6 @@ def main(argv):
     raise cli.UsageError(f"--workdir {FLAGS.workdir} does not exist: --mode {FLAGS.mode} reads the checkpoints of a "
                          "training run; pass its --workdir (or --config.restore=RUN/checkpoints/STEP).")
   initialize_distributed()
-  from lcnn_jax import config as config_lib, train
   config_lib.validate(config)
   if config.data.dir and config.data.name in ("digits", "synthetic"):
     logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for folder and tfds:<name>).",
@@ -76,8 +75,7 @@ def main(argv):
     metrics = train.evaluate_checkpoint(config, FLAGS.workdir)
     print(eval_line(metrics))
   else:
-    from lcnn_jax import flops
-    print(flops.checkpoint_report(config.restore or FLAGS.workdir))
+    print(inspection.checkpoint_report(config.restore or FLAGS.workdir))
 
 
 def eval_line(metrics: dict) -> str:
@@ -89,16 +87,13 @@ def eval_line(metrics: dict) -> str:
 
 def report(workdir: str, metrics: dict) -> None:
   """Prints the final evaluation and the per-layer multiplications with the speedup over the CNN baseline."""
-  from lcnn_jax import flops
   print(eval_line(metrics))
-  print(flops.checkpoint_report(workdir))
+  print(inspection.checkpoint_report(workdir))
 
 
 def run() -> None:
   """Entry point: user mistakes end in one paragraph with exit code 2, Ctrl-C/SIGTERM in a resumable stop."""
-  from lcnn_jax.checkpoint import CheckpointError
-  from lcnn_jax.train import TrainingError
-  cli.run(main, user_errors=(ValueError, FileNotFoundError, CheckpointError, TrainingError))
+  cli.run(main, user_errors=(ValueError, FileNotFoundError, checkpoint.CheckpointError, train.TrainingError))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from lcnn_jax import flops, models, sparsity
+from lcnn_jax import flops, layers, sparsity
 
 REFERENCE_END = 0.8  # The reference reaches the budget at this fraction of the steering phase.
 KEEP_MARGIN = 0.01  # Kept entries stay at |P| >= (1 + KEEP_MARGIN) · τ during fine-tuning.
@@ -96,12 +96,9 @@ class Budget:
 
 def budget_for(model: nnx.Module, model_config, input_shape) -> Budget:
   """The :class:`Budget` of ``model`` on one example of ``input_shape`` against its CNN baseline."""
-  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-  outputs = jax.eval_shape(eval_model, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  outputs = jax.eval_shape(layers.eval_view(model), jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
   count = flops.count_multiplications(model, input_shape)
-  baseline = models.create_model(models.baseline_config(model_config), num_classes=outputs.shape[-1],
-                                 input_shape=tuple(input_shape), rngs=nnx.Rngs(0))
-  baseline_total = flops.count_multiplications(baseline, input_shape).total
+  baseline_total = flops.baseline_count(model_config, outputs.shape[-1], input_shape).total
   thresholds = sparsity.coefficient_thresholds(model)
   sizes = {f"{path}/coefficients" if path else "coefficients": layer.coefficients.size
            for path, layer in sparsity.lookup_layers(model)}

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from lcnn_jax import cli, data, models, operating_point, optimizer, sparsity, train
+from lcnn_jax import cli, config as config_lib, data, models, operating_point, optimizer, sparsity, train
 
 FLAGS = flags.FLAGS
 
@@ -97,7 +97,7 @@ def write_jpeg_folder(root: str, images: int, classes: int = 8) -> None:
 
 def pipeline_images_per_second(jpeg_dir: str, batch_size: int, steps: int, workers: int) -> float:
   """Median images/s of the training input pipeline over a JPEG folder."""
-  config = train.config_lib.default_config()
+  config = config_lib.default_config()
   config.data.name, config.data.dir, config.data.num_workers = "folder", jpeg_dir, workers
   config.data.mean, config.data.std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
   info = data.dataset_info(config.data)

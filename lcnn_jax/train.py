@@ -76,11 +76,6 @@ def create_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> n
   return model
 
 
-def eval_view(model: nnx.Module) -> nnx.Module:
-  """The model with BatchNorm on running statistics and dropout off."""
-  return nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-
-
 # ------------------------------------------------------------------------------------------------ steps
 
 
@@ -268,7 +263,7 @@ class Evaluator:
       raise ValueError(f"eval batch size {self.batch_size} must be divisible by the {jax.device_count()} devices; "
                        "set train.eval_batch_size.")
     self.sharding = NamedSharding(mesh, P(DATA_AXIS))
-    self.graphdef = nnx.graphdef(eval_view(model))
+    self.graphdef = nnx.graphdef(layers.eval_view(model))
     self._step = jax.jit(functools.partial(eval_step, self.graphdef))
 
   def __call__(self, params, rest) -> dict[str, float]:
@@ -288,13 +283,6 @@ class Evaluator:
 def count_model(model: nnx.Module, params, rest, graphdef, input_shape) -> flops.MultiplicationCount:
   """Multiplications per layer with the current (host-local) parameters."""
   return flops.count_multiplications(nnx.merge(graphdef, host_local(params), host_local(rest)), input_shape)
-
-
-def baseline_count(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> flops.MultiplicationCount:
-  """Multiplications of the dense CNN the paper compares the configured model with."""
-  baseline = models.create_model(models.baseline_config(config.model), num_classes=info.num_classes,
-                                 input_shape=info.image_shape, rngs=nnx.Rngs(0))
-  return flops.count_multiplications(baseline, info.image_shape)
 
 
 def _check_finite(step: int, loss: float, last_saved: int | None, workdir: str) -> None:
@@ -354,12 +342,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   budget = operating_point.budget_for(model, config.model, info.image_shape)
   count_fn = jax.jit(budget.count)
   evaluator = Evaluator(config, info, model, mesh)
-  baseline = baseline_count(config, info)
 
   def evaluate(step):
     metrics = evaluator(state.params, state.rest)
     count = count_model(model, state.params, state.rest, graphdef, info.image_shape)
-    log.eval(step, metrics, count, baseline)
+    per_layer = collections.Counter()
+    for row in count.rows:
+      per_layer[row.path] += row.multiplications
+    log.eval(step, metrics, multiplications=count.total, baseline_multiplications=budget.baseline,
+             layer_multiplications=dict(per_layer))
     return metrics
 
   last_saved = manager.latest_step()
@@ -408,7 +399,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """The original's ``-testOnly``: top-1/top-5 of the latest checkpoint in ``workdir`` or ``config.restore``."""
   info = data.dataset_info(config.data, cache_dir=workdir)
-  model, step = checkpoint.restore_model_for(config, info, workdir)
+  model = create_model(config, info)
+  step = checkpoint.restore_step(model, config.restore or workdir)
   mesh = make_mesh()
   _, params, rest = nnx.split(model, nnx.Param, ...)
   replicated = NamedSharding(mesh, P())

@@ -269,13 +269,13 @@ def test_the_experiment_configs_train_fashion_mnist_subsets_and_deepen_the_28x28
 
 
 def test_fashion_configs_count_the_28x28_nets_without_data():
-  from lcnn_jax import flops
+  from lcnn_jax import flops, inspection
   import importlib.util
   spec = importlib.util.spec_from_file_location("fm", os.path.join(REPO, "configs", "fashion_mnist.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config()
-  num_classes, input_shape = flops.input_facts(config)
+  num_classes, input_shape = inspection.input_facts(config)
   assert (num_classes, input_shape) == (10, (28, 28, 1))
   model = models.create_model(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
   # conv1 at 28×28, conv2 at 14×14, conv3 at 7×7 (3×3 kernels), then the 128 → 10 classifier.

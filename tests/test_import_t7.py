@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("torchfile", reason="the t7 extra (pip install 'lcnn-jax[t7]') reads .t7 files")
 
-from lcnn_jax import checkpoint, cli, flops, import_t7, train  # noqa: E402
+from lcnn_jax import checkpoint, cli, import_t7, inspection, layers, train  # noqa: E402
 from lcnn_jax.inference import exporter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +48,7 @@ def torch_logits(tree, images: np.ndarray) -> np.ndarray:
 
 
 def logits_of(model, images: np.ndarray) -> np.ndarray:
-  return np.asarray(train.eval_view(model)(images.astype(np.float32)), np.float64)
+  return np.asarray(layers.eval_view(model)(images.astype(np.float32)), np.float64)
 
 
 def assert_logits_close(got: np.ndarray, expected: np.ndarray) -> None:
@@ -202,7 +202,7 @@ def export_command(*args):
 
 def flops_command(*args):
   """The exit status of ``python -m lcnn_jax.flops ARGS``, run in this process."""
-  return cli.call(flops.main, flops.define_flags, ["flops", *args])
+  return cli.call(inspection.main, inspection.define_flags, ["flops", *args])
 
 
 def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):

@@ -11,41 +11,18 @@ import optax
 import pytest
 from flax import nnx
 
-from lcnn_jax import config as config_lib, flops, logger, models, operating_point, sparsity, train
+from lcnn_jax import config as config_lib, flops, inspection, logger, models, operating_point, sparsity, train
 from lcnn_jax.experiments import spectrum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-  c = config_lib.default_config()
-  c.model.name = "digits-lcnn"
-  c.model.width = 8
-  c.model.dictionary.first = 1
-  c.model.dictionary.convs = 4
-  c.data.name = "digits"
-  c.train.batch_size = 32
-  c.train.num_steps = 8
-  c.train.steps_per_epoch = 4
-  c.train.lr_schedule = "constant"
-  c.train.learning_rate = 0.05
-  c.train.checkpoint_every = 4
-  c.train.log_every = 2
-  c.train.eval_every = 8
-  c.train.eval_batch_size = 360
-  c.sparsity.strength = 1.0
-  for dotted, value in overrides.items():
-    section, key = dotted.split(".")
-    c[section][key] = value
-  return c
-
-
-def tiny_model(seed=0):
+def tiny_model(tiny_config, seed=0):
   return models.create_model(tiny_config().model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(seed))
 
 
-def test_budget_count_equals_the_flops_counter_at_any_sparsity(rng):
-  model = tiny_model()
+def test_budget_count_equals_the_flops_counter_at_any_sparsity(rng, tiny_config):
+  model = tiny_model(tiny_config)
   for _, layer in sparsity.lookup_layers(model):  # about half of each P under its threshold
     p = np.asarray(layer.coefficients[...])
     layer.coefficients[...] = jnp.asarray(np.where(rng.random(p.shape) < 0.5, 0.5 * layer.threshold, p))
@@ -122,21 +99,21 @@ def test_steer_ends_at_the_budget_with_kept_entries_above_the_threshold(rng):
     assert np.all(p[~kept] == 0) and np.all(np.abs(p[kept]) >= 1.01 * tau * (1 - 1e-6))
 
 
-def test_targets_out_of_reach_name_the_reachable_speedups():
-  model = tiny_model()
+def test_targets_out_of_reach_name_the_reachable_speedups(tiny_config):
+  model = tiny_model(tiny_config)
   budget = operating_point.budget_for(model, tiny_config().model, (8, 8, 1))
   largest = f"{budget.max_speedup:.2f}x"
   for target in (0.5, 1.0, budget.max_speedup, 2 * budget.max_speedup, 0.9 * budget.min_speedup):
-    c = tiny_config(**{"sparsity.target_speedup": target})
+    c = tiny_config(sparsity=dict(target_speedup=target))
     with pytest.raises(ValueError, match=f"target_speedup={target}.*at most {largest}"):
       operating_point.target_from_config(c.sparsity, budget)
   reachable = operating_point.target_from_config(
-      tiny_config(**{"sparsity.target_speedup": budget.max_speedup / 2}).sparsity, budget)
+      tiny_config(sparsity=dict(target_speedup=budget.max_speedup / 2)).sparsity, budget)
   assert reachable.budget == pytest.approx(budget.baseline / (budget.max_speedup / 2) - budget.fixed)
-  by_density = operating_point.target_from_config(tiny_config(**{"sparsity.target_density": 0.1}).sparsity, budget)
+  by_density = operating_point.target_from_config(tiny_config(sparsity=dict(target_density=0.1)).sparsity, budget)
   assert by_density.budget == pytest.approx(0.1 * sum(budget.sizes.values()))
   with pytest.raises(ValueError, match="set one of them"):
-    config_lib.validate(tiny_config(**{"sparsity.target_density": 0.1, "sparsity.target_speedup": 5.0}))
+    config_lib.validate(tiny_config(sparsity=dict(target_density=0.1, target_speedup=5.0)))
 
 
 def test_main_stops_at_start_on_an_unreachable_target_with_exit_code_2(tmp_path):
@@ -150,15 +127,15 @@ def test_main_stops_at_start_on_an_unreachable_target_with_exit_code_2(tmp_path)
   assert not os.path.exists(tmp_path / "w" / "checkpoints" / "0")
 
 
-@pytest.mark.parametrize("rule, overrides", [
-    ("prox", {"train.compute_dtype": "bfloat16"}),
-    ("threshold", {"train.break_batch": 2}),
+@pytest.mark.parametrize("rule, train_overrides", [
+    ("prox", {"compute_dtype": "bfloat16"}),
+    ("threshold", {"break_batch": 2}),
 ])
-def test_training_ends_at_the_target_speedup(tmp_path, rule, overrides):
-  config = tiny_config(**{"train.num_steps": 30, "train.eval_every": 30, "train.checkpoint_every": 30,
-                          "sparsity.rule": rule, "sparsity.target_speedup": 12.0, **overrides})
+def test_training_ends_at_the_target_speedup(tmp_path, rule, train_overrides, tiny_config):
+  config = tiny_config(train=dict(num_steps=30, eval_every=30, checkpoint_every=30, **train_overrides),
+                       sparsity=dict(rule=rule, target_speedup=12.0))
   train.train_and_evaluate(config, str(tmp_path))
-  report = flops.inspect_run(str(tmp_path))
+  report = inspection.inspect_run(str(tmp_path))
   assert report["speedup"] == pytest.approx(12.0, rel=0.03)
   rows = [row for row in logger.read_metrics(str(tmp_path)) if row["split"] == "train"]
   assert rows[0]["speedup"] < rows[-1]["speedup"] == pytest.approx(report["speedup"])
@@ -170,11 +147,11 @@ class Crash(Exception):
   pass
 
 
-def test_a_crash_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly(tmp_path, monkeypatch):
+def test_a_crash_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly(tmp_path, monkeypatch,
+                                                                                 tiny_config):
   # 8 steps, projection after step 5: the run dies before saving step 6 and resumes from step 4, across the
   # projection; the controller's state comes back from the checkpoint.
-  config = tiny_config(**{"sparsity.target_speedup": 12.0, "sparsity.rule": "threshold",
-                          "train.checkpoint_every": 2})
+  config = tiny_config(sparsity=dict(target_speedup=12.0, rule="threshold"), train=dict(checkpoint_every=2))
   train.train_and_evaluate(config, str(tmp_path / "whole"))
   save = train.checkpoint.Checkpointer.save
 
@@ -201,8 +178,8 @@ def test_a_crash_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly
   assert points("whole") == points("resumed")
 
 
-def test_spectrum_sweeps_target_speedups_and_skips_unreachable_ones(tmp_path):
-  config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 6, "train.eval_every": 6})
+def test_spectrum_sweeps_target_speedups_and_skips_unreachable_ones(tmp_path, tiny_config):
+  config = tiny_config(train=dict(num_steps=6, checkpoint_every=6, eval_every=6))
   rows = spectrum.run_spectrum(config, str(tmp_path), sizes=[2], targets=[8.0, 1000.0], baseline=False)
   assert [row["point"] for row in rows] == ["k2_t8"]
   assert rows[0]["target"] == 8.0 and rows[0]["speedup"] == pytest.approx(8.0, rel=0.03)

@@ -12,29 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lcnn_jax import checkpoint, config as config_lib, data, layers, logger, optimizer, train
-
-
-def tiny_config(**train_overrides):
-  c = config_lib.default_config()
-  c.model.name = "digits-lcnn"
-  c.model.width = 8
-  c.model.dictionary.first = 1
-  c.model.dictionary.convs = 4
-  c.data.name = "digits"
-  c.train.batch_size = 32
-  c.train.num_steps = 8
-  c.train.steps_per_epoch = 4
-  c.train.lr_schedule = "constant"
-  c.train.learning_rate = 0.05
-  c.train.checkpoint_every = 4
-  c.train.log_every = 2
-  c.train.eval_every = 8
-  c.train.eval_batch_size = 128
-  c.sparsity.strength = 1.0
-  for key, value in train_overrides.items():
-    c.train[key] = value
-  return c
+from lcnn_jax import checkpoint, data, layers, logger, train
 
 
 def final_params(workdir):
@@ -42,8 +20,8 @@ def final_params(workdir):
   return step, jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat))))
 
 
-def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path):
-  config = tiny_config(num_steps=60, eval_every=60, checkpoint_every=60)
+def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path, tiny_config):
+  config = tiny_config(train=dict(num_steps=60, eval_every=60, checkpoint_every=60))
   config.model.width, config.model.dropout = 16, 0.0
   metrics = train.train_and_evaluate(config, str(tmp_path))
   rows = logger.read_metrics(str(tmp_path))
@@ -62,11 +40,11 @@ def test_short_training_run_lowers_the_loss_and_writes_metrics(tmp_path):
 
 
 @pytest.mark.parametrize("rule", ["prox", "threshold"])
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, rule):
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, rule, tiny_config):
   config = tiny_config()
   config.sparsity.rule = rule
   train.train_and_evaluate(config, str(tmp_path / "whole"))
-  half = tiny_config(num_steps=4)
+  half = tiny_config(train=dict(num_steps=4))
   half.sparsity.rule = rule
   train.train_and_evaluate(half, str(tmp_path / "resumed"))  # stops at step 4 with a checkpoint
   train.train_and_evaluate(config, str(tmp_path / "resumed"))  # the same command again: resumes at 4
@@ -115,9 +93,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lcnn_jax import config as config_lib, models, train
 
-config = config_lib.default_config()
-config.model.name, config.model.width = "digits-lcnn", 8
-config.model.dictionary.update(first=1, convs=4)
+config = config_lib.default_config("digits-lcnn")
+config.model.width, config.model.dictionary.first, config.model.dictionary.convs = 8, 1, 4
 rng = np.random.default_rng(0)
 batch = {"image": rng.normal(size=(32, 8, 8, 1)).astype(np.float32), "label": rng.integers(0, 10, 32).astype(np.int32)}
 results = {}
@@ -149,49 +126,11 @@ def test_eight_device_sharded_step_equals_one_device():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
 
 
-def test_original_schedules_by_epoch():
-  c = config_lib.default_config().train
-  c.lr_schedule, c.learning_rate = "alexnet", 2.0  # -LR multiplies the table
-  lr, wd = optimizer.schedules(c, steps_per_epoch=10, total_steps=600)
-  for epoch, expected in ((1, 1e-2), (18, 1e-2), (19, 5e-3), (29, 5e-3), (30, 1e-3), (44, 5e-4), (53, 1e-4),
-                          (55, 1e-4)):
-    assert float(lr((epoch - 1) * 10)) == pytest.approx(2 * expected)
-    assert float(lr((epoch - 1) * 10 + 9)) == pytest.approx(2 * expected)
-    assert float(wd((epoch - 1) * 10)) == 0.0
-  c.lr_schedule, c.learning_rate = "resnet", 1.0
-  lr, wd = optimizer.schedules(c, steps_per_epoch=10, total_steps=600)
-  for epoch, expected_lr, expected_wd in ((1, 0.1, 5e-4), (7, 0.1, 5e-4), (8, 0.03, 5e-4), (16, 0.03, 5e-4),
-                                          (17, 0.01, 0), (26, 3e-3, 0), (31, 1e-3, 0), (50, 1e-3, 0)):
-    assert float(lr((epoch - 1) * 10)) == pytest.approx(expected_lr)
-    assert float(wd((epoch - 1) * 10)) == pytest.approx(expected_wd)
-  c.lr_schedule, c.warmup_steps, c.learning_rate = "cosine", 10, 0.5
-  lr, _ = optimizer.schedules(c, steps_per_epoch=10, total_steps=100)
-  assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(0.5) and float(lr(100)) == pytest.approx(0.0)
-
-
-def test_torch_sgd_semantics_with_weight_decay():
-  c = tiny_config()
-  c.train.weight_decay, c.train.momentum, c.sparsity.strength = 0.1, 0.9, 0.0
-  model = NoNormNet(nnx.Rngs(0))
-  tx, _, _ = optimizer.make_optimizer(c, model, steps_per_epoch=4, total_steps=8)
-  params = {"w": jnp.asarray([1.0, -2.0])}
-  state = tx.init(params)
-  grads = {"w": jnp.asarray([0.5, 0.5])}
-  # g = 0.5 + 0.1·w = [0.6, 0.3]; buf = g; w -= 0.05·buf -> [0.97, -2.015].
-  updates, state = tx.update(grads, state, params)
-  params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(params["w"], [0.97, -2.015], rtol=1e-6)
-  # g = 0.5 + 0.1·w = [0.597, 0.2985]; buf = 0.9·[0.6, 0.3] + g = [1.137, 0.5685]; w -= 0.05·buf.
-  updates, state = tx.update(grads, state, params)
-  params = optax.apply_updates(params, updates)
-  np.testing.assert_allclose(params["w"], [0.97 - 0.05 * 1.137, -2.015 - 0.05 * 0.5685], rtol=1e-6)
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
-  config = tiny_config(num_steps=8, checkpoint_every=2, log_every=2)
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_config):
+  config = tiny_config(train=dict(num_steps=8, checkpoint_every=2, log_every=2))
   train.train_and_evaluate(config, str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 8
-  bad = tiny_config(num_steps=12, checkpoint_every=2, log_every=2, learning_rate=float("nan"))
+  bad = tiny_config(train=dict(num_steps=12, checkpoint_every=2, log_every=2, learning_rate=float("nan")))
   with pytest.raises(train.TrainingError, match="at step 10.*step 8"):
     train.train_and_evaluate(bad, str(tmp_path))
   assert checkpoint.Checkpointer(str(tmp_path)).latest_step() == 8
@@ -199,42 +138,12 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
   assert step == 8 and all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 
 
-def test_checkpoint_of_another_model_is_refused_naming_the_mismatch(tmp_path):
-  train.train_and_evaluate(tiny_config(num_steps=2, checkpoint_every=2, eval_every=2), str(tmp_path))
-  other = tiny_config(num_steps=4)
-  other.model.dictionary.convs = 6
-  with pytest.raises(checkpoint.CheckpointError, match="another model.*conv2/coefficients"):
-    train.train_and_evaluate(other, str(tmp_path))
-
-
-def run_main(*args, cwd):
-  return subprocess.run([sys.executable, "-m", "lcnn_jax.main", *args], capture_output=True, text=True, cwd=cwd,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
-
-
-def test_main_trains_evaluates_benchmarks_and_rejects_misspelt_keys(tmp_path):
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  config = os.path.join(repo, "configs", "quickstart.py")
-  small = ["--config.train.num_steps=4", "--config.train.batch_size=32", "--config.model.width=8",
-           "--config.train.eval_every=4", "--config.train.checkpoint_every=4"]
-  done = run_main("--config", config, "--workdir", str(tmp_path), *small, cwd=repo)
-  assert done.returncode == 0, done.stderr[-3000:]
-  assert "speedup" in done.stdout and "eval top-1" in done.stdout
-  evaluated = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "eval", *small, cwd=repo)
-  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  line = evaluated.stdout.strip().splitlines()[-1]  # the eval line training prints, with the step
-  assert line.startswith("step 4: eval top-1 ") and line.endswith("(360 images)")
-  benchmark = run_main("--config", config, "--workdir", str(tmp_path), "--mode", "benchmark", cwd=repo)
-  assert benchmark.returncode == 0 and "conv2" in benchmark.stdout and "speedup" in benchmark.stdout
-  typo = run_main("--config", config, "--workdir", str(tmp_path), "--config.train.batchsize=8", cwd=repo)
-  assert typo.returncode != 0 and "batchsize" in typo.stderr
-
-
-def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path):
+def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path, tiny_config):
   source = str(tmp_path / "source")
-  train.train_and_evaluate(tiny_config(num_steps=4, checkpoint_every=4, eval_every=4), source)
+  train.train_and_evaluate(tiny_config(train=dict(num_steps=4, checkpoint_every=4, eval_every=4)), source)
   source_model, _, _ = checkpoint.restore_model(source)
-  target = tiny_config(num_steps=4, checkpoint_every=4, eval_every=4, freeze_dictionaries=True, init_from=source)
+  target = tiny_config(train=dict(num_steps=4, checkpoint_every=4, eval_every=4, freeze_dictionaries=True,
+                                  init_from=source))
   target.seed = 7  # a different initialisation: only the transferred dictionaries agree
   train.train_and_evaluate(target, str(tmp_path / "target"))
   model, _, _ = checkpoint.restore_model(str(tmp_path / "target"))
@@ -244,8 +153,9 @@ def test_init_from_with_frozen_dictionaries_trains_only_the_rest(tmp_path):
     assert not np.array_equal(getattr(model, path).coefficients[...], getattr(initial, path).coefficients[...])
 
 
-def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
-  config = tiny_config(num_steps=2, checkpoint_every=2, eval_every=2, log_every=1, compute_dtype="bfloat16")
+def test_bfloat16_compute_trains_with_float32_parameters(tmp_path, tiny_config):
+  config = tiny_config(train=dict(num_steps=2, checkpoint_every=2, eval_every=2, log_every=1,
+                                  compute_dtype="bfloat16"))
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert np.isfinite(metrics["loss"])
   model, _, _ = checkpoint.restore_model(str(tmp_path))
@@ -254,8 +164,8 @@ def test_bfloat16_compute_trains_with_float32_parameters(tmp_path):
   assert train.create_model(config, info).conv2.dtype == jnp.bfloat16
 
 
-def test_bfloat16_activations_keep_float32_batch_norm_statistics(rng):
-  config = tiny_config(compute_dtype="bfloat16")
+def test_bfloat16_activations_keep_float32_batch_norm_statistics(rng, tiny_config):
+  config = tiny_config(train=dict(compute_dtype="bfloat16"))
   model = train.create_model(config, data.dataset_info(config.data))
   x = jnp.asarray(rng.standard_normal((4, 8, 8, 1)), jnp.float32)
   before = np.asarray(model.bn1.mean[...])

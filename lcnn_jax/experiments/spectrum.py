@@ -69,8 +69,8 @@ def point_config(config: ml_collections.ConfigDict, size: int | None, strength: 
 def unreachable(config: ml_collections.ConfigDict) -> str | None:
   """Why the untrained model of ``config`` cannot reach its ``sparsity.target_speedup`` (None when it can)."""
   from flax import nnx
-  from lcnn_jax import flops, operating_point
-  num_classes, input_shape = flops.input_facts(config)
+  from lcnn_jax import inspection, operating_point
+  num_classes, input_shape = inspection.input_facts(config)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
   try:
     operating_point.target_from_config(config.sparsity, operating_point.budget_for(model, config.model,

@@ -1,4 +1,4 @@
-"""``python -m lcnn_jax.flops``: checkpoint counts equal the live model's, baselines agree with XLA, errors are clear."""
+"""Inspecting runs (``python -m lcnn_jax.flops``): checkpoint counts equal the live model's, errors are clear."""
 
 import json
 import math
@@ -8,52 +8,40 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 from flax import nnx
 
-from lcnn_jax import checkpoint, cli, config as config_lib, flops, logger, models, train
+from lcnn_jax import checkpoint, cli, config as config_lib, flops, inspection, logger, models, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
 
 
-# A digits LCNN trained for 4 steps with strong sparsity, so P's density falls below its initial value.
-TINY = {"model.name": "digits-lcnn", "model.width": 8, "model.dictionary.first": 1, "model.dictionary.convs": 4,
-        "data.name": "digits", "train.batch_size": 32, "train.num_steps": 4, "train.steps_per_epoch": 4,
-        "train.lr_schedule": "constant", "train.learning_rate": 0.05, "train.checkpoint_every": 4,
-        "train.eval_every": 4, "train.log_every": 4, "train.eval_batch_size": 360, "sparsity.strength": 10.0}
-
-
-def tiny_config():
-  c = config_lib.default_config()
-  c.update_from_flattened_dict(TINY)
-  return c
-
-
 EIGHT_DEVICE_RUN = r"""
-import json, sys
+import sys
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
-from lcnn_jax import config as config_lib, train
+from lcnn_jax import checkpoint, train
 assert jax.device_count() == 8
-c = config_lib.default_config()
-c.update_from_flattened_dict(json.loads(sys.argv[2]))
-train.train_and_evaluate(c, sys.argv[1])
+config, _ = checkpoint.load_run_info(sys.argv[1])
+train.train_and_evaluate(config, sys.argv[1])
 """
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """Workdirs of the tiny run trained on one device (in this process) and on eight (a subprocess, meanwhile)."""
+def runs(tmp_path_factory, tiny_config):
+  """Workdirs of a tiny run (4 steps with strong sparsity, so P's density falls below its initial value) trained
+  on one device (in this process) and on eight (a subprocess, meanwhile, reading the config from its workdir)."""
+  config = tiny_config(train=dict(num_steps=4, eval_every=4, log_every=4), sparsity=dict(strength=10.0))
   one, eight = (str(tmp_path_factory.mktemp(name)) for name in ("one_device", "eight_devices"))
-  eight_devices = subprocess.Popen([sys.executable, "-c", EIGHT_DEVICE_RUN, eight, json.dumps(TINY)],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+  checkpoint.save_run_info(eight, config, {})
+  eight_devices = subprocess.Popen([sys.executable, "-c", EIGHT_DEVICE_RUN, eight], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=REPO,
                                    env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  train.train_and_evaluate(tiny_config(), one)
+  train.train_and_evaluate(config, one)
   _, err = eight_devices.communicate()
   assert eight_devices.returncode == 0, err[-3000:]
   return {"one_device_run": one, "eight_device_run": eight}
@@ -71,7 +59,7 @@ def eight_device_run(runs):
 
 def run_cli(capsys, *args):
   """(exit status, stdout, stderr) of ``python -m lcnn_jax.flops ARGS``, run in this process."""
-  status = cli.call(flops.main, flops.define_flags, ["lcnn_jax.flops", *args])
+  status = cli.call(inspection.main, inspection.define_flags, ["lcnn_jax.flops", *args])
   out, err = capsys.readouterr()
   return status, out, err
 
@@ -97,7 +85,7 @@ def saved_densities(step_dir):
 
 
 @pytest.mark.parametrize("run", ["one_device_run", "eight_device_run"])
-def test_checkpoint_counts_equal_the_live_models_counts(request, capsys, run):
+def test_checkpoint_counts_equal_the_live_models_counts(request, capsys, run, tiny_config):
   workdir = request.getfixturevalue(run)
   status, out, err = run_cli(capsys, "--workdir", workdir, "--json")
   assert status == 0, err
@@ -154,9 +142,8 @@ def test_untrained_config_needs_no_data_and_counts_the_configured_model(capsys):
   status, out, err = run_cli(capsys, "--config", QUICKSTART, "--config.model.width=8", "--json")
   assert status == 0, err
   report = json.loads(out)
-  config = config_lib.default_config()
-  config.model.name, config.model.width = "digits-lcnn", 8
-  config.model.dictionary.update(first=1, convs=8)
+  config = config_lib.default_config("digits-lcnn")
+  config.model.width, config.model.dictionary.first, config.model.dictionary.convs = 8, 1, 8
   model = models.create_model(config.model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(config.seed))
   assert report["step"] is None and report["input_shape"] == [8, 8, 1] and report["num_classes"] == 10
   assert report["total_multiplications"] == flops.count_multiplications(model, (8, 8, 1)).total
@@ -172,7 +159,7 @@ def test_untrained_config_needs_no_data_and_counts_the_configured_model(capsys):
 def test_input_facts_come_from_the_data_section(name, image_size, num_classes, expected):
   config = config_lib.default_config()
   config.data.name, config.data.image_size, config.data.num_classes = name, image_size, num_classes
-  assert flops.input_facts(config) == expected
+  assert inspection.input_facts(config) == expected
 
 
 def test_plot_is_written(capsys, one_device_run, tmp_path):
@@ -228,55 +215,3 @@ def test_command_line_module_runs(tmp_path):
   done = subprocess.run([sys.executable, "-m", "lcnn_jax.flops", "--workdir", str(tmp_path)], capture_output=True,
                         text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert done.returncode == 2 and "is empty" in done.stderr
-
-
-# ------------------------------------------------------------------------------------------------ XLA cross-check
-
-
-def in_bounds_taps(size, kernel, stride, pad):
-  """Σ over output positions of the kernel taps that land inside the unpadded input (1-D)."""
-  out = (size + 2 * pad - kernel) // stride + 1
-  return sum(sum(0 <= o * stride - pad + t < size for t in range(kernel)) for o in range(out)), out
-
-
-def module_at(model, path):
-  for part in path.split("/"):
-    model = model[int(part)] if part.isdigit() else getattr(model, part)
-  return model
-
-
-def xla_multiply_adds(fn, shape):
-  cost = jax.jit(fn).lower(jnp.zeros((1, *shape), jnp.float32)).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return cost["flops"] / 2
-
-
-@pytest.mark.parametrize("name,input_shape,num_classes", [
-    ("digits", (8, 8, 1), 10), ("resnet", (32, 32, 3), 10)])
-def test_dense_baselines_agree_with_xla_cost_analysis_up_to_the_border(name, input_shape, num_classes):
-  """XLA counts a convolution's taps that fall on the zero padding as free; the paper's rule counts every tap.
-
-  So per layer XLA's multiply-adds equal our count times the fraction of in-bounds taps (exactly), and over the
-  whole network XLA counts up to 5% more (its flops of BatchNorm, ReLU, pooling and the bias additions, which
-  the paper's rule leaves out; a larger share in these narrow test nets than in real ones).
-  """
-  config = config_lib.default_config(name).model
-  config.depth, config.width = 8, 8
-  model = models.create_model(config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
-  model.eval()
-  count = flops.count_multiplications(model, input_shape)
-  border_corrected = 0.0
-  for row in count.rows:
-    module = module_at(model, row.path)
-    expected = row.multiplications
-    if row.kind == "conv":
-      strides = module.strides if isinstance(module.strides, (tuple, list)) else (module.strides,) * 2
-      for axis in range(2):
-        taps, out = in_bounds_taps(row.input_shape[axis], row.kernel_shape[axis], strides[axis],
-                                   module.padding[axis][0])
-        assert out == row.output_shape[axis]
-        expected *= taps / (out * row.kernel_shape[axis])
-    assert xla_multiply_adds(module, row.input_shape) == pytest.approx(expected, rel=1e-9), row.path
-    border_corrected += expected
-  assert border_corrected <= xla_multiply_adds(model, input_shape) <= 1.05 * border_corrected
-  assert border_corrected < count.total  # the paper's rule counts the padded taps too
