@@ -1,0 +1,73 @@
+"""The one lookup representation and the one multiplication formula (lcnn_jax.lookups)."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lcnn_jax import lookups as lookups_lib
+from lcnn_jax.lookups import Lookups
+
+
+def _sparse(rng, shape, density):
+  return (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 4, 5), (1, 1, 7, 3), (5, 5, 60, 2)])
+def test_lookups_round_trip_coefficients_grouped_per_output(shape, rng):
+  p = _sparse(rng, shape, 0.3)
+  lookups = Lookups.from_coefficients(p)
+  np.testing.assert_array_equal(lookups.coefficients(), p)
+  assert lookups.shape == shape and lookups.nnz == np.count_nonzero(p)
+  assert lookups.density == pytest.approx(np.count_nonzero(p) / p.size)
+  np.testing.assert_array_equal(lookups.counts(), np.count_nonzero(p.reshape(-1, shape[-1]), axis=0))
+  for o in range(shape[-1]):  # within an output, positions ascend
+    assert np.all(np.diff(lookups.indices[lookups.starts[o]:lookups.starts[o + 1]].astype(np.int64)) > 0)
+  r, c, j = lookups.taps_and_atoms()
+  np.testing.assert_array_equal(p[r, c, j, lookups.output_of_each_nonzero()], lookups.values)
+
+
+def test_a_dense_layers_coefficients_are_the_one_by_one_case(rng):
+  p = _sparse(rng, (6, 4), 0.5)
+  lookups = Lookups.from_coefficients(p)
+  assert lookups.shape == (1, 1, 6, 4)
+  np.testing.assert_array_equal(lookups.coefficients()[0, 0], p)
+  with pytest.raises(ValueError, match=r"expected \(kh, kw, k, n\) or \(k, n\)"):
+    Lookups.from_coefficients(np.zeros((2, 3, 4)))
+
+
+def test_indices_are_as_narrow_as_the_positions_allow():
+  assert Lookups.from_coefficients(np.ones((2, 2, 64, 1))).indices.dtype == np.uint8  # 256 positions
+  assert Lookups.from_coefficients(np.ones((1, 1, 257, 1))).indices.dtype == np.uint16
+  assert lookups_lib.narrowest_index_dtype((1 << 16) + 1) == np.int32
+
+
+def test_slots_pad_each_output_to_the_longest_with_zeros(rng):
+  p = _sparse(rng, (2, 3, 4, 6), 0.4)
+  p[..., 2] = 0  # an output without non-zeros
+  lookups = Lookups.from_coefficients(p)
+  positions, values = lookups.slots()
+  assert positions.shape == values.shape == (lookups.counts().max(), 6)
+  # Σ values · P-position one-hot rebuilds each output's column of P.
+  rebuilt = np.zeros((2 * 3 * 4, 6), np.float32)
+  np.add.at(rebuilt, (positions, np.broadcast_to(np.arange(6), positions.shape)), values)
+  np.testing.assert_array_equal(rebuilt.reshape(p.shape), p)
+  assert not values[:, 2].any()
+
+
+def test_multiplications_are_the_dictionary_stage_plus_one_per_nonzero_per_output_position(rng):
+  p = _sparse(rng, (3, 3, 4, 8), 0.25)
+  lookups = Lookups.from_coefficients(p)
+  cost = lookups_lib.multiplications(lookups, in_features=5, padded_size=(12, 10), output_size=(5, 4))
+  assert cost.dictionary == 12 * 10 * 4 * 5 and cost.per_nonzero == 5 * 4
+  assert cost.total == cost.dictionary + 20 * np.count_nonzero(p)
+  flat = lookups_lib.multiplications(Lookups.from_coefficients(p[0, 0]), in_features=5, padded_size=(),
+                                     output_size=())
+  assert flat == (4 * 5, 1, 4 * 5 + np.count_nonzero(p[0, 0]))
+
+
+def test_the_module_needs_numpy_alone():
+  code = ("import sys, lcnn_jax.lookups; heavy = {'jax', 'flax', 'optax'} & {m.split('.')[0] for m in sys.modules}; "
+          "assert not heavy, heavy")
+  subprocess.run([sys.executable, "-c", code], check=True)
