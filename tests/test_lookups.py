@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from lcnn_jax import flops, inference, layers
 from lcnn_jax import lookups as lookups_lib
 from lcnn_jax.lookups import Lookups
 
@@ -71,3 +74,31 @@ def test_the_module_needs_numpy_alone():
   code = ("import sys, lcnn_jax.lookups; heavy = {'jax', 'flax', 'optax'} & {m.split('.')[0] for m in sys.modules}; "
           "assert not heavy, heavy")
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Net(nnx.Module):
+  """A strided, padded lookup convolution and lookup dense layers on (h, w, features) and on flat features."""
+
+  def __init__(self, rngs):
+    self.conv = layers.LookupConv(3, 6, 5, dictionary_size=4, strides=2, padding=2, rngs=rngs)
+    self.pointwise = layers.LookupDense(6, 7, dictionary_size=3, rngs=rngs)
+    self.fc = layers.LookupDense(7 * 5 * 6, 4, dictionary_size=5, rngs=rngs)
+
+  def __call__(self, x):
+    y = self.pointwise(nnx.relu(self.conv(x)))  # (batch, 5, 6, 7)
+    return self.fc(y.reshape(y.shape[0], -1))
+
+
+def test_the_counter_and_the_exported_layers_count_with_the_same_formula(rng):
+  model = _Net(nnx.Rngs(0))
+  for module in (model.conv, model.pointwise, model.fc):
+    p = np.asarray(module.coefficients[...])
+    module.coefficients[...] = jnp.asarray(p * (rng.random(p.shape) < 0.4))
+  rows = {row.path: row for row in flops.count_multiplications(model, (9, 11, 3)).rows}
+  exported = inference.inference_model(model, (9, 11, 3), backends="gather")
+  assert set(rows) == set(exported.lookup_layers) == {"conv", "pointwise", "fc"}
+  for name, layer in exported.lookup_layers.items():
+    cost = layer.multiplications()
+    assert (rows[name].multiplications, rows[name].dictionary_multiplications, rows[name].cost_per_nonzero) == (
+        cost.total, cost.dictionary, cost.per_nonzero), name
+    assert rows[name].density == pytest.approx(layer.density)
