@@ -90,15 +90,16 @@ def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape:
   out_elements = math.prod(y_shape[1:])
   in_shape, out_shape = tuple(x_shape[1:]), tuple(y_shape[1:])
   if isinstance(module, (layers.LookupConv, layers.LookupDense)):
-    lookups = module.lookups()
+    p = np.asarray(module.thresholded_coefficients())
     spatial = tuple(x_shape[1:-1])  # () for flat features
     padding = module.padding if isinstance(module, layers.LookupConv) else (0,) * len(spatial)
-    cost = lookups_lib.multiplications(lookups, in_features=module.in_features,
-                                       padded_size=[s + 2 * p for s, p in zip(spatial, padding)],
+    cost = lookups_lib.multiplications(nonzeros=int(np.count_nonzero(p)), dictionary_size=module.dictionary_size,
+                                       in_features=module.in_features,
+                                       padded_size=[s + 2 * q for s, q in zip(spatial, padding)],
                                        output_size=y_shape[1:-1])
     kind = "lookup_conv" if isinstance(module, layers.LookupConv) else "lookup_dense"
-    return LayerCount(path, kind, in_shape, out_shape, tuple(module.coefficients.shape), lookups.dictionary_size,
-                      lookups.density, cost.total, cost.dictionary, cost.per_nonzero)
+    return LayerCount(path, kind, in_shape, out_shape, tuple(module.coefficients.shape), module.dictionary_size,
+                      density(p), cost.total, cost.dictionary, cost.per_nonzero)
   kernel_shape = tuple(module.kernel.shape)
   if isinstance(module, nnx.Conv):
     # kernel (kh, kw, in / groups, out): each output element costs in/groups · kh · kw.

@@ -2,8 +2,8 @@
 
 One representation and one multiplication formula for the whole package, in NumPy alone so that the inference
 runtime reads them without Flax: the layers build :class:`Lookups` from their thresholded P
-(:meth:`lcnn_jax.layers.LookupConv.lookups`), the multiplication counter counts with :func:`multiplications`
-(:mod:`lcnn_jax.flops`), and the exporter stores and the inference backends run a
+(:meth:`lcnn_jax.layers.LookupConv.lookups`), the multiplication counter (:mod:`lcnn_jax.flops`) and the exported
+layers count with :func:`multiplications`, and the exporter stores and the inference backends run a
 :class:`~lcnn_jax.inference.records.LookupLayer`, which is :class:`Lookups` with its dictionary, bias and geometry.
 """
 
@@ -122,17 +122,22 @@ class Multiplications(NamedTuple):
   total: int  # dictionary + per_nonzero · nnz(P)
 
 
-def multiplications(lookups: Lookups, *, in_features: int, padded_size: Sequence[int],
+def multiplications(*, nonzeros: int, dictionary_size: int, in_features: int, padded_size: Sequence[int],
                     output_size: Sequence[int]) -> Multiplications:
   """A lookup layer's multiplications for one example: S = X ⊛ D over the padded input, then one multiplication per
   non-zero of P at every output position.
 
+  It needs the number of non-zeros, not where they are: the counter (:mod:`lcnn_jax.flops`) takes it from P with
+  ``np.count_nonzero`` (an untrained AlexNet-LCNN's P is nearly dense, and its lookups would take gigabytes), an
+  exported layer from its :class:`Lookups` (``nnz``).
+
   Args:
-    lookups: the layer's non-zeros of P.
+    nonzeros: nnz(P).
+    dictionary_size: k, the atoms of D.
     in_features: m_in, the input channels.
     padded_size: the input's spatial size with the layer's zero padding, (h + 2·ph, w + 2·pw); () for flat features.
     output_size: the output's spatial size (oh, ow); () for flat features.
   """
-  dictionary = math.prod(padded_size) * lookups.dictionary_size * in_features
+  dictionary = math.prod(padded_size) * dictionary_size * in_features
   per_nonzero = math.prod(output_size)
-  return Multiplications(dictionary, per_nonzero, dictionary + per_nonzero * lookups.nnz)
+  return Multiplications(dictionary, per_nonzero, dictionary + per_nonzero * nonzeros)

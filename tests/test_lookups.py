@@ -59,15 +59,13 @@ def test_slots_pad_each_output_to_the_longest_with_zeros(rng):
   assert not values[:, 2].any()
 
 
-def test_multiplications_are_the_dictionary_stage_plus_one_per_nonzero_per_output_position(rng):
-  p = _sparse(rng, (3, 3, 4, 8), 0.25)
-  lookups = Lookups.from_coefficients(p)
-  cost = lookups_lib.multiplications(lookups, in_features=5, padded_size=(12, 10), output_size=(5, 4))
+def test_multiplications_are_the_dictionary_stage_plus_one_per_nonzero_per_output_position():
+  cost = lookups_lib.multiplications(nonzeros=37, dictionary_size=4, in_features=5, padded_size=(12, 10),
+                                     output_size=(5, 4))
   assert cost.dictionary == 12 * 10 * 4 * 5 and cost.per_nonzero == 5 * 4
-  assert cost.total == cost.dictionary + 20 * np.count_nonzero(p)
-  flat = lookups_lib.multiplications(Lookups.from_coefficients(p[0, 0]), in_features=5, padded_size=(),
-                                     output_size=())
-  assert flat == (4 * 5, 1, 4 * 5 + np.count_nonzero(p[0, 0]))
+  assert cost.total == cost.dictionary + 20 * 37
+  flat = lookups_lib.multiplications(nonzeros=9, dictionary_size=4, in_features=5, padded_size=(), output_size=())
+  assert flat == (4 * 5, 1, 4 * 5 + 9)
 
 
 def test_the_module_needs_numpy_alone():

@@ -84,8 +84,8 @@ class LookupLayer(Lookups):
 
   def multiplications(self) -> Multiplications:
     """The layer's multiplications for one example (:func:`lcnn_jax.lookups.multiplications`)."""
-    return multiplications(self, in_features=self.in_features, padded_size=self.padded_size,
-                           output_size=self.output_size)
+    return multiplications(nonzeros=self.nnz, dictionary_size=self.dictionary_size, in_features=self.in_features,
+                           padded_size=self.padded_size, output_size=self.output_size)
 
 
 class _Kernel:
