@@ -74,17 +74,17 @@ def _conv_layer(name: str, module: nnx.Conv, call: tracing.LayerCall) -> ConvLay
 
 
 def _lookup_layer(module: layers_lib.LookupConv | layers_lib.LookupDense, call: tracing.LayerCall) -> LookupLayer:
-  coefficients = np.asarray(module.thresholded_coefficients(), np.float32)
+  lookups = module.lookups()  # the non-zeros of thresholded P, (kh, kw, k, n); (1, 1, k, n) for a dense layer
   bias = _bias(module, module.out_features)
   if isinstance(module, layers_lib.LookupConv):
-    return LookupLayer.from_coefficients(_array(module.dictionary), coefficients, bias, strides=module.strides,
-                                         padding=module.padding, input_size=call.input_shape[1:3])
+    return LookupLayer.from_lookups(lookups, _array(module.dictionary), bias, strides=module.strides,
+                                    padding=module.padding, input_size=call.input_shape[1:3])
   spatial = call.input_shape[1:-1]
   if len(spatial) not in (0, 2):
-    raise UnsupportedModel(f"A LookupDense on input {call.input_shape}: export supports (batch, "
-                                     "features) and (batch, h, w, features) inputs.")
-  return LookupLayer.from_coefficients(_array(module.dictionary), coefficients[None, None], bias, strides=(1, 1),
-                                       padding=(0, 0), input_size=tuple(spatial) or (1, 1))
+    raise UnsupportedModel(f"A LookupDense on input {call.input_shape}: export supports (batch, features) and "
+                           "(batch, h, w, features) inputs.")
+  return LookupLayer.from_lookups(lookups, _array(module.dictionary), bias, strides=(1, 1), padding=(0, 0),
+                                  input_size=tuple(spatial) or (1, 1))
 
 
 def _batch_norm(name: str, module: nnx.BatchNorm, call: tracing.LayerCall) -> AffineLayer:
