@@ -46,10 +46,11 @@ from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter, onnx_export
-from lcnn_jax.inference import layouts, tuning
+from lcnn_jax.inference import layouts, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
-from lcnn_jax.inference.model import ConvLayer, InferenceModel, LinearLayer
+from lcnn_jax.inference.model import InferenceModel
+from lcnn_jax.inference.records import ConvLayer, LinearLayer, LookupLayer, layer_arrays
 
 CONFIGS = {("alexnet", "fast"): "alexnet_fast.py", ("alexnet", "accurate"): "alexnet_accurate.py",
            ("resnet18", "fast"): "resnet18_fast.py", ("resnet18", "accurate"): "resnet18_accurate.py"}
@@ -224,15 +225,14 @@ def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch:
 
 def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[dict[str, Any]]:
   """Each layer of the chosen mix alone: its time, multiply-adds and bytes, and the floors they imply."""
-  from lcnn_jax.inference import graph as graph_lib
-  _, calls = graph_lib.trace(setup.lcnn_module, setup.lcnn.input_shape)
+  _, calls = tracing.trace(setup.lcnn_module, setup.lcnn.input_shape)
   rows = []
   for name, layer in setup.lcnn.layers.items():
-    if isinstance(layer, backends_lib.LookupLayer):
+    if isinstance(layer, LookupLayer):
       backend = setup.lcnn.backends[name]
       ms = tuning.time_layer(layer, backend, batch)
       (oh, ow), (h, w) = layer.output_size, layer.input_size
-      macs = backends_lib.multiplications(layer) * batch
+      macs = layer.multiplications().total * batch
       weight_bytes = backends_lib.coefficient_bytes(layer)
       activation_bytes = 4 * batch * (layer.in_features * h * w + layer.out_features * oh * ow)
     elif isinstance(layer, (ConvLayer, LinearLayer)):
@@ -241,7 +241,7 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       ms = _dense_layer_time(layer, shape, batch)
       out = calls[name].output_shape
       macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
-      weight_bytes = sum(a.nbytes for a in model_lib.layer_arrays(layer).values())
+      weight_bytes = sum(a.nbytes for a in layer_arrays(layer).values())
       activation_bytes = 4 * batch * (int(np.prod(shape[1:])) + int(np.prod(out[1:])))
     else:
       continue

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 
 from lcnn_jax import layers, models
+from lcnn_jax import lookups as lookups_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,24 +89,17 @@ def density(coefficients: jax.Array | np.ndarray) -> float:
 def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape: Sequence[int]) -> LayerCount:
   out_elements = math.prod(y_shape[1:])
   in_shape, out_shape = tuple(x_shape[1:]), tuple(y_shape[1:])
-  if isinstance(module, layers.LookupConv):
-    kh, kw = module.kernel_size
-    ph, pw = module.padding
-    k = module.dictionary_size
-    padded_elements = k * (x_shape[1] + 2 * ph) * (x_shape[2] + 2 * pw)  # elements of S
-    dictionary_mults = padded_elements * module.in_features
+  if isinstance(module, (layers.LookupConv, layers.LookupDense)):
     p = np.asarray(module.thresholded_coefficients())
-    # (elements of the output) · (k · kh · kw) · nnz / (kh · kw · k · n): each non-zero at every output position.
-    per_nonzero = math.prod(y_shape[1:-1])
-    return LayerCount(path, "lookup_conv", in_shape, out_shape, tuple(module.coefficients.shape), k, density(p),
-                      dictionary_mults + per_nonzero * int(np.count_nonzero(p)), dictionary_mults, per_nonzero)
-  if isinstance(module, layers.LookupDense):
-    k = module.dictionary_size
-    vectors = math.prod(y_shape[1:-1])  # 1 for flat input
-    dictionary_mults = vectors * k * module.in_features
-    p = np.asarray(module.thresholded_coefficients())
-    return LayerCount(path, "lookup_dense", in_shape, out_shape, tuple(module.coefficients.shape), k, density(p),
-                      dictionary_mults + vectors * int(np.count_nonzero(p)), dictionary_mults, vectors)
+    spatial = tuple(x_shape[1:-1])  # () for flat features
+    padding = module.padding if isinstance(module, layers.LookupConv) else (0,) * len(spatial)
+    cost = lookups_lib.multiplications(nonzeros=int(np.count_nonzero(p)), dictionary_size=module.dictionary_size,
+                                       in_features=module.in_features,
+                                       padded_size=[s + 2 * q for s, q in zip(spatial, padding)],
+                                       output_size=y_shape[1:-1])
+    kind = "lookup_conv" if isinstance(module, layers.LookupConv) else "lookup_dense"
+    return LayerCount(path, kind, in_shape, out_shape, tuple(module.coefficients.shape), module.dictionary_size,
+                      density(p), cost.total, cost.dictionary, cost.per_nonzero)
   kernel_shape = tuple(module.kernel.shape)
   if isinstance(module, nnx.Conv):
     # kernel (kh, kw, in / groups, out): each output element costs in/groups · kh · kw.

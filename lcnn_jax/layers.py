@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from lcnn_jax.lookups import Lookups
 
 IntOrPair = int | Sequence[int]
 
@@ -60,34 +62,6 @@ def _uniform(bound: float):
   return init
 
 
-class Lookups(NamedTuple):
-  """The non-zeros of P per output and tap, padded to a common length.
-
-  ``indices[..., o, s]`` is the dictionary atom of the s-th non-zero of output o at a tap, and
-  ``coefficients[..., o, s]`` its value; slots past ``counts[..., o]`` hold index 0 and coefficient 0.
-  Leading axes are the taps (kh, kw) of a convolution, none for a dense layer.
-  """
-  indices: np.ndarray  # (..., n, s) int32
-  coefficients: np.ndarray  # (..., n, s)
-  counts: np.ndarray  # (..., n) int32
-
-
-def lookups_from_coefficients(coefficients: np.ndarray) -> Lookups:
-  """Builds :class:`Lookups` from thresholded P of shape (..., k, n)."""
-  p = np.asarray(coefficients)
-  p = np.moveaxis(p, -1, -2)  # (..., n, k)
-  nonzero = p != 0
-  counts = nonzero.sum(-1).astype(np.int32)  # (..., n)
-  width = max(int(counts.max(initial=0)), 1)
-  # A stable sort puts the non-zero atoms first, in increasing atom order.
-  order = np.argsort(~nonzero, axis=-1, kind="stable")[..., :width]
-  values = np.take_along_axis(p, order, axis=-1)
-  valid = np.arange(width) < counts[..., None]
-  indices = np.where(valid, order, 0).astype(np.int32)
-  values = np.where(valid, values, 0).astype(p.dtype)
-  return Lookups(indices=indices, coefficients=values, counts=counts)
-
-
 def dictionary_stage(x: jax.Array, dictionary: jax.Array, padding: tuple[int, int]) -> jax.Array:
   """S = X ⊛ D over the zero-padded input: (batch, h, w, m) -> (batch, h + 2·ph, w + 2·pw, k)."""
   s = jnp.einsum("bhwm,mk->bhwk", x, dictionary)  # (batch, h, w, k)
@@ -98,27 +72,26 @@ def dictionary_stage(x: jax.Array, dictionary: jax.Array, padding: tuple[int, in
 
 def lookup_conv_gather(x: jax.Array, dictionary: jax.Array, lookups: Lookups, bias: jax.Array | None,
                        strides: IntOrPair = 1, padding: IntOrPair = 0) -> jax.Array:
-  """The reference lookup forward: S once, then Σ C · S[I] at each shifted tap (plain XLA).
+  """The reference lookup forward: S once, then per output Σ C · S[I] over its non-zeros at their shifted taps.
 
   Args:
     x: input (batch, h, w, m).
     dictionary: D (m, k).
-    lookups: the sparse P of shape (kh, kw, n, s) as built by :func:`lookups_from_coefficients`.
+    lookups: the non-zeros of P (kh, kw, k, n) (:class:`~lcnn_jax.lookups.Lookups`).
     bias: (n,) or None.
   Returns:
     (batch, oh, ow, n), equal to the dense convolution with the reconstructed kernel.
   """
   sh, sw = _pair(strides, "strides")
   s = dictionary_stage(x, dictionary, _pair(padding, "padding"))  # (batch, hp, wp, k)
-  kh, kw, n, _ = lookups.indices.shape
+  kh, kw, _, _ = lookups.shape
   oh = (s.shape[1] - kh) // sh + 1
   ow = (s.shape[2] - kw) // sw + 1
-  out = jnp.zeros((x.shape[0], oh, ow, n), s.dtype)
-  for r in range(kh):
-    for c in range(kw):
-      tap = s[:, r:r + sh * (oh - 1) + 1:sh, c:c + sw * (ow - 1) + 1:sw, :]  # (batch, oh, ow, k)
-      gathered = jnp.take(tap, jnp.asarray(lookups.indices[r, c]), axis=-1)  # (batch, oh, ow, n, s)
-      out = out + jnp.einsum("bhwns,ns->bhwn", gathered, jnp.asarray(lookups.coefficients[r, c], s.dtype))
+  taps = [s[:, r:r + sh * (oh - 1) + 1:sh, c:c + sw * (ow - 1) + 1:sw, :] for r in range(kh) for c in range(kw)]
+  shifted = jnp.concatenate(taps, axis=-1)  # (batch, oh, ow, kh·kw·k): S at position (r·kw + c)·k + j
+  positions, values = lookups.slots()  # (slots, n)
+  gathered = jnp.take(shifted, jnp.asarray(positions), axis=-1)  # (batch, oh, ow, slots, n)
+  out = jnp.einsum("bhwsn,sn->bhwn", gathered, jnp.asarray(values, s.dtype))
   if bias is not None:
     out = out + bias
   return out
@@ -182,8 +155,8 @@ class LookupConv(nnx.Module):
     return jnp.einsum("mk,rcko->rcmo", self.dictionary[...], self.thresholded_coefficients())
 
   def lookups(self) -> Lookups:
-    """The non-zeros of thresholded P as per-output, per-tap atom indices and coefficients."""
-    return lookups_from_coefficients(np.asarray(self.thresholded_coefficients()))
+    """The non-zeros of thresholded P (kh, kw, k, n), grouped per output."""
+    return Lookups.from_coefficients(np.asarray(self.thresholded_coefficients()))
 
   def gather_forward(self, x: jax.Array) -> jax.Array:
     """The forward pass through :func:`lookup_conv_gather` (reference lookups, plain XLA)."""
@@ -226,15 +199,15 @@ class LookupDense(nnx.Module):
     return self.dictionary[...] @ self.thresholded_coefficients()
 
   def lookups(self) -> Lookups:
-    """The non-zeros of thresholded P: indices and coefficients of shape (n, s)."""
-    return lookups_from_coefficients(np.asarray(self.thresholded_coefficients()))
+    """The non-zeros of thresholded P (k, n), grouped per output (the 1×1 case: shape (1, 1, k, n))."""
+    return Lookups.from_coefficients(np.asarray(self.thresholded_coefficients()))
 
   def gather_forward(self, x: jax.Array) -> jax.Array:
     """The forward pass through the lookups: S = x·D, then Σ C · S[I] per output."""
-    lookups = self.lookups()
+    positions, values = self.lookups().slots()  # (slots, n)
     s = x @ self.dictionary[...]  # (..., k)
-    gathered = jnp.take(s, jnp.asarray(lookups.indices), axis=-1)  # (..., n, s)
-    y = jnp.einsum("...ns,ns->...n", gathered, jnp.asarray(lookups.coefficients, s.dtype))
+    gathered = jnp.take(s, jnp.asarray(positions), axis=-1)  # (..., slots, n)
+    y = jnp.einsum("...sn,sn->...n", gathered, jnp.asarray(values, s.dtype))
     if self.bias is not None:
       y = y + self.bias[...]
     return y

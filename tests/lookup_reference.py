@@ -2,19 +2,19 @@
 
 import numpy as np
 
-from lcnn_jax.inference import backends
+from lcnn_jax.inference.records import LookupLayer
 
 
-def random_layer(rng, *, m, n, k, kernel, strides, padding, size, density) -> backends.LookupLayer:
+def random_layer(rng, *, m, n, k, kernel, strides, padding, size, density) -> LookupLayer:
   """A lookup layer with random D (m, k), P (kh, kw, k, n) of about ``density`` non-zeros, and a random bias."""
   dictionary = rng.standard_normal((m, k)).astype(np.float32)
   shape = (*kernel, k, n)
   coefficients = (rng.standard_normal(shape) * (rng.random(shape) < density)).astype(np.float32)
-  return backends.LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
+  return LookupLayer.from_coefficients(dictionary, coefficients, rng.standard_normal(n).astype(np.float32),
                                                 strides=strides, padding=padding, input_size=size)
 
 
-def dense_reference(layer: backends.LookupLayer, x) -> np.ndarray:
+def dense_reference(layer: LookupLayer, x) -> np.ndarray:
   """The convolution with the reconstructed kernel W = D·P of ``layer`` as stored, in float64 NumPy (independent
   of XLA and of the backends)."""
   (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size

@@ -13,10 +13,10 @@ from PIL import Image
 
 from lcnn_jax import bench, checkpoint, cli, flops, inference, layers, models
 from lcnn_jax import config as config_lib
-from lcnn_jax.inference import backends, kernels, layouts, predict, tuning
+from lcnn_jax.inference import backends, kernels, layouts, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import graph as graph_lib
-from lcnn_jax.inference.model import AffineLayer
+from lcnn_jax.inference.records import AffineLayer, LookupLayer
 
 from lookup_reference import dense_reference, random_layer  # noqa: E402
 
@@ -58,7 +58,7 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
 
 def test_lookup_layer_round_trips_coefficients(rng):
   coefficients = (rng.standard_normal((3, 2, 4, 5)) * (rng.random((3, 2, 4, 5)) < 0.4)).astype(np.float32)
-  layer = backends.LookupLayer.from_coefficients(np.eye(4, dtype=np.float32), coefficients, None, strides=(1, 1),
+  layer = LookupLayer.from_coefficients(np.eye(4, dtype=np.float32), coefficients, None, strides=(1, 1),
                                                  padding=(0, 0), input_size=(4, 4))
   np.testing.assert_array_equal(layer.coefficients(), coefficients)
   assert layer.nnz == np.count_nonzero(coefficients)
@@ -84,7 +84,7 @@ def _max_pool_reference(x, window, strides, padding, relu):
 def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
   batch = backends.POOLED_MIN_BATCH + 1
   x = rng.standard_normal((batch, 11, 12, 7)).astype(np.float32)  # NHWC
-  pooling = graph_lib._pooling({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
+  pooling = graph_lib.max_pooling({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
                                 "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
                                 "window_dilation": (1,) * 4}, relu)
   chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, batch)
@@ -118,11 +118,11 @@ def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
 
 def test_relu_before_max_pool_is_applied_by_the_pool(rng):
   model = _as_if_trained(_model("alexnet-lcnn", (67, 67, 3)), rng)
-  graph, _ = graph_lib.trace(model, (67, 67, 3))
-  deferred = graph_lib._relus_into_max_pools(graph)
+  graph, _ = tracing.trace(model, (67, 67, 3))
+  deferred = passes.relus_into_max_pools(graph)
   pools = [e for e in graph.equations if e.primitive == "reduce_window_max"]
   assert pools and {e.inputs[0][1] for e in pools} == deferred
-  relus = [e for e in graph.equations if graph_lib._is_relu(e)]
+  relus = [e for e in graph.equations if passes.is_relu(e)]
   assert {e.outputs[0] for e in relus} > deferred  # those after conv3, conv4, fc6 and fc7 stay ReLUs
 
 
@@ -200,8 +200,8 @@ def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
   # Every max pooling of these models follows a lookup layer and its ReLU: the kernel computes all three.
   graph = exported.graph
   pools = [e for e in graph.equations if e.primitive == "reduce_window_max"]
-  fused = graph_lib._layers_into_max_pools(graph, graph_lib._relus_into_max_pools(graph))
-  assert pools and sorted(id(pool) for pool, _ in fused.values()) == sorted(map(id, pools))
+  # The export found them once and stored them with the graph.
+  assert pools and sorted(graph.fusion.layers_into_max_pools.values()) == sorted(e.outputs[0] for e in pools)
 
 
 @pytest.mark.parametrize("name,input_shape", [("digits", (8, 8, 1)), ("resnet", (32, 32, 3))])

@@ -81,15 +81,15 @@ def test_lookups_hold_exactly_the_nonzeros_of_thresholded_coefficients(rng):
   layer = make_layer(rng, m=4, n=6, kernel=3, k=8, strides=1, padding=1)
   p = np.asarray(layer.thresholded_coefficients())  # (kh, kw, k, n)
   lookups = layer.lookups()
-  assert lookups.indices.shape[:3] == (3, 3, 6)
+  assert lookups.shape == (3, 3, 8, 6) and lookups.nnz == np.count_nonzero(p)
   rebuilt = np.zeros_like(p)
-  for r in range(3):
-    for c in range(3):
-      for o in range(6):
-        count = lookups.counts[r, c, o]
-        assert count == np.count_nonzero(p[r, c, :, o])
-        assert np.all(lookups.coefficients[r, c, o, count:] == 0)
-        rebuilt[r, c, lookups.indices[r, c, o, :count], o] = lookups.coefficients[r, c, o, :count]
+  for o in range(6):
+    begin, end = lookups.starts[o], lookups.starts[o + 1]
+    assert end - begin == np.count_nonzero(p[..., o])
+    for index, value in zip(lookups.indices[begin:end], lookups.values[begin:end]):
+      r, rest = divmod(int(index), 3 * 8)
+      c, j = divmod(rest, 8)
+      rebuilt[r, c, j, o] = value
   np.testing.assert_array_equal(rebuilt, p)
 
 

@@ -161,7 +161,7 @@ def test_benchmark_times_the_cnn_on_each_engine_and_skips_the_missing_ones(tmp_p
                      baselines=["xla", "onnxruntime", "torch"])
   baselines = result["baselines"]
   assert baselines["xla"]["dense_ms"] > 0 and baselines["onnxruntime"]["dense_ms"] > 0
-  assert "torch" in baselines["torch"]["skipped"]
+  assert "PyTorch" in baselines["torch"]["skipped"]
   fastest = min(["xla", "onnxruntime"], key=lambda e: baselines[e]["dense_ms"])
   headline = result["headline"]
   assert headline["fastest_dense_engine"] == fastest

@@ -7,9 +7,10 @@ import pytest
 from flax import nnx
 
 from lcnn_jax import config as config_lib
-from lcnn_jax import inference, layers, models
+from lcnn_jax import inference, layers, lookups, models
 from lcnn_jax.inference import backends, layouts, precision
 from lcnn_jax.inference import model as model_lib
+from lcnn_jax.inference import records
 
 from lookup_reference import dense_reference, random_layer  # noqa: E402
 
@@ -57,9 +58,9 @@ def test_dense_layer_computes_from_its_stored_kernel(kind, prec, rng):
   kernel = rng.standard_normal((m, n)).astype(np.float32)
   bias = rng.standard_normal(n).astype(np.float32)
   if kind == "linear":
-    layer = model_lib.LinearLayer(kernel, bias)
+    layer = records.LinearLayer(kernel, bias)
   else:
-    layer = model_lib.ConvLayer(kernel[None, None], bias, (1, 1), ((0, 0), (0, 0)))
+    layer = records.ConvLayer(kernel[None, None], bias, (1, 1), ((0, 0), (0, 0)))
   stored = precision.quantize_layer(layer, prec)
   params = jax.tree.map(jnp.asarray, model_lib.device_arrays(stored))
   assert ("kernel_q" in params) == (prec != "float32")
@@ -90,8 +91,8 @@ def test_indices_are_as_narrow_as_the_dictionary_allows(rng):
   assert small.indices.dtype == np.uint8
   assert backends.get_backend("lookup").prepare(small)["indices"].dtype == np.uint8
   assert random_layer(rng, **CASES["fc6_like"]).indices.dtype == np.uint8  # 216 positions
-  assert backends.narrowest_index_dtype(257) == np.uint16 and backends.narrowest_index_dtype(1 << 16) == np.uint16
-  assert backends.narrowest_index_dtype((1 << 16) + 1) == np.int32
+  assert lookups.narrowest_index_dtype(257) == np.uint16 and lookups.narrowest_index_dtype(1 << 16) == np.uint16
+  assert lookups.narrowest_index_dtype((1 << 16) + 1) == np.int32
 
 
 def _digits_lcnn(rng):
@@ -114,9 +115,9 @@ def test_exported_model_at_reduced_precision_saves_loads_and_stays_close(prec, t
   compact = inference.inference_model(model, (8, 8, 1), backends=backend, precision=prec)
   assert full.precision == "float32" and compact.precision == prec
   # Weights at 2 (1) bytes instead of 4, plus int8's scales; biases, starts and indices as they were.
-  weights = sum(a.nbytes for layer in full.layers.values() for f, a in model_lib.layer_arrays(layer).items()
+  weights = sum(a.nbytes for layer in full.layers.values() for f, a in records.layer_arrays(layer).items()
                 if f in ("dictionary", "values", "kernel"))
-  scales = sum(a.nbytes for layer in compact.layers.values() for f, a in model_lib.layer_arrays(layer).items()
+  scales = sum(a.nbytes for layer in compact.layers.values() for f, a in records.layer_arrays(layer).items()
                if f.endswith("scale"))
   saved = weights // 2 if prec == "bfloat16" else weights * 3 // 4 - scales
   assert precision.model_bytes(full) - precision.model_bytes(compact) == saved
@@ -124,8 +125,8 @@ def test_exported_model_at_reduced_precision_saves_loads_and_stays_close(prec, t
   loaded = inference.load(tmp_path / "m.npz")
   assert loaded.precision == prec
   for name, layer in compact.layers.items():
-    for field, array in model_lib.layer_arrays(layer).items():
-      assert model_lib.layer_arrays(loaded.layers[name])[field].dtype == array.dtype, (name, field)
+    for field, array in records.layer_arrays(layer).items():
+      assert records.layer_arrays(loaded.layers[name])[field].dtype == array.dtype, (name, field)
   x = rng.standard_normal((2, 8, 8, 1)).astype(np.float32)
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(compact(x)))
   expected = np.asarray(full(x))

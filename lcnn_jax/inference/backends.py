@@ -1,8 +1,8 @@
 """Ways to run one lookup layer at inference, all equal to the convolution with the reconstructed kernel.
 
-A :class:`LookupLayer` is a trained lookup convolution ready for inference: its dictionary D (m, k), the
-non-zeros of its coefficients P (kh, kw, k, n) grouped per output (the *lookups*), and its bias, with any
-BatchNorm after it already folded in. The backends differ in how they compute Y = (X ⊛ D) ⊛ P + bias:
+A :class:`~lcnn_jax.inference.records.LookupLayer` is a trained lookup convolution ready for inference: its
+dictionary D (m, k), the non-zeros of its coefficients P (kh, kw, k, n) grouped per output (the *lookups*,
+:mod:`lcnn_jax.lookups`), and its bias, with any BatchNorm after it already folded in. The backends differ in how they compute Y = (X ⊛ D) ⊛ P + bias:
 
 * ``dense``: the reconstructed kernel W = D·P (kh, kw, m, n) in one XLA convolution (or matmul).
 * ``factored``: S = X ⊛ D as a 1×1 convolution, then P as a dense kh×kw convolution over S. Two
@@ -34,109 +34,8 @@ import numpy as np
 
 from lcnn_jax.inference import kernels, layouts
 from lcnn_jax.inference.layouts import NHWC, Layout
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LookupLayer:
-  """A lookup convolution for inference: D, the non-zeros of P per output, and the bias (BatchNorm folded).
-
-  Output o's non-zeros are ``indices[starts[o]:starts[o + 1]]`` with ``values`` alongside; an index is the flat
-  position (r·kw + c)·k + j of the coefficient P[r, c, j, o] in a (kh, kw, k) block.
-
-  D and the values are stored in float32, bfloat16 or int8 (:mod:`lcnn_jax.inference.precision`); int8 ones
-  carry a float32 scale per output channel (``dictionary_scale`` per atom, ``value_scale`` per output), so that
-  D[:, j] = dictionary[:, j] · dictionary_scale[j] and the values of output o are scaled by value_scale[o].
-  """
-  dictionary: np.ndarray  # (m, k) float32, bfloat16 or int8
-  starts: np.ndarray  # (n + 1,) int32
-  indices: np.ndarray  # (nnz,) uint8 when kh·kw·k ≤ 256, uint16 when ≤ 65536, else int32
-  values: np.ndarray  # (nnz,) float32, bfloat16 or int8
-  bias: np.ndarray  # (n,) float32
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int]
-  padding: tuple[int, int]
-  input_size: tuple[int, int]  # (h, w) of the input the layer sees
-  dictionary_scale: np.ndarray | None = None  # (k,) float32, int8 dictionaries only
-  value_scale: np.ndarray | None = None  # (n,) float32, int8 values only
-
-  @property
-  def in_features(self) -> int:
-    return self.dictionary.shape[0]
-
-  @property
-  def dictionary_size(self) -> int:
-    return self.dictionary.shape[1]
-
-  @property
-  def out_features(self) -> int:
-    return self.bias.shape[0]
-
-  @property
-  def nnz(self) -> int:
-    return int(self.values.shape[0])
-
-  def float_dictionary(self) -> np.ndarray:
-    """D (m, k) in float32, as stored (scaled back from int8)."""
-    d = self.dictionary.astype(np.float32)
-    return d if self.dictionary_scale is None else d * self.dictionary_scale
-
-  def float_values(self) -> np.ndarray:
-    """The non-zeros (nnz,) in float32, as stored (scaled back from int8)."""
-    v = self.values.astype(np.float32)
-    return v if self.value_scale is None else v * self.value_scale[self.output_of_each_nonzero()]
-
-  @property
-  def padded_size(self) -> tuple[int, int]:
-    """(h + 2·ph, w + 2·pw): the size of S."""
-    return tuple(s + 2 * p for s, p in zip(self.input_size, self.padding))
-
-  @property
-  def output_size(self) -> tuple[int, int]:
-    return tuple((s - k) // st + 1 for s, k, st in zip(self.padded_size, self.kernel_size, self.strides))
-
-  @property
-  def density(self) -> float:
-    """nnz(P) / size(P)."""
-    kh, kw = self.kernel_size
-    return self.nnz / (kh * kw * self.dictionary_size * self.out_features)
-
-  @classmethod
-  def from_coefficients(cls, dictionary: np.ndarray, coefficients: np.ndarray, bias: np.ndarray | None, *,
-                        strides: tuple[int, int], padding: tuple[int, int],
-                        input_size: tuple[int, int]) -> "LookupLayer":
-    """Builds the lookups from P (kh, kw, k, n), keeping its non-zeros (already thresholded)."""
-    p = np.asarray(coefficients, np.float32)
-    kh, kw, k, n = p.shape
-    flat = p.reshape(kh * kw * k, n).T  # (n, kh·kw·k)
-    outputs, positions = np.nonzero(flat)  # row-major: grouped by output, positions ascending
-    starts = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(outputs, minlength=n), out=starts[1:])
-    index_dtype = narrowest_index_dtype(kh * kw * k)
-    return cls(dictionary=np.asarray(dictionary, np.float32), starts=starts.astype(np.int32),
-               indices=positions.astype(index_dtype), values=flat[outputs, positions],
-               bias=np.zeros(n, np.float32) if bias is None else np.asarray(bias, np.float32),
-               kernel_size=(kh, kw), strides=tuple(strides), padding=tuple(padding),
-               input_size=tuple(input_size))
-
-  def output_of_each_nonzero(self) -> np.ndarray:
-    """(nnz,) the output each non-zero belongs to."""
-    return np.repeat(np.arange(self.out_features), np.diff(self.starts))
-
-  def coefficients(self) -> np.ndarray:
-    """P as a dense (kh, kw, k, n) array."""
-    kh, kw = self.kernel_size
-    p = np.zeros((kh * kw * self.dictionary_size, self.out_features), np.float32)
-    p[self.indices.astype(np.int64), self.output_of_each_nonzero()] = self.float_values()
-    return p.reshape(kh, kw, self.dictionary_size, self.out_features)
-
-  def dense_kernel(self) -> np.ndarray:
-    """W = D·P, the equivalent dense kernel (kh, kw, m, n)."""
-    return np.einsum("mk,rcko->rcmo", self.float_dictionary(), self.coefficients())
-
-
-def narrowest_index_dtype(size: int) -> np.dtype:
-  """uint8, uint16 or int32: the narrowest that holds indices in [0, size)."""
-  return np.dtype(np.uint8 if size <= 1 << 8 else np.uint16 if size <= 1 << 16 else np.int32)
+from lcnn_jax.inference.records import LookupLayer
+from lcnn_jax.lookups import narrowest_index_dtype
 
 
 def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -231,13 +130,9 @@ def _geometry(layer: LookupLayer) -> _Geometry:
 
 def _s2d_indices(layer: LookupLayer) -> np.ndarray:
   """Each non-zero's position in flat S (space-to-depth view), per example: (atom·H + r)·W + c."""
-  kh, kw = layer.kernel_size
-  k = layer.dictionary_size
   sh, sw = layer.strides
   g = _geometry(layer)
-  flat = layer.indices.astype(np.int64)
-  tap, j = np.divmod(flat, k)
-  r, c = np.divmod(tap, kw)
+  r, c, j = layer.taps_and_atoms()
   atom = (j * sh + r % sh) * sw + c % sw
   return (atom * g.height + r // sh) * g.width + c // sw
 
@@ -267,15 +162,7 @@ class Gather:
     return batch  # one tile: CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    counts = np.diff(layer.starts)
-    slots = max(int(counts.max(initial=0)), 1)
-    # Output o's t-th non-zero sits in row o, column t; missing ones read S[0] with coefficient 0.
-    column = np.arange(layer.nnz) - np.repeat(layer.starts[:-1], counts)
-    rows = layer.output_of_each_nonzero()
-    offsets = np.zeros((slots, layer.out_features), np.int32)
-    values = np.zeros((slots, layer.out_features), np.float32)
-    offsets[column, rows] = _s2d_indices(layer)
-    values[column, rows] = layer.float_values()
+    offsets, values = layer.slots(_s2d_indices(layer))  # (slots, n): missing non-zeros read S[0] times 0
     return {"dictionary_t": np.ascontiguousarray(layer.float_dictionary().T), "offsets": offsets, "values": values,
             "bias": layer.bias}
 
@@ -472,13 +359,6 @@ def apply_nhwc(backend: Backend, layer: LookupLayer, params: dict[str, jax.Array
   return layouts.convert(y, layout, NHWC)
 
 
-def multiplications(layer: LookupLayer) -> int:
-  """Multiply-adds of one example: the dictionary stage over padded S plus one per non-zero per output pixel."""
-  hp, wp = layer.padded_size
-  oh, ow = layer.output_size
-  return layer.dictionary_size * hp * wp * layer.in_features + layer.nnz * oh * ow
-
-
 def coefficient_bytes(layer: LookupLayer) -> int:
   """Bytes of D and the lookups the layer must read once per call (its weight traffic), as stored."""
   scales = sum(a.nbytes for a in (layer.dictionary_scale, layer.value_scale) if a is not None)
@@ -487,5 +367,4 @@ def coefficient_bytes(layer: LookupLayer) -> int:
 
 
 __all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
-           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "multiplications",
-           "narrowest_index_dtype"]
+           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend"]

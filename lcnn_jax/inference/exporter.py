@@ -1,44 +1,40 @@
-"""Exporting a trained LCNN for inference, saving it as one file, and loading it back.
+"""Exporting a trained LCNN for inference (export time: needs Flax and, for a run's workdir, the trainer).
 
     python -m lcnn_jax.inference.exporter --workdir RUN --output model.npz|model.onnx [--step N] [--backends auto]
         [--batch_size 1] [--lookup_form auto] [--precision float32|bfloat16|int8]
 
 :func:`export` takes a live model or a run's workdir, traces its eval-mode forward pass
-(:mod:`lcnn_jax.inference.graph`), and turns each layer into its inference form: a lookup layer keeps its
-dictionary and the non-zeros of P as per-output indices and coefficients; a BatchNorm that directly follows a
-layer is folded into that layer's coefficients (or kernel) and bias, scale per output; dense convolutions and
-dense layers stay dense. It then picks each lookup layer's backend by measurement
-(:mod:`lcnn_jax.inference.tuning`) for the batch size given.
-
-The file is an ``.npz`` archive read with ``allow_pickle=False``: a JSON header (``header``: graph, layer
-geometry, backends, class names, preprocessing) and the arrays (``layers/<name>/<array>``,
-``consts/<name>``). Loading it runs no code from the file. An ``.onnx`` output writes the same model as an ONNX
-graph instead (:mod:`lcnn_jax.inference.onnx_export`).
+(:mod:`lcnn_jax.inference.tracing`), and turns each layer into its inference form
+(:mod:`lcnn_jax.inference.records`): a lookup layer keeps its dictionary and its lookups (the non-zeros of P per
+output, :mod:`lcnn_jax.lookups`); dense convolutions and dense layers stay dense. The graph's rewrites run once,
+here (:mod:`lcnn_jax.inference.passes`): a BatchNorm that directly follows a layer is folded into that layer's
+coefficients (or kernel) and bias, scale per output, and the steps that run together are stored with the graph.
+It then picks each lookup layer's backend by measurement (:mod:`lcnn_jax.inference.tuning`) for the batch size
+given, and :func:`~lcnn_jax.inference.storage.save` writes one ``.npz`` file that
+:func:`~lcnn_jax.inference.storage.load` reads without Flax. An ``.onnx`` output writes the same model as an
+ONNX graph instead (:mod:`lcnn_jax.inference.onnx_export`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from absl import flags, logging
+from absl import flags
 from flax import nnx
 
-from lcnn_jax import cli, layers as layers_lib
-from lcnn_jax.inference import allocator
-from lcnn_jax.inference import graph as graph_lib
-from lcnn_jax.inference import onnx_export, tuning
+from lcnn_jax import checkpoint, cli, flops, layers as layers_lib
+from lcnn_jax.inference import allocator, onnx_export, passes, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
-from lcnn_jax.inference.backends import LookupLayer
-from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, Layer, LinearLayer, layer_arrays
+from lcnn_jax.inference.graph import UnsupportedModel
+from lcnn_jax.inference.model import InferenceModel
+from lcnn_jax.inference.records import AffineLayer, ConvLayer, Layer, LinearLayer, LookupLayer
+from lcnn_jax.inference.storage import load, save
 
-FORMAT = "lcnn_jax.inference"
-VERSION = 1
-KINDS = {LookupLayer: "lookup", ConvLayer: "conv", LinearLayer: "linear", AffineLayer: "affine"}
+__all__ = ["define_flags", "export", "inference_model", "load", "main", "save"]
 
 
 # From modules --------------------------------------------------------------------------------------------
@@ -57,50 +53,50 @@ def _explicit_padding(module: nnx.Conv, input_size: Sequence[int]) -> tuple[tupl
   strides = module.strides if not isinstance(module.strides, int) else (module.strides,) * 2
   if isinstance(padding, str):
     if padding not in ("SAME", "VALID"):
-      raise graph_lib.UnsupportedModel(f"nnx.Conv padding={padding!r}: only SAME, VALID or explicit pairs export.")
+      raise UnsupportedModel(f"nnx.Conv padding={padding!r}: only SAME, VALID or explicit pairs export.")
     return tuple(jax.lax.padtype_to_pads(tuple(input_size), tuple(kernel), tuple(strides), padding))
   if isinstance(padding, int):
     return ((padding, padding),) * 2
   return tuple((p, p) if isinstance(p, int) else tuple(p) for p in padding)
 
 
-def _conv_layer(name: str, module: nnx.Conv, call: graph_lib.LayerCall) -> ConvLayer:
+def _conv_layer(name: str, module: nnx.Conv, call: tracing.LayerCall) -> ConvLayer:
   if len(module.kernel_size) != 2 or module.feature_group_count != 1:
-    raise graph_lib.UnsupportedModel(f"Layer {name!r}: only 2-D convolutions without groups export.")
+    raise UnsupportedModel(f"Layer {name!r}: only 2-D convolutions without groups export.")
   for attribute in ("kernel_dilation", "input_dilation"):
     dilation = getattr(module, attribute)
     if dilation not in (None, 1) and tuple(np.broadcast_to(dilation, 2)) != (1, 1):
-      raise graph_lib.UnsupportedModel(f"Layer {name!r}: {attribute}={dilation} is not supported by the export.")
+      raise UnsupportedModel(f"Layer {name!r}: {attribute}={dilation} is not supported by the export.")
   strides = module.strides if not isinstance(module.strides, int) else (module.strides,) * 2
   kernel = _array(module.kernel)
   return ConvLayer(kernel, _bias(module, kernel.shape[-1]), tuple(int(s) for s in strides),
                    _explicit_padding(module, call.input_shape[1:3]))
 
 
-def _lookup_layer(module: layers_lib.LookupConv | layers_lib.LookupDense, call: graph_lib.LayerCall) -> LookupLayer:
-  coefficients = np.asarray(module.thresholded_coefficients(), np.float32)
+def _lookup_layer(module: layers_lib.LookupConv | layers_lib.LookupDense, call: tracing.LayerCall) -> LookupLayer:
+  lookups = module.lookups()  # the non-zeros of thresholded P, (kh, kw, k, n); (1, 1, k, n) for a dense layer
   bias = _bias(module, module.out_features)
   if isinstance(module, layers_lib.LookupConv):
-    return LookupLayer.from_coefficients(_array(module.dictionary), coefficients, bias, strides=module.strides,
-                                         padding=module.padding, input_size=call.input_shape[1:3])
+    return LookupLayer.from_lookups(lookups, _array(module.dictionary), bias, strides=module.strides,
+                                    padding=module.padding, input_size=call.input_shape[1:3])
   spatial = call.input_shape[1:-1]
   if len(spatial) not in (0, 2):
-    raise graph_lib.UnsupportedModel(f"A LookupDense on input {call.input_shape}: export supports (batch, "
-                                     "features) and (batch, h, w, features) inputs.")
-  return LookupLayer.from_coefficients(_array(module.dictionary), coefficients[None, None], bias, strides=(1, 1),
-                                       padding=(0, 0), input_size=tuple(spatial) or (1, 1))
+    raise UnsupportedModel(f"A LookupDense on input {call.input_shape}: export supports (batch, features) and "
+                           "(batch, h, w, features) inputs.")
+  return LookupLayer.from_lookups(lookups, _array(module.dictionary), bias, strides=(1, 1), padding=(0, 0),
+                                  input_size=tuple(spatial) or (1, 1))
 
 
-def _batch_norm(name: str, module: nnx.BatchNorm, call: graph_lib.LayerCall) -> AffineLayer:
+def _batch_norm(name: str, module: nnx.BatchNorm, call: tracing.LayerCall) -> AffineLayer:
   if module.axis not in (-1, len(call.input_shape) - 1):
-    raise graph_lib.UnsupportedModel(f"BatchNorm {name!r} normalises axis {module.axis}; export needs the last.")
+    raise UnsupportedModel(f"BatchNorm {name!r} normalises axis {module.axis}; export needs the last.")
   scale = _array(module.scale) if module.scale is not None else np.ones(module.num_features, np.float32)
   offset = _array(module.bias) if module.bias is not None else np.zeros(module.num_features, np.float32)
   factor = scale / np.sqrt(_array(module.var) + module.epsilon)
   return AffineLayer(factor.astype(np.float32), (offset - _array(module.mean) * factor).astype(np.float32))
 
 
-def _inference_layer(name: str, call: graph_lib.LayerCall) -> Layer:
+def _inference_layer(name: str, call: tracing.LayerCall) -> Layer:
   module = call.module
   if isinstance(module, (layers_lib.LookupConv, layers_lib.LookupDense)):
     return _lookup_layer(module, call)
@@ -109,36 +105,6 @@ def _inference_layer(name: str, call: graph_lib.LayerCall) -> Layer:
   if isinstance(module, nnx.Linear):
     return LinearLayer(_array(module.kernel), _bias(module, module.out_features))
   return _batch_norm(name, module, call)
-
-
-def fold_batch_norm(layer: Layer, norm: AffineLayer) -> Layer:
-  """``layer`` followed by the eval-mode BatchNorm ``norm``, as one layer: scale per output, shift in the bias."""
-  bias = layer.bias * norm.scale + norm.shift
-  if isinstance(layer, LookupLayer):
-    values = layer.values * norm.scale[layer.output_of_each_nonzero()]
-    return LookupLayer(layer.dictionary, layer.starts, layer.indices, values.astype(np.float32),
-                       bias.astype(np.float32), layer.kernel_size, layer.strides, layer.padding, layer.input_size)
-  return type(layer)(**{**{f: getattr(layer, f) for f in layer.__dataclass_fields__},
-                        "kernel": (layer.kernel * norm.scale).astype(np.float32), "bias": bias.astype(np.float32)})
-
-
-def _fold(graph: graph_lib.Graph, layers: dict[str, Layer]) -> tuple[graph_lib.Graph, dict[str, Layer]]:
-  """Folds each BatchNorm whose input is a layer's output used by nothing else into that layer."""
-  producer = {e.outputs[0]: e for e in graph.equations if e.primitive == "layer"}
-  dropped, rename = set(), {}
-  for eqn in graph.equations:
-    name = eqn.params.get("name")
-    if eqn.primitive != "layer" or not isinstance(layers[name], AffineLayer) or eqn.inputs[0][0] != "var":
-      continue
-    source = producer.get(eqn.inputs[0][1])
-    if source is None or isinstance(layers[source.params["name"]], AffineLayer):
-      continue
-    if len(graph.consumers(source.outputs[0])) != 1 or source.outputs[0] == graph.output:
-      continue
-    layers[source.params["name"]] = fold_batch_norm(layers[source.params["name"]], layers.pop(name))
-    dropped.add(id(eqn))
-    rename[eqn.outputs[0]] = source.outputs[0]
-  return graph.replace([e for e in graph.equations if id(e) not in dropped], rename), layers
 
 
 def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: Mapping[str, str] | str = "auto",
@@ -158,42 +124,20 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
     precision: how the weights are stored and computed from: float32, bfloat16 or int8
       (:mod:`lcnn_jax.inference.precision`).
   """
-  graph, calls = graph_lib.trace(model, input_shape)
+  graph, calls = tracing.trace(model, input_shape)
   layers = {name: _inference_layer(name, call) for name, call in calls.items()}
-  graph, layers = _fold(graph, layers)
+  graph, layers = passes.fold_batch_norms(graph, layers)
+  graph = passes.fuse(graph)
   layers = {name: layers[name] for name in graph.layer_names()}
   exported = InferenceModel(graph, layers, input_shape=input_shape, backends="dense", class_names=class_names,
                             preprocessing=preprocessing)
   exported = precision_lib.quantize(exported, precision)
   if backends != "auto":
     return exported.with_backends(backends)
-  return tune(exported, batch_size)
-
-
-def tune(model: InferenceModel, batch_size: int) -> InferenceModel:
-  """``model`` on the fastest backends at ``batch_size`` here: per layer, then checked on the whole model.
-
-  Each lookup layer's fastest backend alone (:func:`tuning.choose_backends`) can lose on the whole model when
-  neighbours disagree on the activations' layout and pay transposes, so the per-layer mix competes with every
-  backend used throughout, end to end; the fastest of these is kept.
-  """
-  mix, timings = tuning.choose_backends(model.lookup_layers, batch_size)
-  candidates = {"per-layer": mix, **{name: name for name in tuning.candidate_backends()}}
-  model_ms = {}
-  for name, choice in candidates.items() if model.lookup_layers else ():
-    best = min(model_ms.values(), default=None)
-    model_ms[name] = tuning.model_ms(model.with_backends(choice), batch_size, give_up_ms=best and tuning.GIVE_UP * best)
-  best = min(model_ms, key=model_ms.get) if model_ms else "per-layer"
-  tuned = model.with_backends(candidates[best])
-  tuned.tuning = {"batch_size": batch_size, "device": tuning.device_name(), "timings_ms": timings,
-                  "model_ms": model_ms, "chosen": best}
-  logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
-               ", ".join(f"{k} {v:.2f} ms" for k, v in model_ms.items()))
-  return tuned
+  return tuning.tune(exported, batch_size)
 
 
 def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, list | None, dict]:
-  from lcnn_jax import checkpoint  # The trainer's checkpoint reader; only needed for a workdir.
   model, config, _ = checkpoint.restore_model(workdir, step)
   _, dataset = checkpoint.load_run_info(workdir)
   image_size, _, channels = dataset["image_shape"]
@@ -240,95 +184,6 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
   if path is not None:
     save(exported, path)
   return exported
-
-
-# The file ------------------------------------------------------------------------------------------------
-
-def _layer_header(layer: Layer) -> dict:
-  header = {"kind": KINDS[type(layer)]}
-  for field in ("kernel_size", "strides", "padding", "input_size"):
-    if hasattr(layer, field):
-      header[field] = np.asarray(getattr(layer, field)).tolist()
-  bfloat16 = sorted(f for f, a in layer_arrays(layer).items() if a.dtype == precision_lib.BFLOAT16)
-  if bfloat16:
-    header["bfloat16"] = bfloat16  # stored as their uint16 bits: .npy has no bfloat16
-  return header
-
-
-def _stored(array: np.ndarray) -> np.ndarray:
-  return array.view(np.uint16) if array.dtype == precision_lib.BFLOAT16 else array
-
-
-def save(model: InferenceModel, path: str | os.PathLike) -> None:
-  """Writes ``model`` to ``path`` (.npz): a JSON header and the arrays, no pickled objects."""
-  from lcnn_jax import __version__
-  header = {
-      "format": FORMAT, "version": VERSION, "lcnn_jax": __version__, "jax": jax.__version__,
-      "input_shape": list(model.input_shape), "class_names": model.class_names,
-      "preprocessing": model.preprocessing, "tuning": model.tuning, "backends": model.backends,
-      "precision": model.precision,
-      "graph": model.graph.to_json(),
-      "layers": {name: _layer_header(layer) for name, layer in model.layers.items()},
-  }
-  arrays = {"header": np.frombuffer(json.dumps(header).encode(), np.uint8)}
-  arrays.update({f"consts/{name}": value for name, value in model.graph.consts.items()})
-  for name, layer in model.layers.items():
-    arrays.update({f"layers/{name}/{field}": _stored(value) for field, value in layer_arrays(layer).items()})
-  path = os.fspath(path)
-  partial = f"{path}.partial.npz"
-  np.savez(partial, **arrays)
-  os.replace(partial, path)
-  logging.info("Exported %d layers to %s (%.1f MB).", len(model.layers), path, os.path.getsize(path) / 1e6)
-
-
-def _layer_from_file(name: str, header: dict, arrays: dict[str, np.ndarray]) -> Layer:
-  kind = header["kind"]
-  if kind == "lookup":
-    return LookupLayer(**arrays, kernel_size=tuple(header["kernel_size"]), strides=tuple(header["strides"]),
-                       padding=tuple(header["padding"]), input_size=tuple(header["input_size"]))
-  if kind == "conv":
-    return ConvLayer(**arrays, strides=tuple(header["strides"]),
-                     padding=tuple(tuple(p) for p in header["padding"]))
-  if kind == "linear":
-    return LinearLayer(**arrays)
-  if kind == "affine":
-    return AffineLayer(**arrays)
-  raise ValueError(f"Layer {name!r} has unknown kind {kind!r}; the file needs a newer lcnn_jax.")
-
-
-def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = None,
-         batch_size: int | None = None) -> InferenceModel:
-  """Loads an exported model: a callable from (batch, h, w, c) images to logits.
-
-  Args:
-    path: a file written by :func:`export` or :func:`save`.
-    backends: None keeps the backends chosen at export (an unavailable one falls back to 'gather'); "auto"
-      measures again here; or a backend name for every lookup layer, or a name per layer.
-    batch_size: the batch size "auto" optimises for (default: the one used at export).
-  """
-  with np.load(os.fspath(path), allow_pickle=False) as archive:
-    arrays = {key: archive[key] for key in archive.files}
-  header = json.loads(arrays.pop("header").tobytes())
-  if header.get("format") != FORMAT:
-    raise ValueError(f"{path}: not an lcnn_jax export (format {header.get('format')!r}).")
-  if header["version"] > VERSION:
-    raise ValueError(f"{path}: export format version {header['version']}; this lcnn_jax reads up to {VERSION}.")
-  consts = {key[len("consts/"):]: value for key, value in arrays.items() if key.startswith("consts/")}
-  graph = graph_lib.Graph.from_json(header["graph"], consts)
-  layers = {}
-  for name, layer_header in header["layers"].items():
-    prefix = f"layers/{name}/"
-    fields = {key[len(prefix):]: value for key, value in arrays.items() if key.startswith(prefix)
-              and "/" not in key[len(prefix):]}
-    for field in layer_header.get("bfloat16", ()):
-      fields[field] = fields[field].view(precision_lib.BFLOAT16)
-    layers[name] = _layer_from_file(name, layer_header, fields)
-  model = InferenceModel(graph, layers, input_shape=header["input_shape"], backends=header["backends"],
-                         class_names=header["class_names"], preprocessing=header["preprocessing"],
-                         tuning=header["tuning"])
-  if backends == "auto":
-    return tune(model, batch_size or (header["tuning"] or {}).get("batch_size", 1))
-  return model if backends is None else model.with_backends(backends)
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
@@ -386,10 +241,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
 
 def _dense_cnn_parameters(workdir: str) -> tuple[int, int]:
   """(weights, output channels) of the dense CNN a run's LCNN is compared with (BatchNorm folded away)."""
-  from lcnn_jax import checkpoint, flops, models  # only for the report; the export itself needs neither
   config, dataset = checkpoint.load_run_info(workdir)
-  cnn = models.create_model(models.baseline_config(config.model), num_classes=dataset["num_classes"],
-                            input_shape=tuple(dataset["image_shape"]), rngs=nnx.Rngs(0))
+  cnn = flops.baseline_model(config.model, dataset["num_classes"], dataset["image_shape"])
   weights = outputs = 0
   for _, module in nnx.iter_modules(cnn):
     if isinstance(module, (nnx.Conv, nnx.Linear)):

@@ -1,11 +1,10 @@
-"""A model's eval-mode forward pass as a small graph that can be stored as JSON and run without the model code.
+"""A model's eval-mode forward pass as a small graph stored as JSON, and the interpreter that runs it.
 
-:func:`trace` runs the model once on an abstract input whose batch size is a symbol, with every convolution,
-dense, lookup and BatchNorm layer replaced by an opaque *layer* equation named by the layer's path. What is
-left between the layers (ReLU, pooling, residual additions, reshapes, averages) are JAX primitives with plain
-parameters; nested calls (``jax.jit``, ``custom_jvp``) are inlined. The result is a :class:`Graph` of
-:class:`Equation` s whose parameters are JSON values, so an exported model holds data only: loading it binds
-the named JAX primitives again and never runs code from the file.
+A :class:`Graph` is a list of :class:`Equation` s: JAX primitives with plain parameters (ReLU, pooling, residual
+additions, reshapes, averages) between opaque *layer* equations named by the layer's path. Its parameters are JSON
+values, so an exported model holds data only: running it binds the named JAX primitives again and never runs code
+from the file. :mod:`lcnn_jax.inference.tracing` makes a graph from an NNX model (at export time);
+:mod:`lcnn_jax.inference.passes` finds, once, which steps run together (its :class:`Fusion`), stored with it.
 
 :func:`run` evaluates a graph. Four-dimensional activations may be held channels-first in batch tiles (the
 lookup kernels' layouts, :mod:`lcnn_jax.inference.layouts`) instead of NHWC: element-wise primitives, pooling
@@ -17,23 +16,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jax import export as jax_export
-from jax.extend import core as jax_core
 from jax.extend.core import primitives as jax_primitives
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts
 from lcnn_jax.inference.layouts import NHWC, Layout
-from lcnn_jax.layers import LookupConv, LookupDense, replaced_calls
-
-LAYER_CLASSES = (LookupConv, LookupDense, nnx.Conv, nnx.Linear, nnx.BatchNorm)
-"""Modules that become layer equations; everything else is traced through."""
 
 BATCH = "b"
 """The symbol standing for the batch size in traced shapes and parameters."""
@@ -44,17 +36,10 @@ ELEMENTWISE = frozenset({
     "ne", "neg", "not", "or", "pow", "round", "rsqrt", "select_n", "sign", "sqrt", "square", "stop_gradient",
     "sub", "tanh"})
 REDUCTIONS = frozenset({"reduce_max", "reduce_min", "reduce_prod", "reduce_sum"})
-INLINED = {"jit": "jaxpr", "closed_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-           "custom_vjp_call": "call_jaxpr"}
-"""Call primitives whose body is inlined, and the parameter holding it."""
 
 
 class UnsupportedModel(ValueError):
   """The model's forward pass uses something the graph cannot store."""
-
-
-_layer_p = jax_core.Primitive("lcnn_layer")
-_layer_p.def_abstract_eval(lambda x, *, name, shape, dtype: jax.core.ShapedArray(shape, dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,27 +64,46 @@ class Equation:
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerCall:
-  """What tracing saw of one layer: the module, and its input and output shapes (batch axis = ``b``)."""
-  module: nnx.Module
-  input_shape: tuple
-  output_shape: tuple
+class Fusion:
+  """Steps of a graph that run together, found once at export (:func:`lcnn_jax.inference.passes.fuse`).
+
+  ``relus_into_max_pools``: the output variables of ReLUs whose one use is a max pooling, which applies the ReLU
+  itself (the two commute). ``layers_into_max_pools``: a layer's output variable -> the output variable of the
+  max pooling that follows it through one of those ReLUs; the layer's backend may compute the pooled map itself.
+  """
+  relus_into_max_pools: frozenset[int] = frozenset()
+  layers_into_max_pools: Mapping[int, int] = dataclasses.field(default_factory=dict)
+
+  def to_json(self) -> dict:
+    return {"relus_into_max_pools": sorted(self.relus_into_max_pools),
+            "layers_into_max_pools": [[k, v] for k, v in sorted(self.layers_into_max_pools.items())]}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "Fusion":
+    return cls(frozenset(data["relus_into_max_pools"]), {k: v for k, v in data["layers_into_max_pools"]})
 
 
 @dataclasses.dataclass(frozen=True)
 class Graph:
-  """Equations in order, from the input variable to the output variable; constants by name."""
+  """Equations in order, from the input variable to the output variable; constants by name; and which steps run
+  together (None: each on its own, as traced)."""
   equations: tuple[Equation, ...]
   input: int
   output: int
   consts: dict[str, np.ndarray]
+  fusion: Fusion | None = None
 
   def to_json(self) -> dict:
-    return {"input": self.input, "output": self.output, "equations": [e.to_json() for e in self.equations]}
+    data = {"input": self.input, "output": self.output, "equations": [e.to_json() for e in self.equations]}
+    if self.fusion is not None:
+      data["fusion"] = self.fusion.to_json()
+    return data
 
   @classmethod
   def from_json(cls, data: dict, consts: dict[str, np.ndarray]) -> "Graph":
-    return cls(tuple(Equation.from_json(e) for e in data["equations"]), data["input"], data["output"], consts)
+    fusion = Fusion.from_json(data["fusion"]) if "fusion" in data else None
+    return cls(tuple(Equation.from_json(e) for e in data["equations"]), data["input"], data["output"], consts,
+               fusion)
 
   def layer_names(self) -> list[str]:
     """The layers in the order the forward pass calls them."""
@@ -109,7 +113,8 @@ class Graph:
     return [e for e in self.equations if ["var", var] in [list(i) for i in e.inputs]]
 
   def replace(self, equations: Sequence[Equation], rename: dict[int, int]) -> "Graph":
-    """The graph with new equations, every use of variable a replaced by rename[a]."""
+    """The graph with new equations, every use of variable a replaced by rename[a] (and no fusion: the steps
+    that run together are found again on the result)."""
     def fix(i):
       return ("var", rename.get(i[1], i[1])) if i[0] == "var" else i
     fixed = tuple(dataclasses.replace(e, inputs=tuple(fix(i) for i in e.inputs)) for e in equations)
@@ -117,28 +122,6 @@ class Graph:
 
 
 # Parameters ------------------------------------------------------------------------------------------------
-
-def _encode(value: Any, where: str) -> Any:
-  """A primitive parameter as a JSON value (tuples as lists; dtypes, precisions and the batch tagged)."""
-  if value is None or isinstance(value, (bool, str)):
-    return value
-  if isinstance(value, (int, np.integer)):
-    return int(value)
-  if isinstance(value, (float, np.floating)):
-    return float(value) if math.isfinite(value) else {"float": repr(float(value))}
-  if isinstance(value, (tuple, list)):
-    return [_encode(v, where) for v in value]
-  if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
-    return {"dtype": np.dtype(value).name}
-  if isinstance(value, jax.lax.Precision):
-    return {"precision": value.name}
-  if type(value).__name__ == "_DimExpr":
-    if str(value) != BATCH:
-      raise UnsupportedModel(f"{where}: the forward pass computes the shape {value} from the batch size; only the "
-                             "batch size itself can stay symbolic (reshape with x.shape[0], not a product).")
-    return {"dim": BATCH}
-  raise UnsupportedModel(f"{where}: parameter value {value!r} of type {type(value).__name__} cannot be stored.")
-
 
 def _decode(value: Any, batch: int) -> Any:
   if isinstance(value, list):
@@ -154,109 +137,6 @@ def _decode(value: Any, batch: int) -> Any:
       return batch
     raise ValueError(f"Unknown tagged parameter {value!r} in the graph; re-export the model with this version.")
   return value
-
-
-# Tracing ---------------------------------------------------------------------------------------------------
-
-def _layers_as_equations(names: dict[int, str], calls: dict[str, LayerCall]):
-  """Makes each layer class's ``__call__`` emit one opaque layer equation (shape from an abstract run)."""
-
-  def make(original):
-    def call(module, x, *args, **kwargs):
-      if args or kwargs:
-        raise UnsupportedModel(f"Layer {names.get(id(module), module)!r} is called with extra arguments; only "
-                               "layer(x) can be exported.")
-      name = names[id(module)]
-      y = jax.eval_shape(lambda v: original(module, v), jax.ShapeDtypeStruct(x.shape, x.dtype))
-      seen = calls.get(name)
-      if seen is not None and (seen.input_shape, seen.output_shape) != (tuple(x.shape), tuple(y.shape)):
-        raise UnsupportedModel(f"Layer {name!r} is called on inputs of different shapes; it cannot be exported.")
-      calls[name] = LayerCall(module, tuple(x.shape), tuple(y.shape))
-      return _layer_p.bind(x, name=name, shape=tuple(y.shape), dtype=y.dtype)
-    return call
-
-  return replaced_calls(LAYER_CLASSES, make)
-
-
-class _Builder:
-  """Flattens a jaxpr (inlining calls) into equations over integer variable ids."""
-
-  def __init__(self):
-    self.equations: list[Equation] = []
-    self.consts: dict[str, np.ndarray] = {}
-    self.count = 0
-
-  def fresh(self) -> int:
-    self.count += 1
-    return self.count - 1
-
-  def add_const(self, value) -> tuple:
-    name = str(len(self.consts))
-    self.consts[name] = np.asarray(value)
-    return ("const", name)
-
-  def emit(self, jaxpr: jax_core.Jaxpr, env: dict) -> None:
-    def ref(atom):
-      if isinstance(atom, jax_core.Literal):
-        value = np.asarray(atom.val)
-        if value.shape:
-          return self.add_const(value)
-        return ("literal", value.item(), value.dtype.name)
-      return env[atom]
-
-    for eqn in jaxpr.eqns:
-      name = eqn.primitive.name
-      inputs = [ref(v) for v in eqn.invars]
-      if name in INLINED:
-        body = eqn.params[INLINED[name]]
-        inner = body.jaxpr if isinstance(body, jax_core.ClosedJaxpr) else body
-        consts = body.consts if isinstance(body, jax_core.ClosedJaxpr) else ()
-        inner_env = {v: self.add_const(c) for v, c in zip(inner.constvars, consts)}
-        inner_env.update(zip(inner.invars, inputs))
-        self.emit(inner, inner_env)
-        for outer, result in zip(eqn.outvars, inner.outvars):
-          env[outer] = ref(result) if isinstance(result, jax_core.Literal) else inner_env[result]
-        continue
-      outputs = []
-      for v in eqn.outvars:
-        var = self.fresh()
-        outputs.append(var)
-        if not isinstance(v, jax_core.DropVar):
-          env[v] = ("var", var)
-      if name == "lcnn_layer":
-        params = {"name": eqn.params["name"]}
-        name = "layer"
-      else:
-        if not hasattr(jax_primitives, f"{name}_p"):
-          raise UnsupportedModel(f"The forward pass uses the primitive {name!r}, which the export cannot store.")
-        params = {k: _encode(v, f"primitive {name!r}, parameter {k!r}") for k, v in eqn.params.items()}
-      self.equations.append(Equation(name, tuple(inputs), tuple(outputs), params))
-
-
-def trace(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Graph, dict[str, LayerCall]]:
-  """The model's eval-mode forward on one (h, w, c) example shape, as a graph and the layers it calls.
-
-  The model is viewed in eval mode (BatchNorm on running statistics, no dropout); it is not changed.
-  """
-  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-  names = {id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(eval_model)
-           if isinstance(m, LAYER_CLASSES)}
-  calls: dict[str, LayerCall] = {}
-  batch, = jax_export.symbolic_shape(BATCH)
-  spec = jax.ShapeDtypeStruct((batch, *input_shape), jnp.float32)
-  with _layers_as_equations(names, calls):
-    closed = jax.make_jaxpr(lambda x: eval_model(x))(spec)
-  if len(closed.jaxpr.outvars) != 1:
-    raise UnsupportedModel(f"The model returns {len(closed.jaxpr.outvars)} arrays; export needs one (the logits).")
-  builder = _Builder()
-  env = {v: builder.add_const(c) for v, c in zip(closed.jaxpr.constvars, closed.consts)}
-  input_var = builder.fresh()
-  env[closed.jaxpr.invars[0]] = ("var", input_var)
-  builder.emit(closed.jaxpr, env)
-  out = closed.jaxpr.outvars[0]
-  if isinstance(out, jax_core.Literal) or env[out][0] != "var":
-    raise UnsupportedModel("The model's output does not depend on its input; nothing to export.")
-  return Graph(tuple(builder.equations), input_var, env[out][1], builder.consts), calls
 
 
 # Running ---------------------------------------------------------------------------------------------------
@@ -317,7 +197,7 @@ def _reduce_tiled(prim, x: jax.Array, params: dict) -> jax.Array:
   return out.reshape(out.shape[0] * out.shape[1], *out.shape[2:])
 
 
-def _pooling(params: dict, relu: bool) -> backends_lib.Pooling | None:
+def max_pooling(params: dict, relu: bool) -> backends_lib.Pooling | None:
   """The max pooling over (h, w) of logical (n, h, w, c) window ``params``; None for any other window (over the
   batch or channels, or dilated)."""
   plain = (all(d == 1 for d in (*params["base_dilation"], *params["window_dilation"]))
@@ -346,11 +226,11 @@ def _max_pool_kernel(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array |
 
 def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) -> list[Value]:
   """Binds one primitive, on tiled operands where the primitive allows it, else on NHWC ones. ``relu``: a
-  max pooling also applies the ReLU before it (see :func:`_relus_into_max_pools`)."""
+  max pooling also applies the ReLU before it (see :class:`Fusion`)."""
   prim = getattr(jax_primitives, f"{primitive}_p")
   tile = next((layout for _, layout in args if layout != NHWC), None)
   if primitive == "reduce_window_max" and tile is not None and len(args) == 1:
-    pooling = _pooling(params, relu)
+    pooling = max_pooling(params, relu)
     pooled = None if pooling is None else _max_pool_kernel(args[0][0], pooling)
     if pooled is not None:
       return [(pooled, tile)]
@@ -372,45 +252,9 @@ def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) 
   return [(o, NHWC) for o in (out if prim.multiple_results else [out])]
 
 
-def _is_relu(eqn: Equation) -> bool:
-  """max(x, 0) with a literal zero: a ReLU."""
-  variables = [i for i in eqn.inputs if i[0] == "var"]
-  zeros = [i for i in eqn.inputs if i[0] == "literal" and i[1] == 0.0]
-  return eqn.primitive == "max" and len(variables) == 1 and len(zeros) == 1
-
-
-def _relus_into_max_pools(graph: Graph) -> set[int]:
-  """The output variables of ReLUs used only by one max pooling, which then applies the ReLU itself: max pooling
-  and ReLU commute, so the pooled ReLU is the ReLU of the pooled values, and the pass over the unpooled
-  activation is saved."""
-  deferred = set()
-  for eqn in graph.equations:
-    if _is_relu(eqn) and eqn.outputs[0] != graph.output:
-      users = graph.consumers(eqn.outputs[0])
-      if len(users) == 1 and users[0].primitive == "reduce_window_max":
-        deferred.add(eqn.outputs[0])
-  return deferred
-
-
-def _layers_into_max_pools(graph: Graph, deferred: set[int]) -> dict[int, tuple[Equation, dict]]:
-  """Layer outputs whose only use is a ReLU deferred into a max pooling over (h, w): output variable ->
-  (the pooling equation, its parameters). The layer may then compute the pooled map itself."""
-  fusable = {}
-  for pool in graph.equations:
-    if pool.primitive != "reduce_window_max" or pool.inputs[0][0] != "var" or pool.inputs[0][1] not in deferred:
-      continue
-    relu = next(e for e in graph.equations if e.outputs[0] == pool.inputs[0][1])
-    source = next(i for i in relu.inputs if i[0] == "var")[1]
-    layer = next((e for e in graph.equations if source in e.outputs), None)
-    if layer is None or layer.primitive != "layer" or len(graph.consumers(source)) != 1 or source == graph.output:
-      continue
-    if _pooling(pool.params, relu=True) is not None:
-      fusable[source] = (pool, relu)
-  return fusable
-
-
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
-  """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer.
+  """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer, and the
+  steps of ``graph.fusion`` run together.
 
   Args:
     graph: the traced forward pass.
@@ -433,8 +277,9 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
       return jnp.asarray(consts[ref[1]]), NHWC
     return jnp.asarray(ref[1], ref[2]), NHWC
 
-  deferred = _relus_into_max_pools(graph)
-  fusable = _layers_into_max_pools(graph, deferred)
+  fusion = graph.fusion or Fusion()
+  deferred = fusion.relus_into_max_pools
+  producers = {e.outputs[0]: e for e in graph.equations}
   done = set()  # outputs of a ReLU and a pooling that the layer before them computed
   for eqn in graph.equations:
     if eqn.outputs[0] in done:
@@ -443,13 +288,14 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
     if eqn.outputs[0] in deferred:  # a ReLU that the max pooling after it applies
       env[eqn.outputs[0]] = next(a for a, i in zip(args, eqn.inputs) if i[0] == "var")
       continue
-    if eqn.primitive == "layer" and eqn.outputs[0] in fusable:
-      pool, relu = fusable[eqn.outputs[0]]
-      pooling = _pooling({k: _decode(v, batch) for k, v in pool.params.items()}, relu=True)
+    pooled_output = fusion.layers_into_max_pools.get(eqn.outputs[0]) if eqn.primitive == "layer" else None
+    if pooled_output is not None:
+      pool = producers[pooled_output]
+      pooling = max_pooling({k: _decode(v, batch) for k, v in pool.params.items()}, relu=True)
       pooled = layer_fn(eqn.params["name"], args[0], pooling=pooling)
       if pooled is not None:  # the layer, its ReLU and the pooling in one step
-        env[pool.outputs[0]] = pooled
-        done.update((relu.outputs[0], pool.outputs[0]))
+        env[pooled_output] = pooled
+        done.update((pool.inputs[0][1], pooled_output))
         continue
     if eqn.primitive == "layer":
       results = [layer_fn(eqn.params["name"], args[0])]

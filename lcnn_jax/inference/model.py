@@ -1,5 +1,7 @@
 """An exported model in memory: its graph, its layers (BatchNorm folded), and the backend of each lookup layer.
 
+The run-time core: it needs JAX and the records of :mod:`lcnn_jax.inference.records`, not Flax or the trainer.
+
 :class:`InferenceModel` maps a batch of NHWC images to logits with one jitted function. Lookup layers run on
 the backend chosen for them (:mod:`lcnn_jax.inference.backends`); dense convolutions and dense layers stay
 as they were trained (XLA); a BatchNorm that does not directly follow a layer stays a per-channel affine map.
@@ -7,7 +9,6 @@ as they were trained (XLA); a BatchNorm that does not directly follow a layer st
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -18,51 +19,9 @@ from absl import logging
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import layouts
-from lcnn_jax.inference.backends import LookupLayer
+from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
 from lcnn_jax.inference.layouts import NHWC
-
-
-class _Kernel:
-  """A dense kernel stored in float32, bfloat16 or int8; int8 with a float32 scale per output (last axis)."""
-
-  def float_kernel(self) -> np.ndarray:
-    """The kernel in float32, as stored (scaled back from int8)."""
-    kernel = self.kernel.astype(np.float32)
-    return kernel if self.kernel_scale is None else kernel * self.kernel_scale
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class ConvLayer(_Kernel):
-  """A dense convolution (``nnx.Conv``), BatchNorm folded: NHWC, explicit zero padding."""
-  kernel: np.ndarray  # (kh, kw, m, n) float32, bfloat16 or int8
-  bias: np.ndarray  # (n,)
-  strides: tuple[int, int]
-  padding: tuple[tuple[int, int], tuple[int, int]]  # ((top, bottom), (left, right))
-  kernel_scale: np.ndarray | None = None  # (n,) float32, int8 kernels only
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class LinearLayer(_Kernel):
-  """A dense layer (``nnx.Linear``) over the last axis, BatchNorm folded."""
-  kernel: np.ndarray  # (m, n) float32, bfloat16 or int8
-  bias: np.ndarray  # (n,)
-  kernel_scale: np.ndarray | None = None  # (n,) float32, int8 kernels only
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class AffineLayer:
-  """An eval-mode BatchNorm that could not be folded: x · scale + shift over the last (channel) axis."""
-  scale: np.ndarray  # (c,)
-  shift: np.ndarray  # (c,)
-
-
-Layer = LookupLayer | ConvLayer | LinearLayer | AffineLayer
-
-
-def layer_arrays(layer: Layer) -> dict[str, np.ndarray]:
-  """The arrays a layer stores (its dataclass fields that are arrays)."""
-  return {f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
-          if isinstance(getattr(layer, f.name), np.ndarray)}
+from lcnn_jax.inference.records import AffineLayer, ConvLayer, Layer, LinearLayer, LookupLayer, layer_arrays
 
 
 def _pointwise(layer: ConvLayer) -> bool:

@@ -31,8 +31,8 @@ from jax import export as jax_export
 from jax.extend.core import primitives as jax_primitives
 
 from lcnn_jax.inference import graph as graph_lib
-from lcnn_jax.inference.backends import LookupLayer
-from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, LinearLayer
+from lcnn_jax.inference.model import InferenceModel
+from lcnn_jax.inference.records import AffineLayer, ConvLayer, LinearLayer, LookupLayer
 
 OPSET = 17
 LOOKUP_FORMS = ("dense", "factored")

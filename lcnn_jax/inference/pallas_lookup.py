@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as pl_triton
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import layouts
-from lcnn_jax.inference.backends import LookupLayer
+from lcnn_jax.inference.records import LookupLayer
 
 INTERPRET_ENV = "LCNN_JAX_PALLAS_INTERPRET"
 """Set to 1 to make the backend available off GPUs, in Pallas interpret mode (tests, smoke checks)."""

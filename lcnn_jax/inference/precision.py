@@ -6,7 +6,7 @@
 channel: per atom for a dictionary (column j of D), per output for the non-zeros of P and for a dense kernel
 (its last axis), each scale the channel's largest magnitude over 127. Indices are uint8, uint16 or int32,
 whichever is the narrowest that holds the layer's kh·kw·k positions
-(:func:`~lcnn_jax.inference.backends.narrowest_index_dtype`).
+(:func:`~lcnn_jax.lookups.narrowest_index_dtype`).
 
 The C++ lookup kernel reads the stored values and converts them in registers, accumulating in float32; so do its
 dictionary stage over small maps (batch 1) and its dense-rows routine for dense layers over a few rows (batch
@@ -21,8 +21,8 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax.inference.backends import LookupLayer
-from lcnn_jax.inference.model import AffineLayer, ConvLayer, InferenceModel, Layer, LinearLayer, layer_arrays
+from lcnn_jax.inference.model import InferenceModel
+from lcnn_jax.inference.records import AffineLayer, Layer, LookupLayer, layer_arrays
 
 PRECISIONS = ("float32", "bfloat16", "int8")
 """The storage precisions :func:`quantize` accepts."""

@@ -24,7 +24,7 @@ from PIL import Image
 from lcnn_jax import cli
 from lcnn_jax.data import transforms
 from lcnn_jax.inference import allocator
-from lcnn_jax.inference.exporter import load
+from lcnn_jax.inference.storage import load
 from lcnn_jax.inference.model import InferenceModel
 
 

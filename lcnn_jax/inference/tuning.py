@@ -3,7 +3,8 @@
 Each candidate backend runs the layer alone on random input (in the backend's own layout) after a warm-up;
 the median wall-clock time decides. Timings are cached in ``$LCNN_JAX_CACHE/tuning.json`` under the device,
 the JAX version, the batch size and the layer's shape and number of non-zeros, so exporting the same model
-again, or another with the same layers, measures nothing.
+again, or another with the same layers, measures nothing. :func:`tune` then checks the per-layer choice against
+each backend used throughout, on the whole model.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts
-from lcnn_jax.inference.backends import LookupLayer
+from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
+from lcnn_jax.inference.records import LookupLayer
 
 
 def median_ms(fn: Callable[[], object], *, warmup: int = 2, min_seconds: float = 0.3, min_reps: int = 5,
@@ -154,3 +156,26 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
     logging.info("Layer %s at batch %d: %s -> %s", name, batch_size,
                  ", ".join(f"{b} {t:.3f} ms" for b, t in timings[name].items()), choice[name])
   return choice, timings
+
+
+def tune(model, batch_size: int):
+  """An :class:`~lcnn_jax.inference.model.InferenceModel` on the fastest backends at ``batch_size`` here: per
+  layer, then checked on the whole model.
+
+  Each lookup layer's fastest backend alone (:func:`choose_backends`) can lose on the whole model when
+  neighbours disagree on the activations' layout and pay transposes, so the per-layer mix competes with every
+  backend used throughout, end to end; the fastest of these is kept.
+  """
+  mix, timings = choose_backends(model.lookup_layers, batch_size)
+  candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
+  whole_ms = {}
+  for name, choice in candidates.items() if model.lookup_layers else ():
+    best = min(whole_ms.values(), default=None)
+    whole_ms[name] = model_ms(model.with_backends(choice), batch_size, give_up_ms=best and GIVE_UP * best)
+  best = min(whole_ms, key=whole_ms.get) if whole_ms else "per-layer"
+  tuned = model.with_backends(candidates[best])
+  tuned.tuning = {"batch_size": batch_size, "device": device_name(), "timings_ms": timings,
+                  "model_ms": whole_ms, "chosen": best}
+  logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
+               ", ".join(f"{k} {v:.2f} ms" for k, v in whole_ms.items()))
+  return tuned
