@@ -340,8 +340,7 @@ def _max_pool_kernel(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array |
   if (x.shape[0] != 1 or batch < backends_lib.POOLED_MIN_BATCH or x.dtype != jnp.float32
       or not pooling.fits((h, w)) or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]):
     return None
-  result = jax.ShapeDtypeStruct((c, *pooling.output_size((h, w)), batch), jnp.float32)
-  return jax.ffi.ffi_call(kernels.POOL_TARGET, result, vmap_method="sequential")(x[0], **pooling.attributes())[None]
+  return kernels.max_pool(x[0], pooling)[None]
 
 
 def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) -> list[Value]:

@@ -14,6 +14,28 @@
 
 namespace ffi = xla::ffi;
 
+// A lookup layer's `layer` attribute: its padding (top, left), its strides and its output size.
+struct LayerGeometry {
+  int64_t pad_h, pad_w, stride_h, stride_w, out_h, out_w;
+  bool copies() const { return pad_h || pad_w || stride_h > 1 || stride_w > 1; }
+};
+
+// A `pool` attribute: the max pooling after a layer (window_h = 0: none), with the ReLU before it when `relu`;
+// the window's origin at (-pad_h, -pad_w).
+struct PoolWindow {
+  int64_t window_h, window_w, stride_h, stride_w, pad_h, pad_w;
+  bool relu;
+};
+
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(LayerGeometry, ffi::StructMember<int64_t>("pad_h"),
+                                      ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<int64_t>("stride_h"),
+                                      ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("out_h"),
+                                      ffi::StructMember<int64_t>("out_w"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(PoolWindow, ffi::StructMember<int64_t>("window_h"),
+                                      ffi::StructMember<int64_t>("window_w"), ffi::StructMember<int64_t>("stride_h"),
+                                      ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("pad_h"),
+                                      ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<bool>("relu"));
+
 namespace {
 
 using lcnn::BF16;
@@ -32,17 +54,10 @@ using ChwnF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch), 
 using OutF32 = ChwnF32;
 using MatrixF32 = ffi::Buffer<ffi::F32, 2>;
 
-struct Padding {
-  int64_t ph, pw, sh, sw;
-  bool copies() const { return ph || pw || sh > 1 || sw > 1; }
-};
-
-// The pooling of the pool_* attributes (pool_window_h = 0: none) into `out`, whose rows and columns are the
-// pooled size.
-PoolGeometry MakePooling(const OutF32& out, int64_t window_h, int64_t window_w, int64_t stride_h, int64_t stride_w,
-                         int64_t pad_h, int64_t pad_w, bool relu) {
+// The pooling of a `pool` attribute (window_h = 0: none) into `out`, whose rows and columns are the pooled size.
+PoolGeometry MakePooling(const OutF32& out, const PoolWindow& w) {
   const auto dims = out.dimensions();
-  return PoolGeometry{window_h, window_w, stride_h, stride_w, pad_h, pad_w, dims[1], dims[2], relu};
+  return PoolGeometry{w.window_h, w.window_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, dims[1], dims[2], w.relu};
 }
 
 // Whether pooling p is sane for a map of h × w: a window and strides of at least 1, no negative padding, and
@@ -81,7 +96,7 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
                       const PoolGeometry& pooling, const OutF32& out_buffer, float* out) {
   const bool pools = pooling.wh > 0;
   if (pools) {
-    if (!PoolingFits(pooling, g.oh, g.ow) || g.ow * g.batch < 16) {
+    if (!PoolingFits(pooling, g.oh, g.ow) || g.ow * g.batch < lcnn::kPooledRowMin) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: the pooling, the layer's output and out disagree");
     }
   } else if (out_buffer.dimensions()[1] != g.oh || out_buffer.dimensions()[2] != g.ow) {
@@ -110,40 +125,42 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
 }
 
 // out is (n, ., ., batch), the layer's output oh × ow (or its pooling); S (or x) has h × w pixels.
-Geometry MakeGeometry(const OutF32& out, int64_t oh, int64_t ow, int64_t h, int64_t w, const Padding& p,
-                      int64_t* height) {
+Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const LayerGeometry& p, int64_t* height) {
   const auto dims = out.dimensions();
   Geometry g;
   g.n = dims[0];
-  g.oh = oh;
-  g.ow = ow;
+  g.oh = p.out_h;
+  g.ow = p.out_w;
   g.batch = dims[3];
-  *height = (h + 2 * p.ph + p.sh - 1) / p.sh;
-  g.width = (w + 2 * p.pw + p.sw - 1) / p.sw;
+  *height = (h + 2 * p.pad_h + p.stride_h - 1) / p.stride_h;
+  g.width = (w + 2 * p.pad_w + p.stride_w - 1) / p.stride_w;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
   return g;
 }
 
+// Whether a `layer` attribute is sane: strides of at least 1, no negative padding, an output of at least 1 × 1.
+bool LayerFits(const LayerGeometry& p) {
+  return p.stride_h >= 1 && p.stride_w >= 1 && p.pad_h >= 0 && p.pad_w >= 0 && p.out_h >= 1 && p.out_w >= 1;
+}
+
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
                           ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Result<ChwnF32> out,
-                          ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h, int64_t stride_w, int64_t out_h, int64_t out_w,
-                          int64_t pool_window_h, int64_t pool_window_w, int64_t pool_stride_h,
-                          int64_t pool_stride_w, int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
-  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
-                                           pool_pad_h, pool_pad_w, pool_relu);
+                          ffi::Result<FlatF32> scratch, LayerGeometry layer, PoolWindow window) {
+  if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv: strides < 1 or padding < 0");
+  const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = s.dimensions();  // (k, h, w, batch)
-  const Padding p{pad_h, pad_w, stride_h, stride_w};
   int64_t height;
-  const Geometry g = MakeGeometry(*out, out_h, out_w, in[1], in[2], p, &height);
+  const Geometry g = MakeGeometry(*out, in[1], in[2], layer, &height);
   if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
   const float* source = s.typed_data();
-  if (p.copies()) {
-    if (scratch->element_count() != static_cast<size_t>(in[0] * p.sh * p.sw * height * g.width * g.batch)) {
+  if (layer.copies()) {
+    const int64_t sh = layer.stride_h, sw = layer.stride_w;
+    if (scratch->element_count() != static_cast<size_t>(in[0] * sh * sw * height * g.width * g.batch)) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
     }
-    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, p.ph, p.pw, p.sh, p.sw, height, g.width,
+    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, layer.pad_h, layer.pad_w, sh, sw, height, g.width,
                  scratch->typed_data());
     source = scratch->typed_data();
   }
@@ -155,10 +172,7 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
 ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuffer dictionary, FlatF32 d_scale,
                                     FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
                                     FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch,
-                                    ffi::Result<ChwnF32> s_buffer, int64_t pad_h, int64_t pad_w, int64_t stride_h,
-                                    int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
-                                    int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
-                                    int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu) {
+                                    ffi::Result<ChwnF32> s_buffer, LayerGeometry layer, PoolWindow window) {
   const auto in = x.dimensions();  // (m, h, w, batch)
   const auto d = dictionary.dimensions();  // (k, m)
   const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
@@ -174,47 +188,40 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
                  s_buffer->typed_data());
   });
   if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
-  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, out, scratch, pad_h, pad_w, stride_h,
-                        stride_w, out_h, out_w, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
-                        pool_pad_h, pool_pad_w, pool_relu);
+  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, out, scratch, layer, window);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias,
-                               ffi::Result<ChwnF32> out,
-                               ffi::Result<FlatF32> scratch, int64_t pad_h, int64_t pad_w, int64_t stride_h,
-                               int64_t stride_w, int64_t out_h, int64_t out_w, int64_t pool_window_h,
-                               int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w,
-                               int64_t pool_pad_h, int64_t pool_pad_w, bool pool_relu, bool nhwc) {
-  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
-                                           pool_pad_h, pool_pad_w, pool_relu);
+                               ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, LayerGeometry layer,
+                               PoolWindow window, bool nhwc) {
+  if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: strides < 1 or padding < 0");
+  const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
   const auto d = dictionary.dimensions();
   const int64_t m = d[0], k = d[1];
   const int64_t h = in[1], w = in[2];
-  const Padding p{pad_h, pad_w, stride_h, stride_w};
+  const int64_t sh = layer.stride_h, sw = layer.stride_w;
   int64_t height;
-  const Geometry g = MakeGeometry(*out, out_h, out_w, h, w, p, &height);
+  const Geometry g = MakeGeometry(*out, h, w, layer, &height);
   const bool shapes_agree = nhwc ? (in[3] == m && in[0] == g.batch) : (in[0] == m && in[3] == g.batch);
-  if (!shapes_agree || m > 64 || k > 64 || g.ow > g.width || g.oh > height) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: x, the dictionary (m, k <= 64) and out disagree");
+  if (!shapes_agree || m * k > lcnn::kFusedDictionaryMacsMax || g.ow > g.width || g.oh > height) {
+    return ffi::Error::InvalidArgument(
+        "lcnn_lookup_conv_fused: x, the dictionary (m, k with m·k <= kFusedDictionaryMacsMax) and out disagree");
   }
-  if (scratch->element_count() != static_cast<size_t>(k * p.sh * p.sw * height * g.width * g.batch)) {
+  if (scratch->element_count() != static_cast<size_t>(k * sh * sw * height * g.width * g.batch)) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S");
   }
-  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, p.ph, p.pw, p.sh,
-                    p.sw, height, g.width, scratch->typed_data());
+  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
+                    layer.pad_w, sh, sw, height, g.width, scratch->typed_data());
   return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling, *out,
                     out->typed_data());
 }
 
-ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, int64_t pool_window_h,
-                       int64_t pool_window_w, int64_t pool_stride_h, int64_t pool_stride_w, int64_t pool_pad_h,
-                       int64_t pool_pad_w, bool pool_relu) {
+ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, PoolWindow window) {
   const auto in = x.dimensions();  // (c, h, w, batch)
   const auto o = out->dimensions();  // (c, oh, ow, batch)
-  const PoolGeometry pooling = MakePooling(*out, pool_window_h, pool_window_w, pool_stride_h, pool_stride_w,
-                                           pool_pad_h, pool_pad_w, pool_relu);
+  const PoolGeometry pooling = MakePooling(*out, window);
   if (o[0] != in[0] || o[3] != in[3] || !PoolingFits(pooling, in[1], in[2])) {
     return ffi::Error::InvalidArgument("lcnn_max_pool: x (c, h, w, batch), the window and out disagree");
   }
@@ -240,63 +247,45 @@ ffi::Error DenseRowsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weigh
   return ffi::Error::Success();
 }
 
-// The pool_* attributes, last among a handler's attributes (Python: backends.Pooling.attributes()).
-template <typename Binding>
-auto PoolAttributes(Binding binding) {
-  return std::move(binding)
-      .template Attr<int64_t>("pool_window_h")
-      .template Attr<int64_t>("pool_window_w")
-      .template Attr<int64_t>("pool_stride_h")
-      .template Attr<int64_t>("pool_stride_w")
-      .template Attr<int64_t>("pool_pad_h")
-      .template Attr<int64_t>("pool_pad_w")
-      .template Attr<bool>("pool_relu");
-}
-
-// A lookup layer's attributes: its padding and strides, its output size, and the pooling after it.
-template <typename Binding>
-auto LayerAttributes(Binding binding) {
-  return PoolAttributes(std::move(binding)
-                            .template Attr<int64_t>("pad_h")
-                            .template Attr<int64_t>("pad_w")
-                            .template Attr<int64_t>("stride_h")
-                            .template Attr<int64_t>("stride_w")
-                            .template Attr<int64_t>("out_h")
-                            .template Attr<int64_t>("out_w"));
-}
-
 }  // namespace
 
+// Attributes (kernels.py passes them): `layer` a LayerGeometry, `pool` a PoolWindow, `nhwc` a bool.
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnMaxPool, MaxPoolImpl,
-                              PoolAttributes(ffi::Ffi::Bind()
-                                                 .Ctx<ffi::ThreadPool>()
-                                                 .Arg<ChwnF32>()    // x (c, h, w, batch)
-                                                 .Ret<ChwnF32>()));  // out (c, oh, ow, batch)
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()   // x (c, h, w, batch)
+                                  .Ret<ChwnF32>()   // out (c, oh, ow, batch)
+                                  .Attr<PoolWindow>("pool"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
-                              LayerAttributes(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::ThreadPool>()
-                                                  .Arg<ChwnF32>()           // S (k, h, w, batch), unpadded
-                                                  .Arg<FlatS32>()           // starts
-                                                  .Arg<ffi::AnyBuffer>()    // indices
-                                                  .Arg<ffi::AnyBuffer>()    // values
-                                                  .Arg<FlatF32>()           // scale
-                                                  .Arg<FlatF32>()           // bias
-                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
-                                                  .Ret<FlatF32>()));        // the padded space-to-depth S
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()           // S (k, h, w, batch), unpadded
+                                  .Arg<FlatS32>()           // starts
+                                  .Arg<ffi::AnyBuffer>()    // indices
+                                  .Arg<ffi::AnyBuffer>()    // values
+                                  .Arg<FlatF32>()           // scale
+                                  .Arg<FlatF32>()           // bias
+                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                  .Ret<FlatF32>()           // the padded space-to-depth S
+                                  .Attr<LayerGeometry>("layer")
+                                  .Attr<PoolWindow>("pool"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
-                              LayerAttributes(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::ThreadPool>()
-                                                  .Arg<ChwnF32>()           // x, NHWC or CHWN
-                                                  .Arg<MatrixF32>()         // the dictionary (m, k)
-                                                  .Arg<FlatS32>()           // starts
-                                                  .Arg<ffi::AnyBuffer>()    // indices
-                                                  .Arg<ffi::AnyBuffer>()    // values
-                                                  .Arg<FlatF32>()           // scale
-                                                  .Arg<FlatF32>()           // bias
-                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
-                                                  .Ret<FlatF32>())          // the padded space-to-depth S
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()           // x, NHWC or CHWN
+                                  .Arg<MatrixF32>()         // the dictionary (m, k)
+                                  .Arg<FlatS32>()           // starts
+                                  .Arg<ffi::AnyBuffer>()    // indices
+                                  .Arg<ffi::AnyBuffer>()    // values
+                                  .Arg<FlatF32>()           // scale
+                                  .Arg<FlatF32>()           // bias
+                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                  .Ret<FlatF32>()           // the padded space-to-depth S
+                                  .Attr<LayerGeometry>("layer")
+                                  .Attr<PoolWindow>("pool")
                                   .Attr<bool>("nhwc"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
@@ -309,16 +298,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
                                   .Ret<MatrixF32>());      // out (rows, n)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl,
-                              LayerAttributes(ffi::Ffi::Bind()
-                                                  .Ctx<ffi::ThreadPool>()
-                                                  .Arg<ChwnF32>()           // x (m, h, w, batch)
-                                                  .Arg<ffi::AnyBuffer>()    // Dᵀ (k, m) as stored
-                                                  .Arg<FlatF32>()           // its scale (k)
-                                                  .Arg<FlatS32>()           // starts
-                                                  .Arg<ffi::AnyBuffer>()    // indices
-                                                  .Arg<ffi::AnyBuffer>()    // values
-                                                  .Arg<FlatF32>()           // scale
-                                                  .Arg<FlatF32>()           // bias
-                                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
-                                                  .Ret<FlatF32>()           // the padded space-to-depth S
-                                                  .Ret<ChwnF32>()));        // S (k, h, w, batch)
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()           // x (m, h, w, batch)
+                                  .Arg<ffi::AnyBuffer>()    // Dᵀ (k, m) as stored
+                                  .Arg<FlatF32>()           // its scale (k)
+                                  .Arg<FlatS32>()           // starts
+                                  .Arg<ffi::AnyBuffer>()    // indices
+                                  .Arg<ffi::AnyBuffer>()    // values
+                                  .Arg<FlatF32>()           // scale
+                                  .Arg<FlatF32>()           // bias
+                                  .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
+                                  .Ret<FlatF32>()           // the padded space-to-depth S
+                                  .Ret<ChwnF32>()           // S (k, h, w, batch)
+                                  .Attr<LayerGeometry>("layer")
+                                  .Attr<PoolWindow>("pool"));

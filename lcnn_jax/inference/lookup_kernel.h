@@ -26,11 +26,33 @@
 #include <thread>
 
 #if defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics start many results from an "undefined" register, which -Wmaybe-uninitialized
+// reports wherever they are inlined (GCC bug 105593, fixed in GCC 13): silenced for that header alone.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 // A Pool is anything with num_threads() and Schedule(task), such as xla::ffi::ThreadPool.
 namespace lcnn {
+
+// The kernel's limits, read by Python (lcnn_jax.inference.kernels.LIMITS parses the lines of this block, so keep
+// each one `constexpr int64_t kName = <integer>;`; Python sees kName as name in snake case).
+// BEGIN LIMITS
+// A dictionary applied inside the kernel (lcnn_lookup_conv_fused) has at most this many multiply-adds per pixel
+// (m·k): DictionaryRows holds it, and one pixel's m inputs, in fixed-size arrays.
+constexpr int64_t kFusedDictionaryMacsMax = 64;
+// A layer pools its own output only when a pooled row holds at least this many values (out_w · batch): the
+// pooled lookups run in blocks of 16 wide elements.
+constexpr int64_t kPooledRowMin = 16;
+// From this batch on, the caller lets the kernel pool CHWN activations: its innermost pooling loops run over the
+// batch, too short to vectorise below (AlexNet-LCNN's first pooling at batch 1: 1.0 ms here, 0.08 ms in XLA).
+constexpr int64_t kPooledBatchMin = 16;
+// DenseRows takes this many rows of x at once, each weight read once for all of them: up to this many rows, a
+// dense layer with weights as stored (bfloat16, int8) is faster here than XLA's matmul over a float32 copy.
+constexpr int64_t kDenseRowsMax = 8;
+// END LIMITS
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -413,7 +435,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
   const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
                 xm = nhwc ? 1 : h * w * batch;
   const int64_t plane = height * width * batch;  // one atom of the output
-  float d[64 * 64];
+  float d[kFusedDictionaryMacsMax];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
   // NHWC: the item's input row of every image is first copied to `staged` (batch, w, m), one contiguous read
   // per image; reading it in place, a pixel of each image in turn, left the prefetchers behind (2.7× slower
@@ -440,7 +462,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         const __m512i images = _mm512_mullo_epi32(
             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(w * m));
         for (; b + 16 <= batch; b += 16) {
-          __m512 column[M ? M : 64];
+          __m512 column[M ? M : kFusedDictionaryMacsMax];
           for (int64_t c = 0; c < m; ++c) column[c] = _mm512_i32gather_ps(images, px + b * w * m + c, 4);
           for (int64_t j = 0; j < k; ++j) {
             __m512 sum = _mm512_setzero_ps();
@@ -451,7 +473,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
       }
 #endif
       for (; b < batch; ++b) {
-        float column[M ? M : 64];
+        float column[M ? M : kFusedDictionaryMacsMax];
         for (int64_t c = 0; c < m; ++c) column[c] = px[b * image_stride + c * xm];
         for (int64_t j = 0; j < k; ++j) {
           float sum = 0.f;
@@ -514,14 +536,13 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
   }
 }
 
-constexpr int64_t kDenseMaxRows = 8;  // rows of x that DenseRows takes at once
 
 template <typename Pool, typename Value>
 void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t rows,
                int64_t m, int64_t n, float* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kDenseMaxRows) {
-    const int64_t count = std::min(kDenseMaxRows, rows - r0);
-    auto range = &DenseRowsRange<kDenseMaxRows, Value>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDenseRowsMax) {
+    const int64_t count = std::min(kDenseRowsMax, rows - r0);
+    auto range = &DenseRowsRange<kDenseRowsMax, Value>;
     switch (count) {
       case 1: range = &DenseRowsRange<1, Value>; break;
       case 2: range = &DenseRowsRange<2, Value>; break;
