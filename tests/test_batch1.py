@@ -11,8 +11,7 @@ from lcnn_jax import config as config_lib
 from lcnn_jax import inference, layers, models
 from lcnn_jax.inference import backends
 
-pytestmark = pytest.mark.skipif("lookup" not in backends.available_backends(),
-                                reason="the C++ kernel is not available here")
+pytestmark = pytest.mark.kernel
 
 MODELS = {"alexnet-lcnn": (67, 67, 3), "resnet-lcnn": (32, 32, 3), "digits-lcnn": (8, 8, 1)}
 

@@ -1,0 +1,84 @@
+"""The C++ lookup kernel's bindings (lcnn_jax.inference.kernels): build, limits, handlers, against float64
+references."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lcnn_jax.inference import backends, kernels, layouts
+from lcnn_jax.inference import graph as graph_lib
+
+from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
+
+
+def test_limits_are_read_from_the_header(tmp_path):
+  assert kernels.LIMITS.pooled_batch_min == backends.POOLED_MIN_BATCH >= 1
+  assert kernels.LIMITS.fused_dictionary_macs_max == backends.FUSED_DICTIONARY_MACS >= 1
+  assert kernels.LIMITS.dense_rows_max == backends.DENSE_ROWS_MAX >= 1
+  with open(kernels.HEADER) as f:
+    text = f.read()
+  # Every limit of the block, and each defined once in the kernel's sources.
+  names = re.findall(r"^constexpr int64_t (k\w+) =", text.split("// END LIMITS")[0].split("// BEGIN LIMITS")[1],
+                     re.M)
+  assert len(names) == len(vars(kernels.LIMITS)) >= 4
+  for name in names:
+    assert text.count(f"constexpr int64_t {name} =") == 1
+  header = tmp_path / "k.h"
+  header.write_text("// BEGIN LIMITS\nconstexpr int64_t kSomeLimitMax = 12;\n// END LIMITS\n")
+  assert vars(kernels._read_limits(str(header))) == {"some_limit_max": 12}
+
+
+@pytest.mark.kernel
+def test_kernel_builds_without_warnings():
+  assert "-w" not in kernels.FLAGS and "-Wall" in kernels.FLAGS and "-Wextra" in kernels.FLAGS
+  assert kernels.build_log() == ""
+
+
+def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
+  monkeypatch.setenv("CXX", "no-such-compiler-lcnn")
+  with pytest.raises(kernels.KernelUnavailable, match=r"No C\+\+ compiler.*CXX"):
+    kernels._load()
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("window,strides,padding", [((3, 3), (2, 2), ((0, 0), (0, 0))),  # AlexNet
+                                                    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet
+                                                    ((2, 3), (1, 2), ((0, 1), (1, 0)))])
+def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
+  batch = backends.POOLED_MIN_BATCH + 1
+  x = rng.standard_normal((batch, 11, 12, 7)).astype(np.float32)  # NHWC
+  pooling = graph_lib._pooling({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
+                                "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
+                                "window_dilation": (1,) * 4}, relu)
+  chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, batch)
+  assert graph_lib._max_pool_kernel(chwn[..., :batch - 2], pooling) is None  # small batches pool in XLA
+  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, pooling))(chwn)
+  np.testing.assert_allclose(np.asarray(layouts.convert(pooled, batch, layouts.NHWC)),
+                             max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
+
+
+@pytest.mark.kernel
+def test_struct_attributes_reach_the_kernel(rng):
+  """Padding, strides and output size travel in the `layer` struct: a strided, padded layer through the plain
+  handler (S from NumPy) equals the float64 convolution, and a zero stride is refused by the kernel."""
+  layer = random_layer(rng, m=6, n=5, k=4, kernel=(3, 3), strides=(2, 1), padding=(1, 2), size=(7, 6), density=0.4)
+  impl = backends.get_backend("lookup")
+  params = impl.prepare(layer)
+  batch = 3
+  x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+  s = np.einsum("bhwm,mk->khwb", x.astype(np.float64), layer.float_dictionary()).astype(np.float32)
+  lookups = tuple(jnp.asarray(params[k]) for k in ("starts", "indices", "values", "scale", "bias"))
+  expected = dense_reference(layer, x)
+  oh, ow = layer.output_size
+  g = backends._geometry(layer)
+  call = dict(out_shape=(layer.out_features, oh, ow, batch),
+              scratch_size=g.atoms * g.height * g.width * batch, padding=layer.padding, output_size=(oh, ow))
+  got = kernels.lookup_conv(jnp.asarray(s), lookups, strides=layer.strides, **call)
+  np.testing.assert_allclose(np.transpose(np.asarray(got), (3, 1, 2, 0)), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+  with pytest.raises(Exception, match="strides < 1"):
+    jax.block_until_ready(kernels.lookup_conv(jnp.asarray(s), lookups, strides=(0, 1), **call))
