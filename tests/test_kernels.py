@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lcnn_jax.inference import backends, kernels, layouts
+from lcnn_jax.inference import backends, kernels, layouts, precision
 from lcnn_jax.inference import graph as graph_lib
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
@@ -82,3 +82,37 @@ def test_struct_attributes_reach_the_kernel(rng):
                              atol=1e-4 * np.abs(expected).max())
   with pytest.raises(Exception, match="strides < 1"):
     jax.block_until_ready(kernels.lookup_conv(jnp.asarray(s), lookups, strides=(0, 1), **call))
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("values", ["float32", "int8"])
+def test_network_equals_float64_layers(values, rng):
+  """lcnn_network over two lookup steps (the first with a fused dictionary, ReLU and pooling; the second with a
+  dictionary stage, padding and strides, ReLU alone) and a 1×1 dense step, against float64 NumPy."""
+  first = random_layer(rng, m=3, n=8, k=3, kernel=(5, 5), strides=(2, 2), padding=(2, 2), size=(21, 17),
+                       density=0.3)
+  second = random_layer(rng, m=8, n=6, k=9, kernel=(3, 3), strides=(2, 1), padding=(1, 1), size=(5, 4),
+                        density=0.4)
+  if values == "int8":
+    second = precision.quantize_layer(second, "int8")
+  pooling = backends.Pooling((3, 3), (2, 2), ((0, 0), (0, 0)), relu=True)
+  assert pooling.output_size(first.output_size) == second.input_size
+  dense = rng.standard_normal((4, second.out_features)).astype(np.float32)  # W (n, m)
+  bias = rng.standard_normal(4).astype(np.float32)
+  impl = backends.get_backend("lookup")
+  p1, p2 = impl.prepare(first), impl.prepare(second)
+  lookups = lambda p: [jnp.asarray(p[k]) for k in ("starts", "indices", "values", "scale", "bias")]  # noqa: E731
+  steps = [(dict(kind=kernels.STEPS.step_fused_lookups, relu=True, pooling=pooling, padding=first.padding,
+                 strides=first.strides, output_size=first.output_size), [jnp.asarray(p1["dictionary"]),
+                                                                        *lookups(p1)]),
+           (dict(kind=kernels.STEPS.step_lookups, relu=True, pooling=None, padding=second.padding,
+                 strides=second.strides, output_size=second.output_size),
+            [jnp.asarray(p2["dictionary_q"]), jnp.asarray(p2["dictionary_scale"]), *lookups(p2)]),
+           (dict(kind=kernels.STEPS.step_dense, relu=False), [jnp.asarray(dense), jnp.ones(4, jnp.float32),
+                                                             jnp.asarray(bias)])]
+  x = rng.standard_normal((1, *first.input_size, 3)).astype(np.float32)
+  got = np.asarray(kernels.network(jnp.asarray(x), steps, (1, *second.output_size, 4)))
+  y = max_pool_reference(np.maximum(dense_reference(first, x), 0), (3, 3), (2, 2), ((0, 0), (0, 0)), relu=False)
+  y = np.maximum(dense_reference(second, y), 0)
+  expected = y @ dense.T.astype(np.float64) + bias
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -35,6 +35,7 @@ FUSED_TARGET = "lcnn_lookup_conv_fused"
 POOL_TARGET = "lcnn_max_pool"
 DENSE_TARGET = "lcnn_dense_rows"
 DICTIONARY_TARGET = "lcnn_lookup_conv_dictionary"
+NETWORK_TARGET = "lcnn_network"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
 HEADER = os.path.join(os.path.dirname(__file__), "lookup_kernel.h")
 SOURCES = (SOURCE, HEADER)
@@ -44,18 +45,19 @@ BUILD_LOG = "build.log"
 """The compiler's messages, kept beside the library."""
 
 
-def _read_limits(path: str = HEADER) -> types.SimpleNamespace:
-  """The ``constexpr int64_t kName = value;`` lines between ``// BEGIN LIMITS`` and ``// END LIMITS`` of the
-  kernel's header, as attributes ``name`` in snake case (kPooledBatchMin -> pooled_batch_min).
+def _read_limits(path: str = HEADER, block_name: str = "LIMITS") -> types.SimpleNamespace:
+  """The ``constexpr int64_t kName = value;`` lines between ``// BEGIN LIMITS`` and ``// END LIMITS`` (or
+  another ``block_name``) of the kernel's header, as attributes ``name`` in snake case (kPooledBatchMin ->
+  pooled_batch_min).
 
   Read from the source rather than from the built library: the limits also steer choices on a machine that
   cannot build the kernel (which backend, which layout), and importing must not compile anything.
   """
   with open(path) as f:
     text = f.read()
-  block = re.search(r"// BEGIN LIMITS\n(.*?)// END LIMITS", text, re.S)
+  block = re.search(rf"// BEGIN {block_name}\n(.*?)// END {block_name}", text, re.S)
   if block is None:
-    raise KernelUnavailable(f"{path} has no // BEGIN LIMITS ... // END LIMITS block.")
+    raise KernelUnavailable(f"{path} has no // BEGIN {block_name} ... // END {block_name} block.")
   limits = {}
   for name, value in re.findall(r"^constexpr int64_t k(\w+) = (\d+);", block.group(1), re.M):
     limits[re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()] = int(value)
@@ -128,7 +130,7 @@ def _load() -> str:
     loaded = ctypes.cdll.LoadLibrary(library)
     handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused,
                 POOL_TARGET: loaded.LcnnMaxPool, DENSE_TARGET: loaded.LcnnDenseRows,
-                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary}
+                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary, NETWORK_TARGET: loaded.LcnnNetwork}
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():
@@ -173,6 +175,8 @@ def build_log() -> str:
 LIMITS = _read_limits()
 """The kernel's limits (``lookup_kernel.h``'s LIMITS block): ``fused_dictionary_macs_max``, ``pooled_row_min``,
 ``pooled_batch_min``, ``dense_rows_max``."""
+STEPS = _read_limits(block_name="STEPS")
+"""The kinds of a :func:`network` step: ``step_fused_lookups``, ``step_lookups``, ``step_dense``."""
 
 
 # Calls ---------------------------------------------------------------------------------------------------------
@@ -256,3 +260,29 @@ def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Arr
   as stored, converted in registers, accumulated in float32."""
   result = jax.ShapeDtypeStruct((x.shape[0], weights.shape[0]), jnp.float32)
   return _call(DENSE_TARGET, result, x.astype(jnp.float32), weights, scale, bias)
+
+
+def network(image: jax.Array, steps: Sequence[tuple[dict, Sequence[jax.Array]]], out_shape: Sequence[int]
+            ) -> jax.Array:
+  """A chain of layers over one NHWC image (1, h, w, c) in one call -> the last step's output, NHWC
+  ``out_shape`` (1, h', w', c').
+
+  Args:
+    image: (1, h, w, c) float32.
+    steps: per layer, ``(step, arrays)``: ``step`` a dict with ``kind`` (one of :data:`STEPS`), ``padding``,
+      ``strides`` and ``output_size`` (lookups; anything for a dense step), ``pooling`` (a
+      :class:`~lcnn_jax.inference.backends.Pooling` or None) and ``relu``; ``arrays`` as the kind takes them:
+      fused lookups D (m, k) float32 and the lookups; lookups Dᵀ (k, m) as stored, its scale (k) and the
+      lookups; dense (a 1×1 convolution) W (n, m) as stored, its scale (n) and the bias (n).
+    out_shape: the last step's output size as (1, h', w', c').
+  """
+  attributes, arrays = {"steps": np.int64(len(steps))}, []
+  for i, (step, step_arrays) in enumerate(steps):
+    pooling = step.get("pooling")
+    attributes[f"step{i}"] = dict(kind=np.int64(step["kind"]), relu=bool(step["relu"]))
+    attributes[f"step{i}_layer"] = _layer_attribute(step.get("padding", (0, 0)), step.get("strides", (1, 1)),
+                                                    step.get("output_size", (1, 1)))
+    attributes[f"step{i}_pool"] = _pool_attribute(pooling)
+    arrays.extend(step_arrays)
+  result = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+  return _call(NETWORK_TARGET, result, image, *arrays, **attributes)

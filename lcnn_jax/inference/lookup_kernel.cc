@@ -6,6 +6,8 @@
 // or int8 (with a scale per output), their indices uint8, uint16 or int32.
 
 #include <cstdint>
+#include <string>
+#include <vector>
 #include <type_traits>
 #include <utility>
 
@@ -27,6 +29,14 @@ struct PoolWindow {
   bool relu;
 };
 
+// One step of lcnn_network, attribute `step<i>`: a layer (`kind`), and whether the ReLU follows it (applied by
+// the pooling when there is one). Its geometry is attribute `step<i>_layer` (lookups), the max pooling after it
+// `step<i>_pool`; its arrays follow the previous step's among the handler's arguments (see NetworkImpl).
+struct NetworkStep {
+  int64_t kind;  // kStepFusedLookups, kStepLookups or kStepDense
+  bool relu;
+};
+
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(LayerGeometry, ffi::StructMember<int64_t>("pad_h"),
                                       ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<int64_t>("stride_h"),
                                       ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("out_h"),
@@ -35,6 +45,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(PoolWindow, ffi::StructMember<int64_t>("wi
                                       ffi::StructMember<int64_t>("window_w"), ffi::StructMember<int64_t>("stride_h"),
                                       ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("pad_h"),
                                       ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<bool>("relu"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(NetworkStep, ffi::StructMember<int64_t>("kind"),
+                                      ffi::StructMember<bool>("relu"));
 
 namespace {
 
@@ -247,6 +259,196 @@ ffi::Error DenseRowsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weigh
   return ffi::Error::Success();
 }
 
+
+// lcnn_network: a chain of layers over one image in one call, each step's ReLU and max pooling applied as it
+// ends, the activation (c, h, w) handed to the next step in memory the call owns. At batch 1 every layer of
+// AlexNet-LCNN is small (0.1–5 M multiply-adds), so what a call per layer costs (XLA dispatching it, the
+// pooling fusions between them, writing and reading each output through XLA's buffers) is a large part of its
+// time. The arguments after the image are each step's arrays in order:
+//   kStepFusedLookups: D (m, k) float32, then the lookups (starts, indices, values, scale, bias);
+//   kStepLookups: Dᵀ (k, m) as stored, its scale (k), then the lookups;
+//   kStepDense (a 1×1 convolution, stride 1): W (n, m) as stored, its scale (n), the bias (n).
+struct Activation {
+  std::vector<float> data;
+  int64_t c = 0, h = 0, w = 0;
+};
+
+// The lookups of one step over `s` (its padded space-to-depth view when `layer` pads or strides).
+ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeometry& layer, int64_t height,
+                          int64_t width, ffi::AnyBuffer starts, ffi::AnyBuffer indices, ffi::AnyBuffer values,
+                          ffi::AnyBuffer scale, ffi::AnyBuffer bias, Activation& out) {
+  const int64_t n = static_cast<int64_t>(scale.element_count());
+  Geometry g;
+  g.n = n;
+  g.oh = layer.out_h;
+  g.ow = layer.out_w;
+  g.batch = 1;
+  g.width = width;
+  g.wide = (g.oh - 1) * g.width + g.ow;
+  if (g.ow > width || g.oh > height || starts.element_type() != ffi::DataType::S32 ||
+      scale.element_type() != ffi::DataType::F32 || bias.element_type() != ffi::DataType::F32 ||
+      starts.element_count() != static_cast<size_t>(n + 1) || bias.element_count() != static_cast<size_t>(n) ||
+      indices.element_count() != values.element_count()) {
+    return ffi::Error::InvalidArgument("lcnn_network: a step's lookups disagree with its input or each other");
+  }
+  out.c = n;
+  out.h = g.oh;
+  out.w = g.ow;
+  out.data.assign(n * g.oh * g.ow, 0.f);
+  bool typed = false;
+  const bool indexed = WithIndices(indices, [&](auto index) {
+    typed = WithValues(values, [&](auto value) {
+      using Index = std::remove_cv_t<std::remove_pointer_t<decltype(index)>>;
+      using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value)>>;
+      Lookups<Index, Value> l{starts.typed_data<int32_t>(), index, value, scale.typed_data<float>(),
+                              bias.typed_data<float>()};
+      Dispatch(pool, g, s, l, out.data.data());
+    });
+  });
+  if (!indexed || !typed) return ffi::Error::InvalidArgument("lcnn_network: a step's lookups have a wrong type");
+  return ffi::Error::Success();
+}
+
+// Max pooling (the ReLU first when window.relu) of `a` in place, or the ReLU alone when `relu`.
+ffi::Error NetworkEpilogue(ffi::ThreadPool& pool, const NetworkStep& step, const PoolWindow& w, Activation& a) {
+  if (w.window_h > 0) {
+    PoolGeometry p{w.window_h, w.window_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, 0, 0, w.relu};
+    p.oh = p.sh >= 1 ? (a.h + 2 * p.ph - p.wh) / p.sh + 1 : 0;  // the padding after the map = before it
+    p.ow = p.sw >= 1 ? (a.w + 2 * p.pw - p.ww) / p.sw + 1 : 0;
+    if (p.oh < 1 || p.ow < 1 || !PoolingFits(p, a.h, a.w)) {
+      return ffi::Error::InvalidArgument("lcnn_network: a step's pooling does not fit its map");
+    }
+    std::vector<float> pooled(a.c * p.oh * p.ow);
+    MaxPool(pool, a.data.data(), a.c, a.h, a.w, 1, p, pooled.data());
+    a.data.swap(pooled);
+    a.h = p.oh;
+    a.w = p.ow;
+  } else if (step.relu) {
+    for (float& v : a.data) v = std::max(v, 0.f);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error NetworkImpl(ffi::ThreadPool pool, ChwnF32 image, ffi::RemainingArgs args, ffi::Result<ChwnF32> out,
+                       ffi::Dictionary attrs) {
+  const auto in = image.dimensions();  // (1, h, w, c): one NHWC image
+  if (in[0] != 1) return ffi::Error::InvalidArgument("lcnn_network: runs one image (batch 1)");
+  auto steps = attrs.get<int64_t>("steps");
+  if (steps.has_error()) return steps.error();
+  std::vector<ffi::AnyBuffer> arrays;
+  for (size_t i = 0; i < args.size(); ++i) {
+    auto got = args.get<ffi::AnyBuffer>(i);
+    if (got.has_error()) return got.error();
+    arrays.push_back(*got);
+  }
+  size_t next = 0;  // the next step's first array
+  auto take = [&](size_t count) { return next + count <= arrays.size() ? (next += count) - count : arrays.size(); };
+  Activation a;  // (c, h, w); (h, w, c) while nhwc
+  a.c = in[3];
+  a.h = in[1];
+  a.w = in[2];
+  a.data.assign(image.typed_data(), image.typed_data() + a.c * a.h * a.w);
+  bool nhwc = true;
+  for (int64_t i = 0; i < *steps; ++i) {
+    const std::string name = "step" + std::to_string(i);
+    auto decoded = attrs.get<NetworkStep>(name);
+    if (decoded.has_error()) return decoded.error();
+    auto geometry = attrs.get<LayerGeometry>(name + "_layer");
+    if (geometry.has_error()) return geometry.error();
+    auto window = attrs.get<PoolWindow>(name + "_pool");
+    if (window.has_error()) return window.error();
+    const NetworkStep& step = *decoded;
+    if (step.kind != lcnn::kStepFusedLookups && nhwc) {  // (h, w, c) -> (c, h, w)
+      std::vector<float> chw(a.data.size());
+      for (int64_t y = 0; y < a.h * a.w; ++y)
+        for (int64_t c = 0; c < a.c; ++c) chw[c * a.h * a.w + y] = a.data[y * a.c + c];
+      a.data.swap(chw);
+      nhwc = false;
+    }
+    const LayerGeometry& layer = *geometry;
+    Activation result;
+    ffi::Error error = ffi::Error::Success();
+    if (step.kind == lcnn::kStepDense) {
+      const size_t at = take(3);
+      if (at == arrays.size()) return ffi::Error::InvalidArgument("lcnn_network: too few arrays for the steps");
+      ffi::AnyBuffer &weights = arrays[at], &scale = arrays[at + 1], &bias = arrays[at + 2];
+      const auto wd = weights.dimensions();  // (n, m)
+      if (wd.size() != 2 || wd[1] != a.c || scale.element_count() != static_cast<size_t>(wd[0]) ||
+          bias.element_count() != static_cast<size_t>(wd[0]) || scale.element_type() != ffi::DataType::F32 ||
+          bias.element_type() != ffi::DataType::F32) {
+        return ffi::Error::InvalidArgument("lcnn_network: a dense step's W (n, m), scale and bias (n) disagree");
+      }
+      result.c = wd[0];
+      result.h = a.h;
+      result.w = a.w;
+      result.data.resize(result.c * a.h * a.w);
+      const bool typed = WithValues(weights, [&](auto value) {
+        DenseColumns(pool, a.data.data(), value, scale.typed_data<float>(), bias.typed_data<float>(), a.c,
+                     a.h * a.w, result.c, result.data.data());
+      });
+      if (!typed) return ffi::Error::InvalidArgument("lcnn_network: W must be float32, bfloat16 or int8");
+    } else if (step.kind == lcnn::kStepFusedLookups || step.kind == lcnn::kStepLookups) {
+      if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_network: strides < 1 or padding < 0");
+      const bool fused = step.kind == lcnn::kStepFusedLookups;
+      const size_t at = take(fused ? 6 : 7);
+      if (at == arrays.size()) return ffi::Error::InvalidArgument("lcnn_network: too few arrays for the steps");
+      const size_t lookups = at + (fused ? 1 : 2);
+      const int64_t sh = layer.stride_h, sw = layer.stride_w;
+      const int64_t height = (a.h + 2 * layer.pad_h + sh - 1) / sh, width = (a.w + 2 * layer.pad_w + sw - 1) / sw;
+      std::vector<float> s;  // S (k, h, w), then its padded space-to-depth view (k·sh·sw, height, width)
+      if (fused) {
+        ffi::AnyBuffer& dictionary = arrays[at];
+        const auto d = dictionary.dimensions();  // (m, k)
+        if (d.size() != 2 || d[0] != a.c || d[0] * d[1] > lcnn::kFusedDictionaryMacsMax ||
+            dictionary.element_type() != ffi::DataType::F32) {
+          return ffi::Error::InvalidArgument("lcnn_network: a fused step's D (m, k) disagrees with its input");
+        }
+        s.resize(d[1] * sh * sw * height * width);
+        DictionaryToDepth(pool, a.data.data(), nhwc, dictionary.typed_data<float>(), d[0], d[1], a.h, a.w, 1,
+                          layer.pad_h, layer.pad_w, sh, sw, height, width, s.data());
+      } else {
+        ffi::AnyBuffer &dictionary = arrays[at], &d_scale = arrays[at + 1];
+        const auto d = dictionary.dimensions();  // (k, m)
+        if (d.size() != 2 || d[1] != a.c || d_scale.element_count() != static_cast<size_t>(d[0]) ||
+            d_scale.element_type() != ffi::DataType::F32) {
+          return ffi::Error::InvalidArgument("lcnn_network: a step's Dᵀ (k, m) and its scale disagree with its input");
+        }
+        s.resize(d[0] * a.h * a.w);
+        std::vector<float> zeros(d[0], 0.f);
+        const bool typed = WithValues(dictionary, [&](auto value) {
+          DenseColumns(pool, a.data.data(), value, d_scale.typed_data<float>(), zeros.data(), a.c, a.h * a.w, d[0],
+                       s.data());
+        });
+        if (!typed) return ffi::Error::InvalidArgument("lcnn_network: Dᵀ must be float32, bfloat16 or int8");
+        if (layer.copies()) {
+          std::vector<float> padded(d[0] * sh * sw * height * width);
+          SpaceToDepth(pool, s.data(), d[0], a.h, a.w, 1, layer.pad_h, layer.pad_w, sh, sw, height, width,
+                       padded.data());
+          s.swap(padded);
+        }
+      }
+      error = NetworkLookups(pool, s.data(), layer, height, width, arrays[lookups], arrays[lookups + 1],
+                             arrays[lookups + 2], arrays[lookups + 3], arrays[lookups + 4], result);
+    } else {
+      return ffi::Error::InvalidArgument("lcnn_network: unknown step kind");
+    }
+    if (error.failure()) return error;
+    error = NetworkEpilogue(pool, step, *window, result);
+    if (error.failure()) return error;
+    a = std::move(result);
+    nhwc = false;
+  }
+  if (next != arrays.size()) return ffi::Error::InvalidArgument("lcnn_network: more arrays than the steps take");
+  const auto o = out->dimensions();  // (1, h, w, c)
+  if (nhwc || o[0] != 1 || o[1] != a.h || o[2] != a.w || o[3] != a.c) {
+    return ffi::Error::InvalidArgument("lcnn_network: out must be (1, h, w, c) of the last step's output");
+  }
+  float* dst = out->typed_data();
+  for (int64_t c = 0; c < a.c; ++c)
+    for (int64_t y = 0; y < a.h * a.w; ++y) dst[y * a.c + c] = a.data[c * a.h * a.w + y];
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Attributes (kernels.py passes them): `layer` a LayerGeometry, `pool` a PoolWindow, `nhwc` a bool.
@@ -313,3 +515,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl
                                   .Ret<ChwnF32>()           // S (k, h, w, batch)
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()            // one NHWC image (1, h, w, c)
+                                  .RemainingArgs()           // each step's arrays
+                                  .Ret<ChwnF32>()            // the last step's output, NHWC (1, h, w, c)
+                                  .Attrs<ffi::Dictionary>());  // steps; step<i>, step<i>_layer, step<i>_pool

@@ -54,6 +54,13 @@ constexpr int64_t kPooledBatchMin = 16;
 constexpr int64_t kDenseRowsMax = 8;
 // END LIMITS
 
+// The kinds of a step of lcnn_network (kernels.py reads them as the limits above).
+// BEGIN STEPS
+constexpr int64_t kStepFusedLookups = 0;
+constexpr int64_t kStepLookups = 1;
+constexpr int64_t kStepDense = 2;
+// END STEPS
+
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
 inline v16 Load(const float* p) {

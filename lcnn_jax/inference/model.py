@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
+from lcnn_jax.inference import chain as chain_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import layouts
 from lcnn_jax.inference.backends import LookupLayer
@@ -202,6 +203,7 @@ class InferenceModel:
     self.tuning = dict(tuning) if tuning is not None else None
     self.backends = self._resolve(backends)
     self._params: dict[str, dict[str, jax.Array]] = {}
+    self.chain = chain_lib.plan(graph, self.layers, self.backends, self.input_shape)  # batch 1 in one call
     self._forward = jax.jit(self._apply)
 
   @property
@@ -254,6 +256,8 @@ class InferenceModel:
       if pooling is not None:
         return run_layer_pooled(self.layers[name], self.backends.get(name), params[name], value, pooling)
       return run_layer(self.layers[name], self.backends.get(name), params[name], value)
+    if images.shape[0] == 1 and self.chain is not None:
+      return chain_lib.run(self.chain, self.layers, params, images, layer_fn, params["__consts__"])
     return graph_lib.run(self.graph, layer_fn, images, params["__consts__"])
 
   def __call__(self, images: jax.Array | np.ndarray) -> jax.Array:
