@@ -17,6 +17,9 @@ batch size); PyTorch is not implemented here and is reported as skipped. An engi
 reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
 engine.
 
+At batch 1, where the chosen mix runs its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`),
+the row ``auto-per-layer`` times the same mix with a kernel call per layer, in the same rounds.
+
 ``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
 "count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
 {engine: {"dense_ms"} or {"skipped"}}, "headline": {...}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
@@ -285,6 +288,9 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
               **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
               **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
+  if batch == 1 and setup.lcnn.chain is not None:  # the same mix, a kernel call per layer, beside the chain
+    variants["auto-per-layer"] = setup.lcnn.with_backends(setup.lcnn.backends)
+    variants["auto-per-layer"].chain = None
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
@@ -297,7 +303,8 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
            "fastest_dense_engine": fastest, "fastest_dense_ms": dense_ms[fastest],
            "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
            "precision": b.split(" ")[1] if " " in b else precision}
-          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:])]]
+          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:]),
+                    *(["auto-per-layer"] if "auto-per-layer" in variants else [])]]
   result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends,
             "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},

@@ -411,7 +411,7 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ChwnF32 image, ffi::RemainingArgs a
         const auto d = dictionary.dimensions();  // (k, m)
         if (d.size() != 2 || d[1] != a.c || d_scale.element_count() != static_cast<size_t>(d[0]) ||
             d_scale.element_type() != ffi::DataType::F32) {
-          return ffi::Error::InvalidArgument("lcnn_network: a step's Dᵀ (k, m) and its scale disagree with its input");
+          return ffi::Error::InvalidArgument("lcnn_network: a step's Dᵀ (k, m) or scale disagrees with its input");
         }
         s.resize(d[0] * a.h * a.w);
         std::vector<float> zeros(d[0], 0.f);
