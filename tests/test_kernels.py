@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lcnn_jax import inference
 from lcnn_jax.inference import backends, kernels, layouts, precision
 from lcnn_jax.inference import graph as graph_lib
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
+from test_batch1 import MODELS, _model  # noqa: E402
 
 
 def test_limits_are_read_from_the_header(tmp_path):
@@ -116,3 +118,43 @@ def test_network_equals_float64_layers(values, rng):
   y = np.maximum(dense_reference(second, y), 0)
   expected = y @ dense.T.astype(np.float64) + bias
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("case", ["fused", "dictionary", "plain"])
+def test_epilogue_adds_the_residual_and_applies_the_relu(case, rng, monkeypatch):
+  """The outputs as the kernel stores them: + a residual, then the ReLU, against float64 NumPy."""
+  m, k = {"fused": (3, 4), "dictionary": (12, 8), "plain": (12, 8)}[case]
+  layer = random_layer(rng, m=m, n=7, k=k, kernel=(3, 3), strides=(2, 1), padding=(1, 1), size=(9, 8), density=0.4)
+  impl = backends.get_backend("lookup")
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  batch = 5
+  x = rng.standard_normal((batch, *layer.input_size, m)).astype(np.float32)
+  conv = dense_reference(layer, x)  # (batch, oh, ow, n)
+  residual = rng.standard_normal(conv.shape).astype(np.float32)
+  chwn = jnp.asarray(np.transpose(residual, (3, 1, 2, 0)))
+  if case == "plain":
+    monkeypatch.setattr(backends, "DICTIONARY_COLUMNS_MAX", 0)  # S from XLA's matmul, then lcnn_lookup_conv
+  for relu, add in [(True, None), (False, chwn), (True, chwn)]:
+    out, layout = impl.apply(layer, params, jnp.asarray(x), layouts.NHWC, residual=add, relu=relu)
+    got = np.asarray(layouts.convert(out, layout, layouts.NHWC))
+    expected = conv + (residual if add is not None else 0)
+    expected = np.maximum(expected, 0) if relu else expected
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.kernel
+def test_residual_blocks_end_inside_the_kernel(rng, monkeypatch):
+  """ResNet-LCNN: each block's addition and ReLU, and each ReLU after a layer, are applied by the layer before
+  them (no XLA maximum left), with the same logits as running them in XLA."""
+  input_shape = MODELS["resnet-lcnn"]
+  exported = inference.inference_model(_model("resnet-lcnn", input_shape, rng), input_shape, backends="lookup")
+  x = jnp.asarray(rng.standard_normal((17, *input_shape)).astype(np.float32))
+  fused_text = exported._forward.lower(exported.params(), x).as_text()
+  got = np.asarray(exported(x))
+  monkeypatch.setattr(graph_lib, "_layers_into_epilogues", lambda *args: {})
+  separate = exported.with_backends("lookup")
+  separate_text = separate._forward.lower(separate.params(), x).as_text()
+  expected = np.asarray(separate(x))
+  assert fused_text.count("stablehlo.maximum") == 0 < separate_text.count("stablehlo.maximum")
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())

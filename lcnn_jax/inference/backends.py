@@ -374,9 +374,11 @@ class Lookup:
     return (batch >= POOLED_MIN_BATCH and layer.output_size[1] * batch >= kernels.LIMITS.pooled_row_min
             and pooling.fits(layer.output_size))
 
-  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None):
+  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None, residual: jax.Array | None = None,
+            relu: bool = False):
     """As :meth:`Backend.apply`; with ``pooling`` (see :meth:`pools`), the output is the pooled map, computed
-    without writing the layer's own output to memory."""
+    without writing the layer's own output to memory. Without pooling, ``residual`` (CHWN, shaped as the
+    output) is added to the outputs and ``relu`` applied as the kernel stores them."""
     g = _geometry(layer)
     batch = layouts.batch_size(x, layout)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
@@ -387,7 +389,8 @@ class Lookup:
     out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
     call = dict(out_shape=(layer.out_features, *out_size, batch),
                 scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
-                strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling)
+                strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
+                residual=residual, relu=relu)
     lookups = (params["starts"], params["indices"], params["values"], params["scale"], params["bias"])
     if fused:
       nhwc = layout == NHWC

@@ -264,8 +264,9 @@ def trace(model: nnx.Module, input_shape: Sequence[int]) -> tuple[Graph, dict[st
 Value = tuple[jax.Array, Layout]  # (array, layout); NHWC means the array as the model sees it
 LayerFn = Callable[..., Value | None]
 """``layer_fn(name, value)`` -> the layer's output; ``layer_fn(name, value, pooling=p)`` -> the output after the
-ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), or None where the layer
-cannot apply them itself (the graph then runs them)."""
+ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), and ``layer_fn(name, value,
+residual=r, relu=b)`` -> the output plus the value ``r`` (or None), then the ReLU when ``b``; either is None where
+the layer cannot apply them itself (the graph then runs them)."""
 
 
 def as_layout(value: Value, layout: Layout) -> jax.Array:
@@ -408,6 +409,79 @@ def _layers_into_max_pools(graph: Graph, deferred: set[int]) -> dict[int, tuple[
   return fusable
 
 
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+  """What a layer may apply to its outputs as it stores them: the residual added (``residual``, a graph input
+  reference, or None), then the ReLU (``relu``); ``output`` is the variable that then holds the result, ``skipped``
+  the equations' outputs it stands for, ``hoisted`` an equation computing the residual that runs first."""
+  output: int
+  residual: tuple | None
+  relu: bool
+  skipped: tuple[int, ...]
+  hoisted: Equation | None
+
+
+def _layers_into_epilogues(graph: Graph, deferred: set[int], pooled: dict) -> dict[int, Epilogue]:
+  """Layer outputs used only by a residual addition and/or a ReLU after it (a ResNet block's end: conv2, the
+  shortcut's addition, the ReLU; or a layer and its ReLU): output variable -> :class:`Epilogue`. The other
+  operand of the addition must exist before the layer runs, or be computed by a layer equation whose input
+  does (a ResNet shortcut convolution, hoisted to run first). ReLUs deferred into max poolings are left to
+  them (:func:`_relus_into_max_pools`)."""
+  order = {e.outputs[0]: i for i, e in enumerate(graph.equations)}
+  epilogues = {}
+  for index, layer in enumerate(graph.equations):
+    source = layer.outputs[0]
+    if layer.primitive != "layer" or source in pooled or source == graph.output:
+      continue
+    users = graph.consumers(source)
+    if len(users) != 1:
+      continue
+    user, residual, hoisted, skipped = users[0], None, None, []
+    if user.primitive == "add" and len(user.inputs) == 2 and user.inputs.count(("var", source)) == 1:
+      other = next(i for i in user.inputs if i != ("var", source))
+      if other[0] == "var" and other[1] != graph.input:
+        made = graph.equations[order[other[1]]]
+        if order[other[1]] > index:  # computed after the layer: hoist it if it is a layer on an earlier value
+          ready = [i for i in made.inputs if i[0] == "var" and (i[1] == graph.input or order[i[1]] < index)]
+          if made.primitive != "layer" or len(ready) != len(made.inputs):
+            continue
+          hoisted = made
+      residual = other
+      skipped.append(user.outputs[0])
+      end = user.outputs[0]
+      if end == graph.output:
+        epilogues[source] = Epilogue(end, residual, False, tuple(skipped), hoisted)
+        continue
+      users = graph.consumers(end)
+      if len(users) != 1:
+        epilogues[source] = Epilogue(end, residual, False, tuple(skipped), hoisted)
+        continue
+      user = users[0]
+    if _is_relu(user) and user.outputs[0] not in deferred:
+      skipped.append(user.outputs[0])
+      epilogues[source] = Epilogue(user.outputs[0], residual, True, tuple(skipped), hoisted)
+    elif residual is not None:
+      epilogues[source] = Epilogue(skipped[-1], residual, False, tuple(skipped), hoisted)
+  return epilogues
+
+
+def _run_with_epilogue(eqn: Equation, value: Value, epilogue: Epilogue, layer_fn: LayerFn, env: dict,
+                       read: Callable, done: set) -> bool:
+  """Runs layer ``eqn`` with its ``epilogue`` where ``layer_fn`` can (its hoisted residual layer first);
+  False where it cannot (the layer then runs alone)."""
+  if epilogue.hoisted is not None and epilogue.hoisted.outputs[0] not in env:
+    hoisted = epilogue.hoisted
+    env[hoisted.outputs[0]] = layer_fn(hoisted.params["name"], read(hoisted.inputs[0]))
+    done.add(hoisted.outputs[0])
+  residual = read(epilogue.residual) if epilogue.residual is not None else None
+  result = layer_fn(eqn.params["name"], value, residual=residual, relu=epilogue.relu)
+  if result is None:
+    return False
+  env[epilogue.output] = result
+  done.update(epilogue.skipped)
+  return True
+
+
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
   """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer.
 
@@ -434,11 +508,15 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
 
   deferred = _relus_into_max_pools(graph)
   fusable = _layers_into_max_pools(graph, deferred)
+  epilogues = _layers_into_epilogues(graph, deferred, fusable)
   done = set()  # outputs of a ReLU and a pooling that the layer before them computed
   for eqn in graph.equations:
     if eqn.outputs[0] in done:
       continue
     args = [read(i) for i in eqn.inputs]
+    if eqn.primitive == "layer" and eqn.outputs[0] in epilogues:
+      if _run_with_epilogue(eqn, args[0], epilogues[eqn.outputs[0]], layer_fn, env, read, done):
+        continue
     if eqn.outputs[0] in deferred:  # a ReLU that the max pooling after it applies
       env[eqn.outputs[0]] = next(a for a, i in zip(args, eqn.inputs) if i[0] == "var")
       continue

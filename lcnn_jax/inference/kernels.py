@@ -207,6 +207,11 @@ def _call(target: str, results, *args, **attributes):
   return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
 
 
+def _residual(residual: jax.Array | None) -> jax.Array:
+  """The handlers' residual argument: the array, or one of no elements for none."""
+  return jnp.zeros((0,), jnp.float32) if residual is None else residual.astype(jnp.float32)
+
+
 def _lookup_results(out_shape: Sequence[int], scratch_size: int) -> tuple:
   return (jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
           jax.ShapeDtypeStruct((max(1, scratch_size),), jnp.float32))
@@ -214,37 +219,40 @@ def _lookup_results(out_shape: Sequence[int], scratch_size: int) -> tuple:
 
 def lookup_conv(s: jax.Array, lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                 padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
-                pooling: Any = None) -> jax.Array:
+                pooling: Any = None, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
   """The lookups over S (k, h, w, batch) -> out ``out_shape`` (n, oh, ow, batch), or its max pooling (with the
   ReLU before it when ``pooling.relu``). ``scratch_size``: elements of the padded space-to-depth S (k·sh·sw,
-  H, W, batch) when the layer pads or strides, else 0."""
-  out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size), s, *lookups,
-                 layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling))
+  H, W, batch) when the layer pads or strides, else 0. Without pooling, the outputs may get ``residual``
+  (shaped as out) added and then the ReLU (``relu``) as they are stored."""
+  out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size), s, *lookups, _residual(residual),
+                 layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu)
   return out
 
 
 def lookup_conv_dictionary(x: jax.Array, dictionary: jax.Array, dictionary_scale: jax.Array,
                            lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                            padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
-                           pooling: Any = None) -> jax.Array:
+                           pooling: Any = None, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
   """As :func:`lookup_conv`, with S = Dᵀ·x computed in the same call from x (m, h, w, batch) and Dᵀ (k, m) as
   stored (float32, bfloat16 or int8, times ``dictionary_scale`` (k))."""
   k = dictionary.shape[0]
   _, h, w, batch = x.shape
   results = (*_lookup_results(out_shape, scratch_size), jax.ShapeDtypeStruct((k, h, w, batch), jnp.float32))
-  out, _, _ = _call(DICTIONARY_TARGET, results, x, dictionary, dictionary_scale, *lookups,
-                    layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling))
+  out, _, _ = _call(DICTIONARY_TARGET, results, x, dictionary, dictionary_scale, *lookups, _residual(residual),
+                    layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu)
   return out
 
 
 def lookup_conv_fused(x: jax.Array, dictionary: jax.Array, lookups: Sequence[jax.Array], *, nhwc: bool,
                       out_shape: Sequence[int], scratch_size: int, padding: Sequence[int], strides: Sequence[int],
-                      output_size: Sequence[int], pooling: Any = None) -> jax.Array:
+                      output_size: Sequence[int], pooling: Any = None, residual: jax.Array | None = None,
+                      relu: bool = False) -> jax.Array:
   """As :func:`lookup_conv`, with S = x ⊛ D computed while filling the space-to-depth buffer, from x (batch,
   h, w, m) when ``nhwc`` else (m, h, w, batch) and D (m, k) float32, m·k at most
   ``LIMITS.fused_dictionary_macs_max``."""
   out, _ = _call(FUSED_TARGET, _lookup_results(out_shape, scratch_size), x, dictionary, *lookups,
-                 layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), nhwc=nhwc)
+                 _residual(residual), layer=_layer_attribute(padding, strides, output_size),
+                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc)
   return out
 
 

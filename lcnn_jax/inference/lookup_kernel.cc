@@ -101,12 +101,24 @@ bool WithIndices(ffi::AnyBuffer& indices, F f) {
   }
 }
 
+// What a layer's outputs get before they are stored: a residual of out's shape added (none: no elements), then
+// max(·, 0) when relu.
+struct Epilogue {
+  ffi::Buffer<ffi::F32> residual;
+  bool relu;
+};
+
 // Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed), then
 // the pooling when there is one (out is then the pooled map).
 ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
                       ffi::AnyBuffer& indices, ffi::AnyBuffer& values, FlatF32& scale, FlatF32& bias,
-                      const PoolGeometry& pooling, const OutF32& out_buffer, float* out) {
+                      const PoolGeometry& pooling, const Epilogue& epilogue, const OutF32& out_buffer, float* out) {
   const bool pools = pooling.wh > 0;
+  const size_t residual = epilogue.residual.element_count();
+  if ((residual != 0 || epilogue.relu) && (pools || (residual != 0 && residual != out_buffer.element_count()))) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: the residual must be shaped as out, and the epilogue "
+                                       "comes without pooling");
+  }
   if (pools) {
     if (!PoolingFits(pooling, g.oh, g.ow) || g.ow * g.batch < lcnn::kPooledRowMin) {
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: the pooling, the layer's output and out disagree");
@@ -124,7 +136,8 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
     typed = WithValues(values, [&](auto value) {
       using Index = std::remove_cv_t<std::remove_pointer_t<decltype(index)>>;
       using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value)>>;
-      Lookups<Index, Value> l{starts.typed_data(), index, value, scale.typed_data(), bias.typed_data()};
+      Lookups<Index, Value> l{starts.typed_data(), index, value, scale.typed_data(), bias.typed_data(),
+                              residual != 0 ? epilogue.residual.typed_data() : nullptr, epilogue.relu};
       if (pools) DispatchPooled(pool, g, s, l, pooling, out);
       else Dispatch(pool, g, s, l, out);
     });
@@ -156,8 +169,9 @@ bool LayerFits(const LayerGeometry& p) {
 }
 
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
-                          ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Result<ChwnF32> out,
-                          ffi::Result<FlatF32> scratch, LayerGeometry layer, PoolWindow window) {
+                          ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Buffer<ffi::F32> residual,
+                          ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, LayerGeometry layer,
+                          PoolWindow window, bool relu) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = s.dimensions();  // (k, h, w, batch)
@@ -176,15 +190,17 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
                  scratch->typed_data());
     source = scratch->typed_data();
   }
-  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, *out, out->typed_data());
+  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, Epilogue{residual, relu}, *out,
+                    out->typed_data());
 }
 
 // As LookupConvImpl, with S = Dᵀ·x computed here first (DenseColumns, from D as stored) into `s_buffer`:
 // one call for the whole layer where XLA's matmul would cost more to dispatch than to run (small maps).
 ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuffer dictionary, FlatF32 d_scale,
                                     FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
-                                    FlatF32 bias, ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch,
-                                    ffi::Result<ChwnF32> s_buffer, LayerGeometry layer, PoolWindow window) {
+                                    FlatF32 bias, ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
+                                    ffi::Result<FlatF32> scratch, ffi::Result<ChwnF32> s_buffer, LayerGeometry layer,
+                                    PoolWindow window, bool relu) {
   const auto in = x.dimensions();  // (m, h, w, batch)
   const auto d = dictionary.dimensions();  // (k, m)
   const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
@@ -200,13 +216,15 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
                  s_buffer->typed_data());
   });
   if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
-  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, out, scratch, layer, window);
+  return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, residual, out, scratch, layer, window,
+                        relu);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias,
-                               ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, LayerGeometry layer,
-                               PoolWindow window, bool nhwc) {
+                               ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
+                               ffi::Result<FlatF32> scratch, LayerGeometry layer, PoolWindow window, bool relu,
+                               bool nhwc) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
@@ -226,8 +244,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   }
   DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
                     layer.pad_w, sh, sw, height, g.width, scratch->typed_data());
-  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling, *out,
-                    out->typed_data());
+  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling,
+                    Epilogue{residual, relu}, *out, out->typed_data());
 }
 
 ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, PoolWindow window) {
@@ -469,10 +487,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                   .Arg<ffi::AnyBuffer>()    // values
                                   .Arg<FlatF32>()           // scale
                                   .Arg<FlatF32>()           // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a residual shaped as out, or no elements
                                   .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
                                   .Ret<FlatF32>()           // the padded space-to-depth S
                                   .Attr<LayerGeometry>("layer")
-                                  .Attr<PoolWindow>("pool"));
+                                  .Attr<PoolWindow>("pool")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
@@ -484,10 +504,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                   .Arg<ffi::AnyBuffer>()    // values
                                   .Arg<FlatF32>()           // scale
                                   .Arg<FlatF32>()           // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a residual shaped as out, or no elements
                                   .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
                                   .Ret<FlatF32>()           // the padded space-to-depth S
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
+                                  .Attr<bool>("relu")
                                   .Attr<bool>("nhwc"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
@@ -510,11 +532,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl
                                   .Arg<ffi::AnyBuffer>()    // values
                                   .Arg<FlatF32>()           // scale
                                   .Arg<FlatF32>()           // bias
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // a residual shaped as out, or no elements
                                   .Ret<OutF32>()            // out (n, oh, ow, batch) or pooled
                                   .Ret<FlatF32>()           // the padded space-to-depth S
                                   .Ret<ChwnF32>()           // S (k, h, w, batch)
                                   .Attr<LayerGeometry>("layer")
-                                  .Attr<PoolWindow>("pool"));
+                                  .Attr<PoolWindow>("pool")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
                               ffi::Ffi::Bind()

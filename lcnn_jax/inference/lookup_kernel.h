@@ -120,12 +120,16 @@ struct Lookups {
   const Value* values;    // (nnz): float, BF16 or int8
   const float* scale;     // (n): output o is scale[o] * (its sum over the stored values) + bias[o]
   const float* bias;      // (n)
+  // The epilogue: a residual added to each output (laid out as the output; null: none), then max(·, 0) when
+  // relu. Only for outputs stored as computed (not pooled).
+  const float* residual = nullptr;
+  bool relu = false;
 };
 
-// Writes scale * acc + bias for wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping
-// columns x >= ow.
-inline void Store(const Geometry& g, const float* acc, float scale, float bias, int64_t o, int64_t p0, int64_t len,
-                  float* out) {
+// Writes scale * acc + bias (+ residual, then max(·, 0) when relu) for wide elements [p0, p0 + len) of output o
+// to out (n, oh, ow, batch), dropping columns x >= ow. The residual, when there is one, is read at the same place.
+inline void Store(const Geometry& g, const float* acc, float scale, float bias, const float* residual, bool relu,
+                  int64_t o, int64_t p0, int64_t len, float* out) {
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
@@ -135,9 +139,19 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
     const int64_t xb = q - y * row;  // x * batch + b
     if (xb < kept) {
       const int64_t stop = std::min(end, y * row + kept);
-      float* dst = out + (o * g.oh + y) * kept + xb;
+      const int64_t at = (o * g.oh + y) * kept + xb;
+      float* dst = out + at;
       const float* src = acc + (q - p0);
-      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] * scale + bias;
+      const int64_t count = stop - q;
+      if (residual == nullptr && !relu) {
+        for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * scale + bias;
+      } else if (residual == nullptr) {
+        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias, 0.f);
+      } else {
+        const float* add = residual + at;
+        const float floor = relu ? 0.f : -__builtin_inff();
+        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias + add[i], floor);
+      }
     }
     q = (y + 1) * row;
   }
@@ -213,7 +227,8 @@ void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>&
   alignas(64) float acc[block];
   const int64_t start = std::min(p0, g.wide - block);
   AccumulateBlock<V>(s, l, g.batch, o, start, acc);
-  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], slot, p0, std::min(block, g.wide - p0), out);
+  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], l.residual, l.relu, slot, p0, std::min(block, g.wide - p0),
+        out);
 }
 
 template <int V, typename Index, typename Value>
@@ -228,7 +243,7 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
       if constexpr (V == 0) {
         alignas(64) float acc[16];
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-        Store(g, acc, l.scale[o], l.bias[o], o, p0, plan.block, out);
+        Store(g, acc, l.scale[o], l.bias[o], l.residual, l.relu, o, p0, plan.block, out);
       } else {
         LookupBlock<V>(g, s, l, o, p0, o, out);
       }

@@ -178,6 +178,20 @@ def run_layer_pooled(layer: Layer, backend: str | None, params: dict[str, jax.Ar
   return impl.apply(layer, params, array, layout, pooling=pooling)
 
 
+def run_layer_epilogue(layer: Layer, backend: str | None, params: dict[str, jax.Array], value: graph_lib.Value,
+                       residual: graph_lib.Value | None, relu: bool) -> graph_lib.Value | None:
+  """One layer, then ``residual`` added and the ReLU (``relu``), in one step where the layer's backend can (the
+  ``lookup`` kernel, as it stores the outputs); else None."""
+  array, layout = value
+  impl = backends_lib.get_backend(backend) if isinstance(layer, LookupLayer) else None
+  if not isinstance(impl, backends_lib.Lookup) or array.ndim == 2 or (residual is not None and residual[0].ndim != 4
+                                                                       and residual[1] == NHWC):
+    return None
+  batch = layouts.batch_size(array, layout)
+  chwn = None if residual is None else graph_lib.as_layout(residual, batch)[0]  # (n, oh, ow, batch)
+  return impl.apply(layer, params, array, layout, residual=chwn, relu=relu)
+
+
 class InferenceModel:
   """A batch of NHWC images -> logits, with each lookup layer on its chosen backend.
 
@@ -251,8 +265,10 @@ class InferenceModel:
     return self._params
 
   def _apply(self, params: dict[str, dict[str, jax.Array]], images: jax.Array) -> jax.Array:
-    def layer_fn(name: str, value: graph_lib.Value,
-                 pooling: backends_lib.Pooling | None = None) -> graph_lib.Value | None:
+    def layer_fn(name: str, value: graph_lib.Value, pooling: backends_lib.Pooling | None = None,
+                 **epilogue) -> graph_lib.Value | None:
+      if epilogue:
+        return run_layer_epilogue(self.layers[name], self.backends.get(name), params[name], value, **epilogue)
       if pooling is not None:
         return run_layer_pooled(self.layers[name], self.backends.get(name), params[name], value, pooling)
       return run_layer(self.layers[name], self.backends.get(name), params[name], value)
