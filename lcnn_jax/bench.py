@@ -18,7 +18,9 @@ reported as skipped, with the reason. The headline is the LCNN's (auto mix) spee
 engine.
 
 At batch 1, where the chosen mix runs its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`),
-the row ``auto-per-layer`` times the same mix with a kernel call per layer, in the same rounds.
+the row ``auto-per-layer`` times the same mix with a kernel call per layer, in the same rounds; at larger
+batches, where layers add residuals and apply ReLUs as they store their outputs, ``auto-unfused`` times the same
+mix with XLA doing those (``lookup-…`` rows likewise when the chosen mix is not all ``lookup``).
 
 ``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
 "count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
@@ -49,6 +51,7 @@ from lcnn_jax import cli, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import exporter, onnx_export
+from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import layouts, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
@@ -235,7 +238,6 @@ def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch:
 
 def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[dict[str, Any]]:
   """Each layer of the chosen mix alone: its time, multiply-adds and bytes, and the floors they imply."""
-  from lcnn_jax.inference import graph as graph_lib
   _, calls = graph_lib.trace(setup.lcnn_module, setup.lcnn.input_shape)
   rows = []
   for name, layer in setup.lcnn.layers.items():
@@ -264,6 +266,26 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
   return rows
 
 
+def _unfused_variants(model: InferenceModel, name: str, batch: int) -> dict[str, InferenceModel]:
+  """The same model without this package's whole-graph fusions, to time them side by side: at batch 1 with a
+  kernel call per layer instead of the one-call chain (``<name>-per-layer``); with residual additions and ReLUs
+  run by XLA instead of the kernels' epilogues (``<name>-unfused``). Only those that differ from ``model``."""
+  variants = {}
+  if batch == 1 and model.chain is not None:
+    variants[f"{name}-per-layer"] = model.with_backends(model.backends)
+    variants[f"{name}-per-layer"].chain = None
+  if batch > 1 and any(graph_lib._layers_into_epilogues(model.graph, set(), {}).values()):
+    unfused = model.with_backends(model.backends)
+    original = graph_lib._layers_into_epilogues
+    graph_lib._layers_into_epilogues = lambda *args: {}
+    try:  # traced and compiled now, without the epilogues; later calls reuse that program
+      jax.block_until_ready(unfused(np.zeros((batch, *model.input_shape), np.float32)))
+    finally:
+      graph_lib._layers_into_epilogues = original
+    variants[f"{name}-unfused"] = unfused
+  return variants
+
+
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
         with_layers: bool = False, baselines: Sequence[str] = ("xla",),
@@ -288,9 +310,9 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
               **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
               **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
-  if batch == 1 and setup.lcnn.chain is not None:  # the same mix, a kernel call per layer, beside the chain
-    variants["auto-per-layer"] = setup.lcnn.with_backends(setup.lcnn.backends)
-    variants["auto-per-layer"].chain = None
+  variants.update(_unfused_variants(setup.lcnn, "auto", batch))
+  if "lookup" in variants and set(setup.lcnn.backends.values()) != {"lookup"}:
+    variants.update(_unfused_variants(variants["lookup"], "lookup", batch))
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
@@ -304,7 +326,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
            "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
            "precision": b.split(" ")[1] if " " in b else precision}
           for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:]),
-                    *(["auto-per-layer"] if "auto-per-layer" in variants else [])]]
+                    *(v for v in variants if v.endswith(("-per-layer", "-unfused")))]]
   result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends,
             "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},

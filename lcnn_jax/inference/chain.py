@@ -15,12 +15,10 @@ from typing import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import kernels
-from lcnn_jax.inference.layouts import NHWC
 
 MIN_STEPS = 2
 """A chain of fewer layers saves no call."""
