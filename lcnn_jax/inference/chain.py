@@ -67,8 +67,6 @@ def plan(graph: graph_lib.Graph, layers: Mapping, backends: Mapping[str, str],
          input_shape: tuple[int, int, int]) -> Chain | None:
   """The chain at the start of ``graph`` for one image of ``input_shape`` (h, w, c), or None (fewer than
   :data:`MIN_STEPS` layers, or no kernel here)."""
-  if not backends_lib.Lookup().available()[0]:
-    return None
   steps: list[Step] = []
   current, size = graph.input, tuple(input_shape[:2])
   done = 0
@@ -98,7 +96,7 @@ def plan(graph: graph_lib.Graph, layers: Mapping, backends: Mapping[str, str],
         steps[-1].size = steps[-1].pooling.output_size(steps[-1].size)
       size = steps[-1].size
     done = index + 1
-  if len(steps) < MIN_STEPS:
+  if len(steps) < MIN_STEPS or not backends_lib.Lookup().available()[0]:  # checked last: it builds the kernel
     return None
   rest = graph_lib.Graph(graph.equations[done:], current, graph.output, graph.consts)
   return Chain(tuple(steps), rest)
