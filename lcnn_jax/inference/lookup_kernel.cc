@@ -312,7 +312,7 @@ ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeom
   out.c = n;
   out.h = g.oh;
   out.w = g.ow;
-  out.data.assign(n * g.oh * g.ow, 0.f);
+  out.data.resize(n * g.oh * g.ow);  // every element is stored by Dispatch
   bool typed = false;
   const bool indexed = WithIndices(indices, [&](auto index) {
     typed = WithValues(values, [&](auto value) {
@@ -328,7 +328,7 @@ ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeom
 }
 
 // Max pooling (the ReLU first when window.relu) of `a` in place, or the ReLU alone when `relu`.
-ffi::Error NetworkEpilogue(ffi::ThreadPool& pool, const NetworkStep& step, const PoolWindow& w, Activation& a) {
+ffi::Error NetworkEpilogue(const NetworkStep& step, const PoolWindow& w, Activation& a) {
   if (w.window_h > 0) {
     PoolGeometry p{w.window_h, w.window_w, w.stride_h, w.stride_w, w.pad_h, w.pad_w, 0, 0, w.relu};
     p.oh = p.sh >= 1 ? (a.h + 2 * p.ph - p.wh) / p.sh + 1 : 0;  // the padding after the map = before it
@@ -337,7 +337,7 @@ ffi::Error NetworkEpilogue(ffi::ThreadPool& pool, const NetworkStep& step, const
       return ffi::Error::InvalidArgument("lcnn_network: a step's pooling does not fit its map");
     }
     std::vector<float> pooled(a.c * p.oh * p.ow);
-    MaxPool(pool, a.data.data(), a.c, a.h, a.w, 1, p, pooled.data());
+    lcnn::MaxPoolImage(a.data.data(), a.c, a.h, a.w, p, pooled.data());
     a.data.swap(pooled);
     a.h = p.oh;
     a.w = p.ow;
@@ -451,7 +451,7 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ChwnF32 image, ffi::RemainingArgs a
       return ffi::Error::InvalidArgument("lcnn_network: unknown step kind");
     }
     if (error.failure()) return error;
-    error = NetworkEpilogue(pool, step, *window, result);
+    error = NetworkEpilogue(step, *window, result);
     if (error.failure()) return error;
     a = std::move(result);
     nhwc = false;
