@@ -17,6 +17,11 @@ batch size); PyTorch is not implemented here and is reported as skipped. An engi
 reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
 engine.
 
+At batch 1, where the chosen mix runs its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`),
+the row ``auto-per-layer`` times the same mix with a kernel call per layer, in the same rounds; at larger
+batches, where layers add residuals and apply ReLUs as they store their outputs, ``auto-unfused`` times the same
+mix with XLA doing those (``lookup-…`` rows likewise when the chosen mix is not all ``lookup``).
+
 ``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
 "count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
 {engine: {"dense_ms"} or {"skipped"}}, "headline": {...}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
@@ -253,6 +258,26 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
   return rows
 
 
+def without_epilogues(model: InferenceModel) -> InferenceModel:
+  """``model`` with its residual additions and ReLUs run by XLA instead of the layers' epilogues."""
+  fusion = dataclasses.replace(model.graph.fusion, epilogues={})
+  return InferenceModel(dataclasses.replace(model.graph, fusion=fusion), model.layers, input_shape=model.input_shape,
+                        backends=model.backends)
+
+
+def _unfused_variants(model: InferenceModel, name: str, batch: int) -> dict[str, InferenceModel]:
+  """The same model without this package's whole-graph fusions, to time them side by side: at batch 1 with a
+  kernel call per layer instead of the one-call chain (``<name>-per-layer``); with residual additions and ReLUs
+  run by XLA instead of the kernels' epilogues (``<name>-unfused``). Only those that differ from ``model``."""
+  variants = {}
+  if batch == 1 and model.chain is not None:
+    variants[f"{name}-per-layer"] = model.with_backends(model.backends)
+    variants[f"{name}-per-layer"].chain = None
+  if batch > 1 and model.graph.fusion is not None and model.graph.fusion.epilogues:
+    variants[f"{name}-unfused"] = without_epilogues(model)
+  return variants
+
+
 def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
         backend_names: Sequence[str] | None = None, seconds: float = 20.0, seed: int = 0,
         with_layers: bool = False, baselines: Sequence[str] = ("xla",),
@@ -277,6 +302,9 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
               **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
               **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
+  variants.update(_unfused_variants(setup.lcnn, "auto", batch))
+  if "lookup" in variants and set(setup.lcnn.backends.values()) != {"lookup"}:
+    variants.update(_unfused_variants(variants["lookup"], "lookup", batch))
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
@@ -289,7 +317,8 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
            "fastest_dense_engine": fastest, "fastest_dense_ms": dense_ms[fastest],
            "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
            "precision": b.split(" ")[1] if " " in b else precision}
-          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:])]]
+          for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:]),
+                    *(v for v in variants if v.endswith(("-per-layer", "-unfused")))]]
   result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends,
             "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},

@@ -23,3 +23,13 @@ def dense_reference(layer: LookupLayer, x) -> np.ndarray:
   kernel = np.einsum("mk,rcko->rcmo", layer.float_dictionary().astype(np.float64),
                      layer.coefficients().astype(np.float64))
   return np.einsum("bhwmrc,rcmo->bhwo", windows, kernel) + layer.bias
+
+
+def max_pool_reference(x, window, strides, padding, relu):
+  """Max pooling of an NHWC array in float64 numpy, positions outside x left out (independent of XLA)."""
+  (top, bottom), (left, right) = padding
+  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)),
+                  constant_values=-np.inf)
+  windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=(1, 2))[:, ::strides[0], ::strides[1]]
+  pooled = windows.max(axis=(-2, -1))
+  return np.maximum(pooled, 0) if relu else pooled

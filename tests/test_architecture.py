@@ -17,9 +17,15 @@ PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "lcnn_jax"
 # Rows in import order: each row may import itself and the rows above it. "pkg.*" is a package with every
 # module under it; a module takes the most specific entry that names it.
 LAYERS = (
-    ("config", ("lcnn_jax.cli", "lcnn_jax.config", "lcnn_jax.config_reference", "lcnn_jax.configs.*")),
+    ("config", ("lcnn_jax", "lcnn_jax.cli", "lcnn_jax.config", "lcnn_jax.config_reference", "lcnn_jax.configs.*")),
     ("data", ("lcnn_jax.data.*",)),
-    ("layers, models", ("lcnn_jax", "lcnn_jax.layers", "lcnn_jax.models.*")),
+    ("lookups", ("lcnn_jax.lookups",)),
+    ("inference run time", ("lcnn_jax.inference", "lcnn_jax.inference.allocator", "lcnn_jax.inference.backends",
+                            "lcnn_jax.inference.chain", "lcnn_jax.inference.graph", "lcnn_jax.inference.kernels",
+                            "lcnn_jax.inference.layouts", "lcnn_jax.inference.model", "lcnn_jax.inference.pallas_lookup",
+                            "lcnn_jax.inference.passes", "lcnn_jax.inference.precision", "lcnn_jax.inference.records", "lcnn_jax.inference.storage",
+                            "lcnn_jax.inference.tuning")),
+    ("layers, models", ("lcnn_jax.layers", "lcnn_jax.models.*")),
     ("sparsity, counter, optimizer", ("lcnn_jax.sparsity", "lcnn_jax.convert", "lcnn_jax.flops",
                                       "lcnn_jax.operating_point", "lcnn_jax.optimizer")),
     ("checkpoint", ("lcnn_jax.checkpoint",)),

@@ -11,8 +11,7 @@ from lcnn_jax import config as config_lib
 from lcnn_jax import inference, layers, models
 from lcnn_jax.inference import backends
 
-pytestmark = pytest.mark.skipif("lookup" not in backends.available_backends(),
-                                reason="the C++ kernel is not available here")
+pytestmark = pytest.mark.kernel
 
 MODELS = {"alexnet-lcnn": (67, 67, 3), "resnet-lcnn": (32, 32, 3), "digits-lcnn": (8, 8, 1)}
 
@@ -46,6 +45,7 @@ def test_batch1_path_equals_layer_by_layer_path(name, prec, rng, monkeypatch):
   model = _model(name, input_shape, rng)
   x = jnp.asarray(rng.standard_normal((1, *input_shape)).astype(np.float32))
   one_call = inference.inference_model(model, input_shape, backends="lookup", precision=prec)
+  one_call.chain = None  # a call per layer (the whole network in one call: the test below)
   got = np.asarray(one_call(x))
   # Every lookup layer whose dictionary XLA would apply is one call with its dictionary stage.
   separate = [n for n, layer in one_call.lookup_layers.items() if not backends.Lookup.fused(layer)]
@@ -53,6 +53,45 @@ def test_batch1_path_equals_layer_by_layer_path(name, prec, rng, monkeypatch):
   assert _calls(one_call, x, "lcnn_lookup_conv") == 0
   monkeypatch.setattr(backends, "DICTIONARY_COLUMNS_MAX", 0)  # S from an XLA matmul, then the lookups
   layer_by_layer = one_call.with_backends("lookup")
+  layer_by_layer.chain = None
   assert _calls(layer_by_layer, x, "lcnn_lookup_conv") == len(separate)
   expected = np.asarray(layer_by_layer(x))
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("name,prec", [("alexnet-lcnn", "float32"), ("alexnet-lcnn", "int8"),
+                                       ("digits-lcnn", "bfloat16")])
+def test_whole_network_in_one_call_equals_layer_by_layer(name, prec, rng):
+  input_shape = MODELS[name]
+  model = _model(name, input_shape, rng)
+  x = jnp.asarray(rng.standard_normal((1, *input_shape)).astype(np.float32))
+  one_call = inference.inference_model(model, input_shape, backends="lookup", precision=prec)
+  # The chain is the layers up to the first step the kernel cannot take (the digits model's flatten before its
+  # classifier); for AlexNet-LCNN that is every layer: one kernel call, and no other lookup call at batch 1.
+  chained = [s.name for s in one_call.chain.steps]
+  assert len(chained) >= 2 and chained == list(one_call.layers)[:len(chained)]
+  assert _calls(one_call, x, "lcnn_network") == 1
+  if name == "alexnet-lcnn":
+    assert chained == list(one_call.layers)
+    assert _calls(one_call, x, "lcnn_lookup_conv_dictionary") == _calls(one_call, x, "lcnn_lookup_conv_fused") == 0
+  layer_by_layer = one_call.with_backends("lookup")
+  layer_by_layer.chain = None
+  assert _calls(layer_by_layer, x, "lcnn_network") == 0
+  got, expected = np.asarray(one_call(x)), np.asarray(layer_by_layer(x))
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+  # Larger batches keep the layer-by-layer path.
+  batch = jnp.concatenate([x, x])
+  assert _calls(one_call, batch, "lcnn_network") == 0
+  np.testing.assert_allclose(np.asarray(one_call(batch))[1], got[0], rtol=1e-5, atol=1e-5 * np.abs(got).max())
+
+
+def test_a_residual_model_keeps_what_the_chain_cannot_take(rng):
+  model = _model("resnet-lcnn", MODELS["resnet-lcnn"], rng)
+  exported = inference.inference_model(model, MODELS["resnet-lcnn"], backends="lookup")
+  x = jnp.asarray(rng.standard_normal((1, *MODELS["resnet-lcnn"])).astype(np.float32))
+  if exported.chain is not None:  # a chain stops at the first value used twice (a residual's input)
+    assert 2 <= len(exported.chain.steps) < len(exported.lookup_layers)
+  reference = exported.with_backends("lookup")
+  reference.chain = None
+  np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(reference(x)), rtol=1e-5,
+                             atol=1e-5 * np.abs(np.asarray(reference(x))).max())

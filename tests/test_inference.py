@@ -13,12 +13,11 @@ from PIL import Image
 
 from lcnn_jax import bench, checkpoint, cli, flops, inference, layers, models
 from lcnn_jax import config as config_lib
-from lcnn_jax.inference import backends, kernels, layouts, passes, predict, tracing, tuning
+from lcnn_jax.inference import backends, layouts, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
-from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference.records import AffineLayer, LookupLayer
 
-from lookup_reference import dense_reference, random_layer  # noqa: E402
+from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
 
 AVAILABLE = backends.available_backends()
 
@@ -38,7 +37,7 @@ LAYER_CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng):
   layer = random_layer(rng, **LAYER_CASES[case])
@@ -66,35 +65,7 @@ def test_lookup_layer_round_trips_coefficients(rng):
   assert np.all(np.diff(layer.starts) == np.count_nonzero(coefficients.reshape(-1, 5), axis=0))
 
 
-def _max_pool_reference(x, window, strides, padding, relu):
-  """Max pooling of an NHWC array in float64 numpy, positions outside x left out (independent of XLA)."""
-  (top, bottom), (left, right) = padding
-  padded = np.pad(np.asarray(x, np.float64), ((0, 0), (top, bottom), (left, right), (0, 0)),
-                  constant_values=-np.inf)
-  windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=(1, 2))[:, ::strides[0], ::strides[1]]
-  pooled = windows.max(axis=(-2, -1))
-  return np.maximum(pooled, 0) if relu else pooled
-
-
-@pytest.mark.skipif("lookup" not in AVAILABLE, reason="the C++ kernel is not available here")
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("window,strides,padding", [((3, 3), (2, 2), ((0, 0), (0, 0))),  # AlexNet
-                                                    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet
-                                                    ((2, 3), (1, 2), ((0, 1), (1, 0)))])
-def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
-  batch = backends.POOLED_MIN_BATCH + 1
-  x = rng.standard_normal((batch, 11, 12, 7)).astype(np.float32)  # NHWC
-  pooling = graph_lib.max_pooling({"window_dimensions": (1, *window, 1), "window_strides": (1, *strides, 1),
-                                "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
-                                "window_dilation": (1,) * 4}, relu)
-  chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, batch)
-  assert graph_lib._max_pool_kernel(chwn[..., :batch - 2], pooling) is None  # small batches pool in XLA
-  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, pooling))(chwn)
-  np.testing.assert_allclose(np.asarray(layouts.convert(pooled, batch, layouts.NHWC)),
-                             _max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
-
-
-@pytest.mark.skipif("lookup" not in AVAILABLE, reason="the C++ kernel is not available here")
+@pytest.mark.kernel
 @pytest.mark.parametrize("case,pooling", [
     ("alexnet_conv1_like", backends.Pooling((3, 3), (2, 2), ((0, 0), (0, 0)), relu=True)),
     ("3x3_pad1", backends.Pooling((3, 3), (2, 2), ((1, 1), (1, 1)), relu=True)),  # ResNet's first pooling
@@ -111,7 +82,7 @@ def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
   run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layout, pooling=pooling), layouts.NHWC))
   got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
   conv = dense_reference(layer, x)
-  expected = _max_pool_reference(np.maximum(conv, 0) if pooling.relu else conv, pooling.window, pooling.strides,
+  expected = max_pool_reference(np.maximum(conv, 0) if pooling.relu else conv, pooling.window, pooling.strides,
                                  pooling.padding, relu=False)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -179,7 +150,7 @@ def _trained_model_and_logits(name):
   return model, input_shape, x, _eval_logits(model, x)
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
 @pytest.mark.parametrize("name", sorted(MODEL_CASES))
 def test_exported_logits_equal_eval_mode_logits(name, backend):
   model, input_shape, x, expected = _trained_model_and_logits(name)
@@ -189,7 +160,7 @@ def test_exported_logits_equal_eval_mode_logits(name, backend):
   assert not any(isinstance(layer, AffineLayer) for layer in exported.layers.values())
 
 
-@pytest.mark.skipif("lookup" not in AVAILABLE, reason="the C++ kernel is not available here")
+@pytest.mark.kernel
 @pytest.mark.parametrize("name", ["alexnet-lcnn", "resnet-lcnn"])
 def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
   model, input_shape, _, _ = _trained_model_and_logits(name)
@@ -229,7 +200,7 @@ class _Unfoldable(nnx.Module):
     return self.fc(jnp.mean(self.bn2(y) + y, axis=(1, 2)))
 
 
-@pytest.mark.parametrize("backend", AVAILABLE)
+@pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
 def test_batch_norm_folds_only_into_a_layer_whose_output_nothing_else_reads(backend, rng):
   model = _as_if_trained(_Unfoldable(nnx.Rngs(0)), rng, density=0.7)
   x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
@@ -360,12 +331,6 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   assert choice["a"] in AVAILABLE and set(timings["a"]) == set(AVAILABLE)
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)
-
-
-def test_missing_compiler_is_reported_with_the_fix(monkeypatch):
-  monkeypatch.setenv("CXX", "no-such-compiler-lcnn")
-  with pytest.raises(kernels.KernelUnavailable, match=r"No C\+\+ compiler.*CXX"):
-    kernels._load()
 
 
 # Benchmark helpers -------------------------------------------------------------------------------------------

@@ -204,23 +204,13 @@ class Pooling:
                 zip(self.window, self.strides, self.padding, out))
             and all((o - 1) * s - lo < n for o, s, (lo, _), n in zip(out, self.strides, self.padding, size)))
 
-  def attributes(self) -> dict:
-    """The kernel's pool_* attributes."""
-    (top, _), (left, _) = self.padding
-    return dict(pool_window_h=np.int64(self.window[0]), pool_window_w=np.int64(self.window[1]),
-                pool_stride_h=np.int64(self.strides[0]), pool_stride_w=np.int64(self.strides[1]),
-                pool_pad_h=np.int64(top), pool_pad_w=np.int64(left), pool_relu=self.relu)
 
-
-NO_POOLING = Pooling((0, 0), (1, 1), ((0, 0), (0, 0)), False)
-"""The kernel's attributes for a layer with no pooling after it (a zero window)."""
-
-POOLED_MIN_BATCH = 16
+POOLED_MIN_BATCH = kernels.LIMITS.pooled_batch_min
 """From this batch the C++ kernel pools CHWN activations (and a lookup layer pools its output as it computes it):
 its innermost loops run over the batch, too short to vectorise below (AlexNet-LCNN's first pooling at batch 1:
 1.0 ms in the kernel, 0.08 ms in XLA)."""
 
-FUSED_DICTIONARY_MACS = 64
+FUSED_DICTIONARY_MACS = kernels.LIMITS.fused_dictionary_macs_max
 """A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
 
@@ -268,12 +258,14 @@ class Lookup:
   def pools(pooling: "Pooling", batch: int, layer: LookupLayer) -> bool:
     """Whether the kernel can apply ``pooling`` to ``layer``'s output itself at ``batch`` (vectors over the
     batch: from :data:`POOLED_MIN_BATCH` images)."""
-    return batch >= POOLED_MIN_BATCH and layer.output_size[1] * batch >= 16 and pooling.fits(layer.output_size)
+    return (batch >= POOLED_MIN_BATCH and layer.output_size[1] * batch >= kernels.LIMITS.pooled_row_min
+            and pooling.fits(layer.output_size))
 
-  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None):
+  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None, residual: jax.Array | None = None,
+            relu: bool = False):
     """As :meth:`Backend.apply`; with ``pooling`` (see :meth:`pools`), the output is the pooled map, computed
-    without writing the layer's own output to memory."""
-    kernels.ensure_kernel()
+    without writing the layer's own output to memory. Without pooling, ``residual`` (CHWN, shaped as the
+    output) is added to the outputs and ``relu`` applied as the kernel stores them."""
     g = _geometry(layer)
     batch = layouts.batch_size(x, layout)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
@@ -282,33 +274,29 @@ class Lookup:
     if pooling is not None and not self.pools(pooling, batch, layer):
       raise ValueError(f"The lookup kernel cannot pool this layer's output ({pooling}, batch {batch}).")
     out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
-    results = (jax.ShapeDtypeStruct((layer.out_features, *out_size, batch), jnp.float32),
-               jax.ShapeDtypeStruct((g.atoms * g.height * g.width * batch if copied else 1,), jnp.float32))
-    attributes = dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
-                      out_h=np.int64(g.out_height), out_w=np.int64(g.out_width),
-                      **(pooling or NO_POOLING).attributes())
+    call = dict(out_shape=(layer.out_features, *out_size, batch),
+                scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
+                strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
+                residual=residual, relu=relu)
     lookups = (params["starts"], params["indices"], params["values"], params["scale"], params["bias"])
     if fused:
       nhwc = layout == NHWC
       x = x if nhwc else layouts.convert(x, layout, batch)[0]  # NHWC, or CHWN
-      out, _ = jax.ffi.ffi_call(kernels.FUSED_TARGET, results, vmap_method="sequential")(
-          x, params["dictionary"], *lookups, **attributes, nhwc=nhwc)
+      out = kernels.lookup_conv_fused(x, params["dictionary"], lookups, nhwc=nhwc, **call)
     else:
       x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
       m, h, w, _ = x.shape
       columns = h * w * batch
       if columns <= DICTIONARY_COLUMNS_MAX and columns * m * layer.dictionary_size <= DICTIONARY_MACS_MAX:
         # The dictionary stage in the same call, from D as stored.
-        s_shape = jax.ShapeDtypeStruct((layer.dictionary_size, h, w, batch), jnp.float32)
-        out, _, _ = jax.ffi.ffi_call(kernels.DICTIONARY_TARGET, (*results, s_shape), vmap_method="sequential")(
-            x, params["dictionary_q"], params["dictionary_scale"], *lookups, **attributes)
+        out = kernels.lookup_conv_dictionary(x, params["dictionary_q"], params["dictionary_scale"], lookups, **call)
       else:
         s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
-        out, _ = jax.ffi.ffi_call(kernels.TARGET, results, vmap_method="sequential")(s, *lookups, **attributes)
+        out = kernels.lookup_conv(s, lookups, **call)
     return out[None], batch  # CHWN
 
 
-DENSE_ROWS_MAX = 8
+DENSE_ROWS_MAX = kernels.LIMITS.dense_rows_max
 """Up to this many rows (images × pixels), a dense stage with bfloat16 or int8 weights runs in the C++ kernel
 (:func:`dense_rows`), which reads the weights as stored: there it is bound by reading them. From more rows on,
 the weights' float32 copy goes to XLA's matmul."""
@@ -317,11 +305,7 @@ the weights' float32 copy goes to XLA's matmul."""
 def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
   """x (rows, m) float32 -> (rows, n) = x · (weights · scale)ᵀ + bias in the C++ kernel (CPU), for ``weights``
   (n, m) float32, bfloat16 or int8 as stored, converted in registers, accumulated in float32."""
-  kernels.ensure_kernel()
-  rows, n = x.shape[0], weights.shape[0]
-  result = jax.ShapeDtypeStruct((rows, n), jnp.float32)
-  return jax.ffi.ffi_call(kernels.DENSE_TARGET, result, vmap_method="sequential")(
-      x.astype(jnp.float32), weights, scale, bias)
+  return kernels.dense_rows(x, weights, scale, bias)
 
 
 DICTIONARY_COLUMNS_MAX = 1024

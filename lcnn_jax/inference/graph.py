@@ -64,23 +64,50 @@ class Equation:
 
 
 @dataclasses.dataclass(frozen=True)
+class Epilogue:
+  """What a layer may apply to its outputs as it stores them: the residual added (``residual``, an equation
+  input reference, or None), then the ReLU (``relu``). ``output`` is the variable that then holds the result,
+  ``skipped`` the equations' outputs it stands for, ``hoisted`` the output of a layer equation computing the
+  residual that runs first (a ResNet shortcut convolution), or None."""
+  output: int
+  residual: tuple | None
+  relu: bool
+  skipped: tuple[int, ...]
+  hoisted: int | None
+
+  def to_json(self) -> dict:
+    return {"output": self.output, "residual": None if self.residual is None else list(self.residual),
+            "relu": self.relu, "skipped": list(self.skipped), "hoisted": self.hoisted}
+
+  @classmethod
+  def from_json(cls, data: dict) -> "Epilogue":
+    residual = None if data["residual"] is None else tuple(data["residual"])
+    return cls(data["output"], residual, data["relu"], tuple(data["skipped"]), data["hoisted"])
+
+
+@dataclasses.dataclass(frozen=True)
 class Fusion:
   """Steps of a graph that run together, found once at export (:func:`lcnn_jax.inference.passes.fuse`).
 
   ``relus_into_max_pools``: the output variables of ReLUs whose one use is a max pooling, which applies the ReLU
   itself (the two commute). ``layers_into_max_pools``: a layer's output variable -> the output variable of the
   max pooling that follows it through one of those ReLUs; the layer's backend may compute the pooled map itself.
+  ``epilogues``: a layer's output variable -> the residual addition and/or ReLU it may apply as it stores its
+  outputs (:class:`Epilogue`).
   """
   relus_into_max_pools: frozenset[int] = frozenset()
   layers_into_max_pools: Mapping[int, int] = dataclasses.field(default_factory=dict)
+  epilogues: Mapping[int, Epilogue] = dataclasses.field(default_factory=dict)
 
   def to_json(self) -> dict:
     return {"relus_into_max_pools": sorted(self.relus_into_max_pools),
-            "layers_into_max_pools": [[k, v] for k, v in sorted(self.layers_into_max_pools.items())]}
+            "layers_into_max_pools": [[k, v] for k, v in sorted(self.layers_into_max_pools.items())],
+            "epilogues": [[k, v.to_json()] for k, v in sorted(self.epilogues.items())]}
 
   @classmethod
   def from_json(cls, data: dict) -> "Fusion":
-    return cls(frozenset(data["relus_into_max_pools"]), {k: v for k, v in data["layers_into_max_pools"]})
+    return cls(frozenset(data["relus_into_max_pools"]), {k: v for k, v in data["layers_into_max_pools"]},
+               {k: Epilogue.from_json(v) for k, v in data.get("epilogues", [])})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +171,9 @@ def _decode(value: Any, batch: int) -> Any:
 Value = tuple[jax.Array, Layout]  # (array, layout); NHWC means the array as the model sees it
 LayerFn = Callable[..., Value | None]
 """``layer_fn(name, value)`` -> the layer's output; ``layer_fn(name, value, pooling=p)`` -> the output after the
-ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), or None where the layer
-cannot apply them itself (the graph then runs them)."""
+ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), and ``layer_fn(name, value,
+residual=r, relu=b)`` -> the output plus the value ``r`` (or None), then the ReLU when ``b``; either is None where
+the layer cannot apply them itself (the graph then runs them)."""
 
 
 def as_layout(value: Value, layout: Layout) -> jax.Array:
@@ -220,8 +248,7 @@ def _max_pool_kernel(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array |
   if (x.shape[0] != 1 or batch < backends_lib.POOLED_MIN_BATCH or x.dtype != jnp.float32
       or not pooling.fits((h, w)) or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]):
     return None
-  result = jax.ShapeDtypeStruct((c, *pooling.output_size((h, w)), batch), jnp.float32)
-  return jax.ffi.ffi_call(kernels.POOL_TARGET, result, vmap_method="sequential")(x[0], **pooling.attributes())[None]
+  return kernels.max_pool(x[0], pooling)[None]
 
 
 def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) -> list[Value]:
@@ -250,6 +277,30 @@ def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) 
     return [(_window_reduce(primitive, arrays[0], params), NHWC)]
   out = prim.bind(*arrays, **params)
   return [(o, NHWC) for o in (out if prim.multiple_results else [out])]
+
+
+def is_relu(eqn: Equation) -> bool:
+  """max(x, 0) with a literal zero: a ReLU."""
+  variables = [i for i in eqn.inputs if i[0] == "var"]
+  zeros = [i for i in eqn.inputs if i[0] == "literal" and i[1] == 0.0]
+  return eqn.primitive == "max" and len(variables) == 1 and len(zeros) == 1
+
+
+def _run_with_epilogue(eqn: Equation, value: Value, epilogue: Epilogue, producers: dict[int, Equation],
+                       layer_fn: LayerFn, env: dict, read: Callable, done: set) -> bool:
+  """Runs layer ``eqn`` with its ``epilogue`` where ``layer_fn`` can (its hoisted residual layer first);
+  False where it cannot (the layer then runs alone)."""
+  if epilogue.hoisted is not None and epilogue.hoisted not in env:
+    hoisted = producers[epilogue.hoisted]
+    env[epilogue.hoisted] = layer_fn(hoisted.params["name"], read(hoisted.inputs[0]))
+    done.add(epilogue.hoisted)
+  residual = read(epilogue.residual) if epilogue.residual is not None else None
+  result = layer_fn(eqn.params["name"], value, residual=residual, relu=epilogue.relu)
+  if result is None:
+    return False
+  env[epilogue.output] = result
+  done.update(epilogue.skipped)
+  return True
 
 
 def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
@@ -285,6 +336,9 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
     if eqn.outputs[0] in done:
       continue
     args = [read(i) for i in eqn.inputs]
+    epilogue = fusion.epilogues.get(eqn.outputs[0]) if eqn.primitive == "layer" else None
+    if epilogue is not None and _run_with_epilogue(eqn, args[0], epilogue, producers, layer_fn, env, read, done):
+      continue
     if eqn.outputs[0] in deferred:  # a ReLU that the max pooling after it applies
       env[eqn.outputs[0]] = next(a for a, i in zip(args, eqn.inputs) if i[0] == "var")
       continue

@@ -1,5 +1,9 @@
 """The C++ lookup kernel (``lookup_kernel.cc``): built on first use, cached, registered with the XLA FFI.
 
+This module is the only one that talks to the FFI: :func:`lookup_conv`, :func:`lookup_conv_dictionary`,
+:func:`lookup_conv_fused`, :func:`max_pool` and :func:`dense_rows` each bind one handler, and :data:`LIMITS`
+holds the kernel's limits as ``lookup_kernel.h`` defines them.
+
 The kernel is compiled for the machine it runs on (``-march=native``) into
 ``$LCNN_JAX_CACHE/kernels/<hash>/`` (default ``~/.cache/lcnn_jax``), where the hash covers the source, the
 compiler, the flags, the jaxlib headers and the CPU, so a changed source or another machine builds its own
@@ -14,11 +18,16 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
+import types
+from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 TARGET = "lcnn_lookup_conv"
@@ -26,9 +35,33 @@ FUSED_TARGET = "lcnn_lookup_conv_fused"
 POOL_TARGET = "lcnn_max_pool"
 DENSE_TARGET = "lcnn_dense_rows"
 DICTIONARY_TARGET = "lcnn_lookup_conv_dictionary"
+NETWORK_TARGET = "lcnn_network"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
-SOURCES = (SOURCE, os.path.join(os.path.dirname(__file__), "lookup_kernel.h"))
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+HEADER = os.path.join(os.path.dirname(__file__), "lookup_kernel.h")
+SOURCES = (SOURCE, HEADER)
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")
+"""Warnings on: the kernel compiles without any (XLA's FFI headers come in with -isystem, as a library's do)."""
+BUILD_LOG = "build.log"
+"""The compiler's messages, kept beside the library."""
+
+
+def _read_limits(path: str = HEADER, block_name: str = "LIMITS") -> types.SimpleNamespace:
+  """The ``constexpr int64_t kName = value;`` lines between ``// BEGIN LIMITS`` and ``// END LIMITS`` (or
+  another ``block_name``) of the kernel's header, as attributes ``name`` in snake case (kPooledBatchMin ->
+  pooled_batch_min).
+
+  Read from the source rather than from the built library: the limits also steer choices on a machine that
+  cannot build the kernel (which backend, which layout), and importing must not compile anything.
+  """
+  with open(path) as f:
+    text = f.read()
+  block = re.search(rf"// BEGIN {block_name}\n(.*?)// END {block_name}", text, re.S)
+  if block is None:
+    raise KernelUnavailable(f"{path} has no // BEGIN {block_name} ... // END {block_name} block.")
+  limits = {}
+  for name, value in re.findall(r"^constexpr int64_t k(\w+) = (\d+);", block.group(1), re.M):
+    limits[re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()] = int(value)
+  return types.SimpleNamespace(**limits)
 
 
 class KernelUnavailable(RuntimeError):
@@ -64,12 +97,16 @@ def _build(compiler: str, library: str) -> None:
   os.makedirs(os.path.dirname(library), exist_ok=True)
   fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(library))
   os.close(fd)
-  command = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", SOURCE, "-o", partial]
+  command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", partial]
   logging.info("Building the LCNN lookup kernel: %s", " ".join(command))
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(partial)
     raise KernelUnavailable(f"Building the lookup kernel failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+  if result.stderr:
+    logging.warning("The lookup kernel built with messages:\n%s", result.stderr[-4000:])
+  with open(os.path.join(os.path.dirname(library), BUILD_LOG), "w") as f:
+    f.write(result.stderr)
   os.replace(partial, library)
 
 
@@ -83,7 +120,7 @@ def _load() -> str:
   for path in SOURCES:
     with open(path, "rb") as f:
       sources.append(f.read())
-  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(),
+  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(), b"-isystem",
                                    jax.ffi.include_dir().encode(), jax.__version__.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
   library = os.path.join(cache_dir(), "kernels", key, "liblcnn_lookup.so")
@@ -93,7 +130,7 @@ def _load() -> str:
     loaded = ctypes.cdll.LoadLibrary(library)
     handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused,
                 POOL_TARGET: loaded.LcnnMaxPool, DENSE_TARGET: loaded.LcnnDenseRows,
-                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary}
+                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary, NETWORK_TARGET: loaded.LcnnNetwork}
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():
@@ -127,3 +164,133 @@ def kernel_available() -> tuple[bool, str]:
     return True, ensure_kernel()
   except KernelUnavailable as e:
     return False, str(e)
+
+
+def build_log() -> str:
+  """The compiler's messages when it built the kernel in use (empty: a clean build)."""
+  with open(os.path.join(os.path.dirname(ensure_kernel()), BUILD_LOG)) as f:
+    return f.read()
+
+
+LIMITS = _read_limits()
+"""The kernel's limits (``lookup_kernel.h``'s LIMITS block): ``fused_dictionary_macs_max``, ``pooled_row_min``,
+``pooled_batch_min``, ``dense_rows_max``."""
+STEPS = _read_limits(block_name="STEPS")
+"""The kinds of a :func:`network` step: ``step_fused_lookups``, ``step_lookups``, ``step_dense``."""
+
+
+# Calls ---------------------------------------------------------------------------------------------------------
+# Each binds one handler of lookup_kernel.cc; the kernel is built and registered first. Arrays are float32 unless
+# said; `lookups` is (starts int32, indices uint8/uint16/int32, values float32/bfloat16/int8, scale, bias).
+
+def _layer_attribute(padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int]) -> dict:
+  """The handlers' ``layer`` attribute (LayerGeometry): top/left padding, strides, output size."""
+  (ph, pw), (sh, sw), (oh, ow) = padding, strides, output_size
+  return dict(pad_h=np.int64(ph), pad_w=np.int64(pw), stride_h=np.int64(sh), stride_w=np.int64(sw),
+              out_h=np.int64(oh), out_w=np.int64(ow))
+
+
+def _pool_attribute(pooling: Any) -> dict:
+  """The handlers' ``pool`` attribute (PoolWindow) of a :class:`~lcnn_jax.inference.backends.Pooling`, or of
+  None (no pooling: a zero window)."""
+  if pooling is None:
+    window, strides, (top, left), relu = (0, 0), (1, 1), (0, 0), False
+  else:
+    window, strides, relu = pooling.window, pooling.strides, pooling.relu
+    (top, _), (left, _) = pooling.padding
+  return dict(window_h=np.int64(window[0]), window_w=np.int64(window[1]), stride_h=np.int64(strides[0]),
+              stride_w=np.int64(strides[1]), pad_h=np.int64(top), pad_w=np.int64(left), relu=bool(relu))
+
+
+def _call(target: str, results, *args, **attributes):
+  ensure_kernel()
+  return jax.ffi.ffi_call(target, results, vmap_method="sequential")(*args, **attributes)
+
+
+def _residual(residual: jax.Array | None) -> jax.Array:
+  """The handlers' residual argument: the array, or one of no elements for none."""
+  return jnp.zeros((0,), jnp.float32) if residual is None else residual.astype(jnp.float32)
+
+
+def _lookup_results(out_shape: Sequence[int], scratch_size: int) -> tuple:
+  return (jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
+          jax.ShapeDtypeStruct((max(1, scratch_size),), jnp.float32))
+
+
+def lookup_conv(s: jax.Array, lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
+                padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
+                pooling: Any = None, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+  """The lookups over S (k, h, w, batch) -> out ``out_shape`` (n, oh, ow, batch), or its max pooling (with the
+  ReLU before it when ``pooling.relu``). ``scratch_size``: elements of the padded space-to-depth S (k·sh·sw,
+  H, W, batch) when the layer pads or strides, else 0. Without pooling, the outputs may get ``residual``
+  (shaped as out) added and then the ReLU (``relu``) as they are stored."""
+  out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size), s, *lookups, _residual(residual),
+                 layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu)
+  return out
+
+
+def lookup_conv_dictionary(x: jax.Array, dictionary: jax.Array, dictionary_scale: jax.Array,
+                           lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
+                           padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
+                           pooling: Any = None, residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+  """As :func:`lookup_conv`, with S = Dᵀ·x computed in the same call from x (m, h, w, batch) and Dᵀ (k, m) as
+  stored (float32, bfloat16 or int8, times ``dictionary_scale`` (k))."""
+  k = dictionary.shape[0]
+  _, h, w, batch = x.shape
+  results = (*_lookup_results(out_shape, scratch_size), jax.ShapeDtypeStruct((k, h, w, batch), jnp.float32))
+  out, _, _ = _call(DICTIONARY_TARGET, results, x, dictionary, dictionary_scale, *lookups, _residual(residual),
+                    layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu)
+  return out
+
+
+def lookup_conv_fused(x: jax.Array, dictionary: jax.Array, lookups: Sequence[jax.Array], *, nhwc: bool,
+                      out_shape: Sequence[int], scratch_size: int, padding: Sequence[int], strides: Sequence[int],
+                      output_size: Sequence[int], pooling: Any = None, residual: jax.Array | None = None,
+                      relu: bool = False) -> jax.Array:
+  """As :func:`lookup_conv`, with S = x ⊛ D computed while filling the space-to-depth buffer, from x (batch,
+  h, w, m) when ``nhwc`` else (m, h, w, batch) and D (m, k) float32, m·k at most
+  ``LIMITS.fused_dictionary_macs_max``."""
+  out, _ = _call(FUSED_TARGET, _lookup_results(out_shape, scratch_size), x, dictionary, *lookups,
+                 _residual(residual), layer=_layer_attribute(padding, strides, output_size),
+                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc)
+  return out
+
+
+def max_pool(x: jax.Array, pooling: Any) -> jax.Array:
+  """``pooling`` (a :class:`~lcnn_jax.inference.backends.Pooling`) of a CHWN array x (c, h, w, batch)."""
+  c, h, w, batch = x.shape
+  result = jax.ShapeDtypeStruct((c, *pooling.output_size((h, w)), batch), jnp.float32)
+  return _call(POOL_TARGET, result, x, pool=_pool_attribute(pooling))
+
+
+def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """x (rows, m) -> (rows, n) = x · (weights · scale)ᵀ + bias, for ``weights`` (n, m) float32, bfloat16 or int8
+  as stored, converted in registers, accumulated in float32."""
+  result = jax.ShapeDtypeStruct((x.shape[0], weights.shape[0]), jnp.float32)
+  return _call(DENSE_TARGET, result, x.astype(jnp.float32), weights, scale, bias)
+
+
+def network(image: jax.Array, steps: Sequence[tuple[dict, Sequence[jax.Array]]], out_shape: Sequence[int]
+            ) -> jax.Array:
+  """A chain of layers over one NHWC image (1, h, w, c) in one call -> the last step's output, NHWC
+  ``out_shape`` (1, h', w', c').
+
+  Args:
+    image: (1, h, w, c) float32.
+    steps: per layer, ``(step, arrays)``: ``step`` a dict with ``kind`` (one of :data:`STEPS`), ``padding``,
+      ``strides`` and ``output_size`` (lookups; anything for a dense step), ``pooling`` (a
+      :class:`~lcnn_jax.inference.backends.Pooling` or None) and ``relu``; ``arrays`` as the kind takes them:
+      fused lookups D (m, k) float32 and the lookups; lookups Dᵀ (k, m) as stored, its scale (k) and the
+      lookups; dense (a 1×1 convolution) W (n, m) as stored, its scale (n) and the bias (n).
+    out_shape: the last step's output size as (1, h', w', c').
+  """
+  attributes, arrays = {"steps": np.int64(len(steps))}, []
+  for i, (step, step_arrays) in enumerate(steps):
+    pooling = step.get("pooling")
+    attributes[f"step{i}"] = dict(kind=np.int64(step["kind"]), relu=bool(step["relu"]))
+    attributes[f"step{i}_layer"] = _layer_attribute(step.get("padding", (0, 0)), step.get("strides", (1, 1)),
+                                                    step.get("output_size", (1, 1)))
+    attributes[f"step{i}_pool"] = _pool_attribute(pooling)
+    arrays.extend(step_arrays)
+  result = jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32)
+  return _call(NETWORK_TARGET, result, image, *arrays, **attributes)

@@ -24,13 +24,43 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #if defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics start many results from an "undefined" register, which -Wmaybe-uninitialized
+// reports wherever they are inlined (GCC bug 105593, fixed in GCC 13): silenced for that header alone.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #endif
 
 // A Pool is anything with num_threads() and Schedule(task), such as xla::ffi::ThreadPool.
 namespace lcnn {
+
+// The kernel's limits, read by Python (lcnn_jax.inference.kernels.LIMITS parses the lines of this block, so keep
+// each one `constexpr int64_t kName = <integer>;`; Python sees kName as name in snake case).
+// BEGIN LIMITS
+// A dictionary applied inside the kernel (lcnn_lookup_conv_fused) has at most this many multiply-adds per pixel
+// (m·k): DictionaryRows holds it, and one pixel's m inputs, in fixed-size arrays.
+constexpr int64_t kFusedDictionaryMacsMax = 64;
+// A layer pools its own output only when a pooled row holds at least this many values (out_w · batch): the
+// pooled lookups run in blocks of 16 wide elements.
+constexpr int64_t kPooledRowMin = 16;
+// From this batch on, the caller lets the kernel pool CHWN activations: its innermost pooling loops run over the
+// batch, too short to vectorise below (AlexNet-LCNN's first pooling at batch 1: 1.0 ms here, 0.08 ms in XLA).
+constexpr int64_t kPooledBatchMin = 16;
+// DenseRows takes this many rows of x at once, each weight read once for all of them: up to this many rows, a
+// dense layer with weights as stored (bfloat16, int8) is faster here than XLA's matmul over a float32 copy.
+constexpr int64_t kDenseRowsMax = 8;
+// END LIMITS
+
+// The kinds of a step of lcnn_network (kernels.py reads them as the limits above).
+// BEGIN STEPS
+constexpr int64_t kStepFusedLookups = 0;
+constexpr int64_t kStepLookups = 1;
+constexpr int64_t kStepDense = 2;
+// END STEPS
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -91,12 +121,16 @@ struct Lookups {
   const Value* values;    // (nnz): float, BF16 or int8
   const float* scale;     // (n): output o is scale[o] * (its sum over the stored values) + bias[o]
   const float* bias;      // (n)
+  // The epilogue: a residual added to each output (laid out as the output; null: none), then max(·, 0) when
+  // relu. Only for outputs stored as computed (not pooled).
+  const float* residual = nullptr;
+  bool relu = false;
 };
 
-// Writes scale * acc + bias for wide elements [p0, p0 + len) of output o to out (n, oh, ow, batch), dropping
-// columns x >= ow.
-inline void Store(const Geometry& g, const float* acc, float scale, float bias, int64_t o, int64_t p0, int64_t len,
-                  float* out) {
+// Writes scale * acc + bias (+ residual, then max(·, 0) when relu) for wide elements [p0, p0 + len) of output o
+// to out (n, oh, ow, batch), dropping columns x >= ow. The residual, when there is one, is read at the same place.
+inline void Store(const Geometry& g, const float* acc, float scale, float bias, const float* residual, bool relu,
+                  int64_t o, int64_t p0, int64_t len, float* out) {
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
@@ -106,9 +140,19 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
     const int64_t xb = q - y * row;  // x * batch + b
     if (xb < kept) {
       const int64_t stop = std::min(end, y * row + kept);
-      float* dst = out + (o * g.oh + y) * kept + xb;
+      const int64_t at = (o * g.oh + y) * kept + xb;
+      float* dst = out + at;
       const float* src = acc + (q - p0);
-      for (int64_t i = 0; i < stop - q; ++i) dst[i] = src[i] * scale + bias;
+      const int64_t count = stop - q;
+      if (residual == nullptr && !relu) {
+        for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * scale + bias;
+      } else if (residual == nullptr) {
+        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias, 0.f);
+      } else {
+        const float* add = residual + at;
+        const float floor = relu ? 0.f : -__builtin_inff();
+        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias + add[i], floor);
+      }
     }
     q = (y + 1) * row;
   }
@@ -184,7 +228,8 @@ void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>&
   alignas(64) float acc[block];
   const int64_t start = std::min(p0, g.wide - block);
   AccumulateBlock<V>(s, l, g.batch, o, start, acc);
-  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], slot, p0, std::min(block, g.wide - p0), out);
+  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], l.residual, l.relu, slot, p0, std::min(block, g.wide - p0),
+        out);
 }
 
 template <int V, typename Index, typename Value>
@@ -199,7 +244,7 @@ void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups
       if constexpr (V == 0) {
         alignas(64) float acc[16];
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-        Store(g, acc, l.scale[o], l.bias[o], o, p0, plan.block, out);
+        Store(g, acc, l.scale[o], l.bias[o], l.residual, l.relu, o, p0, plan.block, out);
       } else {
         LookupBlock<V>(g, s, l, o, p0, o, out);
       }
@@ -413,7 +458,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
   const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
                 xm = nhwc ? 1 : h * w * batch;
   const int64_t plane = height * width * batch;  // one atom of the output
-  float d[64 * 64];
+  float d[kFusedDictionaryMacsMax];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
   // NHWC: the item's input row of every image is first copied to `staged` (batch, w, m), one contiguous read
   // per image; reading it in place, a pixel of each image in turn, left the prefetchers behind (2.7× slower
@@ -440,7 +485,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         const __m512i images = _mm512_mullo_epi32(
             _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(w * m));
         for (; b + 16 <= batch; b += 16) {
-          __m512 column[M ? M : 64];
+          __m512 column[M ? M : kFusedDictionaryMacsMax];
           for (int64_t c = 0; c < m; ++c) column[c] = _mm512_i32gather_ps(images, px + b * w * m + c, 4);
           for (int64_t j = 0; j < k; ++j) {
             __m512 sum = _mm512_setzero_ps();
@@ -451,7 +496,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
       }
 #endif
       for (; b < batch; ++b) {
-        float column[M ? M : 64];
+        float column[M ? M : kFusedDictionaryMacsMax];
         for (int64_t c = 0; c < m; ++c) column[c] = px[b * image_stride + c * xm];
         for (int64_t j = 0; j < k; ++j) {
           float sum = 0.f;
@@ -514,14 +559,13 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
   }
 }
 
-constexpr int64_t kDenseMaxRows = 8;  // rows of x that DenseRows takes at once
 
 template <typename Pool, typename Value>
 void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t rows,
                int64_t m, int64_t n, float* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kDenseMaxRows) {
-    const int64_t count = std::min(kDenseMaxRows, rows - r0);
-    auto range = &DenseRowsRange<kDenseMaxRows, Value>;
+  for (int64_t r0 = 0; r0 < rows; r0 += kDenseRowsMax) {
+    const int64_t count = std::min(kDenseRowsMax, rows - r0);
+    auto range = &DenseRowsRange<kDenseRowsMax, Value>;
     switch (count) {
       case 1: range = &DenseRowsRange<1, Value>; break;
       case 2: range = &DenseRowsRange<2, Value>; break;
@@ -618,6 +662,33 @@ void MaxPool(Pool& pool, const float* x, int64_t c, int64_t h, int64_t w, int64_
       PoolRow(x + ch * h * w * batch, 0, h, w, batch, p, py, out + item * p.ow * batch);
     }
   });
+}
+
+// Max pooling of one image's (c, h, w) map -> out (c, p.oh, p.ow) (the batch-1 case of MaxPool, whose
+// innermost loop, over the batch, is then one long): per pooled row, the maximum over the window's rows of each
+// column (contiguous, vectorised), then over the window's columns of those. Serial: a first layer's pooling
+// (AlexNet's conv1: 96 × 55 × 55) takes about 0.1 ms this way.
+inline void MaxPoolImage(const float* x, int64_t c, int64_t h, int64_t w, const PoolGeometry& p, float* out) {
+  const float init = p.relu ? 0.f : -__builtin_inff();
+  std::vector<float> columns(w);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float* map = x + ch * h * w;
+    for (int64_t py = 0; py < p.oh; ++py) {
+      std::fill(columns.begin(), columns.end(), init);
+      const int64_t y0 = py * p.sh - p.ph;
+      for (int64_t y = std::max<int64_t>(0, y0); y < std::min(h, y0 + p.wh); ++y) {
+        const float* row = map + y * w;
+        for (int64_t col = 0; col < w; ++col) columns[col] = std::max(columns[col], row[col]);
+      }
+      float* dst = out + (ch * p.oh + py) * p.ow;
+      for (int64_t px = 0; px < p.ow; ++px) {
+        const int64_t x0 = px * p.sw - p.pw;
+        float m = init;
+        for (int64_t col = std::max<int64_t>(0, x0); col < std::min(w, x0 + p.ww); ++col) m = std::max(m, columns[col]);
+        dst[px] = m;
+      }
+    }
+  }
 }
 
 }  // namespace lcnn

@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
+from lcnn_jax.inference import chain as chain_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import layouts
 from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
@@ -136,6 +137,20 @@ def run_layer_pooled(layer: Layer, backend: str | None, params: dict[str, jax.Ar
   return impl.apply(layer, params, array, layout, pooling=pooling)
 
 
+def run_layer_epilogue(layer: Layer, backend: str | None, params: dict[str, jax.Array], value: graph_lib.Value,
+                       residual: graph_lib.Value | None, relu: bool) -> graph_lib.Value | None:
+  """One layer, then ``residual`` added and the ReLU (``relu``), in one step where the layer's backend can (the
+  ``lookup`` kernel, as it stores the outputs); else None."""
+  array, layout = value
+  impl = backends_lib.get_backend(backend) if isinstance(layer, LookupLayer) else None
+  if not isinstance(impl, backends_lib.Lookup) or array.ndim == 2 or (residual is not None and residual[0].ndim != 4
+                                                                       and residual[1] == NHWC):
+    return None
+  batch = layouts.batch_size(array, layout)
+  chwn = None if residual is None else graph_lib.as_layout(residual, batch)[0]  # (n, oh, ow, batch)
+  return impl.apply(layer, params, array, layout, residual=chwn, relu=relu)
+
+
 class InferenceModel:
   """A batch of NHWC images -> logits, with each lookup layer on its chosen backend.
 
@@ -161,6 +176,7 @@ class InferenceModel:
     self.tuning = dict(tuning) if tuning is not None else None
     self.backends = self._resolve(backends)
     self._params: dict[str, dict[str, jax.Array]] = {}
+    self.chain = chain_lib.plan(graph, self.layers, self.backends, self.input_shape)  # batch 1 in one call
     self._forward = jax.jit(self._apply)
 
   @property
@@ -208,11 +224,15 @@ class InferenceModel:
     return self._params
 
   def _apply(self, params: dict[str, dict[str, jax.Array]], images: jax.Array) -> jax.Array:
-    def layer_fn(name: str, value: graph_lib.Value,
-                 pooling: backends_lib.Pooling | None = None) -> graph_lib.Value | None:
+    def layer_fn(name: str, value: graph_lib.Value, pooling: backends_lib.Pooling | None = None,
+                 **epilogue) -> graph_lib.Value | None:
+      if epilogue:
+        return run_layer_epilogue(self.layers[name], self.backends.get(name), params[name], value, **epilogue)
       if pooling is not None:
         return run_layer_pooled(self.layers[name], self.backends.get(name), params[name], value, pooling)
       return run_layer(self.layers[name], self.backends.get(name), params[name], value)
+    if images.shape[0] == 1 and self.chain is not None:
+      return chain_lib.run(self.chain, self.layers, params, images, layer_fn, params["__consts__"])
     return graph_lib.run(self.graph, layer_fn, images, params["__consts__"])
 
   def __call__(self, images: jax.Array | np.ndarray) -> jax.Array:

@@ -9,10 +9,11 @@ the graph (:class:`~lcnn_jax.inference.graph.Fusion`), so the interpreter that r
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping
 
 import numpy as np
 
-from lcnn_jax.inference.graph import Equation, Fusion, Graph, max_pooling
+from lcnn_jax.inference.graph import Epilogue, Fusion, Graph, is_relu, max_pooling
 from lcnn_jax.inference.records import AffineLayer, Layer, LookupLayer
 
 
@@ -43,13 +44,6 @@ def fold_batch_norms(graph: Graph, layers: dict[str, Layer]) -> tuple[Graph, dic
     dropped.add(id(eqn))
     rename[eqn.outputs[0]] = source.outputs[0]
   return graph.replace([e for e in graph.equations if id(e) not in dropped], rename), layers
-
-
-def is_relu(eqn: Equation) -> bool:
-  """max(x, 0) with a literal zero: a ReLU."""
-  variables = [i for i in eqn.inputs if i[0] == "var"]
-  zeros = [i for i in eqn.inputs if i[0] == "literal" and i[1] == 0.0]
-  return eqn.primitive == "max" and len(variables) == 1 and len(zeros) == 1
 
 
 def relus_into_max_pools(graph: Graph) -> frozenset[int]:
@@ -83,8 +77,54 @@ def layers_into_max_pools(graph: Graph, deferred: frozenset[int]) -> dict[int, i
   return fusable
 
 
+def layers_into_epilogues(graph: Graph, deferred: frozenset[int], pooled: Mapping[int, int]) -> dict[int, Epilogue]:
+  """Layer outputs used only by a residual addition and/or a ReLU after it (a ResNet block's end: conv2, the
+  shortcut's addition, the ReLU; or a layer and its ReLU): output variable -> :class:`Epilogue`. The other
+  operand of the addition must exist before the layer runs, or be computed by a layer equation whose input
+  does (a ResNet shortcut convolution, hoisted to run first). ReLUs deferred into max poolings are left to
+  them (:func:`relus_into_max_pools`)."""
+  order = {e.outputs[0]: i for i, e in enumerate(graph.equations)}
+  epilogues = {}
+  for index, layer in enumerate(graph.equations):
+    source = layer.outputs[0]
+    if layer.primitive != "layer" or source in pooled or source == graph.output:
+      continue
+    users = graph.consumers(source)
+    if len(users) != 1:
+      continue
+    user, residual, hoisted, skipped = users[0], None, None, []
+    if user.primitive == "add" and len(user.inputs) == 2 and user.inputs.count(("var", source)) == 1:
+      other = next(i for i in user.inputs if i != ("var", source))
+      if other[0] == "var" and other[1] != graph.input:
+        made = graph.equations[order[other[1]]]
+        if order[other[1]] > index:  # computed after the layer: hoist it if it is a layer on an earlier value
+          ready = [i for i in made.inputs if i[0] == "var" and (i[1] == graph.input or order[i[1]] < index)]
+          if made.primitive != "layer" or len(ready) != len(made.inputs):
+            continue
+          hoisted = made.outputs[0]
+      residual = other
+      skipped.append(user.outputs[0])
+      end = user.outputs[0]
+      if end == graph.output:
+        epilogues[source] = Epilogue(end, residual, False, tuple(skipped), hoisted)
+        continue
+      users = graph.consumers(end)
+      if len(users) != 1:
+        epilogues[source] = Epilogue(end, residual, False, tuple(skipped), hoisted)
+        continue
+      user = users[0]
+    if is_relu(user) and user.outputs[0] not in deferred:
+      skipped.append(user.outputs[0])
+      epilogues[source] = Epilogue(user.outputs[0], residual, True, tuple(skipped), hoisted)
+    elif residual is not None:
+      epilogues[source] = Epilogue(skipped[-1], residual, False, tuple(skipped), hoisted)
+  return epilogues
+
+
 def fuse(graph: Graph) -> Graph:
-  """``graph`` with its :class:`~lcnn_jax.inference.graph.Fusion`: the ReLUs its max poolings apply and the layers
-  that may compute the ReLU and max pooling after them."""
+  """``graph`` with its :class:`~lcnn_jax.inference.graph.Fusion`: the ReLUs its max poolings apply, the layers
+  that may compute the ReLU and max pooling after them, and those that may add a residual and apply a ReLU as
+  they store their outputs."""
   deferred = relus_into_max_pools(graph)
-  return dataclasses.replace(graph, fusion=Fusion(deferred, layers_into_max_pools(graph, deferred)))
+  pooled = layers_into_max_pools(graph, deferred)
+  return dataclasses.replace(graph, fusion=Fusion(deferred, pooled, layers_into_epilogues(graph, deferred, pooled)))
