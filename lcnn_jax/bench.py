@@ -13,8 +13,9 @@ positions. The LCNN's dictionary sizes are those of ``configs/<model>_<preset>.p
 ``--baselines xla,onnxruntime,torch`` also times the dense CNN on the other engines a user might deploy it on,
 in the same interleaved rounds: ONNX Runtime runs the CNN's ONNX export (:mod:`lcnn_jax.inference.onnx_export`,
 NCHW, one intra-op thread per core, as XLA) and, for comparison, the LCNN's (lookup forms measured at the
-batch size); PyTorch is not implemented here and is reported as skipped. An engine that is not installed is
-reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
+batch size); PyTorch runs the same ONNX graph translated to PyTorch operations, traced, frozen and optimised
+for inference (oneDNN, channels-last; :mod:`lcnn_jax.inference.torch_engine`). An engine that is not installed
+is reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
 engine.
 
 At batch 1, where the chosen mix runs its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`),
@@ -33,7 +34,6 @@ floors (``"layers"`` in the JSON).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import sys
@@ -50,7 +50,7 @@ from flax import nnx
 from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import exporter, onnx_export
+from lcnn_jax.inference import exporter, onnx_export, torch_engine
 from lcnn_jax.inference import layouts, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
@@ -177,9 +177,10 @@ def dense_engines(setup: Setup, baselines: Sequence[str], batch: int) -> tuple[d
     except onnx_export.OnnxUnavailable as e:
       skipped["onnxruntime"] = str(e)
   if "torch" in baselines:
-    skipped["torch"] = ("not implemented in this benchmark: PyTorch runs no model of this package (and is not "
-                        "installed where it was measured)" if importlib.util.find_spec("torch") else
-                        "torch is not installed")
+    try:
+      engines["torch"] = torch_engine.TorchEngine(setup.dense, batch, cpu_threads())
+    except (torch_engine.TorchUnavailable, onnx_export.OnnxUnavailable) as e:
+      skipped["torch"] = str(e)
   return engines, skipped
 
 
