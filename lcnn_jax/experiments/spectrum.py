@@ -90,16 +90,31 @@ def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, An
   return measured
 
 
+def parse_points(values: Sequence[str]) -> list[tuple[int, float]]:
+  """``--points 16:2.5,8:10`` as (dictionary size, target speedup) pairs; ValueError names a malformed one."""
+  points = []
+  for value in values:
+    try:
+      size, target = value.split(":")
+      points.append((int(size), float(target)))
+    except ValueError:
+      raise ValueError(f"--points entry {value!r}: expected SIZE:TARGET, e.g. --points 16:2.5,8:10,4:40.") from None
+  return points
+
+
 def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequence[int],
                  strengths: Sequence[float] = (), targets: Sequence[float] = (),
+                 points: Sequence[tuple[int, float]] = (),
                  size_keys: Sequence[str] = ("pool_size",), baseline: bool = True, wall_clock: bool = False,
                  bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
   """Trains (or reads back) every point and returns the table's rows, the CNN first.
 
-  The LCNN points are ``sizes`` × ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` ×
-  ``strengths``; unreachable targets are skipped with a warning.
+  The LCNN points are the (dictionary size, target speedup) pairs ``points`` when given, else ``sizes`` ×
+  ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` × ``strengths``; unreachable targets
+  are skipped with a warning.
   """
-  grid = ([(k, None, t) for k in sizes for t in targets] if targets
+  grid = ([(k, None, t) for k, t in points] if points
+          else [(k, None, t) for k in sizes for t in targets] if targets
           else [(k, s, None) for k in sizes for s in strengths])
   points = ([(None, None, None)] if baseline else []) + grid
   rows = []
@@ -124,6 +139,22 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
                                                                         bench_seconds)["wall_speedup"]
     rows.append(row)
   return rows
+
+
+AGGREGATED = ("top1", "top5", "speedup", "wall_speedup", "density", "strength", "multiplications")
+SEED_COLUMNS = ("point", "dictionary_size", "target", "seeds", "top1", "speedup", "wall_speedup", "density",
+                "strength")
+
+
+def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+                       **kwargs: Any) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+  """:func:`run_spectrum` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the points'
+  mean ± std rows (:func:`common.aggregate` of :data:`AGGREGATED`) and each seed's own rows."""
+  per_seed = {}
+  for seed in seeds:
+    logging.info("Spectrum: seed %d (%d seeds).", seed, len(seeds))
+    per_seed[seed] = run_spectrum(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+  return common.aggregate(per_seed, "point", AGGREGATED), per_seed
 
 
 def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, bench_batch: int = 1) -> None:
@@ -156,7 +187,12 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
                for strength in sorted({row["strength"] for row in lcnn})]
     points = [(row[key], 100 * row["top1"]) for row in lcnn]
     for line_label, line, note_key, note in lines:
-      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
+      if any("top1_std" in row for row in line):  # mean ± std over seeds, in both directions
+        ax.errorbar([row[key] for row in line], [100 * row["top1"] for row in line],
+                    yerr=[100 * row.get("top1_std", 0.0) for row in line],
+                    xerr=[row.get(f"{key}_std", 0.0) for row in line], fmt="o-", capsize=3, label=line_label)
+      else:
+        ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
       for row in line:  # the note above the point, or below when another point sits just above it
         x, y = row[key], 100 * row["top1"]
         crowded = any(abs(math.log(other_x / x)) < 0.05 and 0 < other_y - y < 3 for other_x, other_y in points)
@@ -165,6 +201,10 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
     for row in rows:
       if row["point"] == "cnn":
         ax.plot([row[key]] if key in row else [1.0], [100 * row["top1"]], "k*", markersize=12, label="CNN")
+        if "top1_std" in row:  # the CNN's mean as the reference line, its ± std as a band
+          ax.axhline(100 * row["top1"], color="k", linestyle=":", linewidth=1)
+          ax.axhspan(100 * (row["top1"] - row["top1_std"]), 100 * (row["top1"] + row["top1_std"]), color="k",
+                     alpha=0.08, label=f"CNN, ± std over {len(row['seeds'])} seeds")
     ax.set_xscale("log")
     ax.margins(x=0.08)  # room for the last point's note
     low, high = ax.get_xlim()
@@ -188,6 +228,10 @@ def define_flags() -> types.SimpleNamespace:
       strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
       targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
                                 "sweeps (dictionary size, target) instead of (dictionary size, strength)."),
+      points=flags.DEFINE_list("points", [], "(dictionary size, target speedup) pairs, e.g. 16:2.5,8:10,4:40: "
+                               "exactly these LCNN points instead of a --sizes grid."),
+      seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every point once per seed in WORKDIR/seed<S>, "
+                              "reported as mean ± std. Empty: the config's seed, points directly in WORKDIR."),
       size_keys=flags.DEFINE_list("size_keys", ["pool_size"],
                                   "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
@@ -201,12 +245,21 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
   workdir = flag.workdir.value
   os.makedirs(workdir, exist_ok=True)
-  rows = run_spectrum(flag.config.value, workdir, sizes=[int(k) for k in flag.sizes.value],
-                      strengths=[float(s) for s in flag.strengths.value],
-                      targets=[float(t) for t in flag.targets.value], size_keys=flag.size_keys.value,
-                      baseline=flag.baseline.value, wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value,
-                      bench_seconds=flag.bench_seconds.value)
-  table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
+  kwargs = dict(sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
+                targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
+                size_keys=flag.size_keys.value, baseline=flag.baseline.value, wall_clock=flag.wall_clock.value,
+                bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
+  if flag.seeds.value:
+    seeds = common.parse_seeds(flag.seeds.value)
+    rows, per_seed = run_spectrum_seeds(flag.config.value, workdir, seeds, **kwargs)
+    columns = [c for c in SEED_COLUMNS if c != "wall_speedup" or flag.wall_clock.value]
+    table = common.write_report(workdir, "spectrum", rows, columns,
+                                {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()},
+                                 "config": flag.config.value.to_dict()},
+                                table_rows=common.mean_std_rows(rows, AGGREGATED, percent=("top1", "top5")))
+  else:
+    rows = run_spectrum(flag.config.value, workdir, **kwargs)
+    table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
                 f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup",
                 flag.bench_batch.value)
