@@ -2,6 +2,7 @@
 
     python -m lcnn_jax.experiments.spectrum --workdir runs/spectrum \\
         [--config configs/experiments/spectrum.py] [--sizes 2,4,8,16] [--strengths 3,30 | --targets 2,5,10,20,40]
+        [--points 16:2.5,8:10,4:40] [--seeds 0,1,2]
 
 Every (dictionary size, sparsity strength) pair is one LCNN run, plus the CNN baseline, each in
 ``WORKDIR/<point>/`` (resumable; a rerun skips finished points). With ``--targets`` the grid is (dictionary
@@ -10,7 +11,11 @@ so the points land on the figure's x-axis where asked; a target a dictionary siz
 dictionary stages and dense layers alone cost more) is skipped with a warning naming its largest speedup. The speedup is the multiplication count's
 (REFERENCE §6, from the final checkpoint) and, with ``--wall_clock``, the measured one: the inference
 benchmark (:mod:`lcnn_jax.bench`) times the exported LCNN (backends chosen per layer) against its dense CNN at
-``--bench_batch``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in the workdir.
+``--bench_batch``. ``--points`` names the (dictionary size, target speedup) pairs themselves, for a spectrum
+that spans sizes (a large dictionary for ~2×, small ones for the largest speedups). With ``--seeds`` every point
+trains once per seed in ``WORKDIR/seed<S>/`` and the table, JSON and plot give mean ± std (sample standard
+deviation) over the seeds; the JSON keeps each seed's rows under ``per_seed``. Writes ``spectrum.json``,
+``spectrum.md`` and ``spectrum.png`` in the workdir.
 """
 
 from __future__ import annotations
