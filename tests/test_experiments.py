@@ -345,3 +345,22 @@ def test_train_only_freezes_every_parameter_outside_the_prefixes(rng):
   c.train.train_only = "classifer"
   with pytest.raises(ValueError, match="train.train_only='classifer'"):
     optimizer_lib.make_optimizer(c, model, 10, 10)
+
+
+def test_finished_only_reads_finished_points_and_leaves_the_others_out(tmp_path, monkeypatch):
+  with common.finished_only(), pytest.raises(common.NotFinished, match="no finished run"):
+    common.run_point(tiny_config(), str(tmp_path / "nothing"))
+  calls = []
+  run_point = fake_point(calls)
+
+  def some_finished(config, workdir, *, prepare=None):  # seed 5's LCNN point and seed 6 entirely unfinished
+    if workdir.endswith("seed5/k2_s30") or "seed6" in workdir:
+      raise common.NotFinished(workdir)
+    return run_point(config, workdir, prepare=prepare)
+
+  monkeypatch.setattr(common, "run_point", some_finished)
+  rows, per_seed = spectrum.run_spectrum_seeds(tiny_config(), str(tmp_path), [3, 5, 6], sizes=[2], strengths=[30.0])
+  assert set(per_seed) == {3, 5} and [row["seeds"] for row in rows] == [[3, 5], [3]]
+  with pytest.raises(ValueError, match="no seed"):
+    few_iteration.run_few_iteration_seeds(tiny_config(), str(tmp_path), [6], depth_key="model.convs_per_stage",
+                                          shallow_depth=2, deep_depth=3, deep_steps=2, eval_every=1)

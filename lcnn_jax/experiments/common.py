@@ -11,6 +11,8 @@ trainer resumes from it as from any checkpoint, so the run stays resumable and t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -31,6 +33,25 @@ CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, 
 
 class ExperimentError(RuntimeError):
   """An experiment cannot go on as asked; the message says why and what to do."""
+
+
+class NotFinished(ExperimentError):
+  """Under :func:`finished_only`, a point that has no result yet."""
+
+
+_FINISHED_ONLY = contextvars.ContextVar("finished_only", default=False)
+
+
+@contextlib.contextmanager
+def finished_only():
+  """Inside, :func:`run_point` trains nothing: it reads finished points back and raises :class:`NotFinished`
+  for the others, which the experiments leave out of their tables (``--finished_only``: a report of what an
+  interrupted experiment has so far)."""
+  token = _FINISHED_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _FINISHED_ONLY.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -103,6 +124,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
     ``curve`` being the point's eval rows ``[{'step', 'top1', 'top5', 'loss'}, ...]``.
   Raises:
     ExperimentError: ``workdir`` holds a finished point of another config.
+    NotFinished: under :func:`finished_only`, ``workdir`` has no finished run.
   """
   config_dict = json.loads(json.dumps(config.to_dict(), default=list))
   done = read_result(workdir)
@@ -113,6 +135,8 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
           "--workdir) to run this one.")
     logging.info("Point %s is finished (top-1 %.4f); skipping it.", workdir, done["top1"])
     return done
+  if _FINISHED_ONLY.get():
+    raise NotFinished(f"{workdir} has no finished run.")
   if prepare is not None and latest_checkpoint_step(workdir) is None:
     seed_run(config, workdir, prepare)
   metrics = train.train_and_evaluate(config, workdir)

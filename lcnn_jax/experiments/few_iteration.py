@@ -23,6 +23,7 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import Any, Sequence
@@ -86,8 +87,14 @@ def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, see
                             ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[list, dict]]]:
   """:func:`run_few_iteration` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the mean ± std
   rows by step (:func:`common.aggregate`), the summary as mean ± std per run, and each seed's rows and summary."""
-  per_seed = {seed: run_few_iteration(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
-              for seed in seeds}
+  per_seed = {}
+  for seed in seeds:
+    try:
+      per_seed[seed] = run_few_iteration(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+    except common.NotFinished as e:  # --finished_only: a seed counts when all its runs are finished
+      logging.warning("Few-iteration seed %d left out: %s", seed, e)
+  if not per_seed:
+    raise ValueError(f"{workdir}: no seed of {list(seeds)} has all its runs finished; run without --finished_only.")
   fields = sorted({k for rows, _ in per_seed.values() for row in rows for k in row if k.endswith("_top1")})
   rows = common.aggregate({seed: rows for seed, (rows, _) in per_seed.items()}, "step", fields)
   runs = common.aggregate({seed: [{"run": run, **result} for run, result in summary.items()]
@@ -134,11 +141,19 @@ def define_flags() -> types.SimpleNamespace:
       eval_every=flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs."),
       lcnn_scratch=flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch."),
       seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every run once per seed in WORKDIR/seed<S>, "
-                              "reported as mean ± std. Empty: the config's seed, runs directly in WORKDIR."))
+                              "reported as mean ± std. Empty: the config's seed, runs directly in WORKDIR."),
+      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all "
+                                      "finished."))
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir, config = flag.workdir.value, flag.config.value
   kwargs = dict(depth_key=flag.depth_key.value, shallow_depth=flag.shallow.value, deep_depth=flag.deep.value,
                 deep_steps=flag.deep_steps.value, eval_every=flag.eval_every.value,

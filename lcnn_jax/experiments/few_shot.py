@@ -28,6 +28,7 @@ Every run is a resumable point under the workdir. Writes ``few_shot.json``, ``fe
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import types
@@ -99,23 +100,35 @@ def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequenc
   rows = []
   for n in ns:
     logging.info("Few-shot: %d examples per novel class (%s).", n, novel_dir)
-    lcnn = common.run_point(
-        novel_config(novel, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir),
-        os.path.join(novel_dir, f"lcnn_n{n}" if lcnn_init == "dictionaries" else f"lcnn_{lcnn_init}_n{n}"),
-        prepare=lcnn_prepare)
-    cnn = common.run_point(
-        novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir),
-        os.path.join(novel_dir, f"cnn_n{n}"), prepare=cnn_prepare)
-    row = {"n": n, "lcnn_top1": lcnn["top1"], "cnn_top1": cnn["top1"], "lcnn_top5": lcnn["top5"],
-           "cnn_top5": cnn["top5"], "lcnn_speedup": lcnn["speedup"]}
-    if last_layer:
-      last = common.run_point(
-          novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
-                       train_only=last_layer),
-          os.path.join(novel_dir, f"cnn_last_n{n}"), prepare=cnn_prepare)
-      row.update({"cnn_last_top1": last["top1"], "cnn_last_top5": last["top5"]})
+    try:
+      row = _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir,
+                       base_cnn_dir, lcnn_prepare, cnn_prepare)
+    except common.NotFinished:
+      logging.warning("Few-shot n=%d in %s is not finished; left out.", n, novel_dir)
+      continue
     rows.append(row)
   return rows, {name: {k: result[k] for k in ("top1", "top5", "speedup")} for name, result in bases.items()}
+
+
+def _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir, base_cnn_dir,
+               lcnn_prepare, cnn_prepare) -> dict[str, Any]:
+  """The arms of one n: the table's row."""
+  lcnn = common.run_point(
+      novel_config(novel, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir),
+      os.path.join(novel_dir, f"lcnn_n{n}" if lcnn_init == "dictionaries" else f"lcnn_{lcnn_init}_n{n}"),
+      prepare=lcnn_prepare)
+  cnn = common.run_point(
+      novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir),
+      os.path.join(novel_dir, f"cnn_n{n}"), prepare=cnn_prepare)
+  row = {"n": n, "lcnn_top1": lcnn["top1"], "cnn_top1": cnn["top1"], "lcnn_top5": lcnn["top5"],
+         "cnn_top5": cnn["top5"], "lcnn_speedup": lcnn["speedup"]}
+  if last_layer:
+    last = common.run_point(
+        novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
+                     train_only=last_layer),
+        os.path.join(novel_dir, f"cnn_last_n{n}"), prepare=cnn_prepare)
+    row.update({"cnn_last_top1": last["top1"], "cnn_last_top5": last["top5"]})
+  return row
 
 
 def run_few_shot_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], **kwargs: Any
@@ -126,8 +139,12 @@ def run_few_shot_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: S
   base = common.with_seed(config, seeds[0])
   per_seed, bases = {}, {}
   for seed in seeds:
-    per_seed[seed], bases = run_few_shot(base, workdir, novel_workdir=common.seed_workdir(workdir, seed),
-                                         novel_seed=seed, **kwargs)
+    rows, bases = run_few_shot(base, workdir, novel_workdir=common.seed_workdir(workdir, seed), novel_seed=seed,
+                               **kwargs)
+    if rows:  # none when --finished_only finds nothing of this seed
+      per_seed[seed] = rows
+  if not per_seed:
+    raise ValueError(f"{workdir}: no finished few-shot run for seeds {list(seeds)}; run without --finished_only.")
   return common.aggregate(per_seed, "n", AGGREGATED), bases, per_seed
 
 
@@ -179,11 +196,19 @@ def define_flags() -> types.SimpleNamespace:
                                      "Path of the CNN's classifier: also fine-tune only it (cnn_last_n<n>); "
                                      "'' leaves that arm out."),
       seeds=flags.DEFINE_list("seeds", [], "Seeds of the novel runs, e.g. 0,1,2,3,4 (each in WORKDIR/seed<S>; "
-                              "the base runs use the first), reported as mean ± std. Empty: the config's seed."))
+                              "the base runs use the first), reported as mean ± std. Empty: the config's seed."),
+      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished runs only "
+                                      "(an n whose arms are not all finished is left out)."))
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir = flag.workdir.value
   config = flag.config.value
   kwargs = dict(ns=[int(n) for n in flag.ns.value], base_classes=[int(c) for c in flag.base.value],

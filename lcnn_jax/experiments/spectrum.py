@@ -20,6 +20,7 @@ deviation) over the seeds; the JSON keeps each seed's rows under ``per_seed``. W
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,7 +132,11 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
     if target is not None and not os.path.isdir(point_dir) and (why := unreachable(run_config)):
       logging.warning("Spectrum point %s skipped: %s", name, why)
       continue
-    result = common.run_point(run_config, point_dir)
+    try:
+      result = common.run_point(run_config, point_dir)
+    except common.NotFinished:
+      logging.warning("Spectrum point %s is not finished; left out.", point_dir)
+      continue
     if target is not None:  # the steered strength the run ended with
       strength = [row for row in logger.read_metrics(point_dir) if row["split"] == "train"][-1]["strength"]
     row = {"point": name, "dictionary_size": size if size is not None else "-",
@@ -158,7 +163,11 @@ def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: S
   per_seed = {}
   for seed in seeds:
     logging.info("Spectrum: seed %d (%d seeds).", seed, len(seeds))
-    per_seed[seed] = run_spectrum(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+    rows = run_spectrum(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+    if rows:  # none when --finished_only finds nothing of this seed
+      per_seed[seed] = rows
+  if not per_seed:
+    raise ValueError(f"{workdir}: no finished point for seeds {list(seeds)}; run without --finished_only.")
   return common.aggregate(per_seed, "point", AGGREGATED), per_seed
 
 
@@ -237,6 +246,7 @@ def define_flags() -> types.SimpleNamespace:
                                "exactly these LCNN points instead of a --sizes grid."),
       seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every point once per seed in WORKDIR/seed<S>, "
                               "reported as mean ± std. Empty: the config's seed, points directly in WORKDIR."),
+      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished points only."),
       size_keys=flags.DEFINE_list("size_keys", ["pool_size"],
                                   "config.model keys set to each size (ResNet-LCNN: pool1,pool2,pool3,pool4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
@@ -248,6 +258,12 @@ def define_flags() -> types.SimpleNamespace:
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir = flag.workdir.value
   os.makedirs(workdir, exist_ok=True)
   kwargs = dict(sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
