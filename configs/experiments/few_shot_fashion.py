@@ -1,12 +1,12 @@
 """Few-shot learning on Fashion-MNIST at a scale that fits a shared 2-core machine.
 
     python -m lcnn_jax.experiments.few_shot --config configs/experiments/few_shot_fashion.py \\
-        --workdir runs/few_shot_fashion --ns 1,5,10,50 --novel_steps 100 --seeds 0,1,2,3,4
+        --workdir runs/few_shot_fashion --ns 1,5,10,50 --novel_steps 100 --novel_batch_size 16 --seeds 0,1,2,3,4
 
 Base runs learn classes 0-4 (T-shirt/top, Trouser, Pullover, Dress, Coat) from the first 2,000 training images
 of each (10,000 images, batch 64, 300 steps, one evaluation at the end), the LCNN (``mnist-lcnn``, dictionaries
 of 8 atoms) steered to a counted speedup of 10×, the CNN (``mnist``) dense. Novel runs learn classes 5-9 (Sandal,
-Shirt, Sneaker, Bag, Ankle boot) from the first n training images of each, 100 steps of batch 64 each: the LCNN
+Shirt, Sneaker, Bag, Ankle boot) from the first n training images of each, 100 steps of batch 16 each: the LCNN
 with the base LCNN's dictionaries frozen (indices and coefficients trained from scratch, still steered to 10×),
 the CNN fine-tuned from the base CNN (whole net, and last layer only). The base runs train once; the novel runs
 once per seed. The experiment sets ``data.classes``, ``data.examples_per_class``, the run lengths and the

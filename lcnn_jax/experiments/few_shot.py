@@ -18,8 +18,9 @@
    All run ``--novel_steps`` steps of the config's optimiser and are evaluated on every validation image of the
    novel classes.
 
-With ``--seeds 0,1,2,3,4`` the base runs train once (with the first seed) and the novel runs once per seed, in
-``WORKDIR/seed<S>/``; the seed changes the novel runs' initialisation (the classifier; for the LCNN also indices
+With ``--seeds 0,1,2,3,4`` the base runs train once (with the config's seed) and the novel runs once per seed, in
+``WORKDIR/seed<S>/`` (so several commands, e.g. ``--seeds 0,1`` and ``--seeds 2,3``, can share one workdir); the
+seed changes the novel runs' initialisation (the classifier; for the LCNN also indices
 and coefficients), batch order, augmentation and dropout, not which n images each class keeps (the first n).
 The table then gives mean ± std over the seeds.
 
@@ -59,9 +60,10 @@ def base_config(config: ml_collections.ConfigDict, classes: Sequence[int], cnn: 
 
 
 def novel_config(config: ml_collections.ConfigDict, classes: Sequence[int], n: int, steps: int, *, cnn: bool,
-                 base_workdir: str, train_only: str = "") -> ml_collections.ConfigDict:
-  """The run on the novel classes with n examples each, for ``steps`` steps, evaluated once at the end;
-  ``train_only`` (the CNN's classifier path, for last-layer fine-tuning) freezes every other parameter."""
+                 base_workdir: str, train_only: str = "", batch_size: int = 0) -> ml_collections.ConfigDict:
+  """The run on the novel classes with n examples each, for ``steps`` steps (of ``batch_size`` images; 0: the
+  config's), evaluated once at the end; ``train_only`` (the CNN's classifier path, for last-layer fine-tuning)
+  freezes every other parameter."""
   novel = base_config(config, classes, cnn)
   overrides = {"data.examples_per_class": n, "train.num_steps": steps, "train.eval_every": steps,
                "train.log_every": max(1, min(config.train.log_every, steps)),
@@ -70,18 +72,20 @@ def novel_config(config: ml_collections.ConfigDict, classes: Sequence[int], n: i
     overrides.update({"train.init_from": os.path.abspath(base_workdir), "train.freeze_dictionaries": True})
   if train_only:
     overrides["train.train_only"] = train_only
+  if batch_size:
+    overrides["train.batch_size"] = batch_size
   return common.derive(novel, **overrides)
 
 
 def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequence[int],
                  base_classes: Sequence[int], novel_classes: Sequence[int], novel_steps: int,
-                 lcnn_init: str = "dictionaries", last_layer: str = "",
+                 lcnn_init: str = "dictionaries", last_layer: str = "", novel_batch_size: int = 0,
                  novel_workdir: str | None = None,
                  novel_seed: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
   """Trains (or reads back) the base runs and every n; returns the table's rows and the base results.
 
   ``last_layer`` (the classifier's path, e.g. 'classifier') adds the arm that fine-tunes only it. The novel
-  runs go to ``novel_workdir`` (default ``workdir``) with ``seed`` = ``novel_seed`` (default the config's).
+  runs take batches of ``novel_batch_size`` (0: the config's) and go to ``novel_workdir`` (default ``workdir``) with ``seed`` = ``novel_seed`` (default the config's).
   """
   if lcnn_init not in LCNN_INITS:
     raise ValueError(f"lcnn_init={lcnn_init!r}: expected one of {LCNN_INITS}.")
@@ -102,7 +106,7 @@ def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequenc
     logging.info("Few-shot: %d examples per novel class (%s).", n, novel_dir)
     try:
       row = _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir,
-                       base_cnn_dir, lcnn_prepare, cnn_prepare)
+                       base_cnn_dir, lcnn_prepare, cnn_prepare, novel_batch_size)
     except common.NotFinished:
       logging.warning("Few-shot n=%d in %s is not finished; left out.", n, novel_dir)
       continue
@@ -111,21 +115,23 @@ def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequenc
 
 
 def _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir, base_cnn_dir,
-               lcnn_prepare, cnn_prepare) -> dict[str, Any]:
+               lcnn_prepare, cnn_prepare, batch_size) -> dict[str, Any]:
   """The arms of one n: the table's row."""
   lcnn = common.run_point(
-      novel_config(novel, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir),
+      novel_config(novel, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir,
+                   batch_size=batch_size),
       os.path.join(novel_dir, f"lcnn_n{n}" if lcnn_init == "dictionaries" else f"lcnn_{lcnn_init}_n{n}"),
       prepare=lcnn_prepare)
   cnn = common.run_point(
-      novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir),
+      novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
+                   batch_size=batch_size),
       os.path.join(novel_dir, f"cnn_n{n}"), prepare=cnn_prepare)
   row = {"n": n, "lcnn_top1": lcnn["top1"], "cnn_top1": cnn["top1"], "lcnn_top5": lcnn["top5"],
          "cnn_top5": cnn["top5"], "lcnn_speedup": lcnn["speedup"]}
   if last_layer:
     last = common.run_point(
         novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
-                     train_only=last_layer),
+                     train_only=last_layer, batch_size=batch_size),
         os.path.join(novel_dir, f"cnn_last_n{n}"), prepare=cnn_prepare)
     row.update({"cnn_last_top1": last["top1"], "cnn_last_top5": last["top5"]})
   return row
@@ -133,13 +139,12 @@ def _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_
 
 def run_few_shot_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], **kwargs: Any
                        ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, list[dict[str, Any]]]]:
-  """:func:`run_few_shot` with the base runs trained once (``seed`` = ``seeds[0]``) in ``workdir`` and the novel
+  """:func:`run_few_shot` with the base runs trained once (with the config's seed) in ``workdir`` and the novel
   runs once per seed in ``WORKDIR/seed<S>``; returns the mean ± std rows (:func:`common.aggregate` by n), the
-  base results and each seed's rows."""
-  base = common.with_seed(config, seeds[0])
+  base results and each seed's rows. Commands with different ``seeds`` share the base runs."""
   per_seed, bases = {}, {}
   for seed in seeds:
-    rows, bases = run_few_shot(base, workdir, novel_workdir=common.seed_workdir(workdir, seed), novel_seed=seed,
+    rows, bases = run_few_shot(config, workdir, novel_workdir=common.seed_workdir(workdir, seed), novel_seed=seed,
                                **kwargs)
     if rows:  # none when --finished_only finds nothing of this seed
       per_seed[seed] = rows
@@ -189,6 +194,8 @@ def define_flags() -> types.SimpleNamespace:
       base=flags.DEFINE_list("base_classes", ["0", "1", "2", "3", "4"], "Class indices learned first."),
       novel=flags.DEFINE_list("novel_classes", ["5", "6", "7", "8", "9"], "Class indices learned from few examples."),
       novel_steps=flags.DEFINE_integer("novel_steps", 60, "Training steps of each few-shot run."),
+      novel_batch_size=flags.DEFINE_integer("novel_batch_size", 0, "Batch size of the few-shot runs (0: the "
+                                            "config's train.batch_size, as the base runs)."),
       lcnn_init=flags.DEFINE_enum("lcnn_init", "dictionaries", LCNN_INITS,
                                   "What the few-shot LCNN takes from the base LCNN "
                                   "(dictionaries: the paper's setting)."),
@@ -196,7 +203,7 @@ def define_flags() -> types.SimpleNamespace:
                                      "Path of the CNN's classifier: also fine-tune only it (cnn_last_n<n>); "
                                      "'' leaves that arm out."),
       seeds=flags.DEFINE_list("seeds", [], "Seeds of the novel runs, e.g. 0,1,2,3,4 (each in WORKDIR/seed<S>; "
-                              "the base runs use the first), reported as mean ± std. Empty: the config's seed."),
+                              "the base runs use the config's), reported as mean ± std. Empty: the config's seed."),
       finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished runs only "
                                       "(an n whose arms are not all finished is left out)."))
 
@@ -213,7 +220,8 @@ def report(flag: types.SimpleNamespace) -> None:
   config = flag.config.value
   kwargs = dict(ns=[int(n) for n in flag.ns.value], base_classes=[int(c) for c in flag.base.value],
                 novel_classes=[int(c) for c in flag.novel.value], novel_steps=flag.novel_steps.value,
-                lcnn_init=flag.lcnn_init.value, last_layer=flag.last_layer.value)
+                lcnn_init=flag.lcnn_init.value, last_layer=flag.last_layer.value,
+                novel_batch_size=flag.novel_batch_size.value)
   columns = list(COLUMNS)
   if flag.last_layer.value:
     columns.insert(3, "cnn_last_top1")
