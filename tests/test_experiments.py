@@ -254,6 +254,7 @@ def test_aggregate_gives_mean_and_sample_std_per_key_and_keeps_text(rng):
   assert cells[1]["density"] == f"{lcnn['density']:.3g} ± {lcnn['density_std']:.2g}"
   one = common.aggregate({0: rows_by_seed[4]}, "point", ("top1",))
   assert one[0]["top1_std"] == 0.0
+  assert common.mean_std_rows(one, ("top1",), percent=("top1",))[0]["top1"] == f"{100 * one[0]['top1']:.2f}"
 
 
 def fake_point(calls):

@@ -319,7 +319,8 @@ def aggregate(rows_by_seed: dict[int, Sequence[dict[str, Any]]], key: str,
 def mean_std_rows(rows: Sequence[dict[str, Any]], fields: Sequence[str], *, percent: Sequence[str] = ()) -> list[
     dict[str, Any]]:
   """Copies of :func:`aggregate`'s rows for a markdown table: each of ``fields`` with a ``_std`` becomes the
-  text 'mean ± std' (in percent, 2 decimals, for the ``percent`` fields; else 3 significant digits)."""
+  text 'mean ± std' (in percent, 2 decimals, for the ``percent`` fields; else 3 significant digits), the mean
+  alone where one seed gave it."""
   out = []
   for row in rows:
     cells = dict(row)
@@ -327,8 +328,9 @@ def mean_std_rows(rows: Sequence[dict[str, Any]], fields: Sequence[str], *, perc
       if f"{field}_std" not in row:
         continue
       mean, std = row[field], row[f"{field}_std"]
-      cells[field] = (f"{100 * mean:.2f} ± {100 * std:.2f}" if field in percent
-                      else f"{mean:.3g} ± {std:.2g}")
+      spread = len(row.get(f"{field}_seeds", ())) > 1  # one seed: the value alone, no spread to show
+      cells[field] = (f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if spread else "") if field in percent
+                      else f"{mean:.3g}" + (f" ± {std:.2g}" if spread else ""))
     if "seeds" in row:
       cells["seeds"] = len(row["seeds"])
     out.append(cells)
