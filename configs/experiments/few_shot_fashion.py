@@ -18,6 +18,7 @@ from lcnn_jax import config as config_lib
 
 def get_config():
   c = config_lib.fashion_mnist_config(lcnn=True)
+  c.seed = 0  # the base runs' seed; --seeds sets the novel runs'
   c.data.examples_per_class = 2000  # of the base classes: 10,000 training images
   c.train.batch_size = 64
   c.train.num_steps = 300

@@ -246,4 +246,4 @@ def report(flag: types.SimpleNamespace) -> None:
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError))
+  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))
