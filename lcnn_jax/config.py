@@ -127,6 +127,7 @@ def default_config(model: str = "digits-lcnn") -> ml_collections.ConfigDict:
   c.train.eval_every = 0  # Steps between evaluations; 0 = at the end of each epoch.
   c.train.eval_batch_size = 0  # 0 = train.batch_size.
   c.train.freeze_dictionaries = False  # Train only the coefficients (dictionary transfer, few-iteration learning).
+  c.train.train_only = ""  # Comma-separated parameter path prefixes (e.g. classifier): the rest stays fixed.
   c.train.init_from = ""  # A workdir or checkpoint whose dictionaries are copied in before training.
 
   c.sparsity = ml_collections.ConfigDict()

@@ -68,6 +68,23 @@ def dictionary_paths(model: nnx.Module) -> set[str]:
   return {f"{path}/dictionary" if path else "dictionary" for path, _ in sparsity.lookup_layers(model)}
 
 
+def paths_outside(model: nnx.Module, prefixes: str) -> set[str]:
+  """Paths of the parameters of ``model`` under none of the comma-separated path ``prefixes`` (``train.train_only``,
+  e.g. 'classifier'); raises ValueError naming a prefix no parameter has."""
+  paths = {sparsity.path_string(kp) for kp, _ in
+           jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
+  wanted = [p.strip().strip("/") for p in prefixes.split(",") if p.strip()]
+
+  def under(path, prefix):
+    return path == prefix or path.startswith(prefix + "/")
+
+  for prefix in wanted:
+    if not any(under(path, prefix) for path in paths):
+      raise ValueError(f"train.train_only={prefixes!r}: no parameter of the model is under {prefix!r}; "
+                       f"expected prefixes of paths such as {sorted(paths)[:4]}.")
+  return {path for path in paths if not any(under(path, prefix) for prefix in wanted)}
+
+
 def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_per_epoch: int, total_steps: int,
                    input_shape=None) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
   """The full update: sparsity rule (before), Torch SGD with decayed weights, sparsity rule (after).
@@ -87,6 +104,8 @@ def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_p
              optax.scale_by_learning_rate(lr), rule.after]
     if config.train.freeze_dictionaries:
       chain.append(freeze(dictionary_paths(model)))
+    if config.train.train_only:
+      chain.append(freeze(paths_outside(model, config.train.train_only)))
     return optax.chain(*chain), rule
 
   tx, rule = chain_for(config.sparsity.strength)

@@ -167,8 +167,8 @@ def test_spectrum_figure_reads_in_percent_and_times_and_no_tick_labels_collide(t
 def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_to_the_cnn(tmp_path, monkeypatch):
   config = tiny_config()
   rows, bases = few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
-                                      novel_steps=2)
-  assert [row["n"] for row in rows] == [1] and set(bases) == {"lcnn", "cnn"}
+                                      novel_steps=2, last_layer="classifier")
+  assert [row["n"] for row in rows] == [1] and set(bases) == {"lcnn", "cnn"} and "cnn_last_top1" in rows[0]
   base_lcnn, _, _ = checkpoint.restore_model(str(tmp_path / "base_lcnn"))
   novel_lcnn, novel_config, _ = checkpoint.restore_model(str(tmp_path / "lcnn_n1"))
   assert novel_config.train.freeze_dictionaries and novel_config.data.examples_per_class == 1
@@ -184,6 +184,12 @@ def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_
   np.testing.assert_array_equal(start.bn2.mean[...], base_cnn.bn2.mean[...])
   final, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_n1"))
   assert not np.array_equal(final.conv2.kernel[...], base_cnn.conv2.kernel[...])
+  # Last layer only: the same start; training changes the classifier and no other weight.
+  last, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_last_n1"))
+  for layer in ("conv1", "conv2", "conv3"):
+    np.testing.assert_array_equal(getattr(last, layer).kernel[...], getattr(base_cnn, layer).kernel[...])
+  start, _, _ = checkpoint.restore_model(str(tmp_path / "cnn_last_n1"), step=0)
+  assert not np.array_equal(last.classifier.kernel[...], start.classifier.kernel[...])
   # --lcnn_init=all: its own points, starting from every base LCNN weight but the classifier.
   all_rows, _ = few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
                                       novel_steps=2, lcnn_init="all")
@@ -193,7 +199,7 @@ def test_few_shot_transfers_dictionaries_to_the_lcnn_and_all_but_the_classifier_
                                 lookup_array(base_lcnn, "conv3", "coefficients"))
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[2, 3, 4],
-                               novel_steps=2) == (rows, bases)
+                               novel_steps=2, last_layer="classifier") == (rows, bases)
   few_shot.plot_few_shot(rows, str(tmp_path / "few_shot.png"), "tiny")
   with pytest.raises(ValueError, match="overlap"):
     few_shot.run_few_shot(config, str(tmp_path), ns=[1], base_classes=[0, 1], novel_classes=[1, 2], novel_steps=2)
@@ -215,3 +221,147 @@ def test_few_iteration_starts_the_deep_lcnn_from_the_shallow_dictionaries(tmp_pa
   monkeypatch.setattr(train, "train_and_evaluate", no_training)
   assert few_iteration.run_few_iteration(config, str(tmp_path), **kwargs) == (rows, summary)
   few_iteration.plot_few_iteration(rows, summary, str(tmp_path / "few_iteration.png"), "tiny")
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_parse_seeds_and_points_name_a_bad_value():
+  assert common.parse_seeds(["0", "1", "2"]) == [0, 1, 2]
+  with pytest.raises(ValueError, match="integers"):
+    common.parse_seeds(["0", "x"])
+  with pytest.raises(ValueError, match="repeated"):
+    common.parse_seeds(["1", "1"])
+  assert spectrum.parse_points(["16:2.5", "4:40"]) == [(16, 2.5), (4, 40.0)]
+  with pytest.raises(ValueError, match="SIZE:TARGET"):
+    spectrum.parse_points(["16-2.5"])
+
+
+def test_aggregate_gives_mean_and_sample_std_per_key_and_keeps_text(rng):
+  values = rng.uniform(0.5, 1.0, size=(3, 2))
+  rows_by_seed = {seed: [{"point": "cnn", "top1": float(values[i, 0]), "density": "-"},
+                         {"point": "k8_t10", "top1": float(values[i, 1]), "density": 0.1 * (i + 1)}]
+                  for i, seed in enumerate((4, 7, 9))}
+  rows_by_seed[9] = rows_by_seed[9][:1]  # a point seed 9 skipped
+  cnn, lcnn = common.aggregate(rows_by_seed, "point", ("top1", "density"))
+  assert cnn["seeds"] == [4, 7, 9] and lcnn["seeds"] == [4, 7]
+  np.testing.assert_allclose([cnn["top1"], cnn["top1_std"]], [values[:, 0].mean(), values[:, 0].std(ddof=1)])
+  np.testing.assert_allclose([lcnn["top1"], lcnn["top1_std"]], [values[:2, 1].mean(), values[:2, 1].std(ddof=1)])
+  np.testing.assert_allclose(lcnn["density_seeds"], [0.1, 0.2])
+  assert cnn["density"] == "-" and "density_std" not in cnn
+  cells = common.mean_std_rows([cnn, lcnn], ("top1", "density"), percent=("top1",))
+  assert cells[0]["top1"] == f"{100 * cnn['top1']:.2f} ± {100 * cnn['top1_std']:.2f}" and cells[0]["seeds"] == 3
+  assert cells[1]["density"] == f"{lcnn['density']:.3g} ± {lcnn['density_std']:.2g}"
+  one = common.aggregate({0: rows_by_seed[4]}, "point", ("top1",))
+  assert one[0]["top1_std"] == 0.0
+  assert common.mean_std_rows(one, ("top1",), percent=("top1",))[0]["top1"] == f"{100 * one[0]['top1']:.2f}"
+
+
+def fake_point(calls):
+  """A stand-in for common.run_point that records each run's config and directory and returns a result that
+  depends on the seed, the model and the step."""
+  def run_point(config, workdir, *, prepare=None):
+    calls.append((config, workdir, prepare))
+    top1 = 0.5 + 0.01 * config.seed + (0.1 if "lcnn" in config.model.name else 0.0)
+    steps = config.train.num_steps
+    every = config.train.eval_every or steps
+    return {"top1": top1, "top5": 1.0, "loss": 1.0, "density": 0.5, "multiplications": 10,
+            "baseline_multiplications": 100, "speedup": 10.0, "steps": steps,
+            "curve": [{"step": s, "top1": top1 * s / steps, "top5": 1.0, "loss": 1.0}
+                      for s in range(every, steps + 1, every)], "config": config.to_dict()}
+  return run_point
+
+
+def test_spectrum_seeds_run_every_point_per_seed_in_its_own_directory(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(common, "run_point", fake_point(calls))
+  rows, per_seed = spectrum.run_spectrum_seeds(tiny_config(), str(tmp_path), [3, 5], sizes=[2], strengths=[30.0])
+  assert [(c.seed, os.path.relpath(w, tmp_path)) for c, w, _ in calls] == [
+      (3, "seed3/cnn"), (3, "seed3/k2_s30"), (5, "seed5/cnn"), (5, "seed5/k2_s30")]
+  assert [row["point"] for row in rows] == ["cnn", "k2_s30"] and set(per_seed) == {3, 5}
+  np.testing.assert_allclose([rows[1]["top1"], rows[1]["top1_std"]], [0.64, np.std([0.63, 0.65], ddof=1)])
+  fig, axes = spectrum.spectrum_figure(rows)  # error bars and the CNN's band
+  assert axes[0].containers and any(p.get_label().startswith("CNN, ±") for p in axes[0].patches)
+  common.pyplot().close(fig)
+  spectrum.plot_spectrum(rows, str(tmp_path / "spectrum.png"), "seeds")
+  assert (tmp_path / "spectrum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_few_shot_seeds_train_the_bases_once_and_the_three_arms_per_seed(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(common, "run_point", fake_point(calls))
+  config = tiny_config()
+  config.data.mean, config.data.std = (0.5,), (0.25,)  # no statistics to compute
+  rows, bases, per_seed = few_shot.run_few_shot_seeds(config, str(tmp_path), [1, 2], ns=[1, 4], base_classes=[0, 1],
+                                                      novel_classes=[2, 3], novel_steps=3, last_layer="classifier")
+  runs = {os.path.relpath(w, tmp_path): c for c, w, _ in calls}
+  assert [c.seed for name, c in runs.items() if name.startswith("base")] == [config.seed] * 2  # trained once
+  assert set(runs) == {"base_lcnn", "base_cnn"} | {f"seed{s}/{arm}_n{n}" for s in (1, 2) for n in (1, 4)
+                                                   for arm in ("lcnn", "cnn", "cnn_last")}
+  for seed in (1, 2):
+    last, whole = runs[f"seed{seed}/cnn_last_n4"], runs[f"seed{seed}/cnn_n4"]
+    assert last.seed == whole.seed == seed and last.train.train_only == "classifier" and not whole.train.train_only
+    assert last.model.name == whole.model.name == "digits" and last.sparsity.target_speedup == 0
+    assert runs[f"seed{seed}/lcnn_n1"].train.freeze_dictionaries and last.train.num_steps == 3
+  assert [row["n"] for row in rows] == [1, 4] and set(bases) == {"lcnn", "cnn"} and set(per_seed) == {1, 2}
+  np.testing.assert_allclose([rows[0]["cnn_last_top1"], rows[0]["cnn_last_top1_std"]],
+                             [0.515, np.std([0.51, 0.52], ddof=1)])
+  few_shot.plot_few_shot(rows, str(tmp_path / "few_shot.png"), "seeds")
+  assert (tmp_path / "few_shot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_few_iteration_seeds_repeat_every_run_per_seed(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(common, "run_point", fake_point(calls))
+  rows, summary, per_seed = few_iteration.run_few_iteration_seeds(
+      tiny_config(), str(tmp_path), [0, 1, 2], depth_key="model.convs_per_stage", shallow_depth=2, deep_depth=3,
+      deep_steps=4, eval_every=2)
+  assert len(calls) == 12 and {os.path.relpath(w, tmp_path).split("/")[0] for _, w, _ in calls} == {
+      "seed0", "seed1", "seed2"}
+  assert [row["step"] for row in rows] == [2, 4] and rows[1]["seeds"] == [0, 1, 2]
+  np.testing.assert_allclose([rows[1]["deep_cnn_top1"], rows[1]["deep_cnn_top1_std"]], [0.51, 0.01])
+  assert set(summary) == {"shallow_lcnn", "deep_lcnn_transfer", "deep_cnn", "deep_lcnn_scratch"}
+  np.testing.assert_allclose(summary["deep_lcnn_scratch"]["top1_seeds"], [0.6, 0.61, 0.62])
+  deep_cnn = next(c for c, w, _ in calls if w.endswith("seed0/deep_cnn"))
+  assert deep_cnn.sparsity.target_speedup == 0 and deep_cnn.sparsity.strength == 0
+  few_iteration.plot_few_iteration(rows, summary, str(tmp_path / "few_iteration.png"), "seeds")
+  assert (tmp_path / "few_iteration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_train_only_freezes_every_parameter_outside_the_prefixes(rng):
+  from lcnn_jax import optimizer as optimizer_lib
+  import jax
+  c = tiny_config()
+  c.model.name = "digits"
+  c.sparsity.strength = 0.0
+  c.train.train_only = "classifier"
+  model = models.create_model(c.model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  tx, _, _ = optimizer_lib.make_optimizer(c, model, 10, 10)
+  params = nnx.state(model, nnx.Param)
+  grads = jax.tree_util.tree_map(lambda p: rng.standard_normal(p.shape).astype(np.float32), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  moved = {common.sparsity.path_string(kp) for kp, u in jax.tree_util.tree_flatten_with_path(
+      nnx.to_pure_dict(updates))[0] if np.any(np.asarray(u) != 0)}
+  assert moved == {"classifier/kernel", "classifier/bias"}
+  c.train.train_only = "classifer"
+  with pytest.raises(ValueError, match="train.train_only='classifer'"):
+    optimizer_lib.make_optimizer(c, model, 10, 10)
+
+
+def test_finished_only_reads_finished_points_and_leaves_the_others_out(tmp_path, monkeypatch):
+  with common.finished_only(), pytest.raises(common.NotFinished, match="no finished run"):
+    common.run_point(tiny_config(), str(tmp_path / "nothing"))
+  calls = []
+  run_point = fake_point(calls)
+
+  def some_finished(config, workdir, *, prepare=None):  # seed 5's LCNN point and seed 6 entirely unfinished
+    if workdir.endswith("seed5/k2_s30") or "seed6" in workdir:
+      raise common.NotFinished(workdir)
+    return run_point(config, workdir, prepare=prepare)
+
+  monkeypatch.setattr(common, "run_point", some_finished)
+  rows, per_seed = spectrum.run_spectrum_seeds(tiny_config(), str(tmp_path), [3, 5, 6], sizes=[2], strengths=[30.0])
+  assert set(per_seed) == {3, 5} and [row["seeds"] for row in rows] == [[3, 5], [3]]
+  with pytest.raises(ValueError, match="no seed"):
+    few_iteration.run_few_iteration_seeds(tiny_config(), str(tmp_path), [6], depth_key="model.convs_per_stage",
+                                          shallow_depth=2, deep_depth=3, deep_steps=2, eval_every=1)

@@ -331,7 +331,7 @@ def test_cnn_spatial_dropout_keeps_values_unscaled_in_training_and_scales_by_one
 
 
 # Every preset's model and baseline as built before the dictionary sizes were nested per model (model.dictionary):
-# parameter paths, types and shapes, recorded from the flat-key presets of 2026-11-29 (the Fashion-MNIST presets
+# parameter paths, types and shapes, recorded from the flat-key presets of 2026-11-29 (the two Fashion-MNIST run presets
 # re-recorded when their classifier came to read every pixel of conv3, model.head = "flatten").
 PRESET_SHAPES = os.path.join(os.path.dirname(__file__), "preset_parameter_shapes.json")
 PRESET_INPUTS = {"folder": ((224, 224, 3), 1000), "digits": ((8, 8, 1), 10), "fashion_mnist": ((28, 28, 1), 10)}

@@ -11,6 +11,8 @@ trainer resumes from it as from any checkpoint, so the run stays resumable and t
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import re
@@ -31,6 +33,25 @@ CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, 
 
 class ExperimentError(RuntimeError):
   """An experiment cannot go on as asked; the message says why and what to do."""
+
+
+class NotFinished(ExperimentError):
+  """Under :func:`finished_only`, a point that has no result yet."""
+
+
+_FINISHED_ONLY = contextvars.ContextVar("finished_only", default=False)
+
+
+@contextlib.contextmanager
+def finished_only():
+  """Inside, :func:`run_point` trains nothing: it reads finished points back and raises :class:`NotFinished`
+  for the others, which the experiments leave out of their tables (``--finished_only``: a report of what an
+  interrupted experiment has so far)."""
+  token = _FINISHED_ONLY.set(True)
+  try:
+    yield
+  finally:
+    _FINISHED_ONLY.reset(token)
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -97,6 +118,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
     ``curve`` being the point's eval rows ``[{'step', 'top1', 'top5', 'loss'}, ...]``.
   Raises:
     ExperimentError: ``workdir`` holds a finished point of another config.
+    NotFinished: under :func:`finished_only`, ``workdir`` has no finished run.
   """
   config_dict = json.loads(json.dumps(config.to_dict(), default=list))
   done = read_result(workdir)
@@ -107,6 +129,8 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
           "--workdir) to run this one.")
     logging.info("Point %s is finished (top-1 %.4f); skipping it.", workdir, done["top1"])
     return done
+  if _FINISHED_ONLY.get():
+    raise NotFinished(f"{workdir} has no finished run.")
   if prepare is not None and latest_checkpoint_step(workdir) is None:
     seed_run(config, workdir, prepare)
   metrics = train.train_and_evaluate(config, workdir)
@@ -232,6 +256,81 @@ def transfer_mapped_dictionaries(source_workdir: str, model: nnx.Module) -> dict
   return mapping
 
 
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def parse_seeds(values: Sequence[str]) -> list[int]:
+  """``--seeds 0,1,2`` as distinct integers; raises ValueError naming a bad or repeated value."""
+  try:
+    seeds = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--seeds={','.join(values)}: expected comma-separated integers, e.g. --seeds 0,1,2.") from None
+  if len(set(seeds)) != len(seeds):
+    raise ValueError(f"--seeds={','.join(values)}: a seed is repeated; each seed must appear once.")
+  return seeds
+
+
+def seed_workdir(workdir: str, seed: int) -> str:
+  """Where one seed's runs of a multi-seed experiment live: ``WORKDIR/seed<S>``."""
+  return os.path.join(workdir, f"seed{seed}")
+
+
+def with_seed(config: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+  """``config`` with ``seed`` (initialisation, batch order, dropout) set to ``seed``."""
+  return derive(config, seed=seed)
+
+
+def aggregate(rows_by_seed: dict[int, Sequence[dict[str, Any]]], key: str,
+              fields: Sequence[str]) -> list[dict[str, Any]]:
+  """One row per value of ``key`` over the seeds' rows, in first-seen order: each of ``fields`` that is a
+  number in every seed's row becomes its mean, with ``<field>_std`` (the sample standard deviation, ddof = 1;
+  0 for one seed) and ``<field>_seeds`` (the per-seed values, in seed order); other values are taken from the
+  first seed's row. ``seeds`` lists the seeds the row has (a point skipped for one seed has fewer)."""
+  order, groups = [], {}
+  for seed, rows in rows_by_seed.items():
+    for row in rows:
+      if row[key] not in groups:
+        order.append(row[key])
+        groups[row[key]] = []
+      groups[row[key]].append((seed, row))
+  out = []
+  for value in order:
+    seeds = [seed for seed, _ in groups[value]]
+    merged = dict(groups[value][0][1])
+    merged["seeds"] = seeds
+    for field in fields:
+      values = [row.get(field) for _, row in groups[value]]
+      if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        continue
+      array = np.asarray(values, np.float64)
+      merged[field] = float(array.mean())
+      merged[f"{field}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+      merged[f"{field}_seeds"] = [float(v) for v in array]
+    out.append(merged)
+  return out
+
+
+def mean_std_rows(rows: Sequence[dict[str, Any]], fields: Sequence[str], *, percent: Sequence[str] = ()) -> list[
+    dict[str, Any]]:
+  """Copies of :func:`aggregate`'s rows for a markdown table: each of ``fields`` with a ``_std`` becomes the
+  text 'mean ± std' (in percent, 2 decimals, for the ``percent`` fields; else 3 significant digits), the mean
+  alone where one seed gave it."""
+  out = []
+  for row in rows:
+    cells = dict(row)
+    for field in fields:
+      if f"{field}_std" not in row:
+        continue
+      mean, std = row[field], row[f"{field}_std"]
+      spread = len(row.get(f"{field}_seeds", ())) > 1  # one seed: the value alone, no spread to show
+      cells[field] = (f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if spread else "") if field in percent
+                      else f"{mean:.3g}" + (f" ± {std:.2g}" if spread else ""))
+    if "seeds" in row:
+      cells["seeds"] = len(row["seeds"])
+    out.append(cells)
+  return out
+
+
 # ------------------------------------------------------------------------------------------------ reports
 
 
@@ -249,9 +348,10 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
 
 
 def write_report(workdir: str, name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                 extra: dict[str, Any] | None = None) -> str:
-  """Writes ``name.json`` (rows and ``extra``) and ``name.md`` in ``workdir``; returns the markdown."""
-  table = markdown_table(rows, columns)
+                 extra: dict[str, Any] | None = None, table_rows: Sequence[dict[str, Any]] | None = None) -> str:
+  """Writes ``name.json`` (rows and ``extra``) and ``name.md`` in ``workdir``; returns the markdown.
+  ``table_rows`` (default ``rows``) are the rows the markdown shows, e.g. :func:`mean_std_rows`' cells."""
+  table = markdown_table(rows if table_rows is None else table_rows, columns)
   _write_json(os.path.join(workdir, f"{name}.json"), {"rows": list(rows), **(extra or {})})
   with open(os.path.join(workdir, f"{name}.md"), "w") as f:
     f.write(table)

@@ -13,6 +13,9 @@
    * ``deep_lcnn_scratch`` (``--lcnn_scratch``): the deep LCNN from scratch, which separates the effect of the
      transferred dictionaries from that of the architecture.
 
+With ``--seeds 0,1,2`` every run (the shallow one too) trains once per seed in ``WORKDIR/seed<S>/``, and the
+table gives mean ± std over the seeds at each evaluated step.
+
 On the digits the depths are ``model.convs_per_stage`` (2 → 4: conv1..conv3 each followed by 1 or 3 more of its
 width); for ResNet pass ``--depth_key model.depth --shallow_depth 8 --deep_depth 18``. Every run is a resumable
 point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and ``few_iteration.png``.
@@ -20,6 +23,7 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import types
 from typing import Any, Sequence
@@ -43,7 +47,8 @@ def deep_config(config: ml_collections.ConfigDict, depth_key: str, depth: int, s
                "train.checkpoint_every": steps, "train.log_every": max(1, min(config.train.log_every, eval_every)),
                "train.warmup_steps": min(config.train.warmup_steps, steps // 5), "train.freeze_dictionaries": frozen}
   if cnn:
-    overrides.update({"model.name": models.baseline_config(config.model).name, "sparsity.strength": 0.0})
+    overrides.update({"model.name": models.baseline_config(config.model).name, "sparsity.strength": 0.0,
+                      "sparsity.target_speedup": 0.0, "sparsity.target_density": 0.0})
   return common.derive(config, **overrides)
 
 
@@ -77,17 +82,46 @@ def run_few_iteration(config: ml_collections.ConfigDict, workdir: str, *, depth_
   return rows, summary
 
 
+def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], **kwargs: Any
+                            ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[list, dict]]]:
+  """:func:`run_few_iteration` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the mean ± std
+  rows by step (:func:`common.aggregate`), the summary as mean ± std per run, and each seed's rows and summary."""
+  per_seed = {}
+  for seed in seeds:
+    try:
+      per_seed[seed] = run_few_iteration(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+    except common.NotFinished as e:  # --finished_only: a seed counts when all its runs are finished
+      logging.warning("Few-iteration seed %d left out: %s", seed, e)
+  if not per_seed:
+    raise ValueError(f"{workdir}: no seed of {list(seeds)} has all its runs finished; run without --finished_only.")
+  fields = sorted({k for rows, _ in per_seed.values() for row in rows for k in row if k.endswith("_top1")})
+  rows = common.aggregate({seed: rows for seed, (rows, _) in per_seed.items()}, "step", fields)
+  runs = common.aggregate({seed: [{"run": run, **result} for run, result in summary.items()]
+                           for seed, (_, summary) in per_seed.items()}, "run", ("top1", "top5", "speedup"))
+  summary = {row.pop("run"): row for row in runs}
+  return rows, summary, per_seed
+
+
 def plot_few_iteration(rows: Sequence[dict[str, Any]], summary: dict[str, Any], filename: str, title: str) -> None:
   """Top-1 of each deep run against training iterations; the shallow net's final top-1 as a reference line."""
   plt = common.pyplot()
   fig, ax = plt.subplots(figsize=(6, 4.5))
   for arm, label in ARMS.items():
-    points = [(row["step"], row[f"{arm}_top1"]) for row in rows if row.get(f"{arm}_top1", "") != ""]
-    if points:
-      ax.plot([s for s, _ in points], [100 * a for _, a in points], "o-" if "lcnn" in arm else "s--", label=label,
+    points = [row for row in rows if row.get(f"{arm}_top1", "") != ""]
+    style = "o-" if "lcnn" in arm else "s--"
+    if any(f"{arm}_top1_std" in row for row in points):  # mean ± std over seeds
+      ax.errorbar([row["step"] for row in points], [100 * row[f"{arm}_top1"] for row in points],
+                  yerr=[100 * row.get(f"{arm}_top1_std", 0.0) for row in points], fmt=style, capsize=3,
+                  markersize=4, label=f"{label} ({len(points[0]['seeds'])} seeds)")
+    elif points:
+      ax.plot([row["step"] for row in points], [100 * row[f"{arm}_top1"] for row in points], style, label=label,
               markersize=4)
-  ax.axhline(100 * summary["shallow_lcnn"]["top1"], color="gray", linestyle=":",
-             label=f"shallow LCNN after {summary['shallow_lcnn']['steps']} steps")
+  shallow = summary["shallow_lcnn"]
+  ax.axhline(100 * shallow["top1"], color="gray", linestyle=":",
+             label=f"shallow LCNN after {shallow['steps']:g} steps")
+  if shallow.get("top1_std"):
+    ax.axhspan(100 * (shallow["top1"] - shallow["top1_std"]), 100 * (shallow["top1"] + shallow["top1_std"]),
+               color="gray", alpha=0.1)
   ax.set_xlabel("training iterations of the deep net")
   ax.set_ylabel("top-1 accuracy (%)")
   common.save_figure(fig, [ax], filename, title=title)
@@ -104,26 +138,49 @@ def define_flags() -> types.SimpleNamespace:
       deep=flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them."),
       deep_steps=flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run."),
       eval_every=flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs."),
-      lcnn_scratch=flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch."))
+      lcnn_scratch=flags.DEFINE_bool("lcnn_scratch", True, "Also train the deep LCNN from scratch."),
+      seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every run once per seed in WORKDIR/seed<S>, "
+                              "reported as mean ± std. Empty: the config's seed, runs directly in WORKDIR."),
+      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all "
+                                      "finished."))
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir, config = flag.workdir.value, flag.config.value
-  rows, summary = run_few_iteration(config, workdir, depth_key=flag.depth_key.value, shallow_depth=flag.shallow.value,
-                                    deep_depth=flag.deep.value, deep_steps=flag.deep_steps.value,
-                                    eval_every=flag.eval_every.value, lcnn_scratch=flag.lcnn_scratch.value)
-  columns = ["step", *(f"{arm}_top1" for arm in summary if arm != "shallow_lcnn")]
-  table = common.write_report(workdir, "few_iteration", rows, columns, {"summary": summary, "config": config.to_dict()})
+  kwargs = dict(depth_key=flag.depth_key.value, shallow_depth=flag.shallow.value, deep_depth=flag.deep.value,
+                deep_steps=flag.deep_steps.value, eval_every=flag.eval_every.value,
+                lcnn_scratch=flag.lcnn_scratch.value)
+  if flag.seeds.value:
+    seeds = common.parse_seeds(flag.seeds.value)
+    rows, summary, per_seed = run_few_iteration_seeds(config, workdir, seeds, **kwargs)
+    columns = ["step", "seeds", *(f"{arm}_top1" for arm in summary if arm != "shallow_lcnn")]
+    table = common.write_report(
+        workdir, "few_iteration", rows, columns,
+        {"summary": summary, "seeds": seeds, "config": config.to_dict(),
+         "per_seed": {str(s): {"rows": r, "summary": m} for s, (r, m) in per_seed.items()}},
+        table_rows=common.mean_std_rows(rows, columns[2:], percent=columns[2:]))
+  else:
+    rows, summary = run_few_iteration(config, workdir, **kwargs)
+    columns = ["step", *(f"{arm}_top1" for arm in summary if arm != "shallow_lcnn")]
+    table = common.write_report(workdir, "few_iteration", rows, columns,
+                                {"summary": summary, "config": config.to_dict()})
   plot_few_iteration(rows, summary, os.path.join(workdir, "few_iteration.png"),
                      f"{config.model.name} on {config.data.name}: {flag.depth_key.value} "
                      f"{flag.shallow.value} -> {flag.deep.value}")
   print(table)  # the command's output
   for name, result in summary.items():
-    print(f"{name}: top-1 {result['top1']:.4f} after {result['steps']} steps, {result['speedup']:.1f}x fewer "
-          "multiplications than its CNN")
+    spread = f" ± {result['top1_std']:.4f} ({len(result['seeds'])} seeds)" if "top1_std" in result else ""
+    print(f"{name}: top-1 {result['top1']:.4f}{spread} after {result['steps']:g} steps, {result['speedup']:.1f}x "
+          "fewer multiplications than its CNN")
 
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError))
+  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))

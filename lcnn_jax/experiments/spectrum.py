@@ -2,6 +2,7 @@
 
     python -m lcnn_jax.experiments.spectrum --workdir runs/spectrum \\
         [--config configs/experiments/spectrum.py] [--sizes 2,4,8,16] [--strengths 3,30 | --targets 2,5,10,20,40]
+        [--points 16:2.5,8:10,4:40] [--seeds 0,1,2]
 
 Every (dictionary size, sparsity strength) pair is one LCNN run, plus the CNN baseline, each in
 ``WORKDIR/<point>/`` (resumable; a rerun skips finished points). With ``--targets`` the grid is (dictionary
@@ -10,11 +11,16 @@ so the points land on the figure's x-axis where asked; a target a dictionary siz
 dictionary stages and dense layers alone cost more) is skipped with a warning naming its largest speedup. The speedup is the multiplication count's
 (REFERENCE §6, from the final checkpoint) and, with ``--wall_clock``, the measured one: the inference
 benchmark (:mod:`lcnn_jax.bench`) times the exported LCNN (backends chosen per layer) against its dense CNN at
-``--bench_batch``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in the workdir.
+``--bench_batch``. ``--points`` names the (dictionary size, target speedup) pairs themselves, for a spectrum
+that spans sizes (a large dictionary for ~2×, small ones for the largest speedups). With ``--seeds`` every point
+trains once per seed in ``WORKDIR/seed<S>/`` and the table, JSON and plot give mean ± std (sample standard
+deviation) over the seeds; the JSON keeps each seed's rows under ``per_seed``. Writes ``spectrum.json``,
+``spectrum.md`` and ``spectrum.png`` in the workdir.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -97,17 +103,32 @@ def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, An
   return measured
 
 
+def parse_points(values: Sequence[str]) -> list[tuple[int, float]]:
+  """``--points 16:2.5,8:10`` as (dictionary size, target speedup) pairs; ValueError names a malformed one."""
+  points = []
+  for value in values:
+    try:
+      size, target = value.split(":")
+      points.append((int(size), float(target)))
+    except ValueError:
+      raise ValueError(f"--points entry {value!r}: expected SIZE:TARGET, e.g. --points 16:2.5,8:10,4:40.") from None
+  return points
+
+
 def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequence[int],
                  strengths: Sequence[float] = (), targets: Sequence[float] = (),
+                 points: Sequence[tuple[int, float]] = (),
                  size_keys: Sequence[str] = ("convs",), baseline: bool = True, wall_clock: bool = False,
                  bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
   """Trains (or reads back) every point and returns the table's rows, the CNN first.
 
-  The LCNN points are ``sizes`` × ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` ×
-  ``strengths``; unreachable targets are skipped with a warning.
+  The LCNN points are the (dictionary size, target speedup) pairs ``points`` when given, else ``sizes`` ×
+  ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` × ``strengths``; unreachable targets
+  are skipped with a warning.
   """
   check_size_keys(config, size_keys)  # before any point trains
-  grid = ([(k, None, t) for k in sizes for t in targets] if targets
+  grid = ([(k, None, t) for k, t in points] if points
+          else [(k, None, t) for k in sizes for t in targets] if targets
           else [(k, s, None) for k in sizes for s in strengths])
   points = ([(None, None, None)] if baseline else []) + grid
   rows = []
@@ -119,7 +140,11 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
     if target is not None and not os.path.isdir(point_dir) and (why := unreachable(run_config)):
       logging.warning("Spectrum point %s skipped: %s", name, why)
       continue
-    result = common.run_point(run_config, point_dir)
+    try:
+      result = common.run_point(run_config, point_dir)
+    except common.NotFinished:
+      logging.warning("Spectrum point %s is not finished; left out.", point_dir)
+      continue
     if target is not None:  # the steered strength the run ended with
       strength = [row for row in logger.read_metrics(point_dir) if row["split"] == "train"][-1]["strength"]
     row = {"point": name, "dictionary_size": size if size is not None else "-",
@@ -132,6 +157,26 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
                                                                         bench_seconds)["wall_speedup"]
     rows.append(row)
   return rows
+
+
+AGGREGATED = ("top1", "top5", "speedup", "wall_speedup", "density", "strength", "multiplications")
+SEED_COLUMNS = ("point", "dictionary_size", "target", "seeds", "top1", "speedup", "wall_speedup", "density",
+                "strength")
+
+
+def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+                       **kwargs: Any) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
+  """:func:`run_spectrum` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the points'
+  mean ± std rows (:func:`common.aggregate` of :data:`AGGREGATED`) and each seed's own rows."""
+  per_seed = {}
+  for seed in seeds:
+    logging.info("Spectrum: seed %d (%d seeds).", seed, len(seeds))
+    rows = run_spectrum(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
+    if rows:  # none when --finished_only finds nothing of this seed
+      per_seed[seed] = rows
+  if not per_seed:
+    raise ValueError(f"{workdir}: no finished point for seeds {list(seeds)}; run without --finished_only.")
+  return common.aggregate(per_seed, "point", AGGREGATED), per_seed
 
 
 def plot_spectrum(rows: Sequence[dict[str, Any]], filename: str, title: str, bench_batch: int = 1) -> None:
@@ -164,7 +209,12 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
                for strength in sorted({row["strength"] for row in lcnn})]
     points = [(row[key], 100 * row["top1"]) for row in lcnn]
     for line_label, line, note_key, note in lines:
-      ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
+      if any("top1_std" in row for row in line):  # mean ± std over seeds, in both directions
+        ax.errorbar([row[key] for row in line], [100 * row["top1"] for row in line],
+                    yerr=[100 * row.get("top1_std", 0.0) for row in line],
+                    xerr=[row.get(f"{key}_std", 0.0) for row in line], fmt="o-", capsize=3, label=line_label)
+      else:
+        ax.plot([row[key] for row in line], [100 * row["top1"] for row in line], "o-", label=line_label)
       for row in line:  # the note above the point, or below when another point sits just above it
         x, y = row[key], 100 * row["top1"]
         crowded = any(abs(math.log(other_x / x)) < 0.05 and 0 < other_y - y < 3 for other_x, other_y in points)
@@ -173,6 +223,10 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
     for row in rows:
       if row["point"] == "cnn":
         ax.plot([row[key]] if key in row else [1.0], [100 * row["top1"]], "k*", markersize=12, label="CNN")
+        if "top1_std" in row:  # the CNN's mean as the reference line, its ± std as a band
+          ax.axhline(100 * row["top1"], color="k", linestyle=":", linewidth=1)
+          ax.axhspan(100 * (row["top1"] - row["top1_std"]), 100 * (row["top1"] + row["top1_std"]), color="k",
+                     alpha=0.08, label=f"CNN, ± std over {len(row['seeds'])} seeds")
     ax.set_xscale("log")
     ax.margins(x=0.08)  # room for the last point's note
     low, high = ax.get_xlim()
@@ -196,6 +250,11 @@ def define_flags() -> types.SimpleNamespace:
       strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
       targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
                                 "sweeps (dictionary size, target) instead of (dictionary size, strength)."),
+      points=flags.DEFINE_list("points", [], "(dictionary size, target speedup) pairs, e.g. 16:2.5,8:10,4:40: "
+                               "exactly these LCNN points instead of a --sizes grid."),
+      seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every point once per seed in WORKDIR/seed<S>, "
+                              "reported as mean ± std. Empty: the config's seed, points directly in WORKDIR."),
+      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished points only."),
       size_keys=flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
                                   "stage1,stage2,stage3,stage4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
@@ -207,14 +266,29 @@ def define_flags() -> types.SimpleNamespace:
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir = flag.workdir.value
   os.makedirs(workdir, exist_ok=True)
-  rows = run_spectrum(flag.config.value, workdir, sizes=[int(k) for k in flag.sizes.value],
-                      strengths=[float(s) for s in flag.strengths.value],
-                      targets=[float(t) for t in flag.targets.value], size_keys=flag.size_keys.value,
-                      baseline=flag.baseline.value, wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value,
-                      bench_seconds=flag.bench_seconds.value)
-  table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
+  kwargs = dict(sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
+                targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
+                size_keys=flag.size_keys.value, baseline=flag.baseline.value, wall_clock=flag.wall_clock.value,
+                bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
+  if flag.seeds.value:
+    seeds = common.parse_seeds(flag.seeds.value)
+    rows, per_seed = run_spectrum_seeds(flag.config.value, workdir, seeds, **kwargs)
+    columns = [c for c in SEED_COLUMNS if c != "wall_speedup" or flag.wall_clock.value]
+    table = common.write_report(workdir, "spectrum", rows, columns,
+                                {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()},
+                                 "config": flag.config.value.to_dict()},
+                                table_rows=common.mean_std_rows(rows, AGGREGATED, percent=("top1", "top5")))
+  else:
+    rows = run_spectrum(flag.config.value, workdir, **kwargs)
+    table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
                 f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup",
                 flag.bench_batch.value)
@@ -223,4 +297,4 @@ def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
 
 if __name__ == "__main__":
   _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError))
+  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))
