@@ -278,6 +278,6 @@ def test_fashion_configs_count_the_28x28_nets_without_data():
   num_classes, input_shape = inspection.input_facts(config)
   assert (num_classes, input_shape) == (10, (28, 28, 1))
   model = models.create_model(config.model, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
-  # conv1 at 28×28, conv2 at 14×14, conv3 at 7×7 (3×3 kernels), then the 128 → 10 classifier.
-  expected = 28 * 28 * 9 * 1 * 32 + 14 * 14 * 9 * 32 * 64 + 7 * 7 * 9 * 64 * 128 + 128 * 10
+  # conv1 at 28×28, conv2 at 14×14, conv3 at 7×7 (3×3 kernels), then the classifier on every pixel of conv3's map.
+  expected = 28 * 28 * 9 * 1 * 32 + 14 * 14 * 9 * 32 * 64 + 7 * 7 * 9 * 64 * 128 + 7 * 7 * 128 * 10
   assert flops.count_multiplications(model, input_shape).total == expected

@@ -165,7 +165,7 @@ class TorchEngine:
   def __call__(self, images) -> np.ndarray:
     torch = self.torch
     if self._images is None or self._images[0] is not images:
-      nchw = torch.from_numpy(np.ascontiguousarray(np.transpose(np.asarray(images, np.float32), (0, 3, 1, 2))))
+      nchw = torch.from_numpy(np.transpose(np.asarray(images, np.float32), (0, 3, 1, 2)).copy())  # writable
       self._images = (images, nchw.contiguous(memory_format=torch.channels_last))
     with torch.no_grad():
       return self.module(self._images[1]).numpy()
