@@ -47,6 +47,7 @@ import numpy as np
 from absl import flags, logging
 from flax import nnx
 
+from lcnn_jax import checkpoint as checkpoint_lib
 from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
@@ -124,7 +125,6 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
   rng = np.random.default_rng(seed)
   density = None
   if checkpoint:
-    from lcnn_jax import checkpoint as checkpoint_lib
     lcnn_module, config, _ = checkpoint_lib.restore_model(checkpoint)
     _, dataset = checkpoint_lib.load_run_info(checkpoint)
     input_shape, num_classes = tuple(dataset["image_shape"]), dataset["num_classes"]
@@ -296,7 +296,6 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   logging.info("Building the CNN and the LCNN and measuring each lookup layer's backends at batch %d ...", batch)
   setup = build(model, preset, batch, checkpoint, seed, precision)
   if checkpoint:  # the rows name the checkpoint's model, not the --model/--preset it ignores
-    from lcnn_jax import checkpoint as checkpoint_lib
     model, preset = checkpoint_lib.load_run_info(checkpoint)[0].model.name, "trained"
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
   engines, skipped = dense_engines(setup, baselines, batch)

@@ -29,9 +29,10 @@ from typing import Any, Sequence
 
 import ml_collections
 from absl import flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import cli, config as config_lib, logger, models
+from lcnn_jax import bench, cli, config as config_lib, inspection, logger, models, operating_point
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "spectrum.py")
@@ -74,8 +75,6 @@ def point_config(config: ml_collections.ConfigDict, size: int | None, strength: 
 
 def unreachable(config: ml_collections.ConfigDict) -> str | None:
   """Why the untrained model of ``config`` cannot reach its ``sparsity.target_speedup`` (None when it can)."""
-  from flax import nnx
-  from lcnn_jax import inspection, operating_point
   num_classes, input_shape = inspection.input_facts(config)
   model = models.create_model(config.model, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
   try:
@@ -92,7 +91,6 @@ def measure_wall_clock(workdir: str, batch: int, seconds: float) -> dict[str, An
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
-  from lcnn_jax import bench  # the inference stack is only needed here
   result = bench.run(os.path.basename(workdir), "checkpoint", batch, checkpoint=workdir, seconds=seconds)
   auto = next(row for row in result["rows"] if row["backend"] == "auto")
   measured = {"wall_speedup": auto["wall_speedup"], "dense_ms": auto["dense_ms"], "lcnn_ms": auto["lcnn_ms"],
