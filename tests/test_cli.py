@@ -111,6 +111,8 @@ def log_then_signal(self, step, row, densities):
   if step == at:
     os.kill(os.getpid(), signum)
 logger.MetricsLogger.train = log_then_signal
+# As in a terminal: a test runner started in the background (`cmd &`) hands its children SIGINT ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 main.run()
 """
 
