@@ -11,25 +11,15 @@ from flax import nnx
 from lcnn_jax import checkpoint, config as config_lib, data, models, train
 from lcnn_jax.data import sources
 from lcnn_jax.experiments import common, few_iteration, few_shot, spectrum
+from conftest import make_tiny_config
 
 
 def tiny_config():
-  c = config_lib.default_config()
-  c.model.name = "digits-lcnn"
-  c.model.width = 4
-  c.model.dictionary.first = 1
-  c.model.dictionary.convs = 2
-  c.data.name = "digits"
-  c.train.batch_size = 16
-  c.train.num_steps = 2
-  c.train.lr_schedule = "constant"
-  c.train.learning_rate = 0.05
-  c.train.checkpoint_every = 2
-  c.train.log_every = 1
-  c.train.eval_every = 2
-  c.train.eval_batch_size = 400
-  c.sparsity.strength = 10.0
-  return c
+  """The shared tiny run (conftest), narrower and shorter: 2 steps of 16 images at width 4."""
+  return make_tiny_config(model=dict(width=4, dictionary=dict(convs=2)),
+                          train=dict(batch_size=16, num_steps=2, steps_per_epoch=10_000, checkpoint_every=2,
+                                     log_every=1, eval_every=2, eval_batch_size=400),
+                          sparsity=dict(strength=10.0))
 
 
 def no_training(*args, **kwargs):
