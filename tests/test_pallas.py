@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from lcnn_jax import inference, layers
-from lcnn_jax.inference import backends, layouts, pallas_lookup, tuning
+from lcnn_jax.inference import backends, layouts, pallas_lookup, precision, tuning
 
 from lookup_reference import dense_reference, random_layer  # noqa: E402
 
@@ -81,17 +81,48 @@ def test_pallas_reads_channels_first_input_without_a_transpose(rng):
                              atol=1e-4 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("prec", ["bfloat16", "int8"])
+@pytest.mark.parametrize("case", ["alexnet_conv1", "resnet_3x3_strided", "alexnet_fc7_accurate"])
+def test_pallas_computes_layers_stored_at_reduced_precision(case, prec, rng):
+  spec, batch = LAYER_CASES[case]
+  stored = precision.quantize_layer(random_layer(rng, **spec), prec)  # int8: D and P scaled per channel
+  x = rng.standard_normal((batch, *stored.input_size, stored.in_features)).astype(np.float32)
+  expected = dense_reference(stored, x)  # the layer as stored
+  np.testing.assert_allclose(np.asarray(_run(PALLAS, stored, x)), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+
+
+# The layers at the models' own sizes and batch 256 (fewer atoms and non-zeros: the kernel's blocks and grid depend
+# on the outputs, the columns and the length of S): AlexNet-LCNN's conv1, conv2 and fc6, ResNet-18-LCNN's stem and
+# a 56×56 3×3 layer.
+FULL_SIZE = {
+    "alexnet_conv1": dict(m=3, n=96, k=3, kernel=(11, 11), strides=(4, 4), padding=(2, 2), size=(224, 224)),
+    "alexnet_conv2": dict(m=96, n=256, k=8, kernel=(5, 5), strides=(1, 1), padding=(2, 2), size=(27, 27)),
+    "alexnet_fc6": dict(m=256, n=4096, k=8, kernel=(6, 6), strides=(1, 1), padding=(0, 0), size=(6, 6)),
+    "resnet_stem": dict(m=3, n=64, k=3, kernel=(7, 7), strides=(2, 2), padding=(3, 3), size=(224, 224)),
+    "resnet_layer1": dict(m=64, n=64, k=8, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(56, 56)),
+}
+
+
+def _lowered_for_cuda(layer, batch, dtype) -> str:
+  params = jax.tree.map(jnp.asarray, COMPILED.prepare(layer))
+  x = jax.ShapeDtypeStruct((batch, *layer.input_size, layer.in_features), dtype)  # traced, never allocated
+  fn = jax.jit(lambda p, v: backends.apply_nhwc(COMPILED, layer, p, v))
+  return fn.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_pallas_kernel_lowers_to_triton_for_cuda(dtype, rng):
-  """Every block shape a power of two, every operation one the Triton lowering has (no GPU needed to check)."""
-  for case in ("alexnet_conv1", "alexnet_fc6"):
+  """Every block shape a power of two, every operation one the Triton lowering has (no GPU needed to check); the
+  interpret mode of the other tests checks none of this."""
+  for case in sorted(LAYER_CASES):
     spec, batch = LAYER_CASES[case]
-    layer = random_layer(rng, **spec)
-    params = jax.tree.map(jnp.asarray, COMPILED.prepare(layer))
-    x = jnp.zeros((batch, *layer.input_size, layer.in_features), dtype)
-    fn = jax.jit(lambda p, v: backends.apply_nhwc(COMPILED, layer, p, v))
-    text = fn.trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
-    assert "xla.gpu.triton" in text
+    assert "xla.gpu.triton" in _lowered_for_cuda(random_layer(rng, **spec), batch, dtype), case
+  for case in sorted(FULL_SIZE):
+    layer = random_layer(rng, **FULL_SIZE[case], density=0.002)
+    for batch in (1, 256):
+      assert pallas_lookup.padded_length(layer, batch) < 2**31  # the kernel's positions are int32
+      assert "xla.gpu.triton" in _lowered_for_cuda(layer, batch, dtype), (case, batch)
 
 
 @pytest.mark.parametrize("outputs,columns", [(5, 1), (4096, 1), (192, 27 * 27 * 256), (64, 3), (384, 40)])
@@ -112,6 +143,14 @@ def test_pallas_is_offered_to_auto_on_gpus_only(monkeypatch):
   monkeypatch.setenv(pallas_lookup.INTERPRET_ENV, "1")
   assert "pallas" in backends.available_backends()
   assert ("pallas" in tuning.candidate_backends()) == on_gpu  # interpreted: never timed for auto
+
+
+def test_on_a_gpu_auto_times_pallas_and_never_the_cpp_kernel(monkeypatch):
+  monkeypatch.delenv(pallas_lookup.INTERPRET_ENV, raising=False)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not pallas_lookup.interpreted() and backends.get_backend("pallas").available() == (True, "")
+  assert not backends.get_backend("lookup").available()[0] and not backends.dense_rows_available()
+  assert tuning.candidate_backends() == ["pallas", "factored", "dense", "gather"]
 
 
 class _TinyLcnn(nnx.Module):

@@ -115,6 +115,9 @@ def lookup_rows(s: jax.Array, offsets: jax.Array, values: jax.Array, bias: jax.A
   Returns:
     (outputs, columns rounded up to the column block) in ``s.dtype``.
   """
+  if s.shape[0] > np.iinfo(np.int32).max:
+    raise ValueError(f"S has {s.shape[0]:,} elements, past the kernel's int32 positions (2^31 - 1): run the layer "
+                     f"at a smaller batch than {batch}.")
   outputs = offsets.shape[1]
   block_outputs, block_columns = block_shape(outputs, columns)
   if outputs % block_outputs:
@@ -187,12 +190,12 @@ class PallasLookup:
     offsets = np.zeros((slots, padded), np.int32)
     values = np.zeros((slots, padded), np.float32)
     offsets[column, rows] = backends_lib._s2d_indices(layer)
-    values[column, rows] = layer.values
+    values[column, rows] = layer.float_values()  # int8 values scaled back per output
     sorted_counts = np.zeros(padded, np.int32)
     sorted_counts[:n] = counts[order]
     bias = np.zeros(padded, np.float32)
     bias[:n] = layer.bias[order]
-    return {"dictionary_t": np.ascontiguousarray(layer.dictionary.T), "offsets": offsets, "values": values,
+    return {"dictionary_t": np.ascontiguousarray(layer.float_dictionary().T), "offsets": offsets, "values": values,
             "bias": bias, "trips": sorted_counts.reshape(-1, GROUP).max(axis=1),
             "rank": rank.astype(np.int32)}
 
