@@ -25,9 +25,9 @@ after the budget is skipped, saying so). It never changes device settings.
 ``--smoke`` runs the same code paths at tiny sizes (AlexNet 64×64 and ResNet 32×32 training at batch 4,
 AlexNet inference at batch 1 and 2, the Pallas kernel interpreted) on a CPU: about 2.5 minutes of CPU time.
 
-Only jax, numpy and absl are imported up front; each part imports what it needs and is skipped, naming the
-missing package, when that is not installed (a GPU image without ml_collections or grain: see
-docs/accelerators.md for installing carried wheels).
+Only jax, numpy and absl are imported up front, so the command starts on an image without ml_collections, grain,
+tensorboardX or tensorflow-datasets; each part imports what it needs and is skipped, naming the missing package,
+when that is not installed (see docs/accelerators.md for installing carried wheels).
 """
 
 from __future__ import annotations
@@ -45,9 +45,7 @@ import time
 from typing import Any, Callable
 
 import jax
-from absl import flags, logging
-
-from lcnn_jax import cli
+from absl import app, flags, logging
 
 PARTS = ("tests", "train", "inference", "pipeline")
 FAMILIES = ("alexnet", "resnet18")
@@ -106,9 +104,16 @@ class Skipped(Exception):
   """A part or step that cannot run here; the message says why."""
 
 
+def _installed(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except (ImportError, ValueError):  # a parent package missing, or a finder refusing the name
+    return False
+
+
 def require(*modules: str) -> None:
   """Raises :class:`Skipped` naming the modules that are not installed."""
-  missing = [m for m in modules if importlib.util.find_spec(m) is None]
+  missing = [m for m in modules if not _installed(m)]
   if missing:
     raise Skipped(f"needs {', '.join(missing)}, not installed here (docs/accelerators.md: installing carried "
                   "wheels)")
@@ -183,7 +188,7 @@ def repository_root() -> str:
 
 def run_tests(run: Run) -> dict:
   """pytest on the device-exercising tests, in a child process on the same device."""
-  require("pytest")
+  require("pytest", "ml_collections", "optax", "orbax.checkpoint")  # tests/conftest.py reads the configs
   root = repository_root()
   missing = [t for t in run.sizes.tests if not os.path.exists(os.path.join(root, t.split("::")[0]))]
   if missing:
@@ -374,7 +379,8 @@ def markdown(result: dict) -> str:
 
 def main(argv):
   if len(argv) > 1:
-    raise cli.UsageError(f"Unexpected arguments: {argv[1:]}")
+    sys.stderr.write(f"error: unexpected arguments {argv[1:]}: every option is a --flag (see --help)\n")
+    return 2
   bad = sorted(set(FLAGS.parts) - set(PARTS)) or sorted(set(FLAGS.families) - set(FAMILIES))
   if bad or not FLAGS.out:
     sys.stderr.write(f"error: --parts must be among {','.join(PARTS)} and --families among {','.join(FAMILIES)} "
@@ -405,9 +411,23 @@ def main(argv):
   result = run.result()
   status = ", ".join(f"{name} {part['status']}" for name, part in result["parts"].items())
   sys.stdout.write(f"\n{result['device']}, {result['elapsed_s']} s: {status}; report in {FLAGS.out}/devicecheck.md\n")
+  for name, part in result["parts"].items():
+    if part.get("reason"):
+      sys.stdout.write(f"  {name} {part['status']}: {part['reason']}\n")
   sys.stdout.write(table(run.rows) + "\n")
   return 1 if any(part["status"] == "failed" for part in result["parts"].values()) else 0
 
 
+def run_command() -> None:
+  """The command line: through :func:`lcnn_jax.cli.run` (flag mistakes in one paragraph, exit code 2) where its
+  dependencies are installed, else through ``absl.app.run`` alone (an image without ml_collections)."""
+  try:
+    from lcnn_jax import cli  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    app.run(main)
+  else:
+    cli.run(main)
+
+
 if __name__ == "__main__":
-  cli.run(main)
+  run_command()

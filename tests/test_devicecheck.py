@@ -14,14 +14,39 @@ from lcnn_jax import devicecheck
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(*args):
-  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+GPU_IMAGE_LACKS = ("grain", "tensorboardX", "tensorflow_datasets", "tensorflow")
+"""What a typical GPU image does not have (besides ml_collections)."""
+
+BLOCKER = """
+import sys
+
+class _NotInstalled:
+  def find_spec(self, name, path=None, target=None):
+    if name.split(".")[0] in {blocked!r}:
+      raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+    return None
+
+sys.meta_path.insert(0, _NotInstalled())
+"""
+
+
+def _command(*args, missing=(), folder=None):
+  """The command in a child process; ``missing`` modules made unimportable there (and in its own children) by a
+  sitecustomize written to ``folder``."""
+  paths = [ROOT, os.environ.get("PYTHONPATH")]
+  if missing:
+    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=tuple(missing)))
+    paths.insert(0, str(folder))
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
   return subprocess.run([sys.executable, "-m", "lcnn_jax.devicecheck", *args], capture_output=True, text=True,
                         cwd=ROOT, env=env, timeout=600)
 
 
 def test_smoke_slice_measures_training_and_writes_the_report(tmp_path):
-  done = _command("--smoke", "--out", str(tmp_path), "--parts", "train", "--families", "resnet18")
+  # On an image without grain, tensorboardX or tensorflow-datasets, as typical GPU images are.
+  (tmp_path / "site").mkdir()
+  done = _command("--smoke", "--out", str(tmp_path), "--parts", "train", "--families", "resnet18",
+                  missing=GPU_IMAGE_LACKS, folder=tmp_path / "site")
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads((tmp_path / "devicecheck.json").read_text())
   assert result["smoke"] and result["parts"]["train"]["status"] == "ok"
@@ -36,6 +61,19 @@ def test_smoke_slice_measures_training_and_writes_the_report(tmp_path):
   report = (tmp_path / "devicecheck.md").read_text()
   assert "| train | resnet18-lcnn-fast | xla |" in report and "not measured" in report
   assert done.stdout.strip().splitlines()[-1].startswith("train      resnet18-lcnn-fast")  # the table comes last
+
+
+def test_without_ml_collections_the_command_starts_and_every_part_says_what_it_needs(tmp_path):
+  (tmp_path / "site").mkdir()
+  done = _command("--smoke", "--out", str(tmp_path / "report"), missing=("ml_collections", *GPU_IMAGE_LACKS),
+                  folder=tmp_path / "site")
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads((tmp_path / "report" / "devicecheck.json").read_text())
+  assert sorted(result["parts"]) == sorted(devicecheck.PARTS) and result["rows"] == []
+  for name, part in result["parts"].items():
+    assert part["status"] == "skipped" and "ml_collections" in part["reason"], name
+  assert "pipeline skipped: needs ml_collections, grain" in done.stdout
+  assert done.stdout.strip().splitlines()[-1].startswith("part ")  # the (empty) table still comes last
 
 
 def test_usage_mistakes_exit_2_with_the_fix(tmp_path):
