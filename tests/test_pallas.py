@@ -125,6 +125,19 @@ def test_pallas_kernel_lowers_to_triton_for_cuda(dtype, rng):
       assert "xla.gpu.triton" in _lowered_for_cuda(layer, batch, dtype), (case, batch)
 
 
+def test_every_read_of_a_block_stays_inside_padded_s(rng):
+  """Interpret mode clamps reads past the end of S, a GPU does not: the padding must cover every block's reads."""
+  layers_and_batches = [(random_layer(rng, **spec), (1, batch, 256)) for spec, batch in LAYER_CASES.values()]
+  layers_and_batches += [(random_layer(rng, **spec, density=0.002), (1, 3, 256)) for spec in FULL_SIZE.values()]
+  for layer, batches in layers_and_batches:
+    offsets = COMPILED.prepare(layer)["offsets"]
+    for batch in batches:
+      wide = pallas_lookup.wide_columns(layer, batch)
+      _, block_columns = pallas_lookup.block_shape(offsets.shape[1], wide)
+      last_read = int(offsets.max()) * batch + -(-wide // block_columns) * block_columns - 1
+      assert last_read < pallas_lookup.padded_length(layer, batch), (layer.kernel_size, layer.input_size, batch)
+
+
 @pytest.mark.parametrize("outputs,columns", [(5, 1), (4096, 1), (192, 27 * 27 * 256), (64, 3), (384, 40)])
 def test_block_shapes_are_powers_of_two_within_the_register_budget(outputs, columns):
   block_outputs, block_columns = pallas_lookup.block_shape(outputs, columns)
