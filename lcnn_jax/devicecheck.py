@@ -72,6 +72,7 @@ class Sizes:
   inference_families: tuple[str, ...]
   inference_batches: tuple[int, ...]
   inference_seconds: float
+  inference_step_s: float  # what one inference step (a family at a batch size) needs of the budget to start
   pipeline_batch: int
   pipeline_steps: int
   pipeline_images: int
@@ -89,11 +90,13 @@ DEVICE_TESTS = (
 FULL = Sizes(budget_s=450, tests=DEVICE_TESTS, tests_timeout_s=120,
              train_image_size={"alexnet": 224, "resnet18": 224}, train_batch=256, train_steps=10,
              probe_batches=(512, 1024), inference_families=FAMILIES, inference_batches=(1, 256), inference_seconds=3.0,
+             inference_step_s=100,
              pipeline_batch=256, pipeline_steps=4, pipeline_images=512, pipeline_workers=os.cpu_count() or 1)
 
 SMOKE = Sizes(budget_s=270, tests=("tests/test_pallas.py::test_pallas_lookups_equal_dense_conv_with_reconstructed_kernel",),
               tests_timeout_s=90, train_image_size={"alexnet": 64, "resnet18": 32}, train_batch=4, train_steps=1,
               probe_batches=(), inference_families=("alexnet",), inference_batches=(1, 2), inference_seconds=0.5,
+              inference_step_s=60,
               pipeline_batch=8, pipeline_steps=2, pipeline_images=24, pipeline_workers=1)
 
 TRAINED = {"alexnet": ("alexnet", "alexnet-lcnn-fast"), "resnet18": ("resnet18", "resnet18-lcnn-fast")}
@@ -130,6 +133,7 @@ class Run:
     self.device = "not yet initialised"
 
   def left(self) -> float:
+    """Seconds of the budget left."""
     return self.sizes.budget_s - (time.monotonic() - self.start)
 
   def ensure_time(self, seconds: float, what: str) -> None:
@@ -138,6 +142,7 @@ class Run:
       raise Skipped(f"{what}: {max(self.left(), 0):.0f} s of the {self.sizes.budget_s:.0f} s budget left")
 
   def add(self, **row) -> None:
+    """Records one measurement, completing ``ms`` from ``images_per_s`` or the reverse."""
     if row.get("images_per_s") and not row.get("ms"):
       row["ms"] = 1e3 * row["batch"] / row["images_per_s"]
     elif row.get("ms") and not row.get("images_per_s"):
@@ -164,6 +169,7 @@ class Run:
     self.write()
 
   def result(self) -> dict[str, Any]:
+    """The report as written to devicecheck.json."""
     return {"device": self.device, "smoke": self.smoke, "jax": jax.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "host_cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - self.start, 1),
@@ -171,6 +177,7 @@ class Run:
             "rows": self.rows, "targets": targets(self.rows)}
 
   def write(self) -> None:
+    """Writes devicecheck.json and devicecheck.md, each replaced whole (never left half-written)."""
     result = self.result()
     for name, text in (("devicecheck.json", json.dumps(result, indent=1)), ("devicecheck.md", markdown(result))):
       partial = os.path.join(self.out, f".{name}.partial")
@@ -183,6 +190,7 @@ class Run:
 
 
 def repository_root() -> str:
+  """The checkout this module runs from (where ``tests/`` is)."""
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -281,7 +289,7 @@ def run_inference(run: Run) -> dict:
     cnn, lcnn = TRAINED[family]
     for batch in run.sizes.inference_batches:
       try:
-        run.ensure_time(100, f"inference of {lcnn} at batch {batch}")
+        run.ensure_time(run.sizes.inference_step_s, f"inference of {lcnn} at batch {batch}")
       except Skipped as e:
         skipped.append(str(e))
         continue
@@ -412,8 +420,8 @@ def main(argv):
   status = ", ".join(f"{name} {part['status']}" for name, part in result["parts"].items())
   sys.stdout.write(f"\n{result['device']}, {result['elapsed_s']} s: {status}; report in {FLAGS.out}/devicecheck.md\n")
   for name, part in result["parts"].items():
-    if part.get("reason"):
-      sys.stdout.write(f"  {name} {part['status']}: {part['reason']}\n")
+    for reason in [part["reason"]] if part.get("reason") else part.get("skipped_steps", []):
+      sys.stdout.write(f"  {name} {part['status']}: {reason}\n")
   sys.stdout.write(table(run.rows) + "\n")
   return 1 if any(part["status"] == "failed" for part in result["parts"].values()) else 0
 
