@@ -1,6 +1,6 @@
 """One command that checks and measures lcnn_jax on whatever accelerator is here, in one prepared run.
 
-    python -m lcnn_jax.devicecheck --out DIR [--smoke] [--parts tests,train,inference,pipeline] [--budget_s S]
+    python -m lcnn_jax.devicecheck --out DIR [--smoke] [--parts tests,train,pipeline,inference] [--budget_s S]
 
 Parts, in this order (each records its status, seconds and, when it cannot run, why):
 
@@ -11,10 +11,11 @@ Parts, in this order (each records its status, seconds and, when it cannot run, 
 * ``train``: training images/s (:func:`lcnn_jax.throughput.compute_images_per_second`) of AlexNet and
   AlexNet-LCNN fast, ResNet-18 and ResNet-18-LCNN fast, on synthetic 224×224 batches of 256 in bfloat16; then,
   while time is left, the ResNets at larger batches until one does not fit.
+* ``pipeline``: images/s of the JPEG training pipeline with one grain worker per host core
+  (:func:`lcnn_jax.throughput.pipeline_images_per_second`, random 500×375 JPEGs): seconds, so before the
+  longest part.
 * ``inference``: :func:`lcnn_jax.bench.run` at batch 1 and 256: the dense CNN, the LCNN on every available
   backend and on the ``auto`` mix (AlexNet-LCNN fast, then ResNet-18-LCNN fast while time is left).
-* ``pipeline``: images/s of the JPEG training pipeline with one grain worker per host core
-  (:func:`lcnn_jax.throughput.pipeline_images_per_second`, random 500×375 JPEGs).
 
 It writes ``DIR/devicecheck.json`` (``rows``: one per measurement, with ``part``, ``model``, ``backend``,
 ``batch``, ``images_per_s`` and ``ms``; ``parts``; ``targets``), ``DIR/devicecheck.md`` and
@@ -47,7 +48,7 @@ from typing import Any, Callable
 import jax
 from absl import app, flags, logging
 
-PARTS = ("tests", "train", "inference", "pipeline")
+PARTS = ("tests", "train", "pipeline", "inference")
 FAMILIES = ("alexnet", "resnet18")
 
 FLAGS = flags.FLAGS
@@ -318,7 +319,7 @@ def run_pipeline(run: Run) -> dict:
   return {"workers": sizes.pipeline_workers}
 
 
-RUNNERS = {"tests": run_tests, "train": run_train, "inference": run_inference, "pipeline": run_pipeline}
+RUNNERS = {"tests": run_tests, "train": run_train, "pipeline": run_pipeline, "inference": run_inference}
 
 
 # Targets and reports ------------------------------------------------------------------------------------------
