@@ -433,9 +433,18 @@ def run_command() -> None:
   try:
     from lcnn_jax import cli  # pylint: disable=g-import-not-at-top
   except ImportError:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   else:
     cli.run(main)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, a mistake answered in one line with exit code 2 (as :func:`lcnn_jax.cli.run` does)."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.stderr.write(f"error: {e}; see --help for the flags\n")
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,9 @@ def test_without_ml_collections_the_command_starts_and_every_part_says_what_it_n
     assert part["status"] == "skipped" and "ml_collections" in part["reason"], name
   assert "pipeline skipped: needs ml_collections, grain" in done.stdout
   assert done.stdout.strip().splitlines()[-1].startswith("part ")  # the (empty) table still comes last
+  done = _command("--out", str(tmp_path / "report"), "--part", "train", missing=("ml_collections",),
+                  folder=tmp_path / "site")
+  assert done.returncode == 2 and "'part'" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_usage_mistakes_exit_2_with_the_fix(tmp_path):
