@@ -245,13 +245,39 @@ def test_mismatch_against_the_config_names_the_module_and_writes_nothing(importe
   assert os.listdir(tmp_path) == []  # no run, no temporary directory
 
 
-def test_an_existing_workdir_is_never_written_over(imported, tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "notes.txt").write_text("mine")
+def test_an_existing_run_is_never_written_over(imported, tmp_path, rng):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(imported["workdir"], workdir)
+  before = {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(workdir) for f in files}
   with pytest.raises(import_t7.T7ImportError, match="already exists and is not empty"):
+    import_t7.import_run(imported["model"], workdir, image_size=IMAGE_SIZE, mean=["0.5"] * 3, std=["0.25"] * 3)
+  after = {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
+           for d, _, files in os.walk(workdir) for f in files}
+  assert after == before and os.listdir(tmp_path) == ["run"]
+  model, _, _ = checkpoint.restore_model(workdir)  # still the run it was, with the file's normalisation
+  assert checkpoint.load_run_info(workdir)[1]["mean"] == MEAN
+  images = rng.normal(size=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  order = [CLASSES.index(name) for name in sorted(CLASSES)]
+  assert_logits_close(logits_of(model, images), torch_logits(imported["tree"], images)[:, order])
+
+
+def test_an_import_interrupted_while_writing_leaves_no_run(imported, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()  # an empty --workdir is accepted, and must stay empty
+  written = []
+
+  def interrupt(model, run_dir, image_shape):  # the checkpoint and config.json are on disk by now
+    written.extend(sorted(os.listdir(run_dir)))
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(import_t7, "_check_round_trip", interrupt)
+  with pytest.raises(KeyboardInterrupt):
     import_t7.import_run(imported["model"], str(workdir), image_size=IMAGE_SIZE, meanstd=imported["meanstd"])
-  assert os.listdir(workdir) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["run"]
+  assert written == ["checkpoints", "config.json", "config.py"]
+  assert os.listdir(tmp_path) == ["run"] and os.listdir(workdir) == []  # no temporary directory either
+  with pytest.raises(checkpoint.CheckpointError):
+    checkpoint.restore_model(str(workdir))
 
 
 def test_side_file_mistakes_are_clear(imported, tmp_path):
