@@ -166,8 +166,9 @@ def flatten(obj, path: str = "model") -> list[Leaf]:
   """The modules of an ``nn.Sequential`` tree in forward order, each with its path; unknown modules raise."""
   typename = _typename(obj)
   if typename is None:
-    raise T7ImportError(f"{path} is a {type(obj).__name__}, not a Torch module; expected the model saved by "
-                        "torch.save (an nn.Sequential).")
+    what = "a Lua table" if isinstance(obj, (dict, list)) else f"a {type(obj).__name__}"
+    raise T7ImportError(f"{path} is {what}, not a Torch module; expected the model saved by torch.save (an "
+                        "nn.Sequential).")
   if typename in CONTAINERS:
     children = obj["modules"] or []
     if typename == "nn.DataParallelTable":
@@ -356,15 +357,19 @@ def alexnet_steps() -> list[Step]:
 def _expected_layer(module, name: str, config: ml_collections.ConfigDict) -> str:
   key = {"conv1": "model.dictionary.first", "fc6": "model.dictionary.fc", "fc7": "model.dictionary.fc",
          "fc8": "model.dictionary.classifier"}.get(name, "model.dictionary.convs")
-  if isinstance(module, layers.LookupConv):
-    kh, kw = module.kernel_size
-    return (f"a lookup layer {module.in_features}->{module.out_features}, {kh}x{kw}, stride {module.strides[0]}, "
-            f"pad {module.padding[0]}, dictionary {module.dictionary_size} ({key}), initial sparsity "
-            f"{module.initial_sparsity:g} (model.initial_sparsity)")
   kh, kw = module.kernel_size
-  return (f"a dense convolution {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
-          f"{module.strides if isinstance(module.strides, int) else module.strides[0]}, pad {module.padding[0][0]}"
-          f"{f' (dense: {key} = 0)' if config.model.name == 'alexnet-lcnn' else ''}")
+  if isinstance(module, layers.LookupConv):
+    expected = (f"a lookup layer {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
+                f"{module.strides[0]}, pad {module.padding[0]}, dictionary {module.dictionary_size} ({key}), "
+                f"initial sparsity {module.initial_sparsity:g} (model.initial_sparsity)")
+  else:
+    expected = (f"a dense convolution {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
+                f"{module.strides if isinstance(module.strides, int) else module.strides[0]}, pad "
+                f"{module.padding[0][0]}{f' (dense: {key} = 0)' if config.model.name == 'alexnet-lcnn' else ''}")
+  if name == "fc6":  # its kernel covers conv5's pooled map, whose side follows from the input's
+    size = config.data.image_size
+    expected += f"; fc6's {kh}x{kw} kernel covers the map of {size}x{size} inputs (--image_size)"
+  return expected
 
 
 def _fits(layer: TorchLayer, module) -> bool:

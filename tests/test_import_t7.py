@@ -32,6 +32,9 @@ SIZES = {"num_classes": 10, "map_size": 2, "first_pool": 3, "pool_sizes": (5, 6,
 CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # the file's output order, not sorted
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TENSOR_TYPES = ("torch.CudaTensor", "torch.FloatTensor", "torch.DoubleTensor")
+NN_SPELLINGS = {"cudnn.ReLU": "nn.ReLU", "nn.SpatialMaxPooling": "cudnn.SpatialMaxPooling",
+                "nn.SpatialBatchNormalization": "cudnn.SpatialBatchNormalization", "nn.View": "nn.Reshape",
+                "nn.LogSoftMax": "cudnn.LogSoftMax", "cudnn.SpatialConvolution": "nn.SpatialConvolution"}
 
 
 def tree_of(seed: str, tensor_type: str = "torch.CudaTensor", **overrides):
@@ -42,7 +45,7 @@ def tree_of(seed: str, tensor_type: str = "torch.CudaTensor", **overrides):
 def torch_logits(tree, images: np.ndarray) -> np.ndarray:
   """The original's forward in float64 up to its LogSoftMax, on NHWC images."""
   features, classifier = tree["modules"]
-  assert classifier["modules"][-1].typename == "nn.LogSoftMax"
+  assert classifier["modules"][-1].typename in ("nn.LogSoftMax", "cudnn.LogSoftMax")
   body = t7_writer.Factory().sequential([features, t7_writer.Factory().sequential(classifier["modules"][:-1])])
   return t7_writer.forward(body, images.transpose(0, 3, 1, 2).astype(np.float64))
 
@@ -123,6 +126,28 @@ def test_dropout_that_scales_at_evaluation_is_folded_into_the_next_layer(tmp_pat
   tree = tree_of("dropout", dropout=dropout)
   path = str(tmp_path / "model.t7")
   t7_writer.write(path, tree)
+  model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
+def test_other_spellings_of_each_module_inside_a_data_parallel_table(tmp_path, rng):
+  """The nn/cudnn spelling the other tests do not write, an nn.SpatialConvolutionMM fc8 with its flattened
+  (out, in·kh·kw) weight, CUDA doubles, the model saved inside an nn.DataParallelTable of two replicas."""
+  tree = tree_of("spellings", "torch.CudaDoubleTensor")
+  features, classifier = tree["modules"]
+  for module in features["modules"] + classifier["modules"]:
+    module.typename = NN_SPELLINGS.get(module.typename, module.typename)
+    for inner in ("poolconv", "alignconv"):
+      if module[inner] is not None:
+        module[inner].typename = NN_SPELLINGS[module[inner].typename]
+  fc8 = classifier["modules"][8]
+  assert fc8.typename == "nn.SpatialConvolution"
+  fc8.typename = "nn.SpatialConvolutionMM"
+  fc8.fields["weight"] = t7_writer.Tensor(fc8["weight"].array.reshape(10, 4096), "torch.CudaDoubleTensor")
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, t7_writer.Module("nn.DataParallelTable", modules=[tree, tree_of("replica")], dimension=1,
+                                         gpuAssignments=[1, 2], train=False))
   model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
   images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
   assert_logits_close(logits_of(model, images), torch_logits(tree, images))
@@ -289,6 +314,9 @@ def test_side_file_mistakes_are_clear(imported, tmp_path):
                      r"model.modules\[2\].modules\[9\] has 10 outputs"):
     import_t7.import_run(imported["model"], str(tmp_path / "b"), image_size=IMAGE_SIZE, classes=str(names),
                          mean=["0.5"] * 3, std=["0.25"] * 3)
+  with pytest.raises(import_t7.T7ImportError, match=r"model.modules\[2\].modules\[2\] .* 2x2, .* does not fit fc6 .* "
+                     r"6x6, .*; fc6's 6x6 kernel covers the map of 224x224 inputs \(--image_size\)"):
+    import_t7.import_run(imported["model"], str(tmp_path / "c"), meanstd=imported["meanstd"])  # 95x95 inputs
   assert sorted(os.listdir(tmp_path)) == ["classes.txt"]
 
 
@@ -347,7 +375,7 @@ def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
   with pytest.raises(import_t7.T7ImportError, match="is not a readable Torch7 binary file"):
     import_t7.read_t7(str(path))
   t7_writer.write(str(path), {"weights": t7_writer.Tensor(np.ones(3), "torch.FloatTensor")})
-  with pytest.raises(import_t7.T7ImportError, match="model is a hashable_uniq_dict, not a Torch module"):
+  with pytest.raises(import_t7.T7ImportError, match="model is a Lua table, not a Torch module"):
     import_t7.flatten(import_t7.read_t7(str(path)))
 
 
