@@ -22,8 +22,9 @@ The original's lookup layer holds two convolutions and a threshold:
 
 Torch's OIHW kernels become HWIO, BatchNorm's running mean and variance become its batch statistics, and a
 dropout that scales at evaluation (``nn.SpatialDropout``; ``nn.Dropout`` without ``v2``) is folded into the
-weights of the layer after it, as far as the model's own dropout (the CNN's SpatialDropout) does not scale alike. With ``--classes``, the classifier's outputs are reordered to the sorted class
-names, the order of an ImageNet folder in lcnn_jax.
+weights of the layer after it, as far as the model's own dropout (the CNN's SpatialDropout) does not scale
+alike. With ``--classes``, the classifier's outputs are reordered to the sorted class names, the order of an
+ImageNet folder in lcnn_jax.
 """
 
 from __future__ import annotations
