@@ -93,7 +93,11 @@ class T7ImportError(ValueError):
 
 
 STORAGE_TYPES = {"Byte": np.uint8, "Char": np.int8, "Short": np.int16, "Int": np.int32, "Long": np.int64,
-                 "Float": np.float32, "Double": np.float64}
+                 "Float": np.float32, "Double": np.float64, "Half": np.float16}
+# Tensor types torchfile cannot read (it has no reader for torch.CudaLongTensor, where cunn keeps SpatialMaxPooling's
+# indices, so their numbers would derail the rest of the file; its half-precision readers raise).
+MISSING_TENSOR_TYPES = {"torch.CudaLongTensor": np.int64, "torch.HalfTensor": np.float16,
+                        "torch.CudaHalfTensor": np.float16}
 
 
 class TruncatedFile(Exception):
@@ -123,6 +127,8 @@ def read_t7(path: str) -> Any:
   for name, dtype in STORAGE_TYPES.items():
     for storage in (f"torch.{name}Storage", "torch.CudaStorage" if name == "Float" else f"torch.Cuda{name}Storage"):
       torchfile.type_handlers[storage.encode()] = _checked_storage_reader(dtype)
+  for tensor, dtype in MISSING_TENSOR_TYPES.items():
+    torchfile.add_tensor_reader(tensor.encode(), dtype)
   try:
     return torchfile.load(path, utf8_decode_strings=True)
   except (TruncatedFile, struct.error) as e:

@@ -25,7 +25,9 @@ STORAGE = {"torch.FloatTensor": ("torch.FloatStorage", np.float32),
            "torch.DoubleTensor": ("torch.DoubleStorage", np.float64),
            "torch.CudaTensor": ("torch.CudaStorage", np.float32),
            "torch.CudaDoubleTensor": ("torch.CudaDoubleStorage", np.float64),
-           "torch.LongTensor": ("torch.LongStorage", np.int64)}
+           "torch.CudaHalfTensor": ("torch.CudaHalfStorage", np.float16),
+           "torch.LongTensor": ("torch.LongStorage", np.int64),
+           "torch.CudaLongTensor": ("torch.CudaLongStorage", np.int64)}
 
 
 class Module:
@@ -203,8 +205,10 @@ class Factory:
     return Module(typename, **self._base(), inplace=True, threshold=0, val=0)
 
   def max_pool(self, kernel: int = 3, stride: int = 2) -> Module:
+    """nn.SpatialMaxPooling with the (cleared) indices nn keeps beside it: a CudaLongTensor on the GPU."""
+    indices = "torch.CudaLongTensor" if self.tensor_type.startswith("torch.Cuda") else "torch.LongTensor"
     return Module("nn.SpatialMaxPooling", **self._base(), kW=kernel, kH=kernel, dW=stride, dH=stride, padW=0,
-                  padH=0, ceil_mode=False)
+                  padH=0, ceil_mode=False, indices=Tensor(np.zeros(0), indices))
 
   def dropout(self, p: float, typename: str = "nn.Dropout", v2: bool = True) -> Module:
     fields = {"p": p, "noise": self.tensor(np.zeros(0))}
@@ -342,20 +346,48 @@ def forward(module: Module, x: np.ndarray) -> np.ndarray:
   raise TypeError(f"no forward for {t}")
 
 
+EXAMPLE_CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # an unsorted label order, as a listing gives
+
+
 def write_example(directory: str, seed: int = 0) -> None:
-  """A small AlexNet-LCNN file (95×95 inputs, 10 classes) with its classes.t7 and meanstd.t7, for trying the
-  importer: ``python tests/t7_writer.py DIR``."""
+  """A small AlexNet-LCNN file to try the importer's commands on (docs/pretrained.md).
+
+  Writes into ``directory``: ``alexnet-lcnn-small.t7`` (95×95 inputs, 10 classes, dictionaries of 3–8 atoms,
+  initial sparsity 0.3, CUDA tensors), ``classes.t7`` (its output order, unsorted), ``meanstd.t7``, an image
+  folder ``images/{train,val}/<wnid>/*.JPEG`` of random 120×140 pictures (1 and 3 per class) and ``img.jpg``.
+  """
   import os
+  from PIL import Image
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
   tree = alexnet_lcnn(rng, Factory("torch.CudaTensor"), num_classes=10, map_size=2, first_pool=3,
                       pool_sizes=(5, 6, 7, 8), fc_pool=8, initial_sparsity=0.3)
   write(os.path.join(directory, "alexnet-lcnn-small.t7"), tree)
-  classes = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # an unsorted label order, as a directory listing gives
-  write(os.path.join(directory, "classes.t7"), classes)
+  write(os.path.join(directory, "classes.t7"), EXAMPLE_CLASSES)
   write(os.path.join(directory, "meanstd.t7"), {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+  for split, count in (("train", 1), ("val", 3)):
+    for name in sorted(EXAMPLE_CLASSES):
+      os.makedirs(os.path.join(directory, "images", split, name), exist_ok=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(
+            os.path.join(directory, "images", split, name, f"{i}.JPEG"))
+  Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(os.path.join(directory, "img.jpg"))
+
+
+def write_full_size(path: str, seed: int = 0) -> None:
+  """An AlexNet-LCNN file of the published models' shape: 224×224 inputs, 1000 classes, the dictionary sizes of
+  configs/alexnet_fast.py (3, 30, 30, 30, 30, 512, 512), initial sparsity 0.01, λ 1, CUDA tensors with Torch's
+  gradient buffers, as the original saves them."""
+  tree = alexnet_lcnn(np.random.default_rng(seed), Factory("torch.CudaTensor"), num_classes=1000, map_size=6,
+                      first_pool=3, pool_sizes=(30, 30, 30, 30), fc_pool=512, initial_sparsity=0.01)
+  write(path, tree)
 
 
 if __name__ == "__main__":
   import sys
-  write_example(sys.argv[1])
+  if len(sys.argv) == 3 and sys.argv[1] == "--full":
+    write_full_size(sys.argv[2])  # python tests/t7_writer.py --full FILE.t7
+  elif len(sys.argv) == 2:
+    write_example(sys.argv[1])  # python tests/t7_writer.py DIR
+  else:
+    sys.exit("usage: python tests/t7_writer.py DIR | python tests/t7_writer.py --full FILE.t7")

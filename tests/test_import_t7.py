@@ -29,7 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 95  # conv1 23, pool 11, pool 5, pool 2: fc6 is a 2×2 lookup convolution
 SIZES = {"num_classes": 10, "map_size": 2, "first_pool": 3, "pool_sizes": (5, 6, 7, 8), "fc_pool": 8,
          "initial_sparsity": 0.3}
-CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # the file's output order, not sorted
+CLASSES = t7_writer.EXAMPLE_CLASSES  # the file's output order, not sorted
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TENSOR_TYPES = ("torch.CudaTensor", "torch.FloatTensor", "torch.DoubleTensor")
 NN_SPELLINGS = {"cudnn.ReLU": "nn.ReLU", "nn.SpatialMaxPooling": "cudnn.SpatialMaxPooling",
@@ -341,7 +341,7 @@ def test_command_stops_on_an_unknown_module_with_its_path_and_exit_2(tmp_path):
 
 
 def test_reader_gives_the_writers_tensors_for_cpu_and_cuda_types(tmp_path):
-  for tensor_type in TENSOR_TYPES:
+  for tensor_type in (*TENSOR_TYPES, "torch.CudaHalfTensor"):
     tree = tree_of("reader", tensor_type)
     path = str(tmp_path / f"{tensor_type}.t7")
     t7_writer.write(path, tree)
