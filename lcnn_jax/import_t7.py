@@ -734,17 +734,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=flag_values)
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """``python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR --meanstd FILE``: exit status 2 on a user mistake."""
-  FLAGS = flags.FLAGS
-  if len(argv) != 2 or not FLAGS.workdir:
+  if len(argv) != 2 or not flag_values.workdir:
+    if len(argv) > 2:  # e.g. a tuple override's value taken for a file: --config.model.dictionary.convs (30,30)
+      seen = (f"got {len(argv) - 1} files: {' '.join(argv[1:])}; give a tuple flag its value after '=', e.g. "
+              "--config.model.dictionary.convs='(30,30,30,30)'")
+    else:
+      seen = "no MODEL.t7" if len(argv) < 2 else "no --workdir"
     raise T7ImportError("usage: python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR (--meanstd FILE | --mean "
-                        "R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE]")
-  summary = import_run(argv[1], FLAGS.workdir, config=FLAGS.config, image_size=FLAGS.image_size,
-                       classes=FLAGS.classes, meanstd=FLAGS.meanstd, mean=FLAGS.mean, std=FLAGS.std)
+                        f"R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE] ({seen})")
+  summary = import_run(argv[1], flag_values.workdir, config=flag_values.config,
+                       image_size=flag_values.image_size, classes=flag_values.classes, meanstd=flag_values.meanstd,
+                       mean=flag_values.mean, std=flag_values.std)
   sys.stdout.write(summary + "\n")
 
 
+USER_ERRORS = (T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError)
+
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError))
+  cli.run(main, user_errors=USER_ERRORS)
