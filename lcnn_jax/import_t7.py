@@ -94,8 +94,8 @@ class T7ImportError(ValueError):
 
 STORAGE_TYPES = {"Byte": np.uint8, "Char": np.int8, "Short": np.int16, "Int": np.int32, "Long": np.int64,
                  "Float": np.float32, "Double": np.float64, "Half": np.float16}
-# Tensor types torchfile cannot read (it has no reader for torch.CudaLongTensor, where cunn keeps SpatialMaxPooling's
-# indices, so their numbers would derail the rest of the file; its half-precision readers raise).
+# Tensor types torchfile cannot read: it has no reader for torch.CudaLongTensor (where cunn keeps
+# SpatialMaxPooling's indices), whose numbers would then derail the rest of the file; its half readers raise.
 MISSING_TENSOR_TYPES = {"torch.CudaLongTensor": np.int64, "torch.HalfTensor": np.float16,
                         "torch.CudaHalfTensor": np.float16}
 
@@ -750,7 +750,7 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   sys.stdout.write(summary + "\n")
 
 
-USER_ERRORS = (T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError)
+USER_ERRORS = (T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError)  # exit 2, no traceback
 
 if __name__ == "__main__":
   define_flags()
