@@ -421,7 +421,6 @@ def test_batch_norm_of_older_files_and_without_affine(tmp_path, rng):
 
 
 def test_training_in_an_imported_workdir_is_refused_and_the_checkpoint_kept(imported, tmp_path):
-  from lcnn_jax import checkpoint
   workdir = str(tmp_path / "run")
   shutil.copytree(imported["workdir"], workdir)
   with pytest.raises(checkpoint.CheckpointError, match="train.init_from=") as error:
