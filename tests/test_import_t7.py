@@ -8,6 +8,7 @@ about 30% of every P lies at or below its threshold τ in the file and only the 
 import contextlib
 import importlib.util
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 
 pytest.importorskip("torchfile", reason="the t7 extra (pip install 'lcnn-jax[t7]') reads .t7 files")
 
-from lcnn_jax import checkpoint, cli, import_t7, inspection, layers, train  # noqa: E402
+from lcnn_jax import bench, checkpoint, cli, import_t7, inspection, layers, train  # noqa: E402
 from lcnn_jax.inference import exporter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -230,7 +231,12 @@ def flops_command(*args):
   return cli.call(inspection.main, inspection.define_flags, ["flops", *args])
 
 
-def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
+def bench_command(*args):
+  """The exit status of ``python -m lcnn_jax.bench ARGS``, run in this process."""
+  return cli.call(bench.main, bench.define_flags, ["bench", *args])
+
+
+def test_flops_exporter_and_bench_read_the_imported_run(imported, tmp_path, rng):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert flops_command("--workdir", imported["workdir"]) == 0
@@ -248,6 +254,13 @@ def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
   expected = torch_logits(imported["tree"], images)[:, order]
   got = np.asarray(exported(images.astype(np.float32)), np.float64)
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert bench_command("--checkpoint", imported["workdir"], "--backends", "dense", "--seconds", "0.05",
+                         "--json") == 0
+  rows = json.loads(out.getvalue())["rows"]
+  assert {(row["model"], row["preset"], row["batch"]) for row in rows} == {("alexnet-lcnn", "trained", 1)}
+  assert rows[0]["count_speedup"] == pytest.approx(float(report.split("speedup: ")[1].split("x")[0]), rel=1e-3)
 
 
 def test_mismatch_against_the_config_names_the_module_and_writes_nothing(imported, tmp_path):
