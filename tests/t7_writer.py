@@ -15,7 +15,9 @@ statistics, ``nn.SpatialDropout`` and ``nn.Dropout`` without ``v2`` multiply by 
 from __future__ import annotations
 
 import math
+import os
 import struct
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -356,7 +358,6 @@ def write_example(directory: str, seed: int = 0) -> None:
   initial sparsity 0.3, CUDA tensors), ``classes.t7`` (its output order, unsorted), ``meanstd.t7``, an image
   folder ``images/{train,val}/<wnid>/*.JPEG`` of random 120×140 pictures (1 and 3 per class) and ``img.jpg``.
   """
-  import os
   from PIL import Image
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
@@ -384,7 +385,6 @@ def write_full_size(path: str, seed: int = 0) -> None:
 
 
 if __name__ == "__main__":
-  import sys
   if len(sys.argv) == 3 and sys.argv[1] == "--full":
     write_full_size(sys.argv[2])  # python tests/t7_writer.py --full FILE.t7
   elif len(sys.argv) == 2:
