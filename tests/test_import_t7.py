@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,6 +306,17 @@ def test_command_with_the_config_the_file_was_trained_with(imported, tmp_path, r
   model, _, _ = checkpoint.restore_model(workdir)
   images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
   assert_logits_close(logits_of(model, images), torch_logits(imported["tree"], images))  # the file's class order
+
+
+def test_a_known_module_out_of_place_names_what_was_expected_there(tmp_path):
+  tree = tree_of("order")
+  features = tree["modules"][0]
+  features.fields["modules"] = features["modules"][:3] + [t7_writer.Factory().dropout(0.5)] + features["modules"][3:]
+  t7_writer.write(str(tmp_path / "model.t7"), tree)
+  with pytest.raises(import_t7.T7ImportError, match=re.escape(
+      "model.modules[1].modules[4] (nn.Dropout) does not fit alexnet-lcnn: expected a 3x3/2 SpatialMaxPooling after "
+      "model.modules[1].modules[3] (cudnn.ReLU).")):
+    import_t7.import_model(str(tmp_path / "model.t7"), image_size=IMAGE_SIZE)
 
 
 def test_an_existing_run_is_never_written_over(imported, tmp_path, rng):
