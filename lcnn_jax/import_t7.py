@@ -22,8 +22,9 @@ The original's lookup layer holds two convolutions and a threshold:
 
 Torch's OIHW kernels become HWIO, BatchNorm's running mean and variance become its batch statistics, and a
 dropout that scales at evaluation (``nn.SpatialDropout``; ``nn.Dropout`` without ``v2``) is folded into the
-weights of the layer after it, as far as the model's own dropout (the CNN's SpatialDropout) does not scale alike. With ``--classes``, the classifier's outputs are reordered to the sorted class
-names, the order of an ImageNet folder in lcnn_jax.
+weights of the layer after it, as far as the model's own dropout (the CNN's SpatialDropout) does not scale
+alike. With ``--classes``, the classifier's outputs are reordered to the sorted class names, the order of an
+ImageNet folder in lcnn_jax.
 """
 
 from __future__ import annotations
@@ -92,7 +93,11 @@ class T7ImportError(ValueError):
 
 
 STORAGE_TYPES = {"Byte": np.uint8, "Char": np.int8, "Short": np.int16, "Int": np.int32, "Long": np.int64,
-                 "Float": np.float32, "Double": np.float64}
+                 "Float": np.float32, "Double": np.float64, "Half": np.float16}
+# Tensor types torchfile cannot read: it has no reader for torch.CudaLongTensor (where cunn keeps
+# SpatialMaxPooling's indices), whose numbers would then derail the rest of the file; its half readers raise.
+MISSING_TENSOR_TYPES = {"torch.CudaLongTensor": np.int64, "torch.HalfTensor": np.float16,
+                        "torch.CudaHalfTensor": np.float16}
 
 
 class TruncatedFile(Exception):
@@ -122,6 +127,8 @@ def read_t7(path: str) -> Any:
   for name, dtype in STORAGE_TYPES.items():
     for storage in (f"torch.{name}Storage", "torch.CudaStorage" if name == "Float" else f"torch.Cuda{name}Storage"):
       torchfile.type_handlers[storage.encode()] = _checked_storage_reader(dtype)
+  for tensor, dtype in MISSING_TENSOR_TYPES.items():
+    torchfile.add_tensor_reader(tensor.encode(), dtype)
   try:
     return torchfile.load(path, utf8_decode_strings=True)
   except (TruncatedFile, struct.error) as e:
@@ -166,8 +173,9 @@ def flatten(obj, path: str = "model") -> list[Leaf]:
   """The modules of an ``nn.Sequential`` tree in forward order, each with its path; unknown modules raise."""
   typename = _typename(obj)
   if typename is None:
-    raise T7ImportError(f"{path} is a {type(obj).__name__}, not a Torch module; expected the model saved by "
-                        "torch.save (an nn.Sequential).")
+    what = "a Lua table" if isinstance(obj, (dict, list)) else f"a {type(obj).__name__}"
+    raise T7ImportError(f"{path} is {what}, not a Torch module; expected the model saved by torch.save (an "
+                        "nn.Sequential).")
   if typename in CONTAINERS:
     children = obj["modules"] or []
     if typename == "nn.DataParallelTable":
@@ -356,15 +364,19 @@ def alexnet_steps() -> list[Step]:
 def _expected_layer(module, name: str, config: ml_collections.ConfigDict) -> str:
   key = {"conv1": "model.dictionary.first", "fc6": "model.dictionary.fc", "fc7": "model.dictionary.fc",
          "fc8": "model.dictionary.classifier"}.get(name, "model.dictionary.convs")
-  if isinstance(module, layers.LookupConv):
-    kh, kw = module.kernel_size
-    return (f"a lookup layer {module.in_features}->{module.out_features}, {kh}x{kw}, stride {module.strides[0]}, "
-            f"pad {module.padding[0]}, dictionary {module.dictionary_size} ({key}), initial sparsity "
-            f"{module.initial_sparsity:g} (model.initial_sparsity)")
   kh, kw = module.kernel_size
-  return (f"a dense convolution {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
-          f"{module.strides if isinstance(module.strides, int) else module.strides[0]}, pad {module.padding[0][0]}"
-          f"{f' (dense: {key} = 0)' if config.model.name == 'alexnet-lcnn' else ''}")
+  if isinstance(module, layers.LookupConv):
+    expected = (f"a lookup layer {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
+                f"{module.strides[0]}, pad {module.padding[0]}, dictionary {module.dictionary_size} ({key}), "
+                f"initial sparsity {module.initial_sparsity:g} (model.initial_sparsity)")
+  else:
+    expected = (f"a dense convolution {module.in_features}->{module.out_features}, {kh}x{kw}, stride "
+                f"{module.strides if isinstance(module.strides, int) else module.strides[0]}, pad "
+                f"{module.padding[0][0]}{f' (dense: {key} = 0)' if config.model.name == 'alexnet-lcnn' else ''}")
+  if name == "fc6":  # its kernel covers conv5's pooled map, whose side follows from the input's
+    size = config.data.image_size
+    expected += f"; fc6's {kh}x{kw} kernel covers the map of {size}x{size} inputs (--image_size)"
+  return expected
 
 
 def _fits(layer: TorchLayer, module) -> bool:
@@ -722,17 +734,24 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     flag_values=flag_values)
 
 
-def main(argv: Sequence[str]) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """``python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR --meanstd FILE``: exit status 2 on a user mistake."""
-  FLAGS = flags.FLAGS
-  if len(argv) != 2 or not FLAGS.workdir:
+  if len(argv) != 2 or not flag_values.workdir:
+    if len(argv) > 2:  # e.g. a tuple override's value taken for a file: --config.model.dictionary.convs (30,30)
+      seen = (f"got {len(argv) - 1} files: {' '.join(argv[1:])}; give a tuple flag its value after '=', e.g. "
+              "--config.model.dictionary.convs='(30,30,30,30)'")
+    else:
+      seen = "no MODEL.t7" if len(argv) < 2 else "no --workdir"
     raise T7ImportError("usage: python -m lcnn_jax.import_t7 MODEL.t7 --workdir DIR (--meanstd FILE | --mean "
-                        "R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE]")
-  summary = import_run(argv[1], FLAGS.workdir, config=FLAGS.config, image_size=FLAGS.image_size,
-                       classes=FLAGS.classes, meanstd=FLAGS.meanstd, mean=FLAGS.mean, std=FLAGS.std)
+                        f"R,G,B --std R,G,B) [--config configs/alexnet_fast.py] [--classes FILE] ({seen})")
+  summary = import_run(argv[1], flag_values.workdir, config=flag_values.config,
+                       image_size=flag_values.image_size, classes=flag_values.classes, meanstd=flag_values.meanstd,
+                       mean=flag_values.mean, std=flag_values.std)
   sys.stdout.write(summary + "\n")
 
 
+USER_ERRORS = (T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError)  # exit 2, no traceback
+
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, user_errors=(T7ImportError, FileNotFoundError, checkpoint.CheckpointError, ValueError))
+  cli.run(main, user_errors=USER_ERRORS)

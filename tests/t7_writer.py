@@ -2,7 +2,8 @@
 
 ``write(path, obj)`` follows torch7's ``File:writeObject`` (binary mode, little-endian, 8-byte longs): tables,
 numbers, strings, booleans, nil, and Torch objects (a version string, the class name, then the object's table;
-tensors as ndim, sizes, strides, 1-based storage offset and their storage). An object referenced twice is written
+tensors as ndim, sizes, strides, 1-based storage offset and their storage, an empty tensor with no dimensions
+and a nil storage; storages as their size and values). An object referenced twice is written
 once and then by its index, as Torch does (the original's lookup layer shares ``weight`` with its ``poolconv``).
 
 ``alexnet_lcnn(...)`` builds the module tree of the original's ``models/alexnet-lcnn.lua`` with
@@ -14,7 +15,9 @@ statistics, ``nn.SpatialDropout`` and ``nn.Dropout`` without ``v2`` multiply by 
 from __future__ import annotations
 
 import math
+import os
 import struct
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,7 +27,9 @@ STORAGE = {"torch.FloatTensor": ("torch.FloatStorage", np.float32),
            "torch.DoubleTensor": ("torch.DoubleStorage", np.float64),
            "torch.CudaTensor": ("torch.CudaStorage", np.float32),
            "torch.CudaDoubleTensor": ("torch.CudaDoubleStorage", np.float64),
-           "torch.LongTensor": ("torch.LongStorage", np.int64)}
+           "torch.CudaHalfTensor": ("torch.CudaHalfStorage", np.float16),
+           "torch.LongTensor": ("torch.LongStorage", np.int64),
+           "torch.CudaLongTensor": ("torch.CudaLongStorage", np.int64)}
 
 
 class Module:
@@ -46,11 +51,19 @@ class Tensor:
     self.array = np.ascontiguousarray(array, STORAGE[typename][1])
 
 
+class Storage:
+  """A Torch storage of ``typename`` (e.g. torch.LongStorage, the size of an nn.View) holding ``array``."""
+
+  def __init__(self, array: np.ndarray, typename: str):
+    self.typename = typename
+    self.array = np.ascontiguousarray(array).ravel()
+
+
 class _Writer:
 
   def __init__(self, f):
     self.f = f
-    self.index: dict[int, int] = {}
+    self.index: dict[int, tuple[int, Any]] = {}  # id -> (Torch's reference index, the object, kept alive)
 
   def int(self, value: int) -> None:
     self.f.write(struct.pack("<i", value))
@@ -66,10 +79,10 @@ class _Writer:
   def _reference(self, obj) -> bool:
     """Writes the object's index; True when it was written before (only the index is due then)."""
     if id(obj) in self.index:
-      self.int(self.index[id(obj)])
+      self.int(self.index[id(obj)][0])
       return True
-    self.index[id(obj)] = len(self.index) + 1
-    self.int(self.index[id(obj)])
+    self.index[id(obj)] = (len(self.index) + 1, obj)
+    self.int(len(self.index))
     return False
 
   def object(self, obj: Any) -> None:
@@ -101,17 +114,24 @@ class _Writer:
       self.string("V 1")
       self.string(obj.typename)
       array = obj.array
+      if array.size == 0:  # as Torch writes tensor.new(): no dimensions, no storage
+        self.int(0)
+        self.long(1)
+        self.object(None)
+        return
       self.int(array.ndim)
       self.long(*array.shape)
       self.long(*(s // array.itemsize for s in array.strides))
       self.long(1)  # storage offset, 1-based
+      self.object(Storage(array, STORAGE[obj.typename][0]))  # the storage is an object of its own
+    elif isinstance(obj, Storage):
       self.int(TORCH)
-      self.int(len(self.index) + 1)  # the storage is an object of its own
-      self.index[id(array)] = len(self.index) + 1
+      if self._reference(obj):
+        return
       self.string("V 1")
-      self.string(STORAGE[obj.typename][0])
-      self.long(array.size)
-      self.f.write(array.tobytes())
+      self.string(obj.typename)
+      self.long(obj.array.size)
+      self.f.write(obj.array.tobytes())
     elif isinstance(obj, Module):
       self.int(TORCH)
       if self._reference(obj):
@@ -143,7 +163,8 @@ class Factory:
     return Tensor(np.asarray(array), self.tensor_type)
 
   def _base(self) -> dict:
-    return {"train": False, "output": self.tensor(np.zeros(0)), "gradInput": self.tensor(np.zeros(0))}
+    return {"train": False, "_type": self.tensor_type, "output": self.tensor(np.zeros(0)),
+            "gradInput": self.tensor(np.zeros(0))}
 
   def conv(self, weight: np.ndarray, bias: np.ndarray | None, stride: int = 1, pad: int = 0,
            typename: str = "cudnn.SpatialConvolution") -> Module:
@@ -152,20 +173,30 @@ class Factory:
     return Module(typename, **self._base(), nInputPlane=m, nOutputPlane=n, kW=kw, kH=kh, dW=stride, dH=stride,
                   padW=pad, padH=pad, groups=1, weight=self.tensor(weight),
                   bias=None if bias is None else self.tensor(bias),
-                  gradWeight=self.tensor(np.zeros_like(weight) if self.grad_buffers else np.zeros(0)))
+                  gradWeight=self.tensor(np.zeros_like(weight) if self.grad_buffers else np.zeros(0)),
+                  gradBias=None if bias is None else self.tensor(np.zeros_like(bias) if self.grad_buffers
+                                                                 else np.zeros(0)))
 
   def pooled_conv(self, dictionary: np.ndarray, coefficients: np.ndarray, bias: np.ndarray, stride: int, pad: int,
                   initial_sparsity: float = 0.01, strength: float = 0.0) -> Module:
-    """The original's cudnn.PooledSpatialConvolution: ``dictionary`` (k, m), ``coefficients`` (n, k, kh, kw)."""
+    """The original's cudnn.PooledSpatialConvolution: ``dictionary`` (k, m), ``coefficients`` (n, k, kh, kw).
+
+    As saved after training: its ``clearState`` clears only the inner Sequential, so the mask of the last forward
+    (|P| <= τ, 1 where zeroed) and the regulariser's sign(P) stay in the file beside P, which the optimizer's last
+    step has changed since.
+    """
     k, m = dictionary.shape
     n, _, kh, kw = coefficients.shape
+    threshold = initial_sparsity / math.sqrt(kw * kh * k)
     poolconv = self.conv(dictionary.reshape(k, m, 1, 1), None, 1, pad)
     alignconv = self.conv(coefficients, bias, stride, 0)
     return Module("cudnn.PooledSpatialConvolution", **self._base(), nInputPlane=m, nOutputPlane=n, kW=kw, kH=kh,
                   dW=stride, dH=stride, padW=pad, padH=pad, poolSize=k, **{"lambda": strength},
-                  sparseTh=initial_sparsity / math.sqrt(kw * kh * k), poolconv=poolconv, alignconv=alignconv,
+                  sparseTh=threshold, poolconv=poolconv, alignconv=alignconv,
                   m=self.sequential([poolconv, alignconv]), weight=poolconv["weight"], bias=alignconv["bias"],
-                  gradWeight=poolconv["gradWeight"])
+                  gradWeight=poolconv["gradWeight"], gradBias=alignconv["gradBias"],
+                  zeroMask=self.tensor(np.abs(coefficients) <= threshold),
+                  gradRegularizer=self.tensor(np.sign(coefficients)))
 
   def batch_norm(self, weight, bias, mean, var, eps: float) -> Module:
     return Module("nn.SpatialBatchNormalization", **self._base(), eps=eps, momentum=0.1, affine=True,
@@ -176,8 +207,10 @@ class Factory:
     return Module(typename, **self._base(), inplace=True, threshold=0, val=0)
 
   def max_pool(self, kernel: int = 3, stride: int = 2) -> Module:
+    """nn.SpatialMaxPooling with the (cleared) indices nn keeps beside it: a CudaLongTensor on the GPU."""
+    indices = "torch.CudaLongTensor" if self.tensor_type.startswith("torch.Cuda") else "torch.LongTensor"
     return Module("nn.SpatialMaxPooling", **self._base(), kW=kernel, kH=kernel, dW=stride, dH=stride, padW=0,
-                  padH=0, ceil_mode=False)
+                  padH=0, ceil_mode=False, indices=Tensor(np.zeros(0), indices))
 
   def dropout(self, p: float, typename: str = "nn.Dropout", v2: bool = True) -> Module:
     fields = {"p": p, "noise": self.tensor(np.zeros(0))}
@@ -186,8 +219,8 @@ class Factory:
     return Module(typename, **self._base(), **fields)
 
   def view(self, size: int) -> Module:
-    return Module("nn.View", **self._base(), size=Tensor(np.array([size]), "torch.LongTensor"), numElements=size,
-                  numInputDims=3)
+    return Module("nn.View", **self._base(), size=Storage(np.array([size], np.int64), "torch.LongStorage"),
+                  numElements=size)
 
   def linear(self, weight: np.ndarray, bias: np.ndarray) -> Module:
     return Module("nn.Linear", **self._base(), weight=self.tensor(weight), bias=self.tensor(bias))
@@ -287,16 +320,17 @@ def forward(module: Module, x: np.ndarray) -> np.ndarray:
     p[np.abs(p) <= module["sparseTh"]] = 0  # the original's forward zeroes |P| <= τ first
     s = _conv(x, _array(module["poolconv"]["weight"]), None, 1, module["padW"])
     return _conv(s, p, _array(module["alignconv"]["bias"]), module["dW"], 0)
-  if t in ("cudnn.SpatialConvolution", "nn.SpatialConvolution"):
-    return _conv(x, _array(module["weight"]), _array(module["bias"]), module["dW"], module["padW"])
-  if t == "nn.SpatialBatchNormalization":
+  if t in ("cudnn.SpatialConvolution", "nn.SpatialConvolution", "nn.SpatialConvolutionMM"):
+    shape = (module["nOutputPlane"], module["nInputPlane"], module["kH"], module["kW"])  # MM's may be flattened
+    return _conv(x, _array(module["weight"]).reshape(shape), _array(module["bias"]), module["dW"], module["padW"])
+  if t in ("nn.SpatialBatchNormalization", "cudnn.SpatialBatchNormalization"):
     shape = (1, -1, 1, 1)
     scale = _array(module["weight"]) / np.sqrt(_array(module["running_var"]) + module["eps"])
     return (x - _array(module["running_mean"]).reshape(shape)) * scale.reshape(shape) + _array(
         module["bias"]).reshape(shape)
   if t in ("cudnn.ReLU", "nn.ReLU"):
     return np.maximum(x, 0)
-  if t == "nn.SpatialMaxPooling":
+  if t in ("nn.SpatialMaxPooling", "cudnn.SpatialMaxPooling"):
     k, s = module["kW"], module["dW"]
     windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]
     return windows.max(axis=(-2, -1))
@@ -304,30 +338,56 @@ def forward(module: Module, x: np.ndarray) -> np.ndarray:
     return x * (1 - module["p"])
   if t == "nn.Dropout":
     return x
-  if t == "nn.View":
+  if t in ("nn.View", "nn.Reshape"):
     return x.reshape(x.shape[0], -1)
   if t == "nn.Linear":
     return x.reshape(x.shape[0], -1) @ _array(module["weight"]).T + _array(module["bias"])
-  if t == "nn.LogSoftMax":
+  if t in ("nn.LogSoftMax", "cudnn.LogSoftMax"):
     shifted = x - x.max(axis=1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
   raise TypeError(f"no forward for {t}")
 
 
+EXAMPLE_CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # an unsorted label order, as a listing gives
+
+
 def write_example(directory: str, seed: int = 0) -> None:
-  """A small AlexNet-LCNN file (95×95 inputs, 10 classes) with its classes.t7 and meanstd.t7, for trying the
-  importer: ``python tests/t7_writer.py DIR``."""
-  import os
+  """A small AlexNet-LCNN file to try the importer's commands on (docs/pretrained.md).
+
+  Writes into ``directory``: ``alexnet-lcnn-small.t7`` (95×95 inputs, 10 classes, dictionaries of 3–8 atoms,
+  initial sparsity 0.3, CUDA tensors), ``classes.t7`` (its output order, unsorted), ``meanstd.t7``, an image
+  folder ``images/{train,val}/<wnid>/*.JPEG`` of random 120×140 pictures (1 and 3 per class) and ``img.jpg``.
+  """
+  from PIL import Image
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
   tree = alexnet_lcnn(rng, Factory("torch.CudaTensor"), num_classes=10, map_size=2, first_pool=3,
                       pool_sizes=(5, 6, 7, 8), fc_pool=8, initial_sparsity=0.3)
   write(os.path.join(directory, "alexnet-lcnn-small.t7"), tree)
-  classes = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # an unsorted label order, as a directory listing gives
-  write(os.path.join(directory, "classes.t7"), classes)
+  write(os.path.join(directory, "classes.t7"), EXAMPLE_CLASSES)
   write(os.path.join(directory, "meanstd.t7"), {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]})
+  for split, count in (("train", 1), ("val", 3)):
+    for name in sorted(EXAMPLE_CLASSES):
+      os.makedirs(os.path.join(directory, "images", split, name), exist_ok=True)
+      for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(
+            os.path.join(directory, "images", split, name, f"{i}.JPEG"))
+  Image.fromarray(rng.integers(0, 256, (120, 140, 3), dtype=np.uint8)).save(os.path.join(directory, "img.jpg"))
+
+
+def write_full_size(path: str, seed: int = 0) -> None:
+  """An AlexNet-LCNN file of the published models' shape: 224×224 inputs, 1000 classes, the dictionary sizes of
+  configs/alexnet_fast.py (3, 30, 30, 30, 30, 512, 512), initial sparsity 0.01, λ 1, CUDA tensors with Torch's
+  gradient buffers, as the original saves them."""
+  tree = alexnet_lcnn(np.random.default_rng(seed), Factory("torch.CudaTensor"), num_classes=1000, map_size=6,
+                      first_pool=3, pool_sizes=(30, 30, 30, 30), fc_pool=512, initial_sparsity=0.01)
+  write(path, tree)
 
 
 if __name__ == "__main__":
-  import sys
-  write_example(sys.argv[1])
+  if len(sys.argv) == 3 and sys.argv[1] == "--full":
+    write_full_size(sys.argv[2])  # python tests/t7_writer.py --full FILE.t7
+  elif len(sys.argv) == 2:
+    write_example(sys.argv[1])  # python tests/t7_writer.py DIR
+  else:
+    sys.exit("usage: python tests/t7_writer.py DIR | python tests/t7_writer.py --full FILE.t7")

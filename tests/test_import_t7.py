@@ -8,7 +8,9 @@ about 30% of every P lies at or below its threshold τ in the file and only the 
 import contextlib
 import importlib.util
 import io
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import pytest
 
 pytest.importorskip("torchfile", reason="the t7 extra (pip install 'lcnn-jax[t7]') reads .t7 files")
 
-from lcnn_jax import checkpoint, cli, import_t7, inspection, layers, train  # noqa: E402
+from lcnn_jax import bench, checkpoint, cli, import_t7, inspection, layers, train  # noqa: E402
 from lcnn_jax.inference import exporter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -29,9 +31,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 95  # conv1 23, pool 11, pool 5, pool 2: fc6 is a 2×2 lookup convolution
 SIZES = {"num_classes": 10, "map_size": 2, "first_pool": 3, "pool_sizes": (5, 6, 7, 8), "fc_pool": 8,
          "initial_sparsity": 0.3}
-CLASSES = [f"n{(7 * i) % 10:08d}" for i in range(10)]  # the file's output order, not sorted
+CLASSES = t7_writer.EXAMPLE_CLASSES  # the file's output order, not sorted
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 TENSOR_TYPES = ("torch.CudaTensor", "torch.FloatTensor", "torch.DoubleTensor")
+NN_SPELLINGS = {"cudnn.ReLU": "nn.ReLU", "nn.SpatialMaxPooling": "cudnn.SpatialMaxPooling",
+                "nn.SpatialBatchNormalization": "cudnn.SpatialBatchNormalization", "nn.View": "nn.Reshape",
+                "nn.LogSoftMax": "cudnn.LogSoftMax", "cudnn.SpatialConvolution": "nn.SpatialConvolution"}
 
 
 def tree_of(seed: str, tensor_type: str = "torch.CudaTensor", **overrides):
@@ -42,7 +47,7 @@ def tree_of(seed: str, tensor_type: str = "torch.CudaTensor", **overrides):
 def torch_logits(tree, images: np.ndarray) -> np.ndarray:
   """The original's forward in float64 up to its LogSoftMax, on NHWC images."""
   features, classifier = tree["modules"]
-  assert classifier["modules"][-1].typename == "nn.LogSoftMax"
+  assert classifier["modules"][-1].typename in ("nn.LogSoftMax", "cudnn.LogSoftMax")
   body = t7_writer.Factory().sequential([features, t7_writer.Factory().sequential(classifier["modules"][:-1])])
   return t7_writer.forward(body, images.transpose(0, 3, 1, 2).astype(np.float64))
 
@@ -128,6 +133,28 @@ def test_dropout_that_scales_at_evaluation_is_folded_into_the_next_layer(tmp_pat
   assert_logits_close(logits_of(model, images), torch_logits(tree, images))
 
 
+def test_other_spellings_of_each_module_inside_a_data_parallel_table(tmp_path, rng):
+  """The nn/cudnn spelling the other tests do not write, an nn.SpatialConvolutionMM fc8 with its flattened
+  (out, in·kh·kw) weight, CUDA doubles, the model saved inside an nn.DataParallelTable of two replicas."""
+  tree = tree_of("spellings", "torch.CudaDoubleTensor")
+  features, classifier = tree["modules"]
+  for module in features["modules"] + classifier["modules"]:
+    module.typename = NN_SPELLINGS.get(module.typename, module.typename)
+    for inner in ("poolconv", "alignconv"):
+      if module[inner] is not None:
+        module[inner].typename = NN_SPELLINGS[module[inner].typename]
+  fc8 = classifier["modules"][8]
+  assert fc8.typename == "nn.SpatialConvolution"
+  fc8.typename = "nn.SpatialConvolutionMM"
+  fc8.fields["weight"] = t7_writer.Tensor(fc8["weight"].array.reshape(10, 4096), "torch.CudaDoubleTensor")
+  path = str(tmp_path / "model.t7")
+  t7_writer.write(path, t7_writer.Module("nn.DataParallelTable", modules=[tree, tree_of("replica")], dimension=1,
+                                         gpuAssignments=[1, 2], train=False))
+  model, _, _ = import_t7.import_model(path, image_size=IMAGE_SIZE)
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(tree, images))
+
+
 def test_view_and_linear_classifier(tmp_path, rng):
   tree = tree_of("linear", linear_classifier=True)
   path = str(tmp_path / "model.t7")
@@ -205,7 +232,12 @@ def flops_command(*args):
   return cli.call(inspection.main, inspection.define_flags, ["flops", *args])
 
 
-def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
+def bench_command(*args):
+  """The exit status of ``python -m lcnn_jax.bench ARGS``, run in this process."""
+  return cli.call(bench.main, bench.define_flags, ["bench", *args])
+
+
+def test_flops_exporter_and_bench_read_the_imported_run(imported, tmp_path, rng):
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     assert flops_command("--workdir", imported["workdir"]) == 0
@@ -223,6 +255,13 @@ def test_flops_and_exporter_read_the_imported_run(imported, tmp_path, rng):
   expected = torch_logits(imported["tree"], images)[:, order]
   got = np.asarray(exported(images.astype(np.float32)), np.float64)
   np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    assert bench_command("--checkpoint", imported["workdir"], "--backends", "dense", "--seconds", "0.05",
+                         "--json") == 0
+  rows = json.loads(out.getvalue())["rows"]
+  assert {(row["model"], row["preset"], row["batch"]) for row in rows} == {("alexnet-lcnn", "trained", 1)}
+  assert rows[0]["count_speedup"] == pytest.approx(float(report.split("speedup: ")[1].split("x")[0]), rel=1e-3)
 
 
 def test_mismatch_against_the_config_names_the_module_and_writes_nothing(imported, tmp_path):
@@ -245,13 +284,74 @@ def test_mismatch_against_the_config_names_the_module_and_writes_nothing(importe
   assert os.listdir(tmp_path) == []  # no run, no temporary directory
 
 
-def test_an_existing_workdir_is_never_written_over(imported, tmp_path):
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "notes.txt").write_text("mine")
+def import_command(*args):
+  """The exit status of ``python -m lcnn_jax.import_t7 ARGS``, run in this process."""
+  return cli.call(import_t7.main, import_t7.define_flags, ["import_t7", *args], user_errors=import_t7.USER_ERRORS)
+
+
+def test_command_with_the_config_the_file_was_trained_with(imported, tmp_path, rng, capsys):
+  workdir = str(tmp_path / "run")
+  given = [imported["model"], "--workdir", workdir, "--config", os.path.join(REPO, "configs", "alexnet_fast.py"),
+           "--config.model.dictionary.fc=8", "--config.model.initial_sparsity=0.3", "--image_size=95",
+           "--mean=0.5,0.5,0.5", "--std=0.25,0.25,0.25"]
+  assert import_command(*given, "--config.model.dictionary.convs", "(5,6,7,8)") == 2
+  assert "(got 2 files: " + imported["model"] + " (5,6,7,8); give a tuple flag its value after '='" in (
+      capsys.readouterr().err)
+  assert os.listdir(tmp_path) == []
+  assert import_command(*given, "--config.model.dictionary.convs=(5,6,7,8)") == 0
+  assert capsys.readouterr().out.startswith(f"{workdir}: alexnet-lcnn from {imported['model']}, 10 classes")
+  config, dataset = checkpoint.load_run_info(workdir)
+  assert config.sparsity.target_speedup == 37.6  # the preset's own, beside the file's sizes
+  assert tuple(config.model.dictionary.convs) == (5, 6, 7, 8) and dataset["mean"] == [0.5] * 3
+  model, _, _ = checkpoint.restore_model(workdir)
+  images = rng.normal(size=(2, IMAGE_SIZE, IMAGE_SIZE, 3))
+  assert_logits_close(logits_of(model, images), torch_logits(imported["tree"], images))  # the file's class order
+
+
+def test_a_known_module_out_of_place_names_what_was_expected_there(tmp_path):
+  tree = tree_of("order")
+  features = tree["modules"][0]
+  features.fields["modules"] = features["modules"][:3] + [t7_writer.Factory().dropout(0.5)] + features["modules"][3:]
+  t7_writer.write(str(tmp_path / "model.t7"), tree)
+  with pytest.raises(import_t7.T7ImportError, match=re.escape(
+      "model.modules[1].modules[4] (nn.Dropout) does not fit alexnet-lcnn: expected a 3x3/2 SpatialMaxPooling after "
+      "model.modules[1].modules[3] (cudnn.ReLU).")):
+    import_t7.import_model(str(tmp_path / "model.t7"), image_size=IMAGE_SIZE)
+
+
+def test_an_existing_run_is_never_written_over(imported, tmp_path, rng):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(imported["workdir"], workdir)
+  before = {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(workdir) for f in files}
   with pytest.raises(import_t7.T7ImportError, match="already exists and is not empty"):
+    import_t7.import_run(imported["model"], workdir, image_size=IMAGE_SIZE, mean=["0.5"] * 3, std=["0.25"] * 3)
+  after = {os.path.relpath(os.path.join(d, f), workdir): open(os.path.join(d, f), "rb").read()
+           for d, _, files in os.walk(workdir) for f in files}
+  assert after == before and os.listdir(tmp_path) == ["run"]
+  model, _, _ = checkpoint.restore_model(workdir)  # still the run it was, with the file's normalisation
+  assert checkpoint.load_run_info(workdir)[1]["mean"] == MEAN
+  images = rng.normal(size=(1, IMAGE_SIZE, IMAGE_SIZE, 3))
+  order = [CLASSES.index(name) for name in sorted(CLASSES)]
+  assert_logits_close(logits_of(model, images), torch_logits(imported["tree"], images)[:, order])
+
+
+def test_an_import_interrupted_while_writing_leaves_no_run(imported, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  workdir.mkdir()  # an empty --workdir is accepted, and must stay empty
+  written = []
+
+  def interrupt(model, run_dir, image_shape):  # the checkpoint and config.json are on disk by now
+    written.extend(sorted(os.listdir(run_dir)))
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(import_t7, "_check_round_trip", interrupt)
+  with pytest.raises(KeyboardInterrupt):
     import_t7.import_run(imported["model"], str(workdir), image_size=IMAGE_SIZE, meanstd=imported["meanstd"])
-  assert os.listdir(workdir) == ["notes.txt"] and sorted(os.listdir(tmp_path)) == ["run"]
+  assert written == ["checkpoints", "config.json", "config.py"]
+  assert os.listdir(tmp_path) == ["run"] and os.listdir(workdir) == []  # no temporary directory either
+  with pytest.raises(checkpoint.CheckpointError):
+    checkpoint.restore_model(str(workdir))
 
 
 def test_side_file_mistakes_are_clear(imported, tmp_path):
@@ -263,6 +363,9 @@ def test_side_file_mistakes_are_clear(imported, tmp_path):
                      r"model.modules\[2\].modules\[9\] has 10 outputs"):
     import_t7.import_run(imported["model"], str(tmp_path / "b"), image_size=IMAGE_SIZE, classes=str(names),
                          mean=["0.5"] * 3, std=["0.25"] * 3)
+  with pytest.raises(import_t7.T7ImportError, match=r"model.modules\[2\].modules\[2\] .* 2x2, .* does not fit fc6 .* "
+                     r"6x6, .*; fc6's 6x6 kernel covers the map of 224x224 inputs \(--image_size\)"):
+    import_t7.import_run(imported["model"], str(tmp_path / "c"), meanstd=imported["meanstd"])  # 95x95 inputs
   assert sorted(os.listdir(tmp_path)) == ["classes.txt"]
 
 
@@ -282,12 +385,10 @@ def test_command_stops_on_an_unknown_module_with_its_path_and_exit_2(tmp_path):
   assert "error: model.modules[1].modules[3] is a nn.Tanh, which the importer does not know" in result.stderr
   assert "Traceback" not in result.stderr
   assert sorted(os.listdir(tmp_path)) == ["model.t7"]
-  help_text = _command("--help", cwd=tmp_path)
-  assert "--meanstd" in help_text.stdout + help_text.stderr  # absl prints the flags (and exits 1)
 
 
 def test_reader_gives_the_writers_tensors_for_cpu_and_cuda_types(tmp_path):
-  for tensor_type in TENSOR_TYPES:
+  for tensor_type in (*TENSOR_TYPES, "torch.CudaHalfTensor"):
     tree = tree_of("reader", tensor_type)
     path = str(tmp_path / f"{tensor_type}.t7")
     t7_writer.write(path, tree)
@@ -321,7 +422,7 @@ def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
   with pytest.raises(import_t7.T7ImportError, match="is not a readable Torch7 binary file"):
     import_t7.read_t7(str(path))
   t7_writer.write(str(path), {"weights": t7_writer.Tensor(np.ones(3), "torch.FloatTensor")})
-  with pytest.raises(import_t7.T7ImportError, match="model is a hashable_uniq_dict, not a Torch module"):
+  with pytest.raises(import_t7.T7ImportError, match="model is a Lua table, not a Torch module"):
     import_t7.flatten(import_t7.read_t7(str(path)))
 
 
@@ -345,7 +446,6 @@ def test_batch_norm_of_older_files_and_without_affine(tmp_path, rng):
 
 
 def test_training_in_an_imported_workdir_is_refused_and_the_checkpoint_kept(imported, tmp_path):
-  from lcnn_jax import checkpoint
   workdir = str(tmp_path / "run")
   shutil.copytree(imported["workdir"], workdir)
   with pytest.raises(checkpoint.CheckpointError, match="train.init_from=") as error:
