@@ -4,9 +4,9 @@ Both rules act on the coefficients alone, never on the dictionary. Leaves are na
 model's state, e.g. ``'conv2/coefficients'``; :func:`coefficient_thresholds` lists those paths with each
 layer's τ, and the transforms below take per-path strengths so one optimizer chain serves the whole model.
 
-* ``prox``: after the gradient step, Q = P + update − lr_t · momentum · c_{t−1}, P ← sign(Q) · max(|Q| − lr_t · λ·τ, 0),
-  which gives exact zeros; c, per entry, is the L1 term's share of a momentum buffer: c_t = momentum · c_{t−1}
-  + the shrinkage just applied / lr_t (:func:`prox_l1`).
+* ``prox``: after the gradient step, Q = P + update − lr_t · momentum · c_{t−1},
+  P ← sign(Q) · max(|Q| − lr_t · λ·τ, 0), which gives exact zeros; c, per entry, is the L1 term's share of a
+  momentum buffer: c_t = momentum · c_{t−1} + the shrinkage just applied / lr_t (:func:`prox_l1`).
 * ``threshold`` (the original): every forward pass first sets P ← 0 where |P| ≤ τ, in place
   (:func:`apply_threshold_`); the gradient of P gets λ · τ · sign(P) added and is zeroed at masked entries
   (:func:`l1_subgradient`).
