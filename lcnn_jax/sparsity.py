@@ -73,22 +73,11 @@ def coefficient_thresholds(model: nnx.Module) -> dict[str, float]:
           for path, layer in lookup_layers(model)}
 
 
-def label_coefficients(tree, model: nnx.Module):
-  """A tree like ``tree`` with 'coefficients' on P's leaves and 'other' elsewhere, for ``optax.partition``."""
-  paths = coefficient_thresholds(model)
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: "coefficients" if path_string(kp) in paths else "other", tree)
-
-
 def _per_leaf(value: PerPath, keypath):
   """The leaf's value: a float or a scalar array (a steered strength); None for a leaf a mapping leaves out."""
   if isinstance(value, Mapping):
     return value.get(path_string(keypath))
   return value
-
-
-def _is_zero(weight) -> bool:
-  return isinstance(weight, (int, float)) and weight == 0
 
 
 class ProxL1State(NamedTuple):
@@ -239,11 +228,4 @@ def sparsity_report(model: nnx.Module) -> list[LayerSparsity]:
     nonzeros = int(np.count_nonzero(p))
     report.append(LayerSparsity(path, p.size, nonzeros, nonzeros / p.size, layer.threshold))
   return report
-
-
-def mean_density(model: nnx.Module) -> float:
-  """Non-zeros of all lookup layers' P over their total size (1.0 for a model without lookup layers)."""
-  report = sparsity_report(model)
-  size = sum(r.size for r in report)
-  return sum(r.nonzeros for r in report) / size if size else 1.0
 
