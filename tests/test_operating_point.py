@@ -1,6 +1,7 @@
 """Operating points on request: the count as a function of P, the projection, the controller, and the runs."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,6 +282,22 @@ def test_two_processes_with_a_target_equal_one_process(tmp_path, uninterrupted):
     assert two_ == pytest.approx(one, rel=1e-4)
   assert inspection.inspect_run(two)["speedup"] == pytest.approx(inspection.inspect_run(uninterrupted)["speedup"])
   assert inspection.inspect_run(two)["speedup"] == pytest.approx(12.0, rel=0.03)
+
+
+def test_a_run_with_another_optimizer_refuses_the_checkpoints_and_leaves_them_as_they_were(tmp_path, uninterrupted):
+  # The targeted run's state holds the controller's; without the target, or under prox (which keeps an L1
+  # trace), the configured optimizer's state differs: one clear error, no step set aside as damaged.
+  workdir = str(tmp_path / "run")
+  shutil.copytree(uninterrupted, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  run_info = open(os.path.join(workdir, "config.json")).read()
+  for change in ({"target_speedup": 0.0}, {"rule": "prox"}):
+    config = tiny_target_config()
+    config.sparsity.update(change)
+    with pytest.raises(train.checkpoint.CheckpointError, match="another optimizer.*sparsity.rule"):
+      train.train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert open(os.path.join(workdir, "config.json")).read() == run_info
 
 
 def test_spectrum_sweeps_target_speedups_and_skips_unreachable_ones(tmp_path, tiny_config):
