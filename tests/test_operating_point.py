@@ -263,6 +263,8 @@ def test_kill_9_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly(
   assert step_a == step_b == 8
   jax.tree.map(np.testing.assert_array_equal, whole, resumed)
   assert train_points(killed) == train_points(uninterrupted)
+  _, _, speedup, strength = train_points(killed)[-1]  # the progress line shows them too
+  assert "train step 8/8: " in rerun.stderr and f"speedup {speedup:.1f}x strength {strength:.3g}" in rerun.stderr
   assert inspection.inspect_run(killed)["speedup"] == pytest.approx(12.0, rel=0.03)
 
 
