@@ -107,6 +107,19 @@ def check_compatible(saved_params: dict, expected_params: dict, where: str) -> N
       "Use the config the checkpoint was trained with (its workdir's config.json), or another workdir.")
 
 
+def check_same_optimizer(saved_opt_state, expected_opt_state, where: str) -> None:
+  """Raises CheckpointError when a checkpoint's optimizer state holds other arrays than the configured optimizer's
+  (another sparsity rule, a target speedup or density set or unset): training cannot resume from it."""
+  shapes = lambda tree: sorted(tuple(leaf.shape) for leaf in jax.tree_util.tree_leaves(tree))
+  saved, expected = shapes(saved_opt_state), shapes(expected_opt_state)
+  if saved != expected:
+    raise CheckpointError(
+        f"The checkpoint at {where} was trained with another optimizer than the one configured (its state holds "
+        f"{len(saved)} arrays, this config's {len(expected)}): sparsity.rule and whether sparsity.target_speedup or "
+        "target_density is set decide that state. Resume with the config it was trained with (its workdir's "
+        "config.json), or train in another workdir.")
+
+
 def _metadata_tree(step_dir: str, item: str) -> dict:
   """The saved tree of one item of a step (array metadata: shapes and dtypes), read without restoring."""
   return ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.abspath(os.path.join(step_dir, item)))).tree
@@ -168,6 +181,12 @@ class Checkpointer:
         continue
       _refuse_imported(step_dir)
       check_compatible(saved_params, nnx.to_pure_dict(template.params), step_dir)
+      try:
+        saved_opt_state = _metadata_tree(step_dir, "opt_state")
+      except Exception as e:  # pylint: disable=broad-except
+        self._set_aside(step, f"is unreadable ({e})")
+        continue
+      check_same_optimizer(saved_opt_state, template.opt_state, step_dir)
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(nnx.to_pure_dict(template.params)),

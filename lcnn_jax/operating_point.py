@@ -83,6 +83,7 @@ class Budget:
     return self.baseline / self.dense_count
 
   def speedup(self, count: float) -> float:
+    """The baseline's multiplications over ``count`` (inf for a count of 0)."""
     return self.baseline / count if count else math.inf
 
   def nonzero_costs(self, params) -> jax.Array:

@@ -4,9 +4,9 @@ Both rules act on the coefficients alone, never on the dictionary. Leaves are na
 model's state, e.g. ``'conv2/coefficients'``; :func:`coefficient_thresholds` lists those paths with each
 layer's τ, and the transforms below take per-path strengths so one optimizer chain serves the whole model.
 
-* ``prox``: after the gradient step, Q = P + update − lr_t · momentum · c_{t−1}, P ← sign(Q) · max(|Q| − lr_t · λ·τ, 0),
-  which gives exact zeros; c, per entry, is the L1 term's share of a momentum buffer: c_t = momentum · c_{t−1}
-  + the shrinkage just applied / lr_t (:func:`prox_l1`).
+* ``prox``: after the gradient step, Q = P + update − lr_t · momentum · c_{t−1},
+  P ← sign(Q) · max(|Q| − lr_t · λ·τ, 0), which gives exact zeros; c, per entry, is the L1 term's share of a
+  momentum buffer: c_t = momentum · c_{t−1} + the shrinkage just applied / lr_t (:func:`prox_l1`).
 * ``threshold`` (the original): every forward pass first sets P ← 0 where |P| ≤ τ, in place
   (:func:`apply_threshold_`); the gradient of P gets λ · τ · sign(P) added and is zeroed at masked entries
   (:func:`l1_subgradient`).
@@ -73,22 +73,11 @@ def coefficient_thresholds(model: nnx.Module) -> dict[str, float]:
           for path, layer in lookup_layers(model)}
 
 
-def label_coefficients(tree, model: nnx.Module):
-  """A tree like ``tree`` with 'coefficients' on P's leaves and 'other' elsewhere, for ``optax.partition``."""
-  paths = coefficient_thresholds(model)
-  return jax.tree_util.tree_map_with_path(
-      lambda kp, _: "coefficients" if path_string(kp) in paths else "other", tree)
-
-
 def _per_leaf(value: PerPath, keypath):
   """The leaf's value: a float or a scalar array (a steered strength); None for a leaf a mapping leaves out."""
   if isinstance(value, Mapping):
     return value.get(path_string(keypath))
   return value
-
-
-def _is_zero(weight) -> bool:
-  return isinstance(weight, (int, float)) and weight == 0
 
 
 class ProxL1State(NamedTuple):
@@ -239,11 +228,4 @@ def sparsity_report(model: nnx.Module) -> list[LayerSparsity]:
     nonzeros = int(np.count_nonzero(p))
     report.append(LayerSparsity(path, p.size, nonzeros, nonzeros / p.size, layer.threshold))
   return report
-
-
-def mean_density(model: nnx.Module) -> float:
-  """Non-zeros of all lookup layers' P over their total size (1.0 for a model without lookup layers)."""
-  report = sparsity_report(model)
-  size = sum(r.size for r in report)
-  return sum(r.nonzeros for r in report) / size if size else 1.0
 

@@ -324,8 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
   manager = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  checkpoint.save_run_info(workdir, config, dataset_facts(info))
   restored = manager.restore_latest(state, train_iter)
+  checkpoint.save_run_info(workdir, config, dataset_facts(info))  # once the checkpoints are known to be this run's
   step = 0
   if restored is not None:
     state, step = restored, int(host_local(restored.step))

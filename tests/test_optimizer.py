@@ -8,6 +8,7 @@ from flax import nnx
 
 from lcnn_jax import config as config_lib, models, optimizer
 
+
 def test_original_schedules_by_epoch():
   c = config_lib.default_config().train
   c.lr_schedule, c.learning_rate = "alexnet", 2.0  # -LR multiplies the table

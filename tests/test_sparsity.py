@@ -190,14 +190,6 @@ def test_sparsity_report_counts_nonzeros_per_layer():
                                                    "head/coefficients": model.head.threshold}
 
 
-def test_label_coefficients_marks_only_p_for_optax_partition():
-  model = TwoLayerNet(nnx.Rngs(6))
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  labels = sparsity.label_coefficients(params, model)
-  assert labels["conv"]["coefficients"] == "coefficients" and labels["head"]["coefficients"] == "coefficients"
-  assert labels["conv"]["dictionary"] == "other" and labels["norm"]["scale"] == "other"
-
-
 def test_unknown_rule_is_rejected_with_its_name():
   with pytest.raises(ValueError, match="'l0'"):
     sparsity.make_rule(TwoLayerNet(nnx.Rngs(0)), "l0", 1.0, 0.1)

@@ -4,18 +4,18 @@
         [--config configs/experiments/spectrum.py] [--sizes 2,4,8,16] [--strengths 3,30 | --targets 2,5,10,20,40]
         [--points 16:2.5,8:10,4:40] [--seeds 0,1,2]
 
-Every (dictionary size, sparsity strength) pair is one LCNN run, plus the CNN baseline, each in
-``WORKDIR/<point>/`` (resumable; a rerun skips finished points). With ``--targets`` the grid is (dictionary
-size, target speedup) instead: each point trains with ``sparsity.target_speedup`` (:mod:`lcnn_jax.operating_point`),
-so the points land on the figure's x-axis where asked; a target a dictionary size cannot reach (its
-dictionary stages and dense layers alone cost more) is skipped with a warning naming its largest speedup. The speedup is the multiplication count's
-(REFERENCE §6, from the final checkpoint) and, with ``--wall_clock``, the measured one: the inference
-benchmark (:mod:`lcnn_jax.bench`) times the exported LCNN (backends chosen per layer) against its dense CNN at
-``--bench_batch``. ``--points`` names the (dictionary size, target speedup) pairs themselves, for a spectrum
-that spans sizes (a large dictionary for ~2×, small ones for the largest speedups). With ``--seeds`` every point
-trains once per seed in ``WORKDIR/seed<S>/`` and the table, JSON and plot give mean ± std (sample standard
-deviation) over the seeds; the JSON keeps each seed's rows under ``per_seed``. Writes ``spectrum.json``,
-``spectrum.md`` and ``spectrum.png`` in the workdir.
+Every (dictionary size, sparsity strength) pair is one LCNN run, plus the CNN baseline, each in ``WORKDIR/<point>/``
+(resumable; a rerun skips finished points). With ``--targets`` the grid is (dictionary size, target speedup)
+instead: each point trains with ``sparsity.target_speedup`` (:mod:`lcnn_jax.operating_point`), so the points land on
+the figure's x-axis where asked; a target a dictionary size cannot reach (above what its dictionary stages and dense
+layers alone cost, or below its count with every P dense, e.g. 2× for the digits LCNN at k = 8) is skipped with a
+warning naming its reachable range. The speedup is the multiplication count's (REFERENCE §6, from the final
+checkpoint) and, with ``--wall_clock``, the measured one: the inference benchmark (:mod:`lcnn_jax.bench`) times the
+exported LCNN (backends chosen per layer) against its dense CNN at ``--bench_batch``. ``--points`` names the
+(dictionary size, target speedup) pairs themselves, for a spectrum that spans sizes (a large dictionary for ~2×,
+small ones for the largest speedups). With ``--seeds`` every point trains once per seed in ``WORKDIR/seed<S>/`` and
+the table, JSON and plot give mean ± std (sample standard deviation) over the seeds; the JSON keeps each seed's rows
+under ``per_seed``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in the workdir.
 """
 
 from __future__ import annotations
@@ -276,17 +276,17 @@ def report(flag: types.SimpleNamespace) -> None:
                 targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
                 size_keys=flag.size_keys.value, baseline=flag.baseline.value, wall_clock=flag.wall_clock.value,
                 bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
+  measured = lambda names: [c for c in names if c != "wall_speedup" or flag.wall_clock.value]
   if flag.seeds.value:
     seeds = common.parse_seeds(flag.seeds.value)
     rows, per_seed = run_spectrum_seeds(flag.config.value, workdir, seeds, **kwargs)
-    columns = [c for c in SEED_COLUMNS if c != "wall_speedup" or flag.wall_clock.value]
-    table = common.write_report(workdir, "spectrum", rows, columns,
+    table = common.write_report(workdir, "spectrum", rows, measured(SEED_COLUMNS),
                                 {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()},
                                  "config": flag.config.value.to_dict()},
                                 table_rows=common.mean_std_rows(rows, AGGREGATED, percent=("top1", "top5")))
   else:
     rows = run_spectrum(flag.config.value, workdir, **kwargs)
-    table = common.write_report(workdir, "spectrum", rows, COLUMNS, {"config": flag.config.value.to_dict()})
+    table = common.write_report(workdir, "spectrum", rows, measured(COLUMNS), {"config": flag.config.value.to_dict()})
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
                 f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup",
                 flag.bench_batch.value)
