@@ -1,7 +1,6 @@
 """Batch 1 without dispatch overhead: a lookup layer over a small map is one kernel call (its dictionary stage
 included), and equals the layer-by-layer path (an XLA matmul for S, then the lookups)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image
 
 from lcnn_jax import checkpoint, config as config_lib, data, models, train
-from lcnn_jax.data import pipeline, sources, transforms
+from lcnn_jax.data import pipeline, sources
 from lcnn_jax.inference import exporter, predict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

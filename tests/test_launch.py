@@ -2,7 +2,6 @@
 right commands and environment (tested with stand-in srun/gcloud, since no cluster or TPU is reachable here)."""
 
 import importlib.util
-import json
 import os
 import stat
 import subprocess

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import threading
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
 
 import ml_collections
 import numpy as np
@@ -32,6 +32,9 @@ from absl import logging
 from lcnn_jax.data import sources
 from lcnn_jax.data import transforms
 from lcnn_jax.data.transforms import CorruptImageError
+
+if TYPE_CHECKING:  # annotations only: grain is imported where a pipeline is built (_grain)
+  import grain
 
 SOURCES = ("digits", "fashion_mnist", "folder", "idx", "synthetic", "tfds:<name>")
 IDX_SOURCES = ("idx", "fashion_mnist")  # The four standard IDX files of data.dir.
