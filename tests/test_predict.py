@@ -59,7 +59,7 @@ def test_files_and_directories_with_a_bad_file_reported_skipped_and_json(tmp_pat
 def test_an_image_above_the_pixel_limit_is_refused_with_our_message(tmp_path, exported, rng):
   Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8)).save(tmp_path / "big.png")
   done = predict("--model", exported, "--max_pixels=1000", tmp_path / "big.png")
-  assert done.returncode == 1 and "50x40 is 0 megapixels, above the limit of 0.001" in done.stderr
+  assert done.returncode == 1 and "50x40 is 0.002 megapixels, above the limit of 0.001" in done.stderr
   assert "DecompressionBomb" not in done.stderr and "Traceback" not in done.stderr
 
 

@@ -264,6 +264,7 @@ def define_flags() -> types.SimpleNamespace:
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
   del argv
+  cli.check_output_dir(flag.workdir.value, "--workdir")
   with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
     report(flag)
 
