@@ -70,8 +70,8 @@ def load_image(path: str, model: InferenceModel, max_pixels: int = MAX_PIXELS) -
   finally:
     Image.MAX_IMAGE_PIXELS = limit
   if width * height > max_pixels:
-    raise ValueError(f"{path}: {width}x{height} is {width * height / 1e6:.3g} megapixels, above the limit of "
-                     f"{max_pixels / 1e6:g}; downscale it, or raise --max_pixels if the file is trusted.")
+    raise ValueError(f"{path}: {width}x{height} is {width * height:,} pixels, above the --max_pixels limit of "
+                     f"{max_pixels:,}; downscale it, or raise --max_pixels if the file is trusted.")
   transform = transforms.PhotoTransform(prep["image_size"], prep["resize_size"], prep["channels"])
   with open(path, "rb") as f:
     try:
