@@ -83,6 +83,11 @@ def test_help_and_print_config():
   done = run_config(QUICKSTART, "--print_config", "--config.train.batch_size=7")
   assert done.returncode == 0, done.stderr
   assert "batch_size: 7" in done.stdout and "Traceback" not in done.stderr
+  for experiment in ("spectrum", "few_shot", "few_iteration"):  # the other training commands: their base config
+    done = subprocess.run([sys.executable, "-m", f"lcnn_jax.experiments.{experiment}", "--print_config",
+                           "--config.train.batch_size=7"], capture_output=True, text=True, cwd=REPO, env=ENV,
+                          timeout=300)
+    assert done.returncode == 0 and "batch_size: 7" in done.stdout, (experiment, done.stderr[-2000:])
 
 
 ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.inspection", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
@@ -205,6 +210,8 @@ def test_unwritable_outputs_and_directories_that_are_not_runs_are_named_and_left
       ("lcnn_jax.inspection", "--workdir", other, "--plot", "/proc/lcnn_jax/plot.png"): "--plot /proc/lcnn_jax",
       ("lcnn_jax.experiments.few_shot", "--workdir", a_file): f"--workdir {a_file} is a file",
       ("lcnn_jax.experiments.spectrum", "--workdir", "/proc/lcnn_jax_experiment"): "cannot be written",
+      ("lcnn_jax.experiments.few_iteration", "--workdir", tmp_path / "new", "stray"): "unexpected arguments",
+      ("lcnn_jax.experiments.few_iteration",): "--workdir is missing",
   }
   for (command, needle), done in zip(cases.items(), run_all(*cases)):
     assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr[-3000:])
