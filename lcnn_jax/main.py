@@ -47,6 +47,8 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
+  """The command on absl's parsed flags: trains, evaluates or benchmarks; raises :class:`cli.UsageError` (or one of
+  the user errors :func:`run` names) for a user mistake."""
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: options are --flag=value (see --help).")
   config = FLAGS.config

@@ -144,6 +144,7 @@ def predict(model: InferenceModel, paths: Sequence[str], k: int = 5) -> list[lis
 
 
 def format_predictions(paths: Sequence[str], predictions: list[list[tuple[str, float]]]) -> str:
+  """Per image, its path, then one ``  probability  class`` line per prediction, most likely first."""
   lines = []
   for path, top in zip(paths, predictions):
     lines.append(path)
