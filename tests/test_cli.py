@@ -226,6 +226,15 @@ def test_an_unexpected_error_keeps_its_traceback():
   assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: a bug" in done.stderr
 
 
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+  # As `python -m lcnn_jax.main --help | head -1`: the reader has gone before the command writes.
+  process = subprocess.Popen([sys.executable, "-m", "lcnn_jax.main", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=REPO, env=ENV)
+  process.stdout.close()
+  err = process.communicate(timeout=300)[1].decode()
+  assert process.returncode == 128 + signal.SIGPIPE and err == "", err
+
+
 def test_bench_rows_of_a_checkpoint_are_labelled_with_its_model_in_aligned_columns():
   row = {"model": "digits-lcnn", "preset": "trained", "batch": 2, "backend": "auto", "dense_ms": 0.3,
          "lcnn_ms": 0.2, "wall_speedup": 1.5, "count_speedup": 39.7}
