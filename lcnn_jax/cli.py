@@ -108,7 +108,10 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     if "Traceback (most recent call last)" in message:  # ml_collections embeds the loader's traceback
       message = f"{message.splitlines()[0]} {message.strip().splitlines()[-1]}"
     override = re.match(r"flag (--\w+\.[\w.]+=.*?): (.*)", message, re.S)
-    if override:
+    missing = re.match(r"flag --(\w+)=None: Flag --\1 must have a value", message)
+    if missing and missing.group(1) in flag_values:
+      message = f"--{missing.group(1)} is missing: {flag_values[missing.group(1)].help} See --help for the flags."
+    elif override:
       message = (f"{override.group(1)}: not a value this key takes ({override.group(2)}); --print_config shows "
                  "every key with its current value, docs/config.md what each takes.")
     elif isinstance(e, flags.UnrecognizedFlagError):

@@ -212,6 +212,8 @@ def test_unwritable_outputs_and_directories_that_are_not_runs_are_named_and_left
       ("lcnn_jax.experiments.spectrum", "--workdir", "/proc/lcnn_jax_experiment"): "cannot be written",
       ("lcnn_jax.experiments.few_iteration", "--workdir", tmp_path / "new", "stray"): "unexpected arguments",
       ("lcnn_jax.experiments.few_iteration",): "--workdir is missing",
+      ("lcnn_jax.main",): "--config is missing: A config file",
+      ("lcnn_jax.inference.predict", tmp_path / "photo.png"): "--model is missing: An exported model",
   }
   for (command, needle), done in zip(cases.items(), run_all(*cases)):
     assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr[-3000:])
