@@ -403,6 +403,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
                          f"{', '.join(precision_lib.PRECISIONS)}.")
   allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
   try:
+    if flag_values.checkpoint:  # a directory that is not a run, named before any work
+      checkpoint_lib.load_run_info(flag_values.checkpoint)
+      checkpoint_lib.resolve_step_dir(flag_values.checkpoint)
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
                  with_layers=flag_values.layers, baselines=flag_values.baselines,

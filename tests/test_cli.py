@@ -207,6 +207,7 @@ def test_unwritable_outputs_and_directories_that_are_not_runs_are_named_and_left
       (*main_eval, "eval", "--workdir", not_a_run): f"No checkpoint in '{not_a_run}'",
       (*main_eval, "benchmark", "--workdir", other): f"No checkpoint in '{other}'",
       ("lcnn_jax.flops", "--workdir", not_a_run): f"No checkpoint in '{not_a_run}'",
+      ("lcnn_jax.bench", "--checkpoint", not_a_run): f"No config.json in '{not_a_run}'",
       ("lcnn_jax.inspection", "--workdir", other, "--plot", "/proc/lcnn_jax/plot.png"): "--plot /proc/lcnn_jax",
       ("lcnn_jax.experiments.few_shot", "--workdir", a_file): f"--workdir {a_file} is a file",
       ("lcnn_jax.experiments.spectrum", "--workdir", "/proc/lcnn_jax_experiment"): "cannot be written",
