@@ -339,12 +339,13 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
 
 def format_table(result: dict[str, Any]) -> str:
   """The rows (and the layer breakdown when present) as fixed-width text."""
+  width = max([9, *(len(r["model"]) for r in result["rows"])])  # a trained checkpoint's model: digits-lcnn, ...
   lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
            f"device {result['device']}; trained checkpoint",
-           f"{'model':<9} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
+           f"{'model':<{width}} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
            f"{'wall x':>8} {'count x':>8}"]
   for r in result["rows"]:
-    lines.append(f"{r['model']:<9} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
+    lines.append(f"{r['model']:<{width}} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
   if "baselines" in result:
@@ -402,6 +403,9 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
                          f"{', '.join(precision_lib.PRECISIONS)}.")
   allocator.reuse_freed_memory()  # before XLA's threads allocate: both models run with it
   try:
+    if flag_values.checkpoint:  # a directory that is not a run, named before any work
+      checkpoint_lib.load_run_info(flag_values.checkpoint)
+      checkpoint_lib.resolve_step_dir(flag_values.checkpoint)
     result = run(flag_values.model, flag_values.preset, flag_values.batch, checkpoint=flag_values.checkpoint,
                  backend_names=flag_values.backends, seconds=flag_values.seconds, seed=flag_values.seed,
                  with_layers=flag_values.layers, baselines=flag_values.baselines,

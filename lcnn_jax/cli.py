@@ -51,8 +51,8 @@ def fail(message: str, code: int = USAGE_EXIT) -> None:
 
 def run(main: Callable[[list[str]], object], *, user_errors: tuple[type[BaseException], ...] = ()) -> None:
   """``absl.app.run(main)``: flag and config-file mistakes, :class:`UsageError` and ``user_errors`` end in one
-  paragraph with exit code 2; :class:`Interrupted` in its message and 128 + signal; other errors keep their
-  traceback."""
+  paragraph with exit code 2; :class:`Interrupted` in its message and 128 + signal; a closed output pipe in exit
+  code 141, silently; other errors keep their traceback."""
   try:
     app.run(main, flags_parser=parse_flags)
   except (UsageError, *user_errors) as e:
@@ -63,6 +63,9 @@ def run(main: Callable[[list[str]], object], *, user_errors: tuple[type[BaseExce
   except KeyboardInterrupt:
     print("interrupted", file=sys.stderr)
     sys.exit(130)
+  except BrokenPipeError:  # the output's reader stopped (`... | head`): stop quietly, as other commands do
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+    sys.exit(128 + signal.SIGPIPE)
 
 
 def call(main: Callable[..., object], define_flags: Callable[[flags.FlagValues], None], argv: Sequence[str],
@@ -105,7 +108,10 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
     if "Traceback (most recent call last)" in message:  # ml_collections embeds the loader's traceback
       message = f"{message.splitlines()[0]} {message.strip().splitlines()[-1]}"
     override = re.match(r"flag (--\w+\.[\w.]+=.*?): (.*)", message, re.S)
-    if override:
+    missing = re.match(r"flag --(\w+)=None: Flag --\1 must have a value", message)
+    if missing and missing.group(1) in flag_values:
+      message = f"--{missing.group(1)} is missing: {flag_values[missing.group(1)].help} See --help for the flags."
+    elif override:
       message = (f"{override.group(1)}: not a value this key takes ({override.group(2)}); --print_config shows "
                  "every key with its current value, docs/config.md what each takes.")
     elif isinstance(e, flags.UnrecognizedFlagError):

@@ -3,8 +3,8 @@
     python -m lcnn_jax.flops --workdir DIR [--step N] [--json] [--plot FILE.png]
     python -m lcnn_jax.flops --config configs/X.py        (an untrained model, no data needed)
 
-The command keeps the counter's name (``lcnn_jax.flops`` runs :func:`main` with :func:`define_flags`); the
-counting itself is :mod:`lcnn_jax.flops`. Needs neither the training data nor an accelerator: a checkpoint written
+The command keeps the counter's name (``lcnn_jax.flops`` runs :func:`main` with :func:`define_flags`;
+``python -m lcnn_jax.inspection`` is the same command); the counting itself is :mod:`lcnn_jax.flops`. Needs neither the training data nor an accelerator: a checkpoint written
 by any topology is restored onto this host's first device.
 """
 
@@ -220,6 +220,8 @@ def main(argv: Sequence[str], flag_values=None) -> None:
     raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
   if flag_values.step is not None and flag_values.workdir is None:
     raise cli.UsageError(f"--step={flag_values.step} needs --workdir: an untrained --config has no steps.")
+  if flag_values.plot:
+    cli.check_output_file(flag_values.plot, "--plot")
   try:
     config = flag_values.config
     if config is not None:
@@ -231,3 +233,7 @@ def main(argv: Sequence[str], flag_values=None) -> None:
     raise cli.UsageError(str(e)) from None
   sys.stdout.write((json.dumps(report) if flag_values.json else format_inspection(report)) + "\n")
 
+
+if __name__ == "__main__":  # the same command as python -m lcnn_jax.flops
+  define_flags()
+  cli.run(main)

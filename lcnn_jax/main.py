@@ -47,6 +47,8 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
+  """The command on absl's parsed flags: trains, evaluates or benchmarks; raises :class:`cli.UsageError` (or one of
+  the user errors :func:`run` names) for a user mistake."""
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {argv[1:]}: options are --flag=value (see --help).")
   config = FLAGS.config
@@ -61,6 +63,8 @@ def main(argv):
                          "training run; pass its --workdir (or --config.restore=RUN/checkpoints/STEP).")
   initialize_distributed()
   config_lib.validate(config)
+  if FLAGS.mode != "train":  # a directory that is not a run is named before anything is computed or written there
+    checkpoint.resolve_step_dir(config.restore or FLAGS.workdir)
   if config.data.dir and config.data.name in ("digits", "synthetic"):
     logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for folder and tfds:<name>).",
                     config.data.dir, config.data.name)
@@ -70,7 +74,8 @@ def main(argv):
       logging.info("TensorBoard files go to %s; view them with: tensorboard --logdir %s",
                    os.path.join(FLAGS.workdir, "tensorboard"), FLAGS.workdir)
       metrics = train.train_and_evaluate(config, FLAGS.workdir)
-    report(FLAGS.workdir, metrics)
+    step = int(os.path.basename(checkpoint.resolve_step_dir(FLAGS.workdir)))  # the step the run ended at
+    report(FLAGS.workdir, metrics | {"step": step})
   elif FLAGS.mode == "eval":
     metrics = train.evaluate_checkpoint(config, FLAGS.workdir)
     print(eval_line(metrics))
@@ -79,10 +84,10 @@ def main(argv):
 
 
 def eval_line(metrics: dict) -> str:
-  """The evaluation as training and ``--mode eval`` print it."""
-  step = f"step {metrics['step']}: " if "step" in metrics else ""
-  return (f"{step}eval top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  loss {metrics['loss']:.4f}  "
-          f"({metrics['count']} images)")
+  """The evaluation (``step``, ``top1``, ``top5``, ``loss``, ``count``) as the end of training and ``--mode eval``
+  print it."""
+  return (f"step {metrics['step']}: eval top-1 {metrics['top1']:.4f}  top-5 {metrics['top5']:.4f}  "
+          f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
 
 
 def report(workdir: str, metrics: dict) -> None:

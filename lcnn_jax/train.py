@@ -406,6 +406,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   replicated = NamedSharding(mesh, P())
   with jax.set_mesh(mesh):
     metrics = Evaluator(config, info, model, mesh)(replicate(params, replicated), replicate(rest, replicated))
-  logging.info("Step %d: top-1 %.4f, top-5 %.4f, loss %.4f over %d images.", step, metrics["top1"],
-               metrics["top5"], metrics["loss"], metrics["count"])
+  logging.debug("Step %d: top-1 %.4f, top-5 %.4f, loss %.4f over %d images.", step, metrics["top1"],
+                metrics["top5"], metrics["loss"], metrics["count"])
   return metrics | {"step": step}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from lcnn_jax import checkpoint, cli, logger, main, train
+from lcnn_jax import bench, logger, main, train
 from tests.test_faults import QUICKSTART, REPO, final_state, flags, quickstart, run_main, train_losses
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -83,9 +83,14 @@ def test_help_and_print_config():
   done = run_config(QUICKSTART, "--print_config", "--config.train.batch_size=7")
   assert done.returncode == 0, done.stderr
   assert "batch_size: 7" in done.stdout and "Traceback" not in done.stderr
+  for experiment in ("spectrum", "few_shot", "few_iteration"):  # the other training commands: their base config
+    done = subprocess.run([sys.executable, "-m", f"lcnn_jax.experiments.{experiment}", "--print_config",
+                           "--config.train.batch_size=7"], capture_output=True, text=True, cwd=REPO, env=ENV,
+                          timeout=300)
+    assert done.returncode == 0 and "batch_size: 7" in done.stdout, (experiment, done.stderr[-2000:])
 
 
-ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
+ENTRY_POINTS = ["lcnn_jax.flops", "lcnn_jax.inspection", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
                 "lcnn_jax.bench", "lcnn_jax.inference.exporter", "lcnn_jax.inference.predict",
                 "lcnn_jax.experiments.spectrum", "lcnn_jax.experiments.few_shot", "lcnn_jax.experiments.few_iteration"]
 
@@ -157,24 +162,85 @@ def test_ctrl_c_and_sigterm_save_and_the_rerun_equals_the_uninterrupted_run(tmp_
   line = main.eval_line(train.evaluate_checkpoint(quickstart(7), str(stopped)))
   assert line.startswith("step 7: eval top-1 ") and line.endswith("(360 images)")
 
-  # A damaged latest step reaches eval as our message, naming the steps saved beside it.
+  # A damaged latest step reaches eval, the exporter and flops as one message naming the steps saved beside it.
   for name in ("_METADATA", "manifest.ocdbt"):
     (stopped / "checkpoints" / "7" / "params" / name).unlink()
-  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/7 is incomplete or damaged .*\(2, 5\)"):
-    train.evaluate_checkpoint(quickstart(7), str(stopped))
+  before = listing(stopped)
+  for done in run_all(["lcnn_jax.main", "--config", QUICKSTART, "--workdir", stopped, "--mode", "eval"],
+                      ["lcnn_jax.inference.exporter", "--workdir", stopped, "--output", tmp_path / "m.npz"],
+                      ["lcnn_jax.flops", "--workdir", stopped]):
+    assert_one_message(done, f"{stopped}/checkpoints/7 is incomplete or damaged", "use another saved step (2, 5)")
+  assert listing(stopped) == before and not (tmp_path / "m.npz").exists()
 
 
-def export_command(*args):
-  """The exit status of ``python -m lcnn_jax.inference.exporter ARGS``, run in this process."""
-  from lcnn_jax.inference import exporter
-  return cli.call(exporter.main, exporter.define_flags, ["exporter", *args])
+def run_all(*commands):
+  """Runs each ``[module, *args]`` as ``python -m module args`` side by side; their CompletedProcesses in order."""
+  running = [subprocess.Popen([sys.executable, "-m", *map(str, command)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO, env=ENV) for command in commands]
+  outputs = [p.communicate(timeout=300) for p in running]
+  return [subprocess.CompletedProcess(p.args, p.returncode, *out) for p, out in zip(running, outputs)]
 
 
-def test_the_exporter_refuses_an_unwritable_output_and_another_programs_config_json(tmp_path, capsys):
-  assert export_command(f"--workdir={tmp_path}", "--output=/proc/lcnn_jax/model.npz") == 2
-  assert "--output /proc/lcnn_jax/model.npz" in capsys.readouterr().err
-  (tmp_path / "config.json").write_text('{"name": "another program"}')
-  assert export_command(f"--workdir={tmp_path}", f"--output={tmp_path / 'm.npz'}") == 2
-  err = capsys.readouterr().err
-  assert "is not the config.json of an lcnn_jax run" in err and err.count("error:") == 1
-  assert (tmp_path / "config.json").read_text() == '{"name": "another program"}'
+def listing(directory):
+  return sorted((str(path.relative_to(directory)), path.read_bytes() if path.is_file() else None)
+                for path in directory.rglob("*"))
+
+
+def test_unwritable_outputs_and_directories_that_are_not_runs_are_named_and_left_as_they_were(tmp_path):
+  not_a_run, other = tmp_path / "photos", tmp_path / "other_program"
+  (not_a_run / "album").mkdir(parents=True)
+  (not_a_run / "notes.txt").write_text("mine")
+  other.mkdir()
+  (other / "config.json").write_text('{"name": "another program"}')
+  a_file = tmp_path / "notes.txt"
+  a_file.write_text("mine")
+  before = listing(tmp_path)
+  export = ["lcnn_jax.inference.exporter", "--output", tmp_path / "m.npz"]
+  main_eval = ["lcnn_jax.main", "--config", QUICKSTART, "--mode"]
+  cases = {  # command: what its one message names
+      ("lcnn_jax.inference.exporter", "--workdir", not_a_run, "--output", "/proc/lcnn_jax/m.npz"):
+          "--output /proc/lcnn_jax/m.npz",
+      ("lcnn_jax.inference.exporter", "--workdir", not_a_run, "--output", a_file.parent):
+          f"--output {a_file.parent} is a directory",
+      (*export[:1], "--workdir", other, *export[1:]): "is not the config.json of an lcnn_jax run",
+      (*export[:1], "--workdir", not_a_run, *export[1:]): f"No config.json in '{not_a_run}'",
+      (*main_eval, "eval", "--workdir", not_a_run): f"No checkpoint in '{not_a_run}'",
+      (*main_eval, "benchmark", "--workdir", other): f"No checkpoint in '{other}'",
+      ("lcnn_jax.flops", "--workdir", not_a_run): f"No checkpoint in '{not_a_run}'",
+      ("lcnn_jax.bench", "--checkpoint", not_a_run): f"No config.json in '{not_a_run}'",
+      ("lcnn_jax.inspection", "--workdir", other, "--plot", "/proc/lcnn_jax/plot.png"): "--plot /proc/lcnn_jax",
+      ("lcnn_jax.experiments.few_shot", "--workdir", a_file): f"--workdir {a_file} is a file",
+      ("lcnn_jax.experiments.spectrum", "--workdir", "/proc/lcnn_jax_experiment"): "cannot be written",
+      ("lcnn_jax.experiments.few_iteration", "--workdir", tmp_path / "new", "stray"): "unexpected arguments",
+      ("lcnn_jax.experiments.few_iteration",): "--workdir is missing",
+      ("lcnn_jax.main",): "--config is missing: A config file",
+      ("lcnn_jax.inference.predict", tmp_path / "photo.png"): "--model is missing: An exported model",
+  }
+  for (command, needle), done in zip(cases.items(), run_all(*cases)):
+    assert done.returncode == 2 and "Traceback" not in done.stderr, (command, done.stderr[-3000:])
+    assert done.stderr.count("error:") == 1 and needle in done.stderr, (command, done.stderr)
+  assert listing(tmp_path) == before  # nothing written, nothing removed
+
+
+def test_an_unexpected_error_keeps_its_traceback():
+  done = subprocess.run([sys.executable, "-c", "from lcnn_jax import cli\n"
+                         "def main(argv):\n  raise RuntimeError('a bug')\ncli.run(main)"],
+                        capture_output=True, text=True, cwd=REPO, env=ENV, timeout=300)
+  assert done.returncode == 1 and "Traceback" in done.stderr and "RuntimeError: a bug" in done.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly():
+  # As `python -m lcnn_jax.main --help | head -1`: the reader has gone before the command writes.
+  process = subprocess.Popen([sys.executable, "-m", "lcnn_jax.main", "--help"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=REPO, env=ENV)
+  process.stdout.close()
+  err = process.communicate(timeout=300)[1].decode()
+  assert process.returncode == 128 + signal.SIGPIPE and err == "", err
+
+
+def test_bench_rows_of_a_checkpoint_are_labelled_with_its_model_in_aligned_columns():
+  row = {"model": "digits-lcnn", "preset": "trained", "batch": 2, "backend": "auto", "dense_ms": 0.3,
+         "lcnn_ms": 0.2, "wall_speedup": 1.5, "count_speedup": 39.7}
+  table = bench.format_table({"rows": [row], "device": "cpu", "density": None, "auto_backends": {}})
+  header, line = table.splitlines()[1:3]
+  assert line.startswith("digits-lcnn trained ") and header.index("preset") == line.index("trained")

@@ -46,20 +46,22 @@ def test_files_and_directories_with_a_bad_file_reported_skipped_and_json(tmp_pat
   assert done.stderr.count("broken.png") == 1 and "1 of 4 image files could not be read" in done.stderr
   entries = json.loads(done.stdout)
   assert [os.path.basename(e["image"]) for e in entries] == ["a.png", "b.png", "broken.png", "c.jpg"]
-  assert "error" in entries[2]
+  assert set(entries[2]) == {"image", "error"} and "broken.png" in entries[2]["error"]
   for entry in entries[:2] + entries[3:]:
+    assert set(entry) == {"image", "top"}
     assert [set(t) for t in entry["top"]] == [{"index", "class", "probability"}] * 3
     assert entry["top"][0]["class"] == "abcdefghij"[entry["top"][0]["index"]]
     assert entry["top"][0]["probability"] >= entry["top"][1]["probability"] >= entry["top"][2]["probability"]
 
   text = predict("--model", exported, tmp_path / "a.png")
   assert text.returncode == 0 and text.stdout.splitlines()[0].endswith("a.png") and len(text.stdout.splitlines()) == 6
+  assert text.stderr == ""  # quiet: nothing but the predictions
 
 
 def test_an_image_above_the_pixel_limit_is_refused_with_our_message(tmp_path, exported, rng):
   Image.fromarray(rng.integers(0, 256, (40, 50), dtype=np.uint8)).save(tmp_path / "big.png")
   done = predict("--model", exported, "--max_pixels=1000", tmp_path / "big.png")
-  assert done.returncode == 1 and "50x40 is 0 megapixels, above the limit of 0.001" in done.stderr
+  assert done.returncode == 1 and "50x40 is 2,000 pixels, above the --max_pixels limit of 1,000" in done.stderr
   assert "DecompressionBomb" not in done.stderr and "Traceback" not in done.stderr
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from lcnn_jax import checkpoint, config as config_lib, data, logger, optimizer as optimizer_lib, sparsity, train
+from lcnn_jax import checkpoint, cli, config as config_lib, data, logger, optimizer as optimizer_lib, sparsity, train
 
 RESULT_FILE = "result.json"
 CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, ResNet and AlexNet.
@@ -55,6 +55,26 @@ def finished_only():
 
 
 # ------------------------------------------------------------------------------------------------ configs
+
+
+PRINT_CONFIG_HELP = ("Print the resolved config every run starts from (the --config file with its "
+                     "--config.KEY=VALUE overrides) and exit; needs no --workdir.")
+
+
+def start(flag, argv: Sequence[str]) -> bool:
+  """An experiment command's first step, on its flags and command line: prints the config for ``--print_config``
+  and returns False (nothing to run); otherwise checks that there are no stray arguments and that ``--workdir`` is
+  given and writable (:class:`cli.UsageError` if not) and returns True."""
+  if len(argv) > 1:
+    raise cli.UsageError(f"unexpected arguments {list(argv[1:])}: options are --flag=value (see --help).")
+  if flag.print_config.value:
+    print(flag.config.value)
+    return False
+  if not flag.workdir.value:
+    raise cli.UsageError("--workdir is missing: pass the experiment's directory (created if new; the finished runs "
+                         "there are reused).")
+  cli.check_output_dir(flag.workdir.value, "--workdir")
+  return True
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

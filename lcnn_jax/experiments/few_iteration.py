@@ -131,8 +131,8 @@ def define_flags() -> types.SimpleNamespace:
   """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
   return types.SimpleNamespace(
       config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
-                                  required=True),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run)."),
+      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
       depth_key=flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth."),
       shallow=flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries."),
       deep=flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them."),
@@ -146,7 +146,8 @@ def define_flags() -> types.SimpleNamespace:
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  del argv
+  if not common.start(flag, argv):
+    return
   with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
     report(flag)
 

@@ -187,8 +187,8 @@ def define_flags() -> types.SimpleNamespace:
   """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
   return types.SimpleNamespace(
       config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
-                                  required=True),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run)."),
+      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
       ns=flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Training examples per novel class."),
       base=flags.DEFINE_list("base_classes", ["0", "1", "2", "3", "4"], "Class indices learned first."),
       novel=flags.DEFINE_list("novel_classes", ["5", "6", "7", "8", "9"], "Class indices learned from few examples."),
@@ -208,7 +208,8 @@ def define_flags() -> types.SimpleNamespace:
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  del argv
+  if not common.start(flag, argv):
+    return
   with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
     report(flag)
 

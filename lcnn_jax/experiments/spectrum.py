@@ -242,8 +242,8 @@ def define_flags() -> types.SimpleNamespace:
   """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
   return types.SimpleNamespace(
       config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config every point starts from."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point).",
-                                  required=True),
+      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point)."),
+      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
       sizes=flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes."),
       strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
       targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
@@ -263,7 +263,8 @@ def define_flags() -> types.SimpleNamespace:
 
 
 def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  del argv
+  if not common.start(flag, argv):
+    return
   with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
     report(flag)
 

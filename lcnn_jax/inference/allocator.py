@@ -29,11 +29,11 @@ def reuse_freed_memory(limit_bytes: int = 1 << 30) -> bool:
   except (OSError, AttributeError):
     mallopt = None
   if mallopt is None:
-    logging.info("No glibc mallopt here; freed memory goes back to the OS as usual.")
+    logging.debug("No glibc mallopt here; freed memory goes back to the OS as usual.")
     return False
   # One arena: a thread's own arena grows in heaps of at most 64 MB and mmaps any block larger than that.
   ok = all(mallopt(parameter, ctypes.c_int(value)) for parameter, value in
            ((M_ARENA_MAX, 1), (M_MMAP_THRESHOLD, limit_bytes), (M_TRIM_THRESHOLD, limit_bytes)))
-  logging.info("Freed blocks of up to %d MB now stay in the heap (mallopt %s).", limit_bytes >> 20,
-               "accepted" if ok else "refused")
+  logging.debug("Freed blocks of up to %d MB now stay in the heap (mallopt %s).", limit_bytes >> 20,
+                "accepted" if ok else "refused")
   return ok

@@ -214,6 +214,8 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
   cli.check_output_file(flag_values.output, "--output")
   try:
+    checkpoint.load_run_info(flag_values.workdir)  # a directory that is not a run, named before any work
+    checkpoint.resolve_step_dir(flag_values.workdir, flag_values.step)
     if flag_values.output.endswith(".onnx"):
       if flag_values.precision != "float32":
         raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "

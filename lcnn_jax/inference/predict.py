@@ -70,8 +70,8 @@ def load_image(path: str, model: InferenceModel, max_pixels: int = MAX_PIXELS) -
   finally:
     Image.MAX_IMAGE_PIXELS = limit
   if width * height > max_pixels:
-    raise ValueError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit of "
-                     f"{max_pixels / 1e6:g}; downscale it, or raise --max_pixels if the file is trusted.")
+    raise ValueError(f"{path}: {width}x{height} is {width * height:,} pixels, above the --max_pixels limit of "
+                     f"{max_pixels:,}; downscale it, or raise --max_pixels if the file is trusted.")
   transform = transforms.PhotoTransform(prep["image_size"], prep["resize_size"], prep["channels"])
   with open(path, "rb") as f:
     try:
@@ -144,6 +144,7 @@ def predict(model: InferenceModel, paths: Sequence[str], k: int = 5) -> list[lis
 
 
 def format_predictions(paths: Sequence[str], predictions: list[list[tuple[str, float]]]) -> str:
+  """Per image, its path, then one ``  probability  class`` line per prediction, most likely first."""
   lines = []
   for path, top in zip(paths, predictions):
     lines.append(path)
