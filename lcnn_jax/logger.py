@@ -42,6 +42,7 @@ class MetricsLogger:
       f.writelines(json.dumps(row) + "\n" for row in rows)
     from tensorboardX import SummaryWriter  # imported only where it writes
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+    logging.info("TensorBoard files go to %s; view them with: tensorboard --logdir %s", self.writer.logdir, workdir)
 
   def _append(self, row: dict) -> None:
     with open(self.path, "a") as f:

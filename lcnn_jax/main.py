@@ -71,8 +71,6 @@ def main(argv):
   if FLAGS.mode == "train":
     with cli.no_empty_dir_left(FLAGS.workdir):
       cli.check_output_dir(FLAGS.workdir, "--workdir")
-      logging.info("TensorBoard files go to %s; view them with: tensorboard --logdir %s",
-                   os.path.join(FLAGS.workdir, "tensorboard"), FLAGS.workdir)
       metrics = train.train_and_evaluate(config, FLAGS.workdir)
     step = int(os.path.basename(checkpoint.resolve_step_dir(FLAGS.workdir)))  # the step the run ended at
     report(FLAGS.workdir, metrics | {"step": step})

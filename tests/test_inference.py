@@ -1,6 +1,7 @@
-"""Fast inference: backends, export, loader and benchmark helpers (REFERENCE §1; issue 6)."""
+"""Fast inference: backends, export, loader and benchmark helpers (REFERENCE §1)."""
 
 import functools
+import logging
 import zlib
 
 import jax
@@ -362,8 +363,9 @@ def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
-def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch, rng):
+def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch, rng, caplog):
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  caplog.set_level(logging.INFO, logger="absl")
   model = models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(3))
   _as_if_trained(model, rng)
   _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
@@ -382,3 +384,7 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
   assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3", "classifier"]
   assert "auto" in bench.format_table(result)
+  # progress while it works: what it builds, then what it times and for how long
+  progress = [r.getMessage() for r in caplog.records if r.name == "absl"]
+  assert any(m.startswith("Building the CNN and the LCNN") for m in progress), progress
+  assert any(m.startswith(f"Timing {len(result['rows']) + 1} variants") for m in progress), progress

@@ -1,4 +1,4 @@
-"""ONNX export (issue 16): ONNX Runtime's logits equal the exported .npz model's for every model kind."""
+"""ONNX export: ONNX Runtime's logits equal the exported .npz model's for every model kind."""
 
 import importlib.util
 import sys

@@ -252,7 +252,7 @@ def _mean_std(data: ml_collections.ConfigDict, opened: _Opened, cache_dir: str |
       return tuple(cached["mean"]), tuple(cached["std"])
     logging.info("%s was computed for another dataset (%s); recomputing.", path, cached.get("key"))
   mean, std = _compute_mean_std(data, opened)
-  logging.info("Data mean %s, std %s.", mean, std)
+  logging.info("Data mean %s, std %s.", ", ".join(f"{v:.4f}" for v in mean), ", ".join(f"{v:.4f}" for v in std))
   if path:
     os.makedirs(cache_dir, exist_ok=True)
     temporary = f"{path}.{os.getpid()}.tmp"  # Processes sharing a workdir write the same content.
