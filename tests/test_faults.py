@@ -10,10 +10,8 @@ import importlib.util
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -22,6 +20,8 @@ from flax import nnx
 from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from lcnn_jax import checkpoint, logger, train
+
+from conftest import kill_9_when_saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
@@ -69,37 +69,11 @@ def steps_on_disk(workdir):
 
 # ------------------------------------------------------------------------------------------------ crashes
 
-# Runs lcnn_jax.main, but when step 6 is about to be saved it writes a marker file and hangs there, so the test
-# can SIGKILL it at a known point: steps 4-6 computed and logged, only step 3 on disk.
-HANG_AT_SECOND_SAVE = r"""
-import sys, threading
-from lcnn_jax import checkpoint, main, train
-marker = sys.argv.pop(1)
-save = checkpoint.Checkpointer.save
-def save_or_hang(self, state, data_iter):
-  if int(train.host_local(state.step)) == 6:
-    open(marker, "w").close()
-    threading.Event().wait()
-  save(self, state, data_iter)
-checkpoint.Checkpointer.save = save_or_hang
-main.run()
-"""
-
-
 def test_kill_9_mid_training_then_the_same_command_completes_as_if_uninterrupted(tmp_path):
-  killed, marker = tmp_path / "killed", tmp_path / "at_step_6"
+  killed = tmp_path / "killed"
   args = flags(8)
-  process = subprocess.Popen([sys.executable, "-c", HANG_AT_SECOND_SAVE, str(marker), "--config", QUICKSTART,
-                              "--workdir", str(killed), *args], cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    while not marker.exists():  # waits for a state, not for a duration
-      assert process.poll() is None, "the run ended before reaching step 6"
-      time.sleep(0.1)
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL
+  # steps 4-6 computed and logged, only step 3 on disk
+  kill_9_when_saving(6, tmp_path / "at_step_6", ["--config", QUICKSTART, "--workdir", str(killed), *args], cwd=REPO)
   assert steps_on_disk(killed) == [3]
   assert [s for s, _ in train_losses(killed)] == [1, 2, 3, 4, 5, 6]  # logged past the checkpoint, then lost
 

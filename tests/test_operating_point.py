@@ -2,10 +2,8 @@
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +14,8 @@ from flax import nnx
 
 from lcnn_jax import config as config_lib, flops, inspection, logger, models, operating_point, sparsity, train
 from lcnn_jax.experiments import spectrum
+
+from conftest import kill_9_when_saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -222,38 +222,13 @@ def train_points(workdir):
           for r in logger.read_metrics(workdir) if r["split"] == "train"]
 
 
-# Runs lcnn_jax.main, but when step 6 is about to be saved it writes a marker file and hangs there, so the test
-# can SIGKILL it at a known point: steps 5 (the projection) and 6 computed, only steps 2 and 4 on disk.
-HANG_AT_STEP_6 = r"""
-import sys, threading
-from lcnn_jax import checkpoint, main, train
-marker = sys.argv.pop(1)
-save = checkpoint.Checkpointer.save
-def save_or_hang(self, state, data_iter):
-  if int(train.host_local(state.step)) == 6:
-    open(marker, "w").close()
-    threading.Event().wait()
-  save(self, state, data_iter)
-checkpoint.Checkpointer.save = save_or_hang
-main.run()
-"""
-
-
 def test_kill_9_and_rerun_with_a_target_reproduce_the_uninterrupted_run_exactly(tmp_path, uninterrupted):
   # The rerun resumes from step 4, before the projection: the controller's state (λ, the counts, the kept set)
   # must come back from the checkpoint for the projection and the fine-tuning to repeat bit for bit.
-  killed, marker = str(tmp_path / "killed"), tmp_path / "at_step_6"
+  killed = str(tmp_path / "killed")
   command = ["--config", QUICKSTART, "--workdir", killed, *TINY_FLAGS]
-  process = subprocess.Popen([sys.executable, "-c", HANG_AT_STEP_6, str(marker), *command], cwd=REPO, env=ENV,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    while not marker.exists():  # waits for a state, not for a duration
-      assert process.poll() is None, "the run ended before reaching step 6"
-      time.sleep(0.1)
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL
+  # steps 5 (the projection) and 6 computed, only steps 2 and 4 on disk
+  kill_9_when_saving(6, tmp_path / "at_step_6", command, cwd=REPO)
   rerun = subprocess.run([sys.executable, "-m", "lcnn_jax.main", *command], capture_output=True, text=True,
                          cwd=REPO, env=ENV, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
