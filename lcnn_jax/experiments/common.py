@@ -61,20 +61,29 @@ PRINT_CONFIG_HELP = ("Print the resolved config every run starts from (the --con
                      "--config.KEY=VALUE overrides) and exit; needs no --workdir.")
 
 
-def start(flag, argv: Sequence[str]) -> bool:
-  """An experiment command's first step, on its flags and command line: prints the config for ``--print_config``
-  and returns False (nothing to run); otherwise checks that there are no stray arguments and that ``--workdir`` is
-  given and writable (:class:`cli.UsageError` if not) and returns True."""
+def main(argv: Sequence[str], flag, report: Callable[[Any], None]) -> None:
+  """An experiment command on its parsed flags ``flag`` and command line: prints the config for
+  ``--print_config``; otherwise checks that there are no stray arguments and that ``--workdir`` is given and
+  writable (:class:`cli.UsageError` if not), then runs ``report(flag)`` (under :func:`finished_only` for
+  ``--finished_only``)."""
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {list(argv[1:])}: options are --flag=value (see --help).")
   if flag.print_config.value:
     print(flag.config.value)
-    return False
+    return
   if not flag.workdir.value:
     raise cli.UsageError("--workdir is missing: pass the experiment's directory (created if new; the finished runs "
                          "there are reused).")
   cli.check_output_dir(flag.workdir.value, "--workdir")
-  return True
+  with finished_only() if flag.finished_only.value else contextlib.nullcontext():
+    report(flag)
+
+
+def run(define_flags: Callable[[], Any], report: Callable[[Any], None]) -> None:
+  """``python -m lcnn_jax.experiments.<name>``: defines the experiment's flags and runs :func:`main` with its
+  ``report`` through :func:`lcnn_jax.cli.run` (a user mistake is one paragraph and exit code 2)."""
+  flag = define_flags()
+  cli.run(lambda argv: main(argv, flag, report), user_errors=(ValueError, FileNotFoundError, ExperimentError))
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

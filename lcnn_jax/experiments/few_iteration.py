@@ -23,7 +23,6 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 
 from __future__ import annotations
 
-import contextlib
 import os
 import types
 from typing import Any, Sequence
@@ -32,7 +31,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli, config as config_lib, models
+from lcnn_jax import config as config_lib, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_iteration.py")
@@ -145,13 +144,6 @@ def define_flags() -> types.SimpleNamespace:
                                       "finished."))
 
 
-def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  if not common.start(flag, argv):
-    return
-  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
-    report(flag)
-
-
 def report(flag: types.SimpleNamespace) -> None:
   """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir, config = flag.workdir.value, flag.config.value
@@ -183,5 +175,4 @@ def report(flag: types.SimpleNamespace) -> None:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))
+  common.run(define_flags, report)

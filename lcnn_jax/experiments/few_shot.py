@@ -29,7 +29,6 @@ Every run is a resumable point under the workdir. Writes ``few_shot.json``, ``fe
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import types
@@ -39,7 +38,7 @@ import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import cli, config as config_lib, models
+from lcnn_jax import config as config_lib, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_shot.py")
@@ -207,13 +206,6 @@ def define_flags() -> types.SimpleNamespace:
                                       "(an n whose arms are not all finished is left out)."))
 
 
-def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  if not common.start(flag, argv):
-    return
-  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
-    report(flag)
-
-
 def report(flag: types.SimpleNamespace) -> None:
   """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir = flag.workdir.value
@@ -245,5 +237,4 @@ def report(flag: types.SimpleNamespace) -> None:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))
+  common.run(define_flags, report)

@@ -20,7 +20,6 @@ under ``per_seed``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import bench, cli, config as config_lib, inspection, logger, models, operating_point
+from lcnn_jax import bench, config as config_lib, inspection, logger, models, operating_point
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "spectrum.py")
@@ -262,13 +261,6 @@ def define_flags() -> types.SimpleNamespace:
       bench_seconds=flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point."))
 
 
-def main(argv: Sequence[str], flag: types.SimpleNamespace) -> None:
-  if not common.start(flag, argv):
-    return
-  with common.finished_only() if flag.finished_only.value else contextlib.nullcontext():
-    report(flag)
-
-
 def report(flag: types.SimpleNamespace) -> None:
   """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
   workdir = flag.workdir.value
@@ -295,5 +287,4 @@ def report(flag: types.SimpleNamespace) -> None:
 
 
 if __name__ == "__main__":
-  _FLAGS = define_flags()
-  cli.run(lambda argv: main(argv, _FLAGS), user_errors=(ValueError, FileNotFoundError, common.ExperimentError))
+  common.run(define_flags, report)
