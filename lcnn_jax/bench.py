@@ -308,7 +308,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
-  logging.info("Timing %d variants for about %.0f s: %s", len(variants), seconds, ", ".join(variants))
+  logging.info("Timing %d variants for about %.3g s: %s", len(variants), seconds, ", ".join(variants))
   times = time_models(variants, images, seconds)
   dense_ms = {e: times["cnn" if e == "xla" else f"cnn:{e}"] for e in engines}
   fastest = min(dense_ms, key=dense_ms.get)

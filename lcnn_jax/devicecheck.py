@@ -149,7 +149,7 @@ class Run:
     elif row.get("ms") and not row.get("images_per_s"):
       row["images_per_s"] = 1e3 * row["batch"] / row["ms"]
     self.rows.append(row)
-    logging.info("%s", row)
+    logging.info("%s", _row_line(row))
 
   def part(self, name: str, fn: Callable[["Run"], dict | None]) -> None:
     """Runs one part, recording ok / skipped / failed, its seconds and its notes."""
@@ -356,13 +356,17 @@ def _number(value, digits=1) -> str:
   return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _row_line(r: dict) -> str:
+  """One measurement as a line of :func:`table` (also the progress line printed as it is taken)."""
+  return (f"{r['part']:<10} {r['model']:<20} {r['backend']:<18} {r['batch']:>6} "
+          f"{_number(r.get('images_per_s')):>11} {_number(r.get('ms'), 3):>10}"
+          + (f"  {r['note']}" if r.get("note") else ""))
+
+
 def table(rows: list[dict]) -> str:
   """Rows as fixed-width text."""
   lines = [f"{'part':<10} {'model':<20} {'backend':<18} {'batch':>6} {'images/s':>11} {'ms':>10}"]
-  for r in rows:
-    lines.append(f"{r['part']:<10} {r['model']:<20} {r['backend']:<18} {r['batch']:>6} "
-                 f"{_number(r.get('images_per_s')):>11} {_number(r.get('ms'), 3):>10}"
-                 + (f"  {r['note']}" if r.get("note") else ""))
+  lines += [_row_line(r) for r in rows]
   return "\n".join(lines)
 
 
