@@ -101,12 +101,17 @@ def digits(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: 
 def digits_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                 rngs: nnx.Rngs) -> DigitsNet:
   """The digits LCNN: ``model.dictionary`` = {first, convs (one size, or 2: conv2, conv3), classifier}."""
+  return _small_lcnn(config, num_classes, input_shape, rngs)
+
+
+def _small_lcnn(config: ml_collections.ConfigDict, num_classes: int, input_shape: Sequence[int], rngs: nnx.Rngs,
+                **net_options) -> DigitsNet:
+  """A :class:`DigitsNet` LCNN with ``model.dictionary``'s sizes; ``net_options`` (e.g. ``pool_after``) go to it."""
   k2, k3 = common.conv_dictionaries(config, 2, "conv2, conv3")
   return DigitsNet(num_classes, input_shape, width=config.width,
                    dictionary_sizes=(config.dictionary.first, k2, k3, config.dictionary.classifier),
-                   dropout=config.dropout,
-                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
-                   head=config.head, rngs=rngs)
+                   dropout=config.dropout, initial_sparsity=config.initial_sparsity,
+                   convs_per_stage=config.convs_per_stage, head=config.head, rngs=rngs, **net_options)
 
 
 MNIST_POOLS = (0, 1)  # 28 → 14 after conv1, 14 → 7 after conv2.
@@ -122,9 +127,4 @@ def mnist(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: S
 def mnist_lcnn(config: ml_collections.ConfigDict, *, num_classes: int, input_shape: Sequence[int],
                rngs: nnx.Rngs) -> DigitsNet:
   """The 28×28 LCNN: dictionary sizes as ``digits-lcnn``'s, the pooling of ``mnist``."""
-  k2, k3 = common.conv_dictionaries(config, 2, "conv2, conv3")
-  return DigitsNet(num_classes, input_shape, width=config.width,
-                   dictionary_sizes=(config.dictionary.first, k2, k3, config.dictionary.classifier),
-                   dropout=config.dropout,
-                   initial_sparsity=config.initial_sparsity, convs_per_stage=config.convs_per_stage,
-                   pool_after=MNIST_POOLS, head=config.head, rngs=rngs)
+  return _small_lcnn(config, num_classes, input_shape, rngs, pool_after=MNIST_POOLS)
