@@ -18,8 +18,9 @@ for inference (oneDNN, channels-last; :mod:`lcnn_jax.inference.torch_engine`). A
 is reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
 engine.
 
-At batch 1, where the chosen mix runs its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`),
-the row ``auto-per-layer`` times the same mix with a kernel call per layer, in the same rounds; at larger
+At batch 1, where the chosen mix can run its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`;
+the tuner times that against a call per layer and keeps the faster), the row ``auto-per-layer`` (or
+``auto-one-call``) times the same mix the other way, in the same rounds; at larger
 batches, where layers add residuals and apply ReLUs as they store their outputs, ``auto-unfused`` times the same
 mix with XLA doing those (``lookup-…`` rows likewise when the chosen mix is not all ``lookup``).
 
@@ -267,13 +268,15 @@ def without_epilogues(model: InferenceModel) -> InferenceModel:
 
 
 def _unfused_variants(model: InferenceModel, name: str, batch: int) -> dict[str, InferenceModel]:
-  """The same model without this package's whole-graph fusions, to time them side by side: at batch 1 with a
-  kernel call per layer instead of the one-call chain (``<name>-per-layer``); with residual additions and ReLUs
-  run by XLA instead of the kernels' epilogues (``<name>-unfused``). Only those that differ from ``model``."""
+  """The same model with this package's whole-graph fusions switched the other way, to time them side by side:
+  at batch 1 with a kernel call per layer instead of the one-call chain (``<name>-per-layer``), or, where the
+  tuner chose a call per layer, in one call (``<name>-one-call``); with residual additions and ReLUs run by XLA
+  instead of the kernels' epilogues (``<name>-unfused``). Only those that differ from ``model``."""
   variants = {}
   if batch == 1 and model.chain is not None:
-    variants[f"{name}-per-layer"] = model.with_backends(model.backends)
-    variants[f"{name}-per-layer"].chain = None
+    variants[f"{name}-per-layer"] = model.with_backends(model.backends, chain=False)
+  elif batch == 1 and model.with_backends(model.backends, chain=True).chain is not None:
+    variants[f"{name}-one-call"] = model.with_backends(model.backends, chain=True)
   if batch > 1 and model.graph.fusion is not None and model.graph.fusion.epilogues:
     variants[f"{name}-unfused"] = without_epilogues(model)
   return variants
@@ -318,7 +321,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
            "wall_speedup_vs_fastest": dense_ms[fastest] / times[b],
            "precision": b.split(" ")[1] if " " in b else precision}
           for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:]),
-                    *(v for v in variants if v.endswith(("-per-layer", "-unfused")))]]
+                    *(v for v in variants if v.endswith(("-per-layer", "-one-call", "-unfused")))]]
   result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
             "auto_backends": setup.lcnn.backends,
             "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},

@@ -8,7 +8,7 @@ from flax import nnx
 
 from lcnn_jax import config as config_lib
 from lcnn_jax import inference, layers, models
-from lcnn_jax.inference import backends
+from lcnn_jax.inference import backends, tuning
 
 pytestmark = pytest.mark.kernel
 
@@ -94,3 +94,32 @@ def test_a_residual_model_keeps_what_the_chain_cannot_take(rng):
   reference.chain = None
   np.testing.assert_allclose(np.asarray(exported(x)), np.asarray(reference(x)), rtol=1e-5,
                              atol=1e-5 * np.abs(np.asarray(reference(x))).max())
+
+
+@pytest.mark.parametrize("faster", ["one call", "a call per layer"])
+def test_the_tuner_times_one_call_against_a_call_per_layer_and_the_file_keeps_its_choice(faster, tmp_path, rng,
+                                                                                          monkeypatch):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  monkeypatch.setattr(tuning, "candidate_backends", lambda: ["lookup"])
+  timed = []
+
+  def model_ms(model, batch_size, give_up_ms=None):  # the whole model's time: the variant asked for is faster
+    timed.append(model.chain is not None)
+    return 1.0 if (model.chain is not None) == (faster == "one call") else 2.0
+
+  monkeypatch.setattr(tuning, "model_ms", model_ms)
+  model = _model("digits-lcnn", MODELS["digits-lcnn"], rng)
+  tuned = inference.inference_model(model, MODELS["digits-lcnn"], backends="auto", batch_size=1)
+  assert timed == [True, True, False]  # per-layer mix and 'lookup' throughout, each in one call; then per layer
+  assert tuned.tuning["chain"] is (faster == "one call") and (tuned.chain is not None) is (faster == "one call")
+  assert set(tuned.tuning["model_ms"]) == {"per-layer", "lookup", "per-layer, no chain"}
+  inference.save(tuned, tmp_path / "model.npz")
+  loaded = inference.load(tmp_path / "model.npz")
+  assert loaded.tuning["chain"] is tuned.tuning["chain"] and (loaded.chain is None) is (tuned.chain is None)
+  x = jnp.asarray(rng.standard_normal((1, *MODELS["digits-lcnn"])).astype(np.float32))
+  reference = loaded.with_backends("gather")
+  np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(reference(x)), rtol=1e-4,
+                             atol=1e-4 * np.abs(np.asarray(reference(x))).max())
+  # Tuned at another batch size, batch 1 keeps the one call wherever the layers allow it.
+  at_8 = inference.inference_model(model, MODELS["digits-lcnn"], backends="auto", batch_size=8)
+  assert "chain" not in at_8.tuning and at_8.chain is not None

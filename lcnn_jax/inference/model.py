@@ -162,12 +162,17 @@ class InferenceModel:
     class_names: the dataset's class names, when it has them.
     preprocessing: how to turn an image file into an input (``image_size``, ``resize_size``, ``channels``,
       ``mean``, ``std``), when known.
-    tuning: how the backends were chosen (batch size, device, per-layer timings), when they were measured.
+    tuning: how the backends were chosen (batch size, device, per-layer timings), when they were measured;
+      its ``chain`` says whether batch 1 runs its leading layers in one kernel call (:mod:`chain`), as
+      measured against a call per layer (absent: it does, where the layers allow).
+    chain: the layers a batch of 1 runs in one kernel call, or None (a call per layer).
   """
 
   def __init__(self, graph: graph_lib.Graph, layers: Mapping[str, Layer], *, input_shape: Sequence[int],
                backends: Mapping[str, str] | str = "lookup", class_names: Sequence[str] | None = None,
-               preprocessing: Mapping[str, Any] | None = None, tuning: Mapping[str, Any] | None = None):
+               preprocessing: Mapping[str, Any] | None = None, tuning: Mapping[str, Any] | None = None,
+               chain: bool | None = None):
+    """``chain``: whether batch 1 may run its leading layers in one kernel call (None: as ``tuning`` says)."""
     self.graph = graph
     self.layers = dict(layers)
     self.input_shape = tuple(input_shape)
@@ -176,7 +181,9 @@ class InferenceModel:
     self.tuning = dict(tuning) if tuning is not None else None
     self.backends = self._resolve(backends)
     self._params: dict[str, dict[str, jax.Array]] = {}
-    self.chain = chain_lib.plan(graph, self.layers, self.backends, self.input_shape)  # batch 1 in one call
+    if chain is None:
+      chain = (self.tuning or {}).get("chain", True)
+    self.chain = chain_lib.plan(graph, self.layers, self.backends, self.input_shape) if chain else None
     self._forward = jax.jit(self._apply)
 
   @property
@@ -206,10 +213,12 @@ class InferenceModel:
       resolved[name] = backend.name
     return resolved
 
-  def with_backends(self, choice: Mapping[str, str] | str) -> "InferenceModel":
-    """The same model with other backends: one name for every lookup layer, or a name per layer."""
+  def with_backends(self, choice: Mapping[str, str] | str, *, chain: bool | None = None) -> "InferenceModel":
+    """The same model with other backends: one name for every lookup layer, or a name per layer; ``chain``
+    whether batch 1 may run in one kernel call (None: as this model's ``tuning`` says)."""
     return InferenceModel(self.graph, self.layers, input_shape=self.input_shape, backends=choice,
-                          class_names=self.class_names, preprocessing=self.preprocessing, tuning=self.tuning)
+                          class_names=self.class_names, preprocessing=self.preprocessing, tuning=self.tuning,
+                          chain=chain)
 
   def params(self) -> dict[str, dict[str, jax.Array]]:
     """Every layer's arrays on the device, in the layout of its backend (prepared once)."""

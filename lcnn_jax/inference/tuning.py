@@ -164,18 +164,25 @@ def tune(model, batch_size: int):
 
   Each lookup layer's fastest backend alone (:func:`choose_backends`) can lose on the whole model when
   neighbours disagree on the activations' layout and pay transposes, so the per-layer mix competes with every
-  backend used throughout, end to end; the fastest of these is kept.
+  backend used throughout, end to end; the fastest of these is kept. At batch 1, where the kept backends let the
+  leading layers run in one kernel call (:mod:`lcnn_jax.inference.chain`), that is timed against a call per
+  layer too, and the faster is recorded in ``tuning["chain"]``.
   """
   mix, timings = choose_backends(model.lookup_layers, batch_size)
   candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
   whole_ms = {}
   for name, choice in candidates.items() if model.lookup_layers else ():
     best = min(whole_ms.values(), default=None)
-    whole_ms[name] = model_ms(model.with_backends(choice), batch_size, give_up_ms=best and GIVE_UP * best)
+    whole_ms[name] = model_ms(model.with_backends(choice, chain=True), batch_size,
+                              give_up_ms=best and GIVE_UP * best)
   best = min(whole_ms, key=whole_ms.get) if whole_ms else "per-layer"
-  tuned = model.with_backends(candidates[best])
+  measured = {}  # whether batch 1 runs in one call, where that was timed (otherwise: where the layers allow)
+  if whole_ms and batch_size == 1 and model.with_backends(candidates[best], chain=True).chain is not None:
+    whole_ms[f"{best}, no chain"] = model_ms(model.with_backends(candidates[best], chain=False), 1)
+    measured["chain"] = whole_ms[best] <= whole_ms[f"{best}, no chain"]
+  tuned = model.with_backends(candidates[best], chain=measured.get("chain", True))
   tuned.tuning = {"batch_size": batch_size, "device": device_name(), "timings_ms": timings,
-                  "model_ms": whole_ms, "chosen": best}
+                  "model_ms": whole_ms, "chosen": best, **measured}
   logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
                ", ".join(f"{k} {v:.2f} ms" for k, v in whole_ms.items()))
   return tuned
