@@ -10,7 +10,6 @@ command without importing it).
 import ast
 import pathlib
 
-import pytest
 
 PACKAGE_DIR = pathlib.Path(__file__).resolve().parent.parent / "lcnn_jax"
 
@@ -34,10 +33,6 @@ LAYERS = (
     ("commands", ("lcnn_jax.main", "lcnn_jax.bench", "lcnn_jax.throughput", "lcnn_jax.devicecheck",
                   "lcnn_jax.import_t7", "lcnn_jax.experiments.*", "python -m *")),
 )
-
-# Upward imports that another change is removing; each must still be there (a stale entry fails, so that it is
-# deleted the moment the import goes).
-PENDING: dict[tuple[str, str], str] = {}
 
 
 def module_name(path: pathlib.Path) -> str:
@@ -121,7 +116,7 @@ def upward_imports(graph) -> list[str]:
   return [f"{importer} (row '{LAYERS[layer_of(importer)][0]}') imports {imported} (row "
           f"'{LAYERS[layer_of(imported)][0]}', below it) at line {line}"
           for importer, targets in sorted(graph.items()) for imported, line in sorted(targets.items())
-          if layer_of(imported) > layer_of(importer) and (importer, imported) not in PENDING]
+          if layer_of(imported) > layer_of(importer)]
 
 
 def cycles(graph) -> list[list[str]]:
@@ -189,13 +184,6 @@ def test_imports_flow_one_way_down_the_layer_table():
 def test_no_import_cycle_even_through_function_level_imports():
   found = cycles(import_graph())
   assert not found, "Import cycles:\n  " + "\n  ".join(" -> ".join(cycle) for cycle in found)
-
-
-@pytest.mark.parametrize("pending", sorted(PENDING))
-def test_each_pending_upward_import_is_still_there(pending):
-  importer, imported = pending
-  assert imported in import_graph().get(importer, {}), (
-      f"{importer} no longer imports {imported}: delete its entry from PENDING in tests/test_architecture.py.")
 
 
 def test_the_checks_see_function_level_imports_cycles_and_upward_imports():
