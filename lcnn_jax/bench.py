@@ -273,10 +273,10 @@ def _unfused_variants(model: InferenceModel, name: str, batch: int) -> dict[str,
   tuner chose a call per layer, in one call (``<name>-one-call``); with residual additions and ReLUs run by XLA
   instead of the kernels' epilogues (``<name>-unfused``). Only those that differ from ``model``."""
   variants = {}
-  if batch == 1 and model.chain is not None:
-    variants[f"{name}-per-layer"] = model.with_backends(model.backends, chain=False)
-  elif batch == 1 and model.with_backends(model.backends, chain=True).chain is not None:
-    variants[f"{name}-one-call"] = model.with_backends(model.backends, chain=True)
+  if batch == 1:
+    other = model.with_backends(model.backends, chain=model.chain is None)
+    if (other.chain is None) != (model.chain is None):  # the layers allow one call
+      variants[f"{name}-{'per-layer' if other.chain is None else 'one-call'}"] = other
   if batch > 1 and model.graph.fusion is not None and model.graph.fusion.epilogues:
     variants[f"{name}-unfused"] = without_epilogues(model)
   return variants

@@ -170,17 +170,19 @@ def tune(model, batch_size: int):
   """
   mix, timings = choose_backends(model.lookup_layers, batch_size)
   candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
+  variants = {name: model.with_backends(choice, chain=True) for name, choice in candidates.items()}
   whole_ms = {}
-  for name, choice in candidates.items() if model.lookup_layers else ():
+  for name, variant in variants.items() if model.lookup_layers else ():
     best = min(whole_ms.values(), default=None)
-    whole_ms[name] = model_ms(model.with_backends(choice, chain=True), batch_size,
-                              give_up_ms=best and GIVE_UP * best)
+    whole_ms[name] = model_ms(variant, batch_size, give_up_ms=best and GIVE_UP * best)
   best = min(whole_ms, key=whole_ms.get) if whole_ms else "per-layer"
+  tuned = variants[best]
   measured = {}  # whether batch 1 runs in one call, where that was timed (otherwise: where the layers allow)
-  if whole_ms and batch_size == 1 and model.with_backends(candidates[best], chain=True).chain is not None:
-    whole_ms[f"{best}, no chain"] = model_ms(model.with_backends(candidates[best], chain=False), 1)
+  if whole_ms and batch_size == 1 and tuned.chain is not None:
+    per_call = model.with_backends(candidates[best], chain=False)
+    whole_ms[f"{best}, no chain"] = model_ms(per_call, 1)
     measured["chain"] = whole_ms[best] <= whole_ms[f"{best}, no chain"]
-  tuned = model.with_backends(candidates[best], chain=measured.get("chain", True))
+    tuned = tuned if measured["chain"] else per_call
   tuned.tuning = {"batch_size": batch_size, "device": device_name(), "timings_ms": timings,
                   "model_ms": whole_ms, "chosen": best, **measured}
   logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
