@@ -263,8 +263,7 @@ def define_flags() -> types.SimpleNamespace:
 
 def report(flag: types.SimpleNamespace) -> None:
   """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
-  workdir = flag.workdir.value
-  os.makedirs(workdir, exist_ok=True)
+  workdir = flag.workdir.value  # created by common.main
   kwargs = dict(sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
                 targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
                 size_keys=flag.size_keys.value, baseline=flag.baseline.value, wall_clock=flag.wall_clock.value,

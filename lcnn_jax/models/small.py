@@ -24,6 +24,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from lcnn_jax import config as config_lib
 from lcnn_jax.models import common
 
 
@@ -55,8 +56,8 @@ class DigitsNet(nnx.Module):
       raise ValueError(f"model.width={width}: must be positive.")
     if convs_per_stage < 1:
       raise ValueError(f"model.convs_per_stage={convs_per_stage}: must be at least 1.")
-    if head not in ("average", "flatten"):
-      raise ValueError(f"model.head={head!r}: expected 'average' or 'flatten'.")
+    if head not in config_lib.HEADS:
+      raise ValueError(f"model.head={head!r}: expected one of {config_lib.HEADS}.")
     k1, k2, k3, k_classifier = dictionary_sizes
     self.pool_after, self.head = tuple(pool_after), head
     widths = (width, 2 * width, 4 * width)
