@@ -4,10 +4,11 @@ This module is the only one that talks to the FFI: :func:`lookup_conv`, :func:`l
 :func:`lookup_conv_fused`, :func:`max_pool` and :func:`dense_rows` each bind one handler, and :data:`LIMITS`
 holds the kernel's limits as ``lookup_kernel.h`` defines them.
 
-The kernel is compiled for the machine it runs on (``-march=native``) into
+The kernel is compiled for the machine it runs on (``-march=native``; ``LCNN_JAX_KERNEL_ARCH`` names another
+target: ``x86-64-v3`` for AVX2 without AVX-512, ``x86-64`` for no SIMD beyond SSE2, ``armv8-a`` ...) into
 ``$LCNN_JAX_CACHE/kernels/<hash>/`` (default ``~/.cache/lcnn_jax``), where the hash covers the source, the
-compiler, the flags, the jaxlib headers and the CPU, so a changed source or another machine builds its own
-copy. Building needs a C++17 compiler (``$CXX``, else ``c++``); without one :func:`ensure_kernel` raises
+compiler, the flags, the jaxlib headers and the CPU, so a changed source, another target or another machine
+builds its own copy. :func:`kernel_arch` names the vector ISA the build uses. Building needs a C++17 compiler (``$CXX``, else ``c++``); without one :func:`ensure_kernel` raises
 :class:`KernelUnavailable` and the ``lookup`` backend reports itself unavailable, leaving the XLA backends.
 """
 
@@ -39,8 +40,26 @@ NETWORK_TARGET = "lcnn_network"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
 HEADER = os.path.join(os.path.dirname(__file__), "lookup_kernel.h")
 SOURCES = (SOURCE, HEADER)
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")
-"""Warnings on: the kernel compiles without any (XLA's FFI headers come in with -isystem, as a library's do)."""
+ARCH_VARIABLE = "LCNN_JAX_KERNEL_ARCH"
+"""The environment variable that sets the kernel's ``-march`` (default ``native``)."""
+BASE_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra", "-Wno-psabi")
+"""Warnings on: the kernel compiles without any (XLA's FFI headers come in with -isystem, as a library's do).
+``-Wno-psabi``: GCC notes that 64-byte vector arguments change the ABI where AVX-512 is off (x86-64-v3); they
+are the kernel's own inline functions, never passed across a library boundary."""
+
+
+def march() -> str:
+  """The ``-march`` the kernel is built with: ``$LCNN_JAX_KERNEL_ARCH``, else ``native``."""
+  value = os.environ.get(ARCH_VARIABLE, "").strip() or "native"
+  if not re.fullmatch(r"[A-Za-z0-9_.+-]+", value):
+    raise KernelUnavailable(f"{ARCH_VARIABLE}={value!r} is not a -march name (e.g. native, x86-64-v3, x86-64, "
+                            "armv8-a).")
+  return value
+
+
+def flags() -> tuple[str, ...]:
+  """The compiler flags of the build: :data:`BASE_FLAGS` and ``-march=`` :func:`march`."""
+  return (*BASE_FLAGS, f"-march={march()}")
 BUILD_LOG = "build.log"
 """The compiler's messages, kept beside the library."""
 
@@ -97,12 +116,15 @@ def _build(compiler: str, library: str) -> None:
   os.makedirs(os.path.dirname(library), exist_ok=True)
   fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(library))
   os.close(fd)
-  command = [compiler, *FLAGS, "-isystem", jax.ffi.include_dir(), SOURCE, "-o", partial]
+  command = [compiler, *flags(), "-isystem", jax.ffi.include_dir(), SOURCE, "-o", partial]
   logging.info("Building the LCNN lookup kernel: %s", " ".join(command))
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
     os.unlink(partial)
-    raise KernelUnavailable(f"Building the lookup kernel failed ({' '.join(command)}):\n{result.stderr[-4000:]}")
+    hint = (f" ({ARCH_VARIABLE}={march()!r} is set: unset it, or name a target this compiler knows.)"
+            if march() != "native" else "")
+    raise KernelUnavailable(f"Building the lookup kernel failed ({' '.join(command)}):\n{result.stderr[-4000:]}"
+                            f"{hint}")
   if result.stderr:
     logging.warning("The lookup kernel built with messages:\n%s", result.stderr[-4000:])
   with open(os.path.join(os.path.dirname(library), BUILD_LOG), "w") as f:
@@ -120,7 +142,7 @@ def _load() -> str:
   for path in SOURCES:
     with open(path, "rb") as f:
       sources.append(f.read())
-  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(FLAGS).encode(), b"-isystem",
+  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(flags()).encode(), b"-isystem",
                                    jax.ffi.include_dir().encode(), jax.__version__.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
   library = os.path.join(cache_dir(), "kernels", key, "liblcnn_lookup.so")
@@ -131,6 +153,9 @@ def _load() -> str:
     handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused,
                 POOL_TARGET: loaded.LcnnMaxPool, DENSE_TARGET: loaded.LcnnDenseRows,
                 DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary, NETWORK_TARGET: loaded.LcnnNetwork}
+    isa = loaded.LcnnKernelIsa
+    isa.restype = ctypes.c_char_p
+    _ISA[library] = isa().decode()
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():
@@ -164,6 +189,16 @@ def kernel_available() -> tuple[bool, str]:
     return True, ensure_kernel()
   except KernelUnavailable as e:
     return False, str(e)
+
+
+_ISA: dict[str, str] = {}
+
+
+def kernel_arch() -> str:
+  """The vector ISA the kernel in use was built for: ``avx512``, ``avx2``, ``sse2``, ``neon`` or ``scalar``; or
+  ``unavailable: <reason>`` where it cannot be built here."""
+  available, library = kernel_available()
+  return _ISA[library] if available else f"unavailable: {library.splitlines()[0][:200]}"
 
 
 def build_log() -> str:

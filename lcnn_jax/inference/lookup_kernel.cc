@@ -547,3 +547,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
                                   .RemainingArgs()           // each step's arrays
                                   .Ret<ChwnF32>()            // the last step's output, NHWC (1, h, w, c)
                                   .Attrs<ffi::Dictionary>());  // steps; step<i>, step<i>_layer, step<i>_pool
+
+// The vector ISA this build targets (kernels.kernel_arch reports it beside every timing).
+extern "C" const char* LcnnKernelIsa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__SSE2__)
+  return "sse2";
+#elif defined(__ARM_NEON)
+  return "neon";
+#else
+  return "scalar";
+#endif
+}
