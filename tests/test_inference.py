@@ -7,38 +7,32 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from PIL import Image
 
-from lcnn_jax import bench, checkpoint, cli, flops, inference, layers, models
-from lcnn_jax import config as config_lib
-from lcnn_jax.inference import backends, layouts, passes, predict, tracing, tuning
+from lcnn_jax import bench, cli, flops, inference, models
+from lcnn_jax.inference import backends, layouts, machine, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference.records import AffineLayer, LookupLayer
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
+from helpers import (LAYER_CASES, Unfoldable, as_if_trained, assert_describes_a_machine, eval_logits, run_config,
+                     small_model, write_run)
 
 AVAILABLE = backends.available_backends()
 
-
-LAYER_CASES = {
-    "alexnet_conv1_like": dict(m=3, n=8, k=3, kernel=(11, 11), strides=(4, 4), padding=(2, 2), size=(23, 27),
-                               density=0.1),
-    "3x3_pad1": dict(m=5, n=7, k=4, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(6, 5), density=0.3),
-    "uneven_strides": dict(m=6, n=9, k=5, kernel=(3, 2), strides=(2, 1), padding=(0, 1), size=(9, 8), density=0.5),
-    "fc6_like": dict(m=16, n=33, k=20, kernel=(6, 6), strides=(1, 1), padding=(0, 0), size=(6, 6), density=0.05),
-    "1x1": dict(m=40, n=12, k=8, kernel=(1, 1), strides=(1, 1), padding=(0, 0), size=(1, 1), density=0.2),
-    "empty": dict(m=4, n=5, k=3, kernel=(2, 2), strides=(1, 1), padding=(0, 0), size=(3, 3), density=0.0),
-    # A first layer whose dictionary the kernel applies itself, and a strided map (space-to-depth copy).
-    "map_fused_dictionary": dict(m=4, n=6, k=5, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(8, 9),
-                                 density=0.3),
-    "map_strided": dict(m=16, n=7, k=6, kernel=(5, 5), strides=(2, 2), padding=(2, 2), size=(17, 16), density=0.2),
-}
+# The names tests/test_torch_engine.py still imports from here (its helpers are tests/helpers.py's; the
+# architecture test lists these imports until it reads them from there).
+_Unfoldable, _as_if_trained, _model = Unfoldable, as_if_trained, small_model
 
 
-@pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
+TILES = ("lookup:tile=0", "lookup:tile=1", "lookup:tile=6000", "lookup:tile=40000")
+"""The lookup kernel without tiles, with tiles of one block (any tile too small for a band of S), and two sizes
+that cut the test maps into several bands of rows; ``lookup`` itself tiles by this machine's L2."""
+
+
+@pytest.mark.parametrize("backend", sorted(backends.BACKENDS) + list(TILES))
 @pytest.mark.parametrize("case", sorted(LAYER_CASES))
 def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng):
   layer = random_layer(rng, **LAYER_CASES[case])
@@ -72,9 +66,10 @@ def test_lookup_layer_round_trips_coefficients(rng):
     ("3x3_pad1", backends.Pooling((3, 3), (2, 2), ((1, 1), (1, 1)), relu=True)),  # ResNet's first pooling
     ("map_strided", backends.Pooling((2, 3), (1, 2), ((0, 1), (1, 0)), relu=False)),
     ("map_fused_dictionary", backends.Pooling((3, 3), (3, 3), ((0, 0), (0, 0)), relu=True))])
-def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
+@pytest.mark.parametrize("backend", ("lookup",) + TILES)
+def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, backend, rng):
   layer = random_layer(rng, **LAYER_CASES[case])
-  impl = backends.get_backend("lookup")
+  impl = backends.get_backend(backend)
   params = jax.tree.map(jnp.asarray, impl.prepare(layer))
   batch = backends.POOLED_MIN_BATCH + 1
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
@@ -89,7 +84,7 @@ def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, rng):
 
 
 def test_relu_before_max_pool_is_applied_by_the_pool(rng):
-  model = _as_if_trained(_model("alexnet-lcnn", (67, 67, 3)), rng)
+  model = as_if_trained(small_model("alexnet-lcnn", (67, 67, 3)), rng)
   graph, _ = tracing.trace(model, (67, 67, 3))
   deferred = passes.relus_into_max_pools(graph)
   pools = [e for e in graph.equations if e.primitive == "reduce_window_max"]
@@ -101,37 +96,18 @@ def test_relu_before_max_pool_is_applied_by_the_pool(rng):
 def test_unknown_backend_is_rejected_with_the_choices():
   with pytest.raises(ValueError, match="expected one of"):
     backends.get_backend("sparse")
+  with pytest.raises(ValueError, match="lookup:tile=N"):
+    backends.get_backend("lookup:tile=big")
+
+
+def test_lookup_tiles_are_sized_from_this_machines_l2(monkeypatch):
+  monkeypatch.setenv("LCNN_JAX_L2_BYTES", "262144")
+  assert backends.get_backend("lookup").tile() == 131072  # half the L2, as the environment emulates it
+  assert backends.get_backend("lookup:tile=0").tile() == 0
+  assert backends.get_backend("lookup:tile=4096").name == "lookup:tile=4096"
 
 
 # Export ------------------------------------------------------------------------------------------------------
-
-def _model(name, input_shape, **overrides):
-  config = config_lib.default_config(name).model
-  config.depth = 8
-  config.width = 8
-  sizes = dict(stage1=6, stage2=8, stage3=8, stage4=8, fc=16, **overrides)
-  config.dictionary.update({key: size for key, size in sizes.items() if key in config.dictionary})
-  return models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))
-
-
-def _as_if_trained(model, rng, density=0.3):
-  """Sparse coefficients and non-trivial BatchNorm statistics, so lookups and folding are both exercised."""
-  for _, module in nnx.iter_modules(model):
-    if isinstance(module, nnx.BatchNorm):
-      n = module.num_features
-      module.mean[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
-      module.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, n), jnp.float32)
-      module.bias[...] = jnp.asarray(rng.normal(0, 0.3, n), jnp.float32)
-    if isinstance(module, layers.LOOKUP_LAYERS):
-      p = np.asarray(module.coefficients[...])
-      module.coefficients[...] = jnp.asarray(p * (rng.random(p.shape) < density))
-  return model
-
-
-def _eval_logits(model, x):
-  eval_model = nnx.view(model, deterministic=True, use_running_average=True, raise_if_not_found=False)
-  return np.asarray(jax.jit(lambda v: eval_model(v))(x))
-
 
 MODEL_CASES = {
     "digits-lcnn": dict(input_shape=(8, 8, 1), classifier=4),
@@ -146,9 +122,9 @@ def _trained_model_and_logits(name):
   case = dict(MODEL_CASES[name])
   input_shape = case.pop("input_shape")
   rng = np.random.default_rng(zlib.crc32(name.encode()))
-  model = _as_if_trained(_model(name, input_shape, **case), rng)
+  model = as_if_trained(small_model(name, input_shape, **case), rng)
   x = rng.standard_normal((3, *input_shape)).astype(np.float32)
-  return model, input_shape, x, _eval_logits(model, x)
+  return model, input_shape, x, eval_logits(model, x)
 
 
 @pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
@@ -166,7 +142,7 @@ def test_exported_logits_equal_eval_mode_logits(name, backend):
 def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
   model, input_shape, _, _ = _trained_model_and_logits(name)
   x = rng.standard_normal((backends.POOLED_MIN_BATCH + 1, *input_shape)).astype(np.float32)
-  expected = _eval_logits(model, x)
+  expected = eval_logits(model, x)
   exported = inference.inference_model(model, input_shape, backends="lookup")
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
   # Every max pooling of these models follows a lookup layer and its ReLU: the kernel computes all three.
@@ -178,43 +154,27 @@ def test_exported_logits_at_a_batch_pooled_by_the_kernel(name, rng):
 
 @pytest.mark.parametrize("name,input_shape", [("digits", (8, 8, 1)), ("resnet", (32, 32, 3))])
 def test_dense_models_export_with_folded_batch_norm(name, input_shape, rng):
-  model = _as_if_trained(_model(name, input_shape), rng)
+  model = as_if_trained(small_model(name, input_shape), rng)
   x = rng.standard_normal((2, *input_shape)).astype(np.float32)
   exported = inference.inference_model(model, input_shape, backends="dense")
-  expected = _eval_logits(model, x)
+  expected = eval_logits(model, x)
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-
-
-class _Unfoldable(nnx.Module):
-  """BatchNorms on the input and on a tensor that a residual also reads cannot fold; the one after conv can."""
-
-  def __init__(self, rngs):
-    self.bn_in = nnx.BatchNorm(3, rngs=rngs)
-    self.conv = layers.LookupConv(3, 4, 3, dictionary_size=2, padding=1, rngs=rngs)
-    self.bn = nnx.BatchNorm(4, rngs=rngs)
-    self.conv2 = nnx.Conv(4, 4, (1, 1), strides=2, rngs=rngs)
-    self.bn2 = nnx.BatchNorm(4, rngs=rngs)
-    self.fc = layers.LookupDense(4, 5, dictionary_size=3, rngs=rngs)
-
-  def __call__(self, x):
-    y = self.conv2(nnx.relu(self.bn(self.conv(self.bn_in(x)))))
-    return self.fc(jnp.mean(self.bn2(y) + y, axis=(1, 2)))
 
 
 @pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
 def test_batch_norm_folds_only_into_a_layer_whose_output_nothing_else_reads(backend, rng):
-  model = _as_if_trained(_Unfoldable(nnx.Rngs(0)), rng, density=0.7)
+  model = as_if_trained(Unfoldable(nnx.Rngs(0)), rng, density=0.7)
   x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
   exported = inference.inference_model(model, (6, 5, 3), backends=backend)
   kinds = {name: type(layer).__name__ for name, layer in exported.layers.items()}
   assert kinds == {"bn_in": "AffineLayer", "conv": "LookupLayer", "conv2": "ConvLayer", "bn2": "AffineLayer",
                    "fc": "LookupLayer"}
-  expected = _eval_logits(model, x)
+  expected = eval_logits(model, x)
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
 def test_saved_file_loads_without_pickle_and_keeps_classes_and_backends(tmp_path, rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
+  model = as_if_trained(small_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   classes = [f"digit {i}" for i in range(10)]
   exported = inference.inference_model(model, (8, 8, 1), backends="gather", class_names=classes)
   path = tmp_path / "digits.npz"
@@ -237,30 +197,12 @@ def test_export_names_what_it_cannot_store():
     inference.inference_model(Branches(), (2, 2, 1), backends="dense")
 
 
-def _write_run(workdir, model, dataset):
-  """A workdir as the trainer leaves it: config.json and an orbax checkpoint of params and statistics."""
-  workdir.mkdir()
-  checkpoint.save_run_info(str(workdir), _run_config(), dataset)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  for item, state in (("params", params), ("rest", rest)):
-    ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / "7" / item), nnx.to_pure_dict(state))
-
-
-def _run_config():
-  config = config_lib.default_config()
-  config.model.name = "digits-lcnn"
-  config.model.width = 8
-  config.model.dictionary.classifier = 4
-  config.data.name = "folder"
-  return config
-
-
 def test_export_from_workdir_and_predict_top5_of_image_files(tmp_path, rng):
-  model = models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3), rngs=nnx.Rngs(3))
-  _as_if_trained(model, rng)
+  model = models.create_model(run_config().model, num_classes=10, input_shape=(16, 16, 3), rngs=nnx.Rngs(3))
+  as_if_trained(model, rng)
   classes = [f"class {i}" for i in range(10)]
-  _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
-                                       "class_names": classes, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]})
+  write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
+                                      "class_names": classes, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25]})
   exported = inference.export(tmp_path / "run", tmp_path / "model.npz", backends="factored")
   assert exported.class_names == classes and exported.preprocessing["resize_size"] == 18
   paths = []
@@ -270,7 +212,7 @@ def test_export_from_workdir_and_predict_top5_of_image_files(tmp_path, rng):
   loaded = inference.load(tmp_path / "model.npz")
   top = predict.predict(loaded, paths, k=5)
   images = predict.load_images(paths, loaded)
-  expected = np.argsort(-_eval_logits(model, images), axis=-1)[:, :5]
+  expected = np.argsort(-eval_logits(model, images), axis=-1)[:, :5]
   assert [[name for name, _ in row] for row in top] == [[classes[i] for i in row] for row in expected]
   assert all(1 >= row[0][1] >= row[-1][1] > 0 for row in top)
   assert "class" in predict.format_predictions(paths, top)
@@ -279,17 +221,17 @@ def test_export_from_workdir_and_predict_top5_of_image_files(tmp_path, rng):
 def test_digits_run_predicts_image_files_as_its_evaluation_sees_them(tmp_path, rng):
   from sklearn.datasets import load_digits
   from lcnn_jax.data import transforms
-  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1),
-                                             rngs=nnx.Rngs(5)), rng)
-  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
-                                       "mean": [0.3], "std": [0.4]})
+  model = as_if_trained(models.create_model(run_config().model, num_classes=10, input_shape=(8, 8, 1),
+                                            rngs=nnx.Rngs(5)), rng)
+  write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                      "mean": [0.3], "std": [0.4]})
   exported = inference.export(tmp_path / "run", backends="dense")
   assert exported.preprocessing["resize_size"] == 8  # no resize-and-crop: digits are evaluated whole
   digit = load_digits().images[-1]
   path = str(tmp_path / "digit.png")
   Image.fromarray((digit * 255 / 16).astype(np.uint8)).save(path)
   evaluated = transforms.DigitsTransform(8).eval((digit / 16)[..., None].astype(np.float32))
-  expected = _eval_logits(model, ((evaluated - 0.3) / 0.4)[None].astype(np.float32))
+  expected = eval_logits(model, ((evaluated - 0.3) / 0.4)[None].astype(np.float32))
   np.testing.assert_allclose(np.asarray(exported(predict.load_images([path], exported))), expected,
                              rtol=1e-3, atol=2e-2 * np.abs(expected).max())  # the PNG holds 8-bit pixels
 
@@ -300,16 +242,16 @@ def export_command(*args):
 
 
 def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, capsys):
-  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3),
-                                             rngs=nnx.Rngs(4)), rng)
-  _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
-                                       "mean": [0.5] * 3, "std": [0.2] * 3})
+  model = as_if_trained(models.create_model(run_config().model, num_classes=10, input_shape=(16, 16, 3),
+                                            rngs=nnx.Rngs(4)), rng)
+  write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
+                                      "mean": [0.5] * 3, "std": [0.2] * 3})
   output = tmp_path / "model.npz"
   assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={output}",
                         "--backends=gather") == 0
   assert "gather" in capsys.readouterr().out
   x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
-  expected = _eval_logits(model, x)
+  expected = eval_logits(model, x)
   np.testing.assert_allclose(np.asarray(inference.load(output)(x)), expected, rtol=1e-4,
                              atol=1e-4 * np.abs(expected).max())
   assert export_command(f"--workdir={tmp_path / 'missing'}", f"--output={output}") == 2
@@ -329,16 +271,48 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
   layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
   choice, timings = inference.choose_backends({"a": layer}, 2)
-  assert choice["a"] in AVAILABLE and set(timings["a"]) == set(AVAILABLE)
+  timed = set(AVAILABLE) - {"lookup"} | (set(tuning.lookup_variants()) if "lookup" in AVAILABLE else set())
+  assert choice["a"] in timed and set(timings["a"]) == timed
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)
+
+
+def test_an_export_from_another_cpu_is_tuned_again_here_once_with_equal_logits(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path / "cache"))
+  model, input_shape, x, expected = _trained_model_and_logits("digits-lcnn")
+  exported = inference.inference_model(model, input_shape, backends="auto", batch_size=3)
+  assert exported.tuning["machine"] == machine.cpu_key()
+  assert set(exported.tuning["machine_description"]) == {"cpu", "kernel_arch", "march", "l1_bytes", "l2_bytes",
+                                                         "l3_bytes", "cores"}
+  here = tmp_path / "here.npz"
+  inference.save(exported, here)
+  assert inference.load(here).backends == exported.backends  # tuned on this CPU: kept as it is
+  # The same file as if exported on another machine: its tuning names another CPU, its backends all 'gather'.
+  elsewhere = dict(exported.tuning, machine="Other CPU [0123456789ab] kernel native")
+  moved = exported.with_backends("gather")
+  moved.tuning = elsewhere
+  path = tmp_path / "elsewhere.npz"
+  inference.save(moved, path)
+  calls = []
+  real_tune = tuning.tune
+  monkeypatch.setattr(tuning, "tune", lambda *args: calls.append(args[1:]) or real_tune(*args))
+  retuned = inference.load(path)
+  assert calls == [(3,)]  # measured here, at the batch size the file was tuned for
+  assert retuned.tuning["machine"] == machine.cpu_key() and retuned.tuning["batch_size"] == 3
+  np.testing.assert_allclose(np.asarray(retuned(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # Once per file and CPU: the next load reads the choice kept in the cache; --retune measures again.
+  monkeypatch.setattr(tuning, "tune", lambda *args: pytest.fail("tuned a second time"))
+  again = inference.load(path)
+  assert again.backends == retuned.backends and again.tuning == retuned.tuning
+  with pytest.raises(pytest.fail.Exception, match="tuned a second time"):
+    inference.load(path, retune=True)
 
 
 # Benchmark helpers -------------------------------------------------------------------------------------------
 
 def test_synthetic_sparsity_gives_the_target_multiplication_speedup(rng):
-  lcnn = _model("digits-lcnn", (8, 8, 1), convs=4, first=2)
-  cnn = _model("digits", (8, 8, 1))
+  lcnn = small_model("digits-lcnn", (8, 8, 1), convs=4, first=2)
+  cnn = small_model("digits", (8, 8, 1))
   baseline = flops.count_multiplications(cnn, (8, 8, 1))
   density = bench.solve_density(lcnn, baseline, 3.0, (8, 8, 1))
   bench.set_random_sparsity(lcnn, density, rng)
@@ -348,8 +322,8 @@ def test_synthetic_sparsity_gives_the_target_multiplication_speedup(rng):
 
 
 def test_unreachable_speedup_is_explained(rng):
-  lcnn = _model("digits-lcnn", (8, 8, 1))
-  baseline = flops.count_multiplications(_model("digits", (8, 8, 1)), (8, 8, 1))
+  lcnn = small_model("digits-lcnn", (8, 8, 1))
+  baseline = flops.count_multiplications(small_model("digits", (8, 8, 1)), (8, 8, 1))
   with pytest.raises(ValueError, match="dictionaries and dense layers alone"):
     bench.solve_density(lcnn, baseline, 1000.0, (8, 8, 1))
 
@@ -366,10 +340,10 @@ def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path
 def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch, rng, caplog):
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
   caplog.set_level(logging.INFO, logger="absl")
-  model = models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(3))
-  _as_if_trained(model, rng)
-  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
-                                       "class_names": None, "mean": [0.5], "std": [0.25]})
+  model = models.create_model(run_config().model, num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(3))
+  as_if_trained(model, rng)
+  write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                      "class_names": None, "mean": [0.5], "std": [0.25]})
   result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, with_layers=True,
                      precisions=("float32", "int8"))
   # the same mixes without the stored epilogues, timed beside them where the layers have some
@@ -378,12 +352,14 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
   rows = [row for row in result["rows"] if row not in unfused]
   assert [row["backend"] for row in rows] == [*AVAILABLE, "auto", "auto int8"]
   assert [row["precision"] for row in rows] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
-  assert {(row["model"], row["preset"]) for row in result["rows"]} == {(_run_config().model.name, "trained")}
+  assert {(row["model"], row["preset"]) for row in result["rows"]} == {(run_config().model.name, "trained")}
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
   assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3", "classifier"]
-  assert "auto" in bench.format_table(result)
+  table = bench.format_table(result)
+  assert "auto" in table
+  assert table.splitlines()[0] == assert_describes_a_machine(result["machine"])  # the machine heads the table
   # progress while it works: what it builds, then what it times and for how long
   progress = [r.getMessage() for r in caplog.records if r.name == "absl"]
   assert any(m.startswith("Building the CNN and the LCNN") for m in progress), progress

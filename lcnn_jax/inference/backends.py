@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax.inference import kernels, layouts
+from lcnn_jax.inference import kernels, layouts, machine
 from lcnn_jax.inference.layouts import NHWC, Layout
 from lcnn_jax.inference.records import LookupLayer
 from lcnn_jax.lookups import narrowest_index_dtype
@@ -215,8 +215,26 @@ FUSED_DICTIONARY_MACS = kernels.LIMITS.fused_dictionary_macs_max
 
 
 class Lookup:
-  """The C++ kernel: per output, accumulators in registers over all its non-zeros (CPU)."""
+  """The C++ kernel: per output, accumulators in registers over all its non-zeros (CPU).
+
+  The work is cut into tiles whose S stays in this core's L2 (``tile_bytes`` of S, every output of a tile
+  reading it): ``lookup`` sizes them from the L2 of the machine it runs on, read when the model loads
+  (:func:`~lcnn_jax.inference.machine.tile_budget_bytes`); ``lookup:tile=N`` fixes N bytes, ``lookup:tile=0``
+  turns tiling off (a block of wide elements at a time for all outputs). The tuner times these per layer.
+  """
   name = "lookup"
+
+  def __init__(self, tile_bytes: int | None = None):
+    """``tile_bytes``: the S a tile holds (None: half of this core's L2, 0: no tiles)."""
+    if tile_bytes is not None and tile_bytes < 0:
+      raise ValueError(f"tile_bytes={tile_bytes}: expected a number of bytes >= 0 (0: no tiling).")
+    self.tile_bytes = tile_bytes
+    if tile_bytes is not None:
+      self.name = f"{LOOKUP_TILED}{tile_bytes}"
+
+  def tile(self) -> int:
+    """The bytes of S one tile holds on this machine (0: no tiling)."""
+    return machine.tile_budget_bytes() if self.tile_bytes is None else self.tile_bytes
 
   def available(self) -> tuple[bool, str]:
     if jax.default_backend() != "cpu":
@@ -274,7 +292,7 @@ class Lookup:
     if pooling is not None and not self.pools(pooling, batch, layer):
       raise ValueError(f"The lookup kernel cannot pool this layer's output ({pooling}, batch {batch}).")
     out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
-    call = dict(out_shape=(layer.out_features, *out_size, batch),
+    call = dict(out_shape=(layer.out_features, *out_size, batch), tile_bytes=self.tile(),
                 scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
                 strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
                 residual=residual, relu=relu)
@@ -323,6 +341,8 @@ def dense_rows_available() -> bool:
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
 """Every backend by name."""
+LOOKUP_TILED = "lookup:tile="
+"""``lookup:tile=N``: the ``lookup`` backend with tiles of N bytes of S (0: none), as the tuner may choose."""
 
 
 def available_backends() -> list[str]:
@@ -331,7 +351,13 @@ def available_backends() -> list[str]:
 
 
 def get_backend(name: str) -> Backend:
-  """The backend called ``name``; raises ValueError naming the choices."""
+  """The backend called ``name`` (``lookup:tile=N`` too, see :class:`Lookup`); raises ValueError naming the
+  choices."""
+  if name.startswith(LOOKUP_TILED):
+    size = name[len(LOOKUP_TILED):]
+    if not size.isdigit():
+      raise ValueError(f"backend={name!r}: expected {LOOKUP_TILED}N with N the bytes of S a tile holds (0: none).")
+    return Lookup(int(size))
   if name not in BACKENDS:
     raise ValueError(f"backend={name!r}: expected one of {sorted(BACKENDS)}.")
   return BACKENDS[name]

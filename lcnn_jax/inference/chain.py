@@ -53,7 +53,7 @@ def _pointwise(layer) -> bool:
 def _layer_step(name: str, layer, backend: str | None, size: tuple[int, int], output: int) -> Step | None:
   """The step of a layer on a map of ``size``, or None where the kernel cannot run it in the chain."""
   if isinstance(layer, backends_lib.LookupLayer):
-    if backend != "lookup" or tuple(layer.input_size) != size:
+    if not isinstance(backends_lib.get_backend(backend), backends_lib.Lookup) or tuple(layer.input_size) != size:
       return None
     fused = backends_lib.Lookup.fused(layer)
     kind = kernels.STEPS.step_fused_lookups if fused else kernels.STEPS.step_lookups

@@ -45,6 +45,8 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(PoolWindow, ffi::StructMember<int64_t>("wi
                                       ffi::StructMember<int64_t>("window_w"), ffi::StructMember<int64_t>("stride_h"),
                                       ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("pad_h"),
                                       ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<bool>("relu"));
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(lcnn::Tile, ffi::StructMember<int64_t>("bytes"),
+                                      ffi::StructMember<int64_t>("outputs"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(NetworkStep, ffi::StructMember<int64_t>("kind"),
                                       ffi::StructMember<bool>("relu"));
 
@@ -60,6 +62,7 @@ using lcnn::Lookups;
 using lcnn::MaxPool;
 using lcnn::PoolGeometry;
 using lcnn::SpaceToDepth;
+using lcnn::Tile;
 using FlatF32 = ffi::Buffer<ffi::F32, 1>;
 using FlatS32 = ffi::Buffer<ffi::S32, 1>;
 using ChwnF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch), or NHWC images
@@ -112,7 +115,8 @@ struct Epilogue {
 // the pooling when there is one (out is then the pooled map).
 ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
                       ffi::AnyBuffer& indices, ffi::AnyBuffer& values, FlatF32& scale, FlatF32& bias,
-                      const PoolGeometry& pooling, const Epilogue& epilogue, const OutF32& out_buffer, float* out) {
+                      const PoolGeometry& pooling, const Epilogue& epilogue, const Tile& tile,
+                      const OutF32& out_buffer, float* out) {
   const bool pools = pooling.wh > 0;
   const size_t residual = epilogue.residual.element_count();
   if ((residual != 0 || epilogue.relu) && (pools || (residual != 0 && residual != out_buffer.element_count()))) {
@@ -138,8 +142,8 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
       using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value)>>;
       Lookups<Index, Value> l{starts.typed_data(), index, value, scale.typed_data(), bias.typed_data(),
                               residual != 0 ? epilogue.residual.typed_data() : nullptr, epilogue.relu};
-      if (pools) DispatchPooled(pool, g, s, l, pooling, out);
-      else Dispatch(pool, g, s, l, out);
+      if (pools) DispatchPooled(pool, g, s, l, pooling, out, tile);
+      else Dispatch(pool, g, s, l, out, tile);
     });
   });
   if (!indexed || !typed) {
@@ -160,6 +164,7 @@ Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const LayerGeomet
   *height = (h + 2 * p.pad_h + p.stride_h - 1) / p.stride_h;
   g.width = (w + 2 * p.pad_w + p.stride_w - 1) / p.stride_w;
   g.wide = ((g.oh - 1) * g.width + g.ow) * g.batch;
+  g.height = *height;
   return g;
 }
 
@@ -171,12 +176,13 @@ bool LayerFits(const LayerGeometry& p) {
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
                           ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Buffer<ffi::F32> residual,
                           ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, LayerGeometry layer,
-                          PoolWindow window, bool relu) {
+                          PoolWindow window, bool relu, Tile tile) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = s.dimensions();  // (k, h, w, batch)
   int64_t height;
-  const Geometry g = MakeGeometry(*out, in[1], in[2], layer, &height);
+  Geometry g = MakeGeometry(*out, in[1], in[2], layer, &height);
+  g.planes = in[0] * layer.stride_h * layer.stride_w;
   if (in[3] != g.batch || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
@@ -190,8 +196,8 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
                  scratch->typed_data());
     source = scratch->typed_data();
   }
-  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, Epilogue{residual, relu}, *out,
-                    out->typed_data());
+  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, Epilogue{residual, relu}, tile,
+                    *out, out->typed_data());
 }
 
 // As LookupConvImpl, with S = Dᵀ·x computed here first (DenseColumns, from D as stored) into `s_buffer`:
@@ -200,7 +206,7 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
                                     FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
                                     FlatF32 bias, ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
                                     ffi::Result<FlatF32> scratch, ffi::Result<ChwnF32> s_buffer, LayerGeometry layer,
-                                    PoolWindow window, bool relu) {
+                                    PoolWindow window, bool relu, Tile tile) {
   const auto in = x.dimensions();  // (m, h, w, batch)
   const auto d = dictionary.dimensions();  // (k, m)
   const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
@@ -217,14 +223,14 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
   });
   if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
   return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, residual, out, scratch, layer, window,
-                        relu);
+                        relu, tile);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias,
                                ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
                                ffi::Result<FlatF32> scratch, LayerGeometry layer, PoolWindow window, bool relu,
-                               bool nhwc) {
+                               bool nhwc, Tile tile) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
@@ -233,7 +239,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   const int64_t h = in[1], w = in[2];
   const int64_t sh = layer.stride_h, sw = layer.stride_w;
   int64_t height;
-  const Geometry g = MakeGeometry(*out, h, w, layer, &height);
+  Geometry g = MakeGeometry(*out, h, w, layer, &height);
+  g.planes = k * sh * sw;
   const bool shapes_agree = nhwc ? (in[3] == m && in[0] == g.batch) : (in[0] == m && in[3] == g.batch);
   if (!shapes_agree || m * k > lcnn::kFusedDictionaryMacsMax || g.ow > g.width || g.oh > height) {
     return ffi::Error::InvalidArgument(
@@ -245,7 +252,7 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
                     layer.pad_w, sh, sw, height, g.width, scratch->typed_data());
   return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling,
-                    Epilogue{residual, relu}, *out, out->typed_data());
+                    Epilogue{residual, relu}, tile, *out, out->typed_data());
 }
 
 ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, PoolWindow window) {
@@ -492,7 +499,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                   .Ret<FlatF32>()           // the padded space-to-depth S
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
-                                  .Attr<bool>("relu"));
+                                  .Attr<bool>("relu")
+                                  .Attr<Tile>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
@@ -510,7 +518,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
                                   .Attr<bool>("relu")
-                                  .Attr<bool>("nhwc"));
+                                  .Attr<bool>("nhwc")
+                                  .Attr<Tile>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
                               ffi::Ffi::Bind()
@@ -538,7 +547,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl
                                   .Ret<ChwnF32>()           // S (k, h, w, batch)
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
-                                  .Attr<bool>("relu"));
+                                  .Attr<bool>("relu")
+                                  .Attr<Tile>("tile"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
                               ffi::Ffi::Bind()

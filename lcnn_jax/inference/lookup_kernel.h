@@ -26,7 +26,7 @@
 #include <thread>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 // GCC 12's AVX-512 intrinsics start many results from an "undefined" register, which -Wmaybe-uninitialized
 // reports wherever they are inlined (GCC bug 105593, fixed in GCC 13): silenced for that header alone.
 #pragma GCC diagnostic push
@@ -62,12 +62,25 @@ constexpr int64_t kStepLookups = 1;
 constexpr int64_t kStepDense = 2;
 // END STEPS
 
+// 16 floats as one value of GCC's generic vectors: one zmm register with AVX-512, two ymm with AVX2, four
+// registers with SSE2 or NEON. The kernel's arithmetic is written on these (and compiles on any target GCC or
+// Clang knows); intrinsics appear only where a target has an instruction generic vectors cannot express
+// (gathers), each with a portable fallback.
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
+typedef int8_t i8x16 __attribute__((vector_size(16), aligned(1)));
 
 inline v16 Load(const float* p) {
   v16 v;
   std::memcpy(&v, p, sizeof(v));
   return v;
+}
+
+inline float Sum(v16 v) {
+  float sum = 0.f;
+  for (int i = 0; i < 16; ++i) sum += v[i];
+  return sum;
 }
 
 // Stored weights: float32, bfloat16 (its 16 high bits, as stored) or int8 (scaled per output, see Lookups).
@@ -85,16 +98,23 @@ inline float ToFloat(BF16 v) {
   return f;
 }
 
+// 16 consecutive stored weights as float32 (portable: widened and shifted, or converted, in registers).
+inline v16 Load16(const float* p) { return Load(p); }
+inline v16 Load16(const BF16* p) {
+  u16x16 bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const u32x16 wide = __builtin_convertvector(bits, u32x16) << 16;
+  v16 v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+inline v16 Load16(const int8_t* p) {
+  i8x16 bytes;
+  std::memcpy(&bytes, p, sizeof(bytes));
+  return __builtin_convertvector(bytes, v16);
+}
+
 #if defined(__AVX512F__)
-// 16 consecutive stored weights as float32.
-inline __m512 Load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 Load16(const BF16* p) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-inline __m512 Load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
 
 // 16 consecutive indices as int32.
 inline __m512i LoadIndices16(const uint8_t* p) {
@@ -112,10 +132,23 @@ struct Geometry {
   int64_t n;       // outputs
   int64_t oh, ow;  // output height and width
   int64_t wide;    // Q = ((oh - 1) * W + ow) * batch: wide elements that hold every kept output
+  int64_t height = 0;  // H of S (after space-to-depth); 0: unknown (no tiling)
+  int64_t planes = 0;  // atoms of S (k, or k * sh * sw after space-to-depth)
+};
+
+// How the lookups are cut into pieces of work that keep their part of S in cache. `bytes`: the S one tile may
+// hold (the caller sizes it from this core's L2 at load time; 0: no tiling, one block of wide elements per
+// item as before tiles existed); `outputs`: outputs per item (0: as many as load balance allows). Every output
+// of an item reads the same rows of S, so a tile's S is loaded from memory once and reused from L2 by all of
+// them.
+struct Tile {
+  int64_t bytes = 0;
+  int64_t outputs = 0;
 };
 
 template <typename Index, typename Value = float>
 struct Lookups {
+  // (Tiles are sized from the rows of S the non-zeros reach: RowsSpanned.)
   const int32_t* starts;  // (n + 1): output o's non-zeros are [starts[o], starts[o + 1])
   const Index* indices;   // (nnz): index_t as above; uint8, uint16 or int32
   const Value* values;    // (nnz): float, BF16 or int8
@@ -200,56 +233,105 @@ float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, i
     return _mm512_i32gather_ps(_mm512_mullo_epi32(LoadIndices16(l.indices + at), scale), s, 4);
   };
   for (; t + 32 <= end; t += 32) {
-    a0 = _mm512_fmadd_ps(Load16(l.values + t), gather(t), a0);
-    a1 = _mm512_fmadd_ps(Load16(l.values + t + 16), gather(t + 16), a1);
+    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t)), gather(t), a0);
+    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t + 16)), gather(t + 16), a1);
   }
   sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+#elif defined(__AVX2__)
+  // Eight lanes a gather; the indices widened and the values converted through the portable 16-wide loads.
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  const __m256i scale = _mm256_set1_epi32(static_cast<int32_t>(batch));
+  for (; t + 16 <= end; t += 16) {
+    alignas(64) int32_t at[16];
+    for (int i = 0; i < 16; ++i) at[i] = static_cast<int32_t>(l.indices[t + i]);
+    alignas(64) float c[16];
+    const v16 values = Load16(l.values + t);
+    std::memcpy(c, &values, sizeof(c));
+    const __m256i lo = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at)), scale);
+    const __m256i hi = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at + 8)), scale);
+    a0 = _mm256_fmadd_ps(_mm256_load_ps(c), _mm256_i32gather_ps(s, lo, 4), a0);
+    a1 = _mm256_fmadd_ps(_mm256_load_ps(c + 8), _mm256_i32gather_ps(s, hi, 4), a1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+  for (float lane : lanes) sum += lane;
 #endif
   for (; t < end; ++t) sum += ToFloat(l.values[t]) * s[static_cast<int64_t>(l.indices[t]) * batch];
   return sum;
 }
 
-// A work item is one block of wide elements for one group of outputs.
+// A work item is one band of consecutive blocks of wide elements for one group of outputs: each output of the
+// group runs over the whole band before the next, so the band's rows of S, loaded once, serve every output.
 struct Plan {
   int64_t block;        // wide elements per block (16 * V, or the whole of a small Q)
-  int64_t blocks;
+  int64_t band;         // wide elements per band: a multiple of block
+  int64_t bands;
   int64_t group_size;   // outputs per item
   int64_t groups;
-  int64_t items() const { return blocks * groups; }
+  int64_t items() const { return bands * groups; }
 };
 
-// Output o's wide elements [p0, p0 + 16 * V) (fewer for the last block), stored to out as output `slot`.
-// The last, partial block is a whole block ending at the last wide element (it overlaps the one before, since
-// Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no read past S.
+// Output o's wide elements [p0, p0 + 16 * V), of which those before `limit` are stored to out as output
+// `slot`. The last, partial block is a whole block ending at the last wide element (it overlaps the one
+// before, since Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no
+// read past S.
 template <int V, typename Index, typename Value>
 void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
-                 int64_t slot, float* out) {
+                 int64_t slot, float* out, int64_t limit) {
   constexpr int64_t block = 16 * V;
   alignas(64) float acc[block];
   const int64_t start = std::min(p0, g.wide - block);
   AccumulateBlock<V>(s, l, g.batch, o, start, acc);
-  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], l.residual, l.relu, slot, p0, std::min(block, g.wide - p0),
-        out);
+  Store(g, acc + (p0 - start), l.scale[o], l.bias[o], l.residual, l.relu, slot, p0,
+        std::min(block, std::min(limit, g.wide) - p0), out);
+}
+
+template <int V, typename Index, typename Value>
+void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
+                 int64_t slot, float* out) {
+  LookupBlock<V>(g, s, l, o, p0, slot, out, g.wide);
 }
 
 template <int V, typename Index, typename Value>
 void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index, Value>& l, float* out,
               int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t block = item / plan.groups;
+    const int64_t band = item / plan.groups;
     const int64_t o0 = (item % plan.groups) * plan.group_size;
     const int64_t o1 = std::min(g.n, o0 + plan.group_size);
-    const int64_t p0 = block * plan.block;
+    const int64_t q0 = band * plan.band, q1 = std::min(g.wide, q0 + plan.band);
     for (int64_t o = o0; o < o1; ++o) {
       if constexpr (V == 0) {
         alignas(64) float acc[16];
         for (int64_t q = 0; q < g.wide; ++q) acc[q] = SparseDot(s + q, l, g.batch, o);
-        Store(g, acc, l.scale[o], l.bias[o], l.residual, l.relu, o, p0, plan.block, out);
+        Store(g, acc, l.scale[o], l.bias[o], l.residual, l.relu, o, 0, plan.block, out);
       } else {
-        LookupBlock<V>(g, s, l, o, p0, o, out);
+        for (int64_t p0 = q0; p0 < q1; p0 += plan.block) LookupBlock<V>(g, s, l, o, p0, o, out, q1);
       }
     }
   }
+}
+
+// The rows of S (after space-to-depth) that one output row's lookups reach: 1 + the largest tap row r_t of any
+// non-zero (index_t = (atom * H + r_t) * W + c_t).
+template <typename Index, typename Value>
+int64_t RowsSpanned(const Geometry& g, const Lookups<Index, Value>& l) {
+  int64_t largest = 0;
+  const int32_t nnz = l.starts[g.n];
+  for (int32_t t = 0; t < nnz; ++t) largest = std::max<int64_t>(largest, static_cast<int64_t>(l.indices[t]));
+  return (largest / g.width) % g.height + 1;
+}
+
+// Wide elements per band (a multiple of `block`) for S of g's planes to stay within tile.bytes: a band of q
+// wide elements reads, in each plane, the band and the rows_spanned - 1 rows of S below it. The whole of Q
+// when tiling is off, or when Q fits.
+template <typename Index, typename Value>
+int64_t BandWide(const Geometry& g, const Lookups<Index, Value>& l, const Tile& tile, int64_t block) {
+  if (tile.bytes <= 0 || g.height <= 0 || g.planes <= 0 || g.oh <= 1) return block;
+  const int64_t reach = (RowsSpanned(g, l) - 1) * g.width * g.batch;  // wide elements below a band it reads
+  const int64_t fits = tile.bytes / (static_cast<int64_t>(sizeof(float)) * g.planes) - reach;
+  const int64_t band = std::max<int64_t>(block, fits / block * block);
+  return band >= g.wide ? (g.wide + block - 1) / block * block : band;
 }
 
 struct Progress {
@@ -301,14 +383,17 @@ void ParallelFor(Pool& pool, int64_t total, int64_t cost, Work work) {
 }
 
 template <int V, typename Pool, typename Index, typename Value>
-void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out) {
+void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out,
+            const Tile& tile) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Plan plan;
   plan.block = V == 0 ? g.wide : 16 * V;
-  plan.blocks = (g.wide + plan.block - 1) / plan.block;
-  // Enough items for load balance; split the outputs only when the blocks alone are too few.
+  plan.band = V == 0 ? g.wide : BandWide(g, l, tile, plan.block);
+  plan.bands = (g.wide + plan.band - 1) / plan.band;
+  // Enough items for load balance; split the outputs only when the bands alone are too few.
   const int64_t want = 16 * threads;
-  plan.groups = std::min(g.n, std::max<int64_t>(1, (want + plan.blocks - 1) / plan.blocks));
+  plan.groups = std::min(g.n, std::max<int64_t>(1, (want + plan.bands - 1) / plan.bands));
+  if (tile.outputs > 0) plan.groups = std::max<int64_t>(plan.groups, (g.n + tile.outputs - 1) / tile.outputs);
   plan.group_size = (g.n + plan.groups - 1) / plan.groups;
   plan.groups = (g.n + plan.group_size - 1) / plan.group_size;
   const int64_t cost = static_cast<int64_t>(l.starts[g.n]) * g.wide;  // multiply-adds
@@ -318,12 +403,13 @@ void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, 
 }
 
 template <typename Pool, typename Index, typename Value>
-void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out) {
-  if (g.wide < 16) return Launch<0>(pool, g, s, l, out);
-  if (g.wide < 32) return Launch<1>(pool, g, s, l, out);
-  if (g.wide < 64) return Launch<2>(pool, g, s, l, out);
-  if (g.wide < 128) return Launch<4>(pool, g, s, l, out);
-  return Launch<8>(pool, g, s, l, out);
+void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out,
+              const Tile& tile = Tile{}) {
+  if (g.wide < 16) return Launch<0>(pool, g, s, l, out, tile);
+  if (g.wide < 32) return Launch<1>(pool, g, s, l, out, tile);
+  if (g.wide < 64) return Launch<2>(pool, g, s, l, out, tile);
+  if (g.wide < 128) return Launch<4>(pool, g, s, l, out, tile);
+  return Launch<8>(pool, g, s, l, out, tile);
 }
 
 // A max pooling, with max(·, 0) of the result when `relu`: the same as pooling a ReLU's output, as both are
@@ -378,16 +464,24 @@ void BandRows(const Geometry& g, const float* s, const Lookups<Index, Value>& l,
 // layer (AlexNet's conv1 at batch 32: 25 MB) then never goes to memory and back.
 template <int V, typename Pool, typename Index, typename Value>
 void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
-                  const PoolGeometry& p, float* out) {
-  constexpr int64_t kBandRows = 3, kGroup = 16;  // pooled rows and outputs per item
-  const int64_t bands = (p.oh + kBandRows - 1) / kBandRows, groups = (g.n + kGroup - 1) / kGroup;
-  const int64_t max_rows = std::min(g.oh, (kBandRows - 1) * p.sh + p.wh);
+                  const PoolGeometry& p, float* out, const Tile& tile) {
+  // Pooled rows and outputs per item: without a tile, 3 and 16; with one, as many pooled rows as keep the S
+  // their layer rows read within tile.bytes (at least one).
+  int64_t band_rows = 3;
+  const int64_t group = tile.outputs > 0 ? tile.outputs : 16;
+  if (tile.bytes > 0 && g.height > 0 && g.planes > 0) {
+    const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * g.planes * g.width * g.batch;  // one S row
+    const int64_t s_rows = tile.bytes / row_bytes - (RowsSpanned(g, l) - 1);  // layer rows a band may compute
+    band_rows = std::max<int64_t>(1, (s_rows - p.wh) / p.sh + 1);
+  }
+  const int64_t bands = (p.oh + band_rows - 1) / band_rows, groups = (g.n + group - 1) / group;
+  const int64_t max_rows = std::min(g.oh, (band_rows - 1) * p.sh + p.wh);
   const int64_t cost = static_cast<int64_t>(l.starts[g.n]) * g.oh * g.ow * g.batch;
   ParallelFor(pool, bands * groups, cost, [=](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> local(new float[kGroup * max_rows * g.ow * g.batch]);
+    std::unique_ptr<float[]> local(new float[group * max_rows * g.ow * g.batch]);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t band = item / groups, o0 = (item % groups) * kGroup, o1 = std::min(g.n, o0 + kGroup);
-      const int64_t py0 = band * kBandRows, py1 = std::min(p.oh, py0 + kBandRows);
+      const int64_t band = item / groups, o0 = (item % groups) * group, o1 = std::min(g.n, o0 + group);
+      const int64_t py0 = band * band_rows, py1 = std::min(p.oh, py0 + band_rows);
       const int64_t y_lo = std::max<int64_t>(0, py0 * p.sh - p.ph);
       const int64_t y_hi = std::min(g.oh, (py1 - 1) * p.sh - p.ph + p.wh);
       BandRows<V>(g, s, l, y_lo, y_hi, o0, o1, local.get());
@@ -404,12 +498,12 @@ void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<I
 
 template <typename Pool, typename Index, typename Value>
 void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
-                    const PoolGeometry& p, float* out) {
+                    const PoolGeometry& p, float* out, const Tile& tile = Tile{}) {
   const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
-  if (narrowest < 32) return LaunchPooled<1>(pool, g, s, l, p, out);
-  if (narrowest < 64) return LaunchPooled<2>(pool, g, s, l, p, out);
-  if (narrowest < 128) return LaunchPooled<4>(pool, g, s, l, p, out);
-  return LaunchPooled<8>(pool, g, s, l, p, out);
+  if (narrowest < 32) return LaunchPooled<1>(pool, g, s, l, p, out, tile);
+  if (narrowest < 64) return LaunchPooled<2>(pool, g, s, l, p, out, tile);
+  if (narrowest < 128) return LaunchPooled<4>(pool, g, s, l, p, out, tile);
+  return LaunchPooled<8>(pool, g, s, l, p, out, tile);
 }
 
 // S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
@@ -460,16 +554,20 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
   const int64_t plane = height * width * batch;  // one atom of the output
   float d[kFusedDictionaryMacsMax];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
-  // NHWC: the item's input row of every image is first copied to `staged` (batch, w, m), one contiguous read
-  // per image; reading it in place, a pixel of each image in turn, left the prefetchers behind (2.7× slower
-  // on AlexNet's conv1 at batch 32).
-  std::unique_ptr<float[]> staged(nhwc ? new float[batch * w * m] : nullptr);
-  const int64_t image_stride = nhwc ? w * m : xb;
+  // NHWC: the item's input row of every image is first copied, transposed, to `staged` (m, w, batch): one
+  // contiguous read per image, and then each channel of a pixel is a contiguous run over the images, which the
+  // sums below take as vectors (no gathers: they are slow on many CPUs, absent on others). CHWN input already
+  // has such runs.
+  std::unique_ptr<float[]> staged(nhwc ? new float[m * w * batch] : nullptr);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t pr = item / height, row = item % height;
     const int64_t y = row * sh + pr - ph;
     if (nhwc && y >= 0 && y < h) {
-      for (int64_t b = 0; b < batch; ++b) std::memcpy(&staged[b * w * m], x + b * xb + y * xy, sizeof(float) * w * m);
+      for (int64_t b = 0; b < batch; ++b) {
+        const float* src = x + b * xb + y * xy;
+        for (int64_t col = 0; col < w; ++col)
+          for (int64_t c = 0; c < m; ++c) staged[(c * w + col) * batch + b] = src[col * m + c];
+      }
     }
     for (int64_t padded = 0; padded < width * sw; ++padded) {
       const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
@@ -478,30 +576,22 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         for (int64_t j = 0; j < k; ++j) std::memset(dst + j * sh * sw * plane, 0, sizeof(float) * batch);
         continue;
       }
-      const float* px = nhwc ? &staged[xcol * xx] : x + y * xy + xcol * xx;
-      int64_t b = 0;
-#if defined(__AVX512F__)
-      if (nhwc && 16 * w * m < (int64_t{1} << 31)) {  // one gather per channel: this pixel of 16 images
-        const __m512i images = _mm512_mullo_epi32(
-            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(w * m));
-        for (; b + 16 <= batch; b += 16) {
-          __m512 column[M ? M : kFusedDictionaryMacsMax];
-          for (int64_t c = 0; c < m; ++c) column[c] = _mm512_i32gather_ps(images, px + b * w * m + c, 4);
-          for (int64_t j = 0; j < k; ++j) {
-            __m512 sum = _mm512_setzero_ps();
-            for (int64_t c = 0; c < m; ++c) sum = _mm512_fmadd_ps(column[c], _mm512_set1_ps(d[c * k + j]), sum);
-            _mm512_storeu_ps(dst + j * sh * sw * plane + b, sum);
-          }
-        }
+      const float* column[M ? M : kFusedDictionaryMacsMax];  // channel c of this pixel: batch values in a run
+      for (int64_t c = 0; c < m; ++c) {
+        column[c] = nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
       }
-#endif
-      for (; b < batch; ++b) {
-        float column[M ? M : kFusedDictionaryMacsMax];
-        for (int64_t c = 0; c < m; ++c) column[c] = px[b * image_stride + c * xm];
-        for (int64_t j = 0; j < k; ++j) {
+      for (int64_t j = 0; j < k; ++j) {
+        float* target = dst + j * sh * sw * plane;
+        int64_t b = 0;
+        for (; b + 16 <= batch; b += 16) {
+          v16 sum = v16{};
+          for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(column[c] + b);
+          std::memcpy(target + b, &sum, sizeof(sum));
+        }
+        for (; b < batch; ++b) {
           float sum = 0.f;
-          for (int64_t c = 0; c < m; ++c) sum += column[c] * d[c * k + j];
-          dst[j * sh * sw * plane + b] = sum;
+          for (int64_t c = 0; c < m; ++c) sum += column[c][b] * d[c * k + j];
+          target[b] = sum;
         }
       }
     }
@@ -534,23 +624,19 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
     float sum[R];
     for (int r = 0; r < R; ++r) sum[r] = 0.f;
     int64_t i = 0;
-#if defined(__AVX512F__)
     constexpr int U = R >= 4 ? 1 : 4 / R;
-    __m512 acc[U][R];
+    v16 acc[U][R];
     for (int u = 0; u < U; ++u)
-      for (int r = 0; r < R; ++r) acc[u][r] = _mm512_setzero_ps();
+      for (int r = 0; r < R; ++r) acc[u][r] = v16{};
     for (; i + 16 * U <= m; i += 16 * U) {
       for (int u = 0; u < U; ++u) {
-        const __m512 weights = Load16(row + i + 16 * u);
-        for (int r = 0; r < R; ++r) {
-          acc[u][r] = _mm512_fmadd_ps(weights, _mm512_loadu_ps(x + r * m + i + 16 * u), acc[u][r]);
-        }
+        const v16 weights = Load16(row + i + 16 * u);
+        for (int r = 0; r < R; ++r) acc[u][r] += weights * Load(x + r * m + i + 16 * u);
       }
     }
     for (int u = 1; u < U; ++u)
-      for (int r = 0; r < R; ++r) acc[0][r] = _mm512_add_ps(acc[0][r], acc[u][r]);
-    for (int r = 0; r < R; ++r) sum[r] = _mm512_reduce_add_ps(acc[0][r]);
-#endif
+      for (int r = 0; r < R; ++r) acc[0][r] += acc[u][r];
+    for (int r = 0; r < R; ++r) sum[r] = Sum(acc[0][r]);
     for (; i < m; ++i) {
       const float weight = ToFloat(row[i]);
       for (int r = 0; r < R; ++r) sum[r] += weight * x[r * m + i];

@@ -96,15 +96,16 @@ def image_files(paths: Sequence[str]) -> Iterator[str]:
       yield path
 
 
-def load_model(path: str, backends: str | None = None) -> InferenceModel:
-  """The exported model at ``path``; a :class:`cli.UsageError` that says so when it is not one."""
+def load_model(path: str, backends: str | None = None, retune: bool = False) -> InferenceModel:
+  """The exported model at ``path`` (tuned for this CPU: see :func:`lcnn_jax.inference.load`; ``retune``
+  measures again); a :class:`cli.UsageError` that says so when it is not one."""
   how = "python -m lcnn_jax.inference.exporter writes one from a training run"
   if not os.path.isfile(path):
     raise cli.UsageError(f"--model {path}: no such file; pass a model exported by lcnn_jax ({how}).")
   if not zipfile.is_zipfile(path):
     raise cli.UsageError(f"--model {path} is not a model exported by lcnn_jax (not an .npz archive); {how}.")
   try:
-    return load(path, backends=backends)
+    return load(path, backends=backends, retune=retune)
   except (KeyError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as e:
     reason = ("it holds pickled Python objects, which lcnn_jax never loads" if "pickle" in str(e)
               else "it has no lcnn_jax header" if isinstance(e, KeyError) else str(e))
@@ -156,7 +157,10 @@ def define_flags() -> None:
   """The command's flags (defined by the command only, so importing this module defines none)."""
   flags.DEFINE_string("model", None, "An exported model (.npz) written by python -m lcnn_jax.inference.exporter.")
   flags.DEFINE_integer("top", 5, "How many classes to list per image.", lower_bound=1)
-  flags.DEFINE_string("backends", None, "Unset: as exported; 'auto': measure here; or one backend name.")
+  flags.DEFINE_string("backends", None, "Unset: as exported (tuned again once on a CPU other than the one it was "
+                      "tuned on); 'auto': measure here; or one backend name.")
+  flags.DEFINE_bool("retune", False, "Measure the backends for this CPU again, replacing the choice kept for "
+                    "this file and CPU in $LCNN_JAX_CACHE/retuned.json.")
   flags.DEFINE_bool("json", False, "Print one JSON list: per image file {image, top: [{index, class, "
                     "probability}]}, or {image, error} for a file that could not be read.")
   flags.DEFINE_bool("describe", False, "Print the input the model expects (size, channels, preparation, "
@@ -170,7 +174,7 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   """The prediction command: top classes per image file; exit status 1 if any file could not be read."""
   FLAGS = flags.FLAGS
-  model = load_model(FLAGS.model, FLAGS.backends)
+  model = load_model(FLAGS.model, FLAGS.backends, FLAGS.retune)
   if FLAGS.describe:
     print(describe(model))
     if len(argv) == 1:

@@ -9,6 +9,7 @@ once when they load (:func:`lcnn_jax.inference.passes.fuse`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Mapping
@@ -83,15 +84,20 @@ def _layer_from_file(name: str, header: dict, arrays: dict[str, np.ndarray]) -> 
 
 
 def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = None,
-         batch_size: int | None = None) -> InferenceModel:
+         batch_size: int | None = None, retune: bool = False) -> InferenceModel:
   """Loads an exported model: a callable from (batch, h, w, c) images to logits.
 
   Args:
     path: a file written by :func:`lcnn_jax.inference.export` or :func:`save`.
-    backends: None keeps the backends chosen at export (an unavailable one falls back to 'gather'); "auto"
-      measures again here; or a backend name for every lookup layer, or a name per layer.
+    backends: None keeps the backends chosen at export where they were measured on this CPU; a file tuned on
+      another CPU is tuned again here, once (:func:`lcnn_jax.inference.tuning.for_this_machine`; an
+      unavailable backend falls back to 'gather'); "auto" measures again here; or a backend name for every
+      lookup layer, or a name per layer.
     batch_size: the batch size "auto" optimises for (default: the one used at export).
+    retune: with ``backends`` None, measure this CPU's choice again even when one is kept.
   """
+  with open(os.fspath(path), "rb") as f:
+    digest = hashlib.sha256(f.read()).hexdigest()[:24]
   with np.load(os.fspath(path), allow_pickle=False) as archive:
     arrays = {key: archive[key] for key in archive.files}
   header = json.loads(arrays.pop("header").tobytes())
@@ -116,4 +122,6 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
                          tuning=header["tuning"])
   if backends == "auto":
     return tuning.tune(model, batch_size or (header["tuning"] or {}).get("batch_size", 1))
-  return model if backends is None else model.with_backends(backends)
+  if backends is None:
+    return tuning.for_this_machine(model, digest, retune=retune)
+  return model.with_backends(backends)

@@ -4,7 +4,13 @@ Each candidate backend runs the layer alone on random input (in the backend's ow
 the median wall-clock time decides. Timings are cached in ``$LCNN_JAX_CACHE/tuning.json`` under the device,
 the JAX version, the batch size and the layer's shape and number of non-zeros, so exporting the same model
 again, or another with the same layers, measures nothing. :func:`tune` then checks the per-layer choice against
-each backend used throughout, on the whole model.
+each backend used throughout, on the whole model. The ``lookup`` kernel competes with itself at several tile
+sizes (:func:`lookup_variants`), sized from this machine's L2.
+
+A tuning result belongs to the CPU it was measured on: :func:`tune` records :func:`~lcnn_jax.inference.machine.
+cpu_key` and the machine's description in ``model.tuning``, and :func:`for_this_machine` (what loading an export
+calls) re-tunes a model measured on another CPU once, keeping the result per file and CPU in
+``$LCNN_JAX_CACHE/retuned.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import kernels, layouts
+from lcnn_jax.inference import kernels, layouts, machine
 from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
 from lcnn_jax.inference.records import LookupLayer
 
@@ -74,8 +80,10 @@ def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
            f"m{layer.in_features}k{layer.dictionary_size}n{layer.out_features}",
            f"kernel{layer.kernel_size}strides{layer.strides}padding{layer.padding}input{layer.input_size}",
            f"nnz{layer.nnz}", f"dictionary {layer.dictionary.dtype}", f"values {layer.values.dtype}"]
-  if backend == "lookup":
+  impl = backends_lib.get_backend(backend)
+  if isinstance(impl, backends_lib.Lookup):
     parts.append(os.path.basename(os.path.dirname(kernels.ensure_kernel())))  # the kernel build's hash
+    parts.append(f"tile{impl.tile()}")
   return "|".join(parts)
 
 
@@ -104,6 +112,13 @@ class TimingCache:
 
 PREFERENCE = ("lookup", "pallas", "factored", "dense", "gather")
 """The order candidates are timed in: likely winners first, so hopeless ones are given up early."""
+
+
+def lookup_variants() -> list[str]:
+  """The ``lookup`` kernel's tile sizes the tuner times per layer: tiles of this machine's L2 (``lookup``, sized
+  again wherever the model loads), a quarter of that, and no tiles."""
+  budget = machine.tile_budget_bytes()
+  return ["lookup", f"{backends_lib.LOOKUP_TILED}{budget // 4}", f"{backends_lib.LOOKUP_TILED}0"]
 
 
 def candidate_backends() -> list[str]:
@@ -142,6 +157,7 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
     raise ValueError(f"None of the candidate backends is available here (available: {available}).")
   cache = cache or TimingCache()
   choice, timings = {}, {}
+  candidates = [variant for b in candidates for variant in (lookup_variants() if b == "lookup" else [b])]
   for name, layer in layers.items():
     timings[name] = {}
     for backend in candidates:
@@ -183,8 +199,50 @@ def tune(model, batch_size: int):
     whole_ms[f"{best}, no chain"] = model_ms(per_call, 1)
     measured["chain"] = whole_ms[best] <= whole_ms[f"{best}, no chain"]
     tuned = tuned if measured["chain"] else per_call
-  tuned.tuning = {"batch_size": batch_size, "device": device_name(), "timings_ms": timings,
+  tuned.tuning = {"batch_size": batch_size, "device": device_name(), "machine": machine.cpu_key(),
+                  "machine_description": machine.describe().as_dict(), "timings_ms": timings,
                   "model_ms": whole_ms, "chosen": best, **measured}
   logging.info("Backends at batch %d: %s (whole model: %s).", batch_size, best,
                ", ".join(f"{k} {v:.2f} ms" for k, v in whole_ms.items()))
+  return tuned
+
+
+RETUNED = "retuned.json"
+"""The file in ``$LCNN_JAX_CACHE`` that keeps, per exported file and CPU, the backends tuned there."""
+
+
+def for_this_machine(model, file_digest: str, *, retune: bool = False, path: str | None = None):
+  """``model`` (just loaded from a file whose contents hash to ``file_digest``) with backends tuned on this CPU.
+
+  A model whose ``tuning`` was measured here (same :func:`~lcnn_jax.inference.machine.cpu_key`) is returned as
+  it is, and so is one without tuning (its backends were named, not measured). Otherwise the choice made for
+  this file on this CPU before is read from ``$LCNN_JAX_CACHE/retuned.json``, or measured now (:func:`tune`, at
+  the batch size the file was tuned for) and kept there: another CPU re-tunes once. ``retune`` measures again
+  whatever is kept.
+  """
+  stored = model.tuning
+  if stored is None or (stored.get("machine") == machine.cpu_key() and not retune):
+    return model
+  batch_size = int(stored.get("batch_size", 1))
+  key = f"{file_digest}|{machine.cpu_key()}|batch{batch_size}"
+  cache_path = path or os.path.join(kernels.cache_dir(), RETUNED)
+  try:
+    with open(cache_path) as f:
+      kept = json.load(f)
+  except (OSError, ValueError):
+    kept = {}
+  if key in kept and not retune:
+    entry = kept[key]
+    tuned = model.with_backends(entry["backends"], chain=entry.get("chain"))
+    tuned.tuning = entry["tuning"]
+    return tuned
+  logging.warning("This model was tuned on %s; measuring its backends on this CPU (%s) once, at batch %d.",
+                  stored.get("machine", "an unnamed CPU"), machine.cpu_key(), batch_size)
+  tuned = tune(model, batch_size)
+  kept[key] = {"backends": tuned.backends, "chain": tuned.chain is not None, "tuning": tuned.tuning}
+  os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+  partial = f"{cache_path}.{os.getpid()}.tmp"
+  with open(partial, "w") as f:
+    json.dump(kept, f, indent=1, sort_keys=True)
+  os.replace(partial, cache_path)
   return tuned
