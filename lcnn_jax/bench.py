@@ -10,13 +10,18 @@ by every lookup layer, solved so that the multiplication count (:mod:`lcnn_jax.f
 speedup over the CNN (AlexNet 37.6× fast, 3.2× accurate; ResNet-18 29.2× and 5.0×), non-zeros at random
 positions. The LCNN's dictionary sizes are those of ``configs/<model>_<preset>.py``.
 
-``--baselines xla,onnxruntime,torch`` also times the dense CNN on the other engines a user might deploy it on,
-in the same interleaved rounds: ONNX Runtime runs the CNN's ONNX export (:mod:`lcnn_jax.inference.onnx_export`,
-NCHW, one intra-op thread per core, as XLA) and, for comparison, the LCNN's (lookup forms measured at the
-batch size); PyTorch runs the same ONNX graph translated to PyTorch operations, traced, frozen and optimised
-for inference (oneDNN, channels-last; :mod:`lcnn_jax.inference.torch_engine`). An engine that is not installed
-is reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup over the fastest dense
-engine.
+``--baselines xla,onnxruntime,torch,openvino`` also times the dense CNN on the other engines a user might deploy
+it on, in the same interleaved rounds: ONNX Runtime runs the CNN's ONNX export
+(:mod:`lcnn_jax.inference.onnx_export`, NCHW, one intra-op thread per core, as XLA) and, for comparison, the
+LCNN's (lookup forms measured at the batch size); PyTorch runs the same ONNX graph translated to PyTorch
+operations, traced, frozen and optimised for inference (oneDNN, channels-last;
+:mod:`lcnn_jax.inference.torch_engine`); OpenVINO compiles the same ONNX graph for the CPU with as many threads
+(:mod:`lcnn_jax.inference.openvino_engine`: hint ``LATENCY`` at batch 1, ``THROUGHPUT`` above) twice, in the
+device's default inference precision and in f32, each row named by the precision it computes in (``openvino
+(bf16)`` and ``openvino (f32)``; one row, ``openvino (f32, default)``, where the default is f32), its logits
+checked against the exported CNN's first. An engine that is not installed is reported as skipped, with the
+reason. The headline is the LCNN's (auto mix) speedup over the fastest float32 dense engine, and beside it over
+the fastest dense engine in any precision (a bf16 OpenVINO row included).
 
 At batch 1, where the chosen mix can run its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`;
 the tuner times that against a call per layer and keeps the faster), the row ``auto-per-layer`` (or
@@ -24,12 +29,18 @@ the tuner times that against a call per layer and keeps the faster), the row ``a
 batches, where layers add residuals and apply ReLUs as they store their outputs, ``auto-unfused`` times the same
 mix with XLA doing those (``lookup-…`` rows likewise when the chosen mix is not all ``lookup``).
 
-``--json`` prints ``{"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup",
-"count_speedup", "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest"}, ...], "baselines":
-{engine: {"dense_ms"} or {"skipped"}}, "headline": {...}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
-"lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against
-XLA:CPU); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic and arithmetic
-floors (``"layers"`` in the JSON).
+The table's first line names the machine (:func:`lcnn_jax.inference.machine.describe`: CPU, cores, caches, the
+lookup kernel's ISA).
+
+``--json`` prints ``{"machine": {"cpu", "kernel_arch", "march", "l1_bytes", "l2_bytes", "l3_bytes", "cores"},
+"rows": [{"model", "preset", "batch", "backend", "dense_ms", "lcnn_ms", "wall_speedup", "count_speedup",
+"fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest", "precision"}, ...], "baselines": {engine:
+{"dense_ms", "precision"} or {"skipped"}}, "headline": {"lcnn_ms", "fastest_dense_engine", "fastest_dense_ms",
+"wall_speedup", "fastest_dense_any_precision", "fastest_dense_any_precision_ms",
+"wall_speedup_vs_fastest_any_precision", "count_speedup"}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
+"lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against XLA:CPU; ``fastest_dense_*`` among the
+float32 engines); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic and
+arithmetic floors (``"layers"`` in the JSON).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -52,8 +63,8 @@ from lcnn_jax import checkpoint as checkpoint_lib
 from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import exporter, onnx_export, torch_engine
-from lcnn_jax.inference import layouts, tracing, tuning
+from lcnn_jax.inference import exporter, onnx_export, openvino_engine, torch_engine
+from lcnn_jax.inference import layouts, machine, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.model import InferenceModel
@@ -65,7 +76,7 @@ PAPER_SPEEDUPS = {("alexnet", "fast"): 37.6, ("alexnet", "accurate"): 3.2, ("res
                   ("resnet18", "accurate"): 5.0}
 IMAGE_SHAPE = (224, 224, 3)
 NUM_CLASSES = 1000
-BASELINES = ("xla", "onnxruntime", "torch")
+BASELINES = ("xla", "onnxruntime", "torch", "openvino")
 """Engines that can run the dense CNN; XLA:CPU (this package's runtime) is always timed."""
 
 def preset_config(model: str, preset: str) -> ml_collections.ConfigDict:
@@ -169,19 +180,43 @@ def cpu_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def dense_engines(setup: Setup, baselines: Sequence[str], batch: int) -> tuple[dict[str, Any], dict[str, str]]:
-  """The dense CNN on each baseline engine that can run here, and the reason for each that cannot."""
-  engines, skipped = {"xla": setup.dense}, {}
+@dataclasses.dataclass(frozen=True)
+class DenseEngine:
+  """The dense CNN on one engine: called on NHWC images, computing in ``precision`` (float32, bfloat16, ...)."""
+  run: Callable[[Any], Any]
+  precision: str = "float32"
+
+
+def _openvino_engines(setup: Setup, batch: int) -> dict[str, DenseEngine]:
+  """OpenVINO in the device's default precision and in f32, named by what each computes in: 'openvino (bf16)'
+  and 'openvino (f32)', or 'openvino (f32, default)' alone where the default is f32."""
+  default = openvino_engine.OpenVinoEngine(setup.dense, batch, cpu_threads())
+  if default.precision == "f32":
+    return {"openvino (f32, default)": DenseEngine(default, default.dtype)}
+  forced = openvino_engine.OpenVinoEngine(setup.dense, batch, cpu_threads(), precision="f32")
+  return {f"openvino ({default.precision})": DenseEngine(default, default.dtype),
+          f"openvino ({forced.precision})": DenseEngine(forced, forced.dtype)}
+
+
+def dense_engines(setup: Setup, baselines: Sequence[str], batch: int) -> tuple[dict[str, DenseEngine],
+                                                                               dict[str, str]]:
+  """The dense CNN on each baseline engine that can run here (by row name), and the reason for each that cannot."""
+  engines, skipped = {"xla": DenseEngine(setup.dense)}, {}
   if "onnxruntime" in baselines:
     try:
-      engines["onnxruntime"] = OnnxRuntimeEngine(setup.dense, batch, cpu_threads())
+      engines["onnxruntime"] = DenseEngine(OnnxRuntimeEngine(setup.dense, batch, cpu_threads()))
     except onnx_export.OnnxUnavailable as e:
       skipped["onnxruntime"] = str(e)
   if "torch" in baselines:
     try:
-      engines["torch"] = torch_engine.TorchEngine(setup.dense, batch, cpu_threads())
+      engines["torch"] = DenseEngine(torch_engine.TorchEngine(setup.dense, batch, cpu_threads()))
     except (torch_engine.TorchUnavailable, onnx_export.OnnxUnavailable) as e:
       skipped["torch"] = str(e)
+  if "openvino" in baselines:
+    try:
+      engines.update(_openvino_engines(setup, batch))
+    except (openvino_engine.OpenVinoUnavailable, onnx_export.OnnxUnavailable) as e:
+      skipped["openvino"] = str(e)
   return engines, skipped
 
 
@@ -289,7 +324,8 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   """The benchmark's rows (and, ``with_layers``, the chosen mix's per-layer breakdown).
 
   ``baselines``: the engines the dense CNN runs on (:data:`BASELINES`; XLA always); the rows' speedups are
-  also given against the fastest of them. The LCNN's weights are stored in ``precisions[0]`` (the CNN's stay
+  also given against the fastest of them that computes in float32 (the headline's also against the fastest in
+  any precision). The LCNN's weights are stored in ``precisions[0]`` (the CNN's stay
   float32); each further precision adds an ``auto`` row of the same backend mix with its weights stored in that
   precision, timed in the same rounds."""
   unknown = sorted(set(baselines) - set(BASELINES))
@@ -302,7 +338,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
     model, preset = checkpoint_lib.load_run_info(checkpoint)[0].model.name, "trained"
   names = [b for b in (backend_names or backends_lib.BACKENDS) if b in backends_lib.available_backends()]
   engines, skipped = dense_engines(setup, baselines, batch)
-  variants = {"cnn": setup.dense, **{f"cnn:{e}": m for e, m in engines.items() if e != "xla"},
+  variants = {"cnn": setup.dense, **{f"cnn:{e}": engine.run for e, engine in engines.items() if e != "xla"},
               **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
               **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
   variants.update(_unfused_variants(setup.lcnn, "auto", batch))
@@ -314,7 +350,9 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   logging.info("Timing %d variants for about %.3g s: %s", len(variants), seconds, ", ".join(variants))
   times = time_models(variants, images, seconds)
   dense_ms = {e: times["cnn" if e == "xla" else f"cnn:{e}"] for e in engines}
-  fastest = min(dense_ms, key=dense_ms.get)
+  # float32 LCNN rows against float32 engines; the headline also names the fastest in any precision
+  fastest = min((e for e in dense_ms if engines[e].precision == "float32"), key=dense_ms.get)
+  fastest_any = min(dense_ms, key=dense_ms.get)
   rows = [{"model": model, "preset": preset, "batch": batch, "backend": b, "dense_ms": times["cnn"],
            "lcnn_ms": times[b], "wall_speedup": times["cnn"] / times[b], "count_speedup": setup.count_speedup,
            "fastest_dense_engine": fastest, "fastest_dense_ms": dense_ms[fastest],
@@ -322,12 +360,15 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
            "precision": b.split(" ")[1] if " " in b else precision}
           for b in [*names, "auto", *(f"auto {p}" for p in precisions[1:]),
                     *(v for v in variants if v.endswith(("-per-layer", "-one-call", "-unfused")))]]
-  result = {"rows": rows, "device": tuning.device_name(), "density": setup.density, "precision": precision,
-            "auto_backends": setup.lcnn.backends,
-            "baselines": {**{e: {"dense_ms": ms} for e, ms in dense_ms.items()},
+  result = {"machine": machine.describe().as_dict(), "rows": rows, "device": tuning.device_name(),
+            "density": setup.density, "precision": precision, "auto_backends": setup.lcnn.backends,
+            "baselines": {**{e: {"dense_ms": ms, "precision": engines[e].precision} for e, ms in dense_ms.items()},
                           **{e: {"skipped": reason} for e, reason in skipped.items()}},
             "headline": {"lcnn_ms": times["auto"], "fastest_dense_engine": fastest,
                          "fastest_dense_ms": dense_ms[fastest], "wall_speedup": dense_ms[fastest] / times["auto"],
+                         "fastest_dense_any_precision": fastest_any,
+                         "fastest_dense_any_precision_ms": dense_ms[fastest_any],
+                         "wall_speedup_vs_fastest_any_precision": dense_ms[fastest_any] / times["auto"],
                          "count_speedup": setup.count_speedup}}
   if "lcnn:onnxruntime" in variants:
     result["lcnn_onnxruntime"] = {"lcnn_ms": times["lcnn:onnxruntime"],
@@ -343,10 +384,11 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
 def format_table(result: dict[str, Any]) -> str:
   """The rows (and the layer breakdown when present) as fixed-width text."""
   width = max([9, *(len(r["model"]) for r in result["rows"])])  # a trained checkpoint's model: digits-lcnn, ...
-  lines = [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
-           f"device {result['device']}; trained checkpoint",
-           f"{'model':<{width}} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
-           f"{'wall x':>8} {'count x':>8}"]
+  lines = [machine.Machine(**result["machine"]).line()] if "machine" in result else []
+  lines += [f"device {result['device']}; synthetic density {result['density']:.4f}" if result["density"] else
+            f"device {result['device']}; trained checkpoint",
+            f"{'model':<{width}} {'preset':<9} {'batch':>5} {'backend':<13} {'dense ms':>10} {'lcnn ms':>10} "
+            f"{'wall x':>8} {'count x':>8}"]
   for r in result["rows"]:
     lines.append(f"{r['model']:<{width}} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
@@ -359,8 +401,12 @@ def format_table(result: dict[str, Any]) -> str:
       lines.append(f"LCNN on onnxruntime: {result['lcnn_onnxruntime']['lcnn_ms']:.3f} ms (lookups: "
                    + ", ".join(f"{k}={v}" for k, v in forms.items()) + ")")
     h = result["headline"]
-    lines.append(f"headline: LCNN (auto) {h['lcnn_ms']:.3f} ms vs the fastest dense engine, {h['fastest_dense_engine']}"
-                 f" {h['fastest_dense_ms']:.3f} ms: {h['wall_speedup']:.2f}x wall (count {h['count_speedup']:.2f}x)")
+    lines.append(f"headline: LCNN (auto) {h['lcnn_ms']:.3f} ms vs the fastest float32 dense engine, "
+                 f"{h['fastest_dense_engine']} {h['fastest_dense_ms']:.3f} ms: {h['wall_speedup']:.2f}x wall (count "
+                 f"{h['count_speedup']:.2f}x)")
+    if h["fastest_dense_any_precision"] != h["fastest_dense_engine"]:
+      lines.append(f"  vs the fastest dense engine in any precision, {h['fastest_dense_any_precision']} "
+                   f"{h['fastest_dense_any_precision_ms']:.3f} ms: {h['wall_speedup_vs_fastest_any_precision']:.2f}x")
   if "layers" in result:
     f = result["floors"]
     lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['macs_per_s']:.1f} G multiply-adds/s")
@@ -384,7 +430,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_list("backends", None, "Backends to run every lookup layer on (default: every available one).",
                     flag_values=flag_values)
   flags.DEFINE_list("baselines", ["xla"], f"Engines to run the dense CNN on, among {', '.join(BASELINES)} (XLA "
-                    "always); the headline speedup is against the fastest.", flag_values=flag_values)
+                    "always; openvino gives a row in the device's default precision and one in f32); the headline "
+                    "speedup is against the fastest float32 one, and beside it the fastest in any precision.",
+                    flag_values=flag_values)
   flags.DEFINE_bool("json", False, "Print the result as JSON instead of a table.", flag_values=flag_values)
   flags.DEFINE_bool("layers", False, "Also time the chosen mix layer by layer against its floors.",
                     flag_values=flag_values)

@@ -108,6 +108,7 @@ def default_config(model: str = "digits-lcnn") -> ml_collections.ConfigDict:
   c.data.num_eval = 0  # Synthetic data only: number of evaluation examples.
   c.data.classes = ml_collections.config_dict.placeholder(tuple)  # Keep these classes, relabelled 0..n-1 in order.
   c.data.examples_per_class = 0  # Keep the first n training records of each class (0 = all): few-shot runs.
+  c.data.examples_seed = -1  # -1: those n are the first; >= 0: drawn at random per class with this seed.
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 128  # Global batch, split across processes.

@@ -17,11 +17,13 @@ Parts, in this order (each records its status, seconds and, when it cannot run, 
 * ``inference``: :func:`lcnn_jax.bench.run` at batch 1 and 256: the dense CNN, the LCNN on every available
   backend and on the ``auto`` mix (AlexNet-LCNN fast, then ResNet-18-LCNN fast while time is left).
 
-It writes ``DIR/devicecheck.json`` (``rows``: one per measurement, with ``part``, ``model``, ``backend``,
-``batch``, ``images_per_s`` and ``ms``; ``parts``; ``targets``), ``DIR/devicecheck.md`` and
-``DIR/tests.log``, rewriting the JSON after every part so that a run cut short keeps what it measured, and prints
-a short table last. Sizes fit about 8 minutes on one H200 (``--budget_s``: a part or step that would start
-after the budget is skipped, saying so). It never changes device settings.
+It writes ``DIR/devicecheck.json`` (``machine``: the host, as :func:`lcnn_jax.inference.machine.describe`
+gives it, ``cpu``, ``kernel_arch``, ``march``, ``l1_bytes``, ``l2_bytes``, ``l3_bytes`` and ``cores``; ``rows``: one
+per measurement, with ``part``, ``model``, ``backend``, ``batch``, ``images_per_s`` and ``ms``; ``parts``;
+``targets``), ``DIR/devicecheck.md`` and ``DIR/tests.log``, rewriting the JSON after every part so that a run cut
+short keeps what it measured, and prints a short table last, under the machine's line. Sizes fit about 8 minutes
+on one H200 (``--budget_s``: a part or step that would start after the budget is skipped, saying so). It never
+changes device settings.
 
 ``--smoke`` runs the same code paths at tiny sizes (AlexNet 64×64 and ResNet 32×32 training at batch 4,
 AlexNet inference at batch 1 and 2, the Pallas kernel interpreted) on a CPU: about 2.5 minutes of CPU time.
@@ -47,6 +49,8 @@ from typing import Any, Callable
 
 import jax
 from absl import app, flags, logging
+
+from lcnn_jax.inference import machine
 
 PARTS = ("tests", "train", "pipeline", "inference")
 FAMILIES = ("alexnet", "resnet18")
@@ -171,8 +175,8 @@ class Run:
 
   def result(self) -> dict[str, Any]:
     """The report as written to devicecheck.json."""
-    return {"device": self.device, "smoke": self.smoke, "jax": jax.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    return {"device": self.device, "machine": machine.describe().as_dict(), "smoke": self.smoke,
+            "jax": jax.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "host_cpus": os.cpu_count(), "elapsed_s": round(time.monotonic() - self.start, 1),
             "command": " ".join(["python -m lcnn_jax.devicecheck", *sys.argv[1:]]), "parts": self.parts,
             "rows": self.rows, "targets": targets(self.rows)}
@@ -375,6 +379,7 @@ def markdown(result: dict) -> str:
   lines = [f"# devicecheck: {result['device']}", "",
            f"`{result['command']}` on {result['date']}, {result['elapsed_s']} s, jax {result['jax']}, "
            f"{result['host_cpus']} host CPUs{' (smoke sizes)' if result['smoke'] else ''}.", "",
+           f"Host: {machine.Machine(**result['machine']).line()}.", "",
            "| part | status | seconds | notes |", "|---|---|---|---|"]
   for name, part in result["parts"].items():
     notes = {k: v for k, v in part.items() if k not in ("status", "seconds")}
@@ -427,7 +432,7 @@ def main(argv):
   for name, part in result["parts"].items():
     for reason in [part["reason"]] if part.get("reason") else part.get("skipped_steps", []):
       sys.stdout.write(f"  {name} {part['status']}: {reason}\n")
-  sys.stdout.write(table(run.rows) + "\n")
+  sys.stdout.write(f"{machine.describe().line()}\n{table(run.rows)}\n")
   return 1 if any(part["status"] == "failed" for part in result["parts"].values()) else 0
 
 

@@ -33,7 +33,6 @@ import dataclasses
 import math
 import os
 import shutil
-import struct
 import sys
 import tempfile
 from typing import Any, Sequence
@@ -101,41 +100,102 @@ MISSING_TENSOR_TYPES = {"torch.CudaLongTensor": np.int64, "torch.HalfTensor": np
 
 
 class TruncatedFile(Exception):
-  """A storage holds fewer values than its header says: the file ends early."""
+  """A read that the file has too few bytes left for: the file ends early."""
+
+
+class _ExactReads:
+  """A .t7 file opened for torchfile, where a read of n bytes returns n bytes or raises :class:`TruncatedFile`.
+
+  torchfile takes whatever a read returns: a string or a Lua function cut short by the end of the file would load
+  as a shorter one. Every read of the reader goes through :meth:`read` or :meth:`readinto` here, which check the
+  bytes left before reading (a damaged length never allocates more than the file holds).
+  """
+
+  def __init__(self, f):
+    self._f = f
+    self.size = os.fstat(f.fileno()).st_size
+    self.position = 0
+
+  def left(self) -> int:
+    """The bytes after those read so far."""
+    return self.size - self.position
+
+  def _take(self, count: int) -> None:
+    if count < 0:
+      raise ValueError(f"a length of {count} bytes at byte {self.position}")
+    if count > self.left():
+      raise TruncatedFile(f"{count} bytes due at byte {self.position}, {self.left()} left")
+    self.position += count
+
+  def read(self, count: int) -> bytes:
+    self._take(count)
+    data = self._f.read(count)
+    if len(data) != count:  # the file shrank while it was read
+      raise TruncatedFile(f"{count} bytes due at byte {self.position - count}, {len(data)} read")
+    return data
+
+  def readinto(self, buffer) -> int:
+    count = memoryview(buffer).nbytes
+    self._take(count)
+    got = self._f.readinto(buffer)
+    if got != count:
+      raise TruncatedFile(f"{count} bytes due at byte {self.position - count}, {got} read")
+    return got
 
 
 def _checked_storage_reader(dtype):
   """torchfile's storage reader, refusing a storage cut short (torchfile would return a shorter array, and the
   tensors viewing it would read past its end)."""
+  itemsize = np.dtype(dtype).itemsize
+
   def read(reader, version):
     size = reader.read_long()
-    values = np.fromfile(reader.f, dtype=dtype, count=size)
-    if values.size != size:
-      raise TruncatedFile(f"a storage of {size} values ends after {values.size}")
+    if size < 0:
+      raise ValueError(f"a storage of {size} values")
+    if size * itemsize > reader.f.left():
+      raise TruncatedFile(f"a storage of {size} values ends after {reader.f.left() // itemsize}")
+    values = np.empty(size, dtype)
+    reader.f.readinto(values)
     return values
   return read
 
 
 def read_t7(path: str) -> Any:
-  """The object saved in a Torch7 binary file (tables become dicts/lists, modules ``torchfile.TorchObject``)."""
+  """The object saved in a Torch7 binary file (tables become dicts/lists, modules ``torchfile.TorchObject``).
+
+  Every byte is read exactly once: a file that ends before its object does is truncated, and one that goes on
+  after it holds more than torch.save wrote; both are a :class:`T7ImportError`.
+  """
   try:
     import torchfile
   except ImportError as e:
     raise T7ImportError(MISSING_READER) from e
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r} does not exist: pass the .t7 file (e.g. alexnet-lcnn-fast.t7).")
-  for name, dtype in STORAGE_TYPES.items():
-    for storage in (f"torch.{name}Storage", "torch.CudaStorage" if name == "Float" else f"torch.Cuda{name}Storage"):
-      torchfile.type_handlers[storage.encode()] = _checked_storage_reader(dtype)
-  for tensor, dtype in MISSING_TENSOR_TYPES.items():
-    torchfile.add_tensor_reader(tensor.encode(), dtype)
+  handlers = dict(torchfile.type_handlers)  # torchfile's own, given back after reading
   try:
-    return torchfile.load(path, utf8_decode_strings=True)
-  except (TruncatedFile, struct.error) as e:
-    raise T7ImportError(f"{path} ends early ({e}): an incomplete download? Fetch the file again.") from e
+    for name, dtype in STORAGE_TYPES.items():
+      for storage in (f"torch.{name}Storage", "torch.CudaStorage" if name == "Float" else f"torch.Cuda{name}Storage"):
+        torchfile.type_handlers[storage.encode()] = _checked_storage_reader(dtype)
+    for tensor, dtype in MISSING_TENSOR_TYPES.items():
+      torchfile.add_tensor_reader(tensor.encode(), dtype)
+    with open(path, "rb") as f:
+      file = _ExactReads(f)
+      obj = torchfile.T7Reader(file, utf8_decode_strings=True).read_obj()
+  except TruncatedFile as e:
+    raise T7ImportError(f"{path} is truncated: it ends early ({e}). An incomplete download? Fetch the file "
+                        "again.") from e
   except Exception as e:  # torchfile raises whatever a damaged stream triggers
     raise T7ImportError(f"{path} is not a readable Torch7 binary file ({type(e).__name__}: {e}); expected a "
                         "file written by torch.save in binary mode, such as the original's model_<epoch>.t7.") from e
+  finally:
+    torchfile.type_handlers.clear()
+    torchfile.type_handlers.update(handlers)
+  if file.left():
+    raise T7ImportError(f"{path} goes on for {file.left()} bytes after the object torch.save wrote (it ends at byte "
+                        f"{file.position} of {file.size}): a damaged download, or two files joined? Fetch the file "
+                        "again.")
+  return obj
 
 
 def _typename(obj) -> str | None:

@@ -3,9 +3,10 @@
     python -m lcnn_jax.flops --workdir DIR [--step N] [--json] [--plot FILE.png]
     python -m lcnn_jax.flops --config configs/X.py        (an untrained model, no data needed)
 
-The command keeps the counter's name (``lcnn_jax.flops`` runs :func:`main` with :func:`define_flags`;
-``python -m lcnn_jax.inspection`` is the same command); the counting itself is :mod:`lcnn_jax.flops`. Needs neither the training data nor an accelerator: a checkpoint written
-by any topology is restored onto this host's first device.
+The command keeps the counter's old name (``lcnn_jax.flops`` runs :func:`main` with :func:`define_flags`;
+``python -m lcnn_jax.inspection`` is the same command); the counting itself is :mod:`lcnn_jax.counting`. Needs
+neither the training data nor an accelerator: a checkpoint written by any topology is restored onto this host's
+first device.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import checkpoint, cli, config as config_lib, flops, models
+from lcnn_jax import checkpoint, cli, config as config_lib, counting, models
 
 
 def checkpoint_report(path: str, step: int | None = None) -> str:
@@ -29,13 +30,13 @@ def checkpoint_report(path: str, step: int | None = None) -> str:
   model, config, restored_step = checkpoint.restore_model(path, step)
   _, dataset = checkpoint.load_run_info(path)
   input_shape = tuple(dataset["image_shape"])
-  count = flops.count_multiplications(model, input_shape)
-  baseline = flops.baseline_count(config.model, dataset["num_classes"], input_shape)
+  count = counting.count_multiplications(model, input_shape)
+  baseline = counting.baseline_count(config.model, dataset["num_classes"], input_shape)
   return "\n".join([
       f"{config.model.name} at step {restored_step} on {'x'.join(map(str, input_shape))} inputs",
       count.table(),
       f"baseline ({models.baseline_config(config.model).name}): {baseline.total:,} multiplications",
-      f"speedup: {count.speedup_over(baseline):.2f}x    parameters stored: {flops.stored_parameters(model):,}"])
+      f"speedup: {count.speedup_over(baseline):.2f}x    parameters stored: {counting.stored_parameters(model):,}"])
 
 
 def input_facts(config) -> tuple[int, tuple[int, int, int]]:
@@ -66,12 +67,12 @@ def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape
   density, multiplications, dictionary_multiplications, share of the total, baseline_multiplications of the
   baseline's layer of the same path or None), total_multiplications, baseline_multiplications, speedup,
   parameters_stored (dictionaries + non-zeros of P + biases + dense layers) and baseline_parameters_stored,
-  bytes_stored and baseline_bytes_stored (per precision, :func:`lcnn_jax.flops.stored_bytes`).
+  bytes_stored and baseline_bytes_stored (per precision, :func:`lcnn_jax.counting.stored_bytes`).
   """
   input_shape = tuple(int(n) for n in input_shape)
-  count = flops.count_multiplications(model, input_shape)
-  baseline_model = flops.baseline_model(model_config, num_classes, input_shape)
-  baseline = flops.count_multiplications(baseline_model, input_shape)
+  count = counting.count_multiplications(model, input_shape)
+  baseline_model = counting.baseline_model(model_config, num_classes, input_shape)
+  baseline = counting.count_multiplications(baseline_model, input_shape)
   baseline_by_path = {row.path: row.multiplications for row in baseline.rows}
   total = count.total
   rows = []
@@ -86,10 +87,10 @@ def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape
       "input_shape": list(input_shape), "num_classes": num_classes, "layers": rows,
       "total_multiplications": total, "baseline_multiplications": baseline.total,
       "speedup": count.speedup_over(baseline),
-      "parameters_stored": flops.stored_parameters(model),
-      "baseline_parameters_stored": flops.stored_parameters(baseline_model),
-      "bytes_stored": {p: flops.stored_bytes(model, p) for p in flops.VALUE_BYTES},
-      "baseline_bytes_stored": {p: flops.stored_bytes(baseline_model, p) for p in flops.VALUE_BYTES},
+      "parameters_stored": counting.stored_parameters(model),
+      "baseline_parameters_stored": counting.stored_parameters(baseline_model),
+      "bytes_stored": {p: counting.stored_bytes(model, p) for p in counting.VALUE_BYTES},
+      "baseline_bytes_stored": {p: counting.stored_bytes(baseline_model, p) for p in counting.VALUE_BYTES},
   }
 
 
@@ -158,7 +159,8 @@ def format_inspection(report: dict) -> str:
             f"speedup: {report['speedup']:.2f}x",
             f"parameters stored: {report['parameters_stored']:,} (baseline {report['baseline_parameters_stored']:,})",
             "bytes stored: " + ", ".join(f"{report['bytes_stored'][p] / 1e6:.3f} MB {p} (baseline "
-                                         f"{report['baseline_bytes_stored'][p] / 1e6:.3f})" for p in flops.VALUE_BYTES)]
+                                         f"{report['baseline_bytes_stored'][p] / 1e6:.3f})"
+                                         for p in counting.VALUE_BYTES)]
   return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@
 
 One representation and one multiplication formula for the whole package, in NumPy alone so that the inference
 runtime reads them without Flax: the layers build :class:`Lookups` from their thresholded P
-(:meth:`lcnn_jax.layers.LookupConv.lookups`), the multiplication counter (:mod:`lcnn_jax.flops`) and the exported
+(:meth:`lcnn_jax.layers.LookupConv.lookups`), the multiplication counter (:mod:`lcnn_jax.counting`) and the exported
 layers count with :func:`multiplications`, and the exporter stores and the inference backends run a
 :class:`~lcnn_jax.inference.records.LookupLayer`, which is :class:`Lookups` with its dictionary, bias and geometry.
 """
@@ -127,7 +127,7 @@ def multiplications(*, nonzeros: int, dictionary_size: int, in_features: int, pa
   """A lookup layer's multiplications for one example: S = X ⊛ D over the padded input, then one multiplication per
   non-zero of P at every output position.
 
-  It needs the number of non-zeros, not where they are: the counter (:mod:`lcnn_jax.flops`) takes it from P with
+  It needs the number of non-zeros, not where they are: the counter (:mod:`lcnn_jax.counting`) takes it from P with
   ``np.count_nonzero`` (an untrained AlexNet-LCNN's P is nearly dense, and its lookups would take gigabytes), an
   exported layer from its :class:`Lookups` (``nnz``).
 

@@ -1,6 +1,6 @@
 """Operating points on request: training that ends at a chosen speedup (or density of P) by construction.
 
-The counted multiplications of an LCNN (:mod:`lcnn_jax.flops`) are affine in the non-zeros of its P:
+The counted multiplications of an LCNN (:mod:`lcnn_jax.counting`) are affine in the non-zeros of its P:
 
     count(P) = fixed + Σ_layers cost_per_nonzero(layer) · nnz(P_layer)
 
@@ -48,7 +48,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from lcnn_jax import flops, layers, sparsity
+from lcnn_jax import counting, layers, sparsity
 
 REFERENCE_END = 0.8  # The reference reaches the budget at this fraction of the steering phase.
 KEEP_MARGIN = 0.01  # Kept entries stay at |P| >= (1 + KEEP_MARGIN) · τ during fine-tuning.
@@ -98,8 +98,8 @@ class Budget:
 def budget_for(model: nnx.Module, model_config, input_shape) -> Budget:
   """The :class:`Budget` of ``model`` on one example of ``input_shape`` against its CNN baseline."""
   outputs = jax.eval_shape(layers.eval_view(model), jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
-  count = flops.count_multiplications(model, input_shape)
-  baseline_total = flops.baseline_count(model_config, outputs.shape[-1], input_shape).total
+  count = counting.count_multiplications(model, input_shape)
+  baseline_total = counting.baseline_count(model_config, outputs.shape[-1], input_shape).total
   thresholds = sparsity.coefficient_thresholds(model)
   sizes = {f"{path}/coefficients" if path else "coefficients": layer.coefficients.size
            for path, layer in sparsity.lookup_layers(model)}

@@ -6,6 +6,10 @@
 ImageNet-shaped batch already on the device; the median over ``--steps`` timed steps after two warm-up steps.
 *pipeline*: the grain input pipeline alone over a folder of JPEGs (``--jpeg_dir``, or a generated folder of
 ``--jpeg_images`` random 500×375 JPEGs), decoding, resizing, cropping and flipping as the trainer does.
+
+The table's first line names the machine (:func:`lcnn_jax.inference.machine.describe`); ``--json`` prints
+``{"machine": {"cpu", "kernel_arch", "march", "l1_bytes", "l2_bytes", "l3_bytes", "cores"}, "device", "devices",
+"rows": [{"model", "role", "measure", "batch", "images_per_second"}, ...]}``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
 from lcnn_jax import cli, config as config_lib, data, models, operating_point, optimizer, sparsity, train
+from lcnn_jax.inference import machine
 
 FLAGS = flags.FLAGS
 
@@ -124,6 +129,15 @@ def pipeline_images_per_second(jpeg_dir: str, batch_size: int, steps: int, worke
   return batch_size / statistics.median(times)
 
 
+def format_table(result: dict) -> str:
+  """The measurements as fixed-width text, under the machine's line."""
+  lines = [machine.Machine(**result["machine"]).line(),
+           f"{'model':<16} {'role':<6} {'measure':<14} {'batch':>6} {'images/s':>10}   ({result['device']})"]
+  lines += [f"{row['model']:<16} {row['role']:<6} {row['measure']:<14} {row['batch']:>6} "
+            f"{row['images_per_second']:>10.1f}" for row in result["rows"]]
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -139,13 +153,9 @@ def main(argv):
       write_jpeg_folder(generated, FLAGS.jpeg_images)
     rows.append({"model": "-", "role": "input", "measure": "jpeg_pipeline", "batch": FLAGS.batch,
                  "images_per_second": pipeline_images_per_second(jpeg_dir, FLAGS.batch, FLAGS.steps, FLAGS.workers)})
-  result = {"device": jax.devices()[0].device_kind, "devices": jax.device_count(), "rows": rows}
-  if FLAGS.json:
-    print(json.dumps(result))
-    return
-  print(f"{'model':<16} {'role':<6} {'measure':<14} {'batch':>6} {'images/s':>10}   ({result['device']})")
-  for row in rows:
-    print(f"{row['model']:<16} {row['role']:<6} {row['measure']:<14} {row['batch']:>6} {row['images_per_second']:>10.1f}")
+  result = {"machine": machine.describe().as_dict(), "device": jax.devices()[0].device_kind,
+            "devices": jax.device_count(), "rows": rows}
+  print(json.dumps(result) if FLAGS.json else format_table(result))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lcnn_jax import checkpoint, cli, config as config_lib, data, flops, layers, models, optimizer as optimizer_lib
+from lcnn_jax import checkpoint, cli, config as config_lib, counting, data, layers, models, optimizer as optimizer_lib
 from lcnn_jax import operating_point, sparsity
 from lcnn_jax import logger as logger_lib
 
@@ -280,9 +280,9 @@ class Evaluator:
     return {name: value / count for name, value in totals.items()} | {"count": int(count)}
 
 
-def count_model(model: nnx.Module, params, rest, graphdef, input_shape) -> flops.MultiplicationCount:
+def count_model(model: nnx.Module, params, rest, graphdef, input_shape) -> counting.MultiplicationCount:
   """Multiplications per layer with the current (host-local) parameters."""
-  return flops.count_multiplications(nnx.merge(graphdef, host_local(params), host_local(rest)), input_shape)
+  return counting.count_multiplications(nnx.merge(graphdef, host_local(params), host_local(rest)), input_shape)
 
 
 def _check_finite(step: int, loss: float, last_saved: int | None, workdir: str) -> None:
@@ -294,8 +294,18 @@ def _check_finite(step: int, loss: float, last_saved: int | None, workdir: str) 
         "data (data.mean/data.std), or resume from that checkpoint with another config.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final eval metrics."""
+OptimizerWrapper = Callable[[optax.GradientTransformation, nnx.Module, int, tuple[int, ...]],
+                            optax.GradientTransformation]
+"""(the configured update, the model, the run's total steps, one image's shape) -> the update the run takes."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       wrap_optimizer: OptimizerWrapper | None = None) -> dict[str, float]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final eval metrics.
+
+  ``wrap_optimizer`` wraps the configured update (an experiment's schedule the config has no key for, e.g. the
+  magnitude pruning of :mod:`lcnn_jax.experiments.pruning`); a run started with one resumes only with the same.
+  """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   info = data.dataset_info(config.data, cache_dir=workdir)
@@ -315,6 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint.transfer_dictionaries_from(config.train.init_from, model)
   tx, rule, lr_schedule = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
                                                        input_shape=info.image_shape)
+  if wrap_optimizer is not None:
+    tx = wrap_optimizer(tx, model, plan.total_steps, info.image_shape)
   thresholds = sparsity.coefficient_thresholds(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))

@@ -5,10 +5,6 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import signal
-import subprocess
-import sys
-import time
 import zlib
 
 import numpy as np
@@ -79,36 +75,3 @@ def make_tiny_config(**sections):
 def tiny_config():
   """:func:`make_tiny_config`, the factory of the tests' tiny run config (a fresh ConfigDict per call)."""
   return make_tiny_config
-
-
-# Runs lcnn_jax.main, but when step STEP is about to be saved it writes a marker file and hangs there.
-_HANG_WHEN_SAVING = r"""
-import sys, threading
-from lcnn_jax import checkpoint, main, train
-marker, step = sys.argv.pop(1), int(sys.argv.pop(1))
-save = checkpoint.Checkpointer.save
-def save_or_hang(self, state, data_iter):
-  if int(train.host_local(state.step)) == step:
-    open(marker, "w").close()
-    threading.Event().wait()
-  save(self, state, data_iter)
-checkpoint.Checkpointer.save = save_or_hang
-main.run()
-"""
-
-
-def kill_9_when_saving(step, marker, main_args, *, cwd):
-  """Runs ``python -m lcnn_jax.main *main_args`` until it is about to save ``step`` (computed and logged, not
-  yet on disk), then SIGKILLs it: a crash at a known point. ``marker`` is a path for the process to create there;
-  the wait is for that state, not for a duration."""
-  process = subprocess.Popen([sys.executable, "-c", _HANG_WHEN_SAVING, str(marker), str(step), *main_args],
-                             cwd=cwd, env={**os.environ, "JAX_PLATFORMS": "cpu"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    while not os.path.exists(marker):
-      assert process.poll() is None, f"the run ended before reaching step {step}"
-      time.sleep(0.1)
-  finally:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-  assert process.returncode == -signal.SIGKILL

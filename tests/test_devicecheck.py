@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from lcnn_jax import devicecheck
+from helpers import assert_describes_a_machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +61,11 @@ def test_smoke_slice_measures_training_and_writes_the_report(tmp_path):
   assert goals["alexnet-lcnn-fast inference (auto) speedup over dense XLA at batch 1"]["met"] is None
   report = (tmp_path / "devicecheck.md").read_text()
   assert "| train | resnet18-lcnn-fast | xla |" in report and "not measured" in report
-  assert done.stdout.strip().splitlines()[-1].startswith("train      resnet18-lcnn-fast")  # the table comes last
+  line = assert_describes_a_machine(result["machine"])
+  assert f"Host: {line}." in report
+  printed = done.stdout.strip().splitlines()
+  assert printed[-1].startswith("train      resnet18-lcnn-fast")  # the table comes last, under the machine
+  assert printed[-4:-2] == [line, devicecheck.table([]).splitlines()[0]]
 
 
 def test_without_ml_collections_the_command_starts_and_every_part_says_what_it_needs(tmp_path):
@@ -70,6 +75,7 @@ def test_without_ml_collections_the_command_starts_and_every_part_says_what_it_n
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads((tmp_path / "report" / "devicecheck.json").read_text())
   assert sorted(result["parts"]) == sorted(devicecheck.PARTS) and result["rows"] == []
+  assert_describes_a_machine(result["machine"])  # needs neither ml_collections nor the parts' packages
   for name, part in result["parts"].items():
     assert part["status"] == "skipped" and "ml_collections" in part["reason"], name
   assert "pipeline skipped: needs ml_collections, grain" in done.stdout

@@ -21,7 +21,7 @@ from orbax.checkpoint._src.handlers import json_checkpoint_handler
 
 from lcnn_jax import checkpoint, logger, train
 
-from conftest import kill_9_when_saving
+from helpers import kill_9_when_saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")

@@ -255,11 +255,13 @@ def test_the_experiment_configs_train_fashion_mnist_subsets_and_deepen_the_28x28
   assert (point.model.dictionary.convs, point.sparsity.strength) == (2, 3.0)
   config_lib.validate(point)
   shot = _experiment_config("few_shot_fashion", tmp_path / "fashion")
-  novel = few_shot.novel_config(shot, [5, 6, 7, 8, 9], 1, 2, cnn=False, base_workdir=str(tmp_path / "base"))
+  novel = few_shot.novel_config(shot, [5, 6, 7, 8, 9], 1, arm="lcnn-coefficients", seed=0, learning_rate=0.01,
+                                steps=2, eval_every=2, protocol=few_shot.Protocol())
   info = data.dataset_info(novel.data, cache_dir=str(tmp_path / "novel"))
   assert (info.num_train, info.num_eval, info.class_names) == (5, 5, list(sources.FASHION_MNIST_CLASSES[5:]))
   deep = _experiment_config("few_iteration_fashion", tmp_path / "fashion")
-  deep_config = few_iteration.deep_config(deep, "model.convs_per_stage", 3, 2, 2, cnn=False, frozen=True)
+  deep_config = few_iteration.deep_config(deep, "model.convs_per_stage", 3, 2, 2, arm="deep_lcnn_transfer",
+                                          strength=0.0)
   deep.model.convs_per_stage = 2  # the shallow net of the documented command
   nets = [models.create_model(c.model, num_classes=10, input_shape=(28, 28, 1), rngs=nnx.Rngs(0))
           for c in (deep, deep_config)]

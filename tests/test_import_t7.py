@@ -416,7 +416,11 @@ def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
   with pytest.raises(import_t7.T7ImportError, match="ends early .* values ends after .* Fetch the file again"):
     import_t7.read_t7(str(path))
   path.write_bytes(data[:-2])  # cut inside the last number
-  with pytest.raises(import_t7.T7ImportError, match="ends early"):
+  with pytest.raises(import_t7.T7ImportError, match="is truncated: it ends early"):
+    import_t7.read_t7(str(path))
+  path.write_bytes(data + data[:8])  # more than torch.save wrote: a resumed download appended to the file
+  with pytest.raises(import_t7.T7ImportError, match=f"goes on for 8 bytes after the object torch.save wrote .*byte "
+                     f"{len(data)} of {len(data) + 8}"):
     import_t7.read_t7(str(path))
   path.write_bytes(b"PK\x03\x04 not a Torch7 file")
   with pytest.raises(import_t7.T7ImportError, match="is not a readable Torch7 binary file"):
@@ -424,6 +428,38 @@ def test_a_truncated_or_foreign_file_is_an_error_not_garbage(tmp_path):
   t7_writer.write(str(path), {"weights": t7_writer.Tensor(np.ones(3), "torch.FloatTensor")})
   with pytest.raises(import_t7.T7ImportError, match="model is a Lua table, not a Torch module"):
     import_t7.flatten(import_t7.read_t7(str(path)))
+
+
+def test_a_file_cut_at_any_of_its_last_32_bytes_is_an_error_and_leaves_no_run(tmp_path, capsys):
+  """torchfile takes a string cut short as a shorter string, so a file cut inside its last string (here the last
+  module's ``_type``, a table that lists it last) would import; every cut is refused, with exit status 2."""
+  import torchfile
+  tree = tree_of("cut")
+  log_softmax = tree["modules"][1]["modules"][-1]
+  log_softmax.fields = {k: v for k, v in log_softmax.fields.items() if k != "_type"} | {
+      "_type": log_softmax["_type"]}
+  whole = tmp_path / "whole.t7"
+  t7_writer.write(str(whole), tree)
+  data = whole.read_bytes()
+  assert data.endswith(b"_type\x02\x00\x00\x00\x10\x00\x00\x00torch.CudaTensor")  # the file ends in its 16 bytes
+  import_t7.read_t7(str(whole))
+  path = tmp_path / "model.t7"
+  for cut in range(1, 33):
+    path.write_bytes(data[:-cut])
+    if cut <= 16:
+      torchfile.load(str(path))  # torchfile alone reads it, with a shorter last string
+    assert import_command(str(path), "--workdir", str(tmp_path / "run"), "--image_size=95", "--mean=0.5,0.5,0.5",
+                          "--std=0.25,0.25,0.25") == 2, f"cut {cut}"
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {path} is truncated: it ends early (") and error.count("\n") == 1, error
+    assert sorted(os.listdir(tmp_path)) == ["model.t7", "whole.t7"]
+  path.write_bytes(data[:-1])  # as an installed command: one paragraph, no traceback
+  result = _command("model.t7", "--workdir", "run", "--image_size", "95", "--mean", "0.5,0.5,0.5", "--std",
+                    "0.25,0.25,0.25", cwd=tmp_path)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert result.stderr.startswith("error: model.t7 is truncated: it ends early (16 bytes due at byte "), result.stderr
+  assert "Traceback" not in result.stderr and result.stdout == ""
+  assert sorted(os.listdir(tmp_path)) == ["model.t7", "whole.t7"]
 
 
 def test_batch_norm_of_older_files_and_without_affine(tmp_path, rng):

@@ -12,10 +12,14 @@ from lcnn_jax import bench, cli, inference, models
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import onnx_export
 from lookup_reference import dense_reference, random_layer
-from test_inference import LAYER_CASES, _Unfoldable, _as_if_trained, _eval_logits, _model, _run_config, _write_run
+from helpers import (LAYER_CASES, Between, Unfoldable, as_if_trained, assert_close, eval_logits, npz_model,
+                     run_config, small_model, write_run)
 
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
+
+# The names tests/test_torch_engine.py still imports from here (see tests/test_inference.py).
+_Between, _assert_close, _npz_model = Between, assert_close, npz_model
 
 MODEL_CASES = {
     "digits": dict(input_shape=(8, 8, 1)),
@@ -27,22 +31,12 @@ MODEL_CASES = {
 }
 
 
-def _assert_close(got, expected):
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
-
-
-def _npz_model(model, input_shape, tmp_path):
-  exported = inference.inference_model(model, input_shape, backends="dense")
-  inference.save(exported, tmp_path / "model.npz")
-  return inference.load(tmp_path / "model.npz")
-
-
 @pytest.mark.parametrize("name", sorted(MODEL_CASES))
 def test_onnx_runtime_logits_equal_the_npz_model(name, tmp_path, rng):
   case = dict(MODEL_CASES[name])
   input_shape = case.pop("input_shape")
-  model = _as_if_trained(_model(name, input_shape, **case), rng)
-  loaded = _npz_model(model, input_shape, tmp_path)
+  model = as_if_trained(small_model(name, input_shape, **case), rng)
+  loaded = npz_model(model, input_shape, tmp_path)
   x = rng.standard_normal((3, *input_shape)).astype(np.float32)
   expected = np.asarray(loaded(x))
   forms = ["dense", "factored"] if loaded.lookup_layers else ["dense"]
@@ -52,42 +46,24 @@ def test_onnx_runtime_logits_equal_the_npz_model(name, tmp_path, rng):
     assert [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim] == [
         "batch", input_shape[2], *input_shape[:2]]  # NCHW
     assert not {n.op_type for n in proto.graph.node} & {"BatchNormalization", "Transpose"}  # folded; NCHW throughout
-    _assert_close(onnx_export.run(onnx_export.session(proto), x), expected)
+    assert_close(onnx_export.run(onnx_export.session(proto), x), expected)
 
 
 def test_unfolded_batch_norms_flat_lookups_and_strided_1x1_convolutions_export(tmp_path, rng):
-  model = _as_if_trained(_Unfoldable(nnx.Rngs(0)), rng, density=0.7)
-  loaded = _npz_model(model, (6, 5, 3), tmp_path)
+  model = as_if_trained(Unfoldable(nnx.Rngs(0)), rng, density=0.7)
+  loaded = npz_model(model, (6, 5, 3), tmp_path)
   x = rng.standard_normal((4, 6, 5, 3)).astype(np.float32)
   for form in onnx_export.LOOKUP_FORMS:
-    _assert_close(onnx_export.run(onnx_export.session(onnx_export.to_onnx(loaded, form)), x), _eval_logits(model, x))
-
-
-class _Between(nnx.Module):
-  """Operations between layers that the project's models do not use: constants, average pooling with
-  padding, a maximum over channels, flattening maps larger than 1×1, a concatenation, other element-wise
-  functions."""
-
-  def __init__(self, rngs):
-    self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
-    self.offset = jnp.asarray(np.linspace(-1, 1, 8 * 7 * 4, dtype=np.float32).reshape(1, 8, 7, 4))
-    self.scale = jnp.asarray(np.linspace(0.5, 2, 4, dtype=np.float32))  # per channel, broadcast
-    self.fc = nnx.Linear(4 * 4 * 4 + 4 * 4, 5, rngs=rngs)
-
-  def __call__(self, x):
-    y = jnp.tanh(self.conv(x) * self.scale - self.offset)  # (b, 8, 7, 4)
-    pooled = nnx.avg_pool(y, (2, 2), strides=(2, 2), padding=((0, 0), (1, 0)))  # (b, 4, 4, 4)
-    channel_max = jnp.exp(-jnp.max(pooled, axis=3))  # (b, 4, 4)
-    return self.fc(jnp.concatenate([pooled.reshape(x.shape[0], -1), channel_max.reshape(x.shape[0], -1)], axis=1))
+    assert_close(onnx_export.run(onnx_export.session(onnx_export.to_onnx(loaded, form)), x), eval_logits(model, x))
 
 
 def test_operations_between_layers_translate_in_either_layout(tmp_path, rng):
-  model = _Between(nnx.Rngs(1))
-  loaded = _npz_model(model, (8, 7, 3), tmp_path)
+  model = Between(nnx.Rngs(1))
+  loaded = npz_model(model, (8, 7, 3), tmp_path)
   x = rng.standard_normal((3, 8, 7, 3)).astype(np.float32)
   proto = onnx_export.to_onnx(loaded)
   assert {"AveragePool", "ReduceMax", "Concat", "Transpose"} <= {n.op_type for n in proto.graph.node}
-  _assert_close(onnx_export.run(onnx_export.session(proto), x), _eval_logits(model, x))
+  assert_close(onnx_export.run(onnx_export.session(proto), x), eval_logits(model, x))
 
 
 @pytest.mark.parametrize("form", onnx_export.LOOKUP_FORMS)
@@ -96,11 +72,11 @@ def test_lookup_forms_equal_the_dense_reference(form, rng):
   x = rng.standard_normal((2, *layer.input_size, layer.in_features)).astype(np.float32)
   sess = onnx_export.session(onnx_export._one_layer_model(layer, form))
   got = sess.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: np.transpose(x, (0, 3, 1, 2))})[0]
-  _assert_close(np.transpose(got, (0, 2, 3, 1)), dense_reference(layer, x))
+  assert_close(np.transpose(got, (0, 2, 3, 1)), dense_reference(layer, x))
 
 
 def test_auto_forms_are_measured_per_layer_and_recorded(tmp_path, rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
+  model = as_if_trained(small_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   exported = inference.inference_model(model, (8, 8, 1), backends="dense", class_names=list("abcdefghij"))
   forms, timings = onnx_export.choose_lookup_forms(exported, 2)
   assert set(forms) == set(exported.lookup_layers) == set(timings)
@@ -112,7 +88,7 @@ def test_auto_forms_are_measured_per_layer_and_recorded(tmp_path, rng):
 
 
 def test_bad_forms_and_untranslatable_primitives_are_named(rng):
-  model = _as_if_trained(_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
+  model = as_if_trained(small_model("digits-lcnn", (8, 8, 1), classifier=4), rng)
   exported = inference.inference_model(model, (8, 8, 1), backends="dense")
   with pytest.raises(ValueError, match="'sparse'.*dense, factored"):
     onnx_export.to_onnx(exported, "sparse")
@@ -134,16 +110,16 @@ def export_command(*args):
 
 
 def test_export_command_writes_onnx_by_suffix_and_explains_a_missing_onnx(tmp_path, rng, capsys, monkeypatch):
-  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(16, 16, 3),
-                                             rngs=nnx.Rngs(4)), rng)
-  _write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
-                                       "mean": [0.5] * 3, "std": [0.2] * 3})
+  model = as_if_trained(models.create_model(run_config().model, num_classes=10, input_shape=(16, 16, 3),
+                                            rngs=nnx.Rngs(4)), rng)
+  write_run(tmp_path / "run", model, {"name": "folder", "num_classes": 10, "image_shape": [16, 16, 3],
+                                      "mean": [0.5] * 3, "std": [0.2] * 3})
   output = tmp_path / "model.onnx"
   assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={output}",
                         "--lookup_form=factored") == 0
   assert "factored" in capsys.readouterr().out
   x = rng.standard_normal((2, 16, 16, 3)).astype(np.float32)
-  _assert_close(onnx_export.run(onnx_export.session(output), x), _eval_logits(model, x))
+  assert_close(onnx_export.run(onnx_export.session(output), x), eval_logits(model, x))
   monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
   missing = tmp_path / "other.onnx"
   assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={missing}") == 2
@@ -154,10 +130,10 @@ def test_export_command_writes_onnx_by_suffix_and_explains_a_missing_onnx(tmp_pa
 
 def test_benchmark_times_the_cnn_on_each_engine_and_skips_the_missing_ones(tmp_path, monkeypatch, rng):
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
-  model = _as_if_trained(models.create_model(_run_config().model, num_classes=10, input_shape=(8, 8, 1),
-                                             rngs=nnx.Rngs(3)), rng)
-  _write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
-                                       "class_names": None, "mean": [0.5], "std": [0.25]})
+  model = as_if_trained(models.create_model(run_config().model, num_classes=10, input_shape=(8, 8, 1),
+                                            rngs=nnx.Rngs(3)), rng)
+  write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                      "class_names": None, "mean": [0.5], "std": [0.25]})
   result = bench.run("alexnet", "fast", 2, checkpoint=str(tmp_path / "run"), seconds=0.05, backend_names=["gather"],
                      baselines=["xla", "onnxruntime", "torch"])
   baselines = result["baselines"]

@@ -15,7 +15,7 @@ from flax import nnx
 from lcnn_jax import config as config_lib, flops, inspection, logger, models, operating_point, sparsity, train
 from lcnn_jax.experiments import spectrum
 
-from conftest import kill_9_when_saving
+from helpers import kill_9_when_saving
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

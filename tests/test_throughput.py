@@ -1,8 +1,11 @@
 """``python -m lcnn_jax.throughput``: the train step and the JPEG pipeline it times run on real batches; the
 step's accelerator paths, checked on the CPU."""
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,9 @@ from flax import nnx
 
 from lcnn_jax import data, models, throughput, train
 from lcnn_jax.inference import kernels
+from helpers import assert_describes_a_machine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_the_timed_train_step_runs_an_lcnn_and_its_cnn_without_the_cpp_kernel(monkeypatch, tiny_config):
@@ -58,3 +64,16 @@ def test_the_jpeg_folder_is_read_by_the_training_pipeline(tmp_path):
   assert len(os.listdir(tmp_path / "train" / "n00000000")) == 4 and len(os.listdir(tmp_path / "val")) == 2
   rate = throughput.pipeline_images_per_second(str(tmp_path), batch_size=4, steps=1, workers=0)
   assert math.isfinite(rate) and rate > 0
+
+
+def test_the_command_reports_the_machine_it_measured_on(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "lcnn_jax.throughput", "--config", "configs/quickstart.py",
+                         "--config.data.image_size=8", "--config.data.num_classes=10", "--batch=4", "--steps=1",
+                         "--jpeg_images=8", "--json"], capture_output=True, text=True, cwd=ROOT, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  result = json.loads(done.stdout.strip().splitlines()[-1])
+  assert [(row["role"], row["measure"]) for row in result["rows"]] == [
+      ("cnn", "compute"), ("lcnn", "compute"), ("input", "jpeg_pipeline")]
+  line = assert_describes_a_machine(result["machine"])
+  table = throughput.format_table(result).splitlines()  # what the command prints without --json
+  assert table[0] == line and table[1].startswith("model ") and len(table) == 2 + len(result["rows"])

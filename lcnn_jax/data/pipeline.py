@@ -75,6 +75,9 @@ def validate_config(data: ml_collections.ConfigDict) -> None:
               "num_eval", "examples_per_class"):
     if data[key] < 0:
       raise ValueError(f"data.{key}={data[key]}: must be >= 0.")
+  if data.examples_seed < -1:
+    raise ValueError(f"data.examples_seed={data.examples_seed}: expected -1 (the first data.examples_per_class "
+                     "records of each class) or a seed >= 0 (that many drawn at random).")
   if data.stats_images <= 0:
     raise ValueError(f"data.stats_images={data.stats_images}: must be > 0.")
   if name == "digits" and 0 < data.image_size < transforms.DIGIT_SIZE:
@@ -109,12 +112,13 @@ class _Opened(NamedTuple):
 def _source_key(data: ml_collections.ConfigDict) -> tuple:
   classes = None if data.classes is None else tuple(int(c) for c in data.classes)
   return (data.name, data.dir, data.train_split, data.eval_split, data.image_size, data.resize_size,
-          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class, data.flip)
+          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class, data.examples_seed,
+          data.flip)
 
 
 @functools.lru_cache(maxsize=4)
 def _open_cached(name, directory, train_split, eval_split, image_size, resize_size, num_train,
-                 num_eval, num_classes, classes, examples_per_class, flip) -> _Opened:
+                 num_eval, num_classes, classes, examples_per_class, examples_seed, flip) -> _Opened:
   if name == "digits":
     splits = sources.open_digits()
   elif name == "idx":
@@ -129,7 +133,7 @@ def _open_cached(name, directory, train_split, eval_split, image_size, resize_si
   else:
     splits = sources.open_tfds(name[len("tfds:"):], directory or None, train_split or "train",
                                eval_split)
-  splits = sources.select(splits, classes, examples_per_class)
+  splits = sources.select(splits, classes, examples_per_class, seed=examples_seed)
   image_size = image_size or splits.natural_size
   resize_size = resize_size or round(image_size * 256 / 224)
   if name == "digits":
@@ -196,7 +200,7 @@ def _stats_key(data: ml_collections.ConfigDict, opened: _Opened) -> dict[str, An
          "stats_images": data.stats_images}
   if data.classes is not None or data.examples_per_class:  # A subset has statistics of its own.
     key.update(classes=None if data.classes is None else [int(c) for c in data.classes],
-               examples_per_class=data.examples_per_class)
+               examples_per_class=data.examples_per_class, examples_seed=data.examples_seed)
   return key
 
 

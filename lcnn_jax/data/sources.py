@@ -472,9 +472,11 @@ class SubsetSource:
     return raw, self.relabel[int(label)]
 
 
-def select(splits: Splits, classes: Sequence[int] | None, examples_per_class: int) -> Splits:
+def select(splits: Splits, classes: Sequence[int] | None, examples_per_class: int, seed: int = -1) -> Splits:
   """Keeps ``classes`` (relabelled 0..n-1 in the given order) and the first ``examples_per_class``
-  training records of each class, in record order; None and 0 keep everything.
+  training records of each class, in record order; None and 0 keep everything. With ``seed`` >= 0 the
+  records of each class are drawn at random instead (a permutation of the class's records seeded by
+  (``seed``, class), so that for one seed the records of a smaller n are among those of a larger one).
 
   Evaluation keeps every record of the kept classes. Raises ValueError naming a class outside the
   dataset, a repeated class, or a kept class with fewer training records than asked for.
@@ -495,6 +497,8 @@ def select(splits: Splits, classes: Sequence[int] | None, examples_per_class: in
       if per_class and len(where) < per_class:
         raise ValueError(f"data.examples_per_class={per_class}: class {old} has only {len(where)} "
                          f"training records in {source.describe(0)}; lower it.")
+      if per_class and seed >= 0:
+        where = np.random.default_rng([seed, old]).permutation(where)
       chosen.append(where[:per_class] if per_class else where)
     return SubsetSource(source, np.sort(np.concatenate(chosen)), relabel)
 

@@ -130,7 +130,11 @@ def cores() -> int:
 def describe() -> Machine:
   """This machine (the kernel is built first, to name the ISA it was built for)."""
   l1, l2, l3 = cache_sizes()
-  return Machine(cpu=cpu_model(), kernel_arch=kernels.kernel_arch(), march=kernels.march(), l1_bytes=l1,
+  try:
+    march = kernels.march()
+  except kernels.KernelUnavailable:  # a malformed LCNN_JAX_KERNEL_ARCH: kernel_arch says why
+    march = os.environ.get(kernels.ARCH_VARIABLE, "")
+  return Machine(cpu=cpu_model(), kernel_arch=kernels.kernel_arch(), march=march, l1_bytes=l1,
                  l2_bytes=l2, l3_bytes=l3, cores=cores())
 
 
@@ -141,7 +145,7 @@ def cpu_key() -> str:
   info = _cpuinfo()
   flags = " ".join(sorted((info.get("flags") or info.get("Features") or "").split()))
   detail = hashlib.sha256(f"{flags}|{cache_sizes()}|{platform.machine()}".encode()).hexdigest()[:12]
-  return f"{cpu_model()} [{detail}] kernel {kernels.march()}"
+  return f"{cpu_model()} [{detail}] kernel {describe().march}"
 
 
 DEFAULT_L2_BYTES = 512 << 10
