@@ -39,8 +39,10 @@ lookup kernel's ISA).
 "wall_speedup", "fastest_dense_any_precision", "fastest_dense_any_precision_ms",
 "wall_speedup_vs_fastest_any_precision", "count_speedup"}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
 "lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against XLA:CPU; ``fastest_dense_*`` among the
-float32 engines); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic and
-arithmetic floors (``"layers"`` in the JSON).
+float32 engines); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic,
+arithmetic and (lookup kernel) L2-bandwidth floors, measured on this machine, and names the floor that binds
+(``"layers"``: ``memory_floor_ms``, ``arithmetic_floor_ms``, ``l2_floor_ms``, ``binding_floor``, ``floor_ratio``;
+``"floors"``: ``bandwidth_gbs``, ``l2_bandwidth_gbs``, ``macs_per_s``).
 """
 
 from __future__ import annotations
@@ -246,16 +248,26 @@ def time_models(models_by_name: dict[str, Any], images: jax.Array, seconds: floa
   return {**{name: float(np.median(t) * 1e3) for name, t in times.items()}, **slow}
 
 
+L2_SWEEPS = 200
+"""How many times :func:`machine_floors` reads its L2-sized array in one call (enough to hide the dispatch)."""
+
+
 def machine_floors() -> dict[str, float]:
-  """Measured streaming bandwidth (GB/s) and float32 matmul throughput (G multiply-adds/s) of the device."""
+  """Measured streaming bandwidth from memory and from this core's L2 (GB/s) and float32 matmul throughput
+  (G multiply-adds/s) of the device."""
   big = jnp.ones((32 * 2**20,), jnp.float32)  # 128 MB, beyond any cache
   total = jax.jit(jnp.sum)
   seconds = tuning.median_ms(lambda: jax.block_until_ready(total(big)), min_reps=5) / 1e3
+  # Half of one core's L2, read L2_SWEEPS times in one call (each sweep depends on the step, so none is hoisted).
+  small = jnp.ones((machine.tile_budget_bytes() // 4,), jnp.float32)
+  sweeps = jax.jit(lambda x: jax.lax.fori_loop(0, L2_SWEEPS, lambda i, acc: acc + jnp.sum(x * i), 0.0))
+  l2_seconds = tuning.median_ms(lambda: jax.block_until_ready(sweeps(small)), min_reps=5) / 1e3
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul_seconds = tuning.median_ms(lambda: jax.block_until_ready(matmul(a)), min_reps=5) / 1e3
-  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "macs_per_s": n**3 / matmul_seconds / 1e9}
+  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "l2_bandwidth_gbs": L2_SWEEPS * small.nbytes / l2_seconds / 1e9,
+          "macs_per_s": n**3 / matmul_seconds / 1e9}
 
 
 def _dense_layer_time(layer: ConvLayer | LinearLayer, input_shape: tuple, batch: int) -> float:
@@ -274,13 +286,18 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       backend = setup.lcnn.backends[name]
       ms = tuning.time_layer(layer, backend, batch)
       (oh, ow), (h, w) = layer.output_size, layer.input_size
-      macs = layer.multiplications().total * batch
+      count = layer.multiplications()
+      macs = count.total * batch
+      # The lookups read one float of S per multiply-add, from L2 at best (a tile's S does not fit L1).
+      l2_ms = (4 * (count.total - count.dictionary) * batch / floors["l2_bandwidth_gbs"] / 1e6
+               if isinstance(backends_lib.get_backend(backend), backends_lib.Lookup) else None)
       weight_bytes = backends_lib.coefficient_bytes(layer)
       activation_bytes = 4 * batch * (layer.in_features * h * w + layer.out_features * oh * ow)
     elif isinstance(layer, (ConvLayer, LinearLayer)):
       backend = "dense"
       shape = calls[name].input_shape
       ms = _dense_layer_time(layer, shape, batch)
+      l2_ms = None
       out = calls[name].output_shape
       macs = int(np.prod(out[1:])) * int(np.prod(layer.kernel.shape[:-1])) * batch
       weight_bytes = sum(a.nbytes for a in layer_arrays(layer).values())
@@ -289,9 +306,11 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       continue
     memory_ms = (weight_bytes + activation_bytes) / floors["bandwidth_gbs"] / 1e6
     arithmetic_ms = macs / floors["macs_per_s"] / 1e6
+    floors_ms = {"memory": memory_ms, "arithmetic": arithmetic_ms, **({"l2": l2_ms} if l2_ms is not None else {})}
+    binding = max(floors_ms, key=floors_ms.get)
     rows.append({"layer": name, "backend": backend, "ms": ms, "macs": macs, "bytes": weight_bytes + activation_bytes,
-                 "memory_floor_ms": memory_ms, "arithmetic_floor_ms": arithmetic_ms,
-                 "floor_ratio": ms / max(memory_ms, arithmetic_ms)})
+                 "memory_floor_ms": memory_ms, "arithmetic_floor_ms": arithmetic_ms, "l2_floor_ms": l2_ms,
+                 "binding_floor": binding, "floor_ratio": ms / floors_ms[binding]})
   return rows
 
 
@@ -409,13 +428,15 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{h['fastest_dense_any_precision_ms']:.3f} ms: {h['wall_speedup_vs_fastest_any_precision']:.2f}x")
   if "layers" in result:
     f = result["floors"]
-    lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['macs_per_s']:.1f} G multiply-adds/s")
-    lines.append(f"{'layer':<18} {'backend':<9} {'ms':>9} {'M mult-adds':>12} {'MB':>8} {'mem floor':>10} "
-                 f"{'math floor':>10} {'x floor':>8}")
+    lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['l2_bandwidth_gbs']:.1f} GB/s from L2, "
+                 f"{f['macs_per_s']:.1f} G multiply-adds/s")
+    lines.append(f"{'layer':<18} {'backend':<20} {'ms':>9} {'M mult-adds':>12} {'MB':>8} {'mem floor':>10} "
+                 f"{'math floor':>10} {'L2 floor':>9} {'binds':>10} {'x floor':>8}")
     for r in result["layers"]:
-      lines.append(f"{r['layer']:<18} {r['backend']:<9} {r['ms']:>9.3f} {r['macs'] / 1e6:>12.1f} "
+      l2 = "-" if r["l2_floor_ms"] is None else f"{r['l2_floor_ms']:.3f}"
+      lines.append(f"{r['layer']:<18} {r['backend']:<20} {r['ms']:>9.3f} {r['macs'] / 1e6:>12.1f} "
                    f"{r['bytes'] / 1e6:>8.1f} {r['memory_floor_ms']:>10.3f} {r['arithmetic_floor_ms']:>10.3f} "
-                   f"{r['floor_ratio']:>8.1f}")
+                   f"{l2:>9} {r['binding_floor']:>10} {r['floor_ratio']:>8.1f}")
   return "\n".join(lines)
 
 

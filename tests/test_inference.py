@@ -357,6 +357,15 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
     assert row["wall_speedup"] == pytest.approx(row["dense_ms"] / row["lcnn_ms"])
   assert [layer["layer"] for layer in result["layers"]] == ["conv1", "conv2", "conv3", "classifier"]
+  assert result["floors"]["l2_bandwidth_gbs"] > 0
+  for layer in result["layers"]:  # the L2 floor for the kernel's lookups; the binding floor is the largest
+    on_kernel = isinstance(backends.get_backend(layer["backend"]), backends.Lookup) if layer["layer"] != "classifier" \
+        else False
+    assert (layer["l2_floor_ms"] is not None) == on_kernel
+    floors = {"memory": layer["memory_floor_ms"], "arithmetic": layer["arithmetic_floor_ms"],
+              "l2": layer["l2_floor_ms"] or 0.0}
+    assert layer["binding_floor"] == max(floors, key=floors.get)
+    assert layer["floor_ratio"] == pytest.approx(layer["ms"] / floors[layer["binding_floor"]])
   table = bench.format_table(result)
   assert "auto" in table
   assert table.splitlines()[0] == assert_describes_a_machine(result["machine"])  # the machine heads the table

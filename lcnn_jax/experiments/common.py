@@ -133,7 +133,9 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def run_point(config: ml_collections.ConfigDict, workdir: str, *,
-              prepare: Callable[[nnx.Module], None] | None = None) -> dict[str, Any]:
+              prepare: Callable[[nnx.Module], None] | None = None,
+              wrap_optimizer: train.OptimizerWrapper | None = None,
+              setup: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains one point (or resumes it) and returns its result; a finished point is read back, not retrained.
 
   Args:
@@ -141,28 +143,32 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
     workdir: the point's own directory.
     prepare: when given, changes a freshly built model before step 0 (see :func:`seed_run`); ignored when the
       point already has a checkpoint.
+    wrap_optimizer: wraps the run's update (``train.train_and_evaluate``), e.g. magnitude pruning.
+    setup: what ``wrap_optimizer`` does that the config does not say (JSON values, e.g. the pruning budget):
+      kept in the result and compared, as the config is, when the point is read back.
   Returns:
     ``{'top1', 'top5', 'loss', 'density', 'multiplications', 'baseline_multiplications', 'speedup', 'steps',
-    'curve', 'config'}`` (``density``: the mean density of P at the last logged step, 1 for a CNN),
+    'curve', 'config', 'setup'}`` (``density``: the mean density of P at the last logged step, 1 for a CNN),
     ``curve`` being the point's eval rows ``[{'step', 'top1', 'top5', 'loss'}, ...]``.
   Raises:
-    ExperimentError: ``workdir`` holds a finished point of another config.
+    ExperimentError: ``workdir`` holds a finished point of another config or setup.
     NotFinished: under :func:`finished_only`, ``workdir`` has no finished run.
   """
   config_dict = json.loads(json.dumps(config.to_dict(), default=list))
+  setup = json.loads(json.dumps(setup)) if setup is not None else None
   done = read_result(workdir)
   if done is not None:
-    if done["config"] != config_dict:
+    if done["config"] != config_dict or done.get("setup") != setup:
       raise ExperimentError(
-          f"{workdir} holds a finished point trained with another config; move it away (or pass another "
+          f"{workdir} holds a finished point trained with another config (or setup); move it away (or pass another "
           "--workdir) to run this one.")
     logging.info("Point %s is finished (top-1 %.4f); skipping it.", workdir, done["top1"])
     return done
   if _FINISHED_ONLY.get():
     raise NotFinished(f"{workdir} has no finished run.")
   if prepare is not None and latest_checkpoint_step(workdir) is None:
-    seed_run(config, workdir, prepare)
-  metrics = train.train_and_evaluate(config, workdir)
+    seed_run(config, workdir, prepare, wrap_optimizer=wrap_optimizer)
+  metrics = train.train_and_evaluate(config, workdir, wrap_optimizer=wrap_optimizer)
   rows = logger.read_metrics(workdir)
   evals = [row for row in rows if row["split"] == "eval"]
   trains = [row for row in rows if row["split"] == "train"]
@@ -172,7 +178,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
             "multiplications": last["multiplications"], "baseline_multiplications": last["baseline_multiplications"],
             "speedup": last["speedup"], "steps": last["step"],
             "curve": [{k: row[k] for k in ("step", "top1", "top5", "loss")} for row in evals],
-            "config": config_dict}
+            "config": config_dict, "setup": setup}
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
@@ -185,9 +191,11 @@ def latest_checkpoint_step(workdir: str) -> int | None:
   return max(steps) if steps else None
 
 
-def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[[nnx.Module], None]) -> None:
+def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[[nnx.Module], None], *,
+             wrap_optimizer: train.OptimizerWrapper | None = None) -> None:
   """Writes ``workdir``'s step-0 checkpoint: the configured model, changed by ``prepare``, a fresh optimizer
-  state and a fresh data iterator, exactly as the trainer would start them; the trainer then resumes from it."""
+  state (``wrap_optimizer``'s, when given) and a fresh data iterator, exactly as the trainer would start them;
+  the trainer then resumes from it."""
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
   info = data.dataset_info(config.data, cache_dir=workdir)
@@ -198,6 +206,8 @@ def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[
   prepare(model)
   tx, _, _ = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
                                           input_shape=info.image_shape)
+  if wrap_optimizer is not None:
+    tx = wrap_optimizer(tx, model, plan.total_steps, info.image_shape)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
   mesh = train.make_mesh()
@@ -288,14 +298,17 @@ def transfer_mapped_dictionaries(source_workdir: str, model: nnx.Module) -> dict
 # ------------------------------------------------------------------------------------------------ seeds
 
 
-def parse_seeds(values: Sequence[str]) -> list[int]:
-  """``--seeds 0,1,2`` as distinct integers; raises ValueError naming a bad or repeated value."""
+def parse_seeds(values: Sequence[str], flag: str = "--seeds") -> list[int]:
+  """``--seeds 0,1,2`` (or another ``flag``'s list) as distinct integers; raises ValueError naming a bad or
+  repeated value."""
   try:
     seeds = [int(v) for v in values]
   except ValueError:
-    raise ValueError(f"--seeds={','.join(values)}: expected comma-separated integers, e.g. --seeds 0,1,2.") from None
+    raise ValueError(f"{flag}={','.join(values)}: expected comma-separated integers, e.g. {flag} 0,1,2.") from None
   if len(set(seeds)) != len(seeds):
-    raise ValueError(f"--seeds={','.join(values)}: a seed is repeated; each seed must appear once.")
+    raise ValueError(f"{flag}={','.join(values)}: a seed is repeated; each seed must appear once.")
+  if not seeds:
+    raise ValueError(f"{flag} is empty: pass at least one seed, e.g. {flag} 0.")
   return seeds
 
 
@@ -376,15 +389,34 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
   return "\n".join(lines) + "\n"
 
 
-def write_report(workdir: str, name: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
-                 extra: dict[str, Any] | None = None, table_rows: Sequence[dict[str, Any]] | None = None) -> str:
-  """Writes ``name.json`` (rows and ``extra``) and ``name.md`` in ``workdir``; returns the markdown.
-  ``table_rows`` (default ``rows``) are the rows the markdown shows, e.g. :func:`mean_std_rows`' cells."""
-  table = markdown_table(rows if table_rows is None else table_rows, columns)
-  _write_json(os.path.join(workdir, f"{name}.json"), {"rows": list(rows), **(extra or {})})
+def write_report(workdir: str, name: str, payload: dict[str, Any], markdown: str) -> str:
+  """Writes ``name.json`` (``payload``: every number) and ``name.md`` (``markdown``: the scale and the tables)
+  in ``workdir``; returns the markdown."""
+  _write_json(os.path.join(workdir, f"{name}.json"), payload)
   with open(os.path.join(workdir, f"{name}.md"), "w") as f:
-    f.write(table)
-  return table
+    f.write(markdown)
+  return markdown
+
+
+# ------------------------------------------------------------------------------------------------ scale
+
+
+def run_scale(config: ml_collections.ConfigDict, cache_dir: str) -> dict[str, Any]:
+  """What one run of ``config`` trains on: ``{'scale', 'train_images', 'steps', 'batch_size', 'passes'}``.
+
+  ``scale`` is 'full' when the run reads every training image of its classes (``data.examples_per_class`` 0) for
+  the config's schedule in epochs (``train.num_steps`` 0), else 'reduced' (a CI-sized or time-boxed cut)."""
+  info = data.dataset_info(config.data, cache_dir=cache_dir)
+  steps = train.make_plan(config, info).total_steps
+  full = not config.data.examples_per_class and not config.train.num_steps
+  return {"scale": "full" if full else "reduced", "train_images": info.num_train, "steps": steps,
+          "batch_size": config.train.batch_size, "passes": steps * config.train.batch_size / info.num_train}
+
+
+def describe_scale(what: str, scale: dict[str, Any]) -> str:
+  """One line of a report: '<what>: full scale, 30,000 training images, 2,808 steps of batch 128 (12.0 passes)'."""
+  return (f"{what}: {scale['scale']} scale, {scale['train_images']:,} training images, {scale['steps']:,} steps "
+          f"of batch {scale['batch_size']} ({scale['passes']:.1f} passes)")
 
 
 def pyplot():

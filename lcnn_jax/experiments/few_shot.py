@@ -1,35 +1,47 @@
-"""Few-shot learning (paper §4.3): novel classes from n examples each, reusing dictionaries of base classes.
+"""Few-shot learning (paper §4.3): novel classes from n examples each, every arm starting from its base run.
 
     python -m lcnn_jax.experiments.few_shot --workdir runs/few_shot \\
-        [--config configs/experiments/few_shot.py] [--ns 1,2,4,8,16] [--base_classes 0,1,2,3,4] \\
-        [--novel_classes 5,6,7,8,9] [--novel_steps 60]
+        [--config configs/experiments/few_shot.py] [--ns 1,2,5,10,50] [--base_classes 0,1,2,3,4] \\
+        [--novel_classes 5,6,7,8,9] [--seeds 0,1,2,3,4] [--base_seeds 0,1,2] \\
+        [--learning_rates 0.003,0.01,0.03,0.1] [--novel_steps 25,50,100,200] [--tune_seeds 0,1]
 
-1. ``base_lcnn`` and ``base_cnn`` learn the base classes from all their training images (the config's recipe).
-2. For each n, on the novel classes with the first n training images of each:
-   * ``lcnn_n<n>``: the LCNN with ``base_lcnn``'s dictionaries (``train.init_from``), training only the
-     coefficients (``train.freeze_dictionaries``), biases and BatchNorm — the paper's setting. With
-     ``--lcnn_init=all`` (``lcnn_all_n<n>``) it starts from every weight of ``base_lcnn`` but the classifier,
-     dictionaries still frozen;
-   * ``cnn_n<n>``: the CNN fine-tuned the usual way: every weight of ``base_cnn`` but the classifier copied,
-     all layers trained;
-   * ``cnn_last_n<n>`` (``--last_layer``, the default): the same start, only the classifier trained
-     (``train.train_only``); the other layers' weights stay the base CNN's (their BatchNorm statistics still
-     follow the novel images, as in any training step).
-   All run ``--novel_steps`` steps of the config's optimiser and are evaluated on every validation image of the
-   novel classes.
+1. **Base runs**, once per base seed B in ``WORKDIR/base<B>/``: ``base_lcnn`` and ``base_cnn`` learn the base
+   classes from all their training images with the config's recipe (its sparsity, e.g. a target speedup, is the
+   base LCNN's operating point). Their top-1 on the base classes is reported beside the arms.
+2. **Novel runs**, for each base seed B, novel seed S and n, in ``WORKDIR/base<B>/seed<S>/<arm>_n<n>``: the
+   novel classes from n training images of each, drawn at random with seed S (``data.examples_seed``; the same
+   images for every arm and base seed, so arms compare paired), evaluated on every test image of the novel
+   classes. Every arm starts from its base run's weights for every layer but the classifier (a new one, seeded
+   by S):
 
-With ``--seeds 0,1,2,3,4`` the base runs train once (with the config's seed) and the novel runs once per seed, in
-``WORKDIR/seed<S>/`` (so several commands, e.g. ``--seeds 0,1`` and ``--seeds 2,3``, can share one workdir); the
-seed changes the novel runs' initialisation (the classifier; for the LCNN also indices
-and coefficients), batch order, augmentation and dropout, not which n images each class keeps (the first n).
-The table then gives mean ± std over the seeds.
+   * ``lcnn-coefficients``: dictionaries frozen; coefficients P, the new classifier (and biases, BatchNorm)
+     trained — the paper's setting;
+   * ``lcnn-all``: everything trained;
+   * ``cnn-whole``: the CNN fine-tuned whole;
+   * ``cnn-last``: the CNN with only its classifier trained (``train.train_only``).
 
+   The LCNN arms keep the base run's operating point: no target speedup in the novel phase, the sparsity rule
+   and strength of ``--novel_rule``/``--novel_strength`` (default: the original's threshold rule at λ = 0, under
+   which a zero of P has no gradient and stays zero, so the count can only fall), and the table states the count
+   each arm ends at.
+3. **Learning rate and steps, chosen per n on the base classes**, the same rule for every arm: the base classes
+   split into pseudo-base (the first half) and pseudo-novel (the rest); ``WORKDIR/tune/`` holds the pseudo-base
+   runs (first base seed) and, per n, arm, learning rate and tuning seed, a novel run on the pseudo-novel classes
+   (n random images each) evaluated on their test images at every ``--novel_steps`` count (a constant learning
+   rate, so the accuracy at step t is that of a t-step run). Each (n, arm) takes the (learning rate, steps) of the
+   best mean top-1 over the tuning seeds (ties: fewer steps, then the smaller rate). The novel classes' test
+   images are never seen before the final runs. One learning rate and one step count skip the tuning.
+
+The report gives mean ± std over the (base seed, novel seed) pairs per arm and n, and the paired comparison:
+per pair, each LCNN arm minus each CNN arm, mean ± std of those differences. Its first lines state the scale.
 Every run is a resumable point under the workdir. Writes ``few_shot.json``, ``few_shot.md`` and ``few_shot.png``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import math
 import os
 import types
 from typing import Any, Sequence
@@ -42,10 +54,64 @@ from lcnn_jax import config as config_lib, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_shot.py")
-LCNN_INITS = ("dictionaries", "all")
-COLUMNS = ("n", "lcnn_top1", "cnn_top1", "lcnn_speedup")  # top-5 (in the JSON) says little with few classes
-ARMS = ("lcnn", "cnn", "cnn_last")
-AGGREGATED = tuple(f"{arm}_{k}" for arm in ARMS for k in ("top1", "top5")) + ("lcnn_speedup",)
+ARMS = {"lcnn-coefficients": "LCNN: base weights, dictionaries frozen, P and classifier trained",
+        "lcnn-all": "LCNN: base weights, everything trained",
+        "cnn-whole": "CNN: base weights, whole net trained",
+        "cnn-last": "CNN: base weights, last layer trained"}
+LCNN_ARMS = ("lcnn-coefficients", "lcnn-all")
+CNN_ARMS = ("cnn-whole", "cnn-last")
+NOVEL_RULES = config_lib.SPARSITY_RULES
+
+
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+  """What the novel phase does, the same for every arm (the module docstring's steps 2 and 3)."""
+  ns: tuple[int, ...] = (1, 2, 5, 10, 50)
+  base_classes: tuple[int, ...] = (0, 1, 2, 3, 4)
+  novel_classes: tuple[int, ...] = (5, 6, 7, 8, 9)
+  seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # novel runs: classifier, batch order, and which n images
+  base_seeds: tuple[int, ...] = (0, 1, 2)
+  learning_rates: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)  # constant, chosen per n and arm
+  steps: tuple[int, ...] = (25, 50, 100, 200)  # chosen per n and arm
+  tune_seeds: tuple[int, ...] = (0, 1)
+  batch_size: int = 0  # 0: the config's train.batch_size
+  rule: str = "threshold"  # the novel LCNN's sparsity rule; no target speedup
+  strength: float = 0.0  # the novel LCNN's λ
+  classifier: str = "classifier"  # the classifier's parameter path: new in every arm, cnn-last trains it alone
+  arms: tuple[str, ...] = tuple(ARMS)
+
+  def check(self) -> None:
+    """Raises ValueError naming the first setting that cannot make a few-shot experiment."""
+    if set(self.base_classes) & set(self.novel_classes):
+      raise ValueError(f"base classes {self.base_classes} and novel classes {self.novel_classes} overlap: "
+                       "few-shot learning needs classes the base runs never saw.")
+    if self.tuned and len(self.base_classes) < 2:
+      raise ValueError(f"--base_classes={','.join(map(str, self.base_classes))}: choosing the learning rate and "
+                       "steps needs at least 2 base classes (pseudo-base and pseudo-novel); give more, or one "
+                       "--learning_rates and one --novel_steps value.")
+    unknown = [arm for arm in self.arms if arm not in ARMS]
+    if unknown or not self.arms:
+      raise ValueError(f"--arms={','.join(self.arms)}: expected some of {', '.join(ARMS)}.")
+    if self.rule not in NOVEL_RULES or self.strength < 0:
+      raise ValueError(f"--novel_rule={self.rule!r}, --novel_strength={self.strength}: expected a rule of "
+                       f"{NOVEL_RULES} and a strength >= 0.")
+    if min(self.ns) <= 0 or min(self.steps) <= 0 or min(self.learning_rates) <= 0:
+      raise ValueError(f"--ns={self.ns}, --novel_steps={self.steps}, --learning_rates={self.learning_rates}: "
+                       "each must be > 0.")
+
+  @property
+  def tuned(self) -> bool:
+    """Whether a (learning rate, steps) is chosen from more than one."""
+    return len(self.learning_rates) * len(self.steps) > 1
+
+  @property
+  def tuning_classes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(pseudo-base, pseudo-novel): the first half of the base classes (rounded up) and the rest."""
+    half = math.ceil(len(self.base_classes) / 2)
+    return self.base_classes[:half], self.base_classes[half:]
+
+
+# ------------------------------------------------------------------------------------------------ configs
 
 
 def base_config(config: ml_collections.ConfigDict, classes: Sequence[int], cnn: bool) -> ml_collections.ConfigDict:
@@ -57,125 +123,232 @@ def base_config(config: ml_collections.ConfigDict, classes: Sequence[int], cnn: 
   return common.derive(config, **overrides)
 
 
-def novel_config(config: ml_collections.ConfigDict, classes: Sequence[int], n: int, steps: int, *, cnn: bool,
-                 base_workdir: str, train_only: str = "", batch_size: int = 0) -> ml_collections.ConfigDict:
-  """The run on the novel classes with n examples each, for ``steps`` steps (of ``batch_size`` images; 0: the
-  config's), evaluated once at the end; ``train_only`` (the CNN's classifier path, for last-layer fine-tuning)
-  freezes every other parameter."""
-  novel = base_config(config, classes, cnn)
-  overrides = {"data.examples_per_class": n, "train.num_steps": steps, "train.eval_every": steps,
-               "train.log_every": max(1, min(config.train.log_every, steps)),
-               "train.checkpoint_every": steps, "train.warmup_steps": min(config.train.warmup_steps, steps // 5)}
-  if not cnn:
-    overrides.update({"train.init_from": os.path.abspath(base_workdir), "train.freeze_dictionaries": True})
-  if train_only:
-    overrides["train.train_only"] = train_only
-  if batch_size:
-    overrides["train.batch_size"] = batch_size
-  return common.derive(novel, **overrides)
+def novel_config(config: ml_collections.ConfigDict, classes: Sequence[int], n: int, *, arm: str, seed: int,
+                 learning_rate: float, steps: int, eval_every: int, protocol: Protocol) -> ml_collections.ConfigDict:
+  """The run of ``arm`` on ``classes`` with n images each, drawn with ``seed`` (also the run's seed):
+  ``steps`` steps at a constant ``learning_rate``, evaluated every ``eval_every`` and at the end."""
+  cnn = arm in CNN_ARMS
+  overrides = {"seed": seed, "data.examples_per_class": n, "data.examples_seed": seed, "train.num_steps": steps,
+               "train.eval_every": eval_every, "train.log_every": max(1, min(config.train.log_every, eval_every)),
+               "train.checkpoint_every": steps, "train.lr_schedule": "constant",
+               "train.learning_rate": learning_rate, "train.warmup_steps": 0}
+  if protocol.batch_size:
+    overrides["train.batch_size"] = protocol.batch_size
+  if not cnn:  # the base run's operating point, without steering
+    overrides.update({"sparsity.rule": protocol.rule, "sparsity.strength": protocol.strength,
+                      "sparsity.target_speedup": 0.0, "sparsity.target_density": 0.0,
+                      "train.freeze_dictionaries": arm == "lcnn-coefficients"})
+  if arm == "cnn-last":
+    overrides["train.train_only"] = protocol.classifier
+  return common.derive(base_config(config, classes, cnn), **overrides)
 
 
-def run_few_shot(config: ml_collections.ConfigDict, workdir: str, *, ns: Sequence[int],
-                 base_classes: Sequence[int], novel_classes: Sequence[int], novel_steps: int,
-                 lcnn_init: str = "dictionaries", last_layer: str = "", novel_batch_size: int = 0,
-                 novel_workdir: str | None = None,
-                 novel_seed: int | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-  """Trains (or reads back) the base runs and every n; returns the table's rows and the base results.
+# ------------------------------------------------------------------------------------------------ runs
 
-  ``last_layer`` (the classifier's path, e.g. 'classifier') adds the arm that fine-tunes only it. The novel
-  runs take batches of ``novel_batch_size`` (0: the config's) and go to ``novel_workdir`` (default ``workdir``) with ``seed`` = ``novel_seed`` (default the config's).
-  """
-  if lcnn_init not in LCNN_INITS:
-    raise ValueError(f"lcnn_init={lcnn_init!r}: expected one of {LCNN_INITS}.")
-  if set(base_classes) & set(novel_classes):
-    raise ValueError(f"base classes {tuple(base_classes)} and novel classes {tuple(novel_classes)} overlap: "
-                     "few-shot learning needs classes the base runs never saw.")
+
+def run_bases(config: ml_collections.ConfigDict, directory: str, classes: Sequence[int],
+              seed: int) -> dict[str, dict[str, Any]]:
+  """The base LCNN and CNN on ``classes`` with ``seed``, in ``directory/base_lcnn`` and ``directory/base_cnn``."""
+  config = common.with_seed(config, seed)
+  return {model: common.run_point(base_config(config, classes, cnn=model == "cnn"),
+                                  os.path.join(directory, f"base_{model}"))
+          for model in ("lcnn", "cnn")}
+
+
+def run_arm(config: ml_collections.ConfigDict, bases_dir: str, directory: str, classes: Sequence[int], n: int,
+            arm: str, seed: int, learning_rate: float, steps: int, eval_every: int,
+            protocol: Protocol) -> dict[str, Any]:
+  """One novel run of ``arm`` in ``directory/<arm>_n<n>``, started from the base run in ``bases_dir``."""
+  base = os.path.join(bases_dir, "base_cnn" if arm in CNN_ARMS else "base_lcnn")
+  return common.run_point(
+      novel_config(config, classes, n, arm=arm, seed=seed, learning_rate=learning_rate, steps=steps,
+                   eval_every=eval_every, protocol=protocol),
+      os.path.join(directory, f"{arm}_n{n}"),
+      prepare=functools.partial(_copy_all_but_classifier, base, protocol.classifier))
+
+
+def _copy_all_but_classifier(base_workdir: str, classifier: str, model) -> None:
+  common.copy_matching_weights(base_workdir, model, exclude=(classifier,))
+
+
+def choose_hyperparameters(config: ml_collections.ConfigDict, workdir: str,
+                           protocol: Protocol) -> dict[int, dict[str, dict[str, Any]]]:
+  """{n: {arm: {'learning_rate', 'steps', 'top1'}}}: per n and arm, the (learning rate, steps) of the best mean
+  top-1 over the tuning seeds on the pseudo-novel classes (module docstring, step 3); ``top1`` None when there is
+  nothing to choose. An n whose tuning runs are not all finished (``--finished_only``) is left out."""
+  if not protocol.tuned:
+    only = {"learning_rate": protocol.learning_rates[0], "steps": protocol.steps[0], "top1": None}
+    return {n: {arm: dict(only) for arm in protocol.arms} for n in protocol.ns}
+  pseudo_base, pseudo_novel = protocol.tuning_classes
+  tune_dir = os.path.join(workdir, "tune")
+  try:
+    run_bases(config, tune_dir, pseudo_base, protocol.base_seeds[0])
+  except common.NotFinished:
+    logging.warning("Few-shot tuning: the pseudo-base runs are not finished; every n left out.")
+    return {}
+  longest, every = max(protocol.steps), math.gcd(*protocol.steps)
+  chosen = {}
+  for n in protocol.ns:
+    try:
+      chosen[n] = {arm: _best(config, tune_dir, pseudo_novel, n, arm, longest, every, protocol)
+                   for arm in protocol.arms}
+    except common.NotFinished:
+      logging.warning("Few-shot tuning of n=%d is not finished; n=%d left out.", n, n)
+  return chosen
+
+
+def _best(config, tune_dir, classes, n, arm, longest, every, protocol) -> dict[str, Any]:
+  """The best (learning rate, steps) of one n and arm on the pseudo-novel classes."""
+  candidates = []
+  for learning_rate in sorted(protocol.learning_rates):
+    curves = [run_arm(config, tune_dir, os.path.join(tune_dir, f"seed{seed}", f"lr{learning_rate:g}"), classes, n,
+                      arm, seed, learning_rate, longest, every, protocol)["curve"]
+              for seed in protocol.tune_seeds]
+    for steps in protocol.steps:
+      top1 = [next(point["top1"] for point in curve if point["step"] == steps) for curve in curves]
+      candidates.append((sum(top1) / len(top1), -steps, -learning_rate))
+  top1, steps, learning_rate = max(candidates)
+  return {"learning_rate": -learning_rate, "steps": -steps, "top1": top1}
+
+
+def pair_name(base_seed: int, seed: int) -> str:
+  """How a (base seed, novel seed) pair is named in the report: 'base0/seed3'."""
+  return f"base{base_seed}/seed{seed}"
+
+
+def run_few_shot(config: ml_collections.ConfigDict, workdir: str, protocol: Protocol) -> dict[str, Any]:
+  """Trains (or reads back) the base runs, the tuning and every novel run; returns ``{'rows', 'per_pair',
+  'bases', 'base_rows', 'chosen'}``: the mean ± std rows by n (:func:`common.aggregate` over the pairs, with
+  each arm's ``<arm>_top1``, ``_top5``, ``_speedup`` and the paired ``<lcnn arm>_minus_<cnn arm>``), each
+  pair's rows, the base results per base seed, their mean ± std by model, and the chosen hyperparameters."""
+  protocol.check()
   os.makedirs(workdir, exist_ok=True)
   config = common.dataset_statistics(config, cache_dir=workdir)  # one normalisation for every subset
-  base_lcnn_dir, base_cnn_dir = os.path.join(workdir, "base_lcnn"), os.path.join(workdir, "base_cnn")
-  bases = {"lcnn": common.run_point(base_config(config, base_classes, cnn=False), base_lcnn_dir),
-           "cnn": common.run_point(base_config(config, base_classes, cnn=True), base_cnn_dir)}
-  lcnn_prepare = (functools.partial(_copy_all_but_classifier, base_lcnn_dir) if lcnn_init == "all" else None)
-  cnn_prepare = functools.partial(_copy_all_but_classifier, base_cnn_dir)
-  novel_dir = workdir if novel_workdir is None else novel_workdir
-  novel = config if novel_seed is None else common.with_seed(config, novel_seed)
-  rows = []
-  for n in ns:
-    logging.info("Few-shot: %d examples per novel class (%s).", n, novel_dir)
+  bases = {}
+  for base_seed in protocol.base_seeds:
     try:
-      row = _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir,
-                       base_cnn_dir, lcnn_prepare, cnn_prepare, novel_batch_size)
+      bases[base_seed] = run_bases(config, os.path.join(workdir, f"base{base_seed}"), protocol.base_classes,
+                                   base_seed)
     except common.NotFinished:
-      logging.warning("Few-shot n=%d in %s is not finished; left out.", n, novel_dir)
-      continue
-    rows.append(row)
-  return rows, {name: {k: result[k] for k in ("top1", "top5", "speedup")} for name, result in bases.items()}
+      logging.warning("Few-shot base runs of base seed %d are not finished; left out.", base_seed)
+  chosen = choose_hyperparameters(config, workdir, protocol)
+  per_pair = {}
+  for base_seed in bases:
+    bases_dir = os.path.join(workdir, f"base{base_seed}")
+    for seed in protocol.seeds:
+      rows = []
+      for n in (n for n in protocol.ns if n in chosen):
+        try:
+          results = {arm: run_arm(config, bases_dir, common.seed_workdir(bases_dir, seed), protocol.novel_classes,
+                                  n, arm, seed, chosen[n][arm]["learning_rate"], chosen[n][arm]["steps"],
+                                  chosen[n][arm]["steps"], protocol)
+                     for arm in protocol.arms}
+        except common.NotFinished:
+          logging.warning("Few-shot n=%d of %s is not finished; left out.", n, pair_name(base_seed, seed))
+          continue
+        rows.append(_pair_row(n, results))
+      if rows:
+        per_pair[pair_name(base_seed, seed)] = rows
+  if not per_pair:
+    raise ValueError(f"{workdir}: no finished few-shot run for base seeds {list(protocol.base_seeds)} and seeds "
+                     f"{list(protocol.seeds)}; run without --finished_only.")
+  fields = [field for field in dict.fromkeys(k for rows in per_pair.values() for row in rows for k in row)
+            if field != "n"]
+  base_rows = common.aggregate({seed: [{"model": model, **{k: result[k] for k in ("top1", "speedup")}}
+                                       for model, result in models_.items()] for seed, models_ in bases.items()},
+                               "model", ("top1", "speedup"))
+  return {"rows": common.aggregate(per_pair, "n", fields), "per_pair": per_pair,
+          "bases": {seed: {model: {k: result[k] for k in ("top1", "top5", "speedup", "multiplications")}
+                           for model, result in models_.items()} for seed, models_ in bases.items()},
+          "base_rows": base_rows, "chosen": chosen}
 
 
-def _novel_row(novel, novel_dir, n, novel_classes, novel_steps, lcnn_init, last_layer, base_lcnn_dir, base_cnn_dir,
-               lcnn_prepare, cnn_prepare, batch_size) -> dict[str, Any]:
-  """The arms of one n: the table's row."""
-  lcnn = common.run_point(
-      novel_config(novel, novel_classes, n, novel_steps, cnn=False, base_workdir=base_lcnn_dir,
-                   batch_size=batch_size),
-      os.path.join(novel_dir, f"lcnn_n{n}" if lcnn_init == "dictionaries" else f"lcnn_{lcnn_init}_n{n}"),
-      prepare=lcnn_prepare)
-  cnn = common.run_point(
-      novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
-                   batch_size=batch_size),
-      os.path.join(novel_dir, f"cnn_n{n}"), prepare=cnn_prepare)
-  row = {"n": n, "lcnn_top1": lcnn["top1"], "cnn_top1": cnn["top1"], "lcnn_top5": lcnn["top5"],
-         "cnn_top5": cnn["top5"], "lcnn_speedup": lcnn["speedup"]}
-  if last_layer:
-    last = common.run_point(
-        novel_config(novel, novel_classes, n, novel_steps, cnn=True, base_workdir=base_cnn_dir,
-                     train_only=last_layer, batch_size=batch_size),
-        os.path.join(novel_dir, f"cnn_last_n{n}"), prepare=cnn_prepare)
-    row.update({"cnn_last_top1": last["top1"], "cnn_last_top5": last["top5"]})
+def _pair_row(n: int, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+  """One pair's row of one n: each arm's top-1, top-5 and counted speedup, and each LCNN arm − CNN arm."""
+  row = {"n": n}
+  for arm, result in results.items():
+    row.update({f"{arm}_top1": result["top1"], f"{arm}_top5": result["top5"], f"{arm}_speedup": result["speedup"]})
+  for lcnn in (arm for arm in LCNN_ARMS if arm in results):
+    for cnn in (arm for arm in CNN_ARMS if arm in results):
+      row[f"{lcnn}_minus_{cnn}"] = results[lcnn]["top1"] - results[cnn]["top1"]
   return row
 
 
-def run_few_shot_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], **kwargs: Any
-                       ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, list[dict[str, Any]]]]:
-  """:func:`run_few_shot` with the base runs trained once (with the config's seed) in ``workdir`` and the novel
-  runs once per seed in ``WORKDIR/seed<S>``; returns the mean ± std rows (:func:`common.aggregate` by n), the
-  base results and each seed's rows. Commands with different ``seeds`` share the base runs."""
-  per_seed, bases = {}, {}
-  for seed in seeds:
-    rows, bases = run_few_shot(config, workdir, novel_workdir=common.seed_workdir(workdir, seed), novel_seed=seed,
-                               **kwargs)
-    if rows:  # none when --finished_only finds nothing of this seed
-      per_seed[seed] = rows
-  if not per_seed:
-    raise ValueError(f"{workdir}: no finished few-shot run for seeds {list(seeds)}; run without --finished_only.")
-  return common.aggregate(per_seed, "n", AGGREGATED), bases, per_seed
+# ------------------------------------------------------------------------------------------------ report
 
 
-def _copy_all_but_classifier(source_workdir: str, model) -> None:
-  common.copy_matching_weights(source_workdir, model)
+def scale_lines(config: ml_collections.ConfigDict, workdir: str, protocol: Protocol, pairs: int) -> list[str]:
+  """The report's first lines: the base runs' scale, the novel runs', the seeds and the novel-phase sparsity."""
+  base = common.run_scale(base_config(config, protocol.base_classes, cnn=False), workdir)
+  batch = protocol.batch_size or config.train.batch_size
+  pseudo_base, pseudo_novel = protocol.tuning_classes
+  rates = ", ".join(f"{rate:g}" for rate in protocol.learning_rates)
+  steps = ", ".join(map(str, protocol.steps))
+  tuning = (f"learning rate and steps chosen per n and arm from {{{rates}}} × {{{steps}}}"
+            f" on base classes {list(pseudo_novel)} as pseudo-novel (pseudo-base {list(pseudo_base)}), tuning seeds "
+            f"{list(protocol.tune_seeds)}" if protocol.tuned else
+            f"learning rate {rates} and {protocol.steps[0]} steps for every n (no tuning)")
+  return [common.describe_scale(f"Base runs (classes {list(protocol.base_classes)})", base) + ".",
+          f"Novel runs (classes {list(protocol.novel_classes)}): n ∈ {{{', '.join(map(str, protocol.ns))}}} "
+          f"images per class drawn at random per seed, batch {batch}, constant {tuning}.",
+          f"Seeds: {len(protocol.seeds)} novel × {len(protocol.base_seeds)} base ({pairs} pair"
+          f"{'s' if pairs != 1 else ''} finished).",
+          f"Novel-phase sparsity of the LCNN arms: rule {protocol.rule}, strength {protocol.strength:g}, no target "
+          "speedup (the base run's operating point; the speedup each arm ends at is in the last table)."]
 
 
-LCNN_LABELS = {"dictionaries": "LCNN: base dictionaries, train I and C",
-               "all": "LCNN: all base weights, train I and C"}
+def few_shot_report(config: ml_collections.ConfigDict, workdir: str,
+                    protocol: Protocol) -> tuple[str, dict[str, Any]]:
+  """Runs (or reads back) the experiment; writes ``few_shot.json`` and ``few_shot.md`` and returns the markdown
+  and :func:`run_few_shot`'s result."""
+  os.makedirs(workdir, exist_ok=True)
+  config = common.dataset_statistics(config, cache_dir=workdir)  # one normalisation for every subset
+  result = run_few_shot(config, workdir, protocol)
+  rows, arms = result["rows"], list(protocol.arms)
+  accuracy = [f"{arm}_top1" for arm in arms]
+  differences = [f"{lcnn}_minus_{cnn}" for lcnn in LCNN_ARMS for cnn in CNN_ARMS if lcnn in arms and cnn in arms]
+  speedups = [f"{arm}_speedup" for arm in arms if arm in LCNN_ARMS]
+  cells = common.mean_std_rows(rows, accuracy + differences + speedups, percent=accuracy + differences)
+  label = lambda field: field.replace("_top1", "").replace("_minus_", " − ").replace("_speedup", " speedup")
+  relabelled = [{"n": row["n"], "pairs": row["seeds"],
+                 **{label(k): row[k] for k in row if k in accuracy + differences + speedups}} for row in cells]
+  for row in relabelled:
+    for arm in arms:
+      chosen = result["chosen"][row["n"]][arm]
+      row[f"{arm} lr / steps"] = f"{chosen['learning_rate']:g} / {chosen['steps']}"
+  base_cells = common.mean_std_rows(result["base_rows"], ("top1", "speedup"), percent=("top1",))
+  lines = scale_lines(config, workdir, protocol, len(result["per_pair"])) + [
+      "", "Base runs on the base classes (top-1 in %, mean ± std over base seeds; counted speedup over the CNN):", "",
+      common.markdown_table(base_cells, ("model", "seeds", "top1", "speedup")),
+      "Novel classes, top-1 in % (mean ± std over the (base seed, novel seed) pairs):", "",
+      common.markdown_table(relabelled, ["n", "pairs", *map(label, accuracy)])]
+  if differences:
+    lines += ["Paired per (base seed, novel seed): LCNN arm − CNN arm, top-1 points (mean ± std of the "
+              "differences):", "", common.markdown_table(relabelled, ["n", "pairs", *map(label, differences)])]
+  lines += ["Counted speedup the LCNN arms end at, and the learning rate / steps chosen for each arm:", "",
+            common.markdown_table(relabelled, ["n", *map(label, speedups), *(f"{arm} lr / steps" for arm in arms)])]
+  markdown = "\n".join(lines)
+  common.write_report(workdir, "few_shot", {
+      "protocol": dataclasses.asdict(protocol), "scale": lines[:4], "rows": rows, "per_pair": result["per_pair"],
+      "bases": {str(seed): value for seed, value in result["bases"].items()}, "base_rows": result["base_rows"],
+      "chosen": {str(n): value for n, value in result["chosen"].items()}, "config": config.to_dict()}, markdown)
+  return markdown, result
 
 
-def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str, lcnn_init: str = "dictionaries") -> None:
-  """Novel-class top-1 against examples per class, LCNN and CNN."""
+def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str,
+                  arms: Sequence[str] = tuple(ARMS)) -> None:
+  """Novel-class top-1 against examples per class, one line per arm, mean ± std over the pairs."""
   plt = common.pyplot()
-  fig, ax = plt.subplots(figsize=(6, 4.5))
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
   ns = [row["n"] for row in rows]
-  arms = [("lcnn", "o-", LCNN_LABELS[lcnn_init]), ("cnn", "s--", "CNN: fine-tuned, whole net"),
-          ("cnn_last", "^:", "CNN: fine-tuned, last layer only")]
-  for arm, style, label in arms:
+  styles = {"lcnn-coefficients": "o-", "lcnn-all": "D-", "cnn-whole": "s--", "cnn-last": "^:"}
+  for arm in arms:
     if not all(f"{arm}_top1" in row for row in rows):
       continue
-    mean = [100 * row[f"{arm}_top1"] for row in rows]
-    if any(f"{arm}_top1_std" in row for row in rows):  # mean ± std over seeds
-      ax.errorbar(ns, mean, yerr=[100 * row.get(f"{arm}_top1_std", 0.0) for row in rows], fmt=style, capsize=3,
-                  label=f"{label} ({len(rows[0]['seeds'])} seeds)")
-    else:
-      ax.plot(ns, mean, style, label=label)
-  ax.set_xscale("log", base=2)
+    ax.errorbar(ns, [100 * row[f"{arm}_top1"] for row in rows],
+                yerr=[100 * row.get(f"{arm}_top1_std", 0.0) for row in rows], fmt=styles[arm], capsize=3,
+                label=f"{ARMS[arm]} ({max(len(row.get('seeds', ())) for row in rows) or 1} pairs)")
+  ax.set_xscale("log")
   ax.set_xticks(ns, [str(n) for n in ns])
   ax.set_xlabel("training examples per novel class")
   ax.set_ylabel("novel-class top-1 accuracy (%)")
@@ -184,56 +357,61 @@ def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str, lcn
 
 def define_flags() -> types.SimpleNamespace:
   """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
+  default = Protocol()
+  listed = lambda values: [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
   return types.SimpleNamespace(
       config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs."),
       workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run)."),
       print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
-      ns=flags.DEFINE_list("ns", ["1", "2", "4", "8", "16"], "Training examples per novel class."),
-      base=flags.DEFINE_list("base_classes", ["0", "1", "2", "3", "4"], "Class indices learned first."),
-      novel=flags.DEFINE_list("novel_classes", ["5", "6", "7", "8", "9"], "Class indices learned from few examples."),
-      novel_steps=flags.DEFINE_integer("novel_steps", 60, "Training steps of each few-shot run."),
-      novel_batch_size=flags.DEFINE_integer("novel_batch_size", 0, "Batch size of the few-shot runs (0: the "
-                                            "config's train.batch_size, as the base runs)."),
-      lcnn_init=flags.DEFINE_enum("lcnn_init", "dictionaries", LCNN_INITS,
-                                  "What the few-shot LCNN takes from the base LCNN "
-                                  "(dictionaries: the paper's setting)."),
-      last_layer=flags.DEFINE_string("last_layer", "classifier",
-                                     "Path of the CNN's classifier: also fine-tune only it (cnn_last_n<n>); "
-                                     "'' leaves that arm out."),
-      seeds=flags.DEFINE_list("seeds", [], "Seeds of the novel runs, e.g. 0,1,2,3,4 (each in WORKDIR/seed<S>; "
-                              "the base runs use the config's), reported as mean ± std. Empty: the config's seed."),
+      ns=flags.DEFINE_list("ns", listed(default.ns), "Training examples per novel class."),
+      base=flags.DEFINE_list("base_classes", listed(default.base_classes), "Class indices learned first."),
+      novel=flags.DEFINE_list("novel_classes", listed(default.novel_classes),
+                              "Class indices learned from few examples."),
+      seeds=flags.DEFINE_list("seeds", listed(default.seeds), "Seeds of the novel runs: each draws its own n "
+                              "images per class and seeds the new classifier and the batch order."),
+      base_seeds=flags.DEFINE_list("base_seeds", listed(default.base_seeds),
+                                   "Seeds of the base runs (each in WORKDIR/base<B>); every novel seed runs from "
+                                   "each. At least 3 at full scale; a reduced run may pass one."),
+      learning_rates=flags.DEFINE_list("learning_rates", listed(default.learning_rates),
+                                       "Constant learning rates the tuning chooses from, per n and arm."),
+      novel_steps=flags.DEFINE_list("novel_steps", listed(default.steps),
+                                    "Step counts the tuning chooses from, per n and arm (one value and one learning "
+                                    "rate: no tuning)."),
+      tune_seeds=flags.DEFINE_list("tune_seeds", listed(default.tune_seeds),
+                                   "Seeds of the tuning runs on the pseudo-novel base classes."),
+      novel_batch_size=flags.DEFINE_integer("novel_batch_size", 0, "Batch size of the novel runs (0: the config's "
+                                            "train.batch_size, as the base runs)."),
+      novel_rule=flags.DEFINE_enum("novel_rule", default.rule, NOVEL_RULES,
+                                   "Sparsity rule of the novel LCNN runs (threshold: a zero of P stays zero)."),
+      novel_strength=flags.DEFINE_float("novel_strength", default.strength,
+                                        "Sparsity strength λ of the novel LCNN runs (no target speedup)."),
+      classifier=flags.DEFINE_string("classifier", default.classifier,
+                                     "Parameter path of the classifier: new in every arm, the only layer cnn-last "
+                                     "trains (ResNet: fc; AlexNet: fc8)."),
+      arms=flags.DEFINE_list("arms", list(ARMS), f"The arms to run, some of {', '.join(ARMS)}."),
       finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished runs only "
                                       "(an n whose arms are not all finished is left out)."))
 
 
+def protocol_from_flags(flag: types.SimpleNamespace) -> Protocol:
+  """The :class:`Protocol` of the command's flags."""
+  integers = lambda name: tuple(int(v) for v in getattr(flag, name).value)
+  return Protocol(ns=integers("ns"), base_classes=integers("base"), novel_classes=integers("novel"),
+                  seeds=tuple(common.parse_seeds(flag.seeds.value)),
+                  base_seeds=tuple(common.parse_seeds(flag.base_seeds.value, "--base_seeds")),
+                  learning_rates=tuple(float(v) for v in flag.learning_rates.value), steps=integers("novel_steps"),
+                  tune_seeds=tuple(common.parse_seeds(flag.tune_seeds.value, "--tune_seeds")),
+                  batch_size=flag.novel_batch_size.value, rule=flag.novel_rule.value,
+                  strength=flag.novel_strength.value, classifier=flag.classifier.value, arms=tuple(flag.arms.value))
+
+
 def report(flag: types.SimpleNamespace) -> None:
-  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
-  workdir = flag.workdir.value
-  config = flag.config.value
-  kwargs = dict(ns=[int(n) for n in flag.ns.value], base_classes=[int(c) for c in flag.base.value],
-                novel_classes=[int(c) for c in flag.novel.value], novel_steps=flag.novel_steps.value,
-                lcnn_init=flag.lcnn_init.value, last_layer=flag.last_layer.value,
-                novel_batch_size=flag.novel_batch_size.value)
-  columns = list(COLUMNS)
-  if flag.last_layer.value:
-    columns.insert(3, "cnn_last_top1")
-  extra = {"lcnn_init": flag.lcnn_init.value, "config": config.to_dict()}
-  if flag.seeds.value:
-    seeds = common.parse_seeds(flag.seeds.value)
-    rows, bases, per_seed = run_few_shot_seeds(config, workdir, seeds, **kwargs)
-    table = common.write_report(workdir, "few_shot", rows, ["n", "seeds", *columns[1:]],
-                                {"base": bases, "seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()},
-                                 **extra},
-                                table_rows=common.mean_std_rows(rows, AGGREGATED,
-                                                                percent=[f for f in AGGREGATED if "top" in f]))
-  else:
-    rows, bases = run_few_shot(config, workdir, **kwargs)
-    table = common.write_report(workdir, "few_shot", rows, columns, {"base": bases, **extra})
-  plot_few_shot(rows, os.path.join(workdir, "few_shot.png"),
-                f"{config.model.name} on {config.data.name}: few-shot learning of novel classes",
-                flag.lcnn_init.value)
-  print(f"Base classes: LCNN top-1 {bases['lcnn']['top1']:.4f} ({bases['lcnn']['speedup']:.1f}x fewer "
-        f"multiplications), CNN top-1 {bases['cnn']['top1']:.4f}\n{table}")  # the command's output
+  """Runs (or reads back) the experiment of the flags; writes and prints its tables and plot."""
+  config, protocol = flag.config.value, protocol_from_flags(flag)
+  markdown, result = few_shot_report(config, flag.workdir.value, protocol)
+  plot_few_shot(result["rows"], os.path.join(flag.workdir.value, "few_shot.png"),
+                f"{config.model.name} on {config.data.name}: few-shot learning of novel classes", protocol.arms)
+  print(markdown)  # the command's output
 
 
 if __name__ == "__main__":

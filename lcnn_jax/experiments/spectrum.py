@@ -15,7 +15,15 @@ exported LCNN (backends chosen per layer) against its dense CNN at ``--bench_bat
 (dictionary size, target speedup) pairs themselves, for a spectrum that spans sizes (a large dictionary for ~2×,
 small ones for the largest speedups). With ``--seeds`` every point trains once per seed in ``WORKDIR/seed<S>/`` and
 the table, JSON and plot give mean ± std (sample standard deviation) over the seeds; the JSON keeps each seed's rows
-under ``per_seed``. Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png`` in the workdir.
+under ``per_seed``.
+
+With ``--pruning`` (the default) each LCNN point is followed by ``prune_<point>``: the CNN trained for the same
+steps with gradual magnitude pruning of its convolution and dense kernels to the multiplications that LCNN point
+counts, by the same counter (:mod:`lcnn_jax.counting`, which does not count a pruned weight; the schedule is
+:mod:`lcnn_jax.experiments.pruning`'s). A second table sets the two against each other per point: top-1 of each
+at its counted speedup and the per-seed difference LCNN − pruning. The report's first line states the scale
+(full or reduced, training images, steps, seeds). Writes ``spectrum.json``, ``spectrum.md`` and ``spectrum.png``
+in the workdir.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import json
 import math
 import os
 import types
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 from absl import flags, logging
@@ -32,12 +40,9 @@ from flax import nnx
 from ml_collections import config_flags
 
 from lcnn_jax import bench, config as config_lib, inspection, logger, models, operating_point
-from lcnn_jax.experiments import common
+from lcnn_jax.experiments import common, pruning as pruning_lib
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "spectrum.py")
-COLUMNS = ("point", "dictionary_size", "strength", "target", "top1", "top5", "density", "speedup", "wall_speedup",
-           "multiplications")
-
 
 def point_name(size: int | None, strength: float | None, target: float | None = None) -> str:
   """'cnn' for the baseline, else 'k8_s10' or, for a target speedup, 'k8_t10' ('.' as 'p': 'k8_s0p3')."""
@@ -115,13 +120,16 @@ def parse_points(values: Sequence[str]) -> list[tuple[int, float]]:
 def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequence[int],
                  strengths: Sequence[float] = (), targets: Sequence[float] = (),
                  points: Sequence[tuple[int, float]] = (),
-                 size_keys: Sequence[str] = ("convs",), baseline: bool = True, wall_clock: bool = False,
-                 bench_batch: int = 1, bench_seconds: float = 3.0) -> list[dict[str, Any]]:
+                 size_keys: Sequence[str] = ("convs",), baseline: bool = True, pruning: bool = True,
+                 wall_clock: bool = False, bench_batch: int = 1,
+                 bench_seconds: float = 3.0) -> list[dict[str, Any]]:
   """Trains (or reads back) every point and returns the table's rows, the CNN first.
 
   The LCNN points are the (dictionary size, target speedup) pairs ``points`` when given, else ``sizes`` ×
   ``targets`` (target speedups) when ``targets`` is given, else ``sizes`` × ``strengths``; unreachable targets
-  are skipped with a warning.
+  are skipped with a warning. With ``pruning``, each LCNN point is followed by ``prune_<point>``: the CNN pruned
+  to the multiplications that LCNN counts (:mod:`lcnn_jax.experiments.pruning`), for the same steps. Each row's
+  ``arm`` is 'cnn', 'lcnn' or 'pruning'.
   """
   check_size_keys(config, size_keys)  # before any point trains
   grid = ([(k, None, t) for k, t in points] if points
@@ -144,8 +152,8 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
       continue
     if target is not None:  # the steered strength the run ended with
       strength = [row for row in logger.read_metrics(point_dir) if row["split"] == "train"][-1]["strength"]
-    row = {"point": name, "dictionary_size": size if size is not None else "-",
-           "strength": strength if strength is not None else "-",
+    row = {"arm": "cnn" if size is None else "lcnn", "point": name,
+           "dictionary_size": size if size is not None else "-", "strength": strength if strength is not None else "-",
            "target": target if target is not None else "-", "top1": result["top1"], "top5": result["top5"],
            "speedup": result["speedup"], "multiplications": result["multiplications"],
            "density": result["density"] if result["density"] is not None else "-"}
@@ -153,12 +161,51 @@ def run_spectrum(config: ml_collections.ConfigDict, workdir: str, *, sizes: Sequ
       row["wall_speedup"] = 1.0 if size is None else measure_wall_clock(point_dir, bench_batch,
                                                                         bench_seconds)["wall_speedup"]
     rows.append(row)
+    if pruning and size is not None:
+      pruned = run_pruned(config, workdir, name, result["multiplications"])
+      if pruned is not None:
+        rows.append({**pruned, "target": row["target"]})
   return rows
 
 
+def run_pruned(config: ml_collections.ConfigDict, workdir: str, lcnn_point: str,
+               multiplications: float) -> dict[str, Any] | None:
+  """Trains (or reads back) ``prune_<lcnn_point>``, the CNN of ``config`` pruned to ``multiplications``, and
+  returns its row (None when it is not finished under ``--finished_only``)."""
+  name = f"prune_{lcnn_point}"
+  end = config.sparsity.project_at
+  try:
+    result = common.run_point(point_config(config, None, None, ()), os.path.join(workdir, name),
+                              wrap_optimizer=pruning_lib.to_budget(multiplications, end),
+                              setup=pruning_lib.setup(multiplications, end))
+  except common.NotFinished:
+    logging.warning("Spectrum point %s is not finished; left out.", name)
+    return None
+  return {"arm": "pruning", "point": name, "matches": lcnn_point, "dictionary_size": "-", "strength": "-",
+          "top1": result["top1"], "top5": result["top5"], "speedup": result["speedup"],
+          "multiplications": result["multiplications"], "density": "-"}
+
+
+def pruning_comparison(per_seed: Mapping[Any, Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+  """One row per LCNN point that has a pruned CNN: both arms' top-1 and counted speedup, and the paired
+  difference LCNN − pruning of top-1 per seed (``top1_difference``), as mean ± std (:func:`common.aggregate`)."""
+  paired = {}
+  for seed, rows in per_seed.items():
+    lcnn = {row["point"]: row for row in rows if row["arm"] == "lcnn"}
+    paired[seed] = [{"point": row["matches"], "target": row["target"], "lcnn_top1": lcnn[row["matches"]]["top1"],
+                     "pruning_top1": row["top1"], "lcnn_speedup": lcnn[row["matches"]]["speedup"],
+                     "pruning_speedup": row["speedup"],
+                     "top1_difference": lcnn[row["matches"]]["top1"] - row["top1"]}
+                    for row in rows if row["arm"] == "pruning" and row["matches"] in lcnn]
+  return common.aggregate(paired, "point", COMPARED)
+
+
+COMPARED = ("lcnn_top1", "pruning_top1", "top1_difference", "lcnn_speedup", "pruning_speedup")
+
+
 AGGREGATED = ("top1", "top5", "speedup", "wall_speedup", "density", "strength", "multiplications")
-SEED_COLUMNS = ("point", "dictionary_size", "target", "seeds", "top1", "speedup", "wall_speedup", "density",
-                "strength")
+COLUMNS = ("point", "dictionary_size", "target", "seeds", "top1", "speedup", "multiplications", "wall_speedup",
+                "density", "strength")
 
 
 def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
@@ -192,7 +239,8 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
   if any("wall_speedup" in row for row in rows):
     panels.append(("wall_speedup", f"measured wall-clock speedup at batch {bench_batch} (×)"))
   fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-  lcnn = [row for row in rows if row["point"] != "cnn"]
+  lcnn = [row for row in rows if row.get("arm", "lcnn") == "lcnn" and row["point"] != "cnn"]
+  pruned = sorted((row for row in rows if row.get("arm") == "pruning"), key=lambda row: row["speedup"])
   by_target = any(row.get("target", "-") != "-" for row in lcnn)
   for ax, (key, label) in zip(axes[0], panels):
     if by_target:  # one line per dictionary size through its targets
@@ -217,6 +265,11 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
         crowded = any(abs(math.log(other_x / x)) < 0.05 and 0 < other_y - y < 3 for other_x, other_y in points)
         ax.annotate(note.format(row[note_key]), (x, y), textcoords="offset points",
                     xytext=(4, -11 if crowded else 4), fontsize=7)
+    if pruned and key == "speedup":  # a pruned CNN runs dense kernels: no wall-clock point
+      ax.errorbar([row[key] for row in pruned], [100 * row["top1"] for row in pruned],
+                  yerr=[100 * row.get("top1_std", 0.0) for row in pruned],
+                  xerr=[row.get(f"{key}_std", 0.0) for row in pruned], fmt="s--", color="tab:red", capsize=3,
+                  label="CNN, gradual magnitude pruning")
     for row in rows:
       if row["point"] == "cnn":
         ax.plot([row[key]] if key in row else [1.0], [100 * row["top1"]], "k*", markersize=12, label="CNN")
@@ -255,34 +308,59 @@ def define_flags() -> types.SimpleNamespace:
       size_keys=flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
                                   "stage1,stage2,stage3,stage4)."),
       baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
+      pruning=flags.DEFINE_bool("pruning", True, "Also train, beside each LCNN point, the CNN pruned by gradual "
+                                "magnitude pruning to the multiplications that LCNN counts (prune_<point>)."),
       wall_clock=flags.DEFINE_bool("wall_clock", True,
                                    "Measure the wall-clock speedup with the inference benchmark."),
       bench_batch=flags.DEFINE_integer("bench_batch", 1, "Batch size of the wall-clock measurement."),
       bench_seconds=flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point."))
 
 
-def report(flag: types.SimpleNamespace) -> None:
-  """Runs (or reads back) the experiment of the flags; writes and prints its table and plot."""
-  workdir = flag.workdir.value  # created by common.main
-  kwargs = dict(sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
-                targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
-                size_keys=flag.size_keys.value, baseline=flag.baseline.value, wall_clock=flag.wall_clock.value,
-                bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
-  measured = lambda names: [c for c in names if c != "wall_speedup" or flag.wall_clock.value]
-  if flag.seeds.value:
-    seeds = common.parse_seeds(flag.seeds.value)
-    rows, per_seed = run_spectrum_seeds(flag.config.value, workdir, seeds, **kwargs)
-    table = common.write_report(workdir, "spectrum", rows, measured(SEED_COLUMNS),
-                                {"seeds": seeds, "per_seed": {str(s): r for s, r in per_seed.items()},
-                                 "config": flag.config.value.to_dict()},
-                                table_rows=common.mean_std_rows(rows, AGGREGATED, percent=("top1", "top5")))
+def spectrum_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int] | None,
+                    wall_clock: bool = False, **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
+  """Runs (or reads back) the spectrum, once per seed in ``WORKDIR/seed<S>`` (``seeds``) or once with the
+  config's seed in ``WORKDIR`` (None); writes ``spectrum.json`` and ``spectrum.md`` (the scale, the points,
+  and LCNN against pruning at equal multiplications) and returns the markdown and the mean ± std rows."""
+  if seeds:
+    rows, per_seed = run_spectrum_seeds(config, workdir, seeds, wall_clock=wall_clock, **kwargs)
   else:
-    rows = run_spectrum(flag.config.value, workdir, **kwargs)
-    table = common.write_report(workdir, "spectrum", rows, measured(COLUMNS), {"config": flag.config.value.to_dict()})
+    per_seed = {config.seed: run_spectrum(config, workdir, wall_clock=wall_clock, **kwargs)}
+    rows = common.aggregate(per_seed, "point", AGGREGATED)
+    if not rows:
+      raise ValueError(f"{workdir}: no finished point; run without --finished_only.")
+  scale = common.run_scale(point_config(config, None, None, ()), workdir)
+  seeds_used = sorted({seed for row in rows for seed in row["seeds"]})
+  lines = [common.describe_scale("Every point (the CNN, each LCNN, each pruned CNN)", scale)
+           + f"; seeds {', '.join(map(str, seeds_used))}.", ""]
+  columns = [c for c in COLUMNS if c != "wall_speedup" or wall_clock]
+  lines.append(common.markdown_table(common.mean_std_rows(rows, AGGREGATED, percent=("top1", "top5")), columns))
+  comparison = pruning_comparison(per_seed)
+  if comparison:
+    lines += ["LCNN against the CNN pruned to the same counted multiplications (top-1 in %, mean ± std over seeds; "
+              "difference: LCNN − pruning, paired per seed):", "",
+              common.markdown_table(common.mean_std_rows(comparison, COMPARED, percent=COMPARED[:3]),
+                                    ("point", "target", "seeds", *COMPARED))]
+  markdown = "\n".join(lines)
+  common.write_report(workdir, "spectrum", {"scale": scale, "rows": rows, "pruning_comparison": comparison,
+                                            "seeds": seeds_used,
+                                            "per_seed": {str(s): r for s, r in per_seed.items()},
+                                            "config": config.to_dict()}, markdown)
+  return markdown, rows
+
+
+def report(flag: types.SimpleNamespace) -> None:
+  """Runs (or reads back) the experiment of the flags; writes and prints its tables and plot."""
+  workdir = flag.workdir.value  # created by common.main
+  config = flag.config.value
+  markdown, rows = spectrum_report(
+      config, workdir, common.parse_seeds(flag.seeds.value) if flag.seeds.value else None,
+      sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
+      targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
+      size_keys=flag.size_keys.value, baseline=flag.baseline.value, pruning=flag.pruning.value,
+      wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
-                f"{flag.config.value.model.name} on {flag.config.value.data.name}: accuracy vs speedup",
-                flag.bench_batch.value)
-  print(table)  # the command's output
+                f"{config.model.name} on {config.data.name}: accuracy vs speedup", flag.bench_batch.value)
+  print(markdown)  # the command's output
 
 
 if __name__ == "__main__":

@@ -153,8 +153,8 @@ DEFAULT_L2_BYTES = 512 << 10
 
 
 def tile_budget_bytes() -> int:
-  """The bytes of S one lookup tile may hold: half of this core's L2 (the rest for the outputs, the lookups and
-  the other hardware thread), overridable with ``LCNN_JAX_L2_BYTES`` to emulate a smaller cache."""
+  """The bytes of S one lookup tile may hold: half of this core's L2 (the rest for the outputs and the lookups),
+  divided among the threads of ours that share it (:func:`l2_sharers`), overridable with ``LCNN_JAX_L2_BYTES`` to emulate a smaller cache."""
   override = os.environ.get("LCNN_JAX_L2_BYTES")
   if override:
     try:
@@ -162,4 +162,35 @@ def tile_budget_bytes() -> int:
     except ValueError:
       raise ValueError(f"LCNN_JAX_L2_BYTES={override!r} is not a number of bytes (e.g. 1048576).") from None
   l2 = cache_sizes()[1] or DEFAULT_L2_BYTES
-  return l2 // 2
+  return l2 // 2 // l2_sharers()
+
+
+def _cpu_list(text: str) -> set[int]:
+  """'0-3,8' -> {0, 1, 2, 3, 8}."""
+  cpus: set[int] = set()
+  for part in text.strip().split(","):
+    if "-" in part:
+      first, last = part.split("-")
+      cpus.update(range(int(first), int(last) + 1))
+    elif part:
+      cpus.add(int(part))
+  return cpus
+
+
+def l2_sharers() -> int:
+  """How many of the CPUs this process runs on share one L2 (2 where the machine's virtual CPUs are the two
+  hardware threads of a core, as on many cloud VMs): each of their kernel threads gets its share of it."""
+  try:
+    ours = os.sched_getaffinity(0)
+    for entry in sorted(os.listdir(_SYSFS_CACHE)):
+      path = os.path.join(_SYSFS_CACHE, entry)
+      if not entry.startswith("index"):
+        continue
+      with open(os.path.join(path, "level")) as f:
+        if int(f.read()) != 2:
+          continue
+      with open(os.path.join(path, "shared_cpu_list")) as f:
+        return max(1, len(_cpu_list(f.read()) & ours))
+  except (OSError, ValueError, AttributeError):
+    pass
+  return 1
