@@ -65,7 +65,7 @@ from lcnn_jax import checkpoint as checkpoint_lib
 from lcnn_jax import cli, config as config_lib, flops, layers, models
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import exporter, onnx_export, openvino_engine, torch_engine
+from lcnn_jax.inference import exporter, kernels, onnx_export, openvino_engine, torch_engine
 from lcnn_jax.inference import layouts, machine, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import model as model_lib
@@ -248,8 +248,23 @@ def time_models(models_by_name: dict[str, Any], images: jax.Array, seconds: floa
   return {**{name: float(np.median(t) * 1e3) for name, t in times.items()}, **slow}
 
 
-L2_SWEEPS = 200
-"""How many times :func:`machine_floors` reads its L2-sized array in one call (enough to hide the dispatch)."""
+def l2_lookup_rate_gbs() -> float | None:
+  """The lookup kernel's own rate of reading S from L2 (GB/s, every core): one call of lookups in which each of
+  64 outputs reads every row of a 64-atom S that fits this core's L2 tile (4 bytes of S per multiply-add); None
+  where the kernel is unavailable."""
+  if not kernels.kernel_available()[0]:
+    return None
+  atoms = outputs = 64
+  batch = 32
+  width = max(1, machine.tile_budget_bytes() // (4 * atoms * batch))  # S (atoms, 1, width, batch) fills the tile
+  s = jnp.asarray(np.random.default_rng(0).standard_normal((atoms, 1, width, batch), np.float32))
+  lookups = (jnp.arange(0, outputs * atoms + 1, atoms, dtype=jnp.int32),
+             jnp.tile(jnp.arange(atoms, dtype=jnp.int32) * width, outputs), jnp.ones(outputs * atoms, jnp.float32),
+             jnp.ones(outputs, jnp.float32), jnp.zeros(outputs, jnp.float32))
+  call = jax.jit(lambda v: kernels.lookup_conv(v, lookups, out_shape=(outputs, 1, width, batch), scratch_size=0,
+                                                padding=(0, 0), strides=(1, 1), output_size=(1, width)))
+  seconds = tuning.median_ms(lambda: jax.block_until_ready(call(s)), min_reps=10) / 1e3
+  return 4 * outputs * atoms * width * batch / seconds / 1e9
 
 
 def machine_floors() -> dict[str, float]:
@@ -258,15 +273,11 @@ def machine_floors() -> dict[str, float]:
   big = jnp.ones((32 * 2**20,), jnp.float32)  # 128 MB, beyond any cache
   total = jax.jit(jnp.sum)
   seconds = tuning.median_ms(lambda: jax.block_until_ready(total(big)), min_reps=5) / 1e3
-  # Half of one core's L2, read L2_SWEEPS times in one call (each sweep depends on the step, so none is hoisted).
-  small = jnp.ones((machine.tile_budget_bytes() // 4,), jnp.float32)
-  sweeps = jax.jit(lambda x: jax.lax.fori_loop(0, L2_SWEEPS, lambda i, acc: acc + jnp.sum(x * i), 0.0))
-  l2_seconds = tuning.median_ms(lambda: jax.block_until_ready(sweeps(small)), min_reps=5) / 1e3
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul_seconds = tuning.median_ms(lambda: jax.block_until_ready(matmul(a)), min_reps=5) / 1e3
-  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "l2_bandwidth_gbs": L2_SWEEPS * small.nbytes / l2_seconds / 1e9,
+  return {"bandwidth_gbs": big.nbytes / seconds / 1e9, "l2_bandwidth_gbs": l2_lookup_rate_gbs(),
           "macs_per_s": n**3 / matmul_seconds / 1e9}
 
 
@@ -290,7 +301,8 @@ def layer_breakdown(setup: Setup, batch: int, floors: dict[str, float]) -> list[
       macs = count.total * batch
       # The lookups read one float of S per multiply-add, from L2 at best (a tile's S does not fit L1).
       l2_ms = (4 * (count.total - count.dictionary) * batch / floors["l2_bandwidth_gbs"] / 1e6
-               if isinstance(backends_lib.get_backend(backend), backends_lib.Lookup) else None)
+               if isinstance(backends_lib.get_backend(backend), backends_lib.Lookup) and floors["l2_bandwidth_gbs"]
+               else None)
       weight_bytes = backends_lib.coefficient_bytes(layer)
       activation_bytes = 4 * batch * (layer.in_features * h * w + layer.out_features * oh * ow)
     elif isinstance(layer, (ConvLayer, LinearLayer)):
@@ -428,7 +440,8 @@ def format_table(result: dict[str, Any]) -> str:
                    f"{h['fastest_dense_any_precision_ms']:.3f} ms: {h['wall_speedup_vs_fastest_any_precision']:.2f}x")
   if "layers" in result:
     f = result["floors"]
-    lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {f['l2_bandwidth_gbs']:.1f} GB/s from L2, "
+    l2_rate = "-" if f["l2_bandwidth_gbs"] is None else f"{f['l2_bandwidth_gbs']:.1f}"
+    lines.append(f"floors: {f['bandwidth_gbs']:.1f} GB/s streaming, {l2_rate} GB/s lookups from L2, "
                  f"{f['macs_per_s']:.1f} G multiply-adds/s")
     lines.append(f"{'layer':<18} {'backend':<20} {'ms':>9} {'M mult-adds':>12} {'MB':>8} {'mem floor':>10} "
                  f"{'math floor':>10} {'L2 floor':>9} {'binds':>10} {'x floor':>8}")

@@ -77,6 +77,26 @@ inline v16 Load(const float* p) {
   return v;
 }
 
+// How many floats of accumulators the hot loops keep in registers: half the vector register file, leaving the
+// rest for loaded values and broadcast coefficients. A block of 16 * V wide elements (and U independent sets of
+// them) is sized so its accumulators fit: 16 of 32 zmm with AVX-512, 8 of 16 ymm with AVX2, 16 of 32 q registers
+// with NEON, 8 of 16 xmm with SSE2. (One size for all spilled the AVX2 build's accumulators to the stack on every
+// non-zero: AlexNet-LCNN's lookups at batch 32 took 144 ms built for AVX2 against 26 ms for AVX-512.)
+#if defined(__AVX512F__)
+constexpr int kAccumulatorFloats = 256;
+#elif defined(__AVX__) || defined(__ARM_NEON) || defined(__aarch64__)
+constexpr int kAccumulatorFloats = 64;
+#else
+constexpr int kAccumulatorFloats = 32;
+#endif
+// The widest block (vectors of 16) whose accumulators fit, and a block of V vectors capped to it.
+constexpr int kBlockVectorsMax = kAccumulatorFloats / 16 < 8 ? kAccumulatorFloats / 16 : 8;
+template <int V>
+constexpr int kFit = V < kBlockVectorsMax ? V : kBlockVectorsMax;
+// Independent accumulator sets for a block of V vectors: as many as fit, at most 8 / V.
+template <int V>
+constexpr int kSets = V >= kBlockVectorsMax ? 1 : (kBlockVectorsMax / V < 8 / V ? kBlockVectorsMax / V : 8 / V);
+
 inline float Sum(v16 v) {
   float sum = 0.f;
   for (int i = 0; i < 16; ++i) sum += v[i];
@@ -196,7 +216,7 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
 template <int V, typename Index, typename Value>
 void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
                      float* acc) {
-  constexpr int U = V >= 8 ? 1 : 8 / V;
+  constexpr int U = kSets<V>;
   v16 a[U][V];
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < V; ++v) a[u][v] = v16{};
@@ -406,10 +426,10 @@ template <typename Pool, typename Index, typename Value>
 void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out,
               const Tile& tile = Tile{}) {
   if (g.wide < 16) return Launch<0>(pool, g, s, l, out, tile);
-  if (g.wide < 32) return Launch<1>(pool, g, s, l, out, tile);
-  if (g.wide < 64) return Launch<2>(pool, g, s, l, out, tile);
-  if (g.wide < 128) return Launch<4>(pool, g, s, l, out, tile);
-  return Launch<8>(pool, g, s, l, out, tile);
+  if (g.wide < 32) return Launch<kFit<1>>(pool, g, s, l, out, tile);
+  if (g.wide < 64) return Launch<kFit<2>>(pool, g, s, l, out, tile);
+  if (g.wide < 128) return Launch<kFit<4>>(pool, g, s, l, out, tile);
+  return Launch<kFit<8>>(pool, g, s, l, out, tile);
 }
 
 // A max pooling, with max(·, 0) of the result when `relu`: the same as pooling a ReLU's output, as both are
@@ -500,10 +520,10 @@ template <typename Pool, typename Index, typename Value>
 void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
                     const PoolGeometry& p, float* out, const Tile& tile = Tile{}) {
   const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
-  if (narrowest < 32) return LaunchPooled<1>(pool, g, s, l, p, out, tile);
-  if (narrowest < 64) return LaunchPooled<2>(pool, g, s, l, p, out, tile);
-  if (narrowest < 128) return LaunchPooled<4>(pool, g, s, l, p, out, tile);
-  return LaunchPooled<8>(pool, g, s, l, p, out, tile);
+  if (narrowest < 32) return LaunchPooled<kFit<1>>(pool, g, s, l, p, out, tile);
+  if (narrowest < 64) return LaunchPooled<kFit<2>>(pool, g, s, l, p, out, tile);
+  if (narrowest < 128) return LaunchPooled<kFit<4>>(pool, g, s, l, p, out, tile);
+  return LaunchPooled<kFit<8>>(pool, g, s, l, p, out, tile);
 }
 
 // S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
@@ -624,7 +644,7 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
     float sum[R];
     for (int r = 0; r < R; ++r) sum[r] = 0.f;
     int64_t i = 0;
-    constexpr int U = R >= 4 ? 1 : 4 / R;
+    constexpr int U = R >= kBlockVectorsMax / 2 ? 1 : (kBlockVectorsMax / 2) / R;
     v16 acc[U][R];
     for (int u = 0; u < U; ++u)
       for (int r = 0; r < R; ++r) acc[u][r] = v16{};
@@ -649,9 +669,11 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
 template <typename Pool, typename Value>
 void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t rows,
                int64_t m, int64_t n, float* out) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kDenseRowsMax) {
-    const int64_t count = std::min(kDenseRowsMax, rows - r0);
-    auto range = &DenseRowsRange<kDenseRowsMax, Value>;
+  // Rows per pass: as many as keep one v16 accumulator per row in registers (up to kDenseRowsMax).
+  constexpr int64_t kRowsPerPass = kBlockVectorsMax < kDenseRowsMax ? kBlockVectorsMax : kDenseRowsMax;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowsPerPass) {
+    const int64_t count = std::min(kRowsPerPass, rows - r0);
+    auto range = &DenseRowsRange<kRowsPerPass, Value>;
     switch (count) {
       case 1: range = &DenseRowsRange<1, Value>; break;
       case 2: range = &DenseRowsRange<2, Value>; break;
@@ -679,7 +701,7 @@ void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, c
 template <int V, typename Value>
 void DenseColumnsBlock(const float* x, const Value* w, const float* scale, const float* bias, int64_t m, int64_t p,
                        int64_t o, int64_t p0, float* out) {
-  constexpr int U = V >= 8 ? 1 : 8 / V;
+  constexpr int U = kSets<V>;
   constexpr int64_t block = 16 * V;
   const int64_t start = std::min(p0, p - block);
   v16 a[U][V];
@@ -731,10 +753,10 @@ void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale
       for (int64_t o = 0; o < n; ++o) out[o * p + q] = result[q * n + o];
     return;
   }
-  if (p < 32) return LaunchDenseColumns<1>(pool, x, w, scale, bias, m, p, n, out);
-  if (p < 64) return LaunchDenseColumns<2>(pool, x, w, scale, bias, m, p, n, out);
-  if (p < 128) return LaunchDenseColumns<4>(pool, x, w, scale, bias, m, p, n, out);
-  return LaunchDenseColumns<8>(pool, x, w, scale, bias, m, p, n, out);
+  if (p < 32) return LaunchDenseColumns<kFit<1>>(pool, x, w, scale, bias, m, p, n, out);
+  if (p < 64) return LaunchDenseColumns<kFit<2>>(pool, x, w, scale, bias, m, p, n, out);
+  if (p < 128) return LaunchDenseColumns<kFit<4>>(pool, x, w, scale, bias, m, p, n, out);
+  return LaunchDenseColumns<kFit<8>>(pool, x, w, scale, bias, m, p, n, out);
 }
 
 // Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, p.oh, p.ow, batch), one (channel, pooled row)
