@@ -66,14 +66,50 @@ constexpr int64_t kStepDense = 2;
 // registers with SSE2 or NEON. The kernel's arithmetic is written on these (and compiles on any target GCC or
 // Clang knows); intrinsics appear only where a target has an instruction generic vectors cannot express
 // (gathers), each with a portable fallback.
-typedef float v16 __attribute__((vector_size(64), aligned(4)));
-typedef uint32_t u32x16 __attribute__((vector_size(64), aligned(4)));
-typedef uint16_t u16x16 __attribute__((vector_size(32), aligned(2)));
-typedef int8_t i8x16 __attribute__((vector_size(16), aligned(1)));
+//
+// A v16 is built from the target's own register width (kLanes floats): one 64-byte generic vector where no
+// register holds 64 bytes makes GCC lower every operation through memory (the AVX2 build's lookups ran 5-8×
+// slower than AVX-512's that way), whereas parts of the native width stay in registers.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;  // SSE2, NEON, or plain scalar code the compiler vectorises as it can
+#endif
+constexpr int kParts = 16 / kLanes;
+typedef float vnative __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef float vnative_in_memory __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+typedef uint32_t unative __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef uint16_t u16native __attribute__((vector_size(2 * kLanes), aligned(2)));
+typedef int8_t i8native __attribute__((vector_size(kLanes), aligned(1)));
+
+struct v16 {
+  vnative part[kParts];
+};
+
+inline v16& operator+=(v16& a, const v16& b) {
+  for (int i = 0; i < kParts; ++i) a.part[i] += b.part[i];
+  return a;
+}
+inline v16 operator*(float c, const v16& v) {
+  v16 r;
+  for (int i = 0; i < kParts; ++i) r.part[i] = c * v.part[i];
+  return r;
+}
+inline v16 operator*(const v16& a, const v16& b) {
+  v16 r;
+  for (int i = 0; i < kParts; ++i) r.part[i] = a.part[i] * b.part[i];
+  return r;
+}
+
+// A direct unaligned load (memcpy into a vector was compiled, for 32-byte vectors, as two 16-byte loads stored
+// to the stack and read back: a store-forwarding stall on every non-zero).
+inline vnative LoadNative(const float* p) { return *reinterpret_cast<const vnative_in_memory*>(p); }
 
 inline v16 Load(const float* p) {
   v16 v;
-  std::memcpy(&v, p, sizeof(v));
+  for (int i = 0; i < kParts; ++i) v.part[i] = LoadNative(p + i * kLanes);
   return v;
 }
 
@@ -97,9 +133,11 @@ constexpr int kFit = V < kBlockVectorsMax ? V : kBlockVectorsMax;
 template <int V>
 constexpr int kSets = V >= kBlockVectorsMax ? 1 : (kBlockVectorsMax / V < 8 / V ? kBlockVectorsMax / V : 8 / V);
 
-inline float Sum(v16 v) {
+inline float Sum(const v16& v) {
+  vnative total = v.part[0];
+  for (int i = 1; i < kParts; ++i) total += v.part[i];
   float sum = 0.f;
-  for (int i = 0; i < 16; ++i) sum += v[i];
+  for (int i = 0; i < kLanes; ++i) sum += total[i];
   return sum;
 }
 
@@ -121,17 +159,23 @@ inline float ToFloat(BF16 v) {
 // 16 consecutive stored weights as float32 (portable: widened and shifted, or converted, in registers).
 inline v16 Load16(const float* p) { return Load(p); }
 inline v16 Load16(const BF16* p) {
-  u16x16 bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  const u32x16 wide = __builtin_convertvector(bits, u32x16) << 16;
   v16 v;
-  std::memcpy(&v, &wide, sizeof(v));
+  for (int i = 0; i < kParts; ++i) {
+    u16native bits;
+    std::memcpy(&bits, p + i * kLanes, sizeof(bits));
+    const unative wide = __builtin_convertvector(bits, unative) << 16;
+    std::memcpy(&v.part[i], &wide, sizeof(wide));
+  }
   return v;
 }
 inline v16 Load16(const int8_t* p) {
-  i8x16 bytes;
-  std::memcpy(&bytes, p, sizeof(bytes));
-  return __builtin_convertvector(bytes, v16);
+  v16 v;
+  for (int i = 0; i < kParts; ++i) {
+    i8native bytes;
+    std::memcpy(&bytes, p + i * kLanes, sizeof(bytes));
+    v.part[i] = __builtin_convertvector(bytes, vnative);
+  }
+  return v;
 }
 
 #if defined(__AVX512F__)
@@ -217,9 +261,10 @@ template <int V, typename Index, typename Value>
 void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
                      float* acc) {
   constexpr int U = kSets<V>;
-  v16 a[U][V];
+  constexpr int P = V * kParts;  // registers per set of accumulators
+  vnative a[U][P];
   for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) a[u][v] = v16{};
+    for (int v = 0; v < P; ++v) a[u][v] = vnative{};
   const float* base = s + p0;
   int32_t t = l.starts[o];
   const int32_t end = l.starts[o + 1];
@@ -227,16 +272,18 @@ void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t bat
     for (int u = 0; u < U; ++u) {
       const float* src = base + static_cast<int64_t>(l.indices[t + u]) * batch;
       const float c = ToFloat(l.values[t + u]);
-      for (int v = 0; v < V; ++v) a[u][v] += c * Load(src + 16 * v);
+#pragma GCC unroll 16
+      for (int v = 0; v < P; ++v) a[u][v] += c * LoadNative(src + kLanes * v);
     }
   }
   for (; t < end; ++t) {
     const float* src = base + static_cast<int64_t>(l.indices[t]) * batch;
     const float c = ToFloat(l.values[t]);
-    for (int v = 0; v < V; ++v) a[0][v] += c * Load(src + 16 * v);
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) a[0][v] += c * LoadNative(src + kLanes * v);
   }
   for (int u = 1; u < U; ++u)
-    for (int v = 0; v < V; ++v) a[0][v] += a[u][v];
+    for (int v = 0; v < P; ++v) a[0][v] += a[u][v];
   std::memcpy(acc, a[0], sizeof(a[0]));
 }
 
@@ -253,8 +300,8 @@ float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, i
     return _mm512_i32gather_ps(_mm512_mullo_epi32(LoadIndices16(l.indices + at), scale), s, 4);
   };
   for (; t + 32 <= end; t += 32) {
-    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t)), gather(t), a0);
-    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t + 16)), gather(t + 16), a1);
+    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t).part[0]), gather(t), a0);
+    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t + 16).part[0]), gather(t + 16), a1);
   }
   sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif defined(__AVX2__)
@@ -645,18 +692,27 @@ void DenseRowsRange(const float* x, const Value* w, const float* scale, const fl
     for (int r = 0; r < R; ++r) sum[r] = 0.f;
     int64_t i = 0;
     constexpr int U = R >= kBlockVectorsMax / 2 ? 1 : (kBlockVectorsMax / 2) / R;
-    v16 acc[U][R];
+    vnative acc[U][R][kParts];  // native registers, as in AccumulateBlock
     for (int u = 0; u < U; ++u)
-      for (int r = 0; r < R; ++r) acc[u][r] = v16{};
+      for (int r = 0; r < R; ++r)
+        for (int q = 0; q < kParts; ++q) acc[u][r][q] = vnative{};
     for (; i + 16 * U <= m; i += 16 * U) {
+#pragma GCC unroll 8
       for (int u = 0; u < U; ++u) {
         const v16 weights = Load16(row + i + 16 * u);
-        for (int r = 0; r < R; ++r) acc[u][r] += weights * Load(x + r * m + i + 16 * u);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+          for (int q = 0; q < kParts; ++q)
+            acc[u][r][q] += weights.part[q] * LoadNative(x + r * m + i + 16 * u + kLanes * q);
       }
     }
-    for (int u = 1; u < U; ++u)
-      for (int r = 0; r < R; ++r) acc[0][r] += acc[u][r];
-    for (int r = 0; r < R; ++r) sum[r] = Sum(acc[0][r]);
+    for (int r = 0; r < R; ++r) {
+      v16 total{};
+      for (int u = 0; u < U; ++u)
+        for (int q = 0; q < kParts; ++q) total.part[q] += acc[u][r][q];
+      sum[r] = Sum(total);
+    }
     for (; i < m; ++i) {
       const float weight = ToFloat(row[i]);
       for (int r = 0; r < R; ++r) sum[r] += weight * x[r * m + i];
@@ -704,9 +760,10 @@ void DenseColumnsBlock(const float* x, const Value* w, const float* scale, const
   constexpr int U = kSets<V>;
   constexpr int64_t block = 16 * V;
   const int64_t start = std::min(p0, p - block);
-  v16 a[U][V];
+  constexpr int P = V * kParts;  // registers per set of accumulators, as in AccumulateBlock
+  vnative a[U][P];
   for (int u = 0; u < U; ++u)
-    for (int v = 0; v < V; ++v) a[u][v] = v16{};
+    for (int v = 0; v < P; ++v) a[u][v] = vnative{};
   const Value* row = w + o * m;
   const float* base = x + start;
   int64_t c = 0;
@@ -714,15 +771,17 @@ void DenseColumnsBlock(const float* x, const Value* w, const float* scale, const
     for (int u = 0; u < U; ++u) {
       const float weight = ToFloat(row[c + u]);
       const float* src = base + (c + u) * p;
-      for (int v = 0; v < V; ++v) a[u][v] += weight * Load(src + 16 * v);
+#pragma GCC unroll 16
+      for (int v = 0; v < P; ++v) a[u][v] += weight * LoadNative(src + kLanes * v);
     }
   }
   for (; c < m; ++c) {
     const float weight = ToFloat(row[c]);
-    for (int v = 0; v < V; ++v) a[0][v] += weight * Load(base + c * p + 16 * v);
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) a[0][v] += weight * LoadNative(base + c * p + kLanes * v);
   }
   for (int u = 1; u < U; ++u)
-    for (int v = 0; v < V; ++v) a[0][v] += a[u][v];
+    for (int v = 0; v < P; ++v) a[0][v] += a[u][v];
   alignas(64) float acc[block];
   std::memcpy(acc, a[0], sizeof(a[0]));
   const int64_t end = std::min(p0 + block, p);
