@@ -187,3 +187,13 @@ def kill_9_when_saving(step, marker, main_args, *, cwd):
     process.send_signal(signal.SIGKILL)
     process.wait()
   assert process.returncode == -signal.SIGKILL
+
+
+ENGINE_CASES = {
+    "digits": lambda: (small_model("digits", (8, 8, 1)), (8, 8, 1)),
+    "alexnet": lambda: (small_model("alexnet", (67, 67, 3)), (67, 67, 3)),
+    "resnet": lambda: (small_model("resnet", (32, 32, 3)), (32, 32, 3)),
+    "between": lambda: (Between(nnx.Rngs(1)), (8, 7, 3)),  # padded average pooling, channel max, concat
+    "unfoldable": lambda: (Unfoldable(nnx.Rngs(0)), (6, 5, 3)),
+}
+"""The dense CNNs every baseline engine (PyTorch, OpenVINO) is checked on: name -> () -> (model, input shape)."""

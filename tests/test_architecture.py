@@ -203,8 +203,6 @@ def test_the_checks_see_function_level_and_main_block_imports_cycles_and_upward_
 # entries go; none is added.
 PRIVATE_IMPORTS_LEFT = {
     ("test_kernels", "test_batch1", "_model"),
-    *(("test_torch_engine", "test_onnx", name) for name in ("_Between", "_assert_close", "_npz_model")),
-    *(("test_torch_engine", "test_inference", name) for name in ("_Unfoldable", "_as_if_trained", "_model")),
 }
 
 

@@ -22,10 +22,6 @@ from helpers import (LAYER_CASES, Unfoldable, as_if_trained, assert_describes_a_
 
 AVAILABLE = backends.available_backends()
 
-# The names tests/test_torch_engine.py still imports from here (its helpers are tests/helpers.py's; the
-# architecture test lists these imports until it reads them from there).
-_Unfoldable, _as_if_trained, _model = Unfoldable, as_if_trained, small_model
-
 
 TILES = ("lookup:tile=0", "lookup:tile=1", "lookup:tile=6000", "lookup:tile=40000")
 """The lookup kernel without tiles, with tiles of one block (any tile too small for a band of S), and two sizes

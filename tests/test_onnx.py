@@ -18,9 +18,6 @@ from helpers import (LAYER_CASES, Between, Unfoldable, as_if_trained, assert_clo
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[onnx]')")
 
-# The names tests/test_torch_engine.py still imports from here (see tests/test_inference.py).
-_Between, _assert_close, _npz_model = Between, assert_close, npz_model
-
 MODEL_CASES = {
     "digits": dict(input_shape=(8, 8, 1)),
     "digits-lcnn": dict(input_shape=(8, 8, 1), classifier=4),

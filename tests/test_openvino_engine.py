@@ -9,17 +9,10 @@ from flax import nnx
 
 from lcnn_jax import bench, models
 from lcnn_jax.inference import onnx_export, openvino_engine
-from helpers import Between, Unfoldable, as_if_trained, assert_close, npz_model, run_config, small_model, write_run
+from helpers import ENGINE_CASES as CASES
+from helpers import as_if_trained, assert_close, npz_model, run_config, write_run
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
-
-CASES = {
-    "digits": lambda: (small_model("digits", (8, 8, 1)), (8, 8, 1)),
-    "alexnet": lambda: (small_model("alexnet", (67, 67, 3)), (67, 67, 3)),
-    "resnet": lambda: (small_model("resnet", (32, 32, 3)), (32, 32, 3)),
-    "between": lambda: (Between(nnx.Rngs(1)), (8, 7, 3)),  # padded average pooling, channel max, concat
-    "unfoldable": lambda: (Unfoldable(nnx.Rngs(0)), (6, 5, 3)),
-}
 
 
 @pytest.fixture

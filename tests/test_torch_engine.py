@@ -2,31 +2,22 @@
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from lcnn_jax.inference import torch_engine
-from test_onnx import _Between, _assert_close, _npz_model
-from test_inference import _Unfoldable, _as_if_trained, _model
+from helpers import ENGINE_CASES as CASES
+from helpers import as_if_trained, assert_close, npz_model
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 pytest.importorskip("torch", reason="torch is not installed (pip install torch): the PyTorch baseline needs it")
-
-CASES = {
-    "digits": lambda: (_model("digits", (8, 8, 1)), (8, 8, 1)),
-    "alexnet": lambda: (_model("alexnet", (67, 67, 3)), (67, 67, 3)),
-    "resnet": lambda: (_model("resnet", (32, 32, 3)), (32, 32, 3)),
-    "between": lambda: (_Between(nnx.Rngs(1)), (8, 7, 3)),  # padded average pooling, channel max, concat
-    "unfoldable": lambda: (_Unfoldable(nnx.Rngs(0)), (6, 5, 3)),
-}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_torch_logits_equal_the_exported_model(name, tmp_path, rng):
   model, input_shape = CASES[name]()
-  loaded = _npz_model(_as_if_trained(model, rng, density=0.7), input_shape, tmp_path)
+  loaded = npz_model(as_if_trained(model, rng, density=0.7), input_shape, tmp_path)
   x = rng.standard_normal((3, *input_shape)).astype(np.float32)
   engine = torch_engine.TorchEngine(loaded, batch=3, threads=1)
-  _assert_close(engine(x), np.asarray(loaded(x)))
+  assert_close(engine(x), np.asarray(loaded(x)))
 
 
 def test_untranslated_operators_are_named(rng):
