@@ -97,11 +97,6 @@ inline v16 operator*(float c, const v16& v) {
   for (int i = 0; i < kParts; ++i) r.part[i] = c * v.part[i];
   return r;
 }
-inline v16 operator*(const v16& a, const v16& b) {
-  v16 r;
-  for (int i = 0; i < kParts; ++i) r.part[i] = a.part[i] * b.part[i];
-  return r;
-}
 
 // A direct unaligned load (memcpy into a vector was compiled, for 32-byte vectors, as two 16-byte loads stored
 // to the stack and read back: a store-forwarding stall on every non-zero).
@@ -113,25 +108,24 @@ inline v16 Load(const float* p) {
   return v;
 }
 
-// How many floats of accumulators the hot loops keep in registers: half the vector register file, leaving the
-// rest for loaded values and broadcast coefficients. A block of 16 * V wide elements (and U independent sets of
-// them) is sized so its accumulators fit: 16 of 32 zmm with AVX-512, 8 of 16 ymm with AVX2, 16 of 32 q registers
-// with NEON, 8 of 16 xmm with SSE2. (One size for all spilled the AVX2 build's accumulators to the stack on every
-// non-zero: AlexNet-LCNN's lookups at batch 32 took 144 ms built for AVX2 against 26 ms for AVX-512.)
+// How many floats of accumulators the hot loops keep in registers, leaving the rest of the register file for
+// loaded values and broadcast coefficients: 8 of 32 zmm with AVX-512, 8 of 16 ymm with AVX2, 16 of 32 q registers
+// with NEON, 8 of 16 xmm with SSE2. A block of 16 * V wide elements (and U independent sets of them) is sized so
+// its accumulators fit: a block of 128 floats, sized for AVX-512, would take all 16 ymm registers of AVX2.
 #if defined(__AVX512F__)
-constexpr int kAccumulatorFloats = 256;
+constexpr int kAccumulatorFloats = 128;
 #elif defined(__AVX__) || defined(__ARM_NEON) || defined(__aarch64__)
 constexpr int kAccumulatorFloats = 64;
 #else
 constexpr int kAccumulatorFloats = 32;
 #endif
-// The widest block (vectors of 16) whose accumulators fit, and a block of V vectors capped to it.
-constexpr int kBlockVectorsMax = kAccumulatorFloats / 16 < 8 ? kAccumulatorFloats / 16 : 8;
+// The widest block (vectors of 16 floats) whose accumulators fit: 8, 4 or 2; and a block of V vectors capped to it.
+constexpr int kBlockVectorsMax = kAccumulatorFloats / 16;
 template <int V>
 constexpr int kFit = V < kBlockVectorsMax ? V : kBlockVectorsMax;
-// Independent accumulator sets for a block of V vectors: as many as fit, at most 8 / V.
+// Independent accumulator sets for a block of V vectors: as many as fit.
 template <int V>
-constexpr int kSets = V >= kBlockVectorsMax ? 1 : (kBlockVectorsMax / V < 8 / V ? kBlockVectorsMax / V : 8 / V);
+constexpr int kSets = V >= kBlockVectorsMax ? 1 : kBlockVectorsMax / V;
 
 inline float Sum(const v16& v) {
   vnative total = v.part[0];
@@ -212,7 +206,6 @@ struct Tile {
 
 template <typename Index, typename Value = float>
 struct Lookups {
-  // (Tiles are sized from the rows of S the non-zeros reach: RowsSpanned.)
   const int32_t* starts;  // (n + 1): output o's non-zeros are [starts[o], starts[o + 1])
   const Index* indices;   // (nnz): index_t as above; uint8, uint16 or int32
   const Value* values;    // (nnz): float, BF16 or int8

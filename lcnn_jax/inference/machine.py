@@ -61,8 +61,10 @@ def _parse_size(text: str) -> int | None:
   return int(digits) * scale if digits.isdigit() else None
 
 
+@functools.cache
 def cache_sizes() -> tuple[int | None, int | None, int | None]:
-  """(L1 data, L2, L3) of one core in bytes, as this machine reports them; None where it does not say."""
+  """(L1 data, L2, L3) of one core in bytes, as this machine reports them; None where it does not say (read
+  once per process)."""
   sizes: dict[int, int] = {}
   try:
     for entry in sorted(os.listdir(_SYSFS_CACHE)):
@@ -177,6 +179,7 @@ def _cpu_list(text: str) -> set[int]:
   return cpus
 
 
+@functools.cache
 def l2_sharers() -> int:
   """How many of the CPUs this process runs on share one L2 (2 where the machine's virtual CPUs are the two
   hardware threads of a core, as on many cloud VMs): each of their kernel threads gets its share of it."""

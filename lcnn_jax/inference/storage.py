@@ -9,7 +9,6 @@ once when they load (:func:`lcnn_jax.inference.passes.fuse`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Mapping
@@ -96,8 +95,6 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
     batch_size: the batch size "auto" optimises for (default: the one used at export).
     retune: with ``backends`` None, measure this CPU's choice again even when one is kept.
   """
-  with open(os.fspath(path), "rb") as f:
-    digest = hashlib.sha256(f.read()).hexdigest()[:24]
   with np.load(os.fspath(path), allow_pickle=False) as archive:
     arrays = {key: archive[key] for key in archive.files}
   header = json.loads(arrays.pop("header").tobytes())
@@ -123,5 +120,5 @@ def load(path: str | os.PathLike, *, backends: Mapping[str, str] | str | None = 
   if backends == "auto":
     return tuning.tune(model, batch_size or (header["tuning"] or {}).get("batch_size", 1))
   if backends is None:
-    return tuning.for_this_machine(model, digest, retune=retune)
+    return tuning.for_this_machine(model, os.fspath(path), retune=retune)
   return model.with_backends(backends)

@@ -15,6 +15,7 @@ calls) re-tunes a model measured on another CPU once, keeping the result per fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -103,11 +104,16 @@ class TimingCache:
 
   def put(self, key: str, ms: float) -> None:
     self.entries[key] = ms
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    partial = f"{self.path}.{os.getpid()}.tmp"
-    with open(partial, "w") as f:
-      json.dump(self.entries, f, indent=1, sort_keys=True)
-    os.replace(partial, self.path)
+    _write_json(self.path, self.entries)
+
+
+def _write_json(path: str, value) -> None:
+  """Writes ``value`` to ``path`` as JSON, atomically (concurrent writers each rename a complete file)."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  partial = f"{path}.{os.getpid()}.tmp"
+  with open(partial, "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True)
+  os.replace(partial, path)
 
 
 PREFERENCE = ("lookup", "pallas", "factored", "dense", "gather")
@@ -211,21 +217,23 @@ RETUNED = "retuned.json"
 """The file in ``$LCNN_JAX_CACHE`` that keeps, per exported file and CPU, the backends tuned there."""
 
 
-def for_this_machine(model, file_digest: str, *, retune: bool = False, path: str | None = None):
-  """``model`` (just loaded from a file whose contents hash to ``file_digest``) with backends tuned on this CPU.
+def for_this_machine(model, file: str, *, retune: bool = False, cache_file: str | None = None):
+  """``model`` (just loaded from ``file``) with backends tuned on this CPU.
 
   A model whose ``tuning`` was measured here (same :func:`~lcnn_jax.inference.machine.cpu_key`) is returned as
   it is, and so is one without tuning (its backends were named, not measured). Otherwise the choice made for
-  this file on this CPU before is read from ``$LCNN_JAX_CACHE/retuned.json``, or measured now (:func:`tune`, at
-  the batch size the file was tuned for) and kept there: another CPU re-tunes once. ``retune`` measures again
-  whatever is kept.
+  this file (by a digest of its contents) on this CPU before is read from ``cache_file`` (default
+  ``$LCNN_JAX_CACHE/retuned.json``), or measured now (:func:`tune`, at the batch size the file was tuned for)
+  and kept there: another CPU re-tunes once. ``retune`` measures again whatever is kept.
   """
   stored = model.tuning
   if stored is None or (stored.get("machine") == machine.cpu_key() and not retune):
     return model
   batch_size = int(stored.get("batch_size", 1))
-  key = f"{file_digest}|{machine.cpu_key()}|batch{batch_size}"
-  cache_path = path or os.path.join(kernels.cache_dir(), RETUNED)
+  with open(file, "rb") as f:  # read again only here: a file tuned on this CPU is never hashed
+    digest = hashlib.sha256(f.read()).hexdigest()[:24]
+  key = f"{digest}|{machine.cpu_key()}|batch{batch_size}"
+  cache_path = cache_file or os.path.join(kernels.cache_dir(), RETUNED)
   try:
     with open(cache_path) as f:
       kept = json.load(f)
@@ -240,9 +248,5 @@ def for_this_machine(model, file_digest: str, *, retune: bool = False, path: str
                   stored.get("machine", "an unnamed CPU"), machine.cpu_key(), batch_size)
   tuned = tune(model, batch_size)
   kept[key] = {"backends": tuned.backends, "chain": tuned.chain is not None, "tuning": tuned.tuning}
-  os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-  partial = f"{cache_path}.{os.getpid()}.tmp"
-  with open(partial, "w") as f:
-    json.dump(kept, f, indent=1, sort_keys=True)
-  os.replace(partial, cache_path)
+  _write_json(cache_path, kept)
   return tuned
