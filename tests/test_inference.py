@@ -14,6 +14,7 @@ from PIL import Image
 from lcnn_jax import bench, cli, flops, inference, models
 from lcnn_jax.inference import backends, layouts, machine, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
+from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.records import AffineLayer, LookupLayer
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
@@ -70,8 +71,9 @@ def test_lookup_kernel_pools_its_output_as_the_reference(case, pooling, backend,
   batch = backends.POOLED_MIN_BATCH + 1
   x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
   layout = impl.input_layout(layer, batch)
-  assert impl.pools(pooling, batch, layer) and not impl.pools(pooling, batch - 2, layer)
-  run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layout, pooling=pooling), layouts.NHWC))
+  epilogue = backends.Epilogue(pooling=pooling)
+  assert impl.fuses(layer, batch, epilogue) and not impl.fuses(layer, batch - 2, epilogue)
+  run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layout, epilogue), layouts.NHWC))
   got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
   conv = dense_reference(layer, x)
   expected = max_pool_reference(np.maximum(conv, 0) if pooling.relu else conv, pooling.window, pooling.strides,
@@ -101,6 +103,51 @@ def test_lookup_tiles_are_sized_from_this_machines_l2(monkeypatch):
   assert backends.get_backend("lookup").tile() == 131072  # half the L2, as the environment emulates it
   assert backends.get_backend("lookup:tile=0").tile() == 0
   assert backends.get_backend("lookup:tile=4096").name == "lookup:tile=4096"
+
+
+class _ReluFusing(backends.Dense):
+  """A backend declared only here: the reconstructed kernel, with the ReLU after a layer applied by the layer
+  itself. ``applied`` lists the epilogues it was given."""
+  name = "relu-fusing"
+  applied: list = []
+
+  def fuses(self, layer, batch, epilogue):
+    return epilogue == backends.Epilogue(relu=True)
+
+  def apply(self, layer, params, x, layout, epilogue=None, residual=None):
+    y, layout = super().apply(layer, params, x, layout)
+    if epilogue is None:
+      return y, layout
+    self.applied.append(epilogue)
+    return jnp.maximum(y, 0.0), layout
+
+
+def test_a_backend_added_as_one_class_and_one_registration_is_chosen_and_fuses_its_relu(tmp_path, monkeypatch, rng):
+  monkeypatch.setitem(backends.BACKENDS, _ReluFusing.name, _ReluFusing)  # its registration, for this test only
+  monkeypatch.setattr(_ReluFusing, "applied", [])
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  # The tuner offers it and times it like the others.
+  assert _ReluFusing.name in tuning.candidate_backends()
+  layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  choice, timings = tuning.choose_backends({"a": layer}, 2, candidates=[_ReluFusing.name])
+  assert choice == {"a": _ReluFusing.name} and timings["a"][_ReluFusing.name] > 0
+  # One layer with its ReLU fused equals the float64 reference; what it does not fuse is left to the graph.
+  impl = backends.get_backend(_ReluFusing.name)
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  x = rng.standard_normal((3, *layer.input_size, layer.in_features)).astype(np.float32)
+  got, layout = model_lib.run_layer(layer, impl, params, (jnp.asarray(x), layouts.NHWC), backends.Epilogue(relu=True))
+  expected = np.maximum(dense_reference(layer, x), 0)
+  np.testing.assert_allclose(np.asarray(layouts.convert(got, layout, layouts.NHWC)), expected, rtol=1e-4,
+                             atol=1e-4 * np.abs(expected).max())
+  pooling = backends.Pooling((2, 2), (2, 2), ((0, 0), (0, 0)), relu=True)
+  assert model_lib.run_layer(layer, impl, params, (jnp.asarray(x), layouts.NHWC),
+                             backends.Epilogue(pooling=pooling)) is None
+  # A whole model named on it: the ReLUs after its lookup layers run inside the backend, the logits as trained.
+  model, input_shape, x, expected = _trained_model_and_logits("resnet-lcnn")
+  exported = inference.inference_model(model, input_shape, backends=_ReluFusing.name)
+  assert set(exported.backends.values()) == {_ReluFusing.name}
+  np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  assert _ReluFusing.applied and set(_ReluFusing.applied) == {backends.Epilogue(relu=True)}
 
 
 # Export ------------------------------------------------------------------------------------------------------
@@ -267,7 +314,8 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
   layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
   choice, timings = inference.choose_backends({"a": layer}, 2)
-  timed = set(AVAILABLE) - {"lookup"} | (set(tuning.lookup_variants()) if "lookup" in AVAILABLE else set())
+  lookup_variants = backends.get_backend("lookup").tuned_variants() if "lookup" in AVAILABLE else []
+  timed = set(AVAILABLE) - {"lookup"} | set(lookup_variants)
   assert choice["a"] in timed and set(timings["a"]) == timed
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lcnn_jax import bench, inference
-from lcnn_jax.inference import backends, kernels, layouts, precision
+from lcnn_jax.inference import backends, flat_s, kernels, layouts, precision
 from lcnn_jax.inference import graph as graph_lib
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
@@ -57,8 +57,8 @@ def test_max_pool_kernel_equals_reference(window, strides, padding, relu, rng):
                                 "padding": ((0, 0), *padding, (0, 0)), "base_dilation": (1,) * 4,
                                 "window_dilation": (1,) * 4}, relu)
   chwn = layouts.convert(jnp.asarray(x), layouts.NHWC, batch)
-  assert graph_lib._max_pool_kernel(chwn[..., :batch - 2], pooling) is None  # small batches pool in XLA
-  pooled = jax.jit(lambda v: graph_lib._max_pool_kernel(v, pooling))(chwn)
+  assert backends.max_pool_chwn(chwn[..., :batch - 2], pooling) is None  # small batches pool in XLA
+  pooled = jax.jit(lambda v: backends.max_pool_chwn(v, pooling))(chwn)
   np.testing.assert_allclose(np.asarray(layouts.convert(pooled, batch, layouts.NHWC)),
                              max_pool_reference(x, window, strides, padding, relu), rtol=0, atol=0)
 
@@ -76,7 +76,7 @@ def test_struct_attributes_reach_the_kernel(rng):
   lookups = tuple(jnp.asarray(params[k]) for k in ("starts", "indices", "values", "scale", "bias"))
   expected = dense_reference(layer, x)
   oh, ow = layer.output_size
-  g = backends._geometry(layer)
+  g = flat_s.geometry(layer)
   call = dict(out_shape=(layer.out_features, oh, ow, batch),
               scratch_size=g.atoms * g.height * g.width * batch, padding=layer.padding, output_size=(oh, ow))
   got = kernels.lookup_conv(jnp.asarray(s), lookups, strides=layer.strides, **call)
@@ -136,7 +136,10 @@ def test_epilogue_adds_the_residual_and_applies_the_relu(case, rng, monkeypatch)
   if case == "plain":
     monkeypatch.setattr(backends, "DICTIONARY_COLUMNS_MAX", 0)  # S from XLA's matmul, then lcnn_lookup_conv
   for relu, add in [(True, None), (False, chwn), (True, chwn)]:
-    out, layout = impl.apply(layer, params, jnp.asarray(x), layouts.NHWC, residual=add, relu=relu)
+    epilogue = backends.Epilogue(residual=add is not None, relu=relu)
+    assert impl.fuses(layer, batch, epilogue)
+    out, layout = impl.apply(layer, params, jnp.asarray(x), layouts.NHWC, epilogue,
+                             None if add is None else (add[None], batch))  # CHWN, as one tile
     got = np.asarray(layouts.convert(out, layout, layouts.NHWC))
     expected = conv + (residual if add is not None else 0)
     expected = np.maximum(expected, 0) if relu else expected

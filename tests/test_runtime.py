@@ -18,6 +18,8 @@ EXPORT_ONLY = ("flax", "optax", "orbax", "grain", "ml_collections", "lcnn_jax.tr
                "lcnn_jax.flops", "lcnn_jax.models", "lcnn_jax.layers", "lcnn_jax.inference.exporter",
                "lcnn_jax.inference.tracing")
 """Modules that loading and running an exported model must not import."""
+PALLAS = ("jax.experimental.pallas", "lcnn_jax.inference.pallas_lookup")
+"""Modules imported only when a backend spec names ``pallas``."""
 
 BACKEND = "lookup" if "lookup" in inference.available_backends() else "gather"
 
@@ -59,7 +61,7 @@ def test_a_fresh_process_loads_and_runs_an_export_without_flax_or_the_trainer(tm
       import lcnn_jax.inference
       model = lcnn_jax.inference.load({str(path)!r})
       np.save({str(tmp_path / "loaded.npy")!r}, np.asarray(model(np.load({str(tmp_path / "x.npy")!r}))))
-      print(json.dumps(sorted(m for m in sys.modules if m.startswith({EXPORT_ONLY!r}))))
+      print(json.dumps(sorted(m for m in sys.modules if m.startswith({EXPORT_ONLY + PALLAS!r}))))
   """)
   assert json.loads(out.splitlines()[-1]) == []
   np.testing.assert_array_equal(np.load(tmp_path / "loaded.npy"), np.asarray(exported(x)))

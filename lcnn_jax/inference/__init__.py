@@ -27,8 +27,6 @@ __all__ = sorted(_HOMES)
 def __getattr__(name: str):
   if name not in _HOMES:
     raise AttributeError(f"module 'lcnn_jax.inference' has no attribute {name!r}")
-  if name in ("BACKENDS", "available_backends"):
-    importlib.import_module("lcnn_jax.inference.pallas_lookup")  # registers the 'pallas' backend
   return getattr(importlib.import_module(f"lcnn_jax.inference.{_HOMES[name]}"), name)
 
 

@@ -2,7 +2,8 @@
 
 A :class:`~lcnn_jax.inference.records.LookupLayer` is a trained lookup convolution ready for inference: its
 dictionary D (m, k), the non-zeros of its coefficients P (kh, kw, k, n) grouped per output (the *lookups*,
-:mod:`lcnn_jax.lookups`), and its bias, with any BatchNorm after it already folded in. The backends differ in how they compute Y = (X ⊛ D) ⊛ P + bias:
+:mod:`lcnn_jax.lookups`), and its bias, with any BatchNorm after it already folded in. The backends differ in how
+they compute Y = (X ⊛ D) ⊛ P + bias:
 
 * ``dense``: the reconstructed kernel W = D·P (kh, kw, m, n) in one XLA convolution (or matmul).
 * ``factored``: S = X ⊛ D as a 1×1 convolution, then P as a dense kh×kw convolution over S. Two
@@ -11,28 +12,32 @@ dictionary D (m, k), the non-zeros of its coefficients P (kh, kw, k, n) grouped 
   non-zero's tap, scaled and accumulated, in plain XLA (works on any device; the fallback for ``lookup``).
 * ``lookup``: the same computation in the C++ kernel of :mod:`lcnn_jax.inference.kernels`, which keeps each
   output's accumulators in registers over all its non-zeros (CPU only).
-* ``pallas``: the same gathers in one Pallas kernel per layer (GPU, Triton), registered by
-  :mod:`lcnn_jax.inference.pallas_lookup`.
+* ``pallas``: the same gathers in one Pallas kernel per layer (GPU, Triton),
+  :mod:`lcnn_jax.inference.pallas_lookup`, imported when a spec first names it.
 
 ``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first, batch-last
-CHWN activations (:mod:`lcnn_jax.inference.layouts`), the layout in which one non-zero reads a contiguous run
-of S: S[atom, y + r, x + c, :] over a whole output row is one run of memory when the output
-row is computed over S's full width (the "wide" row whose columns past the output width are dropped). Strided
-layers become stride 1 over a space-to-depth view of S: atom (j, r mod s_h, c mod s_w) at tap
-(r div s_h, c div s_w). Every backend accepts any layout and transposes what it must; a first layer (a
-dictionary of at most 64 multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
+CHWN activations (:mod:`lcnn_jax.inference.layouts`), reading S as :mod:`lcnn_jax.inference.flat_s` lays it out.
+Every backend accepts any layout and transposes what it must; a first layer (a dictionary of at most 64
+multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
+
+A backend is one class with the :class:`Backend` members, registered by name in :data:`BACKENDS`. What the
+runtime and the tuner need to know about it they ask it: what it can apply to its outputs as it stores them
+(:meth:`Backend.fuses`: a residual, a ReLU, a max pooling), how it pools its own layout, what ``auto`` times.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+import importlib
+import inspect
+import os
+from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lcnn_jax.inference import kernels, layouts, machine
+from lcnn_jax.inference import flat_s, kernels, layouts, machine
 from lcnn_jax.inference.layouts import NHWC, Layout
 from lcnn_jax.inference.records import LookupLayer
 from lcnn_jax.lookups import narrowest_index_dtype
@@ -50,138 +55,6 @@ def conv_or_matmul(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   ph, pw = padding
   return jax.lax.conv_general_dilated(x, kernel, tuple(strides), ((ph, ph), (pw, pw)),
                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-class Backend(Protocol):
-  """How one lookup layer runs: ``apply(layer, prepare(layer), x, layout)`` -> (output, its layout)."""
-  name: str
-
-  def available(self) -> tuple[bool, str]:
-    """(True, '') when usable on the default device, else (False, the reason)."""
-
-  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    """The layout in which this backend reads ``layer``'s input at ``batch`` without a transpose."""
-
-  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    """The arrays ``apply`` needs, in this backend's own layout."""
-
-  def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array,
-            layout: Layout) -> tuple[jax.Array, Layout]:
-    """The layer's output and its layout for a 4-D ``x`` in ``layout`` (traceable; ``layer`` is static)."""
-
-
-class Dense:
-  """The reconstructed kernel W = D·P in one XLA convolution."""
-  name = "dense"
-
-  def available(self) -> tuple[bool, str]:
-    return True, ""
-
-  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    return NHWC
-
-  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    return {"kernel": layer.dense_kernel(), "bias": layer.bias}
-
-  def apply(self, layer, params, x, layout):
-    x = layouts.convert(x, layout, NHWC)
-    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], NHWC
-
-
-class Factored:
-  """A 1×1 dictionary convolution, then P as a dense convolution over S."""
-  name = "factored"
-
-  def available(self) -> tuple[bool, str]:
-    return True, ""
-
-  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    return NHWC
-
-  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    return {"dictionary": layer.float_dictionary(), "coefficients": layer.coefficients(), "bias": layer.bias}
-
-  def apply(self, layer, params, x, layout):
-    ph, pw = layer.padding
-    s = jnp.einsum("bhwm,mk->bhwk", layouts.convert(x, layout, NHWC), params["dictionary"])  # (batch, h, w, k)
-    s = jnp.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"], NHWC
-
-
-@dataclasses.dataclass(frozen=True)
-class _Geometry:
-  """S after space-to-depth: (atoms, height, width) per example, and the kept output."""
-  atoms: int
-  height: int
-  width: int
-  out_height: int
-  out_width: int
-
-  def tail(self, batch: int) -> int:
-    """Elements to pad S's flat end with so that the gather backend's whole-row reads stay inside it."""
-    return (self.width - self.out_width) * batch
-
-
-def _geometry(layer: LookupLayer) -> _Geometry:
-  (hp, wp), (sh, sw) = layer.padded_size, layer.strides
-  oh, ow = layer.output_size
-  return _Geometry(layer.dictionary_size * sh * sw, -(-hp // sh), -(-wp // sw), oh, ow)
-
-
-def _s2d_indices(layer: LookupLayer) -> np.ndarray:
-  """Each non-zero's position in flat S (space-to-depth view), per example: (atom·H + r)·W + c."""
-  sh, sw = layer.strides
-  g = _geometry(layer)
-  r, c, j = layer.taps_and_atoms()
-  atom = (j * sh + r % sh) * sw + c % sw
-  return (atom * g.height + r // sh) * g.width + c // sw
-
-
-def _dictionary_stage_chwn(layer: LookupLayer, dictionary_t: jax.Array, x: jax.Array) -> jax.Array:
-  """S of a CHWN input, padded, in space-to-depth layout, flat, with the tail the row reads need."""
-  g = _geometry(layer)
-  (ph, pw), (sh, sw) = layer.padding, layer.strides
-  _, h, w, b = x.shape
-  s = jnp.einsum("km,mhwb->khwb", dictionary_t, x)  # (k, h, w, batch)
-  s = jnp.pad(s, ((0, 0), (ph, g.height * sh - h - ph), (pw, g.width * sw - w - pw), (0, 0)))
-  if (sh, sw) != (1, 1):
-    # Strided slices, stacked, run several times faster in XLA on CPU than the equivalent 6-D transpose.
-    phases = [s[:, r::sh, c::sw] for r in range(sh) for c in range(sw)]  # each (k, H, W, batch)
-    s = jnp.stack(phases, axis=1)  # (k, sh·sw, H, W, batch)
-  return jnp.pad(s.reshape(-1), (0, g.tail(b)))  # (atoms·H·W·batch + tail,)
-
-
-class Gather:
-  """Channels-first row gathers over shifted S, one non-zero slot per step, in plain XLA."""
-  name = "gather"
-
-  def available(self) -> tuple[bool, str]:
-    return True, ""
-
-  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    return batch  # one tile: CHWN
-
-  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    offsets, values = layer.slots(_s2d_indices(layer))  # (slots, n): missing non-zeros read S[0] times 0
-    return {"dictionary_t": np.ascontiguousarray(layer.float_dictionary().T), "offsets": offsets, "values": values,
-            "bias": layer.bias}
-
-  def apply(self, layer, params, x, layout):
-    batch = layouts.batch_size(x, layout)
-    x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
-    g = _geometry(layer)
-    s = _dictionary_stage_chwn(layer, params["dictionary_t"], x)
-    wide = g.out_height * g.width * batch  # whole rows, so the result reshapes to (n, oh, W, batch)
-
-    def row(offset):
-      return jax.lax.dynamic_slice(s, (offset * batch,), (wide,))
-
-    def step(t, acc):
-      return acc + params["values"][t][:, None] * jax.vmap(row)(params["offsets"][t])  # (n, wide)
-
-    acc = jax.lax.fori_loop(0, params["offsets"].shape[0], step, jnp.zeros((layer.out_features, wide), s.dtype))
-    y = acc.reshape(layer.out_features, g.out_height, g.width, batch)[:, :, :g.out_width]
-    return (y + params["bias"][:, None, None, None])[None], batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +78,145 @@ class Pooling:
             and all((o - 1) * s - lo < n for o, s, (lo, _), n in zip(out, self.strides, self.padding, size)))
 
 
+
+@dataclasses.dataclass(frozen=True)
+class Epilogue:
+  """What a layer applies to its outputs as it stores them, in this order: the residual added (``residual``: an
+  array shaped as the output, given to :meth:`Backend.apply` beside it), the ReLU (``relu``), the max ``pooling``
+  (whose own ``relu`` is the ReLU before it). The interpreter offers one where the exported graph has it
+  (:class:`~lcnn_jax.inference.graph.Fusion`); the layer gets it where its backend :meth:`~Backend.fuses` it,
+  else the graph runs those steps itself."""
+  residual: bool = False
+  relu: bool = False
+  pooling: Pooling | None = None
+
+
+Value = tuple[jax.Array, Layout]
+"""An activation and the layout it is held in (:data:`lcnn_jax.inference.graph.Value`)."""
+
+
+class Backend(Protocol):
+  """How one lookup layer runs: ``apply(layer, prepare(layer), x, layout)`` -> (output, its layout).
+
+  ``available``, ``input_layout``, ``prepare`` and ``apply`` each backend defines; a class that subclasses this
+  protocol inherits the rest: no fusion, no pooling of its own, timed by ``auto`` under its own name.
+  """
+  name: str
+  """The spec that names this backend, e.g. ``dense`` or ``lookup:tile=4096`` (:func:`get_backend`)."""
+
+  def available(self) -> tuple[bool, str]:
+    """(True, '') when usable on the default device, else (False, the reason)."""
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    """The layout in which this backend reads ``layer``'s input at ``batch`` without a transpose."""
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    """The arrays ``apply`` needs, in this backend's own layout."""
+
+  def apply(self, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array, layout: Layout,
+            epilogue: Epilogue | None = None, residual: Value | None = None) -> Value:
+    """The layer's output and its layout for a 4-D ``x`` in ``layout`` (traceable; ``layer`` is static); with
+    an ``epilogue`` that :meth:`fuses` accepts, the output after it (``residual``: the value it adds)."""
+
+  def fuses(self, layer: LookupLayer, batch: int, epilogue: Epilogue) -> bool:
+    """Whether :meth:`apply` can apply ``epilogue`` to ``layer``'s output at ``batch`` (decided when the model
+    is traced, from static facts)."""
+    return False
+
+  def max_pool(self, x: jax.Array, pooling: Pooling) -> jax.Array | None:
+    """``pooling`` of a tiled activation (tiles, c, h, w, tile) faster than XLA's window, or None (XLA's)."""
+    return None
+
+  def tuned_variants(self) -> list[str]:
+    """The specs ``auto`` times for this backend on each layer (none: it is not offered to ``auto`` here)."""
+    return [self.name]
+
+  def timing_key(self) -> tuple[str, ...]:
+    """What a cached timing of this backend depends on beyond its name, the device and the layer (a kernel
+    build, a size measured on this machine)."""
+    return ()
+
+  def network_step(self, layer: LookupLayer) -> int | None:
+    """The step (:data:`~lcnn_jax.inference.kernels.STEPS`) that runs ``layer`` inside the C++ kernel's call for
+    a whole chain of layers at batch 1 (:mod:`lcnn_jax.inference.chain`), or None where it cannot."""
+    return None
+
+
+class Dense(Backend):
+  """The reconstructed kernel W = D·P in one XLA convolution."""
+  name = "dense"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    return {"kernel": layer.dense_kernel(), "bias": layer.bias}
+
+  def apply(self, layer, params, x, layout):
+    x = layouts.convert(x, layout, NHWC)
+    return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], NHWC
+
+
+class Factored(Backend):
+  """A 1×1 dictionary convolution, then P as a dense convolution over S."""
+  name = "factored"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    return {"dictionary": layer.float_dictionary(), "coefficients": layer.coefficients(), "bias": layer.bias}
+
+  def apply(self, layer, params, x, layout):
+    ph, pw = layer.padding
+    s = jnp.einsum("bhwm,mk->bhwk", layouts.convert(x, layout, NHWC), params["dictionary"])  # (batch, h, w, k)
+    s = jnp.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    return conv_or_matmul(s, params["coefficients"], layer.strides, (0, 0)) + params["bias"], NHWC
+
+
+class Gather(Backend):
+  """Channels-first row gathers over shifted S, one non-zero slot per step, in plain XLA."""
+  name = "gather"
+
+  def available(self) -> tuple[bool, str]:
+    return True, ""
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return batch  # one tile: CHWN
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    offsets, values = layer.slots(flat_s.positions(layer))  # (slots, n): missing non-zeros read S[0] times 0
+    return {"dictionary_t": np.ascontiguousarray(layer.float_dictionary().T), "offsets": offsets, "values": values,
+            "bias": layer.bias}
+
+  def apply(self, layer, params, x, layout):
+    batch = layouts.batch_size(x, layout)
+    x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
+    g = flat_s.geometry(layer)
+    s = flat_s.dictionary_stage(layer, params["dictionary_t"], x)
+    wide = g.out_height * g.width * batch  # whole rows, so the result reshapes to (n, oh, W, batch)
+
+    def row(offset):
+      return jax.lax.dynamic_slice(s, (offset * batch,), (wide,))
+
+    def step(t, acc):
+      return acc + params["values"][t][:, None] * jax.vmap(row)(params["offsets"][t])  # (n, wide)
+
+    acc = jax.lax.fori_loop(0, params["offsets"].shape[0], step, jnp.zeros((layer.out_features, wide), s.dtype))
+    y = acc.reshape(layer.out_features, g.out_height, g.width, batch)[:, :, :g.out_width]
+    return (y + params["bias"][:, None, None, None])[None], batch
+
+  def max_pool(self, x: jax.Array, pooling: Pooling) -> jax.Array | None:
+    """Its CHWN output, pooled as the ``lookup`` backend pools (:func:`max_pool_chwn`)."""
+    return max_pool_chwn(x, pooling)
+
+
 POOLED_MIN_BATCH = kernels.LIMITS.pooled_batch_min
 """From this batch the C++ kernel pools CHWN activations (and a lookup layer pools its output as it computes it):
 its innermost loops run over the batch, too short to vectorise below (AlexNet-LCNN's first pooling at batch 1:
@@ -214,7 +226,7 @@ FUSED_DICTIONARY_MACS = kernels.LIMITS.fused_dictionary_macs_max
 """A dictionary of at most this many multiply-adds per pixel (m·k) is applied inside the kernel."""
 
 
-class Lookup:
+class Lookup(Backend):
   """The C++ kernel: per output, accumulators in registers over all its non-zeros (CPU).
 
   The work is cut into tiles whose S stays in this core's L2 (``tile_bytes`` of S, every output of a tile
@@ -230,17 +242,24 @@ class Lookup:
       raise ValueError(f"tile_bytes={tile_bytes}: expected a number of bytes >= 0 (0: no tiling).")
     self.tile_bytes = tile_bytes
     if tile_bytes is not None:
-      self.name = f"{LOOKUP_TILED}{tile_bytes}"
+      self.name = f"lookup:tile={tile_bytes}"
+
+  @classmethod
+  def from_spec(cls, tile: str | None = None) -> "Lookup":
+    """The backend of spec ``lookup`` or ``lookup:tile=N`` (N bytes of S per tile, 0: none)."""
+    if tile is None:
+      return cls()
+    if not tile.isdigit():
+      raise ValueError(f"backend='lookup:tile={tile}': expected lookup:tile=N with N the bytes of S a tile holds "
+                       "(0: none).")
+    return cls(int(tile))
 
   def tile(self) -> int:
     """The bytes of S one tile holds on this machine (0: no tiling)."""
     return machine.tile_budget_bytes() if self.tile_bytes is None else self.tile_bytes
 
   def available(self) -> tuple[bool, str]:
-    if jax.default_backend() != "cpu":
-      return False, f"the C++ kernel runs on CPU; the default device is {jax.default_backend()}"
-    ok, reason = kernels.kernel_available()
-    return ok, "" if ok else reason
+    return kernel_here()
 
   @staticmethod
   def fused(layer: LookupLayer) -> bool:
@@ -251,7 +270,7 @@ class Lookup:
     return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    positions = _s2d_indices(layer)
+    positions = flat_s.positions(layer)
     # Within each output, visit S in memory order.
     order = np.lexsort((positions, layer.output_of_each_nonzero()))
     positions = positions[order]
@@ -273,29 +292,35 @@ class Lookup:
     return arrays
 
   @staticmethod
-  def pools(pooling: "Pooling", batch: int, layer: LookupLayer) -> bool:
+  def pools(pooling: Pooling, batch: int, layer: LookupLayer) -> bool:
     """Whether the kernel can apply ``pooling`` to ``layer``'s output itself at ``batch`` (vectors over the
     batch: from :data:`POOLED_MIN_BATCH` images)."""
     return (batch >= POOLED_MIN_BATCH and layer.output_size[1] * batch >= kernels.LIMITS.pooled_row_min
             and pooling.fits(layer.output_size))
 
-  def apply(self, layer, params, x, layout, pooling: "Pooling | None" = None, residual: jax.Array | None = None,
-            relu: bool = False):
-    """As :meth:`Backend.apply`; with ``pooling`` (see :meth:`pools`), the output is the pooled map, computed
-    without writing the layer's own output to memory. Without pooling, ``residual`` (CHWN, shaped as the
-    output) is added to the outputs and ``relu`` applied as the kernel stores them."""
-    g = _geometry(layer)
+  def fuses(self, layer: LookupLayer, batch: int, epilogue: Epilogue) -> bool:
+    """A residual and the ReLU as the kernel stores the outputs, at any batch; or the ReLU and max pooling
+    alone, where :meth:`pools` says so (the pooled map computed in bands of rows, the layer's own output never
+    written to memory)."""
+    if epilogue.pooling is None:
+      return True
+    return not epilogue.residual and not epilogue.relu and self.pools(epilogue.pooling, batch, layer)
+
+  def apply(self, layer, params, x, layout, epilogue=None, residual=None):
+    g = flat_s.geometry(layer)
     batch = layouts.batch_size(x, layout)
     (ph, pw), (sh, sw) = layer.padding, layer.strides
     fused = self.fused(layer)
     copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
-    if pooling is not None and not self.pools(pooling, batch, layer):
-      raise ValueError(f"The lookup kernel cannot pool this layer's output ({pooling}, batch {batch}).")
+    if epilogue is not None and not self.fuses(layer, batch, epilogue):
+      raise ValueError(f"The lookup kernel cannot apply {epilogue} to this layer's output at batch {batch}.")
+    pooling = epilogue.pooling if epilogue is not None else None
+    residual = None if residual is None else layouts.convert(*residual, batch)[0]  # (n, oh, ow, batch)
     out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
     call = dict(out_shape=(layer.out_features, *out_size, batch), tile_bytes=self.tile(),
                 scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
                 strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
-                residual=residual, relu=relu)
+                residual=residual, relu=epilogue is not None and epilogue.relu)
     lookups = (params["starts"], params["indices"], params["values"], params["scale"], params["bias"])
     if fused:
       nhwc = layout == NHWC
@@ -312,6 +337,40 @@ class Lookup:
         s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)
         out = kernels.lookup_conv(s, lookups, **call)
     return out[None], batch  # CHWN
+
+  def max_pool(self, x: jax.Array, pooling: Pooling) -> jax.Array | None:
+    return max_pool_chwn(x, pooling)
+
+  def tuned_variants(self) -> list[str]:
+    """Tiles of this machine's L2 (``lookup``, sized again wherever the model loads), a quarter of that, and no
+    tiles."""
+    return ["lookup", f"lookup:tile={machine.tile_budget_bytes() // 4}", "lookup:tile=0"]
+
+  def timing_key(self) -> tuple[str, ...]:
+    """The kernel build (its hash) and the tile size on this machine."""
+    return os.path.basename(os.path.dirname(kernels.ensure_kernel())), f"tile{self.tile()}"
+
+  def network_step(self, layer: LookupLayer) -> int | None:
+    return kernels.STEPS.step_fused_lookups if self.fused(layer) else kernels.STEPS.step_lookups
+
+
+def kernel_here() -> tuple[bool, str]:
+  """(True, '') where the C++ kernel runs (built for this CPU, the default device a CPU), else (False, why)."""
+  if jax.default_backend() != "cpu":
+    return False, f"the C++ kernel runs on CPU; the default device is {jax.default_backend()}"
+  ok, reason = kernels.kernel_available()
+  return ok, "" if ok else reason
+
+
+def max_pool_chwn(x: jax.Array, pooling: Pooling) -> jax.Array | None:
+  """``pooling`` of a CHWN array (1, c, h, w, batch) in the C++ kernel; None where the kernel does not apply (not
+  float32 on CPU, a batch under :data:`POOLED_MIN_BATCH`, a window not inside the map, or no kernel here). XLA's
+  fusion of the same pooling ran 2–3× slower inside AlexNet-LCNN at batch 32 (its input no longer in cache)."""
+  _, _, h, w, batch = x.shape
+  if (x.shape[0] != 1 or batch < POOLED_MIN_BATCH or x.dtype != jnp.float32 or not pooling.fits((h, w))
+      or not kernel_here()[0]):
+    return None
+  return kernels.max_pool(x[0], pooling)[None]
 
 
 DENSE_ROWS_MAX = kernels.LIMITS.dense_rows_max
@@ -336,31 +395,41 @@ DICTIONARY_MACS_MAX = 1 << 23
 
 def dense_rows_available() -> bool:
   """Whether :func:`dense_rows` runs here (the C++ kernel on a CPU default device)."""
-  return jax.default_backend() == "cpu" and kernels.kernel_available()[0]
+  return kernel_here()[0]
 
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (Dense(), Factored(), Gather(), Lookup())}
-"""Every backend by name."""
-LOOKUP_TILED = "lookup:tile="
-"""``lookup:tile=N``: the ``lookup`` backend with tiles of N bytes of S (0: none), as the tuner may choose."""
+BACKENDS: dict[str, Callable[..., Backend] | str] = {
+    "dense": Dense,
+    "factored": Factored,
+    "gather": Gather,
+    "lookup": Lookup.from_spec,
+    "pallas": "lcnn_jax.inference.pallas_lookup:PallasLookup",  # imported when a spec first names it
+}
+"""The registration of every backend: its name -> what builds it from a spec's options (``name:key=value,...``
+passes ``key='value'``), or ``'module:Class'`` for a backend whose module is imported only when a spec names it."""
 
 
 def available_backends() -> list[str]:
   """The names of the backends usable on the default device."""
-  return [name for name, backend in BACKENDS.items() if backend.available()[0]]
+  return [name for name in BACKENDS if get_backend(name).available()[0]]
 
 
-def get_backend(name: str) -> Backend:
-  """The backend called ``name`` (``lookup:tile=N`` too, see :class:`Lookup`); raises ValueError naming the
-  choices."""
-  if name.startswith(LOOKUP_TILED):
-    size = name[len(LOOKUP_TILED):]
-    if not size.isdigit():
-      raise ValueError(f"backend={name!r}: expected {LOOKUP_TILED}N with N the bytes of S a tile holds (0: none).")
-    return Lookup(int(size))
+def get_backend(spec: str) -> Backend:
+  """The backend a spec names: a name of :data:`BACKENDS`, with options after a colon where its builder takes
+  them (``lookup:tile=4096``, see :class:`Lookup`). Raises ValueError naming the choices."""
+  name, _, rest = spec.partition(":")
   if name not in BACKENDS:
-    raise ValueError(f"backend={name!r}: expected one of {sorted(BACKENDS)}.")
-  return BACKENDS[name]
+    raise ValueError(f"backend={spec!r}: expected one of {sorted(BACKENDS)}.")
+  options = dict(option.partition("=")[::2] for option in rest.split(",") if option)
+  make = BACKENDS[name]
+  if isinstance(make, str):
+    module, _, attribute = make.partition(":")
+    make = getattr(importlib.import_module(module), attribute)
+  try:
+    inspect.signature(make).bind(**options)
+  except TypeError as error:
+    raise ValueError(f"backend={spec!r}: {name} does not take these options ({error}).") from None
+  return make(**options)
 
 
 def apply_nhwc(backend: Backend, layer: LookupLayer, params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -376,5 +445,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
           + layer.bias.nbytes + scales)
 
 
-__all__ = ["BACKENDS", "Backend", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
-           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "Epilogue", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
+           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "kernel_here", "max_pool_chwn"]

@@ -2,8 +2,9 @@
 
 At batch 1 a layer of AlexNet-LCNN costs little arithmetic (0.1–5 M multiply-adds), so a call per layer, with
 XLA's ReLU and pooling fusions between the calls, is a large part of the time. :func:`plan` finds the longest
-run of equations from the graph's input that the kernel can take in one call: lookup layers on the ``lookup``
-backend, 1×1 dense convolutions, each followed by its ReLU and max pooling, every intermediate value used only by
+run of equations from the graph's input that the kernel can take in one call: lookup layers whose backend has a
+step for them there (:meth:`~lcnn_jax.inference.backends.Backend.network_step`: the ``lookup`` backend's),
+1×1 dense convolutions, each followed by its ReLU and max pooling, every intermediate value used only by
 the next step. :func:`run` hands that run to :func:`lcnn_jax.inference.kernels.network` and the rest of the graph
 (here, the final reshape) to the interpreter, :func:`lcnn_jax.inference.graph.run`.
 """
@@ -50,23 +51,23 @@ def _pointwise(layer) -> bool:
           and tuple(map(tuple, layer.padding)) == ((0, 0), (0, 0)) and tuple(layer.strides) == (1, 1))
 
 
-def _layer_step(name: str, layer, backend: str | None, size: tuple[int, int], output: int) -> Step | None:
+def _layer_step(name: str, layer, backend: backends_lib.Backend | None, size: tuple[int, int],
+                output: int) -> Step | None:
   """The step of a layer on a map of ``size``, or None where the kernel cannot run it in the chain."""
   if isinstance(layer, backends_lib.LookupLayer):
-    if not isinstance(backends_lib.get_backend(backend), backends_lib.Lookup) or tuple(layer.input_size) != size:
+    kind = backend.network_step(layer)
+    if kind is None or tuple(layer.input_size) != size:
       return None
-    fused = backends_lib.Lookup.fused(layer)
-    kind = kernels.STEPS.step_fused_lookups if fused else kernels.STEPS.step_lookups
     return Step(name, kind, output, tuple(layer.output_size), layer.out_features)
   if _pointwise(layer):
     return Step(name, kernels.STEPS.step_dense, output, size, layer.kernel.shape[-1])
   return None
 
 
-def plan(graph: graph_lib.Graph, layers: Mapping, backends: Mapping[str, str],
+def plan(graph: graph_lib.Graph, layers: Mapping, backends: Mapping[str, backends_lib.Backend],
          input_shape: tuple[int, int, int]) -> Chain | None:
-  """The chain at the start of ``graph`` for one image of ``input_shape`` (h, w, c), or None (fewer than
-  :data:`MIN_STEPS` layers, or no kernel here)."""
+  """The chain at the start of ``graph`` for one image of ``input_shape`` (h, w, c), with ``backends`` the
+  lookup layers' backends, or None (fewer than :data:`MIN_STEPS` layers, or no kernel here)."""
   steps: list[Step] = []
   current, size = graph.input, tuple(input_shape[:2])
   done = 0
@@ -96,7 +97,7 @@ def plan(graph: graph_lib.Graph, layers: Mapping, backends: Mapping[str, str],
         steps[-1].size = steps[-1].pooling.output_size(steps[-1].size)
       size = steps[-1].size
     done = index + 1
-  if len(steps) < MIN_STEPS or not backends_lib.Lookup().available()[0]:  # checked last: it builds the kernel
+  if len(steps) < MIN_STEPS or not backends_lib.kernel_here()[0]:  # checked last: it builds the kernel
     return None
   rest = dataclasses.replace(graph, equations=graph.equations[done:], input=current)  # the fusion still holds
   return Chain(tuple(steps), rest)
@@ -114,8 +115,10 @@ def _arrays(step: Step, params: Mapping[str, jax.Array]) -> list[jax.Array]:
 
 
 def run(chain: Chain, layers: Mapping, params: Mapping[str, Mapping[str, jax.Array]], image: jax.Array,
-        layer_fn: graph_lib.LayerFn, consts: Mapping[str, jax.Array]) -> jax.Array:
-  """The model on one NHWC image (1, h, w, c): the chain in one kernel call, then the rest of the graph."""
+        layer_fn: graph_lib.LayerFn, consts: Mapping[str, jax.Array],
+        max_pool: graph_lib.MaxPoolFn | None = None) -> jax.Array:
+  """The model on one NHWC image (1, h, w, c): the chain in one kernel call, then the rest of the graph (with
+  ``layer_fn`` and ``max_pool`` as :func:`lcnn_jax.inference.graph.run` takes them)."""
   calls = []
   for step in chain.steps:
     layer = layers[step.name]
@@ -125,7 +128,7 @@ def run(chain: Chain, layers: Mapping, params: Mapping[str, Mapping[str, jax.Arr
     calls.append((attributes, _arrays(step, params[step.name])))
   last = chain.steps[-1]
   y = kernels.network(image, calls, (1, *last.size, last.channels))  # NHWC
-  return graph_lib.run(chain.rest, layer_fn, y, consts)
+  return graph_lib.run(chain.rest, layer_fn, y, consts, max_pool)
 
 
 __all__ = ["Chain", "MIN_STEPS", "Step", "plan", "run"]

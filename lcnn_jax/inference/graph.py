@@ -24,7 +24,7 @@ import numpy as np
 from jax.extend.core import primitives as jax_primitives
 
 from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import kernels, layouts
+from lcnn_jax.inference import layouts
 from lcnn_jax.inference.layouts import NHWC, Layout
 
 BATCH = "b"
@@ -170,10 +170,12 @@ def _decode(value: Any, batch: int) -> Any:
 
 Value = tuple[jax.Array, Layout]  # (array, layout); NHWC means the array as the model sees it
 LayerFn = Callable[..., Value | None]
-"""``layer_fn(name, value)`` -> the layer's output; ``layer_fn(name, value, pooling=p)`` -> the output after the
-ReLU and the max pooling ``p`` (a :class:`~lcnn_jax.inference.backends.Pooling`), and ``layer_fn(name, value,
-residual=r, relu=b)`` -> the output plus the value ``r`` (or None), then the ReLU when ``b``; either is None where
-the layer cannot apply them itself (the graph then runs them)."""
+"""``layer_fn(name, value)`` -> the layer's output; ``layer_fn(name, value, epilogue, residual)`` -> the output
+after the :class:`~lcnn_jax.inference.backends.Epilogue` (``residual``: the value it adds, or None), or None where
+the layer cannot apply it itself (the graph then runs those steps)."""
+MaxPoolFn = Callable[[jax.Array, backends_lib.Pooling], jax.Array | None]
+"""``max_pool(x, pooling)`` -> ``pooling`` of a tiled activation (tiles, c, h, w, tile), or None to leave it to
+XLA's window (:meth:`lcnn_jax.inference.backends.Backend.max_pool`)."""
 
 
 def as_layout(value: Value, layout: Layout) -> jax.Array:
@@ -239,26 +241,16 @@ def max_pooling(params: dict, relu: bool) -> backends_lib.Pooling | None:
                               padding=tuple(tuple(p) for p in params["padding"][1:3]), relu=relu)
 
 
-def _max_pool_kernel(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array | None:
-  """``pooling`` of a CHWN array (1, c, h, w, batch) in the C++ kernel (:mod:`lcnn_jax.inference.kernels`); None
-  where the kernel does not apply (not float32 on CPU, a batch under
-  :data:`~lcnn_jax.inference.backends.POOLED_MIN_BATCH`, a window not inside the map, or no kernel here). XLA's
-  fusion of the same pooling ran 2–3× slower inside AlexNet-LCNN at batch 32 (its input no longer in cache)."""
-  _, c, h, w, batch = x.shape
-  if (x.shape[0] != 1 or batch < backends_lib.POOLED_MIN_BATCH or x.dtype != jnp.float32
-      or not pooling.fits((h, w)) or jax.default_backend() != "cpu" or not kernels.kernel_available()[0]):
-    return None
-  return kernels.max_pool(x[0], pooling)[None]
-
-
-def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False) -> list[Value]:
+def _apply(primitive: str, params: dict, args: list[Value], relu: bool = False,
+           max_pool: MaxPoolFn | None = None) -> list[Value]:
   """Binds one primitive, on tiled operands where the primitive allows it, else on NHWC ones. ``relu``: a
-  max pooling also applies the ReLU before it (see :class:`Fusion`)."""
+  max pooling also applies the ReLU before it (see :class:`Fusion`); ``max_pool`` pools tiled activations where
+  it can."""
   prim = getattr(jax_primitives, f"{primitive}_p")
   tile = next((layout for _, layout in args if layout != NHWC), None)
-  if primitive == "reduce_window_max" and tile is not None and len(args) == 1:
+  if primitive == "reduce_window_max" and tile is not None and len(args) == 1 and max_pool is not None:
     pooling = max_pooling(params, relu)
-    pooled = None if pooling is None else _max_pool_kernel(args[0][0], pooling)
+    pooled = None if pooling is None else max_pool(args[0][0], pooling)
     if pooled is not None:
       return [(pooled, tile)]
   if relu:
@@ -295,7 +287,8 @@ def _run_with_epilogue(eqn: Equation, value: Value, epilogue: Epilogue, producer
     env[epilogue.hoisted] = layer_fn(hoisted.params["name"], read(hoisted.inputs[0]))
     done.add(epilogue.hoisted)
   residual = read(epilogue.residual) if epilogue.residual is not None else None
-  result = layer_fn(eqn.params["name"], value, residual=residual, relu=epilogue.relu)
+  offered = backends_lib.Epilogue(residual=residual is not None, relu=epilogue.relu)
+  result = layer_fn(eqn.params["name"], value, offered, residual)
   if result is None:
     return False
   env[epilogue.output] = result
@@ -303,16 +296,18 @@ def _run_with_epilogue(eqn: Equation, value: Value, epilogue: Epilogue, producer
   return True
 
 
-def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None) -> jax.Array:
+def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Array] | None = None,
+        max_pool: MaxPoolFn | None = None) -> jax.Array:
   """Evaluates ``graph`` on NHWC images ``x`` (traceable); ``layer_fn(name, value)`` runs each layer, and the
   steps of ``graph.fusion`` run together.
 
   Args:
     graph: the traced forward pass.
     layer_fn: maps a layer's name and input (array, layout) to its output (array, layout); see :data:`LayerFn`
-      for the pooling it may be offered.
+      for the epilogues it may be offered.
     x: (batch, h, w, c) images.
     consts: the graph's constants as device arrays (defaults to ``graph.consts``).
+    max_pool: pools tiled activations where it can (:data:`MaxPoolFn`); None: XLA's windows.
   Returns:
     The model's output (logits).
   """
@@ -346,7 +341,7 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
     if pooled_output is not None:
       pool = producers[pooled_output]
       pooling = max_pooling({k: _decode(v, batch) for k, v in pool.params.items()}, relu=True)
-      pooled = layer_fn(eqn.params["name"], args[0], pooling=pooling)
+      pooled = layer_fn(eqn.params["name"], args[0], backends_lib.Epilogue(pooling=pooling), None)
       if pooled is not None:  # the layer, its ReLU and the pooling in one step
         env[pooled_output] = pooled
         done.update((pool.inputs[0][1], pooled_output))
@@ -356,6 +351,6 @@ def run(graph: Graph, layer_fn: LayerFn, x: jax.Array, consts: dict[str, jax.Arr
     else:
       params = {k: _decode(v, batch) for k, v in eqn.params.items()}
       relu = eqn.primitive == "reduce_window_max" and eqn.inputs[0][0] == "var" and eqn.inputs[0][1] in deferred
-      results = _apply(eqn.primitive, params, args, relu=relu)
+      results = _apply(eqn.primitive, params, args, relu=relu, max_pool=max_pool)
     env.update(zip(eqn.outputs, results))
   return as_layout(env[graph.output], NHWC)

@@ -20,7 +20,6 @@ from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import chain as chain_lib
 from lcnn_jax.inference import graph as graph_lib
 from lcnn_jax.inference import layouts
-from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
 from lcnn_jax.inference.layouts import NHWC
 from lcnn_jax.inference.records import AffineLayer, ConvLayer, Layer, LinearLayer, LookupLayer, layer_arrays
 
@@ -108,11 +107,30 @@ def _lookup(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str,
   return backend.apply(layer, params, *value)
 
 
-def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
-              value: graph_lib.Value) -> graph_lib.Value:
-  """One layer on (array, layout) -> (array, layout); ``backend`` names a lookup layer's backend."""
+def _fused(layer: LookupLayer, backend: backends_lib.Backend, params: dict[str, jax.Array], value: graph_lib.Value,
+           epilogue: backends_lib.Epilogue, residual: graph_lib.Value | None) -> graph_lib.Value | None:
+  """The lookup layer with ``epilogue`` applied as its backend stores the outputs, where it fuses it; else None."""
+  array, layout = value
+  if array.ndim == 2 or (residual is not None and residual[0].ndim != 4 and residual[1] == NHWC):
+    return None
+  if not backend.fuses(layer, layouts.batch_size(array, layout), epilogue):
+    return None
+  return backend.apply(layer, params, array, layout, epilogue, residual)
+
+
+def run_layer(layer: Layer, backend: backends_lib.Backend | None, params: dict[str, jax.Array],
+              value: graph_lib.Value, epilogue: backends_lib.Epilogue | None = None,
+              residual: graph_lib.Value | None = None) -> graph_lib.Value | None:
+  """One layer on (array, layout) -> (array, layout); ``backend`` runs a lookup layer (None for the others).
+
+  With an ``epilogue`` (and the ``residual`` value it adds), the output after it where the layer's backend
+  applies it as it stores the outputs (:meth:`~lcnn_jax.inference.backends.Backend.fuses`); else None, and the
+  caller runs those steps (:data:`~lcnn_jax.inference.graph.LayerFn`).
+  """
+  if epilogue is not None:
+    return _fused(layer, backend, params, value, epilogue, residual) if isinstance(layer, LookupLayer) else None
   if isinstance(layer, LookupLayer):
-    return _lookup(layer, backends_lib.get_backend(backend), params, value)
+    return _lookup(layer, backend, params, value)
   if isinstance(layer, ConvLayer):
     return _conv(layer, params, value)
   if isinstance(layer, LinearLayer):
@@ -124,31 +142,16 @@ def run_layer(layer: Layer, backend: str | None, params: dict[str, jax.Array],
   return _affine(params, value)
 
 
-def run_layer_pooled(layer: Layer, backend: str | None, params: dict[str, jax.Array], value: graph_lib.Value,
-                     pooling: backends_lib.Pooling) -> graph_lib.Value | None:
-  """One layer, then the ReLU and max ``pooling`` after it, in one step where the layer's backend can (the
-  ``lookup`` kernel from :data:`~lcnn_jax.inference.backends.POOLED_MIN_BATCH` images); else None."""
-  array, layout = value
-  impl = backends_lib.get_backend(backend) if isinstance(layer, LookupLayer) else None
-  if not isinstance(impl, backends_lib.Lookup) or array.ndim == 2:
+def max_pool_of(used: Sequence[backends_lib.Backend]) -> graph_lib.MaxPoolFn:
+  """The pooling of tiled activations for a model on the backends ``used``: the first of their
+  :meth:`~lcnn_jax.inference.backends.Backend.max_pool` that pools, else None (XLA's window)."""
+  def max_pool(x: jax.Array, pooling: backends_lib.Pooling) -> jax.Array | None:
+    for backend in used:
+      pooled = backend.max_pool(x, pooling)
+      if pooled is not None:
+        return pooled
     return None
-  if not impl.pools(pooling, layouts.batch_size(array, layout), layer):
-    return None
-  return impl.apply(layer, params, array, layout, pooling=pooling)
-
-
-def run_layer_epilogue(layer: Layer, backend: str | None, params: dict[str, jax.Array], value: graph_lib.Value,
-                       residual: graph_lib.Value | None, relu: bool) -> graph_lib.Value | None:
-  """One layer, then ``residual`` added and the ReLU (``relu``), in one step where the layer's backend can (the
-  ``lookup`` kernel, as it stores the outputs); else None."""
-  array, layout = value
-  impl = backends_lib.get_backend(backend) if isinstance(layer, LookupLayer) else None
-  if not isinstance(impl, backends_lib.Lookup) or array.ndim == 2 or (residual is not None and residual[0].ndim != 4
-                                                                       and residual[1] == NHWC):
-    return None
-  batch = layouts.batch_size(array, layout)
-  chwn = None if residual is None else graph_lib.as_layout(residual, batch)[0]  # (n, oh, ow, batch)
-  return impl.apply(layer, params, array, layout, residual=chwn, relu=relu)
+  return max_pool
 
 
 class InferenceModel:
@@ -157,7 +160,7 @@ class InferenceModel:
   Attributes:
     graph: the forward pass.
     layers: every layer by name, in graph order.
-    backends: the backend of each lookup layer.
+    backends: the backend of each lookup layer, by its spec (``lookup``, ``lookup:tile=N``, ``gather``, ...).
     input_shape: one example's (h, w, c).
     class_names: the dataset's class names, when it has them.
     preprocessing: how to turn an image file into an input (``image_size``, ``resize_size``, ``channels``,
@@ -179,11 +182,14 @@ class InferenceModel:
     self.class_names = list(class_names) if class_names is not None else None
     self.preprocessing = dict(preprocessing) if preprocessing is not None else None
     self.tuning = dict(tuning) if tuning is not None else None
-    self.backends = self._resolve(backends)
+    self._impls = self._resolve(backends)  # each lookup layer's backend, made once
+    self.backends = {name: impl.name for name, impl in self._impls.items()}
+    used = list({impl.name: impl for impl in self._impls.values()}.values())
+    self._max_pool = max_pool_of(used)
     self._params: dict[str, dict[str, jax.Array]] = {}
     if chain is None:
       chain = (self.tuning or {}).get("chain", True)
-    self.chain = chain_lib.plan(graph, self.layers, self.backends, self.input_shape) if chain else None
+    self.chain = chain_lib.plan(graph, self.layers, self._impls, self.input_shape) if chain else None
     self._forward = jax.jit(self._apply)
 
   @property
@@ -197,7 +203,7 @@ class InferenceModel:
   def lookup_layers(self) -> dict[str, LookupLayer]:
     return {name: layer for name, layer in self.layers.items() if isinstance(layer, LookupLayer)}
 
-  def _resolve(self, choice: Mapping[str, str] | str) -> dict[str, str]:
+  def _resolve(self, choice: Mapping[str, str] | str) -> dict[str, backends_lib.Backend]:
     names = list(self.lookup_layers)
     chosen = {name: choice for name in names} if isinstance(choice, str) else dict(choice)
     missing = sorted(set(names) - set(chosen))
@@ -210,7 +216,7 @@ class InferenceModel:
       if not ok:
         logging.warning("Layer %s: backend %r is unavailable (%s); using 'gather'.", name, backend.name, reason)
         backend = backends_lib.get_backend("gather")
-      resolved[name] = backend.name
+      resolved[name] = backend
     return resolved
 
   def with_backends(self, choice: Mapping[str, str] | str, *, chain: bool | None = None) -> "InferenceModel":
@@ -225,7 +231,7 @@ class InferenceModel:
     if not self._params:
       for name, layer in self.layers.items():
         if isinstance(layer, LookupLayer):
-          arrays = backends_lib.get_backend(self.backends[name]).prepare(layer)
+          arrays = self._impls[name].prepare(layer)
         else:
           arrays = device_arrays(layer)
         self._params[name] = jax.tree.map(jnp.asarray, arrays)
@@ -233,16 +239,12 @@ class InferenceModel:
     return self._params
 
   def _apply(self, params: dict[str, dict[str, jax.Array]], images: jax.Array) -> jax.Array:
-    def layer_fn(name: str, value: graph_lib.Value, pooling: backends_lib.Pooling | None = None,
-                 **epilogue) -> graph_lib.Value | None:
-      if epilogue:
-        return run_layer_epilogue(self.layers[name], self.backends.get(name), params[name], value, **epilogue)
-      if pooling is not None:
-        return run_layer_pooled(self.layers[name], self.backends.get(name), params[name], value, pooling)
-      return run_layer(self.layers[name], self.backends.get(name), params[name], value)
+    def layer_fn(name: str, value: graph_lib.Value, epilogue: backends_lib.Epilogue | None = None,
+                 residual: graph_lib.Value | None = None) -> graph_lib.Value | None:
+      return run_layer(self.layers[name], self._impls.get(name), params[name], value, epilogue, residual)
     if images.shape[0] == 1 and self.chain is not None:
-      return chain_lib.run(self.chain, self.layers, params, images, layer_fn, params["__consts__"])
-    return graph_lib.run(self.graph, layer_fn, images, params["__consts__"])
+      return chain_lib.run(self.chain, self.layers, params, images, layer_fn, params["__consts__"], self._max_pool)
+    return graph_lib.run(self.graph, layer_fn, images, params["__consts__"], self._max_pool)
 
   def __call__(self, images: jax.Array | np.ndarray) -> jax.Array:
     """(batch, h, w, c) float32 images -> (batch, classes) logits."""

@@ -1,6 +1,6 @@
 """The ``pallas`` backend: the lookups of a layer as one Pallas kernel for GPUs (Triton lowering).
 
-The layer's S is computed as in the ``gather`` backend (:mod:`lcnn_jax.inference.backends`): channels first,
+The layer's S is computed as in the ``gather`` backend (:mod:`lcnn_jax.inference.flat_s`): channels first,
 batch last, strided layers as stride 1 over a space-to-depth view, flat, so that one non-zero of output o at
 position p reads the contiguous run S[p·batch : p·batch + wide] of a whole ("wide") output row block. The kernel
 then computes, for a block of outputs × a block of those columns,
@@ -19,7 +19,8 @@ accumulation are float32.
 
 On a GPU the kernel compiles through Triton; elsewhere it runs only in Pallas interpret mode, which is for
 tests: the backend is available on GPUs, or anywhere when ``LCNN_JAX_PALLAS_INTERPRET=1`` (interpreted, slow),
-and :mod:`lcnn_jax.inference.tuning` offers it to ``auto`` on GPUs only.
+and it offers itself to ``auto`` on GPUs only (:meth:`PallasLookup.tuned_variants`). The runtime imports this
+module (and Pallas) only when a backend spec names ``pallas`` (:data:`lcnn_jax.inference.backends.BACKENDS`).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pl_triton
 
-from lcnn_jax.inference import backends as backends_lib
-from lcnn_jax.inference import layouts
+from lcnn_jax.inference import flat_s, layouts
+from lcnn_jax.inference.backends import Backend
 from lcnn_jax.inference.records import LookupLayer
 
 INTERPRET_ENV = "LCNN_JAX_PALLAS_INTERPRET"
@@ -144,19 +145,19 @@ def lookup_rows(s: jax.Array, offsets: jax.Array, values: jax.Array, bias: jax.A
 def wide_columns(layer: LookupLayer, batch: int) -> int:
   """Columns computed per output: whole rows of S's width (oh·W·batch), or only the kept ow·batch when the output
   is one row (dense layers, fc6)."""
-  g = backends_lib._geometry(layer)
+  g = flat_s.geometry(layer)
   return g.out_width * batch if g.out_height == 1 else g.out_height * g.width * batch
 
 
 def padded_length(layer: LookupLayer, batch: int) -> int:
   """The length flat S must have so that every block's reads stay inside it."""
-  g = backends_lib._geometry(layer)
+  g = flat_s.geometry(layer)
   wide = wide_columns(layer, batch)
   _, block_columns = block_shape(layer.out_features, wide)
   return g.atoms * g.height * g.width * batch + g.tail(batch) + (-wide) % block_columns
 
 
-class PallasLookup:
+class PallasLookup(Backend):
   """Lookups in one Pallas kernel per layer (GPU, Triton): per block of outputs × output columns, float32
   accumulators over every non-zero, each read a coalesced run of S."""
   name = "pallas"
@@ -189,7 +190,7 @@ class PallasLookup:
     rows = rank[layer.output_of_each_nonzero()]
     offsets = np.zeros((slots, padded), np.int32)
     values = np.zeros((slots, padded), np.float32)
-    offsets[column, rows] = backends_lib._s2d_indices(layer)
+    offsets[column, rows] = flat_s.positions(layer)
     values[column, rows] = layer.float_values()  # int8 values scaled back per output
     sorted_counts = np.zeros(padded, np.int32)
     sorted_counts[:n] = counts[order]
@@ -199,11 +200,15 @@ class PallasLookup:
             "bias": bias, "trips": sorted_counts.reshape(-1, GROUP).max(axis=1),
             "rank": rank.astype(np.int32)}
 
+  def tuned_variants(self) -> list[str]:
+    """Offered to ``auto`` on GPUs only: elsewhere it runs interpreted."""
+    return [] if interpreted() else [self.name]
+
   def apply(self, layer, params, x, layout):
     batch = layouts.batch_size(x, layout)
     x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
-    g = backends_lib._geometry(layer)
-    s = backends_lib._dictionary_stage_chwn(layer, params["dictionary_t"].astype(x.dtype), x)  # flat
+    g = flat_s.geometry(layer)
+    s = flat_s.dictionary_stage(layer, params["dictionary_t"].astype(x.dtype), x)  # flat
     s = jnp.pad(s, (0, padded_length(layer, batch) - s.shape[0]))
     wide = wide_columns(layer, batch)
     acc = lookup_rows(s, params["offsets"], params["values"], params["bias"], params["trips"], batch=batch,
@@ -212,5 +217,3 @@ class PallasLookup:
     y = y.reshape(layer.out_features, g.out_height, wide // (g.out_height * batch), batch)[:, :, :g.out_width]
     return y[None], batch
 
-
-backends_lib.BACKENDS[PallasLookup.name] = PallasLookup()

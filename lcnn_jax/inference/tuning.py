@@ -4,8 +4,9 @@ Each candidate backend runs the layer alone on random input (in the backend's ow
 the median wall-clock time decides. Timings are cached in ``$LCNN_JAX_CACHE/tuning.json`` under the device,
 the JAX version, the batch size and the layer's shape and number of non-zeros, so exporting the same model
 again, or another with the same layers, measures nothing. :func:`tune` then checks the per-layer choice against
-each backend used throughout, on the whole model. The ``lookup`` kernel competes with itself at several tile
-sizes (:func:`lookup_variants`), sized from this machine's L2.
+each backend used throughout, on the whole model. A backend may compete with itself in several variants
+(:meth:`~lcnn_jax.inference.backends.Backend.tuned_variants`: the ``lookup`` kernel at several tile sizes, sized
+from this machine's L2).
 
 A tuning result belongs to the CPU it was measured on: :func:`tune` records :func:`~lcnn_jax.inference.machine.
 cpu_key` and the machine's description in ``model.tuning``, and :func:`for_this_machine` (what loading an export
@@ -28,7 +29,6 @@ from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts, machine
-from lcnn_jax.inference import pallas_lookup  # registers the 'pallas' backend  # noqa: F401
 from lcnn_jax.inference.records import LookupLayer
 
 
@@ -81,11 +81,7 @@ def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
            f"m{layer.in_features}k{layer.dictionary_size}n{layer.out_features}",
            f"kernel{layer.kernel_size}strides{layer.strides}padding{layer.padding}input{layer.input_size}",
            f"nnz{layer.nnz}", f"dictionary {layer.dictionary.dtype}", f"values {layer.values.dtype}"]
-  impl = backends_lib.get_backend(backend)
-  if isinstance(impl, backends_lib.Lookup):
-    parts.append(os.path.basename(os.path.dirname(kernels.ensure_kernel())))  # the kernel build's hash
-    parts.append(f"tile{impl.tile()}")
-  return "|".join(parts)
+  return "|".join([*parts, *backends_lib.get_backend(backend).timing_key()])
 
 
 class TimingCache:
@@ -120,17 +116,11 @@ PREFERENCE = ("lookup", "pallas", "factored", "dense", "gather")
 """The order candidates are timed in: likely winners first, so hopeless ones are given up early."""
 
 
-def lookup_variants() -> list[str]:
-  """The ``lookup`` kernel's tile sizes the tuner times per layer: tiles of this machine's L2 (``lookup``, sized
-  again wherever the model loads), a quarter of that, and no tiles."""
-  budget = machine.tile_budget_bytes()
-  return ["lookup", f"{backends_lib.LOOKUP_TILED}{budget // 4}", f"{backends_lib.LOOKUP_TILED}0"]
-
-
 def candidate_backends() -> list[str]:
-  """The backends tuning considers: every one available on the default device, likely winners first; ``pallas``
-  on GPUs only (elsewhere it can only run interpreted)."""
-  available = [b for b in backends_lib.available_backends() if b != "pallas" or jax.default_backend() == "gpu"]
+  """The backends tuning considers: every one available on the default device that offers itself to ``auto``
+  here (:meth:`~lcnn_jax.inference.backends.Backend.tuned_variants`; ``pallas`` on GPUs only), likely winners
+  first."""
+  available = [b for b in backends_lib.available_backends() if backends_lib.get_backend(b).tuned_variants()]
   return sorted(available, key=lambda b: PREFERENCE.index(b) if b in PREFERENCE else len(PREFERENCE))
 
 
@@ -163,7 +153,7 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
     raise ValueError(f"None of the candidate backends is available here (available: {available}).")
   cache = cache or TimingCache()
   choice, timings = {}, {}
-  candidates = [variant for b in candidates for variant in (lookup_variants() if b == "lookup" else [b])]
+  candidates = [variant for b in candidates for variant in backends_lib.get_backend(b).tuned_variants()]
   for name, layer in layers.items():
     timings[name] = {}
     for backend in candidates:
