@@ -22,7 +22,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import checkpoint, cli, config as config_lib, counting, models
+from lcnn_jax import checkpoint, cli, config as config_lib, counting, data, models
 
 
 def checkpoint_report(path: str, step: int | None = None) -> str:
@@ -40,23 +40,14 @@ def checkpoint_report(path: str, step: int | None = None) -> str:
 
 
 def input_facts(config) -> tuple[int, tuple[int, int, int]]:
-  """(num_classes, one image's (h, w, c)) that ``config.data`` implies, read from the config alone, no data.
+  """(num_classes, one image's (h, w, c)) that ``config.data`` implies, read from the config alone, no data: its
+  source's ``input_facts`` (:class:`lcnn_jax.data.Source`).
 
   digits: 10 classes of 8×8×1 (``image_size`` upsamples); idx, fashion_mnist: ``data.num_classes`` or 10 classes
   of 28×28×1; folder, tfds and synthetic: ``data.num_classes`` or 1000 classes of ``image_size`` (or 224) square
   RGB images.
   """
-  data = config.data
-  if data.name == "digits":
-    size = data.image_size or 8
-    return 10, (size, size, 1)
-  if data.name in ("idx", "fashion_mnist"):
-    size = data.image_size or 28
-    return data.num_classes or 10, (size, size, 1)
-  if data.name in ("folder", "synthetic") or data.name.startswith("tfds:"):
-    size = data.image_size or 224
-    return data.num_classes or 1000, (size, size, 3)
-  raise ValueError(f"data.name={data.name!r}: expected digits, idx, fashion_mnist, folder, tfds:<name> or synthetic.")
+  return data.get_source(config.data.name).input_facts(config.data)
 
 
 def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape: Sequence[int],

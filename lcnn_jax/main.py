@@ -16,7 +16,7 @@ import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import checkpoint, cli, config as config_lib, inspection, train
+from lcnn_jax import checkpoint, cli, config as config_lib, data, inspection, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file (configs/quickstart.py) or a preset's name "
@@ -65,9 +65,9 @@ def main(argv):
   config_lib.validate(config)
   if FLAGS.mode != "train":  # a directory that is not a run is named before anything is computed or written there
     checkpoint.resolve_step_dir(config.restore or FLAGS.workdir)
-  if config.data.dir and config.data.name in ("digits", "synthetic"):
-    logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for folder and tfds:<name>).",
-                    config.data.dir, config.data.name)
+  if config.data.dir and not data.get_source(config.data.name).reads_files:
+    logging.warning("data.dir=%s is ignored: data.name=%s reads no files (data.dir is for %s).", config.data.dir,
+                    config.data.name, ", ".join(data.source_names(lambda source: source.reads_files)))
   if FLAGS.mode == "train":
     with cli.no_empty_dir_left(FLAGS.workdir):
       cli.check_output_dir(FLAGS.workdir, "--workdir")

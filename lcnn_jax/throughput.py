@@ -62,10 +62,9 @@ def _operating_point_reachable(config, model: nnx.Module, input_shape) -> bool:
 
 def compute_images_per_second(config, model_config, batch_size: int, steps: int) -> float:
   """Median images/s of the train step of ``model_config`` on a synthetic batch of ``batch_size``."""
-  size = config.data.image_size or 224
-  info = data.DatasetInfo(name="synthetic", num_classes=config.data.num_classes or 1000,
-                          image_shape=(size, size, 3), num_train=batch_size, num_eval=0, class_names=None,
-                          mean=(0.0,) * 3, std=(1.0,) * 3)
+  num_classes, image_shape = data.get_source("synthetic").input_facts(config.data)
+  info = data.DatasetInfo(name="synthetic", num_classes=num_classes, image_shape=image_shape, num_train=batch_size,
+                          num_eval=0, class_names=None, mean=(0.0,) * 3, std=(1.0,) * 3)
   run_config = config.copy_and_resolve_references()
   with run_config.unlocked():
     run_config.model = model_config
@@ -81,7 +80,7 @@ def compute_images_per_second(config, model_config, batch_size: int, steps: int)
   state = jax.device_put(train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest,
                                           opt_state=tx.init(params)), NamedSharding(mesh, P()))
   rng = np.random.default_rng(0)
-  batch = train.global_batch({"image": rng.normal(size=(batch_size, size, size, 3)).astype(np.float32),
+  batch = train.global_batch({"image": rng.normal(size=(batch_size, *image_shape)).astype(np.float32),
                               "label": rng.integers(0, info.num_classes, batch_size).astype(np.int32)},
                              NamedSharding(mesh, P(train.DATA_AXIS)))
   thresholds = sparsity.coefficient_thresholds(model) if rule.persist_threshold else None

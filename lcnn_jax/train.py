@@ -64,7 +64,7 @@ def dataset_facts(info: data.DatasetInfo) -> dict[str, Any]:
   """What a tool needs of the dataset to rebuild the model and read its outputs, saved in config.json."""
   return {"name": info.name, "num_classes": info.num_classes, "image_shape": list(info.image_shape),
           "class_names": info.class_names, "mean": list(info.mean), "std": list(info.std),
-          "num_train": info.num_train, "num_eval": info.num_eval}
+          "num_train": info.num_train, "num_eval": info.num_eval, "preprocessing": info.preprocessing()}
 
 
 def create_model(config: ml_collections.ConfigDict, info: data.DatasetInfo) -> nnx.Module:

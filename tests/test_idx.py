@@ -189,7 +189,7 @@ def test_truncated_gz_and_disagreeing_files_are_named(tmp_path, rng):
 def test_idx_config_mistakes_name_the_key():
   with pytest.raises(ValueError, match=r"data.train_split='train'.*reads the fixed train and t10k files"):
     data.validate_config(data_config(name="idx", dir="x", train_split="train"))
-  with pytest.raises(ValueError, match=r"data.flip=True: only the IDX sources"):
+  with pytest.raises(ValueError, match=r"data.flip=True: only the sources \('fashion_mnist', 'idx'\) take it"):
     data.validate_config(data_config(name="digits", flip=True))
 
 

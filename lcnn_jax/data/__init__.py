@@ -1,5 +1,5 @@
 """Input pipeline: image folders, TFDS array_record, IDX files (Fashion-MNIST, MNIST), scikit-learn digits, synthetic
-data (docs/data.md).
+data (docs/data.md), each a :class:`Source` registered by its ``data.name`` (:mod:`lcnn_jax.data.registry`).
 
 ::
 
@@ -17,16 +17,26 @@ from lcnn_jax.data.pipeline import (
     dataset_info,
     make_eval_iterator,
     make_train_iterator,
+    preprocessing,
     validate_config,
 )
+from lcnn_jax.data.registry import (Source, SourceConfig, find_source, get_source, register_source,
+                                     source_names)
 from lcnn_jax.data.transforms import CorruptImageError
 
 __all__ = [
     "CorruptImageError",
     "DatasetInfo",
+    "Source",
+    "SourceConfig",
     "corrupt_count",
     "dataset_info",
+    "find_source",
+    "get_source",
     "make_eval_iterator",
     "make_train_iterator",
+    "preprocessing",
+    "register_source",
+    "source_names",
     "validate_config",
 ]

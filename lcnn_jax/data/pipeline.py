@@ -19,7 +19,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import json
-import math
 import os
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple
@@ -29,6 +28,7 @@ import numpy as np
 from absl import flags
 from absl import logging
 
+from lcnn_jax.data import registry
 from lcnn_jax.data import sources
 from lcnn_jax.data import transforms
 from lcnn_jax.data.transforms import CorruptImageError
@@ -36,10 +36,7 @@ from lcnn_jax.data.transforms import CorruptImageError
 if TYPE_CHECKING:  # annotations only: grain is imported where a pipeline is built (_grain)
   import grain
 
-SOURCES = ("digits", "fashion_mnist", "folder", "idx", "synthetic", "tfds:<name>")
-IDX_SOURCES = ("idx", "fashion_mnist")  # The four standard IDX files of data.dir.
 STATS_FILE = "data_stats.json"
-IMAGENET_SIZE = (1_281_167, 50_000, 1000)  # Synthetic defaults: train and eval examples, classes.
 MAX_CONSECUTIVE_CORRUPT = 64  # More unreadable records in a row than this is not a skippable accident.
 _SKIPPED = "skipped"  # Per-example count of unreadable records, summed and removed before delivery.
 
@@ -58,6 +55,35 @@ class DatasetInfo:
   class_names: list[str] | None
   mean: tuple[float, ...]  # Per channel, of pixels scaled to [0, 1].
   std: tuple[float, ...]
+  resize_size: int | None = None  # Shortest side before the evaluation crop; None: not known (made without data).
+
+  def preprocessing(self) -> dict[str, Any] | None:
+    """How an image is prepared for the model (:func:`preprocessing`), saved with the run's dataset facts; None
+    when ``resize_size`` is not known."""
+    if self.resize_size is None:
+      return None
+    return _preprocessing(self.image_shape, self.resize_size, self.mean, self.std)
+
+
+def _preprocessing(image_shape, resize_size: int, mean, std) -> dict[str, Any]:
+  image_size, _, channels = image_shape
+  return {"image_size": int(image_size), "resize_size": int(resize_size), "channels": int(channels),
+          "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def preprocessing(data: ml_collections.ConfigDict, dataset: dict[str, Any]) -> dict[str, Any]:
+  """How a run's images were prepared for evaluation: ``image_size`` (the centre crop), ``resize_size`` (the
+  shortest side before it), ``channels``, per-channel ``mean`` and ``std`` of pixels in [0, 1].
+
+  The run's saved dataset facts (``dataset``, from config.json) hold it since they were first written with it;
+  for an older run it is derived once by the resize rule of its source (the dataset's ``name``) from its ``data``
+  config.
+  """
+  if dataset.get("preprocessing"):
+    return dict(dataset["preprocessing"])
+  image_size = dataset["image_shape"][0]
+  resize_size = registry.get_source(dataset["name"]).resize_size(data, image_size)
+  return _preprocessing(dataset["image_shape"], resize_size, dataset["mean"], dataset["std"])
 
 
 def corrupt_count() -> int:
@@ -67,10 +93,7 @@ def corrupt_count() -> int:
 
 def validate_config(data: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the ``data.*`` key whose value is out of its domain."""
-  name = data.name
-  if name not in ("digits", "folder", "synthetic", *IDX_SOURCES) and not (
-      name.startswith("tfds:") and len(name) > len("tfds:")):
-    raise ValueError(f"data.name={name!r}: expected one of {SOURCES}.")
+  source = registry.get_source(data.name)
   for key in ("image_size", "resize_size", "num_workers", "prefetch", "num_classes", "num_train",
               "num_eval", "examples_per_class"):
     if data[key] < 0:
@@ -80,16 +103,11 @@ def validate_config(data: ml_collections.ConfigDict) -> None:
                      "records of each class) or a seed >= 0 (that many drawn at random).")
   if data.stats_images <= 0:
     raise ValueError(f"data.stats_images={data.stats_images}: must be > 0.")
-  if name == "digits" and 0 < data.image_size < transforms.DIGIT_SIZE:
-    raise ValueError(f"data.image_size={data.image_size}: digits are 8×8; use 0 (8) or a larger size "
-                     f"to upsample.")
-  if name in IDX_SOURCES and (data.train_split or data.eval_split or data.resize_size):
-    raise ValueError(f"data.train_split={data.train_split!r}, data.eval_split={data.eval_split!r}, "
-                     f"data.resize_size={data.resize_size}: {name!r} reads the fixed train and t10k files "
-                     f"and is evaluated whole; leave them unset (\"\", 0).")
-  if data.flip is not None and name not in IDX_SOURCES:
-    raise ValueError(f"data.flip={data.flip}: only the IDX sources {IDX_SOURCES} take it (photographs are "
-                     f"always flipped, digits never).")
+  if source.check is not None:
+    source.check(data)
+  if data.flip is not None and not source.takes_flip:
+    raise ValueError(f"data.flip={data.flip}: only the sources {registry.source_names(lambda s: s.takes_flip)} "
+                     f"take it (photographs are always flipped, digits never).")
   if data.resize_size and data.resize_size < data.image_size:
     raise ValueError(f"data.resize_size={data.resize_size} is smaller than data.image_size="
                      f"{data.image_size}: the crop must fit in the resized image.")
@@ -106,52 +124,23 @@ class _Opened(NamedTuple):
   splits: sources.Splits
   image_size: int
   resize_size: int
-  transform: Any  # PhotoTransform | DigitsTransform | IdxTransform | SyntheticTransform
-
-
-def _source_key(data: ml_collections.ConfigDict) -> tuple:
-  classes = None if data.classes is None else tuple(int(c) for c in data.classes)
-  return (data.name, data.dir, data.train_split, data.eval_split, data.image_size, data.resize_size,
-          data.num_train, data.num_eval, data.num_classes, classes, data.examples_per_class, data.examples_seed,
-          data.flip)
+  transform: Any  # The source's: train(raw, rng) and eval(raw) (registry.Source.transform).
 
 
 @functools.lru_cache(maxsize=4)
-def _open_cached(name, directory, train_split, eval_split, image_size, resize_size, num_train,
-                 num_eval, num_classes, classes, examples_per_class, examples_seed, flip) -> _Opened:
-  if name == "digits":
-    splits = sources.open_digits()
-  elif name == "idx":
-    splits = sources.open_idx(directory)
-  elif name == "fashion_mnist":
-    splits = sources.open_fashion_mnist(directory)
-  elif name == "folder":
-    splits = sources.open_folder(directory, train_split or "train", eval_split or "val")
-  elif name == "synthetic":
-    splits = sources.open_synthetic(image_size or 224, num_train or IMAGENET_SIZE[0],
-                                    num_eval or IMAGENET_SIZE[1], num_classes or IMAGENET_SIZE[2])
-  else:
-    splits = sources.open_tfds(name[len("tfds:"):], directory or None, train_split or "train",
-                               eval_split)
-  splits = sources.select(splits, classes, examples_per_class, seed=examples_seed)
-  image_size = image_size or splits.natural_size
-  resize_size = resize_size or round(image_size * 256 / 224)
-  if name == "digits":
-    transform = transforms.DigitsTransform(image_size)
-  elif name in IDX_SOURCES:  # Clothing is mirror-symmetric; digits and letters are not.
-    flip = (name == "fashion_mnist") if flip is None else flip
-    transform = transforms.IdxTransform(image_size, splits.natural_size, flip)
-    resize_size = image_size  # Evaluated whole.
-  elif name == "synthetic":
-    transform = transforms.SyntheticTransform()
-  else:
-    transform = transforms.PhotoTransform(image_size, resize_size, splits.channels)
-  return _Opened(splits, image_size, resize_size, transform)
+def _open_cached(config: registry.SourceConfig, classes: tuple[int, ...] | None, examples_per_class: int,
+                 examples_seed: int) -> _Opened:
+  source = registry.get_source(config.name)
+  splits = sources.select(source.open(config), classes, examples_per_class, seed=examples_seed)
+  image_size = config.image_size or splits.natural_size
+  resize_size = source.resize_size(config, image_size)
+  return _Opened(splits, image_size, resize_size, source.transform(config, splits, image_size, resize_size))
 
 
 def _open(data: ml_collections.ConfigDict) -> _Opened:
   """The dataset's sources and transform, opened (and a folder indexed) once per process."""
-  return _open_cached(*_source_key(data))
+  classes = None if data.classes is None else tuple(int(c) for c in data.classes)
+  return _open_cached(registry.SourceConfig.of(data), classes, data.examples_per_class, data.examples_seed)
 
 
 # ------------------------------------------------------------------ unreadable images
@@ -245,8 +234,9 @@ def _mean_std(data: ml_collections.ConfigDict, opened: _Opened, cache_dir: str |
       raise ValueError(f"data.mean={tuple(data.mean)}, data.std={tuple(data.std)}: expected "
                        f"{channels} values each for {data.name!r}.")
     return tuple(map(float, data.mean)), tuple(map(float, data.std))
-  if data.name == "synthetic":  # Uniform over 0..255, scaled by 1/255.
-    return (0.5,) * 3, (math.sqrt((256**2 - 1) / 12) / 255,) * 3
+  statistics = registry.get_source(data.name).statistics
+  if statistics is not None:
+    return statistics
   key = _stats_key(data, opened)
   path = os.path.join(cache_dir, STATS_FILE) if cache_dir else None
   if path and os.path.exists(path):
@@ -297,7 +287,7 @@ def dataset_info(data: ml_collections.ConfigDict, cache_dir: str | None = None) 
       name=data.name, num_classes=opened.splits.num_classes,
       image_shape=(opened.image_size, opened.image_size, opened.splits.channels),
       num_train=len(opened.splits.train), num_eval=len(opened.splits.eval),
-      class_names=opened.splits.class_names, mean=mean, std=std)
+      class_names=opened.splits.class_names, mean=mean, std=std, resize_size=opened.resize_size)
 
 
 # ------------------------------------------------------------------ iterators

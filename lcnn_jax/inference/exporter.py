@@ -26,7 +26,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from lcnn_jax import checkpoint, cli, flops, layers as layers_lib
+from lcnn_jax import checkpoint, cli, data, flops, layers as layers_lib
 from lcnn_jax.inference import allocator, onnx_export, passes, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference.graph import UnsupportedModel
@@ -140,13 +140,7 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
 def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, list | None, dict]:
   model, config, _ = checkpoint.restore_model(workdir, step)
   _, dataset = checkpoint.load_run_info(workdir)
-  image_size, _, channels = dataset["image_shape"]
-  if dataset["name"] in ("digits", "idx", "fashion_mnist"):  # evaluated whole, only resized to image_size: no resize-and-crop margin
-    resize_size = image_size
-  else:
-    resize_size = config.data.resize_size or round(image_size * 256 / 224)
-  preprocessing = {"image_size": image_size, "resize_size": resize_size, "channels": channels,
-                   "mean": list(dataset["mean"]), "std": list(dataset["std"]), "dataset": dataset["name"]}
+  preprocessing = data.preprocessing(config.data, dataset) | {"dataset": dataset["name"]}
   return model, tuple(dataset["image_shape"]), dataset.get("class_names"), preprocessing
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from absl import flags, logging
 from PIL import Image
 
-from lcnn_jax import cli
+from lcnn_jax import cli, data
 from lcnn_jax.data import transforms
 from lcnn_jax.inference import allocator
 from lcnn_jax.inference.storage import load
@@ -30,16 +30,6 @@ from lcnn_jax.inference.model import InferenceModel
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 MAX_PIXELS = 50_000_000  # a 50-megapixel photo; larger files are refused unless --max_pixels allows them
-# What a grey model's training images look like, by the dataset name stored at export.
-POLARITY = {
-    "digits": "white (bright) strokes on a black background, like scikit-learn's digits: invert black-on-white "
-              "drawings first",
-    "tfds:mnist": "white (bright) strokes on a black background: invert black-on-white drawings first",
-    "tfds:fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
-    "fashion_mnist": "a bright garment on a black background: invert photos on a white background first",
-    "idx": "bright strokes or objects on a black background, as in MNIST-style IDX files: invert dark-on-light "
-           "images first",
-}
 
 
 def _preprocessing(model: InferenceModel) -> dict:
@@ -128,9 +118,11 @@ def describe(model: InferenceModel) -> str:
     dataset = prep.get("dataset")
     if dataset:
       lines.append(f"trained on: {dataset}")
-    if channels == 1:
-      lines.append("looks like: " + POLARITY.get(dataset, "the training images (their polarity is not recorded: "
-                                                          "bright-on-dark or dark-on-bright as they were)"))
+    if channels == 1:  # what the training images look like, from the source of the dataset name stored at export
+      source = data.find_source(dataset) if dataset else None
+      polarity = source.polarity if source is not None else None
+      lines.append("looks like: " + (polarity or "the training images (their polarity is not recorded: "
+                                     "bright-on-dark or dark-on-bright as they were)"))
   names = model.class_names
   lines.append(f"classes: {len(names)} ({', '.join(names[:10])}{', ...' if len(names) > 10 else ''})" if names
                else "classes: unnamed (printed as their indices)")
