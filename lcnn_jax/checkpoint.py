@@ -5,6 +5,10 @@ Layout of a workdir::
   WORKDIR/config.json              the run's config and its dataset's shape (classes, image shape, mean/std)
   WORKDIR/checkpoints/<step>/      params/ rest/ opt_state/ data/ meta/  (orbax, one directory per step)
 
+This module writes and reads every checkpoint layout: a training step (:class:`Checkpointer`: the model, the
+optimizer state and the data iterator's position) and a model alone (:func:`save_model`: params/ rest/ meta/, a
+model imported from elsewhere, which the readers restore and the trainer refuses to resume from).
+
 ``params`` and ``rest`` (BatchNorm statistics, dropout RNG state) are saved as plain nested dicts keyed by the
 model's attribute paths, so a tool can read them, and a model can be rebuilt from ``config.json`` alone, on any
 topology: a checkpoint written by 8 devices or 2 processes restores on one CPU.
@@ -229,7 +233,31 @@ class Checkpointer:
     self.manager.close()
 
 
+def save_model(workdir: str, model: nnx.Module, *, step: int, imported_from: str) -> None:
+  """Writes ``model`` alone as step ``step`` of ``workdir``: its params and rest (BatchNorm statistics) as a training
+  step stores them, no optimizer or data-iterator state, and ``imported_from`` (where the model came from) in its
+  meta. :func:`restore_model` and the other readers restore it; the trainer refuses to resume from it
+  (``--config.train.init_from`` starts a run from its dictionaries instead)."""
+  _, params, rest = nnx.split(model, nnx.Param, ...)
+  manager = ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR)),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  try:
+    manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(nnx.to_pure_dict(params)), rest=ocp.args.StandardSave(nnx.to_pure_dict(rest)),
+        meta=ocp.args.JsonSave({"step": step, "process_count": 1, "imported_from": imported_from})))
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+
+
 # ------------------------------------------------------------------------------------------------ models
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest checkpoint step of ``workdir`` (complete or not), or None when it has none."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps) if steps else None
 
 
 def resolve_step_dir(path: str, step: int | None = None) -> str:
@@ -287,9 +315,15 @@ def _damaged(step_dir: str, error: Exception) -> CheckpointError:
                          f"{fix}.")
 
 
-def restore_model(workdir: str, step: int | None = None) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
-  """(model in eval-ready state, its config, the step) from a run's workdir, on this host alone."""
-  config, dataset = load_run_info(workdir)
+def restore_model(workdir: str, step: int | None = None, *,
+                  run_info: tuple[ml_collections.ConfigDict, dict[str, Any]] | None = None,
+                  ) -> tuple[nnx.Module, ml_collections.ConfigDict, int]:
+  """(model in eval-ready state, its config, the step) from a run's workdir, on this host alone.
+
+  ``run_info`` is the workdir's (config, dataset facts) when the caller has read them already
+  (:func:`load_run_info`), so that a command reads ``config.json`` once.
+  """
+  config, dataset = run_info if run_info is not None else load_run_info(workdir)
   model = models.create_model(config.model, num_classes=dataset["num_classes"],
                               input_shape=tuple(dataset["image_shape"]), rngs=nnx.Rngs(0))
   step_dir = resolve_step_dir(workdir, step)

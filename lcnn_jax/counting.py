@@ -89,44 +89,50 @@ def density(coefficients: jax.Array | np.ndarray) -> float:
   return float(np.count_nonzero(p)) / p.size if p.size else 0.0
 
 
+def _is_abstract(value) -> bool:
+  """A value of a model built with ``nnx.eval_shape``: a shape and dtype, no numbers."""
+  return isinstance(value, jax.ShapeDtypeStruct)
+
+
+def _lookup_nonzeros(module: nnx.Module) -> int:
+  """nnz(|P| > τ) of a lookup layer; every entry of an abstract P (``nnx.eval_shape``) counts."""
+  p = module.coefficients.get_value()
+  if _is_abstract(p):
+    return p.size
+  return int(np.count_nonzero(np.abs(np.asarray(p)) > module.threshold))
+
+
+def _kernel_nonzeros(module: nnx.Module) -> int:
+  """The non-zeros of a dense kernel; a freshly initialised or abstract one (``nnx.eval_shape``) has no zeros."""
+  kernel = module.kernel.get_value()
+  return kernel.size if _is_abstract(kernel) else int(np.count_nonzero(np.asarray(kernel)))
+
+
 def _count_layer(path: str, module: nnx.Module, x_shape: Sequence[int], y_shape: Sequence[int]) -> LayerCount:
   out_elements = math.prod(y_shape[1:])
   in_shape, out_shape = tuple(x_shape[1:]), tuple(y_shape[1:])
   if isinstance(module, (layers.LookupConv, layers.LookupDense)):
-    p = np.asarray(module.thresholded_coefficients())
+    nonzeros, size = _lookup_nonzeros(module), module.coefficients.get_value().size
     spatial = tuple(x_shape[1:-1])  # () for flat features
     padding = module.padding if isinstance(module, layers.LookupConv) else (0,) * len(spatial)
-    cost = lookups_lib.multiplications(nonzeros=int(np.count_nonzero(p)), dictionary_size=module.dictionary_size,
+    cost = lookups_lib.multiplications(nonzeros=nonzeros, dictionary_size=module.dictionary_size,
                                        in_features=module.in_features,
                                        padded_size=[s + 2 * q for s, q in zip(spatial, padding)],
                                        output_size=y_shape[1:-1])
     kind = "lookup_conv" if isinstance(module, layers.LookupConv) else "lookup_dense"
-    return LayerCount(path, kind, in_shape, out_shape, tuple(module.coefficients.shape), module.dictionary_size,
-                      density(p), cost.total, cost.dictionary, cost.per_nonzero)
-  kernel = np.asarray(module.kernel[...])  # conv (kh, kw, in / groups, out); linear (in, out)
+    return LayerCount(path, kind, in_shape, out_shape, tuple(module.coefficients.get_value().shape),
+                      module.dictionary_size, nonzeros / size if size else 0.0, cost.total, cost.dictionary,
+                      cost.per_nonzero)
+  kernel = module.kernel.get_value()  # conv (kh, kw, in / groups, out); linear (in, out)
   # Each weight is used once per output position: H_out · W_out for a convolution, once for a linear layer.
   positions = out_elements // kernel.shape[-1]
-  nonzeros = int(np.count_nonzero(kernel))
+  nonzeros = _kernel_nonzeros(module)
   kind = "conv" if isinstance(module, nnx.Conv) else "linear"
-  return LayerCount(path, kind, in_shape, out_shape, tuple(kernel.shape), None, density(kernel),
-                    positions * nonzeros, 0)
+  return LayerCount(path, kind, in_shape, out_shape, tuple(kernel.shape), None,
+                    nonzeros / kernel.size if kernel.size else 0.0, positions * nonzeros, 0)
 
 
 _COUNTED = (layers.LookupConv, layers.LookupDense, nnx.Conv, nnx.Linear)
-
-
-def _recording(paths: dict[int, str], records: list):
-  """Wraps the counted classes' ``__call__`` so each call appends (path, module, input, output shapes)."""
-
-  def make_wrapper(original):
-    def wrapper(module, x, *args, **kwargs):
-      y = original(module, x, *args, **kwargs)
-      if id(module) in paths:
-        records.append((paths[id(module)], module, tuple(x.shape), tuple(y.shape)))
-      return y
-    return wrapper
-
-  return layers.replaced_calls(_COUNTED, make_wrapper)
 
 
 def module_paths(model: nnx.Module) -> dict[int, str]:
@@ -135,24 +141,62 @@ def module_paths(model: nnx.Module) -> dict[int, str]:
           if isinstance(m, _COUNTED)}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Trace:
+  """What one abstract forward pass of one example saw."""
+  layer_calls: tuple[tuple[str, nnx.Module, tuple[int, ...], tuple[int, ...]], ...]  # (path, layer, in, out shapes)
+  unfolded_batch_norms: tuple[nnx.BatchNorm, ...]  # those whose input is not a counted layer's output
+
+
+def _trace(model: nnx.Module, input_shape: Sequence[int]) -> _Trace:
+  """Runs ``model`` in eval mode on an abstract example (``jax.eval_shape``: nothing is computed) and records each
+  counted layer call and each BatchNorm that does not directly follow one. The model may be abstract itself
+  (built with ``nnx.eval_shape``); the records name its own modules, whose values the counts read."""
+  eval_model = layers.eval_view(model)
+  graphdef, state = nnx.split(eval_model)
+  modules = {"/".join(str(p) for p in path): m for path, m in nnx.iter_modules(eval_model)}
+  layer_calls, unfolded, outputs, paths = [], [], [], {}
+
+  def make_wrapper(original):
+    def wrapper(module, x, *args, **kwargs):
+      y = original(module, x, *args, **kwargs)
+      path = paths.get(id(module))
+      if path is None:
+        return y
+      if isinstance(module, nnx.BatchNorm):
+        if not any(x is out for out in outputs):
+          unfolded.append(modules[path])
+      else:
+        layer_calls.append((path, modules[path], tuple(x.shape), tuple(y.shape)))
+        outputs.append(y)
+      return y
+    return wrapper
+
+  def forward(state, x):
+    traced = nnx.merge(graphdef, state)  # abstract values are traced here, concrete ones too
+    paths.update({id(m): "/".join(str(p) for p in path) for path, m in nnx.iter_modules(traced)
+                  if isinstance(m, (*_COUNTED, nnx.BatchNorm))})
+    return traced(x)
+
+  with layers.replaced_calls((*_COUNTED, nnx.BatchNorm), make_wrapper):
+    jax.eval_shape(forward, state, jax.ShapeDtypeStruct((1, *input_shape), jnp.float32))
+  return _Trace(tuple(layer_calls), tuple(unfolded))
+
+
 def count_multiplications(model: nnx.Module, input_shape: Sequence[int]) -> MultiplicationCount:
   """Counts the multiplications of one forward pass of one example of shape ``input_shape``.
 
   Args:
     model: any NNX model whose convolutions and dense layers are ``nnx.Conv``/``nnx.Linear`` or lookup layers.
-      It is evaluated in eval mode (a view; the model itself is not changed).
+      It is evaluated in eval mode (a view; the model itself is not changed). An abstract model (built with
+      ``nnx.eval_shape``, no parameters allocated) counts every weight as non-zero.
     input_shape: one example's shape without the batch axis, e.g. (224, 224, 3).
   Returns:
     A :class:`MultiplicationCount` with one row per layer call, in the order the forward pass calls them.
   """
-  eval_model = layers.eval_view(model)
-  paths = module_paths(eval_model)
-  records: list = []
-  spec = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-  with _recording(paths, records):
-    jax.eval_shape(lambda x: eval_model(x), spec)
+  calls = _trace(model, input_shape).layer_calls
   # Densities need P's values, which are concrete on the modules themselves.
-  return MultiplicationCount(tuple(_count_layer(path, m, xs, ys) for path, m, xs, ys in records))
+  return MultiplicationCount(tuple(_count_layer(path, m, xs, ys) for path, m, xs, ys in calls))
 
 
 def stored_parameters(model: nnx.Module) -> int:
@@ -162,37 +206,40 @@ def stored_parameters(model: nnx.Module) -> int:
   """
   total = 0
   for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = np.asarray(variable[...])
     if isinstance(variable, layers.Coefficients):
-      threshold = _owner(model, path).threshold
-      total += int(np.count_nonzero(np.abs(value) > threshold))
+      total += _lookup_nonzeros(_owner(model, path))
     else:
-      total += value.size
+      total += variable.get_value().size
   return total
 
 
-VALUE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+VALUE_BYTES = lookups_lib.VALUE_BYTES
 """Bytes per stored weight at each precision of ``python -m lcnn_jax.inference.exporter --precision``."""
 
 
-def stored_bytes(model: nnx.Module, precision: str = "float32") -> int:
-  """Bytes a deployed model stores with its weights (dictionaries, non-zeros of P, dense kernels) in
-  ``precision``: each non-zero of P with its index (uint8/uint16/int32, the narrowest for kh·kw·k positions) and
-  each output's start (int32); int8 weights with a float32 scale per output channel; 1-D parameters in float32."""
-  size = VALUE_BYTES[precision]
-  total = 0
-  for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = np.asarray(variable[...])
-    scales = 4 * value.shape[-1] if precision == "int8" else 0
-    if isinstance(variable, layers.Coefficients):
-      nnz = int(np.count_nonzero(np.abs(value) > _owner(model, path).threshold))
-      positions = value.size // value.shape[-1]
-      index = 1 if positions <= 1 << 8 else 2 if positions <= 1 << 16 else 4
-      total += nnz * (size + index) + 4 * (value.shape[-1] + 1) + scales
-    elif value.ndim >= 2:
-      total += value.size * size + scales
+def stored_bytes(model: nnx.Module, input_shape: Sequence[int], precision: str = "float32") -> int:
+  """Bytes the export of ``model`` (``python -m lcnn_jax.inference.exporter --precision``) stores, predicted by the
+  rule of :mod:`lcnn_jax.lookups`: per lookup layer D and the non-zeros of P in ``precision`` with their indices and
+  each output's start (:func:`~lcnn_jax.lookups.lookup_layer_bytes`), per dense layer its kernel
+  (:func:`~lcnn_jax.lookups.dense_layer_bytes`), int8 with a float32 scale per channel, and float32 biases. A
+  BatchNorm folds into the layer whose output it reads and stores nothing of its own; one that reads anything
+  else keeps a scale and shift per channel (:func:`~lcnn_jax.lookups.affine_bytes`). ``input_shape`` (one
+  example's) finds the layers the forward pass calls; a layer called twice is stored once. (The counter does not
+  see whether anything else also reads that layer's output, in which case the export keeps the BatchNorm too; no
+  built-in model does that.)"""
+  trace = _trace(model, input_shape)
+  layers_by_id = {id(module): module for _, module, _, _ in trace.layer_calls}
+  unfolded = {id(bn): bn for bn in trace.unfolded_batch_norms}
+  total = sum(lookups_lib.affine_bytes(bn.num_features) for bn in unfolded.values())
+  for module in layers_by_id.values():
+    if isinstance(module, layers.LOOKUP_LAYERS):
+      p_shape = module.coefficients.get_value().shape
+      total += lookups_lib.lookup_layer_bytes(
+          nonzeros=_lookup_nonzeros(module), dictionary_size=module.dictionary_size, in_features=module.in_features,
+          positions=math.prod(p_shape[:-1]), out_features=p_shape[-1], precision=precision)
     else:
-      total += 4 * value.size
+      kernel = module.kernel.get_value()
+      total += lookups_lib.dense_layer_bytes(weights=kernel.size, out_features=kernel.shape[-1], precision=precision)
   return total
 
 
@@ -204,12 +251,13 @@ def _owner(model: nnx.Module, path) -> nnx.Module:
 
 
 def baseline_model(model_config, num_classes: int, input_shape: Sequence[int]) -> nnx.Module:
-  """The dense CNN the paper compares ``model_config`` with (``alexnet`` for AlexNet-LCNN, ...), seeded with 0."""
-  return models.create_model(models.baseline_config(model_config), num_classes=num_classes,
-                             input_shape=tuple(input_shape), rngs=nnx.Rngs(0))
+  """The dense CNN the paper compares ``model_config`` with (``alexnet`` for AlexNet-LCNN, ...), abstract: built
+  with ``nnx.eval_shape``, its parameters are shapes and dtypes, none allocated (a count needs no values: a fresh
+  dense kernel has no zeros)."""
+  return nnx.eval_shape(lambda: models.create_model(models.baseline_config(model_config), num_classes=num_classes,
+                                                    input_shape=tuple(input_shape), rngs=nnx.Rngs(0)))
 
 
 def baseline_count(model_config, num_classes: int, input_shape: Sequence[int]) -> MultiplicationCount:
   """Multiplications of the dense CNN the paper compares ``model_config`` with (AlexNet-LCNN vs ``alexnet``...)."""
   return count_multiplications(baseline_model(model_config, num_classes, input_shape), input_shape)
-

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from flax import nnx
 from ml_collections import config_flags
@@ -693,14 +692,7 @@ def write_run(model: nnx.Module, config: ml_collections.ConfigDict, info: data.D
     checkpoint.save_run_info(temporary, config, train.dataset_facts(info) | {"imported_from": source})
     with open(os.path.join(temporary, CONFIG_FILE), "w") as f:
       f.write(GENERATED_CONFIG.format(source=os.path.basename(source["file"]), workdir=workdir))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
-    manager = ocp.CheckpointManager(os.path.join(temporary, checkpoint.CHECKPOINT_DIR),
-                                    options=ocp.CheckpointManagerOptions(create=True))
-    manager.save(IMPORTED_STEP, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(nnx.to_pure_dict(params)), rest=ocp.args.StandardSave(nnx.to_pure_dict(rest)),
-        meta=ocp.args.JsonSave({"step": IMPORTED_STEP, "process_count": 1, "imported_from": source["file"]})))
-    manager.wait_until_finished()
-    manager.close()
+    checkpoint.save_model(temporary, model, step=IMPORTED_STEP, imported_from=source["file"])
     _check_round_trip(model, temporary, info.image_shape)
     if os.path.isdir(workdir):
       os.rmdir(workdir)  # empty, checked above

@@ -27,8 +27,9 @@ from lcnn_jax import checkpoint, cli, config as config_lib, counting, data, mode
 
 def checkpoint_report(path: str, step: int | None = None) -> str:
   """The per-layer table of a run's checkpoint, its CNN baseline's total, the speedup and parameters stored."""
-  model, config, restored_step = checkpoint.restore_model(path, step)
-  _, dataset = checkpoint.load_run_info(path)
+  run_info = checkpoint.load_run_info(path)  # read once
+  model, config, restored_step = checkpoint.restore_model(path, step, run_info=run_info)
+  _, dataset = run_info
   input_shape = tuple(dataset["image_shape"])
   count = counting.count_multiplications(model, input_shape)
   baseline = counting.baseline_count(config.model, dataset["num_classes"], input_shape)
@@ -80,8 +81,9 @@ def inspect_model(model: nnx.Module, model_config, num_classes: int, input_shape
       "speedup": count.speedup_over(baseline),
       "parameters_stored": counting.stored_parameters(model),
       "baseline_parameters_stored": counting.stored_parameters(baseline_model),
-      "bytes_stored": {p: counting.stored_bytes(model, p) for p in counting.VALUE_BYTES},
-      "baseline_bytes_stored": {p: counting.stored_bytes(baseline_model, p) for p in counting.VALUE_BYTES},
+      "bytes_stored": {p: counting.stored_bytes(model, input_shape, p) for p in counting.VALUE_BYTES},
+      "baseline_bytes_stored": {p: counting.stored_bytes(baseline_model, input_shape, p)
+                                for p in counting.VALUE_BYTES},
   }
 
 

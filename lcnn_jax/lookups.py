@@ -1,10 +1,12 @@
 """The lookups of a lookup layer (REFERENCE §2–3, §6): the non-zeros of P grouped per output, and their cost.
 
-One representation and one multiplication formula for the whole package, in NumPy alone so that the inference
-runtime reads them without Flax: the layers build :class:`Lookups` from their thresholded P
+One representation, one multiplication formula and one storage-size rule for the whole package, in NumPy alone so
+that the inference runtime reads them without Flax: the layers build :class:`Lookups` from their thresholded P
 (:meth:`lcnn_jax.layers.LookupConv.lookups`), the multiplication counter (:mod:`lcnn_jax.counting`) and the exported
 layers count with :func:`multiplications`, and the exporter stores and the inference backends run a
 :class:`~lcnn_jax.inference.records.LookupLayer`, which is :class:`Lookups` with its dictionary, bias and geometry.
+What an exported layer stores, in bytes, is :func:`lookup_layer_bytes` and :func:`dense_layer_bytes`: the counter
+predicts a model's stored bytes with them, and an export (:mod:`lcnn_jax.inference.precision`) stores exactly that.
 """
 
 from __future__ import annotations
@@ -14,6 +16,12 @@ import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+
+VALUE_BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+"""Bytes per stored weight at each storage precision of an exported model (``--precision`` of the exporter)."""
+
+SCALE_BYTES = BIAS_BYTES = INDEX_START_BYTES = 4  # float32 scales and biases, int32 starts of each output
 
 
 def narrowest_index_dtype(size: int) -> np.dtype:
@@ -141,3 +149,33 @@ def multiplications(*, nonzeros: int, dictionary_size: int, in_features: int, pa
   dictionary = math.prod(padded_size) * dictionary_size * in_features
   per_nonzero = math.prod(output_size)
   return Multiplications(dictionary, per_nonzero, dictionary + per_nonzero * nonzeros)
+
+
+def _value_bytes(precision: str) -> int:
+  if precision not in VALUE_BYTES:
+    raise ValueError(f"precision={precision!r}: expected one of {', '.join(VALUE_BYTES)}.")
+  return VALUE_BYTES[precision]
+
+
+def lookup_layer_bytes(*, nonzeros: int, dictionary_size: int, in_features: int, positions: int, out_features: int,
+                       precision: str) -> int:
+  """Bytes an exported lookup layer stores: D (m_in, k) and the non-zeros of P in ``precision`` (int8 adds a float32
+  scale per atom of D and per output), each non-zero's index in [0, ``positions``) (kh·kw·k; the narrowest dtype,
+  :func:`narrowest_index_dtype`), each output's start (int32, n + 1 of them) and the bias (float32, n)."""
+  size = _value_bytes(precision)
+  scales = SCALE_BYTES * (dictionary_size + out_features) if precision == "int8" else 0
+  index = narrowest_index_dtype(positions).itemsize
+  return (in_features * dictionary_size * size + nonzeros * (size + index) + scales
+          + INDEX_START_BYTES * (out_features + 1) + BIAS_BYTES * out_features)
+
+
+def dense_layer_bytes(*, weights: int, out_features: int, precision: str) -> int:
+  """Bytes an exported dense convolution or dense layer stores: its kernel's ``weights`` in ``precision`` (int8
+  adds a float32 scale per output) and the bias (float32, one per output)."""
+  scales = SCALE_BYTES * out_features if precision == "int8" else 0
+  return weights * _value_bytes(precision) + scales + BIAS_BYTES * out_features
+
+
+def affine_bytes(channels: int) -> int:
+  """Bytes of a BatchNorm the export cannot fold into the layer before it: a float32 scale and shift per channel."""
+  return 2 * SCALE_BYTES * channels

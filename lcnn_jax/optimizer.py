@@ -86,13 +86,14 @@ def paths_outside(model: nnx.Module, prefixes: str) -> set[str]:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_per_epoch: int, total_steps: int,
-                   input_shape=None) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
+                   input_shape=None, *, budget: operating_point.Budget | None = None,
+                   ) -> tuple[optax.GradientTransformation, sparsity.SparsityRule, optax.Schedule]:
   """The full update: sparsity rule (before), Torch SGD with decayed weights, sparsity rule (after).
 
   With ``sparsity.target_speedup`` or ``sparsity.target_density`` the update is wrapped in
-  :func:`lcnn_jax.operating_point.steer`, which steers the rule's λ and ends at the target; that needs
-  ``input_shape`` (one example's shape) to count multiplications, and raises ValueError for a target the model
-  cannot reach. Returns the transformation, the sparsity rule (the trainer persists the threshold when the rule
+  :func:`lcnn_jax.operating_point.steer`, which steers the rule's λ and ends at the target; that needs the model's
+  ``budget`` (:func:`lcnn_jax.operating_point.budget_for`; built here from ``input_shape``, one example's shape, when
+  not given), and raises ValueError for a target the model cannot reach. Returns the transformation, the sparsity rule (the trainer persists the threshold when the rule
   asks) and the learning-rate schedule (for logging).
   """
   lr, wd = schedules(config.train, steps_per_epoch, total_steps)
@@ -110,9 +111,10 @@ def make_optimizer(config: ml_collections.ConfigDict, model: nnx.Module, steps_p
 
   tx, rule = chain_for(config.sparsity.strength)
   if config.sparsity.target_speedup or config.sparsity.target_density:
-    if input_shape is None:
-      raise ValueError("sparsity.target_speedup/target_density need the input shape to count multiplications.")
-    budget = operating_point.budget_for(model, config.model, input_shape)
+    if budget is None:
+      if input_shape is None:
+        raise ValueError("sparsity.target_speedup/target_density need the input shape to count multiplications.")
+      budget = operating_point.budget_for(model, config.model, input_shape)
     target = operating_point.target_from_config(config.sparsity, budget)
     tx = operating_point.steer(lambda strength: chain_for(strength)[0], target,
                                sparsity.coefficient_thresholds(model),

@@ -46,18 +46,18 @@ def define_flags() -> None:
   flags.DEFINE_bool("json", False, "Print the results as JSON.")
 
 
-def _operating_point_reachable(config, model: nnx.Module, input_shape) -> bool:
-  """Whether ``model`` (built from ``config``) can be trained to the config's target: False for a CNN (it has
-  none) and, with a warning, for a size the config was not written for (e.g. a smoke run's small images)."""
+def _operating_point_budget(config, model: nnx.Module, input_shape) -> operating_point.Budget | None:
+  """The budget of ``model`` (built from ``config``) when it can be trained to the config's target; None for a CNN
+  (it has none) and, with a warning, for a size the config was not written for (e.g. a smoke run's small images)."""
   if not sparsity.lookup_layers(model):
-    return False
+    return None
+  budget = operating_point.budget_for(model, config.model, input_shape)
   try:
-    operating_point.target_from_config(config.sparsity,
-                                       operating_point.budget_for(model, config.model, input_shape))
+    operating_point.target_from_config(config.sparsity, budget)
   except ValueError as e:
     logging.warning("Timing %s without its operating point: %s", config.model.name, e)
-    return False
-  return True
+    return None
+  return budget
 
 
 def compute_images_per_second(config, model_config, batch_size: int, steps: int) -> float:
@@ -69,12 +69,14 @@ def compute_images_per_second(config, model_config, batch_size: int, steps: int)
   with run_config.unlocked():
     run_config.model = model_config
   model = train.create_model(run_config, info)
-  targeted = run_config.sparsity.target_speedup or run_config.sparsity.target_density
-  if targeted and not _operating_point_reachable(run_config, model, info.image_shape):
-    with run_config.unlocked():
-      run_config.sparsity.target_speedup = run_config.sparsity.target_density = 0.0
+  budget = None  # built once: the reachability check and the steered update share it
+  if run_config.sparsity.target_speedup or run_config.sparsity.target_density:
+    budget = _operating_point_budget(run_config, model, info.image_shape)
+    if budget is None:
+      with run_config.unlocked():
+        run_config.sparsity.target_speedup = run_config.sparsity.target_density = 0.0
   tx, rule, _ = optimizer.make_optimizer(run_config, model, steps_per_epoch=1000, total_steps=1000,
-                                         input_shape=info.image_shape)
+                                         input_shape=info.image_shape, budget=budget)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   mesh = train.make_mesh()
   state = jax.device_put(train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest,

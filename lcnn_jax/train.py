@@ -299,12 +299,56 @@ OptimizerWrapper = Callable[[optax.GradientTransformation, nnx.Module, int, tupl
 """(the configured update, the model, the run's total steps, one image's shape) -> the update the run takes."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       wrap_optimizer: OptimizerWrapper | None = None) -> dict[str, float]:
-  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final eval metrics.
+Prepare = Callable[[nnx.Module], None]
+"""Changes a freshly built model before step 0 (an experiment's chosen weights: copied, transferred)."""
 
-  ``wrap_optimizer`` wraps the configured update (an experiment's schedule the config has no key for, e.g. the
-  magnitude pruning of :mod:`lcnn_jax.experiments.pruning`); a run started with one resumes only with the same.
+
+@dataclasses.dataclass
+class Run:
+  """The pieces of a run at its start, built once by :func:`init_run` (flax's ``create_train_state``); the loop
+  (:func:`train_and_evaluate`) runs them."""
+  config: ml_collections.ConfigDict
+  info: data.DatasetInfo
+  plan: Plan
+  mesh: jax.sharding.Mesh
+  model: nnx.Module  # the configured model as built; ``state`` holds the run's values
+  graphdef: Any  # the model's graph definition, split from its params and the rest
+  state: TrainState  # replicated over ``mesh``: the fresh (or prepared) start, or the latest checkpoint's
+  step: int  # the step ``state`` is at
+  tx: optax.GradientTransformation  # the whole update (the configured one, wrapped by ``wrap_optimizer``)
+  rule: sparsity.SparsityRule
+  learning_rate: optax.Schedule
+  thresholds: dict[str, float]  # coefficient leaf path -> τ
+  budget: operating_point.Budget  # the counted multiplications against the CNN baseline, built once
+  train_iter: Any  # the training data iterator, at ``step``'s position
+  checkpointer: checkpoint.Checkpointer
+
+  def close(self) -> None:
+    """Closes the checkpointer (every save has finished by then)."""
+    self.checkpointer.close()
+
+
+def init_run(config: ml_collections.ConfigDict, workdir: str, prepare: Prepare | None = None, *,
+             wrap_optimizer: OptimizerWrapper | None = None) -> Run:
+  """Starts (or resumes) the run of ``config`` in ``workdir``: the one place a run's pieces are built.
+
+  Builds the dataset facts, the plan, the mesh, the model (with ``train.init_from``'s dictionaries), its budget of
+  multiplications, the update and the data iterator; restores the latest checkpoint of ``workdir`` when there is
+  one, and writes ``config.json`` once the checkpoints are known to be this run's.
+
+  Args:
+    config: the run's full config (validated here).
+    workdir: the run's directory (created if new).
+    prepare: when given and ``workdir`` has no checkpoint yet, changes the freshly built model before step 0 (after
+      ``train.init_from``, which it may override), and the prepared start is saved as step 0, so that the run
+      resumes from it as from any checkpoint; ignored when there is a checkpoint to resume.
+    wrap_optimizer: wraps the configured update (an experiment's schedule the config has no key for, e.g. the
+      magnitude pruning of :mod:`lcnn_jax.experiments.pruning`); a run started with one resumes only with the same.
+  Returns:
+    The :class:`Run`, at step 0 or at the restored step; :meth:`Run.close` releases its checkpointer.
+  Raises:
+    ValueError: batch sizes the devices cannot share, a run of no steps, a target the model cannot reach.
+    checkpoint.CheckpointError: ``workdir`` holds checkpoints of another model or optimizer, or none restores.
   """
   config_lib.validate(config)
   os.makedirs(workdir, exist_ok=True)
@@ -317,47 +361,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                      f"must be divisible by the {jax.device_count()} devices.")
   plan = make_plan(config, info)
   mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
-  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
 
   model = create_model(config, info)
   if config.train.init_from:
     checkpoint.transfer_dictionaries_from(config.train.init_from, model)
-  tx, rule, lr_schedule = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
-                                                       input_shape=info.image_shape)
+  prepared = prepare is not None and checkpoint.latest_step(workdir) is None
+  if prepared:
+    prepare(model)
+  budget = operating_point.budget_for(model, config.model, info.image_shape)
+  tx, rule, learning_rate = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
+                                                         budget=budget)
   if wrap_optimizer is not None:
     tx = wrap_optimizer(tx, model, plan.total_steps, info.image_shape)
   thresholds = sparsity.coefficient_thresholds(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   state = TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
-  state = replicate(state, replicated)
+  state = replicate(state, NamedSharding(mesh, P()))
 
   train_iter = data.make_train_iterator(config.data, info, global_batch_size=config.train.batch_size,
                                         seed=config.seed, process_index=jax.process_index(),
                                         process_count=jax.process_count())
-  manager = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  restored = manager.restore_latest(state, train_iter)
+  checkpointer = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = checkpointer.restore_latest(state, train_iter)
   checkpoint.save_run_info(workdir, config, dataset_facts(info))  # once the checkpoints are known to be this run's
   step = 0
   if restored is not None:
     state, step = restored, int(host_local(restored.step))
-    logging.info("Resumed from step %d in %s.", step, manager.directory)
+    logging.info("Resumed from step %d in %s.", step, checkpointer.directory)
+  elif prepared:
+    checkpointer.save(state, train_iter)
+    logging.info("Wrote the prepared start of %s (step 0).", workdir)
+  return Run(config=config, info=info, plan=plan, mesh=mesh, model=model, graphdef=graphdef, state=state, step=step,
+             tx=tx, rule=rule, learning_rate=learning_rate, thresholds=thresholds, budget=budget,
+             train_iter=train_iter, checkpointer=checkpointer)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, prepare: Prepare | None = None,
+                       wrap_optimizer: OptimizerWrapper | None = None) -> dict[str, float]:
+  """Trains ``config`` in ``workdir``, resuming from its latest checkpoint; returns the final eval metrics.
+
+  The run starts in :func:`init_run` (``prepare`` and ``wrap_optimizer`` are its); this is the loop: steps, logs,
+  evaluations and checkpoints, until the plan's last step or a stop signal (saved, then :class:`cli.Interrupted`).
+  """
+  run = init_run(config, workdir, prepare, wrap_optimizer=wrap_optimizer)
+  plan, mesh, info, budget, manager = run.plan, run.mesh, run.info, run.budget, run.checkpointer
+  state, step = run.state, run.step
   log = logger_lib.MetricsLogger(workdir, enabled=jax.process_index() == 0, resume_step=step)
-  batches = DevicePrefetch(train_iter, lambda local: global_batch(local, batch_sharding))
+  batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  batches = DevicePrefetch(run.train_iter, lambda local: global_batch(local, batch_sharding))
 
   step_fn = jax.jit(
-      functools.partial(train_step, graphdef, tx=tx, thresholds=thresholds if rule.persist_threshold else None,
+      functools.partial(train_step, run.graphdef, tx=run.tx,
+                        thresholds=run.thresholds if run.rule.persist_threshold else None,
                         pieces=config.train.break_batch,
                         piece_sharding=lambda ndim: NamedSharding(mesh, P(None, DATA_AXIS, *([None] * (ndim - 2))))),
       donate_argnums=(0,))
-  densities_fn = jax.jit(functools.partial(layer_densities, thresholds=thresholds))
-  budget = operating_point.budget_for(model, config.model, info.image_shape)
+  densities_fn = jax.jit(functools.partial(layer_densities, thresholds=run.thresholds))
   count_fn = jax.jit(budget.count)
-  evaluator = Evaluator(config, info, model, mesh)
+  evaluator = Evaluator(config, info, run.model, mesh)
 
   def evaluate(step):
     metrics = evaluator(state.params, state.rest)
-    count = count_model(model, state.params, state.rest, graphdef, info.image_shape)
+    count = count_model(run.model, state.params, state.rest, run.graphdef, info.image_shape)
     per_layer = collections.Counter()
     for row in count.rows:
       per_layer[row.path] += row.multiplications
@@ -381,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         densities, mean_density = host_local(densities_fn(state.params))
         elapsed = time.perf_counter() - window_start
         row = {"loss": loss, "top1": float(host_local(step_metrics["top1"])),
-               "learning_rate": float(lr_schedule(step - 1)), "images_per_second": window_images / elapsed,
+               "learning_rate": float(run.learning_rate(step - 1)), "images_per_second": window_images / elapsed,
                "density": float(mean_density),
                "speedup": budget.speedup(float(host_local(count_fn(state.params)))),
                "strength": operating_point.strength_of(state.opt_state) or config.sparsity.strength}
@@ -397,11 +462,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_saved = step
       if stop.signum:  # Ctrl-C or SIGTERM (a scheduler's preemption): saved above, with the data iterator
         progress.close()
-        manager.close()
+        run.close()
         log.close()
         raise cli.Interrupted(f"interrupted at step {step}; rerun the same command to resume", stop.signum)
   progress.close()
-  manager.close()
+  run.close()
   if metrics is None:  # resumed at the end: evaluate what was restored
     metrics = evaluate(step)
   log.close()

@@ -11,7 +11,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from lcnn_jax import checkpoint, inference, layers, models
@@ -116,12 +115,11 @@ def npz_model(model, input_shape, tmp_path):
 
 
 def write_run(workdir, model, dataset):
-  """A workdir as the trainer leaves it: config.json and an orbax checkpoint of params and statistics."""
+  """A workdir as the readers of a run see it: config.json and step 7 holding the model's params and statistics
+  (written by checkpoint.save_model, the layout of a model without a training state)."""
   workdir.mkdir()
   checkpoint.save_run_info(str(workdir), run_config(), dataset)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  for item, state in (("params", params), ("rest", rest)):
-    ocp.PyTreeCheckpointer().save(str(workdir / "checkpoints" / "7" / item), nnx.to_pure_dict(state))
+  checkpoint.save_model(str(workdir), model, step=7, imported_from="tests/helpers.py")
 
 
 def run_config():

@@ -1,6 +1,7 @@
 """Checkpoints: a run's step restores from any of its paths into a rebuilt model, and misuse is named."""
 
 import json
+import os
 import shutil
 
 import jax
@@ -67,3 +68,18 @@ def test_checkpoint_of_another_model_is_refused_naming_the_mismatch(run, tmp_pat
   other.model.dictionary.convs = 6
   with pytest.raises(checkpoint.CheckpointError, match="another model.*conv2/coefficients"):
     train.train_and_evaluate(other, workdir)
+
+
+def test_a_model_saved_alone_restores_and_the_trainer_refuses_to_resume_it(tmp_path, tiny_config):
+  config = tiny_config()
+  info = data.dataset_info(config.data)
+  model = train.create_model(config, info)
+  workdir = str(tmp_path)
+  checkpoint.save_run_info(workdir, config, train.dataset_facts(info))
+  checkpoint.save_model(workdir, model, step=0, imported_from="elsewhere.t7")
+  restored, _, step = checkpoint.restore_model(workdir)
+  assert step == 0
+  jax.tree.map(np.testing.assert_array_equal, pure(restored), pure(model))
+  with pytest.raises(checkpoint.CheckpointError, match="imported from elsewhere.t7.*--config.train.init_from"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(tmp_path / checkpoint.CHECKPOINT_DIR)) == ["0"]  # kept, not set aside as damaged

@@ -6,6 +6,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -135,6 +136,26 @@ def test_spectrum_trains_each_point_once_and_skips_finished_ones(tmp_path, monke
   other.train.learning_rate = 0.01
   with pytest.raises(common.ExperimentError, match="another config"):
     spectrum.run_spectrum(other, str(tmp_path), sizes=[2], strengths=[30.0])
+
+
+def test_a_point_starts_in_init_run_from_its_prepared_weights_and_is_read_back_once_finished(tmp_path,
+                                                                                              monkeypatch):
+  starts = []
+  init_run = train.init_run
+
+  def recording(config, workdir, prepare=None, **kwargs):
+    starts.append(prepare)
+    return init_run(config, workdir, prepare, **kwargs)
+
+  def prepare(model):
+    model.classifier.bias[...] = jnp.full(model.classifier.bias.shape, 3.0)
+
+  monkeypatch.setattr(train, "init_run", recording)
+  result = common.run_point(tiny_config(), str(tmp_path), prepare=prepare)
+  assert starts == [prepare]  # the point's run starts in init_run, with the experiment's hook
+  np.testing.assert_array_equal(checkpoint.restore_model(str(tmp_path), step=0)[0].classifier.bias[...], 3.0)
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert common.run_point(tiny_config(), str(tmp_path), prepare=prepare) == result and starts == [prepare]
 
 
 def test_spectrum_figure_reads_in_percent_and_times_and_no_tick_labels_collide(tmp_path):

@@ -152,3 +152,17 @@ def test_dense_baselines_agree_with_xla_cost_analysis_up_to_the_border(name, inp
     border_corrected += expected
   assert border_corrected <= xla_multiply_adds(model, input_shape) <= 1.05 * border_corrected
   assert border_corrected < count.total  # the paper's rule counts the padded taps too
+
+
+@pytest.mark.parametrize("name,input_shape,num_classes", [("digits-lcnn", (8, 8, 1), 10),
+                                                          ("alexnet-lcnn", (224, 224, 3), 1000)])
+def test_baseline_is_built_abstract_and_counts_as_a_built_cnn(name, input_shape, num_classes):
+  config = config_lib.default_config(name).model
+  baseline = flops.baseline_model(config, num_classes, input_shape)
+  values = [variable.get_value() for _, variable in nnx.to_flat_state(nnx.state(baseline))]
+  assert values and all(isinstance(value, jax.ShapeDtypeStruct) for value in values)  # no parameter allocated
+  built = models.create_model(models.baseline_config(config), num_classes=num_classes, input_shape=input_shape,
+                              rngs=nnx.Rngs(0))
+  assert flops.baseline_count(config, num_classes, input_shape) == flops.count_multiplications(built, input_shape)
+  assert flops.stored_parameters(baseline) == flops.stored_parameters(built)
+  assert flops.stored_bytes(baseline, input_shape, "int8") == flops.stored_bytes(built, input_shape, "int8")

@@ -336,6 +336,17 @@ def test_an_existing_run_is_never_written_over(imported, tmp_path, rng):
   assert_logits_close(logits_of(model, images), torch_logits(imported["tree"], images)[:, order])
 
 
+def test_the_import_writes_its_checkpoint_through_the_checkpoint_module(imported, tmp_path, monkeypatch):
+  saved = []
+  save_model = checkpoint.save_model
+  monkeypatch.setattr(checkpoint, "save_model", lambda *a, **k: saved.append(k) or save_model(*a, **k))
+  workdir = str(tmp_path / "run")
+  import_t7.import_run(imported["model"], workdir, image_size=IMAGE_SIZE, meanstd=imported["meanstd"])
+  assert saved == [{"step": import_t7.IMPORTED_STEP, "imported_from": os.path.abspath(imported["model"])}]
+  assert checkpoint.restore_model(workdir)[2] == import_t7.IMPORTED_STEP  # (the trainer refuses to resume it:
+  # test_checkpoint's test of save_model)
+
+
 def test_an_import_interrupted_while_writing_leaves_no_run(imported, tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   workdir.mkdir()  # an empty --workdir is accepted, and must stay empty

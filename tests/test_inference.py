@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lcnn_jax import bench, cli, flops, inference, models
+from lcnn_jax import bench, checkpoint, cli, flops, inference, models
 from lcnn_jax.inference import backends, layouts, machine, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import model as model_lib
@@ -308,6 +308,23 @@ def test_export_command_writes_a_model_and_rejects_a_missing_run(tmp_path, rng, 
   assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={compact}",
                         "--precision=float16") == 2
   assert "float16" in capsys.readouterr().err
+
+
+def test_export_command_reads_the_runs_config_once_and_prints_the_counted_dense_cnn_bytes(tmp_path, monkeypatch, rng,
+                                                                                           capsys):
+  model = as_if_trained(models.create_model(run_config().model, num_classes=10, input_shape=(8, 8, 1),
+                                            rngs=nnx.Rngs(2)), rng)
+  write_run(tmp_path / "run", model, {"name": "digits", "num_classes": 10, "image_shape": [8, 8, 1],
+                                      "mean": [0.5], "std": [0.2]})
+  reads = []
+  load_run_info = checkpoint.load_run_info
+  monkeypatch.setattr(checkpoint, "load_run_info", lambda workdir: reads.append(workdir) or load_run_info(workdir))
+  assert export_command(f"--workdir={tmp_path / 'run'}", f"--output={tmp_path / 'm.npz'}", "--backends=dense",
+                        "--precision=bfloat16") == 0
+  assert reads == [str(tmp_path / "run")]
+  cnn = flops.baseline_model(run_config().model, 10, (8, 8, 1))
+  dense = {p: flops.stored_bytes(cnn, (8, 8, 1), p) / 1e3 for p in ("float32", "bfloat16")}
+  assert f"dense CNN {dense['float32']:.1f} KB float32, {dense['bfloat16']:.1f} KB bfloat16" in capsys.readouterr().out
 
 
 def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch, rng):

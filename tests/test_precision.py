@@ -7,11 +7,12 @@ import pytest
 from flax import nnx
 
 from lcnn_jax import config as config_lib
-from lcnn_jax import inference, layers, lookups, models
+from lcnn_jax import counting, inference, layers, lookups, models
 from lcnn_jax.inference import backends, layouts, precision
 from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference import records
 
+from helpers import Unfoldable, as_if_trained
 from lookup_reference import dense_reference, random_layer  # noqa: E402
 
 AVAILABLE = backends.available_backends()
@@ -137,3 +138,29 @@ def test_exported_model_at_reduced_precision_saves_loads_and_stays_close(prec, t
 def test_unknown_precision_is_rejected_with_the_choices(rng):
   with pytest.raises(ValueError, match="float32, bfloat16, int8"):
     inference.inference_model(_digits_lcnn(rng), (8, 8, 1), backends="dense", precision="float16")
+
+
+@pytest.mark.parametrize("prec", precision.PRECISIONS)
+def test_counted_bytes_equal_the_stored_bytes_of_the_exported_file(prec, tmp_path, rng):
+  """The counter's prediction (one rule, lookups.lookup_layer_bytes/dense_layer_bytes) is what an export stores:
+  for an LCNN with sparse P and lookup classifier, and for its dense CNN counted abstract (nnx.eval_shape) against
+  the export of a real one."""
+  model = _digits_lcnn(rng)
+  inference.save(inference.inference_model(model, (8, 8, 1), backends="dense", precision=prec), tmp_path / "m.npz")
+  assert counting.stored_bytes(model, (8, 8, 1), prec) == precision.model_bytes(inference.load(tmp_path / "m.npz"))
+  config = config_lib.default_config().model
+  config.update(dict(name="digits-lcnn", width=8))
+  cnn = models.create_model(models.baseline_config(config), num_classes=10, input_shape=(8, 8, 1), rngs=nnx.Rngs(1))
+  exported = inference.inference_model(cnn, (8, 8, 1), backends="dense", precision=prec)
+  assert counting.stored_bytes(counting.baseline_model(config, 10, (8, 8, 1)), (8, 8, 1), prec) == \
+      precision.model_bytes(exported)
+
+
+def test_counted_bytes_keep_a_batch_norm_that_reads_no_layer_output(rng):
+  model = as_if_trained(Unfoldable(nnx.Rngs(0)), rng, density=0.7)
+  exported = inference.inference_model(model, (6, 5, 3), backends="dense")
+  assert {name for name, layer in exported.layers.items() if isinstance(layer, records.AffineLayer)} == {"bn_in",
+                                                                                                        "bn2"}
+  # bn_in reads the input: kept by both. bn2 reads conv2's output, which the residual reads too: the export keeps
+  # it, while the counter, which sees only that bn2 reads a layer's output, folds it (stored_bytes says so).
+  assert counting.stored_bytes(model, (6, 5, 3)) == precision.model_bytes(exported) - lookups.affine_bytes(4)

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from lcnn_jax import checkpoint, data, layers, logger, train
+from lcnn_jax import checkpoint, counting, data, layers, logger, operating_point, train
 
 
 def final_params(workdir):
@@ -54,6 +54,37 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, rule, tiny_co
   jax.tree.map(np.testing.assert_array_equal, whole, resumed)
   losses = lambda d: [(r["step"], r["loss"]) for r in logger.read_metrics(str(tmp_path / d)) if r["split"] == "train"]
   assert losses("whole") == losses("resumed")
+
+
+def test_init_run_builds_the_pieces_once_prepares_a_fresh_start_and_resumes_the_latest_step(tmp_path, tiny_config,
+                                                                                               monkeypatch):
+  config = tiny_config(train=dict(num_steps=2, checkpoint_every=2, eval_every=2), sparsity=dict(target_speedup=5.0))
+  calls = []  # the budget and the CNN baseline, once per start (the steered update and the loop share them)
+  for module, name in ((operating_point, "budget_for"), (counting, "baseline_model")):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+
+  def prepare(model):  # an experiment's chosen start
+    model.classifier.bias[...] = jnp.full(model.classifier.bias.shape, 3.0)
+
+  workdir = str(tmp_path)
+  run = train.init_run(config, workdir, prepare)
+  run.close()
+  assert calls == ["budget_for", "baseline_model"]
+  assert run.step == 0 and int(train.host_local(run.state.step)) == 0 and run.plan.total_steps == 2
+  assert run.budget.baseline == counting.baseline_count(config.model, 10, (8, 8, 1)).total
+  assert set(run.budget.thresholds) == set(run.thresholds) and run.info.num_classes == 10
+  np.testing.assert_array_equal(nnx.to_pure_dict(train.host_local(run.state.params))["classifier"]["bias"], 3.0)
+  assert checkpoint.latest_step(workdir) == 0  # the prepared start is on disk: the run resumes from it
+  np.testing.assert_array_equal(checkpoint.restore_model(workdir, step=0)[0].classifier.bias[...], 3.0)
+  train.train_and_evaluate(config, workdir)
+  prepared = []
+  run = train.init_run(config, workdir, prepared.append)
+  run.close()
+  assert run.step == 2 and not prepared  # a run with a checkpoint resumes it; prepare is for a fresh start
+  _, final = final_params(workdir)
+  np.testing.assert_array_equal(nnx.to_pure_dict(train.host_local(run.state.params))["classifier"]["bias"],
+                                final["classifier"]["bias"])
 
 
 class NoNormNet(nnx.Module):

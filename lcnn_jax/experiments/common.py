@@ -5,8 +5,9 @@ subdirectory of the experiment's workdir. A finished point leaves ``result.json`
 reads it and skips the point, and an unfinished one resumes from its latest checkpoint.
 
 A run that must start from weights the trainer cannot load itself (a CNN fine-tuned from another run, an LCNN
-whose dictionaries come from a shallower net) starts from a step-0 checkpoint written by :func:`seed_run`: the
-trainer resumes from it as from any checkpoint, so the run stays resumable and the trainer needs no new option.
+whose dictionaries come from a shallower net) gives the trainer a ``prepare`` hook: :func:`lcnn_jax.train.init_run`,
+the one place a run starts, applies it to the freshly built model and saves that start as step 0, from which the
+run resumes as from any checkpoint.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from lcnn_jax import checkpoint, cli, config as config_lib, data, logger, optimizer as optimizer_lib, sparsity, train
+from lcnn_jax import checkpoint, cli, config as config_lib, data, logger, sparsity, train
 
 RESULT_FILE = "result.json"
 CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, ResNet and AlexNet.
@@ -133,7 +134,7 @@ def _write_json(path: str, value: Any) -> None:
 
 
 def run_point(config: ml_collections.ConfigDict, workdir: str, *,
-              prepare: Callable[[nnx.Module], None] | None = None,
+              prepare: train.Prepare | None = None,
               wrap_optimizer: train.OptimizerWrapper | None = None,
               setup: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains one point (or resumes it) and returns its result; a finished point is read back, not retrained.
@@ -141,9 +142,9 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
   Args:
     config: the run's full config.
     workdir: the point's own directory.
-    prepare: when given, changes a freshly built model before step 0 (see :func:`seed_run`); ignored when the
-      point already has a checkpoint.
-    wrap_optimizer: wraps the run's update (``train.train_and_evaluate``), e.g. magnitude pruning.
+    prepare: when given, changes a freshly built model before step 0 (see :func:`lcnn_jax.train.init_run`);
+      ignored when the point already has a checkpoint.
+    wrap_optimizer: wraps the run's update (:func:`lcnn_jax.train.init_run`), e.g. magnitude pruning.
     setup: what ``wrap_optimizer`` does that the config does not say (JSON values, e.g. the pruning budget):
       kept in the result and compared, as the config is, when the point is read back.
   Returns:
@@ -166,9 +167,7 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
     return done
   if _FINISHED_ONLY.get():
     raise NotFinished(f"{workdir} has no finished run.")
-  if prepare is not None and latest_checkpoint_step(workdir) is None:
-    seed_run(config, workdir, prepare, wrap_optimizer=wrap_optimizer)
-  metrics = train.train_and_evaluate(config, workdir, wrap_optimizer=wrap_optimizer)
+  metrics = train.train_and_evaluate(config, workdir, prepare=prepare, wrap_optimizer=wrap_optimizer)
   rows = logger.read_metrics(workdir)
   evals = [row for row in rows if row["split"] == "eval"]
   trains = [row for row in rows if row["split"] == "train"]
@@ -182,43 +181,6 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, RESULT_FILE), result)
   return result
-
-
-def latest_checkpoint_step(workdir: str) -> int | None:
-  """The latest checkpoint step of ``workdir``, or None when it has none."""
-  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
-  return max(steps) if steps else None
-
-
-def seed_run(config: ml_collections.ConfigDict, workdir: str, prepare: Callable[[nnx.Module], None], *,
-             wrap_optimizer: train.OptimizerWrapper | None = None) -> None:
-  """Writes ``workdir``'s step-0 checkpoint: the configured model, changed by ``prepare``, a fresh optimizer
-  state (``wrap_optimizer``'s, when given) and a fresh data iterator, exactly as the trainer would start them;
-  the trainer then resumes from it."""
-  config_lib.validate(config)
-  os.makedirs(workdir, exist_ok=True)
-  info = data.dataset_info(config.data, cache_dir=workdir)
-  plan = train.make_plan(config, info)
-  model = train.create_model(config, info)
-  if config.train.init_from:  # what the trainer does first, so that prepare sees (and may override) it
-    checkpoint.transfer_dictionaries_from(config.train.init_from, model)
-  prepare(model)
-  tx, _, _ = optimizer_lib.make_optimizer(config, model, plan.steps_per_epoch, plan.total_steps,
-                                          input_shape=info.image_shape)
-  if wrap_optimizer is not None:
-    tx = wrap_optimizer(tx, model, plan.total_steps, info.image_shape)
-  _, params, rest = nnx.split(model, nnx.Param, ...)
-  state = train.TrainState(step=jnp.zeros([], jnp.int32), params=params, rest=rest, opt_state=tx.init(params))
-  mesh = train.make_mesh()
-  state = train.replicate(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-  train_iter = data.make_train_iterator(config.data, info, global_batch_size=config.train.batch_size,
-                                        seed=config.seed, process_index=jax.process_index(),
-                                        process_count=jax.process_count())
-  manager = checkpoint.Checkpointer(workdir, keep=config.train.keep_checkpoints)
-  manager.save(state, train_iter)
-  manager.close()
-  logging.info("Wrote the starting point of %s (step 0).", workdir)
 
 
 # ------------------------------------------------------------------------------------------------ weights

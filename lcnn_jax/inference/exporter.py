@@ -137,9 +137,10 @@ def inference_model(model: nnx.Module, input_shape: Sequence[int], *, backends: 
   return tuning.tune(exported, batch_size)
 
 
-def _from_workdir(workdir: str, step: int | None) -> tuple[nnx.Module, tuple, list | None, dict]:
-  model, config, _ = checkpoint.restore_model(workdir, step)
-  _, dataset = checkpoint.load_run_info(workdir)
+def _from_workdir(workdir: str, step: int | None, run_info=None) -> tuple[nnx.Module, tuple, list | None, dict]:
+  run_info = run_info if run_info is not None else checkpoint.load_run_info(workdir)
+  model, config, _ = checkpoint.restore_model(workdir, step, run_info=run_info)
+  _, dataset = run_info
   preprocessing = data.preprocessing(config.data, dataset) | {"dataset": dataset["name"]}
   return model, tuple(dataset["image_shape"]), dataset.get("class_names"), preprocessing
 
@@ -148,7 +149,8 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
            input_shape: Sequence[int] | None = None, step: int | None = None,
            backends: Mapping[str, str] | str = "auto", batch_size: int = 1,
            class_names: Sequence[str] | None = None,
-           preprocessing: Mapping[str, Any] | None = None, precision: str = "float32") -> InferenceModel:
+           preprocessing: Mapping[str, Any] | None = None, precision: str = "float32",
+           run_info=None) -> InferenceModel:
   """Exports a model (live, or a run's workdir) for inference and, with ``path``, saves it as one file.
 
   Args:
@@ -161,6 +163,8 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
     class_names: output names (a workdir's dataset supplies its own when it has them).
     preprocessing: image preparation for the prediction CLI (a workdir supplies its own).
     precision: float32, bfloat16 or int8 weights (see :func:`inference_model`).
+    run_info: a workdir's (config, dataset facts) when already read (:func:`lcnn_jax.checkpoint.load_run_info`);
+      None reads its ``config.json``.
   Returns:
     The exported :class:`InferenceModel`.
   """
@@ -169,7 +173,7 @@ def export(source: nnx.Module | str | os.PathLike, path: str | os.PathLike | Non
       raise ValueError("input_shape=None: exporting a live model needs one example's (h, w, c).")
     model = source
   else:
-    model, run_shape, run_classes, run_preprocessing = _from_workdir(os.fspath(source), step)
+    model, run_shape, run_classes, run_preprocessing = _from_workdir(os.fspath(source), step, run_info)
     input_shape = input_shape or run_shape
     class_names = class_names if class_names is not None else run_classes
     preprocessing = preprocessing if preprocessing is not None else run_preprocessing
@@ -208,22 +212,22 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
     raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
   cli.check_output_file(flag_values.output, "--output")
   try:
-    checkpoint.load_run_info(flag_values.workdir)  # a directory that is not a run, named before any work
+    run_info = checkpoint.load_run_info(flag_values.workdir)  # the run's facts, read once; not a run: named first
     checkpoint.resolve_step_dir(flag_values.workdir, flag_values.step)
     if flag_values.output.endswith(".onnx"):
       if flag_values.precision != "float32":
         raise ValueError(f"--precision={flag_values.precision}: an ONNX file stores float32 weights; write a .npz "
                          "for bfloat16 or int8 storage, or drop --precision.")
       onnx_export.require("onnx")
-      model = export(flag_values.workdir, step=flag_values.step, backends="dense")
+      model = export(flag_values.workdir, step=flag_values.step, backends="dense", run_info=run_info)
       forms = onnx_export.save(model, flag_values.output, lookup_forms=flag_values.lookup_form,
                                batch_size=flag_values.batch_size)
     else:
       allocator.reuse_freed_memory()  # the timings of --backends=auto then match the prediction command's
       model = export(flag_values.workdir, flag_values.output, step=flag_values.step, backends=flag_values.backends,
-                     batch_size=flag_values.batch_size, precision=flag_values.precision)
+                     batch_size=flag_values.batch_size, precision=flag_values.precision, run_info=run_info)
       forms = model.backends
-    dense = _dense_cnn_parameters(flag_values.workdir)
+    dense = _dense_cnn_bytes(run_info, model.precision)
   except (ValueError, FileNotFoundError) as e:
     raise cli.UsageError(str(e)) from None
   lookups = model.lookup_layers
@@ -232,29 +236,26 @@ def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> No
   for name, layer in lookups.items():
     sys.stdout.write(f"  {name:<24} {forms[name]:<9} k={layer.dictionary_size:<4} "
                      f"density {layer.density:.4f}\n")
-  sys.stdout.write(_bytes_line(model, *dense) + "\n")
+  sys.stdout.write(_bytes_line(model, dense) + "\n")
 
 
-def _dense_cnn_parameters(workdir: str) -> tuple[int, int]:
-  """(weights, output channels) of the dense CNN a run's LCNN is compared with (BatchNorm folded away)."""
-  config, dataset = checkpoint.load_run_info(workdir)
-  cnn = flops.baseline_model(config.model, dataset["num_classes"], dataset["image_shape"])
-  weights = outputs = 0
-  for _, module in nnx.iter_modules(cnn):
-    if isinstance(module, (nnx.Conv, nnx.Linear)):
-      weights += module.kernel[...].size + (module.bias[...].size if module.bias is not None else 0)
-      outputs += module.kernel[...].shape[-1]
-  return weights, outputs
+def _dense_cnn_bytes(run_info, precision: str) -> dict[str, int]:
+  """{precision: bytes} the export of the dense CNN a run's LCNN is compared with would store, float32 and
+  ``precision`` (the counter's prediction, :func:`lcnn_jax.counting.stored_bytes`; the CNN is abstract)."""
+  config, dataset = run_info
+  input_shape = tuple(dataset["image_shape"])
+  cnn = flops.baseline_model(config.model, dataset["num_classes"], input_shape)
+  return {p: flops.stored_bytes(cnn, input_shape, p) for p in dict.fromkeys(("float32", precision))}
 
 
-def _bytes_line(model: InferenceModel, dense_weights: int, dense_outputs: int) -> str:
+def _bytes_line(model: InferenceModel, dense: Mapping[str, int]) -> str:
   """The exported model's bytes beside its dense CNN's (float32, and at the model's precision)."""
   def size(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} KB"
   line = (f"stored: {size(precision_lib.model_bytes(model))} ({model.precision}); dense CNN "
-          f"{size(precision_lib.dense_bytes(dense_weights, 'float32'))} float32")
-  if model.precision in ("bfloat16", "int8"):
-    line += f", {size(precision_lib.dense_bytes(dense_weights, model.precision, dense_outputs))} {model.precision}"
+          f"{size(dense['float32'])} float32")
+  if model.precision != "float32":
+    line += f", {size(dense[model.precision])} {model.precision}"
   return line
 
 

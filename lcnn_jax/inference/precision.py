@@ -21,11 +21,12 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
+from lcnn_jax import lookups
 from lcnn_jax.inference.model import InferenceModel
 from lcnn_jax.inference.records import AffineLayer, Layer, LookupLayer, layer_arrays
 
-PRECISIONS = ("float32", "bfloat16", "int8")
-"""The storage precisions :func:`quantize` accepts."""
+PRECISIONS = tuple(lookups.VALUE_BYTES)
+"""The storage precisions :func:`quantize` accepts: float32, bfloat16, int8."""
 
 BFLOAT16 = np.dtype(jnp.bfloat16)
 
@@ -85,18 +86,12 @@ def quantize(model: InferenceModel, precision: str) -> InferenceModel:
 
 
 def model_bytes(model: InferenceModel) -> int:
-  """Bytes of every stored array of ``model`` (its layers and the graph's constants), as stored."""
+  """Bytes of every stored array of ``model`` (its layers and the graph's constants), as stored: the measurement
+  that the counter's prediction (:func:`lcnn_jax.counting.stored_bytes`, by the rule of :mod:`lcnn_jax.lookups`)
+  equals."""
   layers = sum(array.nbytes for layer in model.layers.values() for array in layer_arrays(layer).values())
   return layers + sum(np.asarray(c).nbytes for c in model.graph.consts.values())
 
 
-def dense_bytes(parameters: int, precision: str, outputs: int = 0) -> int:
-  """Bytes of a dense CNN of ``parameters`` weights stored in ``precision`` (int8 adds a float32 scale for each
-  of its ``outputs`` channels)."""
-  _check(precision)
-  size = {"float32": 4, "bfloat16": 2, "int8": 1}[precision]
-  return parameters * size + (4 * outputs if precision == "int8" else 0)
-
-
-__all__ = ["BFLOAT16", "PRECISIONS", "dense_bytes", "int8_per_channel", "model_bytes", "quantize",
+__all__ = ["BFLOAT16", "PRECISIONS", "int8_per_channel", "model_bytes", "quantize",
            "quantize_layer"]
