@@ -322,8 +322,8 @@ def check_dictionary(model_config: ml_collections.ConfigDict) -> None:
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming every key of ``config`` that the schema of its model has not: a misspelt key set in a
-  file, a dictionary size of another model, or a flat key of earlier versions (``model.pool_size`` ->
-  ``model.dictionary.convs``), and every dictionary size the model takes that is missing."""
+  file, a key or a dictionary size of another model (naming its owners), or a flat key of earlier versions
+  (``model.pool_size`` -> ``model.dictionary.convs``), and every key the model takes that is missing."""
   family(config.model.name)
   _raise_key_problems(config, default_config(config.model.name), "")
 
