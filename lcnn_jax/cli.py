@@ -136,9 +136,9 @@ def _config_flags(flag_values: flags.FlagValues) -> Iterator[flags.Flag]:
 
 
 def _resolve_config_files(argv: list[str], flag_values: flags.FlagValues) -> list[str]:
-  """``argv`` with each config flag's value that is not a file but names a preset (``--config alexnet_fast``,
-  ``--config configs/alexnet_fast.py`` from any directory) replaced by the preset's path; raises
-  :class:`UsageError` listing the presets when it is neither."""
+  """``argv`` with each config flag's value that is not a file but names a preset (``--config alexnet:fast``,
+  ``--config alexnet_fast``, ``--config configs/alexnet_fast.py`` from any directory) replaced by the preset's
+  ``FILE:VARIANT``; raises :class:`UsageError` listing the presets when it is neither."""
   names = {flag.name for flag in _config_flags(flag_values)}
   resolved, value_of = list(argv), None
   for i, arg in enumerate(argv[1:], 1):
@@ -154,11 +154,10 @@ def _resolve_config_files(argv: list[str], flag_values: flags.FlagValues) -> lis
 
 
 def _config_file(value: str, flag: str) -> str:
-  path, colon, argument = value.partition(":")  # ml_collections' FILE:ARGUMENT passes ARGUMENT to get_config
-  if os.path.isfile(value) or os.path.isfile(path):
+  if os.path.isfile(value):
     return value
   try:
-    return config_lib.resolve(path) + colon + argument
+    return config_lib.resolve(value)  # ml_collections' FILE:ARGUMENT passes ARGUMENT to get_config
   except ValueError as e:
     raise UsageError(str(e).replace("--config ", f"--{flag} ", 1)) from None
 
@@ -176,12 +175,13 @@ def _check_config_keys(flag_values: flags.FlagValues) -> None:
 
 def _model_name(argv: Sequence[str]) -> str | None:
   """The model of the config file on the command line (whose keys the config has), or None."""
-  for flag, value in zip(argv, [*argv[1:], ""]):  # --config FILE or --config=FILE
+  for flag, value in zip(argv, [*argv[1:], ""]):  # --config FILE[:VARIANT] or --config=FILE[:VARIANT]
     match = re.match(r"--\w+(?:=(.*))?$", flag)
-    path = ((match.group(1) if match.group(1) is not None else value) if match else "").partition(":")[0]
+    file = (match.group(1) if match.group(1) is not None else value) if match else ""
+    path = file.partition(":")[0]
     if path.endswith(".py") and os.path.isfile(path):
       try:
-        return config_lib.load(path).model.name
+        return config_lib.load(file).model.name
       except Exception:  # pylint: disable=broad-except  # the message it serves names the key either way
         return None
   return None
@@ -197,7 +197,7 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
     override = next((arg.split("=")[0] for arg in argv if re.match(rf"--\w+\.(\w+\.)*{key}(=|$)", arg)), key)
     path = override.partition(".")[2]
     model = _model_name(argv)
-    if path.startswith("model.") and model in config_lib.MODEL_NAMES:
+    if path.startswith("model.") and model in config_lib.model_names():
       message = config_lib.unknown_key(path, model)
       if not message.startswith("there is no config key"):
         new = config_lib.RENAMED.get(key)
@@ -209,8 +209,7 @@ def _config_file_error(e: Exception, argv: Sequence[str]) -> str | None:
         if renamed_to != model:
           message += (f" (--config.model.name={renamed_to} keeps the file's keys: start from a config of "
                       f"{renamed_to})")
-        return (f"{override}: {message}. The config's model {model} takes "
-                f"model.dictionary.{{{', '.join(config_lib.dictionary_keys(model))}}}; docs/config.md lists "
+        return (f"{override}: {message}. The config's model {config_lib.takes(model)}; docs/config.md lists "
                 "every model's keys and the presets.")
     suggestion = re.search(r'Did you mean "(\w+)"', str(e))
     hint = f"did you mean {suggestion.group(1)!r}? " if suggestion else ""

@@ -1,23 +1,27 @@
 """The run configuration: every key a run can set, with its default, and the presets that ship with lcnn_jax.
 
-Config files (the presets in ``configs/``, shipped as ``lcnn_jax.configs``) start from
-:func:`default_config` for their model and change what their run needs. A misspelt key on the command line
-(``--config.train.batch_size=64``) is rejected by ml_collections with the key's name; :func:`check_keys` rejects
-one set in a file, a key of another model and the flat dictionary keys of earlier versions (naming today's);
-:func:`validate` checks values that have a meaning beyond their type. :func:`from_dict` reads a saved config back
-(``config.json`` of a run), translating the earlier flat keys with a logged note.
+Config files (the presets in ``lcnn_jax/configs/``) start from :func:`default_config` for their model and change
+what their run needs. A misspelt key on the command line (``--config.train.batch_size=64``) is rejected by
+ml_collections with the key's name; :func:`check_keys` rejects one set in a file, a key of another model and the
+flat dictionary keys of earlier versions (naming today's); :func:`validate` checks values that have a meaning beyond
+their type. :func:`from_dict` reads a saved config back (``config.json`` of a run), translating the earlier flat keys
+with a logged note.
 
-``model.dictionary`` holds the dictionary sizes of the model's lookup layers in the paper's words, nested per
-model (:data:`DICTIONARIES`): AlexNet-LCNN ``{first, convs, fc, classifier}``, ResNet-LCNN ``{first, stage1..stage4}``,
-the digits and 28×28 LCNNs ``{first, convs, classifier}``. A CNN takes its LCNN twin's keys and ignores them: it is
-that LCNN with every layer dense, the baseline the paper compares with.
+Each model brings its own keys under ``model``: one :class:`ModelFamily` registration (:func:`register_model`) names
+a CNN and its LCNN twin, the builders of both, their keys (``model.depth`` of ResNet, ``model.width`` of the small
+nets, ...) and ``model.dictionary``, the dictionary sizes of the LCNN's lookup layers in the paper's words:
+AlexNet-LCNN ``{first, convs, fc, classifier}``, ResNet-LCNN ``{first, stage1..stage4}``, the digits and 28×28 LCNNs
+``{first, convs, classifier}``. A CNN takes its LCNN twin's keys and ignores the dictionary sizes: it is that LCNN with every
+layer dense, the baseline the paper compares with. A key of another model is an error naming its owner.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 from absl import logging
@@ -26,6 +30,8 @@ from ml_collections import config_dict
 SPARSITY_RULES = ("prox", "threshold")
 LR_SCHEDULES = ("alexnet", "resnet", "cosine", "constant")
 HEADS = ("average", "flatten")
+COMMON_MODEL_KEYS = ("name", "dictionary", "initial_sparsity")
+"""The keys under ``model`` that every model has; the rest are its registration's (:attr:`ModelFamily.keys`)."""
 
 # The dictionary sizes (atoms) each LCNN takes as model.dictionary: key -> (default, the layers it sizes). A size
 # of 0 keeps those layers dense; the first layer's must be > 0.
@@ -47,16 +53,115 @@ _DIGITS_DICTIONARY = {
                   "(conv2, conv3)."),
     "classifier": (0, "the classifier; 0 keeps it dense."),
 }
-DICTIONARIES: dict[str, dict[str, tuple[Any, str]]] = {
-    "alexnet-lcnn": _ALEXNET_DICTIONARY,
-    "resnet-lcnn": _RESNET_DICTIONARY,
-    "digits-lcnn": _DIGITS_DICTIONARY,
-    "mnist-lcnn": _DIGITS_DICTIONARY,
+# The small nets' own keys: key -> (default, meaning).
+_SMALL_KEYS = {
+    "dropout": (0.5, "Dropout rate before the classifier."),
+    "width": (32, "Base width: conv1..conv3 are w, 2w and 4w wide."),
+    "convs_per_stage": (1, "3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3)."),
+    "head": ("average", "The classifier reads the global average of conv3 or every pixel (flatten)."),
 }
-BASELINES = {"alexnet-lcnn": "alexnet", "resnet-lcnn": "resnet", "digits-lcnn": "digits", "mnist-lcnn": "mnist"}
-"""Each LCNN's dense CNN twin, the baseline the paper compares it with."""
-MODEL_NAMES = tuple(sorted({*BASELINES, *BASELINES.values()}))
-"""The models (the original's ``netType`` names); :mod:`lcnn_jax.models` builds each."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+  """One model of lcnn_jax: a CNN and its LCNN twin (the dense baseline the paper compares it with), registered
+  with :func:`register_model`.
+
+  Attributes:
+    cnn: the CNN's ``model.name`` (the original's ``netType``).
+    lcnn: the LCNN's ``model.name``.
+    builders: the builders of the CNN and of the LCNN, each ``builder(model_config, *, num_classes, input_shape,
+      rngs) -> nnx.Module``, given as the function or as ``"module:function"`` (:func:`lcnn_jax.models.create_model`
+      imports it; the schema stays free of model code).
+    keys: the model's own keys under ``model`` beside ``name``, ``dictionary`` and ``initial_sparsity``:
+      key -> (default, meaning). Both twins take them; another model's config has none of them.
+    dictionary: ``model.dictionary``, the LCNN's dictionary sizes: key -> (default, the layers it sizes).
+    check: raises ValueError naming the key when a value of ``keys`` is out of its domain (None: no check).
+  """
+  cnn: str
+  lcnn: str
+  builders: tuple[str | Callable[..., Any], str | Callable[..., Any]]
+  keys: Mapping[str, tuple[Any, str]]
+  dictionary: Mapping[str, tuple[Any, str]]
+  check: Callable[[ml_collections.ConfigDict], None] | None = None
+
+  @property
+  def names(self) -> tuple[str, str]:
+    """The two models' names, the LCNN first."""
+    return self.lcnn, self.cnn
+
+  def builder(self, model: str) -> str | Callable[..., Any]:
+    """The builder of ``model`` (one of :attr:`names`)."""
+    return self.builders[0] if model == self.cnn else self.builders[1]
+
+
+FAMILIES: list[ModelFamily] = []
+"""Every registered model, in the order of registration (:func:`register_model`)."""
+
+
+def register_model(new: ModelFamily) -> ModelFamily:
+  """Adds ``new`` (a CNN and its LCNN twin) to the models a config can name; returns it. Raises ValueError when
+  one of its names is taken or one of its keys is a key every model has."""
+  taken = sorted(set(new.names) & set(model_names()))
+  if taken:
+    raise ValueError(f"model.name {', '.join(taken)}: already registered; a model needs a name of its own.")
+  shared = sorted(set(new.keys) & set(COMMON_MODEL_KEYS))
+  if shared:
+    raise ValueError(f"model.{{{', '.join(shared)}}}: every model has these keys; a model's own keys are others.")
+  FAMILIES.append(new)
+  return new
+
+
+def model_names() -> tuple[str, ...]:
+  """The models (the original's ``netType`` names), sorted; :mod:`lcnn_jax.models` builds each."""
+  return tuple(sorted(name for family in FAMILIES for name in family.names))
+
+
+def family(model: str) -> ModelFamily:
+  """The registration of ``model``; raises ValueError listing the models when there is none."""
+  for candidate in FAMILIES:
+    if model in candidate.names:
+      return candidate
+  raise ValueError(f"model.name={model!r}: expected one of {list(model_names())}.")
+
+
+def baseline(model: str) -> str:
+  """The dense CNN the paper compares ``model`` with: an LCNN's twin, a CNN itself."""
+  return family(model).cnn
+
+
+def _check_dropout(model_config: ml_collections.ConfigDict) -> None:
+  if not 0 <= model_config.dropout < 1:
+    raise ValueError(f"model.dropout={model_config.dropout}: must be in [0, 1).")
+
+
+def _check_small(model_config: ml_collections.ConfigDict) -> None:
+  _check_dropout(model_config)
+  if model_config.head not in HEADS:
+    raise ValueError(f"model.head={model_config.head!r}: expected one of {HEADS}.")
+  if model_config.width <= 0 or model_config.convs_per_stage < 1:
+    raise ValueError(f"model.width={model_config.width}, model.convs_per_stage={model_config.convs_per_stage}: the "
+                     "width must be positive and there is at least 1 convolution per width.")
+
+
+register_model(ModelFamily(
+    cnn="alexnet", lcnn="alexnet-lcnn",
+    builders=("lcnn_jax.models.alexnet:alexnet", "lcnn_jax.models.alexnet:alexnet_lcnn"),
+    keys={"dropout": (0.5, "Dropout rate before fc6 and fc7.")},
+    dictionary=_ALEXNET_DICTIONARY, check=_check_dropout))
+register_model(ModelFamily(
+    cnn="resnet", lcnn="resnet-lcnn",
+    builders=("lcnn_jax.models.resnet:resnet", "lcnn_jax.models.resnet:resnet_lcnn"),
+    keys={"depth": (18, "ResNet depth: 8, 18 or 34.")},
+    dictionary=_RESNET_DICTIONARY))
+register_model(ModelFamily(
+    cnn="digits", lcnn="digits-lcnn",
+    builders=("lcnn_jax.models.small:digits", "lcnn_jax.models.small:digits_lcnn"),
+    keys=_SMALL_KEYS, dictionary=_DIGITS_DICTIONARY, check=_check_small))
+register_model(ModelFamily(
+    cnn="mnist", lcnn="mnist-lcnn",
+    builders=("lcnn_jax.models.small:mnist", "lcnn_jax.models.small:mnist_lcnn"),
+    keys=_SMALL_KEYS, dictionary=_DIGITS_DICTIONARY, check=_check_small))
 
 # The flat model keys of earlier versions (before model.dictionary) -> today's key under model.
 RENAMED = {
@@ -68,25 +173,31 @@ RENAMED = {
     **{f"pool{i}": f"dictionary.stage{i}" for i in range(1, 5)},
 }
 
-PRESET_DIRS = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"),  # an installed package
-               os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))  # a checkout
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+"""The presets: ``lcnn_jax/configs``, one file per family of runs, its variants by argument."""
+RENAMED_PRESETS = {
+    "alexnet_fast": "alexnet:fast",
+    "alexnet_accurate": "alexnet:accurate",
+    "resnet18_fast": "resnet18:fast",
+    "resnet18_accurate": "resnet18:accurate",
+    "fashion_mnist_lcnn": "fashion_mnist:lcnn",
+}
+"""The presets' names before their families took variants -> today's; both load the same config."""
 
 
 def default_config(model: str = "digits-lcnn") -> ml_collections.ConfigDict:
-  """Returns the full schema with defaults (the original's where it had one) for ``model``."""
+  """Returns the full schema with defaults (the original's where it had one) for ``model``: the sections every run
+  has and, under ``model``, the keys of ``model``'s registration (:class:`ModelFamily`)."""
   c = ml_collections.ConfigDict()
   c.seed = 2  # The original's default seed.
   c.restore = ""  # A checkpoint step directory (or a workdir) to evaluate or start from.
 
   c.model = ml_collections.ConfigDict()
   c.model.name = model  # The original's `netType` names: alexnet, alexnet-lcnn, resnet, resnet-lcnn, ...
-  c.model.depth = 18  # ResNet depth: 8, 18 or 34.
-  c.model.dictionary = dictionary_config(model)  # Dictionary sizes of the lookup layers, per model (below).
   c.model.initial_sparsity = 0.01  # tau = initial_sparsity / sqrt(kh * kw * k).
-  c.model.dropout = 0.5  # Dropout rate before the fully connected layers (AlexNet, digits nets).
-  c.model.width = 32  # Base width of the small digits nets.
-  c.model.convs_per_stage = 1  # Digits nets: 3×3 convolutions at each width w, 2w, 4w (1 = conv1..conv3).
-  c.model.head = "average"  # Digits nets: the classifier reads the global average or every pixel (flatten).
+  c.model.dictionary = dictionary_config(model)  # Dictionary sizes of the lookup layers, and each model's own keys.
+  for key, (default, _) in family(model).keys.items():
+    c.model[key] = default
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "digits"  # digits | folder | tfds:<name> | idx | fashion_mnist | synthetic
@@ -142,72 +253,6 @@ def default_config(model: str = "digits-lcnn") -> ml_collections.ConfigDict:
   return c
 
 
-def digits_quickstart_config() -> ml_collections.ConfigDict:
-  """The embedded default (``configs/quickstart.py``): the digits LCNN with the L1 proximal rule, about a
-  minute on 2 CPU cores; the experiments on digits start from it."""
-  c = default_config("digits-lcnn")
-  c.model.width = 32
-  c.model.dictionary.first = 1
-  c.model.dictionary.convs = 8
-  c.model.dropout = 0.2
-  c.data.name = "digits"
-  c.train.batch_size = 64
-  c.train.epochs = 30
-  c.train.steps_per_epoch = 0  # one pass over the training split
-  c.train.lr_schedule = "cosine"
-  c.train.learning_rate = 0.1
-  c.train.warmup_steps = 50
-  c.train.weight_decay = 5e-4
-  c.train.checkpoint_every = 200
-  c.train.log_every = 20
-  c.train.eval_every = 0  # once per epoch
-  c.sparsity.rule = "prox"
-  c.sparsity.strength = 10.0
-  return c
-
-
-def fashion_mnist_config(lcnn: bool) -> ml_collections.ConfigDict:
-  """``configs/fashion_mnist.py`` (the ``mnist`` CNN) or, with ``lcnn``, ``configs/fashion_mnist_lcnn.py`` (its
-  LCNN twin, steered to a counted speedup of 10×): 12 epochs of the 60,000 Fashion-MNIST training images, ±2 pixel
-  translations and horizontal flips, a cosine learning rate, the classifier on every pixel of conv3."""
-  c = default_config("mnist-lcnn" if lcnn else "mnist")
-  c.model.width = 32
-  c.model.dictionary.first = 1  # the CNN ignores the dictionary sizes (its LCNN twin's)
-  c.model.dictionary.convs = 8
-  c.model.dropout = 0.2
-  c.model.head = "flatten"
-  c.data.name = "fashion_mnist"  # data.dir "" = /usr/share/datasets/fashion-mnist
-  c.train.batch_size = 128
-  c.train.epochs = 12
-  c.train.steps_per_epoch = 0  # one pass over the 60,000 training images (468 steps)
-  c.train.lr_schedule = "cosine"
-  c.train.learning_rate = 0.1
-  c.train.warmup_steps = 200
-  c.train.weight_decay = 5e-4
-  c.train.checkpoint_every = 1000
-  c.train.log_every = 100
-  c.train.eval_every = 0  # once per epoch
-  c.train.eval_batch_size = 500
-  c.sparsity.rule = "prox"
-  c.sparsity.strength = 0.05 if lcnn else 0.0  # the LCNN's starting λ; the target then steers it
-  c.sparsity.target_speedup = 10.0 if lcnn else 0.0
-  return c
-
-
-def imagenet_config(model_name: str, *, batch_size: int, lr_schedule: str) -> ml_collections.ConfigDict:
-  """The original's ImageNet recipe (REFERENCE §5) for ``model_name``: an ImageNet folder at 224×224 with
-  class-balanced sampling, 55 epochs of 10,000 steps, the architecture's learning-rate schedule."""
-  c = default_config(model_name)
-  c.data.name = "folder"
-  c.data.image_size = 224
-  c.data.balanced = True
-  c.train.batch_size = batch_size
-  c.train.lr_schedule = lr_schedule
-  c.train.epochs = 55  # Training length in epochs of train.steps_per_epoch steps.
-  c.train.steps_per_epoch = 10_000
-  return c
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the key when a key is not the schema's (:func:`check_keys`) or a value is out of its
   domain."""
@@ -233,24 +278,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"train.break_batch={config.train.break_batch} must be positive and divide "
         f"train.batch_size={config.train.batch_size}.")
-  check_dictionary(config.model)
-  if config.model.head not in HEADS:
-    raise ValueError(f"model.head={config.model.head!r}: expected one of {HEADS}.")
-  if not 0 <= config.model.dropout < 1:
-    raise ValueError(f"model.dropout={config.model.dropout}: must be in [0, 1).")
-  if config.model.initial_sparsity < 0 or config.model.width <= 0:
-    raise ValueError(f"model.initial_sparsity={config.model.initial_sparsity} must be >= 0 and "
-                     f"model.width={config.model.width} > 0.")
+  check_values(config.model)
 
 
 # ------------------------------------------------------------------------------------------------ dictionaries
 
 
-def dictionary_keys(model: str) -> dict[str, tuple[Any, str]]:
+def dictionary_keys(model: str) -> Mapping[str, tuple[Any, str]]:
   """``model``'s dictionary sizes (its LCNN twin's for a CNN): key -> (default, the layers it sizes)."""
-  _check_name(model)
-  lcnn = next((lcnn for lcnn, cnn in BASELINES.items() if model in (lcnn, cnn)))
-  return DICTIONARIES[lcnn]
+  return family(model).dictionary
 
 
 def dictionary_config(model: str) -> ml_collections.ConfigDict:
@@ -261,13 +297,12 @@ def dictionary_config(model: str) -> ml_collections.ConfigDict:
   return c
 
 
-def _check_name(model: str) -> None:
-  if model not in MODEL_NAMES:
-    raise ValueError(f"model.name={model!r}: expected one of {list(MODEL_NAMES)}.")
-
-
-def _takes(model: str) -> str:
-  return f"{model} takes model.dictionary.{{{', '.join(dictionary_keys(model))}}}"
+def takes(model: str) -> str:
+  """What ``model`` takes beside the keys every model has: ``"alexnet-lcnn takes model.dictionary.{first, convs,
+  fc, classifier} and model.dropout"``."""
+  own = list(family(model).keys)
+  rest = "" if not own else f" and model.{own[0]}" if len(own) == 1 else f" and model.{{{', '.join(own)}}}"
+  return f"{model} takes model.dictionary.{{{', '.join(dictionary_keys(model))}}}{rest}"
 
 
 def check_dictionary(model_config: ml_collections.ConfigDict) -> None:
@@ -287,17 +322,28 @@ def check_dictionary(model_config: ml_collections.ConfigDict) -> None:
 
 def check_keys(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming every key of ``config`` that the schema of its model has not: a misspelt key set in a
-  file, a dictionary size of another model, or a flat key of earlier versions (``model.pool_size`` ->
-  ``model.dictionary.convs``), and every dictionary size the model takes that is missing."""
-  _check_name(config.model.name)
+  file, a key or a dictionary size of another model (naming its owners), or a flat key of earlier versions
+  (``model.pool_size`` -> ``model.dictionary.convs``), and every key the model takes that is missing."""
+  family(config.model.name)
   _raise_key_problems(config, default_config(config.model.name), "")
 
 
 def check_model(model_config: ml_collections.ConfigDict) -> None:
-  """:func:`check_keys` and :func:`check_dictionary` of the model section alone (``config.model``)."""
-  _check_name(model_config.name)
+  """:func:`check_keys` and :func:`check_values` of the model section alone (``config.model``)."""
+  family(model_config.name)
   _raise_key_problems(model_config, default_config(model_config.name).model, "model.")
+  check_values(model_config)
+
+
+def check_values(model_config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the key when a value of the model section is out of its domain: the dictionary sizes
+  (:func:`check_dictionary`), ``initial_sparsity`` and the model's own keys (its registration's check)."""
   check_dictionary(model_config)
+  if model_config.initial_sparsity < 0:
+    raise ValueError(f"model.initial_sparsity={model_config.initial_sparsity}: must be >= 0.")
+  check = family(model_config.name).check
+  if check is not None:
+    check(model_config)
 
 
 def _raise_key_problems(values: ml_collections.ConfigDict, schema: ml_collections.ConfigDict, prefix: str) -> None:
@@ -320,22 +366,26 @@ def _raise_key_problems(values: ml_collections.ConfigDict, schema: ml_collection
 
   compare(values, schema, prefix)
   if unknown or missing:
-    raise ValueError(f"{'; '.join(unknown + missing)}. {_takes(name)}; a config file starts from "
-                     f"lcnn_jax.config.default_config({name!r}), as the presets in configs/ do.")
+    raise ValueError(f"{'; '.join(unknown + missing)}. {takes(name)}; a config file starts from "
+                     f"lcnn_jax.config.default_config({name!r}), as the presets in lcnn_jax/configs/ do.")
 
 
 def unknown_key(path: str, model: str) -> str:
-  """What to say of a key (``model.pool_size``) the schema of ``model`` has not: its new name, the models whose
-  dictionary size it is, or that there is no such key."""
+  """What to say of a key (``model.pool_size``) the schema of ``model`` has not: its new name, the models whose key
+  or dictionary size it is, or that there is no such key."""
   section, _, key = path.rpartition(".")
   if section in ("model", "model.dictionary") and key in RENAMED:  # the flat key, or its name misplaced
     new = RENAMED[key].split(".")[-1]
     taken = "" if new in dictionary_keys(model) else f", which {model} does not take"
     return f"model.{key} was renamed model.{RENAMED[key]}{taken}"
   if section == "model.dictionary":
-    owners = [m for m in BASELINES if key in DICTIONARIES[m]]
+    owners = [other.lcnn for other in FAMILIES if key in other.dictionary]
     if owners:
       return f"model.dictionary.{key} is a dictionary size of {', '.join(owners)}, not of {model}"
+  if section == "model":
+    owners = [name for other in FAMILIES if key in other.keys for name in other.names]
+    if owners:
+      return f"model.{key} is a key of {', '.join(owners)}, not of {model}"
   return f"there is no config key {path}"
 
 
@@ -345,18 +395,25 @@ def unknown_key(path: str, model: str) -> str:
 def from_dict(values: Mapping[str, Any], source: str = "a saved config") -> ml_collections.ConfigDict:
   """The config of a run saved as a dict (``config.json``), completed with today's defaults for its model. The
   flat dictionary keys of earlier versions (``model.first_pool``, ``pool_size``, ``pool_sizes``, ``fc_pool``,
-  ``classifier_pool``, ``pool1``..``pool4``) become ``model.dictionary`` with a logged note; keys this version
-  has not are ignored with a warning."""
+  ``classifier_pool``, ``pool1``..``pool4``) become ``model.dictionary`` with a logged note; the keys of other
+  models that runs saved before each model had its own keys hold are left out with a logged note; other keys this
+  version has not are ignored with a warning."""
   values = dict(values)
   model = dict(values.get("model", {}))
   name = model.get("name", "digits-lcnn")
   config = default_config(name)
+  foreign = [key for key in model if key not in config.model and any(key in other.keys for other in FAMILIES)]
+  for key in foreign:
+    del model[key]
+  if foreign:
+    logging.info("%s holds keys of other models than %s (saved before each model had its own): left out %s.",
+                 source, name, ", ".join(f"model.{key}" for key in foreign))
+  values["model"] = model
   flat = {key: model.pop(key) for key in RENAMED if key in model}
   if flat:
     model["dictionary"] = _translated(flat, name)
     logging.info("%s has the flat dictionary keys of earlier versions: read %s as model.dictionary = %s.", source,
                  ", ".join(f"model.{key}={value!r}" for key, value in flat.items()), model["dictionary"])
-    values["model"] = model
   _merge(config, values)
   return config
 
@@ -388,42 +445,78 @@ def _merge(config: ml_collections.ConfigDict, values: Mapping[str, Any], prefix:
 
 
 def preset_dir() -> str:
-  """The directory of the presets: ``lcnn_jax/configs`` in an installed package, ``configs/`` in a checkout."""
-  installed, checkout = PRESET_DIRS
-  if os.path.isdir(installed) or not os.path.exists(os.path.join(os.path.dirname(checkout), "setup.cfg")):
-    return installed
-  return checkout
+  """The directory of the presets, ``lcnn_jax/configs`` (:data:`PRESET_DIR`)."""
+  return PRESET_DIR
+
+
+def _preset_files() -> dict[str, str]:
+  """name -> path of every preset: each file under :data:`PRESET_DIR` that defines ``get_config``."""
+  files = {}
+  for directory, _, names in os.walk(PRESET_DIR):
+    for file_name in names:
+      path = os.path.join(directory, file_name)
+      if file_name.endswith(".py") and any(isinstance(node, ast.FunctionDef) and node.name == "get_config"
+                                           for node in _parsed(path).body):
+        files[os.path.relpath(path, PRESET_DIR)[:-3].replace(os.sep, "/")] = path
+  return files
+
+
+def _parsed(path: str) -> ast.Module:
+  with open(path) as f:
+    return ast.parse(f.read(), filename=path)
+
+
+def variants(name: str) -> dict[str, str]:
+  """The variants of the preset ``name`` (``alexnet``: ``cnn``, ``fast``, ``accurate``) with what each is, the
+  default first, from the file's ``VARIANTS``; ``{}`` for a preset without variants."""
+  path = _preset_files()[name]
+  for node in _parsed(path).body:
+    if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "VARIANTS" for t in node.targets):
+      return dict(ast.literal_eval(node.value))
+  return {}
 
 
 def presets() -> list[str]:
-  """The names of the presets (``alexnet_fast``, ``experiments/spectrum``, ...)."""
-  root, names = preset_dir(), []
-  for directory, _, files in os.walk(root):
-    names += [os.path.relpath(os.path.join(directory, f), root)[:-3].replace(os.sep, "/") for f in files
-              if f.endswith(".py") and f != "__init__.py"]
+  """Every run config by name: each preset (``alexnet``, ``experiments/spectrum``, its default variant) and each of
+  its other variants (``alexnet:fast``)."""
+  names = []
+  for name in _preset_files():
+    names += [name, *(f"{name}:{variant}" for variant in list(variants(name))[1:])]
   return sorted(names)
 
 
 def resolve(path_or_name: str) -> str:
-  """The config file ``path_or_name`` names: an existing file as it is, else a preset by name (``alexnet_fast``,
-  ``experiments/spectrum``; ``configs/alexnet_fast.py`` too, from any directory). Raises ValueError listing the
-  presets when it is neither."""
-  if os.path.isfile(path_or_name):
+  """The config file ``path_or_name`` names, as ``--config`` takes it (``FILE`` or ``FILE:VARIANT``): an existing
+  file as it is; else a preset by name (``alexnet``, ``alexnet:fast``, ``experiments/spectrum_fashion:full``;
+  ``configs/alexnet_fast.py`` from any directory too; the earlier names of :data:`RENAMED_PRESETS`). Raises
+  ValueError listing the presets, or the preset's variants, when it is neither."""
+  path, colon, variant = path_or_name.partition(":")
+  if os.path.isfile(path):
     return path_or_name
-  name = path_or_name.replace(os.sep, "/")
+  name = path.replace(os.sep, "/")
   name = name[len("configs/"):] if name.startswith("configs/") else name
   name = name[:-3] if name.endswith(".py") else name
-  path = os.path.join(preset_dir(), *name.split("/")) + ".py"
-  if name in presets():
-    return path
-  raise ValueError(f"--config {path_or_name}: no such file, and no preset of that name. Pass a config file (a path "
-                   f"relative to the current directory, or absolute) or a preset: {', '.join(presets())}.")
+  if name in RENAMED_PRESETS:
+    if colon:
+      raise ValueError(f"--config {path_or_name}: {name} is the preset {RENAMED_PRESETS[name]}; pass "
+                       f"--config {RENAMED_PRESETS[name].partition(':')[0]}:VARIANT for another variant.")
+    name, colon, variant = RENAMED_PRESETS[name].partition(":")
+  files = _preset_files()
+  if name not in files:
+    raise ValueError(f"--config {path_or_name}: no such file, and no preset of that name. Pass a config file (a path "
+                     f"relative to the current directory, or absolute) or a preset: {', '.join(presets())}.")
+  choices = variants(name)
+  if colon and variant not in choices:
+    expected = (f"its variants are {', '.join(f'{name}:{v} ({what})' for v, what in choices.items())}"
+                if choices else f"{name} has no variants")
+    raise ValueError(f"--config {path_or_name}: {name} has no variant {variant!r}; {expected}.")
+  return files[name] + colon + variant
 
 
 def load(path_or_name: str) -> ml_collections.ConfigDict:
-  """``get_config()`` of a config file or preset (:func:`resolve`)."""
-  path = resolve(path_or_name)
+  """``get_config()`` of a config file or preset (:func:`resolve`); ``get_config(VARIANT)`` for ``FILE:VARIANT``."""
+  path, colon, variant = resolve(path_or_name).partition(":")
   spec = importlib.util.spec_from_file_location(f"lcnn_jax_config_{abs(hash(os.path.abspath(path)))}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(variant) if colon else module.get_config()

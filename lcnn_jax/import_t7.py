@@ -46,6 +46,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from lcnn_jax import checkpoint, cli, config as config_lib, data, layers, train
+from lcnn_jax.configs import imagenet
 from lcnn_jax.models.alexnet import SpatialDropout
 
 MISSING_READER = ("Reading .t7 files needs the torchfile package: pip install 'lcnn-jax[t7]' "
@@ -369,7 +370,7 @@ def infer_config(leaves: Sequence[Leaf], image_size: int) -> ml_collections.Conf
                         f"({', '.join(layer.leaf.path for layer in found)}); the original's AlexNet models have 8 "
                         "(conv1..conv5, fc6, fc7, fc8). Pass --config for another architecture's file.")
   lcnn = found[0].dictionary_size > 0
-  c = config_lib.imagenet_config("alexnet-lcnn" if lcnn else "alexnet", batch_size=128, lr_schedule="alexnet")
+  c = imagenet.recipe("alexnet-lcnn" if lcnn else "alexnet", batch_size=128, lr_schedule="alexnet")
   c.data.image_size = image_size
   if lcnn:
     names = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")

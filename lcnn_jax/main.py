@@ -20,7 +20,7 @@ from lcnn_jax import checkpoint, cli, config as config_lib, data, inspection, tr
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A config file (configs/quickstart.py) or a preset's name "
-                                "(quickstart, alexnet_fast, ...: docs/config.md).", lock_config=True)
+                                "(quickstart, alexnet:fast, ...: docs/config.md).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where checkpoints, config.json, metrics.jsonl and TensorBoard files go.")
 flags.DEFINE_enum("mode", "train", ["train", "eval", "benchmark"], "What to do with the run.")
 flags.DEFINE_string("coordinator_address", None,

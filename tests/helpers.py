@@ -39,8 +39,7 @@ def small_model(name, input_shape, **overrides):
   """A model of ``name`` for 10 classes at width 8 (depth 8 where it has one), with small dictionaries;
   ``overrides`` sets dictionary sizes (``classifier=4``)."""
   config = config_lib.default_config(name).model
-  config.depth = 8
-  config.width = 8
+  config.update({key: 8 for key in ("depth", "width") if key in config})  # the keys of those models that have them
   sizes = dict(stage1=6, stage2=8, stage3=8, stage4=8, fc=16, **overrides)
   config.dictionary.update({key: size for key, size in sizes.items() if key in config.dictionary})
   return models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))

@@ -17,7 +17,7 @@ MODELS = {"alexnet-lcnn": (67, 67, 3), "resnet-lcnn": (32, 32, 3), "digits-lcnn"
 
 def _model(name, input_shape, rng):
   config = config_lib.default_config(name).model
-  config.update(dict(depth=8, width=8))
+  config.update({key: 8 for key in ("depth", "width") if key in config})  # the keys of those models that have them
   sizes = dict(stage1=6, stage2=8, stage3=8, stage4=8, fc=16, classifier=4 if name == "digits-lcnn" else 0)
   config.dictionary.update({key: size for key, size in sizes.items() if key in config.dictionary})
   model = models.create_model(config, num_classes=10, input_shape=input_shape, rngs=nnx.Rngs(0))

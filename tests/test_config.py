@@ -110,6 +110,69 @@ def test_a_misspelt_key_set_in_a_file_is_named():
     config_lib.check_keys(config)
 
 
+@pytest.mark.parametrize("model, own", [
+    ("alexnet-lcnn", ["dropout"]), ("alexnet", ["dropout"]), ("resnet-lcnn", ["depth"]), ("resnet", ["depth"]),
+    ("digits-lcnn", ["dropout", "width", "convs_per_stage", "head"]),
+    ("mnist", ["dropout", "width", "convs_per_stage", "head"]),
+])
+def test_each_model_has_the_common_keys_and_its_own(model, own):
+  assert sorted(config_lib.default_config(model).model) == sorted(["name", "initial_sparsity", "dictionary", *own])
+
+
+@pytest.mark.parametrize("model, key, value, owners", [
+    ("alexnet-lcnn", "depth", 34, "resnet-lcnn, resnet"),
+    ("resnet-lcnn", "width", 8, "digits-lcnn, digits, mnist-lcnn, mnist"),
+    ("resnet", "dropout", 0.1, "alexnet-lcnn, alexnet, digits-lcnn, digits, mnist-lcnn, mnist"),
+])
+def test_a_key_of_another_model_set_in_a_file_names_its_owners_and_the_models_keys(model, key, value, owners):
+  config = config_lib.default_config(model)
+  config.model[key] = value
+  with pytest.raises(ValueError, match=rf"model.{key} is a key of {owners}, not of {model}\. {model} takes "
+                                       r"model.dictionary.\{"):
+    config_lib.validate(config)
+
+
+def test_a_key_of_another_model_on_the_command_line_is_a_usage_error_naming_its_owner(capsys):
+  status, _ = run_config_command(["--config", "alexnet:fast", "--config.model.depth=34"])
+  err = capsys.readouterr().err
+  assert status == 2 and "Traceback" not in err
+  assert err.startswith("error: --config.model.depth: model.depth is a key of resnet-lcnn, resnet, not of "
+                        "alexnet-lcnn. The config's model alexnet-lcnn takes model.dictionary.{first, convs, fc, "
+                        "classifier} and model.dropout; docs/config.md lists every model's keys")
+  status, _ = run_config_command(["--config", "resnet18", "--config.model.head=flatten"])
+  err = capsys.readouterr().err
+  assert status == 2 and "model.head is a key of digits-lcnn, digits, mnist-lcnn, mnist, not of resnet." in err
+
+
+def test_a_misspelt_model_key_on_the_command_line_is_a_usage_error(capsys):
+  status, _ = run_config_command(["--config", "quickstart", "--config.model.widht=8"])
+  err = capsys.readouterr().err
+  assert status == 2 and err.startswith("error: --config.model.widht: there is no config key 'widht'")
+
+
+@pytest.mark.parametrize("model, key, value, message", [
+    ("digits-lcnn", "head", "max", r"model.head='max': expected one of \('average', 'flatten'\)"),
+    ("mnist", "width", 0, r"model.width=0, model.convs_per_stage=1: the width must be positive"),
+    ("alexnet-lcnn", "dropout", 1.0, r"model.dropout=1.0: must be in \[0, 1\)"),
+    ("resnet-lcnn", "initial_sparsity", -0.1, r"model.initial_sparsity=-0.1: must be >= 0"),
+])
+def test_a_value_of_a_models_key_out_of_its_domain_is_named(model, key, value, message):
+  config = config_lib.default_config(model)
+  config.model[key] = value
+  with pytest.raises(ValueError, match=message):
+    config_lib.validate(config)
+
+
+def test_a_model_name_or_a_common_key_cannot_be_registered_twice():
+  alexnet = config_lib.family("alexnet")
+  with pytest.raises(ValueError, match="model.name alexnet, alexnet-lcnn: already registered"):
+    config_lib.register_model(alexnet)
+  with pytest.raises(ValueError, match=r"model.\{initial_sparsity\}: every model has these keys"):
+    config_lib.register_model(config_lib.ModelFamily(cnn="x", lcnn="x-lcnn", builders=("m:x", "m:x_lcnn"),
+                                                     keys={"initial_sparsity": (0.1, "")}, dictionary={}))
+  assert [f for f in config_lib.FAMILIES if f.cnn == "x"] == []
+
+
 # ------------------------------------------------------------------------------------------------ earlier keys
 
 
@@ -189,6 +252,7 @@ def test_a_saved_config_with_the_earlier_flat_keys_reads_as_todays_with_a_note()
     config = config_lib.from_dict(json.loads(json.dumps(saved, default=list)), source="RUN/config.json")
   assert config.model.dictionary.to_dict() == {"first": 3, "convs": (500, 500, 500, 30), "fc": 1024, "classifier": 0}
   config_lib.validate(config)
+  assert "depth" not in config.model and "width" not in config.model  # resnet's and the small nets' keys
   note = info.call_args[0][0] % info.call_args[0][1:]
   assert note.startswith("RUN/config.json has the flat dictionary keys of earlier versions: read model.first_pool=3")
   assert "model.dictionary = {'first': 3, 'convs': (500, 500, 500, 30), 'fc': 1024, 'classifier': 0}" in note
@@ -225,30 +289,82 @@ def test_a_run_saved_today_restores_its_config(tmp_path):
 # ------------------------------------------------------------------------------------------------ presets
 
 
-def test_presets_are_listed_by_name_and_every_one_loads_and_validates():
+def test_presets_are_listed_by_name_with_their_variants_and_every_one_loads_and_validates():
   names = config_lib.presets()
-  assert {"quickstart", "alexnet_fast", "resnet18_accurate", "experiments/spectrum"} <= set(names)
+  assert {"quickstart", "alexnet", "alexnet:fast", "alexnet:accurate", "resnet18", "resnet18:fast",
+          "resnet18:accurate", "fashion_mnist", "fashion_mnist:lcnn", "experiments/spectrum",
+          "experiments/spectrum_fashion:full"} <= set(names)
   for name in names:
     config_lib.validate(config_lib.load(name))
 
 
-def test_a_bare_name_and_the_checkout_path_resolve_to_the_same_preset(tmp_path, monkeypatch):
-  path = config_lib.resolve("alexnet_fast")
-  assert path == os.path.join(config_lib.preset_dir(), "alexnet_fast.py") and os.path.isfile(path)
-  monkeypatch.chdir(tmp_path)  # configs/alexnet_fast.py works from any directory
-  assert config_lib.resolve("configs/alexnet_fast.py") == path
-  assert config_lib.resolve("experiments/few_shot") == os.path.join(config_lib.preset_dir(), "experiments",
-                                                                     "few_shot.py")
+@pytest.mark.parametrize("name, model, target", [
+    ("alexnet", "alexnet", 0.0), ("alexnet:cnn", "alexnet", 0.0), ("alexnet:fast", "alexnet-lcnn", 37.6),
+    ("alexnet:accurate", "alexnet-lcnn", 3.2), ("resnet18:fast", "resnet-lcnn", 29.2),
+    ("fashion_mnist:lcnn", "mnist-lcnn", 10.0), ("fashion_mnist", "mnist", 0.0),
+])
+def test_a_family_file_gives_each_variant_by_argument(name, model, target):
+  config = config_lib.load(name)
+  assert (config.model.name, config.sparsity.target_speedup) == (model, target)
+  assert config_lib.resolve(name).startswith(os.path.join(config_lib.PRESET_DIR, name.partition(":")[0] + ".py"))
 
 
-def test_a_bare_name_on_the_command_line_loads_the_preset():
-  status, config = run_config_command(["--config=resnet18_fast"])
-  assert status == 0 and config.model.dictionary.stage4 == 48
+@pytest.mark.parametrize("old, new", list(config_lib.RENAMED_PRESETS.items()))
+def test_an_earlier_preset_name_loads_todays_variant(old, new):
+  assert config_lib.resolve(old) == config_lib.resolve(new)
+  assert config_lib.load(old).to_dict() == config_lib.load(new).to_dict()
+
+
+OLD_PATHS = sorted(os.path.relpath(os.path.join(d, f), REPO) for d, _, files in os.walk(os.path.join(REPO, "configs"))
+                   for f in files if f.endswith(".py"))
+
+
+def test_every_earlier_path_is_kept():
+  assert {"configs/quickstart.py", "configs/alexnet_fast.py", "configs/resnet18.py", "configs/fashion_mnist_lcnn.py",
+          "configs/experiments/spectrum_fashion.py"} <= set(OLD_PATHS)
+
+
+@pytest.mark.parametrize("path", OLD_PATHS)
+def test_an_earlier_checkout_path_loads_the_preset_of_its_name_from_any_directory(path, tmp_path, monkeypatch):
+  name = path[len("configs/"):-len(".py")]
+  expected = config_lib.load(name).to_dict()
+  assert config_lib.load(os.path.join(REPO, path)).to_dict() == expected  # the file
+  monkeypatch.chdir(tmp_path)
+  assert config_lib.load(path).to_dict() == expected  # the preset of that name
+
+
+def test_an_earlier_path_with_a_variant_loads_it(monkeypatch):
+  monkeypatch.chdir(REPO)
+  assert config_lib.load("configs/experiments/spectrum_fashion.py:full").train.num_steps == 0
+  assert config_lib.load("configs/alexnet.py:fast").sparsity.target_speedup == 37.6
+  status, config = run_config_command(["--config", "configs/experiments/few_shot_fashion.py:full"])
+  assert status == 0 and config.train.epochs == 12
+
+
+@pytest.mark.parametrize("argv", [["--config", "alexnet:fast"], ["--config=alexnet:fast"], ["--config", "alexnet_fast"],
+                                  ["--config", "configs/alexnet_fast.py"]])
+def test_a_preset_and_its_variant_on_the_command_line_load_from_any_directory(argv, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  status, config = run_config_command(argv)
+  assert status == 0 and config.model.dictionary.convs == (30, 30, 30, 30) and config.sparsity.target_speedup == 37.6
+
+
+@pytest.mark.parametrize("value, message", [
+    ("alexnet:fsat", "error: --config alexnet:fsat: alexnet has no variant 'fsat'; its variants are alexnet:cnn (the "
+                     "AlexNet CNN, the paper's baseline row (1.0×)), alexnet:fast ("),
+    ("quickstart:full", "error: --config quickstart:full: quickstart has no variant 'full'; quickstart has no variants."),
+    ("alexnet_fast:accurate", "error: --config alexnet_fast:accurate: alexnet_fast is the preset alexnet:fast; pass "
+                              "--config alexnet:VARIANT for another variant."),
+])
+def test_an_unknown_variant_is_a_usage_error_naming_the_variants(value, message, capsys):
+  status, _ = run_config_command(["--config", value])
+  err = capsys.readouterr().err
+  assert status == 2 and err.startswith(message), err
 
 
 def test_a_misspelt_preset_is_a_usage_error_listing_the_presets(capsys):
   with pytest.raises(ValueError, match=r"--config alexnet_fats: no such file, and no preset of that name.*"
-                                       r"alexnet_fast, experiments/few_iteration"):
+                                       r"alexnet, alexnet:accurate, alexnet:fast, experiments/few_iteration"):
     config_lib.resolve("alexnet_fats")
   status, _ = run_config_command(["--config", "alexnet_fats"])
   err = capsys.readouterr().err
@@ -256,32 +372,23 @@ def test_a_misspelt_preset_is_a_usage_error_listing_the_presets(capsys):
 
 
 def test_the_presets_ship_inside_the_package(tmp_path):
-  """setup.cfg maps configs/ to lcnn_jax.configs: building the package puts every preset there (the files a wheel
-  holds; ``pip wheel . --no-deps`` shows the same list)."""
+  """The presets are a package of lcnn_jax (no mapping of another directory): building the package puts every
+  preset there (the files a wheel holds; ``pip wheel . --no-deps`` shows the same list)."""
   parser = configparser.ConfigParser()
   parser.read(os.path.join(REPO, "setup.cfg"))
+  assert "package_dir" not in parser["options"]
   listed = parser["options"]["packages"].split()
-  found = setuptools.find_packages(REPO, include=["lcnn_jax", "lcnn_jax.*"])
-  assert sorted(listed) == sorted(found + ["lcnn_jax.configs", "lcnn_jax.configs.experiments"])
+  assert sorted(listed) == sorted(setuptools.find_packages(REPO, include=["lcnn_jax", "lcnn_jax.*"]))
+  assert {"lcnn_jax.configs", "lcnn_jax.configs.experiments"} <= set(listed)
   for name in ("setup.cfg", "pyproject.toml", "README.md"):
     shutil.copy(os.path.join(REPO, name), tmp_path)
-  for name in ("lcnn_jax", "configs"):
-    shutil.copytree(os.path.join(REPO, name), tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+  shutil.copytree(os.path.join(REPO, "lcnn_jax"), tmp_path / "lcnn_jax", ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-c", "import setuptools; setuptools.setup()", "-q", "build_py", "-d",
                   str(tmp_path / "lib")], cwd=tmp_path, check=True, capture_output=True)
-  built = tmp_path / "lib" / "lcnn_jax" / "configs"
-  shipped = sorted(str(p.relative_to(built))[:-3] for p in built.rglob("*.py") if p.name != "__init__.py")
-  assert shipped == config_lib.presets()
-  assert (built / "alexnet_fast.py").read_text() == open(config_lib.resolve("alexnet_fast")).read()
-
-
-def test_the_installed_presets_are_found_before_the_checkouts(tmp_path):
-  package = tmp_path / "lcnn_jax"
-  (package / "configs").mkdir(parents=True)
-  with mock.patch.object(config_lib, "PRESET_DIRS", (str(package / "configs"), os.path.join(REPO, "configs"))):
-    assert config_lib.preset_dir() == str(package / "configs")
-  with mock.patch.object(config_lib, "PRESET_DIRS", (str(tmp_path / "absent"), os.path.join(REPO, "configs"))):
-    assert config_lib.preset_dir() == os.path.join(REPO, "configs")
+  code = "from lcnn_jax import config; print(config.PRESET_DIR); print(','.join(config.presets()))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=tmp_path / "lib", env={**os.environ, "PYTHONPATH": str(tmp_path / "lib")}).stdout.splitlines()
+  assert out == [str(tmp_path / "lib" / "lcnn_jax" / "configs"), ",".join(config_lib.presets())]
 
 
 def test_the_schema_needs_no_model_code():

@@ -158,6 +158,19 @@ def test_a_point_starts_in_init_run_from_its_prepared_weights_and_is_read_back_o
   assert common.run_point(tiny_config(), str(tmp_path), prepare=prepare) == result and starts == [prepare]
 
 
+def test_a_point_finished_before_each_model_had_its_own_keys_is_read_back_not_retrained(tmp_path, monkeypatch):
+  config = tiny_config()
+  saved = json.loads(json.dumps(config.to_dict(), default=list))
+  saved["model"]["depth"] = 18  # every model's keys, as results saved then hold them
+  done = {"top1": 0.5, "config": saved, "setup": None}
+  (tmp_path / common.RESULT_FILE).write_text(json.dumps(done))
+  monkeypatch.setattr(train, "train_and_evaluate", no_training)
+  assert common.run_point(config, str(tmp_path)) == done
+  config.train.learning_rate = 0.01
+  with pytest.raises(common.ExperimentError, match="another config"):
+    common.run_point(config, str(tmp_path))
+
+
 def test_spectrum_figure_reads_in_percent_and_times_and_no_tick_labels_collide(tmp_path):
   # The strength grid of docs/experiments.md: the wall-clock panel spans under a decade, where log axes label
   # minor ticks (2×10⁰, 3×10⁰, …) that ran into each other.

@@ -133,7 +133,7 @@ def test_dense_baselines_agree_with_xla_cost_analysis_up_to_the_border(name, inp
   the paper's rule leaves out; a larger share in these narrow test nets than in real ones).
   """
   config = config_lib.default_config(name).model
-  config.depth, config.width = 8, 8
+  config.update({key: 8 for key in ("depth", "width") if key in config})  # the keys of those models that have them
   model = models.create_model(config, num_classes=num_classes, input_shape=input_shape, rngs=nnx.Rngs(0))
   model.eval()
   count = flops.count_multiplications(model, input_shape)

@@ -1,4 +1,5 @@
-"""Specification of lcnn_jax.models and configs/: shapes, parameter counts, the original's rules, modes."""
+"""Specification of lcnn_jax.models and the presets: shapes, parameter counts, the original's rules, modes, and what
+adding a model takes (one module and one registration)."""
 
 import json
 import math
@@ -9,10 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import config_flags
 
+from lcnn_jax import cli, counting
 from lcnn_jax import config as config_lib
 from lcnn_jax import models
 from lcnn_jax.layers import LookupConv, LookupDense
+from lcnn_jax.models import common
 
 
 def model_config(name, dictionary=(), **overrides):
@@ -65,13 +69,80 @@ def test_unknown_model_name_lists_the_known_names():
 
 
 def test_config_validate_knows_every_registered_model():
-  assert sorted(models.MODELS) == sorted(config_lib.MODEL_NAMES)
-  for name in models.MODELS:
+  assert config_lib.model_names() == ("alexnet", "alexnet-lcnn", "digits", "digits-lcnn", "mnist", "mnist-lcnn",
+                                      "resnet", "resnet-lcnn")
+  for name in config_lib.model_names():
     config_lib.validate(config_lib.default_config(name))
+    assert callable(models.builder(name))
   c = config_lib.default_config()
   c.model.name = "lenet"
   with pytest.raises(ValueError, match="model.name='lenet'"):
     config_lib.validate(c)
+
+
+class TinyNet(nnx.Module):
+  """A model added by a test: one 3×3 convolution (a lookup layer in the LCNN) and a classifier on its average."""
+
+  def __init__(self, num_classes, input_shape, *, width, dictionary_size=0, rngs):
+    self.conv1 = common.conv(input_shape[-1], width, 3, padding=1, dictionary_size=dictionary_size, rngs=rngs)
+    self.classifier = common.dense(width, num_classes, rngs=rngs)
+
+  def __call__(self, x):
+    return self.classifier(common.global_average_pool(jax.nn.relu(self.conv1(x))))
+
+
+def tiny(config, *, num_classes, input_shape, rngs):
+  return TinyNet(num_classes, input_shape, width=config.width, rngs=rngs)
+
+
+def tiny_lcnn(config, *, num_classes, input_shape, rngs):
+  return TinyNet(num_classes, input_shape, width=config.width, dictionary_size=config.dictionary.first, rngs=rngs)
+
+
+@pytest.fixture
+def tiny_model(monkeypatch):
+  """The registration a new model needs, beside its module: its names, builders, keys and dictionary sizes."""
+  monkeypatch.setattr(config_lib, "FAMILIES", list(config_lib.FAMILIES))
+  return config_lib.register_model(config_lib.ModelFamily(
+      cnn="tiny", lcnn="tiny-lcnn", builders=(tiny, tiny_lcnn),
+      keys={"width": (6, "Width of conv1."), "hops": (2, "A key no other model has.")},
+      dictionary={"first": (2, "conv1.")}))
+
+
+def test_a_model_added_by_one_registration_builds_validates_counts_and_owns_its_keys(tiny_model, tmp_path, capsys):
+  config = config_lib.default_config("tiny-lcnn")
+  assert sorted(config.model) == ["dictionary", "hops", "initial_sparsity", "name", "width"]
+  config_lib.validate(config)
+  model = models.create_model(config.model, num_classes=3, input_shape=(8, 8, 1), rngs=nnx.Rngs(0))
+  assert isinstance(model.conv1, LookupConv) and model(jnp.zeros((2, 8, 8, 1))).shape == (2, 3)
+  baseline = models.baseline_config(config.model)
+  assert baseline.name == "tiny" and isinstance(
+      models.create_model(baseline, num_classes=3, input_shape=(8, 8, 1), rngs=nnx.Rngs(0)).conv1, nnx.Conv)
+  assert counting.baseline_count(config.model, 3, (8, 8, 1)).total == 8 * 8 * 9 * 6 + 6 * 3
+
+  config.model.depth = 34
+  with pytest.raises(ValueError, match=r"model.depth is a key of resnet-lcnn, resnet, not of tiny-lcnn\. tiny-lcnn "
+                                       r"takes model.dictionary.\{first\} and model.\{width, hops\}"):
+    config_lib.validate(config)
+  alexnet = config_lib.default_config("alexnet-lcnn")
+  alexnet.model.hops = 3
+  with pytest.raises(ValueError, match=r"model.hops is a key of tiny-lcnn, tiny, not of alexnet-lcnn"):
+    models.create_model(alexnet.model, num_classes=3, input_shape=(67, 67, 3), rngs=nnx.Rngs(0))
+
+  path = tmp_path / "tiny.py"
+  path.write_text("from lcnn_jax import config as config_lib\n\n\ndef get_config():\n"
+                  "  return config_lib.default_config('tiny-lcnn')\n")
+  argv = ["prog", "--config", str(path), "--config.model.hops=5", "--config.model.dictionary.first=4"]
+  seen = {}
+
+  def define(flag_values):
+    config_flags.DEFINE_config_file("config", None, "The run config.", flag_values=flag_values)
+
+  assert cli.call(lambda argv, flags: seen.update(config=flags.config), define, argv) == 0
+  assert (seen["config"].model.hops, seen["config"].model.dictionary.first) == (5, 4)
+  assert cli.call(lambda argv, flags: None, define, ["prog", "--config", str(path), "--config.model.depth=8"]) == 2
+  assert capsys.readouterr().err.startswith("error: --config.model.depth: model.depth is a key of resnet-lcnn, resnet, "
+                                            "not of tiny-lcnn. The config's model tiny-lcnn takes")
 
 
 def test_a_dictionary_size_of_another_model_is_rejected_when_the_model_is_built():
@@ -84,11 +155,12 @@ def test_a_dictionary_size_of_another_model_is_rejected_when_the_model_is_built(
 
 
 def test_baseline_config_maps_each_lcnn_to_its_cnn_and_keeps_the_rest():
-  for lcnn, cnn in (("alexnet-lcnn", "alexnet"), ("resnet-lcnn", "resnet"), ("digits-lcnn", "digits"),
-                    ("alexnet", "alexnet"), ("resnet", "resnet"), ("digits", "digits")):
-    c = model_config(lcnn, depth=34, width=16)
+  for lcnn, cnn, own in (("alexnet-lcnn", "alexnet", {"dropout": 0.3}), ("resnet-lcnn", "resnet", {"depth": 34}),
+                         ("digits-lcnn", "digits", {"width": 16}), ("alexnet", "alexnet", {"dropout": 0.3}),
+                         ("resnet", "resnet", {"depth": 34}), ("digits", "digits", {"width": 16})):
+    c = model_config(lcnn, **own)
     baseline = models.baseline_config(c)
-    assert (baseline.name, baseline.depth, baseline.width) == (cnn, 34, 16)
+    assert baseline.name == cnn and {key: baseline[key] for key in own} == own
     assert c.name == lcnn  # the input is not changed
 
 
@@ -357,7 +429,7 @@ def test_every_preset_builds_the_same_model_and_baseline_as_with_the_flat_keys(p
 
 
 RUN_PRESETS = [name for name in config_lib.presets() if "/" not in name]  # the experiments' are theirs
-PAPER_ROWS = ("alexnet", "alexnet_fast", "alexnet_accurate", "resnet18", "resnet18_fast", "resnet18_accurate")
+PAPER_ROWS = ("alexnet", "alexnet:fast", "alexnet:accurate", "resnet18", "resnet18:fast", "resnet18:accurate")
 
 
 def test_every_paper_row_has_a_config():
@@ -379,17 +451,18 @@ def test_config_loads_validates_and_builds_its_model_and_baseline(preset):
 
 
 @pytest.mark.parametrize("name, target", [
-    ("alexnet_fast", 37.6), ("alexnet_accurate", 3.2), ("resnet18_fast", 29.2), ("resnet18_accurate", 5.0),
+    ("alexnet:fast", 37.6), ("alexnet:accurate", 3.2), ("resnet18:fast", 29.2), ("resnet18:accurate", 5.0),
 ])
 def test_paper_configs_target_their_rows_speedup_with_the_original_rule(name, target):
   config = config_lib.load(name)
   assert (config.sparsity.target_speedup, config.sparsity.rule) == (target, "threshold")
-  assert config.sparsity.strength > 0 and f"target_speedup = {target}" in open(config_lib.resolve(name)).read()
+  family, _, variant = name.partition(":")
+  assert config.sparsity.strength > 0 and f"{target}×" in config_lib.variants(family)[variant]
 
 
 @pytest.mark.parametrize("name, model, pools, strength", [
-    ("alexnet_fast", "alexnet-lcnn", (3, 30, 30, 30, 30, 512, 512, 0), 1.0),
-    ("alexnet_accurate", "alexnet-lcnn", (3, 500, 500, 500, 30, 1024, 1024, 0), 0.3),
+    ("alexnet:fast", "alexnet-lcnn", (3, 30, 30, 30, 30, 512, 512, 0), 1.0),
+    ("alexnet:accurate", "alexnet-lcnn", (3, 500, 500, 500, 30, 1024, 1024, 0), 0.3),
 ])
 def test_alexnet_configs_follow_the_tf_ports_published_settings(name, model, pools, strength):
   config = config_lib.load(name)

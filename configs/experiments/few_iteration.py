@@ -1,17 +1,12 @@
-"""Few-iteration learning on the embedded digits (``python -m lcnn_jax.experiments.few_iteration``).
-
-A shallow digits LCNN (2 convolutions per width) learns dictionaries; a deeper one (4 per width) reuses them and
-trains only indices and coefficients, against the deeper CNN from scratch. The experiment sets
-``model.convs_per_stage``, the run lengths and the transfer keys.
+"""``--config configs/experiments/few_iteration.py``, as before the presets moved into the package: the preset
+``experiments/few_iteration`` (``lcnn_jax/configs/experiments/few_iteration.py``, where its recipe and documentation
+are), the same as ``--config experiments/few_iteration``.
 """
 
 from lcnn_jax import config as config_lib
 
 
-def get_config():
-  c = config_lib.digits_quickstart_config()
-  c.train.epochs = 10
-  c.train.warmup_steps = 20
-  c.train.checkpoint_every = 1000
-  c.train.log_every = 20
-  return c
+def get_config(*variant: str):
+  """The preset ``experiments/few_iteration``, or its ``variant``
+  (``configs/experiments/few_iteration.py:VARIANT``)."""
+  return config_lib.load(":".join(("experiments/few_iteration", *variant)))

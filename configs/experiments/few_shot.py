@@ -1,16 +1,11 @@
-"""Few-shot learning on the embedded digits (``python -m lcnn_jax.experiments.few_shot``).
-
-Base runs learn digits 0-4 with the quickstart recipe; novel runs learn digits 5-9 from n training images each.
-The experiment sets ``data.classes``, ``data.examples_per_class``, the run lengths and the transfer keys.
+"""``--config configs/experiments/few_shot.py``, as before the presets moved into the package: the preset
+``experiments/few_shot`` (``lcnn_jax/configs/experiments/few_shot.py``, where its recipe and documentation are), the
+same as ``--config experiments/few_shot``.
 """
 
 from lcnn_jax import config as config_lib
 
 
-def get_config():
-  c = config_lib.digits_quickstart_config()
-  c.train.epochs = 15
-  c.train.warmup_steps = 20
-  c.train.checkpoint_every = 1000
-  c.train.log_every = 50
-  return c
+def get_config(*variant: str):
+  """The preset ``experiments/few_shot``, or its ``variant`` (``configs/experiments/few_shot.py:VARIANT``)."""
+  return config_lib.load(":".join(("experiments/few_shot", *variant)))

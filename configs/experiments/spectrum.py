@@ -1,16 +1,11 @@
-"""The speed/accuracy spectrum on the embedded digits (``python -m lcnn_jax.experiments.spectrum``).
-
-The quickstart digits LCNN, shortened to 8 epochs per point so that the CNN and eight LCNN points train in
-about ten minutes on 2 CPU cores. The experiment sets ``model.dictionary.convs`` and ``sparsity.strength`` per point.
+"""``--config configs/experiments/spectrum.py``, as before the presets moved into the package: the preset
+``experiments/spectrum`` (``lcnn_jax/configs/experiments/spectrum.py``, where its recipe and documentation are), the
+same as ``--config experiments/spectrum``.
 """
 
 from lcnn_jax import config as config_lib
 
 
-def get_config():
-  c = config_lib.digits_quickstart_config()
-  c.train.epochs = 8
-  c.train.warmup_steps = 20
-  c.train.checkpoint_every = 1000
-  c.train.log_every = 50
-  return c
+def get_config(*variant: str):
+  """The preset ``experiments/spectrum``, or its ``variant`` (``configs/experiments/spectrum.py:VARIANT``)."""
+  return config_lib.load(":".join(("experiments/spectrum", *variant)))

@@ -1,42 +1,12 @@
-"""The speed/accuracy spectrum on Fashion-MNIST at a scale that fits a shared 2-core machine.
-
-``--config configs/experiments/spectrum_fashion.py`` (or ``...:reduced``) is that reduced scale, for smoke tests
-and time-boxed runs; ``...:full`` is the protocol's full scale (docs/experiments.md):
-
-    python -m lcnn_jax.experiments.spectrum --config configs/experiments/spectrum_fashion.py:full \\
-        --workdir runs/spectrum_fashion_full --points 16:5,8:10,8:20,4:40 --seeds 0,1,2 --nowall_clock
-
-* reduced: ``configs/fashion_mnist_lcnn.py`` (the ``mnist-lcnn`` net, conv3's global average) cut down to the
-  first 1,000 training images of each class (10,000 of the 60,000), batch 64, 300 steps (about two passes), one
-  evaluation on all 10,000 test images at the end: 1–2 minutes a point on 2 idle CPU cores;
-* full: ``configs/fashion_mnist_lcnn.py`` itself: all 60,000 training images, 12 epochs of batch 128 (5,616
-  steps), the classifier on every pixel, an evaluation per epoch: about 12 minutes a point on 2 idle cores.
-
-The experiment sets per point the dictionary size (``model.dictionary.convs``) and ``sparsity.target_speedup``
-(``docs/operating_points.md``): the run steers λ, starting from ``sparsity.strength``, so that its final
-checkpoint counts the requested speedup; the CNN, and the CNN pruned to each LCNN point's count, train for the
-same steps.
+"""``--config configs/experiments/spectrum_fashion.py``, as before the presets moved into the package: the preset
+``experiments/spectrum_fashion`` (``lcnn_jax/configs/experiments/spectrum_fashion.py``, where its recipe and
+documentation are), the same as ``--config experiments/spectrum_fashion``.
 """
 
 from lcnn_jax import config as config_lib
 
-SCALES = ("reduced", "full")
 
-
-def get_config(scale: str = "reduced"):
-  if scale not in SCALES:
-    raise ValueError(f"spectrum_fashion.py:{scale}: expected one of {SCALES}, e.g. "
-                     "--config configs/experiments/spectrum_fashion.py:full.")
-  c = config_lib.fashion_mnist_config(lcnn=True)
-  if scale == "full":
-    return c
-  c.model.head = "average"  # as measured in docs/experiments.md (the 12-epoch configs read every pixel)
-  c.data.examples_per_class = 1000  # the first 1,000 of each class: 10,000 training images
-  c.train.batch_size = 64
-  c.train.num_steps = 300
-  c.train.warmup_steps = 30
-  c.train.eval_every = 300  # once, at the end
-  c.train.checkpoint_every = 300
-  c.train.log_every = 50
-  c.sparsity.strength = 0.05  # the starting λ; the experiment sets sparsity.target_speedup per point
-  return c
+def get_config(*variant: str):
+  """The preset ``experiments/spectrum_fashion``, or its ``variant``
+  (``configs/experiments/spectrum_fashion.py:VARIANT``)."""
+  return config_lib.load(":".join(("experiments/spectrum_fashion", *variant)))

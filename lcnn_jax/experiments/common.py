@@ -159,7 +159,8 @@ def run_point(config: ml_collections.ConfigDict, workdir: str, *,
   setup = json.loads(json.dumps(setup)) if setup is not None else None
   done = read_result(workdir)
   if done is not None:
-    if done["config"] != config_dict or done.get("setup") != setup:
+    saved = config_lib.from_dict(done["config"], source=os.path.join(workdir, RESULT_FILE))  # in today's keys
+    if json.loads(json.dumps(saved.to_dict(), default=list)) != config_dict or done.get("setup") != setup:
       raise ExperimentError(
           f"{workdir} holds a finished point trained with another config (or setup); move it away (or pass another "
           "--workdir) to run this one.")

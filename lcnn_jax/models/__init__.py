@@ -1,4 +1,5 @@
-"""The models, built from ``config.model`` by the original's ``netType`` names.
+"""The models, built from ``config.model`` by the original's ``netType`` names: each is registered, with its keys
+and its builder, by :func:`lcnn_jax.config.register_model` (docs/config.md lists every model's keys). Those that ship:
 
 =============== ================================================== ========== ==========================================
 name            model                                              baseline   ``model.dictionary``
@@ -20,30 +21,29 @@ the model was built with (its ``default`` stream when there is none).
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable, Sequence
 
 import ml_collections
 from flax import nnx
 
 from lcnn_jax import config as config_lib
-from lcnn_jax.models.alexnet import AlexNet, alexnet, alexnet_lcnn
-from lcnn_jax.models.resnet import STAGE_BLOCKS, ResNet, resnet, resnet_lcnn
-from lcnn_jax.models.small import DigitsNet, digits, digits_lcnn, mnist, mnist_lcnn
+from lcnn_jax.models.alexnet import AlexNet
+from lcnn_jax.models.resnet import STAGE_BLOCKS, ResNet
+from lcnn_jax.models.small import DigitsNet
 
 Builder = Callable[..., nnx.Module]
 
-MODELS: dict[str, Builder] = {
-    "alexnet": alexnet,
-    "alexnet-lcnn": alexnet_lcnn,
-    "resnet": resnet,
-    "resnet-lcnn": resnet_lcnn,
-    "digits": digits,
-    "digits-lcnn": digits_lcnn,
-    "mnist": mnist,
-    "mnist-lcnn": mnist_lcnn,
-}
-BASELINES = config_lib.BASELINES
 RESNET_DEPTHS = tuple(sorted(STAGE_BLOCKS))
+
+
+def builder(name: str) -> Builder:
+  """The builder of the model ``name`` that its registration names (a ``"module:function"`` is imported)."""
+  target = config_lib.family(name).builder(name)
+  if isinstance(target, str):
+    module, _, function = target.partition(":")
+    target = getattr(importlib.import_module(module), function)
+  return target
 
 
 def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
@@ -58,16 +58,16 @@ def create_model(model_config: ml_collections.ConfigDict, *, num_classes: int,
     raise ValueError(f"num_classes={num_classes}: must be positive.")
   if len(input_shape) != 3:
     raise ValueError(f"input_shape={tuple(input_shape)}: expected one example's (height, width, channels).")
-  return MODELS[model_config.name](model_config, num_classes=num_classes, input_shape=tuple(input_shape),
-                                   rngs=rngs)
+  return builder(model_config.name)(model_config, num_classes=num_classes, input_shape=tuple(input_shape),
+                                    rngs=rngs)
 
 
 def baseline_config(model_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The config of the dense CNN the paper compares ``model_config`` with (a CNN's is a copy of its own)."""
   config_lib.check_model(model_config)
   baseline = ml_collections.ConfigDict(model_config.to_dict())
-  baseline.name = BASELINES.get(model_config.name, model_config.name)
+  baseline.name = config_lib.baseline(model_config.name)
   return baseline
 
 
-__all__ = ["AlexNet", "BASELINES", "DigitsNet", "MODELS", "RESNET_DEPTHS", "ResNet", "baseline_config", "create_model"]
+__all__ = ["AlexNet", "DigitsNet", "RESNET_DEPTHS", "ResNet", "baseline_config", "builder", "create_model"]
