@@ -24,9 +24,11 @@ from helpers import (LAYER_CASES, Unfoldable, as_if_trained, assert_describes_a_
 AVAILABLE = backends.available_backends()
 
 
-TILES = ("lookup:tile=0", "lookup:tile=1", "lookup:tile=6000", "lookup:tile=40000")
+TILES = ("lookup:tile=0", "lookup:tile=1", "lookup:tile=6000", "lookup:tile=40000", "lookup:chunk=64",
+         "lookup:tile=0,chunk=1000")
 """The lookup kernel without tiles, with tiles of one block (any tile too small for a band of S), and two sizes
-that cut the test maps into several bands of rows; ``lookup`` itself tiles by this machine's L2."""
+that cut the test maps into several bands of rows; ``lookup`` itself tiles by this machine's L2. The one-pixel
+layers (fc6_like, 1x1) stored by chunks of S: of 16 elements (the smallest), and of 250 (a few chunks)."""
 
 
 @pytest.mark.parametrize("backend", sorted(backends.BACKENDS) + list(TILES))

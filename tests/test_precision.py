@@ -31,7 +31,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("backend", sorted(backends.BACKENDS))
+@pytest.mark.parametrize("backend", sorted(backends.BACKENDS) + ["lookup:chunk=128"])
 @pytest.mark.parametrize("prec", ["bfloat16", "int8"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_reduced_precision_layer_equals_float64_reference(case, prec, backend, rng):

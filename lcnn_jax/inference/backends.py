@@ -131,6 +131,11 @@ class Backend(Protocol):
     """The specs ``auto`` times for this backend on each layer (none: it is not offered to ``auto`` here)."""
     return [self.name]
 
+  def times(self, layer: LookupLayer, batch: int) -> bool:
+    """Whether ``auto`` times this backend on ``layer`` at ``batch`` (False where it would run the layer as
+    another of the tuned variants does)."""
+    return True
+
   def timing_key(self) -> tuple[str, ...]:
     """What a cached timing of this backend depends on beyond its name, the device and the layer (a kernel
     build, a size measured on this machine)."""
@@ -232,27 +237,37 @@ class Lookup(Backend):
   The work is cut into tiles whose S stays in this core's L2 (``tile_bytes`` of S, every output of a tile
   reading it): ``lookup`` sizes them from the L2 of the machine it runs on, read when the model loads
   (:func:`~lcnn_jax.inference.machine.tile_budget_bytes`); ``lookup:tile=N`` fixes N bytes, ``lookup:tile=0``
-  turns tiling off (a block of wide elements at a time for all outputs). The tuner times these per layer.
+  turns tiling off (a block of wide elements at a time for all outputs).
+
+  A layer whose output is one pixel (a dense layer) at a small batch gathers one element of S per non-zero, from
+  anywhere in S: ``lookup:chunk=N`` stores its lookups chunk by chunk of N bytes of S, and every output reads a
+  chunk before the next one is touched, so the gathers hit the L1 (N: half of this core's L1 for the tuner,
+  :func:`~lcnn_jax.inference.machine.chunk_bytes`). Other layers run as under ``lookup``. The tuner times these
+  per layer.
   """
   name = "lookup"
 
-  def __init__(self, tile_bytes: int | None = None):
-    """``tile_bytes``: the S a tile holds (None: half of this core's L2, 0: no tiles)."""
+  def __init__(self, tile_bytes: int | None = None, chunk_bytes: int = 0):
+    """``tile_bytes``: the S a tile holds (None: half of this core's L2, 0: no tiles); ``chunk_bytes``: the S a
+    chunk of a one-pixel layer's lookups spans (0: none)."""
     if tile_bytes is not None and tile_bytes < 0:
       raise ValueError(f"tile_bytes={tile_bytes}: expected a number of bytes >= 0 (0: no tiling).")
-    self.tile_bytes = tile_bytes
-    if tile_bytes is not None:
-      self.name = f"lookup:tile={tile_bytes}"
+    if chunk_bytes < 0:
+      raise ValueError(f"chunk_bytes={chunk_bytes}: expected a number of bytes >= 0 (0: no chunks).")
+    self.tile_bytes, self.chunk_bytes = tile_bytes, chunk_bytes
+    options = [f"tile={tile_bytes}"] * (tile_bytes is not None) + [f"chunk={chunk_bytes}"] * (chunk_bytes > 0)
+    if options:
+      self.name = "lookup:" + ",".join(options)
 
   @classmethod
-  def from_spec(cls, tile: str | None = None) -> "Lookup":
-    """The backend of spec ``lookup`` or ``lookup:tile=N`` (N bytes of S per tile, 0: none)."""
-    if tile is None:
-      return cls()
-    if not tile.isdigit():
-      raise ValueError(f"backend='lookup:tile={tile}': expected lookup:tile=N with N the bytes of S a tile holds "
-                       "(0: none).")
-    return cls(int(tile))
+  def from_spec(cls, tile: str | None = None, chunk: str | None = None) -> "Lookup":
+    """The backend of spec ``lookup``, ``lookup:tile=N`` (N bytes of S per tile, 0: none) or ``lookup:chunk=N``
+    (N bytes of S per chunk of a one-pixel layer's lookups)."""
+    for option, value, meaning in (("tile", tile, "the bytes of S a tile holds (0: none)"),
+                                   ("chunk", chunk, "the bytes of S a chunk of lookups spans")):
+      if value is not None and not value.isdigit():
+        raise ValueError(f"backend='lookup:{option}={value}': expected lookup:{option}=N with N {meaning}.")
+    return cls(None if tile is None else int(tile), 0 if chunk is None else int(chunk))
 
   def tile(self) -> int:
     """The bytes of S one tile holds on this machine (0: no tiling)."""
@@ -266,13 +281,26 @@ class Lookup(Backend):
     """Whether the kernel computes S itself (a small first-layer dictionary) instead of an XLA matmul."""
     return layer.in_features * layer.dictionary_size <= FUSED_DICTIONARY_MACS
 
+  def chunk(self, layer: LookupLayer) -> int:
+    """The elements of S per chunk of ``layer``'s lookups (0: stored output by output): with ``chunk_bytes``,
+    for a layer whose output is one pixel and whose dictionary stage is not fused."""
+    if self.chunk_bytes <= 0 or tuple(layer.output_size) != (1, 1) or self.fused(layer):
+      return 0
+    return max(16, self.chunk_bytes // 4)
+
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
     return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
     positions = flat_s.positions(layer)
-    # Within each output, visit S in memory order.
-    order = np.lexsort((positions, layer.output_of_each_nonzero()))
+    outputs = layer.output_of_each_nonzero()
+    chunk = self.chunk(layer)
+    starts = layer.starts
+    if chunk:
+      g = flat_s.geometry(layer)
+      order, starts = flat_s.by_chunks(positions, outputs, layer.out_features, chunk, g.atoms * g.height * g.width)
+    else:
+      order = np.lexsort((positions, outputs))  # within each output, visit S in memory order
     positions = positions[order]
     index_dtype = narrowest_index_dtype(int(positions.max(initial=0)) + 1)
     n = layer.out_features
@@ -280,7 +308,7 @@ class Lookup(Backend):
     scale = layer.value_scale if layer.value_scale is not None else np.ones(n, np.float32)
     dictionary = layer.float_dictionary()
     arrays = {"dictionary": dictionary, "dictionary_t": np.ascontiguousarray(dictionary.T),
-              "starts": layer.starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
+              "starts": starts, "indices": positions.astype(index_dtype), "values": layer.values[order],
               "scale": scale.astype(np.float32), "bias": layer.bias}
     if not self.fused(layer):
       # Dᵀ as stored, for the kernel's dictionary stage over few columns (DICTIONARY_COLUMNS_MAX); larger ones
@@ -317,7 +345,7 @@ class Lookup(Backend):
     pooling = epilogue.pooling if epilogue is not None else None
     residual = None if residual is None else layouts.convert(*residual, batch)[0]  # (n, oh, ow, batch)
     out_size = pooling.output_size(layer.output_size) if pooling else (g.out_height, g.out_width)
-    call = dict(out_shape=(layer.out_features, *out_size, batch), tile_bytes=self.tile(),
+    call = dict(out_shape=(layer.out_features, *out_size, batch), tile_bytes=self.tile(), chunk=self.chunk(layer),
                 scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
                 strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
                 residual=residual, relu=epilogue is not None and epilogue.relu)
@@ -344,13 +372,20 @@ class Lookup(Backend):
   def tuned_variants(self) -> list[str]:
     """Tiles of this machine's L2 (``lookup``, sized again wherever the model loads), a quarter of that, and no
     tiles."""
-    return ["lookup", f"lookup:tile={machine.tile_budget_bytes() // 4}", "lookup:tile=0"]
+    return ["lookup", f"lookup:tile={machine.tile_budget_bytes() // 4}", "lookup:tile=0",
+            f"lookup:chunk={machine.chunk_bytes()}"]
+
+  def times(self, layer: LookupLayer, batch: int) -> bool:
+    """Chunks are timed only on the layers they change."""
+    return self.chunk_bytes <= 0 or self.chunk(layer) > 0
 
   def timing_key(self) -> tuple[str, ...]:
     """The kernel build (its hash) and the tile size on this machine."""
     return os.path.basename(os.path.dirname(kernels.ensure_kernel())), f"tile{self.tile()}"
 
   def network_step(self, layer: LookupLayer) -> int | None:
+    if self.chunk(layer):
+      return None  # the chain's steps read lookups stored output by output
     return kernels.STEPS.step_fused_lookups if self.fused(layer) else kernels.STEPS.step_lookups
 
 

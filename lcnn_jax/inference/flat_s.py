@@ -49,6 +49,32 @@ def positions(layer: LookupLayer) -> np.ndarray:
   return (atom * g.height + r // sh) * g.width + c // sw
 
 
+def by_chunks(positions: np.ndarray, outputs: np.ndarray, n: int, chunk: int, span: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """The non-zeros stored chunk by chunk of S: ``chunk`` elements per chunk, within a chunk output by output,
+  within an output in memory order.
+
+  Args:
+    positions: each non-zero's position in flat S (:func:`positions`).
+    outputs: each non-zero's output.
+    n: the outputs.
+    chunk: elements of S per chunk (> 0).
+    span: the elements of S per example (atoms·H·W of :func:`geometry`): ⌈span / chunk⌉ chunks, as the kernel
+      counts them.
+  Returns:
+    (order, starts): the non-zeros' order (indices into ``positions``), and starts (chunks·n + 1,) int32 with the
+    non-zeros of output o in chunk c at [starts[c·n + o], starts[c·n + o + 1]) of that order.
+  """
+  if chunk <= 0:
+    raise ValueError(f"chunk={chunk}: expected the elements of S per chunk, > 0.")
+  chunk_of = positions.astype(np.int64) // chunk
+  chunks = -(-span // chunk)
+  order = np.lexsort((positions, outputs, chunk_of))
+  counts = np.bincount(chunk_of * n + outputs, minlength=chunks * n)
+  starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+  return order, starts
+
+
 def dictionary_stage(layer: LookupLayer, dictionary_t: jax.Array, x: jax.Array) -> jax.Array:
   """S of a CHWN input x (m, h, w, batch) with Dᵀ (k, m): padded, in space-to-depth layout, flat, with the tail
   the row reads need."""
@@ -64,4 +90,4 @@ def dictionary_stage(layer: LookupLayer, dictionary_t: jax.Array, x: jax.Array) 
   return jnp.pad(s.reshape(-1), (0, g.tail(b)))  # (atoms·H·W·batch + tail,)
 
 
-__all__ = ["Geometry", "dictionary_stage", "geometry", "positions"]
+__all__ = ["Geometry", "by_chunks", "dictionary_stage", "geometry", "positions"]

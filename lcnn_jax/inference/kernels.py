@@ -237,12 +237,13 @@ def _pool_attribute(pooling: Any) -> dict:
               stride_w=np.int64(strides[1]), pad_h=np.int64(top), pad_w=np.int64(left), relu=bool(relu))
 
 
-def _tile_attribute(tile_bytes: int, tile_outputs: int = 0) -> dict:
-  """The handlers' ``tile`` attribute (Tile): the bytes of S one piece of work keeps in cache (0: no tiling)
-  and the outputs per piece (0: as load balance allows)."""
-  if tile_bytes < 0 or tile_outputs < 0:
-    raise ValueError(f"tile_bytes={tile_bytes} and tile_outputs={tile_outputs} must be >= 0.")
-  return dict(bytes=np.int64(tile_bytes), outputs=np.int64(tile_outputs))
+def _tile_attribute(tile_bytes: int, tile_outputs: int = 0, chunk: int = 0) -> dict:
+  """The handlers' ``tile`` attribute (Tile): the bytes of S one piece of work keeps in cache (0: no tiling),
+  the outputs per piece (0: as load balance allows), and the elements of S per chunk of lookups stored chunk by
+  chunk (0: stored output by output)."""
+  if tile_bytes < 0 or tile_outputs < 0 or chunk < 0:
+    raise ValueError(f"tile_bytes={tile_bytes}, tile_outputs={tile_outputs} and chunk={chunk} must be >= 0.")
+  return dict(bytes=np.int64(tile_bytes), outputs=np.int64(tile_outputs), chunk=np.int64(chunk))
 
 
 def _call(target: str, results, *args, **attributes):
@@ -263,16 +264,18 @@ def _lookup_results(out_shape: Sequence[int], scratch_size: int) -> tuple:
 def lookup_conv(s: jax.Array, lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                 padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
                 pooling: Any = None, residual: jax.Array | None = None, relu: bool = False,
-                tile_bytes: int = 0, tile_outputs: int = 0) -> jax.Array:
+                tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
   """The lookups over S (k, h, w, batch) -> out ``out_shape`` (n, oh, ow, batch), or its max pooling (with the
   ReLU before it when ``pooling.relu``). ``scratch_size``: elements of the padded space-to-depth S (k·sh·sw,
   H, W, batch) when the layer pads or strides, else 0. Without pooling, the outputs may get ``residual``
   (shaped as out) added and then the ReLU (``relu``) as they are stored. ``tile_bytes``: the S each piece of
   work keeps in cache, every output of the piece reading it (0: no tiling, a block of S at a time);
-  ``tile_outputs``: outputs per piece (0: as load balance allows)."""
+  ``tile_outputs``: outputs per piece (0: as load balance allows). ``chunk``: for a layer whose output is one
+  pixel, the lookups are stored chunk by chunk of this many elements of S (``starts`` has chunks·n + 1 entries:
+  :func:`~lcnn_jax.inference.flat_s.by_chunks`) and each chunk of S is read by all outputs in turn."""
   out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size), s, *lookups, _residual(residual),
                  layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu,
-                 tile=_tile_attribute(tile_bytes, tile_outputs))
+                 tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
   return out
 
 
@@ -280,7 +283,7 @@ def lookup_conv_dictionary(x: jax.Array, dictionary: jax.Array, dictionary_scale
                            lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                            padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
                            pooling: Any = None, residual: jax.Array | None = None, relu: bool = False,
-                           tile_bytes: int = 0, tile_outputs: int = 0) -> jax.Array:
+                           tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
   """As :func:`lookup_conv`, with S = Dᵀ·x computed in the same call from x (m, h, w, batch) and Dᵀ (k, m) as
   stored (float32, bfloat16 or int8, times ``dictionary_scale`` (k))."""
   k = dictionary.shape[0]
@@ -288,20 +291,20 @@ def lookup_conv_dictionary(x: jax.Array, dictionary: jax.Array, dictionary_scale
   results = (*_lookup_results(out_shape, scratch_size), jax.ShapeDtypeStruct((k, h, w, batch), jnp.float32))
   out, _, _ = _call(DICTIONARY_TARGET, results, x, dictionary, dictionary_scale, *lookups, _residual(residual),
                     layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu,
-                    tile=_tile_attribute(tile_bytes, tile_outputs))
+                    tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
   return out
 
 
 def lookup_conv_fused(x: jax.Array, dictionary: jax.Array, lookups: Sequence[jax.Array], *, nhwc: bool,
                       out_shape: Sequence[int], scratch_size: int, padding: Sequence[int], strides: Sequence[int],
                       output_size: Sequence[int], pooling: Any = None, residual: jax.Array | None = None,
-                      relu: bool = False, tile_bytes: int = 0, tile_outputs: int = 0) -> jax.Array:
+                      relu: bool = False, tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
   """As :func:`lookup_conv`, with S = x ⊛ D computed while filling the space-to-depth buffer, from x (batch,
   h, w, m) when ``nhwc`` else (m, h, w, batch) and D (m, k) float32, m·k at most
   ``LIMITS.fused_dictionary_macs_max``."""
   out, _ = _call(FUSED_TARGET, _lookup_results(out_shape, scratch_size), x, dictionary, *lookups,
                  _residual(residual), layer=_layer_attribute(padding, strides, output_size),
-                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc, tile=_tile_attribute(tile_bytes, tile_outputs))
+                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc, tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
   return out
 
 

@@ -46,7 +46,7 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(PoolWindow, ffi::StructMember<int64_t>("wi
                                       ffi::StructMember<int64_t>("stride_w"), ffi::StructMember<int64_t>("pad_h"),
                                       ffi::StructMember<int64_t>("pad_w"), ffi::StructMember<bool>("relu"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(lcnn::Tile, ffi::StructMember<int64_t>("bytes"),
-                                      ffi::StructMember<int64_t>("outputs"));
+                                      ffi::StructMember<int64_t>("outputs"), ffi::StructMember<int64_t>("chunk"));
 XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(NetworkStep, ffi::StructMember<int64_t>("kind"),
                                       ffi::StructMember<bool>("relu"));
 
@@ -56,6 +56,7 @@ using lcnn::BF16;
 using lcnn::DenseColumns;
 using lcnn::DenseRows;
 using lcnn::Dispatch;
+using lcnn::DispatchChunked;
 using lcnn::DictionaryToDepth;
 using lcnn::Geometry;
 using lcnn::Lookups;
@@ -130,10 +131,18 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
   } else if (out_buffer.dimensions()[1] != g.oh || out_buffer.dimensions()[2] != g.ow) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: out must be (n, out_h, out_w, batch)");
   }
-  if (starts.element_count() != static_cast<size_t>(g.n + 1) || bias.element_count() != static_cast<size_t>(g.n) ||
+  // Lookups stored chunk by chunk of S (DispatchChunked): a layer of one output pixel, chunks * n + 1 starts.
+  const int64_t chunks = tile.chunk > 0 ? (g.planes * g.height * g.width + tile.chunk - 1) / tile.chunk : 1;
+  if (tile.chunk > 0 && (pools || g.oh != 1 || g.ow != 1 || g.planes * g.height * g.width <= 0)) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: lookups stored by chunks of S need an output of one "
+                                       "pixel, without pooling");
+  }
+  if (starts.element_count() != static_cast<size_t>(chunks * g.n + 1) ||
+      bias.element_count() != static_cast<size_t>(g.n) ||
       scale.element_count() != static_cast<size_t>(g.n) || indices.element_count() != values.element_count()) {
     return ffi::Error::InvalidArgument(
-        "lcnn_lookup_conv: starts must have n + 1, scale and bias n elements, indices as many as values");
+        "lcnn_lookup_conv: starts must have n + 1 (by chunks: chunks * n + 1), scale and bias n elements, indices "
+        "as many as values");
   }
   bool typed = false;
   const bool indexed = WithIndices(indices, [&](auto index) {
@@ -143,6 +152,7 @@ ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, 
       Lookups<Index, Value> l{starts.typed_data(), index, value, scale.typed_data(), bias.typed_data(),
                               residual != 0 ? epilogue.residual.typed_data() : nullptr, epilogue.relu};
       if (pools) DispatchPooled(pool, g, s, l, pooling, out, tile);
+      else if (tile.chunk > 0) DispatchChunked(pool, g, s, l, chunks, out);
       else Dispatch(pool, g, s, l, out, tile);
     });
   });

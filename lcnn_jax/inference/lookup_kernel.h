@@ -83,6 +83,7 @@ typedef float vnative_in_memory __attribute__((vector_size(4 * kLanes), aligned(
 typedef uint32_t unative __attribute__((vector_size(4 * kLanes), aligned(4)));
 typedef uint16_t u16native __attribute__((vector_size(2 * kLanes), aligned(2)));
 typedef int8_t i8native __attribute__((vector_size(kLanes), aligned(1)));
+typedef int32_t i32native __attribute__((vector_size(4 * kLanes), aligned(4)));
 
 struct v16 {
   vnative part[kParts];
@@ -162,13 +163,26 @@ inline v16 Load16(const BF16* p) {
   }
   return v;
 }
+// int8: sign-extended to int32 and converted, two instructions per register on x86 (vpmovsxbd, vcvtdq2ps). GCC
+// builds the generic form from the loaded bytes one lane at a time (a shift pair and an insert per byte), which
+// made int8 layers slower than float32 ones.
 inline v16 Load16(const int8_t* p) {
   v16 v;
+#if defined(__AVX512F__)
+  v.part[0] = static_cast<vnative>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__AVX2__)
+  for (int i = 0; i < kParts; ++i) {
+    v.part[i] = static_cast<vnative>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + i * kLanes)))));
+  }
+#else
   for (int i = 0; i < kParts; ++i) {
     i8native bytes;
     std::memcpy(&bytes, p + i * kLanes, sizeof(bytes));
-    v.part[i] = __builtin_convertvector(bytes, vnative);
+    v.part[i] = __builtin_convertvector(__builtin_convertvector(bytes, i32native), vnative);
   }
+#endif
   return v;
 }
 
@@ -202,6 +216,9 @@ struct Geometry {
 struct Tile {
   int64_t bytes = 0;
   int64_t outputs = 0;
+  // Elements of S per chunk for a layer whose output is one pixel (a dense layer), whose lookups are then stored
+  // chunk by chunk (see DispatchChunked); 0: stored output by output.
+  int64_t chunk = 0;
 };
 
 template <typename Index, typename Value = float>
@@ -280,21 +297,23 @@ void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t bat
   std::memcpy(acc, a[0], sizeof(a[0]));
 }
 
-// Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element.
+// Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element, over the
+// non-zeros [t, end) (at indices[t] * batch of s).
 template <typename Index, typename Value>
-float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
-  int32_t t = l.starts[o];
-  const int32_t end = l.starts[o + 1];
+float SparseDotRange(const float* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
+                     int32_t end) {
   float sum = 0.f;
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
+  const bool one = batch == 1;  // positions are the indices themselves: no multiply (10 cycles on some CPUs)
   auto gather = [&](int32_t at) {
-    return _mm512_i32gather_ps(_mm512_mullo_epi32(LoadIndices16(l.indices + at), scale), s, 4);
+    const __m512i index = LoadIndices16(indices + at);
+    return _mm512_i32gather_ps(one ? index : _mm512_mullo_epi32(index, scale), s, 4);
   };
   for (; t + 32 <= end; t += 32) {
-    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t).part[0]), gather(t), a0);
-    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(l.values + t + 16).part[0]), gather(t + 16), a1);
+    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t).part[0]), gather(t), a0);
+    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t + 16).part[0]), gather(t + 16), a1);
   }
   sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 #elif defined(__AVX2__)
@@ -303,10 +322,10 @@ float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, i
   const __m256i scale = _mm256_set1_epi32(static_cast<int32_t>(batch));
   for (; t + 16 <= end; t += 16) {
     alignas(64) int32_t at[16];
-    for (int i = 0; i < 16; ++i) at[i] = static_cast<int32_t>(l.indices[t + i]);
+    for (int i = 0; i < 16; ++i) at[i] = static_cast<int32_t>(indices[t + i]);
     alignas(64) float c[16];
-    const v16 values = Load16(l.values + t);
-    std::memcpy(c, &values, sizeof(c));
+    const v16 loaded = Load16(values + t);
+    std::memcpy(c, &loaded, sizeof(c));
     const __m256i lo = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at)), scale);
     const __m256i hi = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at + 8)), scale);
     a0 = _mm256_fmadd_ps(_mm256_load_ps(c), _mm256_i32gather_ps(s, lo, 4), a0);
@@ -316,8 +335,13 @@ float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, i
   _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
   for (float lane : lanes) sum += lane;
 #endif
-  for (; t < end; ++t) sum += ToFloat(l.values[t]) * s[static_cast<int64_t>(l.indices[t]) * batch];
+  for (; t < end; ++t) sum += ToFloat(values[t]) * s[static_cast<int64_t>(indices[t]) * batch];
   return sum;
+}
+
+template <typename Index, typename Value>
+float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
+  return SparseDotRange(s, l.indices, l.values, batch, l.starts[o], l.starts[o + 1]);
 }
 
 // A work item is one band of consecutive blocks of wide elements for one group of outputs: each output of the
@@ -470,6 +494,34 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
   if (g.wide < 64) return Launch<kFit<2>>(pool, g, s, l, out, tile);
   if (g.wide < 128) return Launch<kFit<4>>(pool, g, s, l, out, tile);
   return Launch<kFit<8>>(pool, g, s, l, out, tile);
+}
+
+// A layer whose output is one pixel (a dense layer; g.oh = g.ow = 1, so g.wide = g.batch), its lookups stored
+// chunk by chunk of S: l.starts has chunks * n + 1 entries, the non-zeros of output o whose index lies in
+// [c * chunk, (c + 1) * chunk) being [starts[c * n + o], starts[c * n + o + 1]). Each piece of work loops over the
+// chunks, and within one over its outputs, so the chunk of S it gathers from stays in L1 (chunk sized from the
+// machine's L1 by the caller) instead of every output gathering from all of S in L2 or beyond: at batch 1, where
+// each non-zero is one gathered element, the gathers then run at the L1's rate.
+template <typename Pool, typename Index, typename Value>
+void DispatchChunked(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t chunks,
+                     float* out) {
+  constexpr int64_t kGroup = 64;  // outputs per item
+  const int64_t items = (g.n + kGroup - 1) / kGroup;
+  const int64_t cost = static_cast<int64_t>(l.starts[chunks * g.n]) * g.wide;  // multiply-adds
+  ParallelFor(pool, items, cost, [g, s, l, chunks, out](int64_t begin, int64_t end) {
+    const int64_t o0 = begin * kGroup, o1 = std::min(g.n, end * kGroup);
+    std::vector<float> acc((o1 - o0) * g.wide, 0.f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int32_t* starts = l.starts + c * g.n;
+      for (int64_t o = o0; o < o1; ++o) {
+        float* sums = acc.data() + (o - o0) * g.wide;
+        for (int64_t q = 0; q < g.wide; ++q)
+          sums[q] += SparseDotRange(s + q, l.indices, l.values, g.batch, starts[o], starts[o + 1]);
+      }
+    }
+    for (int64_t o = o0; o < o1; ++o)
+      Store(g, acc.data() + (o - o0) * g.wide, l.scale[o], l.bias[o], l.residual, l.relu, o, 0, g.wide, out);
+  });
 }
 
 // A max pooling, with max(·, 0) of the result when `relu`: the same as pooling a ReLU's output, as both are

@@ -167,6 +167,22 @@ def tile_budget_bytes() -> int:
   return l2 // 2 // l2_sharers()
 
 
+DEFAULT_L1_BYTES = 32 << 10
+"""The L1 data cache assumed where the machine does not say."""
+
+
+def chunk_bytes() -> int:
+  """The bytes of S one chunk of a one-pixel layer's lookups spans (the ``lookup:chunk=N`` the tuner times): half
+  of this core's L1 data cache, overridable with ``LCNN_JAX_L1_BYTES`` to emulate another."""
+  override = os.environ.get("LCNN_JAX_L1_BYTES")
+  if override:
+    try:
+      return max(1024, int(override) // 2)
+    except ValueError:
+      raise ValueError(f"LCNN_JAX_L1_BYTES={override!r} is not a number of bytes (e.g. 49152).") from None
+  return (cache_sizes()[0] or DEFAULT_L1_BYTES) // 2
+
+
 def _cpu_list(text: str) -> set[int]:
   """'0-3,8' -> {0, 1, 2, 3, 8}."""
   cpus: set[int] = set()

@@ -157,6 +157,8 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
   for name, layer in layers.items():
     timings[name] = {}
     for backend in candidates:
+      if not backends_lib.get_backend(backend).times(layer, batch_size):
+        continue
       key = _cache_key(layer, backend, batch_size)
       ms = cache.get(key)
       if ms is None:
