@@ -1,10 +1,12 @@
 """What every command of lcnn_jax shares: flags parsed with user mistakes answered in one paragraph (exit code 2,
 no traceback), ``-h`` as ``--help``, and quiet logs unless ``--verbosity`` asks for more.
 
-Every entry point ends in ``cli.run(main, user_errors=(...))``: ``main`` raises :class:`UsageError` (or one of
+Every command module has one shape: ``define_flags(flag_values=flags.FLAGS)`` defines its flags (so importing the
+module defines none) and ``main(argv, flag_values=flags.FLAGS)`` reads them; its ``__main__`` block calls
+``define_flags()`` then ``cli.run(main, user_errors=(...))``. ``main`` raises :class:`UsageError` (or one of
 ``user_errors``) for a mistake of the person at the keyboard; anything else is a bug and keeps its traceback.
-A command whose flags are defined by a ``define_flags(flag_values)`` also runs in a Python process as it would on
-the command line, with the same parser, through :func:`call`.
+Every command also runs in a Python process as it would on the command line, with the same parser and a fresh set
+of flags, through ``cli.call(module.main, module.define_flags, argv)``.
 """
 
 from __future__ import annotations

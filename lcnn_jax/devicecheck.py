@@ -55,15 +55,6 @@ from lcnn_jax.inference import machine
 PARTS = ("tests", "train", "pipeline", "inference")
 FAMILIES = ("alexnet", "resnet18")
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Directory for devicecheck.json, devicecheck.md and tests.log (created if needed).")
-flags.DEFINE_bool("smoke", False, "Tiny sizes, same code paths: a CPU check of the command itself (under 5 min).")
-flags.DEFINE_list("parts", list(PARTS), f"Parts to run, a subset of {','.join(PARTS)}.")
-flags.DEFINE_list("families", list(FAMILIES), f"Networks to train and benchmark, a subset of {','.join(FAMILIES)}.")
-flags.DEFINE_float("budget_s", None, "Seconds for the whole run; steps that would start later are skipped "
-                   "(default: 450, or 270 with --smoke).")
-
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """What each part measures, and how long it may take."""
@@ -395,40 +386,56 @@ def markdown(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none."""
+  flags.DEFINE_string("out", None, "Directory for devicecheck.json, devicecheck.md and tests.log (created if "
+                      "needed).", flag_values=flag_values)
+  flags.DEFINE_bool("smoke", False, "Tiny sizes, same code paths: a CPU check of the command itself (under 5 min).",
+                    flag_values=flag_values)
+  flags.DEFINE_list("parts", list(PARTS), f"Parts to run, a subset of {','.join(PARTS)}.", flag_values=flag_values)
+  flags.DEFINE_list("families", list(FAMILIES), f"Networks to train and benchmark, a subset of "
+                    f"{','.join(FAMILIES)}.", flag_values=flag_values)
+  flags.DEFINE_float("budget_s", None, "Seconds for the whole run; steps that would start later are skipped "
+                     "(default: 450, or 270 with --smoke).", flag_values=flag_values)
+
+
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> int:
+  """The command on its parsed flags (``flag_values``): a usage mistake is one ``error:`` line and status 2; 1 when
+  a part failed."""
   if len(argv) > 1:
     sys.stderr.write(f"error: unexpected arguments {argv[1:]}: every option is a --flag (see --help)\n")
     return 2
-  bad = sorted(set(FLAGS.parts) - set(PARTS)) or sorted(set(FLAGS.families) - set(FAMILIES))
-  if bad or not FLAGS.out:
+  bad = sorted(set(flag_values.parts) - set(PARTS)) or sorted(set(flag_values.families) - set(FAMILIES))
+  if bad or not flag_values.out:
     sys.stderr.write(f"error: --parts must be among {','.join(PARTS)} and --families among {','.join(FAMILIES)} "
                      f"(got {bad})\n" if bad else "error: --out DIR is required (where the report is written)\n")
     return 2
-  if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
-    sys.stderr.write(f"error: --out={FLAGS.out} is a file; give a directory for devicecheck.json and .md\n")
+  if os.path.exists(flag_values.out) and not os.path.isdir(flag_values.out):
+    sys.stderr.write(f"error: --out={flag_values.out} is a file; give a directory for devicecheck.json and .md\n")
     return 2
-  os.makedirs(FLAGS.out, exist_ok=True)
-  sizes = SMOKE if FLAGS.smoke else FULL
-  if FLAGS.budget_s is not None:
-    sizes = dataclasses.replace(sizes, budget_s=FLAGS.budget_s)
-  run = Run(FLAGS.out, sizes, FLAGS.smoke, FLAGS.families)
-  if "tests" in FLAGS.parts:  # first: the child process then has the device to itself
+  os.makedirs(flag_values.out, exist_ok=True)
+  sizes = SMOKE if flag_values.smoke else FULL
+  if flag_values.budget_s is not None:
+    sizes = dataclasses.replace(sizes, budget_s=flag_values.budget_s)
+  run = Run(flag_values.out, sizes, flag_values.smoke, flag_values.families)
+  if "tests" in flag_values.parts:  # first: the child process then has the device to itself
     run.part("tests", run_tests)
   device = jax.devices()[0]
   run.device = f"{jax.device_count()} x {device.platform}:{device.device_kind}"
-  if FLAGS.smoke and jax.default_backend() != "gpu":
+  if flag_values.smoke and jax.default_backend() != "gpu":
     from lcnn_jax.inference import pallas_lookup  # pylint: disable=g-import-not-at-top
     os.environ[pallas_lookup.INTERPRET_ENV] = "1"  # the Pallas rows, interpreted
   if jax.default_backend() == "cpu":
     from lcnn_jax.inference import allocator  # pylint: disable=g-import-not-at-top
     allocator.reuse_freed_memory()  # as the benchmark command does on a CPU
   for name in PARTS[1:]:
-    if name in FLAGS.parts:
+    if name in flag_values.parts:
       run.part(name, RUNNERS[name])
   run.write()
   result = run.result()
   status = ", ".join(f"{name} {part['status']}" for name, part in result["parts"].items())
-  sys.stdout.write(f"\n{result['device']}, {result['elapsed_s']} s: {status}; report in {FLAGS.out}/devicecheck.md\n")
+  sys.stdout.write(f"\n{result['device']}, {result['elapsed_s']} s: {status}; report in "
+                   f"{flag_values.out}/devicecheck.md\n")
   for name, part in result["parts"].items():
     for reason in [part["reason"]] if part.get("reason") else part.get("skipped_steps", []):
       sys.stdout.write(f"  {name} {part['status']}: {reason}\n")
@@ -437,8 +444,10 @@ def main(argv):
 
 
 def run_command() -> None:
-  """The command line: through :func:`lcnn_jax.cli.run` (flag mistakes in one paragraph, exit code 2) where its
-  dependencies are installed, else through ``absl.app.run`` alone (an image without ml_collections)."""
+  """The command line, on absl's global flags: through :func:`lcnn_jax.cli.run` (flag mistakes in one paragraph,
+  exit code 2) where its dependencies are installed, else through ``absl.app.run`` alone (an image without
+  ml_collections)."""
+  define_flags()
   try:
     from lcnn_jax import cli  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -450,7 +459,7 @@ def run_command() -> None:
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parsing, a mistake answered in one line with exit code 2 (as :func:`lcnn_jax.cli.run` does)."""
   try:
-    return FLAGS(argv)
+    return flags.FLAGS(argv)
   except flags.Error as e:
     sys.stderr.write(f"error: {e}; see --help for the flags\n")
     sys.exit(2)

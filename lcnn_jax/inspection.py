@@ -193,10 +193,9 @@ def plot_inspection(report: dict, filename: str) -> None:
   plt.close(fig)
 
 
-def define_flags(flag_values=None) -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The command's flags, on ``flag_values`` (absl's global flags by default); importing this module defines none,
   so it never clashes with another command's."""
-  flag_values = flags.FLAGS if flag_values is None else flag_values
   config_flags.DEFINE_config_file("config", None, "A config file (configs/X.py): with --workdir, the model to "
                                   "load the checkpoint into; alone, an untrained model to count.",
                                   flag_values=flag_values, lock_config=True)
@@ -207,10 +206,9 @@ def define_flags(flag_values=None) -> None:
                       flag_values=flag_values)
 
 
-def main(argv: Sequence[str], flag_values=None) -> None:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """The ``python -m lcnn_jax.flops`` command, on its parsed flags (``flag_values``, absl's global flags by
   default); raises :class:`~lcnn_jax.cli.UsageError` for a user mistake."""
-  flag_values = flags.FLAGS if flag_values is None else flag_values
   if len(argv) > 1:
     raise cli.UsageError(f"Unexpected arguments: {list(argv[1:])}; see --help for the flags.")
   if flag_values.step is not None and flag_values.workdir is None:

@@ -31,20 +31,22 @@ from ml_collections import config_flags
 from lcnn_jax import cli, config as config_lib, data, models, operating_point, optimizer, sparsity, train
 from lcnn_jax.inference import machine
 
-FLAGS = flags.FLAGS
+USER_ERRORS = (ValueError, FileNotFoundError)  # exit 2, no traceback
 
 
-def define_flags() -> None:
-  """The command's flags on absl's global flags; importing this module defines none, so it never clashes with
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so it never clashes with
   another command's (``lcnn_jax.devicecheck`` imports it beside ``lcnn_jax.main``)."""
-  config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.", lock_config=True)
-  flags.DEFINE_integer("batch", 16, "Global batch size.")
-  flags.DEFINE_integer("steps", 5, "Timed steps (after two warm-up steps).")
-  flags.DEFINE_string("jpeg_dir", "", "An ImageNet-style folder for the pipeline measurement; empty: generate one.")
-  flags.DEFINE_integer("jpeg_images", 256, "Images in the generated JPEG folder.")
-  flags.DEFINE_integer("workers", 0, "grain worker processes for the pipeline measurement.")
-  flags.DEFINE_bool("json", False, "Print the results as JSON.")
-
+  config_flags.DEFINE_config_file("config", None, "A model config, e.g. configs/alexnet_fast.py.",
+                                  flag_values=flag_values, lock_config=True)
+  flags.DEFINE_integer("batch", 16, "Global batch size.", flag_values=flag_values)
+  flags.DEFINE_integer("steps", 5, "Timed steps (after two warm-up steps).", flag_values=flag_values)
+  flags.DEFINE_string("jpeg_dir", "", "An ImageNet-style folder for the pipeline measurement; empty: generate one.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("jpeg_images", 256, "Images in the generated JPEG folder.", flag_values=flag_values)
+  flags.DEFINE_integer("workers", 0, "grain worker processes for the pipeline measurement.", flag_values=flag_values)
+  flags.DEFINE_bool("json", False, "Print the results as JSON.", flag_values=flag_values)
+  flags.mark_flags_as_required(["config"], flag_values=flag_values)
 
 def _operating_point_budget(config, model: nnx.Module, input_shape) -> operating_point.Budget | None:
   """The budget of ``model`` (built from ``config``) when it can be trained to the config's target; None for a CNN
@@ -139,27 +141,27 @@ def format_table(result: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
+def main(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command on its parsed flags (``flag_values``): prints the training and input pipeline's images/s."""
   del argv
-  config = FLAGS.config
+  config, batch, steps = flag_values.config, flag_values.batch, flag_values.steps
   lcnn_config = config.model
   baseline_config = models.baseline_config(config.model)
   rows = []
   for label, model_config in (("cnn", baseline_config), ("lcnn", lcnn_config)):
-    rows.append({"model": model_config.name, "role": label, "measure": "compute", "batch": FLAGS.batch,
-                 "images_per_second": compute_images_per_second(config, model_config, FLAGS.batch, FLAGS.steps)})
+    rows.append({"model": model_config.name, "role": label, "measure": "compute", "batch": batch,
+                 "images_per_second": compute_images_per_second(config, model_config, batch, steps)})
   with tempfile.TemporaryDirectory() as generated:
-    jpeg_dir = FLAGS.jpeg_dir or generated
-    if not FLAGS.jpeg_dir:
-      write_jpeg_folder(generated, FLAGS.jpeg_images)
-    rows.append({"model": "-", "role": "input", "measure": "jpeg_pipeline", "batch": FLAGS.batch,
-                 "images_per_second": pipeline_images_per_second(jpeg_dir, FLAGS.batch, FLAGS.steps, FLAGS.workers)})
+    jpeg_dir = flag_values.jpeg_dir or generated
+    if not flag_values.jpeg_dir:
+      write_jpeg_folder(generated, flag_values.jpeg_images)
+    rows.append({"model": "-", "role": "input", "measure": "jpeg_pipeline", "batch": batch,
+                 "images_per_second": pipeline_images_per_second(jpeg_dir, batch, steps, flag_values.workers)})
   result = {"machine": machine.describe().as_dict(), "device": jax.devices()[0].device_kind,
             "devices": jax.device_count(), "rows": rows}
-  print(json.dumps(result) if FLAGS.json else format_table(result))
+  print(json.dumps(result) if flag_values.json else format_table(result))
 
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config"])
-  cli.run(main, user_errors=(ValueError, FileNotFoundError))
+  cli.run(main, user_errors=USER_ERRORS)

@@ -1,6 +1,7 @@
 """Every command answers a person: user mistakes end in one paragraph with exit code 2 and no traceback, nothing
 written is lost, logs are quiet, and Ctrl-C/SIGTERM stop a run where the same command resumes it exactly."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from lcnn_jax import bench, logger, main, train
+from lcnn_jax import bench, cli, devicecheck, logger, main, throughput, train
+from lcnn_jax.experiments import common, few_iteration, spectrum
+from lcnn_jax.inference import predict
 from tests.test_faults import QUICKSTART, REPO, final_state, flags, quickstart, run_main, train_losses
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -103,6 +106,82 @@ def test_every_entry_point_answers_help_and_h_with_its_flags():
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0 and "Traceback" not in err, (module, flag, err[-2000:])
     assert "flags:" in out and "  --" in out, (module, flag, out)
+
+
+# Every command module: its flags defined by define_flags(flag_values) and read by main(argv, flag_values).
+COMMANDS = ["lcnn_jax.main", "lcnn_jax.bench", "lcnn_jax.throughput", "lcnn_jax.devicecheck", "lcnn_jax.import_t7",
+            "lcnn_jax.inspection", "lcnn_jax.inference.exporter", "lcnn_jax.inference.predict",
+            "lcnn_jax.experiments.few_shot", "lcnn_jax.experiments.spectrum", "lcnn_jax.experiments.few_iteration"]
+NOT_COMMANDS = {"lcnn_jax.flops": "inspection's command under its old name",
+                "lcnn_jax.config_reference": "prints the config reference; takes no flags"}
+
+# Imports each module named on the command line in turn, all in one process, and prints per module as JSON: the
+# flags its import added that lcnn_jax defined, the flags its define_flags defines on a fresh FlagValues and those
+# it adds to absl's global ones, and the parameters of define_flags and main ("=FLAGS": defaulting to absl's).
+FLAG_SHAPES = r"""
+import importlib, inspect, json, sys
+from absl import app, flags, logging  # absl's own flags are defined by these imports
+def parameters(function):
+  return [name + ("=FLAGS" if p.default is flags.FLAGS else "") for name, p in
+          inspect.signature(function).parameters.items()] if function else None
+shapes = {}
+for name in sys.argv[1:]:
+  known = set(flags.FLAGS)
+  module = importlib.import_module(name)
+  shape = shapes[name] = {"on_import": sorted(f for f in set(flags.FLAGS) - known
+                                              if flags.FLAGS.find_module_defining_flag(f).startswith("lcnn_jax"))}
+  shape["define_flags"], shape["main"] = parameters(getattr(module, "define_flags", None)), parameters(
+      getattr(module, "main", None))
+  if shape["define_flags"]:
+    known, flag_values = set(flags.FLAGS), flags.FlagValues()
+    module.define_flags(flag_values)
+    shape["defined"], shape["global"] = sorted(flag_values), sorted(set(flags.FLAGS) - known)
+print(json.dumps(shapes))
+"""
+
+
+def test_every_module_with_a_main_block_is_a_command_checked_here():
+  package = os.path.join(REPO, "lcnn_jax")
+  with_main = {os.path.relpath(os.path.join(root, file), REPO)[:-3].replace(os.sep, ".")
+               for root, _, files in os.walk(package) for file in files
+               if file.endswith(".py") and 'if __name__ == "__main__":' in open(os.path.join(root, file)).read()}
+  assert with_main == {*COMMANDS, *NOT_COMMANDS}
+
+
+def test_importing_a_command_defines_no_flags_and_define_flags_defines_them_on_the_flag_values_given():
+  done = subprocess.run([sys.executable, "-c", FLAG_SHAPES, *COMMANDS, *NOT_COMMANDS], capture_output=True,
+                        text=True, cwd=REPO, env=ENV, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  shapes = json.loads(done.stdout)
+  for module in [*COMMANDS, *NOT_COMMANDS]:
+    assert shapes[module]["on_import"] == [], (module, shapes[module])
+  for module in COMMANDS:
+    shape = shapes[module]
+    assert shape["define_flags"] == ["flag_values=FLAGS"] and shape["main"] == ["argv", "flag_values=FLAGS"], shape
+    assert shape["global"] == [] and len(shape["defined"]) >= 5, (module, shape)
+
+
+@pytest.mark.parametrize("command,argv,needle", [
+    (main, ["--config", "quickstart", "--mode", "eval", "--workdir", "/nonexistent/run"],
+     "--workdir /nonexistent/run does not exist: --mode eval reads the checkpoints"),
+    (main, ["--mode", "eval"], "--config is missing: A config file"),
+    (throughput, ["--batch", "2"], "--config is missing: A model config"),
+    (predict, ["photo.png"], "--model is missing: An exported model"),
+    (few_iteration, [], "--workdir is missing"),
+    (spectrum, ["--workdir", "/nonexistent/experiment", "stray"], "unexpected arguments ['stray']"),
+])
+def test_a_command_runs_in_process_through_cli_call_and_a_mistake_is_one_paragraph(capsys, command, argv, needle):
+  user_errors = getattr(command, "USER_ERRORS", common.USER_ERRORS)
+  status = cli.call(command.main, command.define_flags, [command.__name__, *argv], user_errors=user_errors)
+  err = capsys.readouterr().err
+  assert status == 2 and err.count("error:") == 1 and needle in err, err
+
+
+def test_devicecheck_runs_in_process_and_answers_a_mistake_in_one_line(capsys, tmp_path):
+  status = cli.call(devicecheck.main, devicecheck.define_flags,
+                    ["devicecheck", "--out", str(tmp_path), "--parts", "tests,benchmarks"])
+  err = capsys.readouterr().err
+  assert status == 2 and err.count("error:") == 1 and "benchmarks" in err, err
 
 
 # Runs lcnn_jax.main, sending itself SIGNAL once step STEP is logged: the stop is asked mid-run at a known step.

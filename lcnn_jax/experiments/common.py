@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from flax import nnx
 
 from lcnn_jax import checkpoint, cli, config as config_lib, data, logger, sparsity, train
@@ -34,6 +34,9 @@ CLASSIFIERS = ("classifier", "fc", "fc8")  # The last layer of the digits nets, 
 
 class ExperimentError(RuntimeError):
   """An experiment cannot go on as asked; the message says why and what to do."""
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, ExperimentError)  # an experiment command's: exit 2, no traceback
 
 
 class NotFinished(ExperimentError):
@@ -62,29 +65,22 @@ PRINT_CONFIG_HELP = ("Print the resolved config every run starts from (the --con
                      "--config.KEY=VALUE overrides) and exit; needs no --workdir.")
 
 
-def main(argv: Sequence[str], flag, report: Callable[[Any], None]) -> None:
-  """An experiment command on its parsed flags ``flag`` and command line: prints the config for
+def main(argv: Sequence[str], flag_values: flags.FlagValues, report: Callable[[flags.FlagValues], None]) -> None:
+  """An experiment command on its parsed flags (``flag_values``) and command line: prints the config for
   ``--print_config``; otherwise checks that there are no stray arguments and that ``--workdir`` is given and
-  writable (:class:`cli.UsageError` if not), then runs ``report(flag)`` (under :func:`finished_only` for
+  writable (:class:`cli.UsageError` if not), then runs ``report(flag_values)`` (under :func:`finished_only` for
   ``--finished_only``)."""
   if len(argv) > 1:
     raise cli.UsageError(f"unexpected arguments {list(argv[1:])}: options are --flag=value (see --help).")
-  if flag.print_config.value:
-    print(flag.config.value)
+  if flag_values.print_config:
+    print(flag_values.config)
     return
-  if not flag.workdir.value:
+  if not flag_values.workdir:
     raise cli.UsageError("--workdir is missing: pass the experiment's directory (created if new; the finished runs "
                          "there are reused).")
-  cli.check_output_dir(flag.workdir.value, "--workdir")
-  with finished_only() if flag.finished_only.value else contextlib.nullcontext():
-    report(flag)
-
-
-def run(define_flags: Callable[[], Any], report: Callable[[Any], None]) -> None:
-  """``python -m lcnn_jax.experiments.<name>``: defines the experiment's flags and runs :func:`main` with its
-  ``report`` through :func:`lcnn_jax.cli.run` (a user mistake is one paragraph and exit code 2)."""
-  flag = define_flags()
-  cli.run(lambda argv: main(argv, flag, report), user_errors=(ValueError, FileNotFoundError, ExperimentError))
+  cli.check_output_dir(flag_values.workdir, "--workdir")
+  with finished_only() if flag_values.finished_only else contextlib.nullcontext():
+    report(flag_values)
 
 
 def load_config(path: str) -> ml_collections.ConfigDict:

@@ -31,14 +31,13 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 from __future__ import annotations
 
 import os
-import types
 from typing import Any, Sequence
 
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import config as config_lib, models
+from lcnn_jax import cli, config as config_lib, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_iteration.py")
@@ -170,39 +169,47 @@ def plot_few_iteration(rows: Sequence[dict[str, Any]], summary: dict[str, Any], 
   common.save_figure(fig, [ax], filename, title=title)
 
 
-def define_flags() -> types.SimpleNamespace:
-  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
-  return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run)."),
-      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
-      depth_key=flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth."),
-      shallow=flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries."),
-      deep=flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them."),
-      deep_steps=flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run."),
-      eval_every=flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs."),
-      deep_strength=flags.DEFINE_float("deep_strength", 0.0, "Sparsity strength λ of both deep LCNNs, fixed (no "
-                                       "target speedup): one operating point for the comparison."),
-      deep_rule=flags.DEFINE_enum("deep_rule", "", ["", *config_lib.SPARSITY_RULES],
-                                  "Sparsity rule of the deep LCNNs ('': the config's)."),
-      seeds=flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every run once per seed in WORKDIR/seed<S>, "
-                              "reported as mean ± std."),
-      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all "
-                                      "finished."))
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so the experiment modules import
+  side by side."""
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of every run.", flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP, flag_values=flag_values)
+  flags.DEFINE_string("depth_key", "model.convs_per_stage", "The config key that sets the depth.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("shallow_depth", 2, "Depth of the net that learns the dictionaries.", flag_values=flag_values)
+  flags.DEFINE_integer("deep_depth", 4, "Depth of the net that reuses them.", flag_values=flag_values)
+  flags.DEFINE_integer("deep_steps", 100, "Training steps of each deep run.", flag_values=flag_values)
+  flags.DEFINE_integer("eval_every", 10, "Steps between evaluations of the deep runs.", flag_values=flag_values)
+  flags.DEFINE_float("deep_strength", 0.0, "Sparsity strength λ of both deep LCNNs, fixed (no target speedup): one "
+                     "operating point for the comparison.", flag_values=flag_values)
+  flags.DEFINE_enum("deep_rule", "", ["", *config_lib.SPARSITY_RULES],
+                    "Sparsity rule of the deep LCNNs ('': the config's).", flag_values=flag_values)
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every run once per seed in WORKDIR/seed<S>, reported as "
+                    "mean ± std.", flag_values=flag_values)
+  flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all finished.",
+                    flag_values=flag_values)
 
 
-def report(flag: types.SimpleNamespace) -> None:
-  """Runs (or reads back) the experiment of the flags; writes and prints its tables and plot."""
-  workdir, config = flag.workdir.value, flag.config.value
+def report(flag_values: flags.FlagValues) -> None:
+  """Runs (or reads back) the experiment of the parsed flags; writes and prints its tables and plot."""
+  workdir, config = flag_values.workdir, flag_values.config
+  shallow, deep, depth_key = flag_values.shallow_depth, flag_values.deep_depth, flag_values.depth_key
   markdown, rows, summary = few_iteration_report(
-      config, workdir, common.parse_seeds(flag.seeds.value), depth_key=flag.depth_key.value,
-      shallow_depth=flag.shallow.value, deep_depth=flag.deep.value, deep_steps=flag.deep_steps.value,
-      eval_every=flag.eval_every.value, deep_strength=flag.deep_strength.value, deep_rule=flag.deep_rule.value)
+      config, workdir, common.parse_seeds(flag_values.seeds), depth_key=depth_key, shallow_depth=shallow,
+      deep_depth=deep, deep_steps=flag_values.deep_steps, eval_every=flag_values.eval_every,
+      deep_strength=flag_values.deep_strength, deep_rule=flag_values.deep_rule)
   plot_few_iteration(rows, summary, os.path.join(workdir, "few_iteration.png"),
-                     f"{config.model.name} on {config.data.name}: {flag.depth_key.value} "
-                     f"{flag.shallow.value} -> {flag.deep.value}")
+                     f"{config.model.name} on {config.data.name}: {depth_key} {shallow} -> {deep}")
   print(markdown)  # the command's output
 
 
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``python -m lcnn_jax.experiments.few_iteration`` on its parsed flags (``flag_values``)."""
+  common.main(argv, flag_values, report)
+
+
 if __name__ == "__main__":
-  common.run(define_flags, report)
+  define_flags()
+  cli.run(main, user_errors=common.USER_ERRORS)

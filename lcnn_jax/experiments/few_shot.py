@@ -43,14 +43,13 @@ import dataclasses
 import functools
 import math
 import os
-import types
 from typing import Any, Sequence
 
 import ml_collections
 from absl import flags, logging
 from ml_collections import config_flags
 
-from lcnn_jax import config as config_lib, models
+from lcnn_jax import cli, config as config_lib, models
 from lcnn_jax.experiments import common
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "few_shot.py")
@@ -355,64 +354,73 @@ def plot_few_shot(rows: Sequence[dict[str, Any]], filename: str, title: str,
   common.save_figure(fig, [ax], filename, title=title)
 
 
-def define_flags() -> types.SimpleNamespace:
-  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so the experiment modules import
+  side by side."""
   default = Protocol()
   listed = lambda values: [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
-  return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run)."),
-      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
-      ns=flags.DEFINE_list("ns", listed(default.ns), "Training examples per novel class."),
-      base=flags.DEFINE_list("base_classes", listed(default.base_classes), "Class indices learned first."),
-      novel=flags.DEFINE_list("novel_classes", listed(default.novel_classes),
-                              "Class indices learned from few examples."),
-      seeds=flags.DEFINE_list("seeds", listed(default.seeds), "Seeds of the novel runs: each draws its own n "
-                              "images per class and seeds the new classifier and the batch order."),
-      base_seeds=flags.DEFINE_list("base_seeds", listed(default.base_seeds),
-                                   "Seeds of the base runs (each in WORKDIR/base<B>); every novel seed runs from "
-                                   "each. At least 3 at full scale; a reduced run may pass one."),
-      learning_rates=flags.DEFINE_list("learning_rates", listed(default.learning_rates),
-                                       "Constant learning rates the tuning chooses from, per n and arm."),
-      novel_steps=flags.DEFINE_list("novel_steps", listed(default.steps),
-                                    "Step counts the tuning chooses from, per n and arm (one value and one learning "
-                                    "rate: no tuning)."),
-      tune_seeds=flags.DEFINE_list("tune_seeds", listed(default.tune_seeds),
-                                   "Seeds of the tuning runs on the pseudo-novel base classes."),
-      novel_batch_size=flags.DEFINE_integer("novel_batch_size", 0, "Batch size of the novel runs (0: the config's "
-                                            "train.batch_size, as the base runs)."),
-      novel_rule=flags.DEFINE_enum("novel_rule", default.rule, NOVEL_RULES,
-                                   "Sparsity rule of the novel LCNN runs (threshold: a zero of P stays zero)."),
-      novel_strength=flags.DEFINE_float("novel_strength", default.strength,
-                                        "Sparsity strength λ of the novel LCNN runs (no target speedup)."),
-      classifier=flags.DEFINE_string("classifier", default.classifier,
-                                     "Parameter path of the classifier: new in every arm, the only layer cnn-last "
-                                     "trains (ResNet: fc; AlexNet: fc8)."),
-      arms=flags.DEFINE_list("arms", list(ARMS), f"The arms to run, some of {', '.join(ARMS)}."),
-      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished runs only "
-                                      "(an n whose arms are not all finished is left out)."))
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config of the base runs.",
+                                  flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per run).",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP, flag_values=flag_values)
+  flags.DEFINE_list("ns", listed(default.ns), "Training examples per novel class.", flag_values=flag_values)
+  flags.DEFINE_list("base_classes", listed(default.base_classes), "Class indices learned first.",
+                    flag_values=flag_values)
+  flags.DEFINE_list("novel_classes", listed(default.novel_classes), "Class indices learned from few examples.",
+                    flag_values=flag_values)
+  flags.DEFINE_list("seeds", listed(default.seeds), "Seeds of the novel runs: each draws its own n images per class "
+                    "and seeds the new classifier and the batch order.", flag_values=flag_values)
+  flags.DEFINE_list("base_seeds", listed(default.base_seeds), "Seeds of the base runs (each in WORKDIR/base<B>); "
+                    "every novel seed runs from each. At least 3 at full scale; a reduced run may pass one.",
+                    flag_values=flag_values)
+  flags.DEFINE_list("learning_rates", listed(default.learning_rates),
+                    "Constant learning rates the tuning chooses from, per n and arm.", flag_values=flag_values)
+  flags.DEFINE_list("novel_steps", listed(default.steps), "Step counts the tuning chooses from, per n and arm (one "
+                    "value and one learning rate: no tuning).", flag_values=flag_values)
+  flags.DEFINE_list("tune_seeds", listed(default.tune_seeds),
+                    "Seeds of the tuning runs on the pseudo-novel base classes.", flag_values=flag_values)
+  flags.DEFINE_integer("novel_batch_size", 0, "Batch size of the novel runs (0: the config's train.batch_size, as "
+                       "the base runs).", flag_values=flag_values)
+  flags.DEFINE_enum("novel_rule", default.rule, NOVEL_RULES,
+                    "Sparsity rule of the novel LCNN runs (threshold: a zero of P stays zero).",
+                    flag_values=flag_values)
+  flags.DEFINE_float("novel_strength", default.strength,
+                     "Sparsity strength λ of the novel LCNN runs (no target speedup).", flag_values=flag_values)
+  flags.DEFINE_string("classifier", default.classifier, "Parameter path of the classifier: new in every arm, the "
+                      "only layer cnn-last trains (ResNet: fc; AlexNet: fc8).", flag_values=flag_values)
+  flags.DEFINE_list("arms", list(ARMS), f"The arms to run, some of {', '.join(ARMS)}.", flag_values=flag_values)
+  flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished runs only (an n whose arms are not "
+                    "all finished is left out).", flag_values=flag_values)
 
 
-def protocol_from_flags(flag: types.SimpleNamespace) -> Protocol:
-  """The :class:`Protocol` of the command's flags."""
-  integers = lambda name: tuple(int(v) for v in getattr(flag, name).value)
-  return Protocol(ns=integers("ns"), base_classes=integers("base"), novel_classes=integers("novel"),
-                  seeds=tuple(common.parse_seeds(flag.seeds.value)),
-                  base_seeds=tuple(common.parse_seeds(flag.base_seeds.value, "--base_seeds")),
-                  learning_rates=tuple(float(v) for v in flag.learning_rates.value), steps=integers("novel_steps"),
-                  tune_seeds=tuple(common.parse_seeds(flag.tune_seeds.value, "--tune_seeds")),
-                  batch_size=flag.novel_batch_size.value, rule=flag.novel_rule.value,
-                  strength=flag.novel_strength.value, classifier=flag.classifier.value, arms=tuple(flag.arms.value))
+def protocol_from_flags(flag_values: flags.FlagValues) -> Protocol:
+  """The :class:`Protocol` of the command's parsed flags."""
+  integers = lambda name: tuple(int(v) for v in flag_values[name].value)
+  return Protocol(ns=integers("ns"), base_classes=integers("base_classes"),
+                  novel_classes=integers("novel_classes"), seeds=tuple(common.parse_seeds(flag_values.seeds)),
+                  base_seeds=tuple(common.parse_seeds(flag_values.base_seeds, "--base_seeds")),
+                  learning_rates=tuple(float(v) for v in flag_values.learning_rates), steps=integers("novel_steps"),
+                  tune_seeds=tuple(common.parse_seeds(flag_values.tune_seeds, "--tune_seeds")),
+                  batch_size=flag_values.novel_batch_size, rule=flag_values.novel_rule,
+                  strength=flag_values.novel_strength, classifier=flag_values.classifier,
+                  arms=tuple(flag_values.arms))
 
 
-def report(flag: types.SimpleNamespace) -> None:
-  """Runs (or reads back) the experiment of the flags; writes and prints its tables and plot."""
-  config, protocol = flag.config.value, protocol_from_flags(flag)
-  markdown, result = few_shot_report(config, flag.workdir.value, protocol)
-  plot_few_shot(result["rows"], os.path.join(flag.workdir.value, "few_shot.png"),
+def report(flag_values: flags.FlagValues) -> None:
+  """Runs (or reads back) the experiment of the parsed flags; writes and prints its tables and plot."""
+  config, workdir, protocol = flag_values.config, flag_values.workdir, protocol_from_flags(flag_values)
+  markdown, result = few_shot_report(config, workdir, protocol)
+  plot_few_shot(result["rows"], os.path.join(workdir, "few_shot.png"),
                 f"{config.model.name} on {config.data.name}: few-shot learning of novel classes", protocol.arms)
   print(markdown)  # the command's output
 
 
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``python -m lcnn_jax.experiments.few_shot`` on its parsed flags (``flag_values``)."""
+  common.main(argv, flag_values, report)
+
+
 if __name__ == "__main__":
-  common.run(define_flags, report)
+  define_flags()
+  cli.run(main, user_errors=common.USER_ERRORS)

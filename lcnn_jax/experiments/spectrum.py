@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import types
 from typing import Any, Mapping, Sequence
 
 import ml_collections
@@ -39,7 +38,7 @@ from absl import flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from lcnn_jax import bench, config as config_lib, inspection, logger, models, operating_point
+from lcnn_jax import bench, cli, config as config_lib, inspection, logger, models, operating_point
 from lcnn_jax.experiments import common, pruning as pruning_lib
 
 DEFAULT_CONFIG = os.path.join(config_lib.preset_dir(), "experiments", "spectrum.py")
@@ -290,30 +289,33 @@ def spectrum_figure(rows: Sequence[dict[str, Any]], bench_batch: int = 1):
   return fig, list(axes[0])
 
 
-def define_flags() -> types.SimpleNamespace:
-  """The command's flags (defined only when it runs, so the experiment modules import side by side)."""
-  return types.SimpleNamespace(
-      config=config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config every point starts from."),
-      workdir=flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point)."),
-      print_config=flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP),
-      sizes=flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes."),
-      strengths=flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda)."),
-      targets=flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: "
-                                "sweeps (dictionary size, target) instead of (dictionary size, strength)."),
-      points=flags.DEFINE_list("points", [], "(dictionary size, target speedup) pairs, e.g. 16:2.5,8:10,4:40: "
-                               "exactly these LCNN points instead of a --sizes grid."),
-      seeds=flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every point once per seed in WORKDIR/seed<S>, "
-                              "reported as mean ± std. Empty: the config's seed, points directly in WORKDIR."),
-      finished_only=flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished points only."),
-      size_keys=flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
-                                  "stage1,stage2,stage3,stage4)."),
-      baseline=flags.DEFINE_bool("baseline", True, "Also train the CNN baseline."),
-      pruning=flags.DEFINE_bool("pruning", True, "Also train, beside each LCNN point, the CNN pruned by gradual "
-                                "magnitude pruning to the multiplications that LCNN counts (prune_<point>)."),
-      wall_clock=flags.DEFINE_bool("wall_clock", True,
-                                   "Measure the wall-clock speedup with the inference benchmark."),
-      bench_batch=flags.DEFINE_integer("bench_batch", 1, "Batch size of the wall-clock measurement."),
-      bench_seconds=flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point."))
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none, so the experiment modules import
+  side by side."""
+  config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "The run config every point starts from.",
+                                  flag_values=flag_values)
+  flags.DEFINE_string("workdir", None, "The experiment's directory (one subdirectory per point).",
+                      flag_values=flag_values)
+  flags.DEFINE_bool("print_config", False, common.PRINT_CONFIG_HELP, flag_values=flag_values)
+  flags.DEFINE_list("sizes", ["2", "4", "8", "16"], "Dictionary sizes.", flag_values=flag_values)
+  flags.DEFINE_list("strengths", ["3", "30"], "Sparsity strengths (the original's lambda).", flag_values=flag_values)
+  flags.DEFINE_list("targets", [], "Target speedups (sparsity.target_speedup), e.g. 2,5,10,20,40: sweeps "
+                    "(dictionary size, target) instead of (dictionary size, strength).", flag_values=flag_values)
+  flags.DEFINE_list("points", [], "(dictionary size, target speedup) pairs, e.g. 16:2.5,8:10,4:40: exactly these "
+                    "LCNN points instead of a --sizes grid.", flag_values=flag_values)
+  flags.DEFINE_list("seeds", [], "Seeds, e.g. 0,1,2: every point once per seed in WORKDIR/seed<S>, reported as "
+                    "mean ± std. Empty: the config's seed, points directly in WORKDIR.", flag_values=flag_values)
+  flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished points only.",
+                    flag_values=flag_values)
+  flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
+                    "stage1,stage2,stage3,stage4).", flag_values=flag_values)
+  flags.DEFINE_bool("baseline", True, "Also train the CNN baseline.", flag_values=flag_values)
+  flags.DEFINE_bool("pruning", True, "Also train, beside each LCNN point, the CNN pruned by gradual magnitude "
+                    "pruning to the multiplications that LCNN counts (prune_<point>).", flag_values=flag_values)
+  flags.DEFINE_bool("wall_clock", True, "Measure the wall-clock speedup with the inference benchmark.",
+                    flag_values=flag_values)
+  flags.DEFINE_integer("bench_batch", 1, "Batch size of the wall-clock measurement.", flag_values=flag_values)
+  flags.DEFINE_float("bench_seconds", 3.0, "Seconds of timing per point.", flag_values=flag_values)
 
 
 def spectrum_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int] | None,
@@ -348,20 +350,26 @@ def spectrum_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequ
   return markdown, rows
 
 
-def report(flag: types.SimpleNamespace) -> None:
-  """Runs (or reads back) the experiment of the flags; writes and prints its tables and plot."""
-  workdir = flag.workdir.value  # created by common.main
-  config = flag.config.value
+def report(flag_values: flags.FlagValues) -> None:
+  """Runs (or reads back) the experiment of the parsed flags; writes and prints its tables and plot."""
+  workdir = flag_values.workdir  # created by common.main
+  config = flag_values.config
   markdown, rows = spectrum_report(
-      config, workdir, common.parse_seeds(flag.seeds.value) if flag.seeds.value else None,
-      sizes=[int(k) for k in flag.sizes.value], strengths=[float(s) for s in flag.strengths.value],
-      targets=[float(t) for t in flag.targets.value], points=parse_points(flag.points.value),
-      size_keys=flag.size_keys.value, baseline=flag.baseline.value, pruning=flag.pruning.value,
-      wall_clock=flag.wall_clock.value, bench_batch=flag.bench_batch.value, bench_seconds=flag.bench_seconds.value)
+      config, workdir, common.parse_seeds(flag_values.seeds) if flag_values.seeds else None,
+      sizes=[int(k) for k in flag_values.sizes], strengths=[float(s) for s in flag_values.strengths],
+      targets=[float(t) for t in flag_values.targets], points=parse_points(flag_values.points),
+      size_keys=flag_values.size_keys, baseline=flag_values.baseline, pruning=flag_values.pruning,
+      wall_clock=flag_values.wall_clock, bench_batch=flag_values.bench_batch, bench_seconds=flag_values.bench_seconds)
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
-                f"{config.model.name} on {config.data.name}: accuracy vs speedup", flag.bench_batch.value)
+                f"{config.model.name} on {config.data.name}: accuracy vs speedup", flag_values.bench_batch)
   print(markdown)  # the command's output
 
 
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """``python -m lcnn_jax.experiments.spectrum`` on its parsed flags (``flag_values``)."""
+  common.main(argv, flag_values, report)
+
+
 if __name__ == "__main__":
-  common.run(define_flags, report)
+  define_flags()
+  cli.run(main, user_errors=common.USER_ERRORS)

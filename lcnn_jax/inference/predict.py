@@ -145,29 +145,29 @@ def format_predictions(paths: Sequence[str], predictions: list[list[tuple[str, f
   return "\n".join(lines)
 
 
-def define_flags() -> None:
-  """The command's flags (defined by the command only, so importing this module defines none)."""
-  flags.DEFINE_string("model", None, "An exported model (.npz) written by python -m lcnn_jax.inference.exporter.")
-  flags.DEFINE_integer("top", 5, "How many classes to list per image.", lower_bound=1)
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command's flags, on ``flag_values``; importing this module defines none."""
+  flags.DEFINE_string("model", None, "An exported model (.npz) written by python -m lcnn_jax.inference.exporter.",
+                      flag_values=flag_values)
+  flags.DEFINE_integer("top", 5, "How many classes to list per image.", lower_bound=1, flag_values=flag_values)
   flags.DEFINE_string("backends", None, "Unset: as exported (tuned again once on a CPU other than the one it was "
-                      "tuned on); 'auto': measure here; or one backend name.")
+                      "tuned on); 'auto': measure here; or one backend name.", flag_values=flag_values)
   flags.DEFINE_bool("retune", False, "Measure the backends for this CPU again, replacing the choice kept for "
-                    "this file and CPU in $LCNN_JAX_CACHE/retuned.json.")
+                    "this file and CPU in $LCNN_JAX_CACHE/retuned.json.", flag_values=flag_values)
   flags.DEFINE_bool("json", False, "Print one JSON list: per image file {image, top: [{index, class, "
-                    "probability}]}, or {image, error} for a file that could not be read.")
+                    "probability}]}, or {image, error} for a file that could not be read.", flag_values=flag_values)
   flags.DEFINE_bool("describe", False, "Print the input the model expects (size, channels, preparation, "
-                    "polarity of grey images) and exit when no image is given.")
+                    "polarity of grey images) and exit when no image is given.", flag_values=flag_values)
   flags.DEFINE_integer("max_pixels", MAX_PIXELS, "Images with more pixels are refused (decompression bombs).",
-                       lower_bound=1)
-  flags.DEFINE_integer("batch", 64, "Images per forward pass.", lower_bound=1)
-  flags.mark_flag_as_required("model")
+                       lower_bound=1, flag_values=flag_values)
+  flags.DEFINE_integer("batch", 64, "Images per forward pass.", lower_bound=1, flag_values=flag_values)
+  flags.mark_flag_as_required("model", flag_values=flag_values)
 
-
-def main(argv: Sequence[str]) -> None:
-  """The prediction command: top classes per image file; exit status 1 if any file could not be read."""
-  FLAGS = flags.FLAGS
-  model = load_model(FLAGS.model, FLAGS.backends, FLAGS.retune)
-  if FLAGS.describe:
+def main(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The prediction command on its parsed flags (``flag_values``): top classes per image file; exit status 1 if
+  any file could not be read."""
+  model = load_model(flag_values.model, flag_values.backends, flag_values.retune)
+  if flag_values.describe:
     print(describe(model))
     if len(argv) == 1:
       return
@@ -175,15 +175,15 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UsageError("no image given: pass image files or directories after the flags, e.g. "
                          "python -m lcnn_jax.inference.predict --model model.npz cat.jpg photos/")
   allocator.reuse_freed_memory()
-  Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, FLAGS.max_pixels)
+  Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, flag_values.max_pixels)
   paths = list(image_files(argv[1:]))
   results, failed = [], 0
   names = model.class_names
-  for start in range(0, len(paths), FLAGS.batch):
+  for start in range(0, len(paths), flag_values.batch):
     images, read = [], []  # read: the entries of the images, in order
-    for path in paths[start:start + FLAGS.batch]:
+    for path in paths[start:start + flag_values.batch]:
       try:
-        images.append(load_image(path, model, FLAGS.max_pixels))
+        images.append(load_image(path, model, flag_values.max_pixels))
         read.append({"image": path})
         results.append(read[-1])
       except (ValueError, OSError) as e:
@@ -192,11 +192,11 @@ def main(argv: Sequence[str]) -> None:
         results.append({"image": path, "error": message})
         failed += 1
     if images:
-      indices, probabilities = model.top_k(np.stack(images), FLAGS.top)  # (n, k) each
+      indices, probabilities = model.top_k(np.stack(images), flag_values.top)  # (n, k) each
       for entry, row, row_p in zip(read, indices, probabilities):
         entry["top"] = [{"index": int(i), "class": names[i] if names else str(int(i)), "probability": float(p)}
                         for i, p in zip(row, row_p)]
-  if FLAGS.json:
+  if flag_values.json:
     print(json.dumps(results, indent=1))
   else:
     for result in results:
@@ -205,10 +205,11 @@ def main(argv: Sequence[str]) -> None:
   if failed:
     print(f"error: {failed} of {len(paths)} image files could not be read (listed above); the others are "
           "predicted.", file=sys.stderr)
-    sys.exit(1)
+    return 1
   if not paths:
     raise cli.UsageError(f"no image files in {argv[1:]}: a directory stands for its {', '.join(IMAGE_EXTENSIONS)} "
                          "files.")
+  return None
 
 
 if __name__ == "__main__":
