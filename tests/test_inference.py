@@ -12,7 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from lcnn_jax import bench, checkpoint, cli, flops, inference, models
-from lcnn_jax.inference import backends, layouts, machine, passes, predict, tracing, tuning
+from lcnn_jax.inference import backends, flat_s, layouts, machine, passes, predict, tracing, tuning
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.records import AffineLayer, LookupLayer
@@ -105,6 +105,28 @@ def test_lookup_tiles_are_sized_from_this_machines_l2(monkeypatch):
   assert backends.get_backend("lookup").tile() == 131072  # half the L2, as the environment emulates it
   assert backends.get_backend("lookup:tile=0").tile() == 0
   assert backends.get_backend("lookup:tile=4096").name == "lookup:tile=4096"
+
+
+def test_lookup_chunks_are_sized_from_this_machines_l1_and_change_only_one_pixel_layers(monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_L1_BYTES", "16384")
+  assert machine.chunk_bytes() == 8192 and "lookup:chunk=8192" in backends.get_backend("lookup").tuned_variants()
+  chunked = backends.get_backend("lookup:tile=0,chunk=8192")
+  assert chunked.name == "lookup:tile=0,chunk=8192" and chunked.tile() == 0
+  with pytest.raises(ValueError, match="lookup:chunk=N"):
+    backends.get_backend("lookup:chunk=half")
+  one_pixel, a_map = (random_layer(rng, **LAYER_CASES[case]) for case in ("fc6_like", "3x3_pad1"))
+  assert chunked.chunk(one_pixel) == 2048 and chunked.times(one_pixel, 1)
+  assert chunked.chunk(a_map) == 0 and not chunked.times(a_map, 1)
+  # The lookups by chunks: every non-zero once, chunk-major, each chunk's indices within its span of S.
+  params = chunked.prepare(one_pixel)
+  g = flat_s.geometry(one_pixel)
+  chunks = -(-g.atoms * g.height * g.width // 2048)
+  starts, indices = params["starts"], params["indices"].astype(np.int64)
+  assert starts.shape == (chunks * one_pixel.out_features + 1,) and starts[-1] == one_pixel.nnz
+  for c in range(chunks):
+    piece = indices[starts[c * one_pixel.out_features]:starts[(c + 1) * one_pixel.out_features]]
+    assert np.all(piece // 2048 == c)
+  assert chunked.network_step(one_pixel) is None  # the batch-1 chain reads lookups stored output by output
 
 
 class _ReluFusing(backends.Dense):
@@ -334,7 +356,8 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
   choice, timings = inference.choose_backends({"a": layer}, 2)
   lookup_variants = backends.get_backend("lookup").tuned_variants() if "lookup" in AVAILABLE else []
-  timed = set(AVAILABLE) - {"lookup"} | set(lookup_variants)
+  timed = {b for b in set(AVAILABLE) - {"lookup"} | set(lookup_variants) if backends.get_backend(b).times(layer, 2)}
+  assert not any("chunk=" in b for b in timed)  # a layer whose output is a map: chunks would change nothing
   assert choice["a"] in timed and set(timings["a"]) == timed
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)

@@ -315,7 +315,9 @@ float SparseDotRange(const float* s, const Index* indices, const Value* values, 
     a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t).part[0]), gather(t), a0);
     a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t + 16).part[0]), gather(t + 16), a1);
   }
-  sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  alignas(64) float lanes[16];  // summed here: GCC 12's _mm512_reduce_add_ps warns where it is inlined (105593)
+  _mm512_store_ps(lanes, _mm512_add_ps(a0, a1));
+  for (float lane : lanes) sum += lane;
 #elif defined(__AVX2__)
   // Eight lanes a gather; the indices widened and the values converted through the portable 16-wide loads.
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
