@@ -476,6 +476,13 @@ def variants(name: str) -> dict[str, str]:
   return {}
 
 
+def check_variant(preset: str, variant: str, known: dict[str, str], example: str) -> None:
+  """Raises ValueError naming the variants of ``preset`` (its file's ``VARIANTS``, ``known``) when ``variant`` is
+  not one of them, with ``--config PRESET:EXAMPLE`` as the way to ask for one."""
+  if variant not in known:
+    raise ValueError(f"{preset}:{variant}: expected one of {', '.join(known)}, e.g. --config {preset}:{example}.")
+
+
 def presets() -> list[str]:
   """Every run config by name: each preset (``alexnet``, ``experiments/spectrum``, its default variant) and each of
   its other variants (``alexnet:fast``)."""

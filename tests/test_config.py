@@ -397,3 +397,13 @@ def test_the_schema_needs_no_model_code():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                        env={**os.environ, "PYTHONPATH": REPO})
   assert out.stdout.strip() == "False"
+
+
+def test_a_preset_called_from_python_with_an_unknown_variant_names_its_variants():
+  from lcnn_jax.configs import alexnet
+  from lcnn_jax.configs.experiments import spectrum_fashion
+  with pytest.raises(ValueError, match=r"alexnet:medium: expected one of cnn, fast, accurate, e.g. --config "
+                                       r"alexnet:fast\."):
+    alexnet.get_config("medium")
+  with pytest.raises(ValueError, match="experiments/spectrum_fashion:huge: expected one of reduced, full"):
+    spectrum_fashion.get_config("huge")

@@ -37,6 +37,7 @@ keeps its meaning there. Both speedups lie inside their model's reachable range 
 empty); pass ``--config.sparsity.target_speedup=0`` for the plain λ run.
 """
 
+from lcnn_jax import config as config_lib
 from lcnn_jax.configs import imagenet
 
 VARIANTS = {
@@ -48,8 +49,7 @@ VARIANTS = {
 
 def get_config(variant: str = "cnn"):
   """The AlexNet run of ``variant`` (:data:`VARIANTS`)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"alexnet:{variant}: expected one of {', '.join(VARIANTS)}, e.g. --config alexnet:fast.")
+  config_lib.check_variant("alexnet", variant, VARIANTS, "fast")
   c = imagenet.recipe("alexnet" if variant == "cnn" else "alexnet-lcnn", batch_size=128, lr_schedule="alexnet")
   if variant == "cnn":
     c.sparsity.strength = 0.0

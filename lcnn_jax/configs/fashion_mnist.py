@@ -35,9 +35,7 @@ VARIANTS = {
 
 def get_config(variant: str = "cnn"):
   """The Fashion-MNIST run of ``variant`` (:data:`VARIANTS`)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"fashion_mnist:{variant}: expected one of {', '.join(VARIANTS)}, e.g. "
-                     "--config fashion_mnist:lcnn.")
+  config_lib.check_variant("fashion_mnist", variant, VARIANTS, "lcnn")
   lcnn = variant == "lcnn"
   c = config_lib.default_config("mnist-lcnn" if lcnn else "mnist")
   c.model.width = 32

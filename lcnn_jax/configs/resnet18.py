@@ -29,15 +29,12 @@ CNN's (every P at density d): 4.99× at d = 0.097 (AlexNet-accurate's density), 
 most 7.9× (d → 0). Neighbours at d = 0.097: 40, 80, 160, 320 atoms give 5.4×; 48, 96, 192, 384 give 4.6×; 64, 128,
 256, 512 give 3.5×.
 
-**Operating point** (fast and accurate). ``sparsity.target_speedup`` is the row's speedup: training steers λ (starting
-from the value above) so that the final checkpoint counts the paper's speedup (``lcnn_jax.operating_point``: a
-controller on the counted multiplications, an exact projection onto the budget at 60% of the steps, then fine-tuning
-of the kept non-zeros), instead of hoping that an unpublished λ lands there. The rule is ``threshold``, the original's
-(λ·τ·sign(P) through momentum, |P| ≤ τ zeroed in place), so the run reproduces the original's training dynamics and λ
-keeps its meaning there. Both speedups lie inside their model's reachable range (below its speedup with every P
-empty); pass ``--config.sparsity.target_speedup=0`` for the plain λ run.
+**Operating point** (fast and accurate): steered to the row's speedup by ``sparsity.target_speedup`` under the
+original's ``threshold`` rule, as for AlexNet (``lcnn_jax/configs/alexnet.py`` says how and why);
+``--config.sparsity.target_speedup=0`` gives the plain λ run.
 """
 
+from lcnn_jax import config as config_lib
 from lcnn_jax.configs import imagenet
 
 VARIANTS = {
@@ -50,8 +47,7 @@ STAGES = {"fast": (6, 12, 24, 48), "accurate": (44, 88, 176, 352)}  # dictionary
 
 def get_config(variant: str = "cnn"):
   """The ResNet-18 run of ``variant`` (:data:`VARIANTS`)."""
-  if variant not in VARIANTS:
-    raise ValueError(f"resnet18:{variant}: expected one of {', '.join(VARIANTS)}, e.g. --config resnet18:fast.")
+  config_lib.check_variant("resnet18", variant, VARIANTS, "fast")
   c = imagenet.recipe("resnet" if variant == "cnn" else "resnet-lcnn", batch_size=256, lr_schedule="resnet")
   c.model.depth = 18
   if variant == "cnn":

@@ -29,9 +29,7 @@ VARIANTS = {
 
 def get_config(scale: str = "reduced"):
   """The few_iteration_fashion run at ``scale`` (:data:`VARIANTS`)."""
-  if scale not in VARIANTS:
-    raise ValueError(f"experiments/few_iteration_fashion:{scale}: expected one of {', '.join(VARIANTS)}, e.g. "
-                     "--config experiments/few_iteration_fashion:full.")
+  config_lib.check_variant("experiments/few_iteration_fashion", scale, VARIANTS, "full")
   c = config_lib.load("fashion_mnist:lcnn")
   if scale == "full":
     return c

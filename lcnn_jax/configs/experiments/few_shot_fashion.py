@@ -28,9 +28,7 @@ VARIANTS = {
 
 def get_config(scale: str = "reduced"):
   """The few_shot_fashion run at ``scale`` (:data:`VARIANTS`)."""
-  if scale not in VARIANTS:
-    raise ValueError(f"experiments/few_shot_fashion:{scale}: expected one of {', '.join(VARIANTS)}, e.g. "
-                     "--config experiments/few_shot_fashion:full.")
+  config_lib.check_variant("experiments/few_shot_fashion", scale, VARIANTS, "full")
   c = config_lib.load("fashion_mnist:lcnn")
   c.seed = 0  # --base_seeds sets the base runs' seeds, --seeds the novel runs'
   if scale == "full":

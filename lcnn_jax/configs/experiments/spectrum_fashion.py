@@ -28,9 +28,7 @@ VARIANTS = {
 
 def get_config(scale: str = "reduced"):
   """The spectrum_fashion run at ``scale`` (:data:`VARIANTS`)."""
-  if scale not in VARIANTS:
-    raise ValueError(f"experiments/spectrum_fashion:{scale}: expected one of {', '.join(VARIANTS)}, e.g. "
-                     "--config experiments/spectrum_fashion:full.")
+  config_lib.check_variant("experiments/spectrum_fashion", scale, VARIANTS, "full")
   c = config_lib.load("fashion_mnist:lcnn")
   if scale == "full":
     return c
