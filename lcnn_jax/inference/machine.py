@@ -154,15 +154,24 @@ DEFAULT_L2_BYTES = 512 << 10
 """The L2 assumed where the machine does not say (smaller than any current server core's)."""
 
 
+def _emulated_cache_bytes(variable: str, example: int) -> int | None:
+  """The cache size the environment variable ``variable`` sets to emulate another machine's, or None when unset;
+  ValueError naming it when it is not a number of bytes."""
+  override = os.environ.get(variable)
+  if not override:
+    return None
+  try:
+    return int(override)
+  except ValueError:
+    raise ValueError(f"{variable}={override!r} is not a number of bytes (e.g. {example}).") from None
+
+
 def tile_budget_bytes() -> int:
   """The bytes of S one lookup tile may hold: half of this core's L2 (the rest for the outputs and the lookups),
   divided among the threads of ours that share it (:func:`l2_sharers`), overridable with ``LCNN_JAX_L2_BYTES`` to emulate a smaller cache."""
-  override = os.environ.get("LCNN_JAX_L2_BYTES")
-  if override:
-    try:
-      return max(4096, int(override) // 2)
-    except ValueError:
-      raise ValueError(f"LCNN_JAX_L2_BYTES={override!r} is not a number of bytes (e.g. 1048576).") from None
+  override = _emulated_cache_bytes("LCNN_JAX_L2_BYTES", 1048576)
+  if override is not None:
+    return max(4096, override // 2)
   l2 = cache_sizes()[1] or DEFAULT_L2_BYTES
   return l2 // 2 // l2_sharers()
 
@@ -174,12 +183,9 @@ DEFAULT_L1_BYTES = 32 << 10
 def chunk_bytes() -> int:
   """The bytes of S one chunk of a one-pixel layer's lookups spans (the ``lookup:chunk=N`` the tuner times): half
   of this core's L1 data cache, overridable with ``LCNN_JAX_L1_BYTES`` to emulate another."""
-  override = os.environ.get("LCNN_JAX_L1_BYTES")
-  if override:
-    try:
-      return max(1024, int(override) // 2)
-    except ValueError:
-      raise ValueError(f"LCNN_JAX_L1_BYTES={override!r} is not a number of bytes (e.g. 49152).") from None
+  override = _emulated_cache_bytes("LCNN_JAX_L1_BYTES", 49152)
+  if override is not None:
+    return max(1024, override // 2)
   return (cache_sizes()[0] or DEFAULT_L1_BYTES) // 2
 
 

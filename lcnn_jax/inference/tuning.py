@@ -154,10 +154,11 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
   cache = cache or TimingCache()
   choice, timings = {}, {}
   candidates = [variant for b in candidates for variant in backends_lib.get_backend(b).tuned_variants()]
+  built = {variant: backends_lib.get_backend(variant) for variant in candidates}
   for name, layer in layers.items():
     timings[name] = {}
     for backend in candidates:
-      if not backends_lib.get_backend(backend).times(layer, batch_size):
+      if not built[backend].times(layer, batch_size):
         continue
       key = _cache_key(layer, backend, batch_size)
       ms = cache.get(key)
