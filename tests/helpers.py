@@ -27,6 +27,12 @@ LAYER_CASES = {
     "uneven_strides": dict(m=6, n=9, k=5, kernel=(3, 2), strides=(2, 1), padding=(0, 1), size=(9, 8), density=0.5),
     "fc6_like": dict(m=16, n=33, k=20, kernel=(6, 6), strides=(1, 1), padding=(0, 0), size=(6, 6), density=0.05),
     "1x1": dict(m=40, n=12, k=8, kernel=(1, 1), strides=(1, 1), padding=(0, 0), size=(1, 1), density=0.2),
+    # Dense layers whose rows of S are indexed by uint8 (200 < 256) and by int32 (2,000 x 36 > 65,535), each output
+    # with enough non-zeros for the vector loops of a small batch's sparse dot products.
+    "1x1_uint8_rows": dict(m=24, n=9, k=200, kernel=(1, 1), strides=(1, 1), padding=(0, 0), size=(1, 1),
+                           density=0.3),
+    "fc_int32_rows": dict(m=3, n=5, k=2000, kernel=(6, 6), strides=(1, 1), padding=(0, 0), size=(6, 6),
+                          density=0.01),
     "empty": dict(m=4, n=5, k=3, kernel=(2, 2), strides=(1, 1), padding=(0, 0), size=(3, 3), density=0.0),
     # A first layer whose dictionary the kernel applies itself, and a strided map (space-to-depth copy).
     "map_fused_dictionary": dict(m=4, n=6, k=5, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(8, 9),

@@ -198,6 +198,17 @@ inline __m512i LoadIndices16(const uint16_t* p) {
 inline __m512i LoadIndices16(const int32_t* p) { return _mm512_loadu_si512(p); }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// 8 consecutive indices as int32.
+inline __m256i LoadIndices8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i LoadIndices8(const uint16_t* p) {
+  return _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256i LoadIndices8(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+#endif
+
 struct Geometry {
   int64_t batch;   // b
   int64_t width;   // W of S (after space-to-depth)
@@ -319,19 +330,20 @@ float SparseDotRange(const float* s, const Index* indices, const Value* values, 
   _mm512_store_ps(lanes, _mm512_add_ps(a0, a1));
   for (float lane : lanes) sum += lane;
 #elif defined(__AVX2__)
-  // Eight lanes a gather; the indices widened and the values converted through the portable 16-wide loads.
+  // Eight lanes a gather, the indices widened in registers (vpmovzx) and, at batch 1, used as they are. Widening
+  // them through memory and multiplying every one by the batch made this loop 1.8x slower on an AMD EPYC (Zen 2)
+  // without AVX-512 (fc6 of the fast AlexNet-LCNN at batch 1, one thread: 3.6 -> 2.0 ms).
   __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
   const __m256i scale = _mm256_set1_epi32(static_cast<int32_t>(batch));
+  const bool one = batch == 1;
+  auto gather = [&](int32_t at) {
+    const __m256i index = LoadIndices8(indices + at);
+    return _mm256_i32gather_ps(s, one ? index : _mm256_mullo_epi32(index, scale), 4);
+  };
   for (; t + 16 <= end; t += 16) {
-    alignas(64) int32_t at[16];
-    for (int i = 0; i < 16; ++i) at[i] = static_cast<int32_t>(indices[t + i]);
-    alignas(64) float c[16];
-    const v16 loaded = Load16(values + t);
-    std::memcpy(c, &loaded, sizeof(c));
-    const __m256i lo = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at)), scale);
-    const __m256i hi = _mm256_mullo_epi32(_mm256_load_si256(reinterpret_cast<const __m256i*>(at + 8)), scale);
-    a0 = _mm256_fmadd_ps(_mm256_load_ps(c), _mm256_i32gather_ps(s, lo, 4), a0);
-    a1 = _mm256_fmadd_ps(_mm256_load_ps(c + 8), _mm256_i32gather_ps(s, hi, 4), a1);
+    const v16 c = Load16(values + t);
+    a0 = _mm256_fmadd_ps(static_cast<__m256>(c.part[0]), gather(t), a0);
+    a1 = _mm256_fmadd_ps(static_cast<__m256>(c.part[1]), gather(t + 8), a1);
   }
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
