@@ -501,6 +501,31 @@ def test_few_iteration_seeds_repeat_every_run_per_seed(tmp_path, monkeypatch):
   assert (tmp_path / "few_iteration.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_few_iteration_seeds_of_an_earlier_report_join_without_running_again(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(common, "run_point", fake_point(calls))
+  kwargs = dict(depth_key="model.convs_per_stage", shallow_depth=2, deep_depth=3, deep_steps=4, eval_every=2)
+  config = tiny_config()
+  few_iteration.few_iteration_report(config, str(tmp_path / "first"), [0, 2], **kwargs)  # e.g. one session
+  earlier = str(tmp_path / "first" / "few_iteration.json")
+  calls.clear()
+  markdown, rows, summary = few_iteration.few_iteration_report(config, str(tmp_path / "second"), [1, 2],
+                                                               earlier_reports=[earlier], **kwargs)
+  assert {os.path.relpath(w, tmp_path / "second").split("/")[0] for _, w, _ in calls} == {"seed1"}  # 2 is read
+  assert "Seeds: 3 (0, 1, 2)" in markdown and rows[1]["seeds"] == [0, 1, 2]
+  alone = few_iteration.few_iteration_report(config, str(tmp_path / "all"), [0, 1, 2], **kwargs)
+  assert (rows, summary) == alone[1:]  # as if all three had run here
+  with pytest.raises(ValueError, match="deep_steps differ"):
+    few_iteration.few_iteration_report(config, str(tmp_path / "third"), [1], earlier_reports=[earlier],
+                                       **{**kwargs, "deep_steps": 6})
+  with pytest.raises(ValueError, match="seed 0 appears in more than one report"):
+    few_iteration.few_iteration_report(config, str(tmp_path / "third"), [1], earlier_reports=[earlier, earlier],
+                                       **kwargs)
+  with pytest.raises(ValueError, match="cannot read"):
+    few_iteration.few_iteration_report(config, str(tmp_path / "third"), [1], earlier_reports=[str(tmp_path)],
+                                       **kwargs)
+
+
 @pytest.mark.parametrize("scale", ["reduced", "full"])
 def test_every_report_states_its_scale(tmp_path, monkeypatch, scale):
   monkeypatch.setattr(common, "run_point", fake_point([]))

@@ -30,6 +30,7 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Sequence
 
@@ -93,18 +94,25 @@ def run_few_iteration(config: ml_collections.ConfigDict, workdir: str, *, depth_
   return rows, summary
 
 
-def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], **kwargs: Any
+def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], *,
+                            earlier: dict[int, tuple[list, dict]] | None = None, **kwargs: Any
                             ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[list, dict]]]:
   """:func:`run_few_iteration` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the mean ± std
-  rows by step (:func:`common.aggregate`), the summary as mean ± std per run, and each seed's rows and summary."""
-  per_seed = {}
+  rows by step (:func:`common.aggregate`), the summary as mean ± std per run, and each seed's rows and summary.
+  ``earlier``: seeds' rows and summaries read from earlier reports (:func:`read_earlier_reports`); they join the
+  report and are not run again."""
+  per_seed = dict(earlier or {})
   for seed in seeds:
+    if seed in per_seed:
+      logging.info("Few-iteration seed %d: read from an earlier report, not run again.", seed)
+      continue
     try:
       per_seed[seed] = run_few_iteration(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
     except common.NotFinished as e:  # --finished_only: a seed counts when all its runs are finished
       logging.warning("Few-iteration seed %d left out: %s", seed, e)
   if not per_seed:
     raise ValueError(f"{workdir}: no seed of {list(seeds)} has all its runs finished; run without --finished_only.")
+  per_seed = dict(sorted(per_seed.items()))
   fields = [*(f"{arm}_top1" for arm in ARMS), DIFFERENCE]
   rows = common.aggregate({seed: rows for seed, (rows, _) in per_seed.items()}, "step", fields)
   runs = common.aggregate({seed: [{"run": run, **result} for run, result in summary.items()]
@@ -113,12 +121,49 @@ def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, see
   return rows, summary, per_seed
 
 
+def _settings(config: ml_collections.ConfigDict, depth_key: str, shallow_depth: int, **kwargs: Any) -> dict:
+  """What makes two reports' seeds comparable: the run config and the deep runs' settings, as JSON reads them."""
+  return json.loads(json.dumps({"config": config.to_dict(), "depth_key": depth_key, "shallow_depth": shallow_depth,
+                                **kwargs}, default=list))
+
+
+def read_earlier_reports(paths: Sequence[str], settings: dict[str, Any]) -> dict[int, tuple[list, dict]]:
+  """Each seed's rows and summary from earlier ``few_iteration.json`` files of the same experiment (``settings``:
+  :func:`_settings` of this one), e.g. seeds run on another machine or in an earlier time-boxed session. Raises
+  ValueError naming a file that is missing, of another experiment or settings, or repeats a seed."""
+  per_seed: dict[int, tuple[list, dict]] = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        payload = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--earlier_reports: cannot read {path} ({e}); give the few_iteration.json of an earlier "
+                       "run of this command.") from None
+    if not isinstance(payload, dict) or "per_seed" not in payload or "settings" not in payload:
+      raise ValueError(f"--earlier_reports: {path} is not a few_iteration.json written by this command (no "
+                       "'per_seed' and 'settings').")
+    if payload["settings"] != settings:
+      differing = sorted(k for k in {*settings, *payload["settings"]}
+                         if settings.get(k) != payload["settings"].get(k))
+      raise ValueError(f"--earlier_reports: {path} was run with other settings ({', '.join(differing)} differ); "
+                       "only seeds of the same config and deep-run flags can be reported together.")
+    for seed, result in payload["per_seed"].items():
+      if int(seed) in per_seed:
+        raise ValueError(f"--earlier_reports: seed {seed} appears in more than one report; give each seed once.")
+      per_seed[int(seed)] = (result["rows"], result["summary"])
+  return per_seed
+
+
 def few_iteration_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], *,
-                         depth_key: str, shallow_depth: int, **kwargs: Any) -> tuple[str, list, dict[str, Any]]:
+                         depth_key: str, shallow_depth: int, earlier_reports: Sequence[str] = (),
+                         **kwargs: Any) -> tuple[str, list, dict[str, Any]]:
   """Runs (or reads back) the experiment for ``seeds``; writes ``few_iteration.json`` and ``few_iteration.md``
   (the scale, top-1 against iterations, the paired difference, each run's final top-1 and speedup) and returns
-  the markdown, the rows and the summary."""
-  rows, summary, per_seed = run_few_iteration_seeds(config, workdir, seeds, depth_key=depth_key,
+  the markdown, the rows and the summary. The seeds of ``earlier_reports`` (their ``few_iteration.json``, same
+  settings) join the report without being run again."""
+  settings = _settings(config, depth_key, shallow_depth, **kwargs)
+  earlier = read_earlier_reports(earlier_reports, settings)
+  rows, summary, per_seed = run_few_iteration_seeds(config, workdir, seeds, earlier=earlier, depth_key=depth_key,
                                                     shallow_depth=shallow_depth, **kwargs)
   shallow = common.run_scale(common.derive(config, **{depth_key: shallow_depth}), workdir)
   deep_steps, strength = kwargs["deep_steps"], kwargs.get("deep_strength", 0.0)
@@ -141,6 +186,7 @@ def few_iteration_report(config: ml_collections.ConfigDict, workdir: str, seeds:
   markdown = "\n".join(lines)
   common.write_report(workdir, "few_iteration", {
       "scale": lines[:3], "rows": rows, "summary": summary, "seeds": list(per_seed), "config": config.to_dict(),
+      "settings": settings,
       "per_seed": {str(s): {"rows": r, "summary": m} for s, (r, m) in per_seed.items()}}, markdown)
   return markdown, rows, summary
 
@@ -190,6 +236,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "mean ± std.", flag_values=flag_values)
   flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all finished.",
                     flag_values=flag_values)
+  flags.DEFINE_list("earlier_reports", [], "few_iteration.json files of earlier runs of this command with the same "
+                    "config and deep-run flags (seeds run on another machine or in an earlier session): their seeds "
+                    "join the report and are not run again.", flag_values=flag_values)
 
 
 def report(flag_values: flags.FlagValues) -> None:
@@ -199,7 +248,8 @@ def report(flag_values: flags.FlagValues) -> None:
   markdown, rows, summary = few_iteration_report(
       config, workdir, common.parse_seeds(flag_values.seeds), depth_key=depth_key, shallow_depth=shallow,
       deep_depth=deep, deep_steps=flag_values.deep_steps, eval_every=flag_values.eval_every,
-      deep_strength=flag_values.deep_strength, deep_rule=flag_values.deep_rule)
+      deep_strength=flag_values.deep_strength, deep_rule=flag_values.deep_rule,
+      earlier_reports=flag_values.earlier_reports)
   plot_few_iteration(rows, summary, os.path.join(workdir, "few_iteration.png"),
                      f"{config.model.name} on {config.data.name}: {depth_key} {shallow} -> {deep}")
   print(markdown)  # the command's output
