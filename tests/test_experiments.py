@@ -526,6 +526,28 @@ def test_few_iteration_seeds_of_an_earlier_report_join_without_running_again(tmp
                                        **kwargs)
 
 
+def test_spectrum_seeds_of_an_earlier_report_join_without_running_again(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(common, "run_point", fake_point(calls))
+  config, kwargs = tiny_config(), dict(sizes=[2], strengths=[30.0])
+  spectrum.spectrum_report(config, str(tmp_path / "first"), [0], **kwargs)
+  earlier = str(tmp_path / "first" / "spectrum.json")
+  calls.clear()
+  markdown, rows = spectrum.spectrum_report(config, str(tmp_path / "second"), [0, 1], earlier_reports=[earlier],
+                                            **kwargs)
+  assert calls and {os.path.relpath(w, tmp_path / "second").split("/")[0] for _, w, _ in calls} == {"seed1"}
+  assert "seeds 0, 1." in markdown.splitlines()[0]
+  assert rows == spectrum.spectrum_report(config, str(tmp_path / "all"), [0, 1], **kwargs)[1]
+  with pytest.raises(ValueError, match="strengths differ"):
+    spectrum.spectrum_report(config, str(tmp_path / "third"), [1], earlier_reports=[earlier], sizes=[2],
+                             strengths=[3.0])
+  with pytest.raises(ValueError, match="--nowall_clock"):
+    spectrum.spectrum_report(config, str(tmp_path / "third"), [1], earlier_reports=[earlier], wall_clock=True,
+                             **kwargs)
+  with pytest.raises(ValueError, match="give --seeds"):
+    spectrum.spectrum_report(config, str(tmp_path / "third"), None, earlier_reports=[earlier], **kwargs)
+
+
 @pytest.mark.parametrize("scale", ["reduced", "full"])
 def test_every_report_states_its_scale(tmp_path, monkeypatch, scale):
   monkeypatch.setattr(common, "run_point", fake_point([]))

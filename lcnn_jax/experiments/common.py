@@ -348,6 +348,45 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
   return "\n".join(lines) + "\n"
 
 
+def report_settings(config: ml_collections.ConfigDict, **flags_of_the_report: Any) -> dict[str, Any]:
+  """What makes two reports' seeds comparable (the run config and the command's own settings), as JSON reads them
+  back: a report stores it under ``settings``, and :func:`read_earlier_reports` compares it."""
+  return json.loads(json.dumps({"config": config.to_dict(), **flags_of_the_report}, default=list))
+
+
+def read_earlier_reports(paths: Sequence[str], settings: dict[str, Any]) -> dict[int, Any]:
+  """Each seed's results (the report's ``per_seed`` entry) from earlier reports (``<command>.json``) of the same
+  experiment, e.g. seeds run on another machine or in an earlier time-boxed session. ``settings``:
+  :func:`report_settings` of this run. Raises ValueError naming a file that cannot be read, is no such report,
+  was run with other settings, or repeats a seed."""
+  per_seed: dict[int, Any] = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        payload = json.load(f)
+    except (OSError, ValueError) as e:
+      raise ValueError(f"--earlier_reports: cannot read {path} ({e}); give the .json report of an earlier run of "
+                       "this command.") from None
+    if not isinstance(payload, dict) or "per_seed" not in payload or "settings" not in payload:
+      raise ValueError(f"--earlier_reports: {path} is not a report of this command with its settings (no "
+                       "'per_seed' and 'settings').")
+    if payload["settings"] != settings:
+      differing = sorted(k for k in {*settings, *payload["settings"]}
+                         if settings.get(k) != payload["settings"].get(k))
+      raise ValueError(f"--earlier_reports: {path} was run with other settings ({', '.join(differing)} differ); "
+                       "only seeds of the same config and flags can be reported together.")
+    for seed, result in payload["per_seed"].items():
+      if int(seed) in per_seed:
+        raise ValueError(f"--earlier_reports: seed {seed} appears in more than one report; give each seed once.")
+      per_seed[int(seed)] = result
+  return per_seed
+
+
+EARLIER_REPORTS_HELP = ("Reports (<command>.json) of earlier runs of this command with the same config and flags "
+                        "(seeds run on another machine or in an earlier session): their seeds join the report and "
+                        "are not run again.")
+
+
 def write_report(workdir: str, name: str, payload: dict[str, Any], markdown: str) -> str:
   """Writes ``name.json`` (``payload``: every number) and ``name.md`` (``markdown``: the scale and the tables)
   in ``workdir``; returns the markdown."""

@@ -30,7 +30,6 @@ point under the workdir. Writes ``few_iteration.json``, ``few_iteration.md`` and
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Sequence
 
@@ -99,8 +98,8 @@ def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, see
                             ) -> tuple[list[dict[str, Any]], dict[str, Any], dict[int, tuple[list, dict]]]:
   """:func:`run_few_iteration` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the mean ± std
   rows by step (:func:`common.aggregate`), the summary as mean ± std per run, and each seed's rows and summary.
-  ``earlier``: seeds' rows and summaries read from earlier reports (:func:`read_earlier_reports`); they join the
-  report and are not run again."""
+  ``earlier``: seeds' rows and summaries read from earlier reports (:func:`common.read_earlier_reports`); they
+  join the report and are not run again."""
   per_seed = dict(earlier or {})
   for seed in seeds:
     if seed in per_seed:
@@ -121,39 +120,6 @@ def run_few_iteration_seeds(config: ml_collections.ConfigDict, workdir: str, see
   return rows, summary, per_seed
 
 
-def _settings(config: ml_collections.ConfigDict, depth_key: str, shallow_depth: int, **kwargs: Any) -> dict:
-  """What makes two reports' seeds comparable: the run config and the deep runs' settings, as JSON reads them."""
-  return json.loads(json.dumps({"config": config.to_dict(), "depth_key": depth_key, "shallow_depth": shallow_depth,
-                                **kwargs}, default=list))
-
-
-def read_earlier_reports(paths: Sequence[str], settings: dict[str, Any]) -> dict[int, tuple[list, dict]]:
-  """Each seed's rows and summary from earlier ``few_iteration.json`` files of the same experiment (``settings``:
-  :func:`_settings` of this one), e.g. seeds run on another machine or in an earlier time-boxed session. Raises
-  ValueError naming a file that is missing, of another experiment or settings, or repeats a seed."""
-  per_seed: dict[int, tuple[list, dict]] = {}
-  for path in paths:
-    try:
-      with open(path) as f:
-        payload = json.load(f)
-    except (OSError, ValueError) as e:
-      raise ValueError(f"--earlier_reports: cannot read {path} ({e}); give the few_iteration.json of an earlier "
-                       "run of this command.") from None
-    if not isinstance(payload, dict) or "per_seed" not in payload or "settings" not in payload:
-      raise ValueError(f"--earlier_reports: {path} is not a few_iteration.json written by this command (no "
-                       "'per_seed' and 'settings').")
-    if payload["settings"] != settings:
-      differing = sorted(k for k in {*settings, *payload["settings"]}
-                         if settings.get(k) != payload["settings"].get(k))
-      raise ValueError(f"--earlier_reports: {path} was run with other settings ({', '.join(differing)} differ); "
-                       "only seeds of the same config and deep-run flags can be reported together.")
-    for seed, result in payload["per_seed"].items():
-      if int(seed) in per_seed:
-        raise ValueError(f"--earlier_reports: seed {seed} appears in more than one report; give each seed once.")
-      per_seed[int(seed)] = (result["rows"], result["summary"])
-  return per_seed
-
-
 def few_iteration_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], *,
                          depth_key: str, shallow_depth: int, earlier_reports: Sequence[str] = (),
                          **kwargs: Any) -> tuple[str, list, dict[str, Any]]:
@@ -161,8 +127,9 @@ def few_iteration_report(config: ml_collections.ConfigDict, workdir: str, seeds:
   (the scale, top-1 against iterations, the paired difference, each run's final top-1 and speedup) and returns
   the markdown, the rows and the summary. The seeds of ``earlier_reports`` (their ``few_iteration.json``, same
   settings) join the report without being run again."""
-  settings = _settings(config, depth_key, shallow_depth, **kwargs)
-  earlier = read_earlier_reports(earlier_reports, settings)
+  settings = common.report_settings(config, depth_key=depth_key, shallow_depth=shallow_depth, **kwargs)
+  earlier = {seed: (result["rows"], result["summary"])
+             for seed, result in common.read_earlier_reports(earlier_reports, settings).items()}
   rows, summary, per_seed = run_few_iteration_seeds(config, workdir, seeds, earlier=earlier, depth_key=depth_key,
                                                     shallow_depth=shallow_depth, **kwargs)
   shallow = common.run_scale(common.derive(config, **{depth_key: shallow_depth}), workdir)
@@ -236,9 +203,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "mean ± std.", flag_values=flag_values)
   flags.DEFINE_bool("finished_only", False, "Train nothing: report the seeds whose runs are all finished.",
                     flag_values=flag_values)
-  flags.DEFINE_list("earlier_reports", [], "few_iteration.json files of earlier runs of this command with the same "
-                    "config and deep-run flags (seeds run on another machine or in an earlier session): their seeds "
-                    "join the report and are not run again.", flag_values=flag_values)
+  flags.DEFINE_list("earlier_reports", [], common.EARLIER_REPORTS_HELP, flag_values=flag_values)
 
 
 def report(flag_values: flags.FlagValues) -> None:

@@ -207,18 +207,24 @@ COLUMNS = ("point", "dictionary_size", "target", "seeds", "top1", "speedup", "mu
                 "density", "strength")
 
 
-def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int],
+def run_spectrum_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int], *,
+                       earlier: dict[int, list[dict[str, Any]]] | None = None,
                        **kwargs: Any) -> tuple[list[dict[str, Any]], dict[int, list[dict[str, Any]]]]:
   """:func:`run_spectrum` once per seed in ``WORKDIR/seed<S>`` (``config.seed`` = S); returns the points'
-  mean ± std rows (:func:`common.aggregate` of :data:`AGGREGATED`) and each seed's own rows."""
-  per_seed = {}
+  mean ± std rows (:func:`common.aggregate` of :data:`AGGREGATED`) and each seed's own rows. ``earlier``: seeds'
+  rows read from earlier reports (:func:`common.read_earlier_reports`); they join and are not run again."""
+  per_seed = dict(earlier or {})
   for seed in seeds:
+    if seed in per_seed:
+      logging.info("Spectrum: seed %d read from an earlier report, not run again.", seed)
+      continue
     logging.info("Spectrum: seed %d (%d seeds).", seed, len(seeds))
     rows = run_spectrum(common.with_seed(config, seed), common.seed_workdir(workdir, seed), **kwargs)
     if rows:  # none when --finished_only finds nothing of this seed
       per_seed[seed] = rows
   if not per_seed:
     raise ValueError(f"{workdir}: no finished point for seeds {list(seeds)}; run without --finished_only.")
+  per_seed = dict(sorted(per_seed.items()))
   return common.aggregate(per_seed, "point", AGGREGATED), per_seed
 
 
@@ -307,6 +313,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                     "mean ± std. Empty: the config's seed, points directly in WORKDIR.", flag_values=flag_values)
   flags.DEFINE_bool("finished_only", False, "Train nothing: report the finished points only.",
                     flag_values=flag_values)
+  flags.DEFINE_list("earlier_reports", [], common.EARLIER_REPORTS_HELP, flag_values=flag_values)
   flags.DEFINE_list("size_keys", ["convs"], "model.dictionary keys set to each size (ResNet-LCNN: "
                     "stage1,stage2,stage3,stage4).", flag_values=flag_values)
   flags.DEFINE_bool("baseline", True, "Also train the CNN baseline.", flag_values=flag_values)
@@ -319,12 +326,20 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def spectrum_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequence[int] | None,
-                    wall_clock: bool = False, **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
+                    wall_clock: bool = False, earlier_reports: Sequence[str] = (),
+                    **kwargs: Any) -> tuple[str, list[dict[str, Any]]]:
   """Runs (or reads back) the spectrum, once per seed in ``WORKDIR/seed<S>`` (``seeds``) or once with the
   config's seed in ``WORKDIR`` (None); writes ``spectrum.json`` and ``spectrum.md`` (the scale, the points,
-  and LCNN against pruning at equal multiplications) and returns the markdown and the mean ± std rows."""
+  and LCNN against pruning at equal multiplications) and returns the markdown and the mean ± std rows. The seeds
+  of ``earlier_reports`` (their ``spectrum.json``, same config and settings, no wall clock) join without being
+  run again."""
+  settings = common.report_settings(config, wall_clock=wall_clock, **kwargs)
+  if earlier_reports and (not seeds or wall_clock):
+    raise ValueError("--earlier_reports joins seeds: give --seeds, and --nowall_clock (wall-clock speedups measured "
+                     "on different machines or at different times cannot be averaged).")
   if seeds:
-    rows, per_seed = run_spectrum_seeds(config, workdir, seeds, wall_clock=wall_clock, **kwargs)
+    earlier = common.read_earlier_reports(earlier_reports, settings)
+    rows, per_seed = run_spectrum_seeds(config, workdir, seeds, earlier=earlier, wall_clock=wall_clock, **kwargs)
   else:
     per_seed = {config.seed: run_spectrum(config, workdir, wall_clock=wall_clock, **kwargs)}
     rows = common.aggregate(per_seed, "point", AGGREGATED)
@@ -346,7 +361,7 @@ def spectrum_report(config: ml_collections.ConfigDict, workdir: str, seeds: Sequ
   common.write_report(workdir, "spectrum", {"scale": scale, "rows": rows, "pruning_comparison": comparison,
                                             "seeds": seeds_used,
                                             "per_seed": {str(s): r for s, r in per_seed.items()},
-                                            "config": config.to_dict()}, markdown)
+                                            "config": config.to_dict(), "settings": settings}, markdown)
   return markdown, rows
 
 
@@ -359,7 +374,8 @@ def report(flag_values: flags.FlagValues) -> None:
       sizes=[int(k) for k in flag_values.sizes], strengths=[float(s) for s in flag_values.strengths],
       targets=[float(t) for t in flag_values.targets], points=parse_points(flag_values.points),
       size_keys=flag_values.size_keys, baseline=flag_values.baseline, pruning=flag_values.pruning,
-      wall_clock=flag_values.wall_clock, bench_batch=flag_values.bench_batch, bench_seconds=flag_values.bench_seconds)
+      wall_clock=flag_values.wall_clock, bench_batch=flag_values.bench_batch, bench_seconds=flag_values.bench_seconds,
+      earlier_reports=flag_values.earlier_reports)
   plot_spectrum(rows, os.path.join(workdir, "spectrum.png"),
                 f"{config.model.name} on {config.data.name}: accuracy vs speedup", flag_values.bench_batch)
   print(markdown)  # the command's output
