@@ -524,6 +524,10 @@ def test_few_iteration_seeds_of_an_earlier_report_join_without_running_again(tmp
   with pytest.raises(ValueError, match="cannot read"):
     few_iteration.few_iteration_report(config, str(tmp_path / "third"), [1], earlier_reports=[str(tmp_path)],
                                        **kwargs)
+  other = tiny_config()
+  other.train.batch_size += 1
+  with pytest.raises(ValueError, match=r"\(config.train.batch_size differ\)"):
+    few_iteration.few_iteration_report(other, str(tmp_path / "third"), [1], earlier_reports=[earlier], **kwargs)
 
 
 def test_spectrum_seeds_of_an_earlier_report_join_without_running_again(tmp_path, monkeypatch):

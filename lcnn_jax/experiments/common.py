@@ -354,6 +354,17 @@ def report_settings(config: ml_collections.ConfigDict, **flags_of_the_report: An
   return json.loads(json.dumps({"config": config.to_dict(), **flags_of_the_report}, default=list))
 
 
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """{'config': {'train': {'epochs': 4}}} -> {'config.train.epochs': 4}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
 def read_earlier_reports(paths: Sequence[str], settings: dict[str, Any]) -> dict[int, Any]:
   """Each seed's results (the report's ``per_seed`` entry) from earlier reports (``<command>.json``) of the same
   experiment, e.g. seeds run on another machine or in an earlier time-boxed session. ``settings``:
@@ -371,8 +382,8 @@ def read_earlier_reports(paths: Sequence[str], settings: dict[str, Any]) -> dict
       raise ValueError(f"--earlier_reports: {path} is not a report of this command with its settings (no "
                        "'per_seed' and 'settings').")
     if payload["settings"] != settings:
-      differing = sorted(k for k in {*settings, *payload["settings"]}
-                         if settings.get(k) != payload["settings"].get(k))
+      ours, theirs = _flatten(settings), _flatten(payload["settings"])
+      differing = sorted(k for k in {*ours, *theirs} if ours.get(k) != theirs.get(k))
       raise ValueError(f"--earlier_reports: {path} was run with other settings ({', '.join(differing)} differ); "
                        "only seeds of the same config and flags can be reported together.")
     for seed, result in payload["per_seed"].items():
