@@ -403,8 +403,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
                          "count_speedup": setup.count_speedup}}
   # The fastest float32 way to run this LCNN: this runtime's mix, or its own ONNX export on ONNX Runtime (whose
   # dense convolutions at batch 1 beat XLA's on some CPUs).
-  lcnn_engines = {"auto": times["auto"], **({"lcnn:onnxruntime": times["lcnn:onnxruntime"]}
-                                             if "lcnn:onnxruntime" in variants else {})}
+  lcnn_engines = {engine: times[engine] for engine in ("auto", "lcnn:onnxruntime") if engine in times}
   best = min(lcnn_engines, key=lcnn_engines.get)
   result["headline"].update(fastest_lcnn_engine=best, fastest_lcnn_ms=lcnn_engines[best],
                             fastest_lcnn_wall_speedup=dense_ms[fastest] / lcnn_engines[best])
