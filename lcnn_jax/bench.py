@@ -19,9 +19,11 @@ operations, traced, frozen and optimised for inference (oneDNN, channels-last;
 (:mod:`lcnn_jax.inference.openvino_engine`: hint ``LATENCY`` at batch 1, ``THROUGHPUT`` above) twice, in the
 device's default inference precision and in f32, each row named by the precision it computes in (``openvino
 (bf16)`` and ``openvino (f32)``; one row, ``openvino (f32, default)``, where the default is f32), its logits
-checked against the exported CNN's first. An engine that is not installed is reported as skipped, with the
-reason. The headline is the LCNN's (auto mix) speedup over the fastest float32 dense engine, and beside it over
-the fastest dense engine in any precision (a bf16 OpenVINO row included).
+checked against the exported CNN's first; OpenVINO also runs the LCNN's ONNX export in the same precisions, each
+lookup layer in the form (dense or factored) that OpenVINO runs faster at that batch and precision. An engine
+that is not installed is reported as skipped, with the reason. The headline is the LCNN's (auto mix) speedup
+over the fastest float32 dense engine, and beside it over the fastest dense engine in any precision (a bf16
+OpenVINO row included).
 
 At batch 1, where the chosen mix can run its leading layers in one kernel call (:mod:`lcnn_jax.inference.chain`;
 the tuner times that against a call per layer and keeps the faster), the row ``auto-per-layer`` (or
@@ -37,12 +39,19 @@ lookup kernel's ISA).
 "fastest_dense_engine", "fastest_dense_ms", "wall_speedup_vs_fastest", "precision"}, ...], "baselines": {engine:
 {"dense_ms", "precision"} or {"skipped"}}, "headline": {"lcnn_ms", "fastest_dense_engine", "fastest_dense_ms",
 "wall_speedup", "fastest_dense_any_precision", "fastest_dense_any_precision_ms",
-"wall_speedup_vs_fastest_any_precision", "count_speedup"}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms",
-"lookup_form_ms"}}`` (``dense_ms`` and ``wall_speedup`` are against XLA:CPU; ``fastest_dense_*`` among the
-float32 engines); ``--layers`` adds the chosen mix's per-layer times against each layer's memory-traffic,
-arithmetic and (lookup kernel) L2-bandwidth floors, measured on this machine, and names the floor that binds
-(``"layers"``: ``memory_floor_ms``, ``arithmetic_floor_ms``, ``l2_floor_ms``, ``binding_floor``, ``floor_ratio``;
-``"floors"``: ``bandwidth_gbs``, ``l2_bandwidth_gbs``, ``macs_per_s``).
+"wall_speedup_vs_fastest_any_precision", "count_speedup", "fastest_lcnn_engine", "fastest_lcnn_ms",
+"fastest_lcnn_wall_speedup", "fastest_lcnn_any_precision", "fastest_lcnn_any_precision_ms",
+"fastest_lcnn_any_precision_precision", "fastest_lcnn_vs_fastest_dense_any_precision"}, "lcnn_engines": {engine:
+{"lcnn_ms", "precision"}}, "lcnn_onnxruntime": {"lcnn_ms", "lookup_forms", "lookup_form_ms"}, "lcnn_openvino":
+{engine: {"lcnn_ms", "lookup_forms", "lookup_form_ms"}}}`` (``dense_ms`` and ``wall_speedup`` are against XLA:CPU;
+``fastest_dense_*`` among the float32 engines; the ``fastest_lcnn_*`` figures name the fastest way to run the LCNN
+— this runtime's mix, its bf16/int8 storage, its ONNX export on ONNX Runtime or OpenVINO — in float32 against
+the fastest float32 dense engine, and in any precision against the fastest dense engine in any precision;
+``"auto_backends_by_precision"``: the mix tuned for each further ``--precision``); ``--layers`` adds the chosen
+mix's per-layer times against each layer's memory-traffic, arithmetic and (lookup kernel) L2-bandwidth floors,
+measured on this machine, and names the floor that binds (``"layers"``: ``memory_floor_ms``,
+``arithmetic_floor_ms``, ``l2_floor_ms``, ``binding_floor``, ``floor_ratio``; ``"floors"``: ``bandwidth_gbs``,
+``l2_bandwidth_gbs``, ``macs_per_s``).
 """
 
 from __future__ import annotations
@@ -357,8 +366,9 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   ``baselines``: the engines the dense CNN runs on (:data:`BASELINES`; XLA always); the rows' speedups are
   also given against the fastest of them that computes in float32 (the headline's also against the fastest in
   any precision). The LCNN's weights are stored in ``precisions[0]`` (the CNN's stay
-  float32); each further precision adds an ``auto`` row of the same backend mix with its weights stored in that
-  precision, timed in the same rounds."""
+  float32); each further precision adds an ``auto`` row of the LCNN stored in that precision, its backends tuned
+  for it (a bfloat16 or int8 export may keep S in bfloat16, ``lookup:s=bfloat16``, where that measures faster),
+  timed in the same rounds."""
   unknown = sorted(set(baselines) - set(BASELINES))
   if unknown:
     raise ValueError(f"--baselines: unknown engine(s) {unknown}; expected some of {', '.join(BASELINES)}.")
@@ -371,12 +381,22 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
   engines, skipped = dense_engines(setup, baselines, batch)
   variants = {"cnn": setup.dense, **{f"cnn:{e}": engine.run for e, engine in engines.items() if e != "xla"},
               **{b: setup.lcnn.with_backends(b) for b in names}, "auto": setup.lcnn,
-              **{f"auto {p}": precision_lib.quantize(setup.lcnn, p) for p in precisions[1:]}}
+              **{f"auto {p}": exporter.inference_model(setup.lcnn_module, setup.lcnn.input_shape, backends="auto",
+                                                       batch_size=batch, precision=p) for p in precisions[1:]}}
   variants.update(_unfused_variants(setup.lcnn, "auto", batch))
   if "lookup" in variants and set(setup.lcnn.backends.values()) != {"lookup"}:
     variants.update(_unfused_variants(variants["lookup"], "lookup", batch))
   if "onnxruntime" in engines:  # the LCNN's own ONNX export on the same engine, for comparison
     variants["lcnn:onnxruntime"] = OnnxRuntimeEngine(setup.lcnn, batch, cpu_threads())
+  lcnn_precisions = {"auto": precision, **{f"auto {p}": p for p in precisions[1:]},
+                     "lcnn:onnxruntime": "float32"}
+  for name, engine in engines.items():  # the LCNN's ONNX export on OpenVINO, in each precision it computes in
+    if name.startswith("openvino"):
+      lcnn_engine = openvino_engine.OpenVinoEngine(setup.lcnn, batch, cpu_threads(),
+                                                   precision=None if "f32" not in name else "f32",
+                                                   lookup_forms="auto")
+      variants[f"lcnn:{name}"] = lcnn_engine
+      lcnn_precisions[f"lcnn:{name}"] = lcnn_engine.dtype
   images = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, *setup.dense.input_shape), np.float32))
   logging.info("Timing %d variants for about %.3g s: %s", len(variants), seconds, ", ".join(variants))
   times = time_models(variants, images, seconds)
@@ -393,6 +413,8 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
                     *(v for v in variants if v.endswith(("-per-layer", "-one-call", "-unfused")))]]
   result = {"machine": machine.describe().as_dict(), "rows": rows, "device": tuning.device_name(),
             "density": setup.density, "precision": precision, "auto_backends": setup.lcnn.backends,
+            **({"auto_backends_by_precision": {p: variants[f"auto {p}"].backends for p in precisions[1:]}}
+               if precisions[1:] else {}),
             "baselines": {**{e: {"dense_ms": ms, "precision": engines[e].precision} for e, ms in dense_ms.items()},
                           **{e: {"skipped": reason} for e, reason in skipped.items()}},
             "headline": {"lcnn_ms": times["auto"], "fastest_dense_engine": fastest,
@@ -401,16 +423,27 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
                          "fastest_dense_any_precision_ms": dense_ms[fastest_any],
                          "wall_speedup_vs_fastest_any_precision": dense_ms[fastest_any] / times["auto"],
                          "count_speedup": setup.count_speedup}}
-  # The fastest float32 way to run this LCNN: this runtime's mix, or its own ONNX export on ONNX Runtime (whose
-  # dense convolutions at batch 1 beat XLA's on some CPUs).
-  lcnn_engines = {engine: times[engine] for engine in ("auto", "lcnn:onnxruntime") if engine in times}
-  best = min(lcnn_engines, key=lcnn_engines.get)
-  result["headline"].update(fastest_lcnn_engine=best, fastest_lcnn_ms=lcnn_engines[best],
-                            fastest_lcnn_wall_speedup=dense_ms[fastest] / lcnn_engines[best])
-  if "lcnn:onnxruntime" in variants:
-    result["lcnn_onnxruntime"] = {"lcnn_ms": times["lcnn:onnxruntime"],
-                                  "lookup_forms": variants["lcnn:onnxruntime"].lookup_forms,
-                                  "lookup_form_ms": variants["lcnn:onnxruntime"].lookup_form_ms}
+  # The fastest float32 way to run this LCNN (this runtime's mix, or its own ONNX export on ONNX Runtime or
+  # OpenVINO, whose dense convolutions at batch 1 beat XLA's on some CPUs) against the fastest float32 dense
+  # engine; and the fastest in any precision (its bf16/int8 storage here, bf16 on OpenVINO) against the fastest
+  # dense engine in any precision.
+  lcnn_engines = {engine: times[engine] for engine in lcnn_precisions if engine in times}
+  best = min((e for e in lcnn_engines if lcnn_precisions[e] == "float32"), key=lcnn_engines.get, default="auto")
+  best_any = min(lcnn_engines, key=lcnn_engines.get)
+  result["headline"].update(
+      fastest_lcnn_engine=best, fastest_lcnn_ms=lcnn_engines[best],
+      fastest_lcnn_wall_speedup=dense_ms[fastest] / lcnn_engines[best],
+      fastest_lcnn_any_precision=best_any, fastest_lcnn_any_precision_ms=lcnn_engines[best_any],
+      fastest_lcnn_any_precision_precision=lcnn_precisions[best_any],
+      fastest_lcnn_vs_fastest_dense_any_precision=dense_ms[fastest_any] / lcnn_engines[best_any])
+  result["lcnn_engines"] = {e: {"lcnn_ms": ms, "precision": lcnn_precisions[e]} for e, ms in lcnn_engines.items()}
+  exported = {name: {"lcnn_ms": times[name], "lookup_forms": variants[name].lookup_forms,
+                      "lookup_form_ms": variants[name].lookup_form_ms}
+              for name in variants if name.startswith("lcnn:")}  # the LCNN's ONNX export on each engine
+  if "lcnn:onnxruntime" in exported:
+    result["lcnn_onnxruntime"] = exported.pop("lcnn:onnxruntime")
+  if exported:
+    result["lcnn_openvino"] = {name.removeprefix("lcnn:"): value for name, value in exported.items()}
   if with_layers:
     floors = machine_floors()
     result["floors"] = floors
@@ -430,13 +463,16 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{r['model']:<{width}} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
+  for p, mix in result.get("auto_backends_by_precision", {}).items():
+    lines.append(f"auto {p}: " + ", ".join(f"{k}={v}" for k, v in mix.items()))
   if "baselines" in result:
     lines.append("dense CNN: " + ", ".join(f"{e} {b['dense_ms']:.3f} ms" if "dense_ms" in b else
                                            f"{e} skipped ({b['skipped']})" for e, b in result["baselines"].items()))
-    if "lcnn_onnxruntime" in result:
-      forms = result["lcnn_onnxruntime"]["lookup_forms"]
-      lines.append(f"LCNN on onnxruntime: {result['lcnn_onnxruntime']['lcnn_ms']:.3f} ms (lookups: "
-                   + ", ".join(f"{k}={v}" for k, v in forms.items()) + ")")
+    exported = {**({"onnxruntime": result["lcnn_onnxruntime"]} if "lcnn_onnxruntime" in result else {}),
+                **result.get("lcnn_openvino", {})}
+    for engine, run_ in exported.items():
+      lines.append(f"LCNN on {engine}: {run_['lcnn_ms']:.3f} ms (lookups: "
+                   + ", ".join(f"{k}={v}" for k, v in run_["lookup_forms"].items()) + ")")
     h = result["headline"]
     lines.append(f"headline: LCNN (auto) {h['lcnn_ms']:.3f} ms vs the fastest float32 dense engine, "
                  f"{h['fastest_dense_engine']} {h['fastest_dense_ms']:.3f} ms: {h['wall_speedup']:.2f}x wall (count "
@@ -448,6 +484,11 @@ def format_table(result: dict[str, Any]) -> str:
     if h["fastest_dense_any_precision"] != h["fastest_dense_engine"]:
       lines.append(f"  vs the fastest dense engine in any precision, {h['fastest_dense_any_precision']} "
                    f"{h['fastest_dense_any_precision_ms']:.3f} ms: {h['wall_speedup_vs_fastest_any_precision']:.2f}x")
+    if (h["fastest_lcnn_any_precision"], h["fastest_dense_any_precision"]) != ("auto", h["fastest_dense_engine"]):
+      lines.append(f"  in any precision: the LCNN's fastest, {h['fastest_lcnn_any_precision']} "
+                   f"({h['fastest_lcnn_any_precision_precision']}) {h['fastest_lcnn_any_precision_ms']:.3f} ms, is "
+                   f"{h['fastest_lcnn_vs_fastest_dense_any_precision']:.2f}x the fastest dense, "
+                   f"{h['fastest_dense_any_precision']}")
   if "layers" in result:
     f = result["floors"]
     l2_rate = "-" if f["l2_bandwidth_gbs"] is None else f"{f['l2_bandwidth_gbs']:.1f}"

@@ -1,5 +1,6 @@
 """Random lookup layers and their independent float64 NumPy reference, shared by the inference test modules."""
 
+import ml_dtypes
 import numpy as np
 
 from lcnn_jax.inference.records import LookupLayer
@@ -33,3 +34,14 @@ def max_pool_reference(x, window, strides, padding, relu):
   windows = np.lib.stride_tricks.sliding_window_view(padded, window, axis=(1, 2))[:, ::strides[0], ::strides[1]]
   pooled = windows.max(axis=(-2, -1))
   return np.maximum(pooled, 0) if relu else pooled
+
+
+def bfloat16_s_reference(layer: LookupLayer, x) -> np.ndarray:
+  """The lookups of ``layer`` over S = x·D rounded to bfloat16 (to the nearest even, from its float32 value), in
+  float64 NumPy otherwise: what ``lookup:s=bfloat16`` computes, independent of XLA and of the kernel."""
+  (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
+  s = np.einsum("bhwm,mk->bhwk", np.asarray(x, np.float64), layer.float_dictionary().astype(np.float64))
+  s = s.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+  padded = np.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]
+  return np.einsum("bhwkrc,rcko->bhwo", windows, layer.coefficients().astype(np.float64)) + layer.bias

@@ -13,11 +13,12 @@ from PIL import Image
 
 from lcnn_jax import bench, checkpoint, cli, flops, inference, models
 from lcnn_jax.inference import backends, flat_s, layouts, machine, passes, predict, tracing, tuning
+from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.records import AffineLayer, LookupLayer
 
-from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
+from lookup_reference import bfloat16_s_reference, dense_reference, max_pool_reference, random_layer  # noqa: E402
 from helpers import (LAYER_CASES, Unfoldable, as_if_trained, assert_describes_a_machine, eval_logits, run_config,
                      small_model, write_run)
 
@@ -47,6 +48,55 @@ def test_backend_equals_dense_conv_with_reconstructed_kernel(backend, case, rng)
     assert got.shape == expected.shape
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max(),
                                err_msg=f"input {layout}, batch {batch}")
+
+
+S_BFLOAT16 = ("lookup:s=bfloat16", "lookup:tile=0,s=bfloat16", "lookup:tile=6000,s=bfloat16")
+"""S kept in bfloat16: with this machine's tiles, without tiles, and with tiles that cut the test maps into bands."""
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("stored", ["float32", "bfloat16", "int8"])  # bf16 and int8: AVX512-BF16's dot products
+@pytest.mark.parametrize("backend", S_BFLOAT16)
+@pytest.mark.parametrize("case", sorted(LAYER_CASES))
+def test_lookups_over_bfloat16_s_equal_the_reference_over_rounded_s(backend, case, stored, rng):
+  layer = precision_lib.quantize_layer(random_layer(rng, **LAYER_CASES[case]), stored)
+  impl = backends.get_backend(backend)
+  if not impl.available()[0]:
+    pytest.skip(impl.available()[1])
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  for batch, layout in [(1, layouts.NHWC), (3, layouts.NHWC), (17, 17), (40, layouts.NHWC)]:
+    run = jax.jit(lambda p, x: layouts.convert(*impl.apply(layer, p, x, layout), layouts.NHWC))
+    x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+    got = np.asarray(run(params, layouts.convert(jnp.asarray(x), layouts.NHWC, layout)))
+    exact = dense_reference(layer, x)
+    if not impl.s_bfloat16(layer):  # S read in place, in float32: as plain lookup
+      np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+      continue
+    expected = bfloat16_s_reference(layer, x)
+    # To float32 accuracy, except where the kernel's float32 S and the reference's (summed in another order)
+    # round to neighbouring bfloat16 values: rare (under 1% of the outputs), and then by at most one bfloat16
+    # step of a term.
+    tight = 1e-4 * np.abs(expected).max()
+    largest_term = (np.abs(layer.float_values()).max(initial=0) *
+                    np.abs(x.astype(np.float64) @ layer.float_dictionary()).max())
+    error = np.abs(got - expected)
+    assert got.shape == expected.shape and np.mean(error > tight) <= 1e-2, f"input {layout}, batch {batch}"
+    assert error.max() <= 2.0 ** -7 * largest_term + tight, f"input {layout}, batch {batch}"
+    if layer.nnz and batch == 40:  # the rounding is there: float32 S gives other outputs almost everywhere
+      assert np.mean(np.abs(exact - expected) > tight) > 0.5
+
+
+def test_bfloat16_s_is_timed_only_on_low_precision_layers_whose_s_the_kernel_copies(rng):
+  impl = backends.get_backend("lookup:s=bfloat16")
+  assert "lookup:s=bfloat16" in backends.get_backend("lookup").tuned_variants()
+  for case, copies in [("3x3_pad1", True), ("alexnet_conv1_like", True), ("fc6_like", False), ("1x1", False)]:
+    layer = random_layer(rng, **LAYER_CASES[case])
+    assert backends.Lookup.copies_s(layer) == copies and impl.s_bfloat16(layer) == copies
+    assert not impl.times(layer, 8)  # a float32 export keeps float32 S
+    for stored in ("bfloat16", "int8"):
+      assert impl.times(precision_lib.quantize_layer(layer, stored), 8) == copies
+  with pytest.raises(ValueError, match="lookup:s= one of float32, bfloat16"):
+    backends.get_backend("lookup:s=float16")
 
 
 def test_lookup_layer_round_trips_coefficients(rng):

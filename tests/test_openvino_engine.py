@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lcnn_jax import bench, models
+from lcnn_jax import bench, inference, models
 from lcnn_jax.inference import onnx_export, openvino_engine
 from helpers import ENGINE_CASES as CASES
-from helpers import as_if_trained, assert_close, npz_model, run_config, write_run
+from helpers import as_if_trained, assert_close, npz_model, run_config, small_model, write_run
 
 pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
 
@@ -56,13 +56,31 @@ def test_the_default_precision_is_read_back_from_the_compiled_model(openvino, tm
   assert error <= openvino_engine.tolerance(engine.precision)
 
 
+@pytest.mark.parametrize("forms", ["factored", "auto"])
+def test_an_lcnn_runs_on_openvino_in_its_lookup_forms(forms, openvino, rng):
+  input_shape = (8, 8, 1)
+  model = as_if_trained(small_model("digits-lcnn", input_shape, classifier=4), rng)
+  loaded = inference.inference_model(model, input_shape, backends="dense")
+  assert loaded.lookup_layers
+  engine = openvino_engine.OpenVinoEngine(loaded, batch=2, threads=1, precision="f32", lookup_forms=forms)
+  assert set(engine.lookup_forms) == set(loaded.lookup_layers)
+  if forms == "auto":  # each layer timed alone on OpenVINO in both forms; the faster kept
+    for name, times in engine.lookup_form_ms.items():
+      assert set(times) == set(onnx_export.LOOKUP_FORMS) and all(t > 0 for t in times.values())
+      assert engine.lookup_forms[name] == min(times, key=times.get)
+  else:
+    assert set(engine.lookup_forms.values()) == {"factored"} and engine.lookup_form_ms == {}
+  x = rng.standard_normal((2, *input_shape)).astype(np.float32)
+  assert_close(engine(x), np.asarray(loaded(x)))
+
+
 def test_logits_that_differ_from_the_model_are_refused(openvino, tmp_path, rng, monkeypatch):
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
   loaded, _ = _loaded("digits", tmp_path / "a", rng)
   other, _ = _loaded("digits", tmp_path / "b", rng)  # the same network, other weights
   wrong_graph = onnx_export.to_onnx(other)
-  monkeypatch.setattr(onnx_export, "to_onnx", lambda model: wrong_graph)
+  monkeypatch.setattr(onnx_export, "to_onnx", lambda model, forms="dense": wrong_graph)
   with pytest.raises(openvino_engine.LogitsMismatch, match="differ from the exported model's by .* of the largest"):
     openvino_engine.OpenVinoEngine(loaded, batch=2, threads=1, precision="f32")
 
@@ -114,6 +132,16 @@ def test_benchmark_times_openvino_in_each_precision_and_quotes_float32_against_f
   assert headline["wall_speedup_vs_fastest_any_precision"] == pytest.approx(
       baselines[fastest_any]["dense_ms"] / headline["lcnn_ms"])
   assert all(row["fastest_dense_engine"] == fastest for row in result["rows"])
+  lcnn_rows = {f"lcnn:{e}" for e in rows}  # the LCNN's export on OpenVINO in each precision
+  assert lcnn_rows <= set(result["lcnn_engines"]) and set(result["lcnn_openvino"]) == set(rows)
+  for engine in rows:
+    assert result["lcnn_engines"][f"lcnn:{engine}"]["precision"] == baselines[engine]["precision"]
+  float32_lcnn = {e: v["lcnn_ms"] for e, v in result["lcnn_engines"].items() if v["precision"] == "float32"}
+  assert headline["fastest_lcnn_engine"] == min(float32_lcnn, key=float32_lcnn.get)
+  any_lcnn = {e: v["lcnn_ms"] for e, v in result["lcnn_engines"].items()}
+  assert headline["fastest_lcnn_any_precision"] == min(any_lcnn, key=any_lcnn.get)
+  assert headline["fastest_lcnn_vs_fastest_dense_any_precision"] == pytest.approx(
+      baselines[fastest_any]["dense_ms"] / min(any_lcnn.values()))
   table = bench.format_table(result)
   assert all(engine in table for engine in rows) and "fastest float32 dense engine" in table
   if default != "f32":

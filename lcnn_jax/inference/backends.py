@@ -244,30 +244,44 @@ class Lookup(Backend):
   chunk before the next one is touched, so the gathers hit the L1 (N: half of this core's L1 for the tuner,
   :func:`~lcnn_jax.inference.machine.chunk_bytes`). Other layers run as under ``lookup``. The tuner times these
   per layer.
+
+  ``lookup:s=bfloat16`` keeps S, the dictionary responses the lookups read, in bfloat16 rather than float32
+  where the kernel makes a copy of it anyway (a layer that pads or strides, or whose dictionary the kernel
+  applies itself): half the bytes to write, hold in L2 and read, each element widened to float32 in registers
+  and the sums accumulated in float32. S then carries bfloat16's rounding (8 bits of mantissa), so the tuner
+  offers it only for layers stored in bfloat16 or int8 (an export that asked for low precision), where it
+  competes by measurement; other layers run as under ``lookup``.
   """
   name = "lookup"
 
-  def __init__(self, tile_bytes: int | None = None, chunk_bytes: int = 0):
+  S_PRECISIONS = ("float32", "bfloat16")
+  """The precisions S may be kept in (``lookup:s=...``)."""
+
+  def __init__(self, tile_bytes: int | None = None, chunk_bytes: int = 0, s_precision: str = "float32"):
     """``tile_bytes``: the S a tile holds (None: half of this core's L2, 0: no tiles); ``chunk_bytes``: the S a
-    chunk of a one-pixel layer's lookups spans (0: none)."""
+    chunk of a one-pixel layer's lookups spans (0: none); ``s_precision``: S's precision where the kernel copies
+    it (float32 or bfloat16)."""
     if tile_bytes is not None and tile_bytes < 0:
       raise ValueError(f"tile_bytes={tile_bytes}: expected a number of bytes >= 0 (0: no tiling).")
     if chunk_bytes < 0:
       raise ValueError(f"chunk_bytes={chunk_bytes}: expected a number of bytes >= 0 (0: no chunks).")
-    self.tile_bytes, self.chunk_bytes = tile_bytes, chunk_bytes
-    options = [f"tile={tile_bytes}"] * (tile_bytes is not None) + [f"chunk={chunk_bytes}"] * (chunk_bytes > 0)
+    if s_precision not in self.S_PRECISIONS:
+      raise ValueError(f"backend='lookup:s={s_precision}': expected lookup:s= one of {', '.join(self.S_PRECISIONS)}.")
+    self.tile_bytes, self.chunk_bytes, self.s_precision = tile_bytes, chunk_bytes, s_precision
+    options = ([f"tile={tile_bytes}"] * (tile_bytes is not None) + [f"chunk={chunk_bytes}"] * (chunk_bytes > 0)
+               + [f"s={s_precision}"] * (s_precision != "float32"))
     if options:
       self.name = "lookup:" + ",".join(options)
 
   @classmethod
-  def from_spec(cls, tile: str | None = None, chunk: str | None = None) -> "Lookup":
-    """The backend of spec ``lookup``, ``lookup:tile=N`` (N bytes of S per tile, 0: none) or ``lookup:chunk=N``
-    (N bytes of S per chunk of a one-pixel layer's lookups)."""
+  def from_spec(cls, tile: str | None = None, chunk: str | None = None, s: str = "float32") -> "Lookup":
+    """The backend of spec ``lookup``, ``lookup:tile=N`` (N bytes of S per tile, 0: none), ``lookup:chunk=N``
+    (N bytes of S per chunk of a one-pixel layer's lookups) or ``lookup:s=bfloat16`` (S kept in bfloat16)."""
     for option, value, meaning in (("tile", tile, "the bytes of S a tile holds (0: none)"),
                                    ("chunk", chunk, "the bytes of S a chunk of lookups spans")):
       if value is not None and not value.isdigit():
         raise ValueError(f"backend='lookup:{option}={value}': expected lookup:{option}=N with N {meaning}.")
-    return cls(None if tile is None else int(tile), 0 if chunk is None else int(chunk))
+    return cls(None if tile is None else int(tile), 0 if chunk is None else int(chunk), s)
 
   def tile(self) -> int:
     """The bytes of S one tile holds on this machine (0: no tiling)."""
@@ -287,6 +301,16 @@ class Lookup(Backend):
     if self.chunk_bytes <= 0 or tuple(layer.output_size) != (1, 1) or self.fused(layer):
       return 0
     return max(16, self.chunk_bytes // 4)
+
+  @staticmethod
+  def copies_s(layer: LookupLayer) -> bool:
+    """Whether the kernel writes ``layer``'s S into a buffer of its own (padded, in space-to-depth layout, or
+    computed there from a small dictionary) rather than reading XLA's matmul result in place."""
+    return Lookup.fused(layer) or tuple(layer.padding) != (0, 0) or tuple(layer.strides) != (1, 1)
+
+  def s_bfloat16(self, layer: LookupLayer) -> bool:
+    """Whether ``layer``'s S is kept in bfloat16 (``lookup:s=bfloat16``, on a layer whose S the kernel copies)."""
+    return self.s_precision == "bfloat16" and self.copies_s(layer)
 
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
     return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
@@ -337,9 +361,8 @@ class Lookup(Backend):
   def apply(self, layer, params, x, layout, epilogue=None, residual=None):
     g = flat_s.geometry(layer)
     batch = layouts.batch_size(x, layout)
-    (ph, pw), (sh, sw) = layer.padding, layer.strides
     fused = self.fused(layer)
-    copied = fused or (ph, pw, sh, sw) != (0, 0, 1, 1)
+    copied = self.copies_s(layer)
     if epilogue is not None and not self.fuses(layer, batch, epilogue):
       raise ValueError(f"The lookup kernel cannot apply {epilogue} to this layer's output at batch {batch}.")
     pooling = epilogue.pooling if epilogue is not None else None
@@ -348,7 +371,7 @@ class Lookup(Backend):
     call = dict(out_shape=(layer.out_features, *out_size, batch), tile_bytes=self.tile(), chunk=self.chunk(layer),
                 scratch_size=g.atoms * g.height * g.width * batch if copied else 0, padding=layer.padding,
                 strides=layer.strides, output_size=(g.out_height, g.out_width), pooling=pooling,
-                residual=residual, relu=epilogue is not None and epilogue.relu)
+                residual=residual, relu=epilogue is not None and epilogue.relu, s_bfloat16=self.s_bfloat16(layer))
     lookups = (params["starts"], params["indices"], params["values"], params["scale"], params["bias"])
     if fused:
       nhwc = layout == NHWC
@@ -371,12 +394,16 @@ class Lookup(Backend):
 
   def tuned_variants(self) -> list[str]:
     """Tiles of this machine's L2 (``lookup``, sized again wherever the model loads), a quarter of that, and no
-    tiles."""
+    tiles; chunks (one-pixel layers); S in bfloat16 with this machine's tiles and without (layers stored in
+    bfloat16 or int8, :meth:`times`)."""
     return ["lookup", f"lookup:tile={machine.tile_budget_bytes() // 4}", "lookup:tile=0",
-            f"lookup:chunk={machine.chunk_bytes()}"]
+            f"lookup:chunk={machine.chunk_bytes()}", "lookup:s=bfloat16", "lookup:tile=0,s=bfloat16"]
 
   def times(self, layer: LookupLayer, batch: int) -> bool:
-    """Chunks are timed only on the layers they change."""
+    """Chunks are timed only on the layers they change; S in bfloat16 only where it changes the layer and the
+    layer is stored in bfloat16 or int8."""
+    if self.s_precision == "bfloat16" and (not self.s_bfloat16(layer) or layer.values.dtype == np.float32):
+      return False
     return self.chunk_bytes <= 0 or self.chunk(layer) > 0
 
   def timing_key(self) -> tuple[str, ...]:
@@ -384,8 +411,8 @@ class Lookup(Backend):
     return os.path.basename(os.path.dirname(kernels.ensure_kernel())), f"tile{self.tile()}"
 
   def network_step(self, layer: LookupLayer) -> int | None:
-    if self.chunk(layer):
-      return None  # the chain's steps read lookups stored output by output
+    if self.chunk(layer) or self.s_bfloat16(layer):
+      return None  # the chain's steps read lookups stored output by output, and float32 S
     return kernels.STEPS.step_fused_lookups if self.fused(layer) else kernels.STEPS.step_lookups
 
 

@@ -256,15 +256,16 @@ def _residual(residual: jax.Array | None) -> jax.Array:
   return jnp.zeros((0,), jnp.float32) if residual is None else residual.astype(jnp.float32)
 
 
-def _lookup_results(out_shape: Sequence[int], scratch_size: int) -> tuple:
-  return (jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32),
-          jax.ShapeDtypeStruct((max(1, scratch_size),), jnp.float32))
+def _lookup_results(out_shape: Sequence[int], scratch_size: int, s_bfloat16: bool = False) -> tuple:
+  """The output and the scratch S of ``scratch_size`` elements: float32, or bfloat16 two to a float."""
+  floats = (scratch_size + 1) // 2 if s_bfloat16 else scratch_size
+  return (jax.ShapeDtypeStruct(tuple(out_shape), jnp.float32), jax.ShapeDtypeStruct((max(1, floats),), jnp.float32))
 
 
 def lookup_conv(s: jax.Array, lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                 padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
                 pooling: Any = None, residual: jax.Array | None = None, relu: bool = False,
-                tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
+                tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0, s_bfloat16: bool = False) -> jax.Array:
   """The lookups over S (k, h, w, batch) -> out ``out_shape`` (n, oh, ow, batch), or its max pooling (with the
   ReLU before it when ``pooling.relu``). ``scratch_size``: elements of the padded space-to-depth S (k·sh·sw,
   H, W, batch) when the layer pads or strides, else 0. Without pooling, the outputs may get ``residual``
@@ -272,10 +273,12 @@ def lookup_conv(s: jax.Array, lookups: Sequence[jax.Array], *, out_shape: Sequen
   work keeps in cache, every output of the piece reading it (0: no tiling, a block of S at a time);
   ``tile_outputs``: outputs per piece (0: as load balance allows). ``chunk``: for a layer whose output is one
   pixel, the lookups are stored chunk by chunk of this many elements of S (``starts`` has chunks·n + 1 entries:
-  :func:`~lcnn_jax.inference.flat_s.by_chunks`) and each chunk of S is read by all outputs in turn."""
-  out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size), s, *lookups, _residual(residual),
+  :func:`~lcnn_jax.inference.flat_s.by_chunks`) and each chunk of S is read by all outputs in turn.
+  ``s_bfloat16``: the padded copy of S (a layer that pads or strides) is rounded to bfloat16 as it is made, and
+  the lookups read it so, widening each element to float32 and accumulating in float32."""
+  out, _ = _call(TARGET, _lookup_results(out_shape, scratch_size, s_bfloat16), s, *lookups, _residual(residual),
                  layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu,
-                 tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
+                 tile=_tile_attribute(tile_bytes, tile_outputs, chunk), s_bfloat16=bool(s_bfloat16))
   return out
 
 
@@ -283,28 +286,32 @@ def lookup_conv_dictionary(x: jax.Array, dictionary: jax.Array, dictionary_scale
                            lookups: Sequence[jax.Array], *, out_shape: Sequence[int], scratch_size: int,
                            padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
                            pooling: Any = None, residual: jax.Array | None = None, relu: bool = False,
-                           tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
+                           tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0,
+                           s_bfloat16: bool = False) -> jax.Array:
   """As :func:`lookup_conv`, with S = Dᵀ·x computed in the same call from x (m, h, w, batch) and Dᵀ (k, m) as
   stored (float32, bfloat16 or int8, times ``dictionary_scale`` (k))."""
   k = dictionary.shape[0]
   _, h, w, batch = x.shape
-  results = (*_lookup_results(out_shape, scratch_size), jax.ShapeDtypeStruct((k, h, w, batch), jnp.float32))
+  results = (*_lookup_results(out_shape, scratch_size, s_bfloat16),
+             jax.ShapeDtypeStruct((k, h, w, batch), jnp.float32))
   out, _, _ = _call(DICTIONARY_TARGET, results, x, dictionary, dictionary_scale, *lookups, _residual(residual),
                     layer=_layer_attribute(padding, strides, output_size), pool=_pool_attribute(pooling), relu=relu,
-                    tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
+                    tile=_tile_attribute(tile_bytes, tile_outputs, chunk), s_bfloat16=bool(s_bfloat16))
   return out
 
 
 def lookup_conv_fused(x: jax.Array, dictionary: jax.Array, lookups: Sequence[jax.Array], *, nhwc: bool,
                       out_shape: Sequence[int], scratch_size: int, padding: Sequence[int], strides: Sequence[int],
                       output_size: Sequence[int], pooling: Any = None, residual: jax.Array | None = None,
-                      relu: bool = False, tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0) -> jax.Array:
+                      relu: bool = False, tile_bytes: int = 0, tile_outputs: int = 0, chunk: int = 0,
+                      s_bfloat16: bool = False) -> jax.Array:
   """As :func:`lookup_conv`, with S = x ⊛ D computed while filling the space-to-depth buffer, from x (batch,
   h, w, m) when ``nhwc`` else (m, h, w, batch) and D (m, k) float32, m·k at most
   ``LIMITS.fused_dictionary_macs_max``."""
-  out, _ = _call(FUSED_TARGET, _lookup_results(out_shape, scratch_size), x, dictionary, *lookups,
+  out, _ = _call(FUSED_TARGET, _lookup_results(out_shape, scratch_size, s_bfloat16), x, dictionary, *lookups,
                  _residual(residual), layer=_layer_attribute(padding, strides, output_size),
-                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc, tile=_tile_attribute(tile_bytes, tile_outputs, chunk))
+                 pool=_pool_attribute(pooling), relu=relu, nhwc=nhwc,
+                 tile=_tile_attribute(tile_bytes, tile_outputs, chunk), s_bfloat16=bool(s_bfloat16))
   return out
 
 

@@ -112,9 +112,10 @@ struct Epilogue {
   bool relu;
 };
 
-// Checks shapes and runs the lookups over `s` (already padded and in space-to-depth layout when needed), then
-// the pooling when there is one (out is then the pooled map).
-ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const float* s, FlatS32& starts,
+// Checks shapes and runs the lookups over `s` (float32 or bfloat16, already padded and in space-to-depth layout
+// when needed), then the pooling when there is one (out is then the pooled map).
+template <typename S>
+ffi::Error RunLookups(ffi::ThreadPool& pool, const Geometry& g, const S* s, FlatS32& starts,
                       ffi::AnyBuffer& indices, ffi::AnyBuffer& values, FlatF32& scale, FlatF32& bias,
                       const PoolGeometry& pooling, const Epilogue& epilogue, const Tile& tile,
                       const OutF32& out_buffer, float* out) {
@@ -178,6 +179,11 @@ Geometry MakeGeometry(const OutF32& out, int64_t h, int64_t w, const LayerGeomet
   return g;
 }
 
+// Whether scratch holds `count` elements of S: as many floats, or in bfloat16 half as many (rounded up).
+bool ScratchFits(const FlatF32& scratch, int64_t count, bool s_bfloat16) {
+  return scratch.element_count() == static_cast<size_t>(s_bfloat16 ? (count + 1) / 2 : count);
+}
+
 // Whether a `layer` attribute is sane: strides of at least 1, no negative padding, an output of at least 1 × 1.
 bool LayerFits(const LayerGeometry& p) {
   return p.stride_h >= 1 && p.stride_w >= 1 && p.pad_h >= 0 && p.pad_w >= 0 && p.out_h >= 1 && p.out_w >= 1;
@@ -186,7 +192,7 @@ bool LayerFits(const LayerGeometry& p) {
 ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::AnyBuffer indices,
                           ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias, ffi::Buffer<ffi::F32> residual,
                           ffi::Result<ChwnF32> out, ffi::Result<FlatF32> scratch, LayerGeometry layer,
-                          PoolWindow window, bool relu, Tile tile) {
+                          PoolWindow window, bool relu, Tile tile, bool s_bfloat16) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = s.dimensions();  // (k, h, w, batch)
@@ -197,17 +203,29 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: S (k, h, w, batch) does not match the output");
   }
   const float* source = s.typed_data();
+  const Epilogue epilogue{residual, relu};
   if (layer.copies()) {
     const int64_t sh = layer.stride_h, sw = layer.stride_w;
-    if (scratch->element_count() != static_cast<size_t>(in[0] * sh * sw * height * g.width * g.batch)) {
-      return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S");
+    if (!ScratchFits(*scratch, in[0] * sh * sw * height * g.width * g.batch, s_bfloat16)) {
+      return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S (in "
+                                         "bfloat16: half as many floats, rounded up)");
+    }
+    if (s_bfloat16) {
+      BF16* copy = reinterpret_cast<BF16*>(scratch->typed_data());
+      SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, layer.pad_h, layer.pad_w, sh, sw, height, g.width,
+                   copy);
+      return RunLookups(pool, g, static_cast<const BF16*>(copy), starts, indices, values, scale, bias, pooling,
+                        epilogue, tile, *out, out->typed_data());
     }
     SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, layer.pad_h, layer.pad_w, sh, sw, height, g.width,
                  scratch->typed_data());
     source = scratch->typed_data();
+  } else if (s_bfloat16) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv: S in bfloat16 is made while padding it; this layer "
+                                       "neither pads nor strides");
   }
-  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, Epilogue{residual, relu}, tile,
-                    *out, out->typed_data());
+  return RunLookups(pool, g, source, starts, indices, values, scale, bias, pooling, epilogue, tile, *out,
+                    out->typed_data());
 }
 
 // As LookupConvImpl, with S = Dᵀ·x computed here first (DenseColumns, from D as stored) into `s_buffer`:
@@ -216,7 +234,7 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
                                     FlatS32 starts, ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale,
                                     FlatF32 bias, ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
                                     ffi::Result<FlatF32> scratch, ffi::Result<ChwnF32> s_buffer, LayerGeometry layer,
-                                    PoolWindow window, bool relu, Tile tile) {
+                                    PoolWindow window, bool relu, Tile tile, bool s_bfloat16) {
   const auto in = x.dimensions();  // (m, h, w, batch)
   const auto d = dictionary.dimensions();  // (k, m)
   const auto sd = s_buffer->dimensions();  // (k, h, w, batch)
@@ -233,14 +251,14 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
   });
   if (!typed) return ffi::Error::InvalidArgument("lcnn_lookup_conv_dictionary: D must be float32, bfloat16 or int8");
   return LookupConvImpl(pool, *s_buffer, starts, indices, values, scale, bias, residual, out, scratch, layer, window,
-                        relu, tile);
+                        relu, tile, s_bfloat16);
 }
 
 ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictionary, FlatS32 starts,
                                ffi::AnyBuffer indices, ffi::AnyBuffer values, FlatF32 scale, FlatF32 bias,
                                ffi::Buffer<ffi::F32> residual, ffi::Result<ChwnF32> out,
                                ffi::Result<FlatF32> scratch, LayerGeometry layer, PoolWindow window, bool relu,
-                               bool nhwc, Tile tile) {
+                               bool nhwc, Tile tile, bool s_bfloat16) {
   if (!LayerFits(layer)) return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: strides < 1 or padding < 0");
   const PoolGeometry pooling = MakePooling(*out, window);
   const auto in = x.dimensions();  // (batch, h, w, m) when nhwc, else (m, h, w, batch)
@@ -256,13 +274,18 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
     return ffi::Error::InvalidArgument(
         "lcnn_lookup_conv_fused: x, the dictionary (m, k with m·k <= kFusedDictionaryMacsMax) and out disagree");
   }
-  if (scratch->element_count() != static_cast<size_t>(k * sh * sw * height * g.width * g.batch)) {
-    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S");
+  if (!ScratchFits(*scratch, k * sh * sw * height * g.width * g.batch, s_bfloat16)) {
+    return ffi::Error::InvalidArgument("lcnn_lookup_conv_fused: scratch must hold the padded space-to-depth S (in "
+                                       "bfloat16: half as many floats, rounded up)");
   }
-  DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
-                    layer.pad_w, sh, sw, height, g.width, scratch->typed_data());
-  return RunLookups(pool, g, scratch->typed_data(), starts, indices, values, scale, bias, pooling,
-                    Epilogue{residual, relu}, tile, *out, out->typed_data());
+  auto run = [&](auto* s) {
+    DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
+                      layer.pad_w, sh, sw, height, g.width, s);
+    return RunLookups(pool, g, static_cast<const std::remove_pointer_t<decltype(s)>*>(s), starts, indices, values,
+                      scale, bias, pooling, Epilogue{residual, relu}, tile, *out, out->typed_data());
+  };
+  if (s_bfloat16) return run(reinterpret_cast<BF16*>(scratch->typed_data()));
+  return run(scratch->typed_data());
 }
 
 ffi::Error MaxPoolImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::Result<ChwnF32> out, PoolWindow window) {
@@ -510,7 +533,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConv, LookupConvImpl,
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
                                   .Attr<bool>("relu")
-                                  .Attr<Tile>("tile"));
+                                  .Attr<Tile>("tile")
+                                  .Attr<bool>("s_bfloat16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                               ffi::Ffi::Bind()
@@ -529,7 +553,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvFused, LookupConvFusedImpl,
                                   .Attr<PoolWindow>("pool")
                                   .Attr<bool>("relu")
                                   .Attr<bool>("nhwc")
-                                  .Attr<Tile>("tile"));
+                                  .Attr<Tile>("tile")
+                                  .Attr<bool>("s_bfloat16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
                               ffi::Ffi::Bind()
@@ -558,7 +583,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl
                                   .Attr<LayerGeometry>("layer")
                                   .Attr<PoolWindow>("pool")
                                   .Attr<bool>("relu")
-                                  .Attr<Tile>("tile"));
+                                  .Attr<Tile>("tile")
+                                  .Attr<bool>("s_bfloat16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
                               ffi::Ffi::Bind()

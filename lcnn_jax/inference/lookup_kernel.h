@@ -24,6 +24,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
@@ -186,6 +187,57 @@ inline v16 Load16(const int8_t* p) {
   return v;
 }
 
+// S, the dictionary responses the lookups read, is float32, or bfloat16 where a layer of a bfloat16 or int8
+// export asks for it (``lookup:s=bfloat16``): half the bytes to write, keep in cache and read, each element
+// widened to float32 in registers as it is loaded (the accumulation stays float32).
+inline vnative LoadS(const float* p) { return LoadNative(p); }
+inline vnative LoadS(const BF16* p) {
+  u16native bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const unative wide = __builtin_convertvector(bits, unative) << 16;
+  vnative v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+// float32 -> bfloat16 rounded to the nearest even (a NaN stays a NaN).
+inline BF16 FromFloat(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BF16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return BF16{static_cast<uint16_t>(u >> 16)};
+}
+
+// 16 values of S stored as computed: as float32, or rounded to bfloat16 (vcvtneps2bf16 where the CPU has
+// AVX512-BF16; otherwise rounded to the nearest even in integer arithmetic, which only a NaN whose mantissa is
+// all ones would get wrong).
+inline void Store16(float* p, const v16& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void Store16(BF16* p, const v16& v) {
+#if defined(__AVX512BF16__)
+  const __m256bh packed = _mm512_cvtneps_pbh(static_cast<__m512>(v.part[0]));
+  std::memcpy(p, &packed, sizeof(packed));
+#else
+  for (int i = 0; i < kParts; ++i) {
+    unative u;
+    std::memcpy(&u, &v.part[i], sizeof(u));
+    u += 0x7fffu + ((u >> 16) & 1u);
+    const u16native bits = __builtin_convertvector(u >> 16, u16native);
+    std::memcpy(p + i * kLanes, &bits, sizeof(bits));
+  }
+#endif
+}
+
+// n consecutive float32 values into S's precision.
+inline void CopyToS(float* dst, const float* src, int64_t n) { std::memcpy(dst, src, sizeof(float) * n); }
+inline void CopyToS(BF16* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) Store16(dst + i, Load(src + i));
+  for (; i < n; ++i) dst[i] = FromFloat(src[i]);
+}
+template <typename S>
+inline void ZeroS(S* dst, int64_t n) { std::memset(static_cast<void*>(dst), 0, sizeof(S) * n); }
+
 #if defined(__AVX512F__)
 
 // 16 consecutive indices as int32.
@@ -276,32 +328,91 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
   }
 }
 
+#if defined(__AVX512BF16__)
+// The coefficient's bfloat16 bits where it is exact in bfloat16 (a bfloat16 or int8 stored value).
+inline uint32_t BF16Bits(BF16 v) { return v.bits; }
+inline uint32_t BF16Bits(int8_t v) {
+  const float f = static_cast<float>(v);  // |v| <= 127: 7 significant bits, exact in bfloat16
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u >> 16;
+}
+
+// AccumulateBlock over a bfloat16 S in AVX512-BF16's dot products (vdpbf16ps), for coefficients exact in
+// bfloat16: each 64-byte load holds 32 wide elements, whose even and odd ones go to two sets of accumulators
+// through the coefficient paired with a zero, (c, 0) and (0, c). No conversion of S, half the bytes of a
+// float32 S loaded, and as many multiply-add instructions; the two sets are interleaved again once per block.
+template <int V, typename Index, typename Value>
+void AccumulateBlockDot(const BF16* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
+                        float* acc) {
+  constexpr int U = kSets<V>;
+  constexpr int H = V / 2;  // loads of 32 wide elements per block
+  __m512 even[U][H], odd[U][H];
+  for (int u = 0; u < U; ++u)
+    for (int h = 0; h < H; ++h) even[u][h] = odd[u][h] = _mm512_setzero_ps();
+  const BF16* base = s + p0;
+  auto step = [&](int u, int32_t t) {
+    const BF16* src = base + static_cast<int64_t>(l.indices[t]) * batch;
+    const uint32_t c = BF16Bits(l.values[t]);
+    const __m512bh low = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(c)));
+    const __m512bh high = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(c << 16)));
+#pragma GCC unroll 8
+    for (int h = 0; h < H; ++h) {
+      const __m512bh x = reinterpret_cast<__m512bh>(_mm512_loadu_si512(src + 32 * h));
+      even[u][h] = _mm512_dpbf16_ps(even[u][h], x, low);
+      odd[u][h] = _mm512_dpbf16_ps(odd[u][h], x, high);
+    }
+  };
+  int32_t t = l.starts[o];
+  const int32_t end = l.starts[o + 1];
+  for (; t + U <= end; t += U)
+    for (int u = 0; u < U; ++u) step(u, t + u);
+  for (; t < end; ++t) step(0, t);
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int h = 0; h < H; ++h) {
+    __m512 e = even[0][h], d = odd[0][h];
+    for (int u = 1; u < U; ++u) {
+      e = _mm512_add_ps(e, even[u][h]);
+      d = _mm512_add_ps(d, odd[u][h]);
+    }
+    _mm512_storeu_ps(acc + 32 * h, _mm512_permutex2var_ps(e, first, d));
+    _mm512_storeu_ps(acc + 32 * h + 16, _mm512_permutex2var_ps(e, second, d));
+  }
+}
+#endif
+
 // Sums the non-zeros of output o over the block of 16 * V wide elements starting at p0. U independent sets of
 // accumulators hide the multiply-add latency when V is small.
-template <int V, typename Index, typename Value>
-void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
+template <int V, typename S, typename Index, typename Value>
+void AccumulateBlock(const S* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o, int64_t p0,
                      float* acc) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<S, BF16> && !std::is_same_v<Value, float> && V % 2 == 0) {
+    return AccumulateBlockDot<V>(s, l, batch, o, p0, acc);
+  }
+#endif
   constexpr int U = kSets<V>;
   constexpr int P = V * kParts;  // registers per set of accumulators
   vnative a[U][P];
   for (int u = 0; u < U; ++u)
     for (int v = 0; v < P; ++v) a[u][v] = vnative{};
-  const float* base = s + p0;
+  const S* base = s + p0;
   int32_t t = l.starts[o];
   const int32_t end = l.starts[o + 1];
   for (; t + U <= end; t += U) {
     for (int u = 0; u < U; ++u) {
-      const float* src = base + static_cast<int64_t>(l.indices[t + u]) * batch;
+      const S* src = base + static_cast<int64_t>(l.indices[t + u]) * batch;
       const float c = ToFloat(l.values[t + u]);
 #pragma GCC unroll 16
-      for (int v = 0; v < P; ++v) a[u][v] += c * LoadNative(src + kLanes * v);
+      for (int v = 0; v < P; ++v) a[u][v] += c * LoadS(src + kLanes * v);
     }
   }
   for (; t < end; ++t) {
-    const float* src = base + static_cast<int64_t>(l.indices[t]) * batch;
+    const S* src = base + static_cast<int64_t>(l.indices[t]) * batch;
     const float c = ToFloat(l.values[t]);
 #pragma GCC unroll 16
-    for (int v = 0; v < P; ++v) a[0][v] += c * LoadNative(src + kLanes * v);
+    for (int v = 0; v < P; ++v) a[0][v] += c * LoadS(src + kLanes * v);
   }
   for (int u = 1; u < U; ++u)
     for (int v = 0; v < P; ++v) a[0][v] += a[u][v];
@@ -309,11 +420,13 @@ void AccumulateBlock(const float* s, const Lookups<Index, Value>& l, int64_t bat
 }
 
 // Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element, over the
-// non-zeros [t, end) (at indices[t] * batch of s).
-template <typename Index, typename Value>
-float SparseDotRange(const float* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
+// non-zeros [t, end) (at indices[t] * batch of s). The vector gathers read float32 S; a bfloat16 S (no 16-bit
+// gathers) takes the scalar loop.
+template <typename S, typename Index, typename Value>
+float SparseDotRange(const S* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
                      int32_t end) {
   float sum = 0.f;
+  if constexpr (std::is_same_v<S, float>) {
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
@@ -349,12 +462,13 @@ float SparseDotRange(const float* s, const Index* indices, const Value* values, 
   _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
   for (float lane : lanes) sum += lane;
 #endif
-  for (; t < end; ++t) sum += ToFloat(values[t]) * s[static_cast<int64_t>(indices[t]) * batch];
+  }
+  for (; t < end; ++t) sum += ToFloat(values[t]) * ToFloat(s[static_cast<int64_t>(indices[t]) * batch]);
   return sum;
 }
 
-template <typename Index, typename Value>
-float SparseDot(const float* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
+template <typename S, typename Index, typename Value>
+float SparseDot(const S* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
   return SparseDotRange(s, l.indices, l.values, batch, l.starts[o], l.starts[o + 1]);
 }
 
@@ -373,8 +487,8 @@ struct Plan {
 // `slot`. The last, partial block is a whole block ending at the last wide element (it overlaps the one
 // before, since Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no
 // read past S.
-template <int V, typename Index, typename Value>
-void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
+template <int V, typename S, typename Index, typename Value>
+void LookupBlock(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
                  int64_t slot, float* out, int64_t limit) {
   constexpr int64_t block = 16 * V;
   alignas(64) float acc[block];
@@ -384,14 +498,14 @@ void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>&
         std::min(block, std::min(limit, g.wide) - p0), out);
 }
 
-template <int V, typename Index, typename Value>
-void LookupBlock(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
+template <int V, typename S, typename Index, typename Value>
+void LookupBlock(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
                  int64_t slot, float* out) {
   LookupBlock<V>(g, s, l, o, p0, slot, out, g.wide);
 }
 
-template <int V, typename Index, typename Value>
-void RunItems(const Geometry& g, const Plan& plan, const float* s, const Lookups<Index, Value>& l, float* out,
+template <int V, typename S, typename Index, typename Value>
+void RunItems(const Geometry& g, const Plan& plan, const S* s, const Lookups<Index, Value>& l, float* out,
               int64_t begin, int64_t end) {
   for (int64_t item = begin; item < end; ++item) {
     const int64_t band = item / plan.groups;
@@ -420,14 +534,16 @@ int64_t RowsSpanned(const Geometry& g, const Lookups<Index, Value>& l) {
   return (largest / g.width) % g.height + 1;
 }
 
-// Wide elements per band (a multiple of `block`) for S of g's planes to stay within tile.bytes: a band of q
+// Wide elements per band (a multiple of `block`) for S of g's planes (element_bytes an element) to stay within
+// tile.bytes: a band of q
 // wide elements reads, in each plane, the band and the rows_spanned - 1 rows of S below it. The whole of Q
 // when tiling is off, or when Q fits.
 template <typename Index, typename Value>
-int64_t BandWide(const Geometry& g, const Lookups<Index, Value>& l, const Tile& tile, int64_t block) {
+int64_t BandWide(const Geometry& g, const Lookups<Index, Value>& l, const Tile& tile, int64_t block,
+                 int64_t element_bytes) {
   if (tile.bytes <= 0 || g.height <= 0 || g.planes <= 0 || g.oh <= 1) return block;
   const int64_t reach = (RowsSpanned(g, l) - 1) * g.width * g.batch;  // wide elements below a band it reads
-  const int64_t fits = tile.bytes / (static_cast<int64_t>(sizeof(float)) * g.planes) - reach;
+  const int64_t fits = tile.bytes / (element_bytes * g.planes) - reach;
   const int64_t band = std::max<int64_t>(block, fits / block * block);
   return band >= g.wide ? (g.wide + block - 1) / block * block : band;
 }
@@ -480,13 +596,13 @@ void ParallelFor(Pool& pool, int64_t total, int64_t cost, Work work) {
   }
 }
 
-template <int V, typename Pool, typename Index, typename Value>
-void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out,
+template <int V, typename Pool, typename S, typename Index, typename Value>
+void Launch(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l, float* out,
             const Tile& tile) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   Plan plan;
   plan.block = V == 0 ? g.wide : 16 * V;
-  plan.band = V == 0 ? g.wide : BandWide(g, l, tile, plan.block);
+  plan.band = V == 0 ? g.wide : BandWide(g, l, tile, plan.block, sizeof(S));
   plan.bands = (g.wide + plan.band - 1) / plan.band;
   // Enough items for load balance; split the outputs only when the bands alone are too few.
   const int64_t want = 16 * threads;
@@ -500,8 +616,8 @@ void Launch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, 
   });
 }
 
-template <typename Pool, typename Index, typename Value>
-void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, float* out,
+template <typename Pool, typename S, typename Index, typename Value>
+void Dispatch(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l, float* out,
               const Tile& tile = Tile{}) {
   if (g.wide < 16) return Launch<0>(pool, g, s, l, out, tile);
   if (g.wide < 32) return Launch<kFit<1>>(pool, g, s, l, out, tile);
@@ -516,8 +632,8 @@ void Dispatch(Pool& pool, const Geometry& g, const float* s, const Lookups<Index
 // chunks, and within one over its outputs, so the chunk of S it gathers from stays in L1 (chunk sized from the
 // machine's L1 by the caller) instead of every output gathering from all of S in L2 or beyond: at batch 1, where
 // each non-zero is one gathered element, the gathers then run at the L1's rate.
-template <typename Pool, typename Index, typename Value>
-void DispatchChunked(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t chunks,
+template <typename Pool, typename S, typename Index, typename Value>
+void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t chunks,
                      float* out) {
   constexpr int64_t kGroup = 64;  // outputs per item
   const int64_t items = (g.n + kGroup - 1) / kGroup;
@@ -572,13 +688,13 @@ inline void PoolRow(const float* map, int64_t y_lo, int64_t y_hi, int64_t w, int
 
 // Output rows [y_lo, y_hi) of outputs [o0, o1) into `local` (o - o0, y - y_lo, x, batch): the lookups over the
 // band's wide elements, S read from row y_lo on.
-template <int V, typename Index, typename Value>
-void BandRows(const Geometry& g, const float* s, const Lookups<Index, Value>& l, int64_t y_lo, int64_t y_hi,
+template <int V, typename S, typename Index, typename Value>
+void BandRows(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t y_lo, int64_t y_hi,
               int64_t o0, int64_t o1, float* local) {
   Geometry band = g;
   band.oh = y_hi - y_lo;
   band.wide = ((band.oh - 1) * g.width + g.ow) * g.batch;
-  const float* sb = s + y_lo * g.width * g.batch;
+  const S* sb = s + y_lo * g.width * g.batch;
   for (int64_t o = o0; o < o1; ++o) {
     for (int64_t p0 = 0; p0 < band.wide; p0 += 16 * V) LookupBlock<V>(band, sb, l, o, p0, o - o0, local);
   }
@@ -588,15 +704,15 @@ void BandRows(const Geometry& g, const float* s, const Lookups<Index, Value>& l,
 // group of outputs; it computes the layer's rows that band needs into a buffer of its own (rows shared with the
 // next band are computed twice), then pools them into out (n, p.oh, p.ow, batch). The unpooled map of a first
 // layer (AlexNet's conv1 at batch 32: 25 MB) then never goes to memory and back.
-template <int V, typename Pool, typename Index, typename Value>
-void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
+template <int V, typename Pool, typename S, typename Index, typename Value>
+void LaunchPooled(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l,
                   const PoolGeometry& p, float* out, const Tile& tile) {
   // Pooled rows and outputs per item: without a tile, 3 and 16; with one, as many pooled rows as keep the S
   // their layer rows read within tile.bytes (at least one).
   int64_t band_rows = 3;
   const int64_t group = tile.outputs > 0 ? tile.outputs : 16;
   if (tile.bytes > 0 && g.height > 0 && g.planes > 0) {
-    const int64_t row_bytes = static_cast<int64_t>(sizeof(float)) * g.planes * g.width * g.batch;  // one S row
+    const int64_t row_bytes = static_cast<int64_t>(sizeof(S)) * g.planes * g.width * g.batch;  // one S row
     const int64_t s_rows = tile.bytes / row_bytes - (RowsSpanned(g, l) - 1);  // layer rows a band may compute
     band_rows = std::max<int64_t>(1, (s_rows - p.wh) / p.sh + 1);
   }
@@ -622,8 +738,8 @@ void LaunchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<I
   });
 }
 
-template <typename Pool, typename Index, typename Value>
-void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups<Index, Value>& l,
+template <typename Pool, typename S, typename Index, typename Value>
+void DispatchPooled(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l,
                     const PoolGeometry& p, float* out, const Tile& tile = Tile{}) {
   const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
   if (narrowest < 32) return LaunchPooled<kFit<1>>(pool, g, s, l, p, out, tile);
@@ -632,33 +748,34 @@ void DispatchPooled(Pool& pool, const Geometry& g, const float* s, const Lookups
   return LaunchPooled<kFit<8>>(pool, g, s, l, p, out, tile);
 }
 
-// S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item.
-template <typename Pool>
+// S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item,
+// in the precision of `out` (float32, or bfloat16: rounded as it is copied).
+template <typename Pool, typename S>
 void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, int64_t batch, int64_t ph,
-                  int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, float* out) {
+                  int64_t pw, int64_t sh, int64_t sw, int64_t height, int64_t width, S* out) {
   const int64_t rows = k * sh * sw * height;
   ParallelFor(pool, rows, rows * width * batch * sizeof(float), [=](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t atom = item / height, row = item % height;
       const int64_t j = atom / (sh * sw), pr = (atom / sw) % sh, pc = atom % sw;
-      float* dst = out + item * width * batch;
+      S* dst = out + item * width * batch;
       const int64_t y = row * sh + pr - ph;
       if (y < 0 || y >= h) {
-        std::memset(dst, 0, sizeof(float) * width * batch);
+        ZeroS(dst, width * batch);
         continue;
       }
       const float* src = s + (j * h + y) * w * batch;
       if (sw == 1) {  // one run: [zeros][the row][zeros]
         const int64_t left = std::min(width, pw), copied = std::max<int64_t>(0, std::min(w, width - left));
-        std::memset(dst, 0, sizeof(float) * left * batch);
-        std::memcpy(dst + left * batch, src, sizeof(float) * copied * batch);
-        std::memset(dst + (left + copied) * batch, 0, sizeof(float) * (width - left - copied) * batch);
+        ZeroS(dst, left * batch);
+        CopyToS(dst + left * batch, src, copied * batch);
+        ZeroS(dst + (left + copied) * batch, (width - left - copied) * batch);
         continue;
       }
       for (int64_t col = 0; col < width; ++col) {
         const int64_t x = col * sw + pc - pw;
-        if (x < 0 || x >= w) std::memset(dst + col * batch, 0, sizeof(float) * batch);
-        else std::memcpy(dst + col * batch, src + x * batch, sizeof(float) * batch);
+        if (x < 0 || x >= w) ZeroS(dst + col * batch, batch);
+        else CopyToS(dst + col * batch, src + x * batch, batch);
       }
     }
   });
@@ -668,11 +785,12 @@ void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, i
 // layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
 // (m, h, w, batch). An item is one input row y (a phase pr and row of the output); it reads the row left to
 // right, every image at once, and writes each pixel's k responses to the column and phase pc that pixel lands
-// in. M and K are the sizes when known at compile time (0: read them at run time).
-template <int M, int K>
+// in, in the precision of `out` (float32 or bfloat16). M and K are the sizes when known at compile time (0: read
+// them at run time).
+template <int M, int K, typename S>
 void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
                     int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                    int64_t height, int64_t width, float* out, int64_t begin, int64_t end) {
+                    int64_t height, int64_t width, S* out, int64_t begin, int64_t end) {
   const int64_t m = M ? M : m_runtime, k = K ? K : k_runtime;
   // Element strides of x along images, rows, columns and channels.
   const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
@@ -697,9 +815,9 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
     }
     for (int64_t padded = 0; padded < width * sw; ++padded) {
       const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
-      float* dst = out + (pr * sw + pc) * plane + (row * width + col) * batch;  // atom j at dst + j*sh*sw*plane
+      S* dst = out + (pr * sw + pc) * plane + (row * width + col) * batch;  // atom j at dst + j*sh*sw*plane
       if (y < 0 || y >= h || xcol < 0 || xcol >= w) {
-        for (int64_t j = 0; j < k; ++j) std::memset(dst + j * sh * sw * plane, 0, sizeof(float) * batch);
+        for (int64_t j = 0; j < k; ++j) ZeroS(dst + j * sh * sw * plane, batch);
         continue;
       }
       const float* column[M ? M : kFusedDictionaryMacsMax];  // channel c of this pixel: batch values in a run
@@ -707,32 +825,33 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         column[c] = nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
       }
       for (int64_t j = 0; j < k; ++j) {
-        float* target = dst + j * sh * sw * plane;
+        S* target = dst + j * sh * sw * plane;
         int64_t b = 0;
         for (; b + 16 <= batch; b += 16) {
           v16 sum = v16{};
           for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(column[c] + b);
-          std::memcpy(target + b, &sum, sizeof(sum));
+          Store16(target + b, sum);
         }
         for (; b < batch; ++b) {
           float sum = 0.f;
           for (int64_t c = 0; c < m; ++c) sum += column[c][b] * d[c * k + j];
-          target[b] = sum;
+          if constexpr (std::is_same_v<S, float>) target[b] = sum;
+          else target[b] = FromFloat(sum);
         }
       }
     }
   }
 }
 
-template <typename Pool>
+template <typename Pool, typename S>
 void DictionaryToDepth(Pool& pool, const float* x, bool nhwc, const float* dictionary, int64_t m, int64_t k,
                        int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
-                       int64_t height, int64_t width, float* out) {
-  auto rows = &DictionaryRows<0, 0>;
-  if (m == 3 && k == 3) rows = &DictionaryRows<3, 3>;  // RGB images, the original's firstPool
-  else if (m == 1 && k == 1) rows = &DictionaryRows<1, 1>;
-  else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3>;
-  else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1>;
+                       int64_t height, int64_t width, S* out) {
+  auto rows = &DictionaryRows<0, 0, S>;
+  if (m == 3 && k == 3) rows = &DictionaryRows<3, 3, S>;  // RGB images, the original's firstPool
+  else if (m == 1 && k == 1) rows = &DictionaryRows<1, 1, S>;
+  else if (m == 1 && k == 3) rows = &DictionaryRows<1, 3, S>;
+  else if (m == 3 && k == 1) rows = &DictionaryRows<3, 1, S>;
   ParallelFor(pool, sh * height, k * sh * sw * height * width * batch * m, [=](int64_t begin, int64_t end) {
     rows(x, nhwc, dictionary, m, k, h, w, batch, ph, pw, sh, sw, height, width, out, begin, end);
   });

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -425,25 +425,34 @@ def _one_layer_model(layer: LookupLayer, form: str):
 
 
 def time_lookup_forms(layer: LookupLayer, batch_size: int, *, threads: int | None = None,
-                      seconds: float = 0.5) -> dict[str, float]:
-  """Median milliseconds of ``layer`` alone in each of :data:`LOOKUP_FORMS` on ONNX Runtime."""
+                      seconds: float = 0.5, compile_layer: Callable[[Any, int], Callable] | None = None
+                      ) -> dict[str, float]:
+  """Median milliseconds of ``layer`` alone in each of :data:`LOOKUP_FORMS` on ONNX Runtime, or on the engine
+  ``compile_layer(proto, batch_size)`` builds (a callable on the layer's NCHW input, e.g.
+  :func:`lcnn_jax.inference.openvino_engine.layer_compiler`'s)."""
   h, w = layer.input_size
   x = np.random.default_rng(0).standard_normal((batch_size, layer.in_features, h, w)).astype(np.float32)
+  if compile_layer is None:
+    def compile_layer(proto, _):
+      sess = session(proto, threads)
+      return lambda images: sess.run([OUTPUT_NAME], {INPUT_NAME: images})
   times = {}
   for form in LOOKUP_FORMS:
-    sess = session(_one_layer_model(layer, form), threads)
-    times[form] = _median_ms(lambda: sess.run([OUTPUT_NAME], {INPUT_NAME: x}), seconds)
+    run_layer = compile_layer(_one_layer_model(layer, form), batch_size)
+    times[form] = _median_ms(lambda: run_layer(x), seconds)
   return times
 
 
-def choose_lookup_forms(model: InferenceModel, batch_size: int, *,
-                        threads: int | None = None) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-  """The faster form of each lookup layer on ONNX Runtime at ``batch_size``, and the times (ms) it saw."""
+def choose_lookup_forms(model: InferenceModel, batch_size: int, *, threads: int | None = None,
+                        compile_layer: Callable[[Any, int], Callable] | None = None, engine: str = "ONNX Runtime"
+                        ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+  """The faster form of each lookup layer at ``batch_size`` on ONNX Runtime (or on the ``engine`` that
+  ``compile_layer`` builds, see :func:`time_lookup_forms`), and the times (ms) it saw."""
   forms, timings = {}, {}
   for name, layer in model.lookup_layers.items():
-    timings[name] = time_lookup_forms(layer, batch_size, threads=threads)
+    timings[name] = time_lookup_forms(layer, batch_size, threads=threads, compile_layer=compile_layer)
     forms[name] = min(timings[name], key=timings[name].get)
-    logging.info("ONNX lookup layer %s at batch %d: %s (%s).", name, batch_size, forms[name],
+    logging.info("%s: lookup layer %s at batch %d: %s (%s).", engine, name, batch_size, forms[name],
                  ", ".join(f"{k} {v:.3f} ms" for k, v in timings[name].items()))
   return forms, timings
 

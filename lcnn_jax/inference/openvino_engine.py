@@ -1,7 +1,8 @@
 """An exported model on OpenVINO: the dense baseline a user who deploys on Intel's CPU runtime would time.
 
-OpenVINO reads the model's ONNX form (:mod:`lcnn_jax.inference.onnx_export`, the graph ONNX Runtime runs), its
-batch fixed, and compiles it for the CPU with ``threads`` inference threads and the performance hint OpenVINO
+OpenVINO reads the model's ONNX form (:mod:`lcnn_jax.inference.onnx_export`, the graph ONNX Runtime runs; an
+LCNN's lookup layers in the forms :func:`choose_lookup_forms` measures on OpenVINO itself, or as given), its batch
+fixed, and compiles it for the CPU with ``threads`` inference threads and the performance hint OpenVINO
 prescribes for the batch: ``LATENCY`` at batch 1 (one stream, every thread on the image), ``THROUGHPUT`` above
 (the streams OpenVINO chooses, the batch split into one request per stream, run at once). It computes in the
 device's default inference precision (bf16 on a CPU with AMX or AVX-512 BF16, else f32) or, asked, in f32;
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import io
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -50,23 +52,31 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 class OpenVinoEngine:
-  """The dense model on OpenVINO's CPU plugin, called like an :class:`~lcnn_jax.inference.model.InferenceModel`
-  on NHWC images; returns logits as NumPy.
+  """An exported model (the dense CNN, or an LCNN in its ONNX forms) on OpenVINO's CPU plugin, called like an
+  :class:`~lcnn_jax.inference.model.InferenceModel` on NHWC images; returns logits as NumPy.
 
   ``precision``: None for the device's default inference precision, or an OpenVINO precision name (``"f32"``) to
-  force. :attr:`precision` is the one it computes in (``"bf16"``, ``"f32"``, ...), :attr:`hint` the performance
-  hint and :attr:`requests` how many requests one call's batch is split into. The images are converted to NCHW
-  once, outside the timed calls, as an OpenVINO user would feed them.
+  force. ``lookup_forms``: the ONNX form of each lookup layer of an LCNN (``"dense"``, ``"factored"``, one per
+  layer, or ``"auto"`` to measure them on OpenVINO at this batch and precision: :func:`choose_lookup_forms`);
+  :attr:`lookup_forms` holds the forms used. :attr:`precision` is the one it computes in (``"bf16"``, ``"f32"``,
+  ...), :attr:`hint` the performance hint and :attr:`requests` how many requests one call's batch is split into.
+  The images are converted to NCHW once, outside the timed calls, as an OpenVINO user would feed them.
 
   Raises:
     OpenVinoUnavailable: where OpenVINO is not installed.
     LogitsMismatch: where its logits on random images differ from ``model``'s beyond :func:`tolerance`.
   """
 
-  def __init__(self, model, batch: int, threads: int, precision: str | None = None):
+  def __init__(self, model, batch: int, threads: int, precision: str | None = None,
+               lookup_forms: Mapping[str, str] | str = "dense"):
     ov = require_openvino()
     core = ov.Core()
-    graph = core.read_model(io.BytesIO(onnx_export.to_onnx(model).SerializeToString()))
+    self.lookup_form_ms: dict[str, dict[str, float]] = {}
+    if lookup_forms == "auto":
+      lookup_forms, self.lookup_form_ms = choose_lookup_forms(model, batch, threads, precision)
+    self.lookup_forms = dict(lookup_forms) if not isinstance(lookup_forms, str) else {
+        name: lookup_forms for name in model.lookup_layers}
+    graph = core.read_model(io.BytesIO(onnx_export.to_onnx(model, self.lookup_forms).SerializeToString()))
     h, w, c = model.input_shape
     self.hint = "LATENCY" if batch == 1 else "THROUGHPUT"
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": self.hint}
@@ -118,3 +128,35 @@ class OpenVinoEngine:
     for request in self._infer:
       request.wait()
     return np.concatenate([request.get_output_tensor(0).data for request in self._infer])
+
+
+def layer_compiler(threads: int, precision: str | None = None) -> Callable:
+  """``compile(proto, batch)`` -> a callable on NCHW inputs running ``proto`` (one layer's ONNX model, batch
+  free) on OpenVINO's CPU plugin at that batch, with ``threads`` threads, the hint :class:`OpenVinoEngine` uses
+  for the batch and its ``precision`` (None: the device's default); for
+  :func:`lcnn_jax.inference.onnx_export.time_lookup_forms`."""
+  ov = require_openvino()
+  core = ov.Core()
+
+  def compile_layer(proto, batch: int) -> Callable:
+    graph = core.read_model(io.BytesIO(proto.SerializeToString()))
+    shape = [batch, *(d.get_length() for d in list(graph.input().get_partial_shape())[1:])]
+    graph.reshape({onnx_export.INPUT_NAME: shape})
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY" if batch == 1 else "THROUGHPUT"}
+    if precision is not None:
+      config["INFERENCE_PRECISION_HINT"] = precision
+    request = core.compile_model(graph, "CPU", config).create_infer_request()
+
+    def run(x):
+      request.infer({0: x})
+      return request.get_output_tensor(0).data
+    return run
+  return compile_layer
+
+
+def choose_lookup_forms(model, batch: int, threads: int, precision: str | None = None
+                 ) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
+  """The faster ONNX form of each lookup layer of ``model`` on OpenVINO at ``batch`` and ``precision`` (None:
+  the device's default), each layer timed alone; and the times (ms) seen."""
+  return onnx_export.choose_lookup_forms(model, batch, threads=threads, engine="OpenVINO",
+                                         compile_layer=layer_compiler(threads, precision))
