@@ -38,6 +38,8 @@ LAYER_CASES = {
     "map_fused_dictionary": dict(m=4, n=6, k=5, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(8, 9),
                                  density=0.3),
     "map_strided": dict(m=16, n=7, k=6, kernel=(5, 5), strides=(2, 2), padding=(2, 2), size=(17, 16), density=0.2),
+    # A dictionary stage of an odd number of input channels, too large for the kernel to fuse (13·7 > 64).
+    "odd_channels": dict(m=13, n=6, k=7, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(7, 6), density=0.3),
 }
 
 

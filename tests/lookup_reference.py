@@ -36,11 +36,15 @@ def max_pool_reference(x, window, strides, padding, relu):
   return np.maximum(pooled, 0) if relu else pooled
 
 
-def bfloat16_s_reference(layer: LookupLayer, x) -> np.ndarray:
+def bfloat16_s_reference(layer: LookupLayer, x, x_in_bfloat16: bool = False) -> np.ndarray:
   """The lookups of ``layer`` over S = x·D rounded to bfloat16 (to the nearest even, from its float32 value), in
-  float64 NumPy otherwise: what ``lookup:s=bfloat16`` computes, independent of XLA and of the kernel."""
+  float64 NumPy otherwise: what ``lookup:s=bfloat16`` computes, independent of XLA and of the kernel; with
+  ``x_in_bfloat16``, x itself rounded to bfloat16 first (a dictionary stage in bfloat16 dot products)."""
   (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.strides, layer.kernel_size
-  s = np.einsum("bhwm,mk->bhwk", np.asarray(x, np.float64), layer.float_dictionary().astype(np.float64))
+  x = np.asarray(x, np.float32)
+  if x_in_bfloat16:
+    x = x.astype(ml_dtypes.bfloat16)
+  s = np.einsum("bhwm,mk->bhwk", x.astype(np.float64), layer.float_dictionary().astype(np.float64))
   s = s.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
   padded = np.pad(s, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
   windows = np.lib.stride_tricks.sliding_window_view(padded, (kh, kw), axis=(1, 2))[:, ::sh, ::sw]

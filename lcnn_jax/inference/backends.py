@@ -247,8 +247,10 @@ class Lookup(Backend):
 
   ``lookup:s=bfloat16`` keeps S, the dictionary responses the lookups read, in bfloat16 rather than float32
   where the kernel makes a copy of it anyway (a layer that pads or strides, or whose dictionary the kernel
-  applies itself): half the bytes to write, hold in L2 and read, each element widened to float32 in registers
-  and the sums accumulated in float32. S then carries bfloat16's rounding (8 bits of mantissa), so the tuner
+  applies itself): half the bytes to write, hold in L2 and read, and the sums accumulated in float32. On a CPU
+  with AVX512-BF16 the lookups multiply S in its dot products, and a layer stored in bfloat16 or int8 computes
+  its dictionary stage so too (:meth:`dictionary_in_bfloat16`); elsewhere each element of S is widened to
+  float32 in registers. S then carries bfloat16's rounding (8 bits of mantissa), so the tuner
   offers it only for layers stored in bfloat16 or int8 (an export that asked for low precision), where it
   competes by measurement; other layers run as under ``lookup``.
   """
@@ -311,6 +313,15 @@ class Lookup(Backend):
   def s_bfloat16(self, layer: LookupLayer) -> bool:
     """Whether ``layer``'s S is kept in bfloat16 (``lookup:s=bfloat16``, on a layer whose S the kernel copies)."""
     return self.s_precision == "bfloat16" and self.copies_s(layer)
+
+  def dictionary_in_bfloat16(self, layer: LookupLayer) -> bool:
+    """Whether the kernel computes ``layer``'s dictionary stage in bfloat16 dot products, at any size: where S is
+    kept in bfloat16 (:meth:`s_bfloat16`), D is stored in bfloat16 or int8 (exact in bfloat16), and the CPU has
+    AVX512-BF16 (:func:`~lcnn_jax.inference.kernels.kernel_bf16_dot`); a stage of under 32 columns (h·w·batch)
+    then stays float32. Elsewhere a large stage is XLA's float32 matmul (it measured 3–30% slower than the
+    kernel's bfloat16 stage on AlexNet-LCNN's conv2–conv5 at batch 32 on an AMD EPYC Zen 4)."""
+    return (self.s_bfloat16(layer) and not self.fused(layer) and layer.dictionary.dtype != np.float32
+            and kernels.kernel_bf16_dot())
 
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
     return NHWC if self.fused(layer) else batch  # NHWC images, or CHWN
@@ -381,8 +392,9 @@ class Lookup(Backend):
       x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
       m, h, w, _ = x.shape
       columns = h * w * batch
-      if columns <= DICTIONARY_COLUMNS_MAX and columns * m * layer.dictionary_size <= DICTIONARY_MACS_MAX:
-        # The dictionary stage in the same call, from D as stored.
+      small = columns <= DICTIONARY_COLUMNS_MAX and columns * m * layer.dictionary_size <= DICTIONARY_MACS_MAX
+      if small or self.dictionary_in_bfloat16(layer):
+        # The dictionary stage in the same call, from D as stored (in bfloat16 dot products where it may be).
         out = kernels.lookup_conv_dictionary(x, params["dictionary_q"], params["dictionary_scale"], lookups, **call)
       else:
         s = (params["dictionary_t"] @ x.reshape(m, h * w * batch)).reshape(-1, h, w, batch)  # (k, h, w, batch)

@@ -156,6 +156,7 @@ def _load() -> str:
     isa = loaded.LcnnKernelIsa
     isa.restype = ctypes.c_char_p
     _ISA[library] = isa().decode()
+    _BF16_DOT[library] = bool(loaded.LcnnKernelBf16Dot())
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():
@@ -192,6 +193,14 @@ def kernel_available() -> tuple[bool, str]:
 
 
 _ISA: dict[str, str] = {}
+_BF16_DOT: dict[str, bool] = {}
+
+
+def kernel_bf16_dot() -> bool:
+  """Whether the kernel in use computes with AVX512-BF16 dot products where S is kept in bfloat16 (its lookups,
+  and the dictionary stage of a layer stored in bfloat16 or int8): built for a CPU that has them."""
+  available, library = kernel_available()
+  return available and _BF16_DOT[library]
 
 
 def kernel_arch() -> str:

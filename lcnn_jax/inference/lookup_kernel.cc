@@ -246,6 +246,13 @@ ffi::Error LookupConvDictionaryImpl(ffi::ThreadPool pool, ChwnF32 x, ffi::AnyBuf
   const int64_t columns = in[1] * in[2] * in[3];
   std::unique_ptr<float[]> zeros(new float[d[0]]());
   const bool typed = WithValues(dictionary, [&](auto value) {
+#if defined(__AVX512BF16__)
+    // S is kept in bfloat16 anyway: computed in bfloat16 dot products where D is stored in bfloat16 or int8.
+    if (s_bfloat16 && lcnn::DenseColumnsDot(pool, x.typed_data(), value, d_scale.typed_data(), zeros.get(), in[0],
+                                            columns, d[0], s_buffer->typed_data())) {
+      return;
+    }
+#endif
     DenseColumns(pool, x.typed_data(), value, d_scale.typed_data(), zeros.get(), in[0], columns, d[0],
                  s_buffer->typed_data());
   });
@@ -593,6 +600,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnNetwork, NetworkImpl,
                                   .RemainingArgs()           // each step's arrays
                                   .Ret<ChwnF32>()            // the last step's output, NHWC (1, h, w, c)
                                   .Attrs<ffi::Dictionary>());  // steps; step<i>, step<i>_layer, step<i>_pool
+
+// Whether this build computes a bfloat16 S's dictionary stage and lookups in AVX512-BF16 dot products
+// (kernels.kernel_bf16_dot).
+extern "C" int LcnnKernelBf16Dot() {
+#if defined(__AVX512BF16__)
+  return 1;
+#else
+  return 0;
+#endif
+}
 
 // The vector ISA this build targets (kernels.kernel_arch reports it beside every timing).
 extern "C" const char* LcnnKernelIsa() {

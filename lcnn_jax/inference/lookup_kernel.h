@@ -996,6 +996,84 @@ void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale
   return LaunchDenseColumns<kFit<8>>(pool, x, w, scale, bias, m, p, n, out);
 }
 
+#if defined(__AVX512BF16__)
+// A dictionary stage S = Dᵀ·x (as DenseColumns) in AVX512-BF16 dot products, for D stored in bfloat16 or int8
+// (exact in bfloat16; `scale` applied to the sums) and an S that is kept in bfloat16 anyway (lookup:s=bfloat16):
+// x is rounded to bfloat16 as it is packed, input channels in pairs, one block of 32 columns at a time
+// (`packed`: the item's own (m/2, 32) pairs, in L1), then the block's outputs are accumulated over the pairs
+// kOutputsDot at a time, each packed vector loaded once for all of them: 32 multiply-adds an instruction.
+constexpr int kOutputsDot = 6;
+template <typename Value>
+void DenseColumnsDotBlock(const float* x, const Value* w, const float* scale, const float* bias, int64_t m,
+                          int64_t p, int64_t n, int64_t p0, uint32_t* packed, float* out) {
+  constexpr int64_t block = 32;
+  const int64_t start = std::min(p0, p - block);
+  const int64_t pairs = (m + 1) / 2;
+  for (int64_t c2 = 0; c2 < pairs; ++c2) {
+    const float* low = x + 2 * c2 * p + start;
+    const float* high = 2 * c2 + 1 < m ? low + p : nullptr;
+    for (int v = 0; v < 2; ++v) {
+      const __m512i a = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(
+          _mm512_loadu_ps(low + 16 * v))));
+      const __m512i b = high == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(
+          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(high + 16 * v))));
+      // lane i: (x[2c2][start + 16v + i], x[2c2 + 1][start + 16v + i])
+      _mm512_store_si512(packed + (2 * c2 + v) * 16, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+    }
+  }
+  const int64_t stop = std::min(p0 + block, p);
+  auto outputs = [&](auto count, int64_t o0) {
+    constexpr int R = decltype(count)::value;
+    __m512 acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int64_t c2 = 0; c2 < pairs; ++c2) {
+      const __m512bh x0 = reinterpret_cast<__m512bh>(_mm512_load_si512(packed + 2 * c2 * 16));
+      const __m512bh x1 = reinterpret_cast<__m512bh>(_mm512_load_si512(packed + (2 * c2 + 1) * 16));
+      const bool odd = 2 * c2 + 1 < m;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const Value* row = w + (o0 + r) * m;
+        const uint32_t pair = BF16Bits(row[2 * c2]) | (odd ? BF16Bits(row[2 * c2 + 1]) << 16 : 0u);
+        const __m512bh weights = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int32_t>(pair)));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], x0, weights);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], x1, weights);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float sums[block];
+      _mm512_store_ps(sums, acc[r][0]);
+      _mm512_store_ps(sums + 16, acc[r][1]);
+      const int64_t o = o0 + r;
+      for (int64_t q = p0; q < stop; ++q) out[o * p + q] = sums[q - start] * scale[o] + bias[o];
+    }
+  };
+  int64_t o = 0;
+  for (; o + kOutputsDot <= n; o += kOutputsDot) outputs(std::integral_constant<int, kOutputsDot>{}, o);
+  for (; o < n; ++o) outputs(std::integral_constant<int, 1>{}, o);
+}
+
+// DenseColumnsDot for bfloat16 or int8 D over at least 32 columns; false (nothing done) otherwise.
+template <typename Pool, typename Value>
+bool DenseColumnsDot(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t m,
+                     int64_t p, int64_t n, float* out) {
+  if constexpr (std::is_same_v<Value, float>) {
+    return false;
+  } else {
+    if (p < 32) return false;
+    const int64_t blocks = (p + 31) / 32;
+    ParallelFor(pool, blocks, n * m * p / 2, [=](int64_t begin, int64_t end) {
+      std::vector<uint32_t> storage((m + 1) / 2 * 32 + 16);  // 64-byte aligned within
+      const uintptr_t address = reinterpret_cast<uintptr_t>(storage.data());
+      uint32_t* packed = reinterpret_cast<uint32_t*>((address + 63) & ~uintptr_t{63});
+      for (int64_t item = begin; item < end; ++item) {
+        DenseColumnsDotBlock(x, w, scale, bias, m, p, n, item * 32, packed, out);
+      }
+    });
+    return true;
+  }
+}
+#endif
+
 // Max pooling of a CHWN activation x (c, h, w, batch) -> out (c, p.oh, p.ow, batch), one (channel, pooled row)
 // per item.
 template <typename Pool>
