@@ -154,14 +154,10 @@ inline float ToFloat(BF16 v) {
 
 // 16 consecutive stored weights as float32 (portable: widened and shifted, or converted, in registers).
 inline v16 Load16(const float* p) { return Load(p); }
+inline vnative LoadS(const BF16* p);
 inline v16 Load16(const BF16* p) {
   v16 v;
-  for (int i = 0; i < kParts; ++i) {
-    u16native bits;
-    std::memcpy(&bits, p + i * kLanes, sizeof(bits));
-    const unative wide = __builtin_convertvector(bits, unative) << 16;
-    std::memcpy(&v.part[i], &wide, sizeof(wide));
-  }
+  for (int i = 0; i < kParts; ++i) v.part[i] = LoadS(p + i * kLanes);
   return v;
 }
 // int8: sign-extended to int32 and converted, two instructions per register on x86 (vpmovsxbd, vcvtdq2ps). GCC
