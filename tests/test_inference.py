@@ -73,16 +73,13 @@ def test_lookups_over_bfloat16_s_equal_the_reference_over_rounded_s(backend, cas
       np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
       continue
     columns = batch * layer.input_size[0] * layer.input_size[1]  # a stage of under 32 columns stays float32
-    expected = bfloat16_s_reference(layer, x, x_in_bfloat16=impl.dictionary_in_bfloat16(layer) and columns >= 32)
-    # To float32 accuracy, except where the kernel's float32 S and the reference's (summed in another order)
-    # round to neighbouring bfloat16 values: rare (under 1% of the outputs), and then by at most one bfloat16
-    # step of a term.
+    expected, ambiguity = bfloat16_s_reference(layer, x, impl.dictionary_in_bfloat16(layer) and columns >= 32)
+    # To float32 accuracy, but for elements of S that the kernel's float32 sum (in another order) may round to
+    # the other neighbouring bfloat16 value: the reference bounds what those can change in each output.
     tight = 1e-4 * np.abs(expected).max()
-    largest_term = (np.abs(layer.float_values()).max(initial=0) *
-                    np.abs(x.astype(np.float64) @ layer.float_dictionary()).max())
     error = np.abs(got - expected)
-    assert got.shape == expected.shape and np.mean(error > tight) <= 1e-2, f"input {layout}, batch {batch}"
-    assert error.max() <= 2.0 ** -7 * largest_term + tight, f"input {layout}, batch {batch}"
+    assert got.shape == expected.shape and np.all(error <= tight + ambiguity), (
+        f"input {layout}, batch {batch}: {np.sum(error > tight + ambiguity)} outputs off by up to {error.max():.3g}")
     if layer.nnz and batch == 40:  # the rounding is there: float32 S gives other outputs almost everywhere
       assert np.mean(np.abs(exact - expected) > tight) > 0.5
 
