@@ -500,6 +500,10 @@ def test_benchmark_of_a_trained_run_reports_every_backend(tmp_path, monkeypatch,
   rows = [row for row in result["rows"] if row not in unfused]
   assert [row["backend"] for row in rows] == [*AVAILABLE, "auto", "auto int8"]
   assert [row["precision"] for row in rows] == ["float32"] * (len(AVAILABLE) + 1) + ["int8"]
+  int8_mix = result["auto_backends_by_precision"]["int8"]  # the int8 export tuned for itself
+  assert set(int8_mix) == set(result["auto_backends"]) and all(b in AVAILABLE or b.startswith("lookup:")
+                                                                for b in int8_mix.values())
+  assert "auto int8: " in bench.format_table(result)
   assert {(row["model"], row["preset"]) for row in result["rows"]} == {(run_config().model.name, "trained")}
   for row in result["rows"]:
     assert row["dense_ms"] > 0 and row["lcnn_ms"] > 0 and row["count_speedup"] > 0
