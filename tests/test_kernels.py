@@ -84,6 +84,14 @@ def test_struct_attributes_reach_the_kernel(rng):
                              atol=1e-4 * np.abs(expected).max())
   with pytest.raises(Exception, match="strides < 1"):
     jax.block_until_ready(kernels.lookup_conv(jnp.asarray(s), lookups, strides=(0, 1), **call))
+  # S in bfloat16 is made in the padded copy: a scratch of float32's size, or a layer that does not copy, is refused
+  with pytest.raises(Exception, match="half as many floats"):
+    jax.block_until_ready(kernels.lookup_conv(jnp.asarray(s), lookups, strides=layer.strides, s_bfloat16=True,
+                                              **{**call, "scratch_size": 2 * call["scratch_size"] + 2}))
+  with pytest.raises(Exception, match="neither pads nor strides"):
+    unpadded = dict(call, padding=(0, 0), scratch_size=0, output_size=(5, 4), out_shape=(layer.out_features, 5, 4,
+                                                                                         batch))
+    jax.block_until_ready(kernels.lookup_conv(jnp.asarray(s), lookups, strides=(1, 1), s_bfloat16=True, **unpadded))
 
 
 @pytest.mark.kernel
