@@ -210,17 +210,16 @@ ffi::Error LookupConvImpl(ffi::ThreadPool pool, ChwnF32 s, FlatS32 starts, ffi::
       return ffi::Error::InvalidArgument("lcnn_lookup_conv: scratch must hold the padded space-to-depth S (in "
                                          "bfloat16: half as many floats, rounded up)");
     }
-    if (s_bfloat16) {
-      BF16* copy = reinterpret_cast<BF16*>(scratch->typed_data());
+    auto run = [&](auto* copy) {  // the padded copy in S's precision, then the lookups over it
       SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, layer.pad_h, layer.pad_w, sh, sw, height, g.width,
                    copy);
-      return RunLookups(pool, g, static_cast<const BF16*>(copy), starts, indices, values, scale, bias, pooling,
-                        epilogue, tile, *out, out->typed_data());
-    }
-    SpaceToDepth(pool, source, in[0], in[1], in[2], g.batch, layer.pad_h, layer.pad_w, sh, sw, height, g.width,
-                 scratch->typed_data());
-    source = scratch->typed_data();
-  } else if (s_bfloat16) {
+      return RunLookups(pool, g, copy, starts, indices, values, scale, bias, pooling, epilogue, tile, *out,
+                        out->typed_data());
+    };
+    if (s_bfloat16) return run(reinterpret_cast<BF16*>(scratch->typed_data()));
+    return run(scratch->typed_data());
+  }
+  if (s_bfloat16) {
     return ffi::Error::InvalidArgument("lcnn_lookup_conv: S in bfloat16 is made while padding it; this layer "
                                        "neither pads nor strides");
   }
@@ -288,8 +287,8 @@ ffi::Error LookupConvFusedImpl(ffi::ThreadPool pool, ChwnF32 x, MatrixF32 dictio
   auto run = [&](auto* s) {
     DictionaryToDepth(pool, x.typed_data(), nhwc, dictionary.typed_data(), m, k, h, w, g.batch, layer.pad_h,
                       layer.pad_w, sh, sw, height, g.width, s);
-    return RunLookups(pool, g, static_cast<const std::remove_pointer_t<decltype(s)>*>(s), starts, indices, values,
-                      scale, bias, pooling, Epilogue{residual, relu}, tile, *out, out->typed_data());
+    return RunLookups(pool, g, s, starts, indices, values, scale, bias, pooling, Epilogue{residual, relu}, tile, *out,
+                      out->typed_data());
   };
   if (s_bfloat16) return run(reinterpret_cast<BF16*>(scratch->typed_data()));
   return run(scratch->typed_data());

@@ -152,9 +152,21 @@ inline float ToFloat(BF16 v) {
   return f;
 }
 
+// S, the dictionary responses the lookups read, is float32, or bfloat16 where a layer of a bfloat16 or int8
+// export asks for it (``lookup:s=bfloat16``): half the bytes to write, keep in cache and read, each element
+// widened to float32 in registers as it is loaded (the accumulation stays float32).
+inline vnative LoadS(const float* p) { return LoadNative(p); }
+inline vnative LoadS(const BF16* p) {
+  u16native bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  const unative wide = __builtin_convertvector(bits, unative) << 16;
+  vnative v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
 // 16 consecutive stored weights as float32 (portable: widened and shifted, or converted, in registers).
 inline v16 Load16(const float* p) { return Load(p); }
-inline vnative LoadS(const BF16* p);
 inline v16 Load16(const BF16* p) {
   v16 v;
   for (int i = 0; i < kParts; ++i) v.part[i] = LoadS(p + i * kLanes);
@@ -180,19 +192,6 @@ inline v16 Load16(const int8_t* p) {
     v.part[i] = __builtin_convertvector(__builtin_convertvector(bytes, i32native), vnative);
   }
 #endif
-  return v;
-}
-
-// S, the dictionary responses the lookups read, is float32, or bfloat16 where a layer of a bfloat16 or int8
-// export asks for it (``lookup:s=bfloat16``): half the bytes to write, keep in cache and read, each element
-// widened to float32 in registers as it is loaded (the accumulation stays float32).
-inline vnative LoadS(const float* p) { return LoadNative(p); }
-inline vnative LoadS(const BF16* p) {
-  u16native bits;
-  std::memcpy(&bits, p, sizeof(bits));
-  const unative wide = __builtin_convertvector(bits, unative) << 16;
-  vnative v;
-  std::memcpy(&v, &wide, sizeof(v));
   return v;
 }
 
