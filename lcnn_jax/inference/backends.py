@@ -318,8 +318,9 @@ class Lookup(Backend):
     """Whether the kernel computes ``layer``'s dictionary stage in bfloat16 dot products, at any size: where S is
     kept in bfloat16 (:meth:`s_bfloat16`), D is stored in bfloat16 or int8 (exact in bfloat16), and the CPU has
     AVX512-BF16 (:func:`~lcnn_jax.inference.kernels.kernel_bf16_dot`); a stage of under 32 columns (h·w·batch)
-    then stays float32. Elsewhere a large stage is XLA's float32 matmul (it measured 3–30% slower than the
-    kernel's bfloat16 stage on AlexNet-LCNN's conv2–conv5 at batch 32 on an AMD EPYC Zen 4)."""
+    then stays float32. Elsewhere a large stage is XLA's float32 matmul (on AlexNet-LCNN at batch 32 on an AMD
+    EPYC Zen 4, the kernel's bfloat16 stage measured 14–31% faster on the fast point's conv3–conv5 and tied on its
+    conv2; 2–20% faster on the accurate point's conv2–conv5)."""
     return (self.s_bfloat16(layer) and not self.fused(layer) and layer.dictionary.dtype != np.float32
             and kernels.kernel_bf16_dot())
 
