@@ -414,6 +414,68 @@ void AccumulateBlock(const S* s, const Lookups<Index, Value>& l, int64_t batch, 
   std::memcpy(acc, a[0], sizeof(a[0]));
 }
 
+#if defined(__AVX512F__)
+// The first n (< 16) elements at p, zero beyond them, read without touching a byte past them (a byte-masked
+// load where the CPU has AVX512-BW, element by element elsewhere).
+template <typename T>
+struct Tail16 {
+  alignas(64) T data[64 / sizeof(T)];
+};
+template <typename T>
+inline Tail16<T> LoadTail16(const T* p, int64_t n) {
+  Tail16<T> r;
+#if defined(__AVX512BW__)
+  const __mmask64 bytes = (1ull << (n * sizeof(T))) - 1;  // n * sizeof(T) <= 60
+  _mm512_store_si512(r.data, _mm512_maskz_loadu_epi8(bytes, p));
+#else
+  std::memset(static_cast<void*>(r.data), 0, sizeof(r.data));
+  std::memcpy(static_cast<void*>(r.data), p, n * sizeof(T));
+#endif
+  return r;
+}
+
+// The sixteen lane sums of the sparse dot product over the non-zeros [t, end) of float32 S (at indices[t] *
+// batch): two gathers of sixteen a step, then one of sixteen, then one masked gather for the last up to 15
+// (the values loaded zero-padded, the masked lanes gathering nothing), instead of a scalar loop whose
+// dependent additions cost as much as the gathers on the short runs of a chunk.
+template <typename Index, typename Value>
+__m512 SparseDotLanes(const float* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
+                      int32_t end) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
+  const bool one = batch == 1;  // positions are the indices themselves: no multiply (10 cycles on some CPUs)
+  auto positions = [&](__m512i index) { return one ? index : _mm512_mullo_epi32(index, scale); };
+  for (; t + 32 <= end; t += 32) {
+    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t).part[0]),
+                         _mm512_i32gather_ps(positions(LoadIndices16(indices + t)), s, 4), a0);
+    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t + 16).part[0]),
+                         _mm512_i32gather_ps(positions(LoadIndices16(indices + t + 16)), s, 4), a1);
+  }
+  if (t + 16 <= end) {
+    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t).part[0]),
+                         _mm512_i32gather_ps(positions(LoadIndices16(indices + t)), s, 4), a0);
+    t += 16;
+  }
+  if (t < end) {
+    const int64_t n = end - t;
+    const Tail16<Index> index = LoadTail16(indices + t, n);
+    const Tail16<Value> value = LoadTail16(values + t, n);
+    const __m512 gathered = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), static_cast<__mmask16>((1u << n) - 1),
+                                                     positions(LoadIndices16(index.data)), s, 4);
+    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(value.data).part[0]), gathered, a1);
+  }
+  return _mm512_add_ps(a0, a1);
+}
+
+inline float SumLanes(__m512 v) {
+  alignas(64) float lanes[16];  // summed here: GCC 12's _mm512_reduce_add_ps warns where it is inlined (105593)
+  _mm512_store_ps(lanes, v);
+  float sum = 0.f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+#endif
+
 // Fewer than 16 wide elements (a dense layer at a small batch): one sparse dot product per element, over the
 // non-zeros [t, end) (at indices[t] * batch of s). The vector gathers read float32 S; a bfloat16 S (no 16-bit
 // gathers) takes the scalar loop.
@@ -423,20 +485,7 @@ float SparseDotRange(const S* s, const Index* indices, const Value* values, int6
   float sum = 0.f;
   if constexpr (std::is_same_v<S, float>) {
 #if defined(__AVX512F__)
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  const __m512i scale = _mm512_set1_epi32(static_cast<int32_t>(batch));
-  const bool one = batch == 1;  // positions are the indices themselves: no multiply (10 cycles on some CPUs)
-  auto gather = [&](int32_t at) {
-    const __m512i index = LoadIndices16(indices + at);
-    return _mm512_i32gather_ps(one ? index : _mm512_mullo_epi32(index, scale), s, 4);
-  };
-  for (; t + 32 <= end; t += 32) {
-    a0 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t).part[0]), gather(t), a0);
-    a1 = _mm512_fmadd_ps(static_cast<__m512>(Load16(values + t + 16).part[0]), gather(t + 16), a1);
-  }
-  alignas(64) float lanes[16];  // summed here: GCC 12's _mm512_reduce_add_ps warns where it is inlined (105593)
-  _mm512_store_ps(lanes, _mm512_add_ps(a0, a1));
-  for (float lane : lanes) sum += lane;
+  return SumLanes(SparseDotLanes(s, indices, values, batch, t, end));
 #elif defined(__AVX2__)
   // Eight lanes a gather, the indices widened in registers (vpmovzx) and, at batch 1, used as they are. Widening
   // them through memory and multiplying every one by the batch made this loop 1.8x slower on an AMD EPYC (Zen 2)
@@ -636,7 +685,25 @@ void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<In
   ParallelFor(pool, items, cost, [g, s, l, chunks, out](int64_t begin, int64_t end) {
     const int64_t o0 = begin * kGroup, o1 = std::min(g.n, end * kGroup);
     std::vector<float> acc((o1 - o0) * g.wide, 0.f);
-    for (int64_t c = 0; c < chunks; ++c) {
+    int64_t scalar_chunks = chunks;  // chunks left to the float sums below
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<S, float>) {
+      // The lane sums carried from chunk to chunk, added across lanes once per output at the end.
+      std::vector<float> lanes((o1 - o0) * g.wide * 16, 0.f);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int32_t* starts = l.starts + c * g.n;
+        for (int64_t o = o0; o < o1; ++o)
+          for (int64_t q = 0; q < g.wide; ++q) {
+            float* sum = lanes.data() + ((o - o0) * g.wide + q) * 16;
+            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), SparseDotLanes(s + q, l.indices, l.values,
+                                                                                     g.batch, starts[o], starts[o + 1])));
+          }
+      }
+      for (int64_t i = 0; i < (o1 - o0) * g.wide; ++i) acc[i] = SumLanes(_mm512_loadu_ps(lanes.data() + i * 16));
+      scalar_chunks = 0;
+    }
+#endif
+    for (int64_t c = 0; c < scalar_chunks; ++c) {
       const int32_t* starts = l.starts + c * g.n;
       for (int64_t o = o0; o < o1; ++o) {
         float* sums = acc.data() + (o - o0) * g.wide;
@@ -778,10 +845,12 @@ void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, i
 
 // S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
 // layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
-// (m, h, w, batch). An item is one input row y (a phase pr and row of the output); it reads the row left to
-// right, every image at once, and writes each pixel's k responses to the column and phase pc that pixel lands
-// in, in the precision of `out` (float32 or bfloat16). M and K are the sizes when known at compile time (0: read
-// them at run time).
+// (m, h, w, batch). An item is one input row y (a phase pr and row of the output). For each column phase pc, the
+// row's pixels landing in that phase are first gathered, zero-padded, into `phased` (m, width, batch): then each
+// atom's output row, one contiguous run of width * batch values, is a sum of m vectors, stored in the precision
+// of `out` (float32 or bfloat16). Every batch size takes vectors this way, batch 1 included (pixel by pixel, a
+// batch-1 image took scalar sums and a division per pixel: 0.47 of conv1's 0.71 ms in the fast AlexNet-LCNN).
+// M and K are the sizes when known at compile time (0: read them at run time).
 template <int M, int K, typename S>
 void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
                     int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
@@ -790,48 +859,58 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
   // Element strides of x along images, rows, columns and channels.
   const int64_t xb = nhwc ? h * w * m : 1, xy = nhwc ? w * m : w * batch, xx = nhwc ? m : batch,
                 xm = nhwc ? 1 : h * w * batch;
-  const int64_t plane = height * width * batch;  // one atom of the output
+  const int64_t plane = height * width * batch;  // one atom and phase of the output
+  const int64_t run = width * batch;             // one output row of one atom and phase
   float d[kFusedDictionaryMacsMax];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
   // NHWC: the item's input row of every image is first copied, transposed, to `staged` (m, w, batch): one
-  // contiguous read per image, and then each channel of a pixel is a contiguous run over the images, which the
-  // sums below take as vectors (no gathers: they are slow on many CPUs, absent on others). CHWN input already
-  // has such runs.
+  // contiguous read per image, after which each channel of a pixel is a contiguous run over the images, as CHWN
+  // input has already.
   std::unique_ptr<float[]> staged(nhwc ? new float[m * w * batch] : nullptr);
+  std::unique_ptr<float[]> phased(new float[m * run]);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t pr = item / height, row = item % height;
     const int64_t y = row * sh + pr - ph;
-    if (nhwc && y >= 0 && y < h) {
+    S* first = out + pr * sw * plane + row * run;  // atom j, phase pc at first + (j * sh * sw + pc) * plane
+    if (y < 0 || y >= h) {
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t pc = 0; pc < sw; ++pc) ZeroS(first + (j * sh * sw + pc) * plane, run);
+      continue;
+    }
+    if (nhwc) {
       for (int64_t b = 0; b < batch; ++b) {
         const float* src = x + b * xb + y * xy;
         for (int64_t col = 0; col < w; ++col)
           for (int64_t c = 0; c < m; ++c) staged[(c * w + col) * batch + b] = src[col * m + c];
       }
     }
-    for (int64_t padded = 0; padded < width * sw; ++padded) {
-      const int64_t col = padded / sw, pc = padded % sw, xcol = padded - pw;
-      S* dst = out + (pr * sw + pc) * plane + (row * width + col) * batch;  // atom j at dst + j*sh*sw*plane
-      if (y < 0 || y >= h || xcol < 0 || xcol >= w) {
-        for (int64_t j = 0; j < k; ++j) ZeroS(dst + j * sh * sw * plane, batch);
-        continue;
-      }
-      const float* column[M ? M : kFusedDictionaryMacsMax];  // channel c of this pixel: batch values in a run
+    for (int64_t pc = 0; pc < sw; ++pc) {
       for (int64_t c = 0; c < m; ++c) {
-        column[c] = nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
+        float* dst = phased.get() + c * run;
+        for (int64_t col = 0; col < width; ++col) {
+          const int64_t xcol = col * sw + pc - pw;
+          if (xcol < 0 || xcol >= w) {
+            for (int64_t b = 0; b < batch; ++b) dst[col * batch + b] = 0.f;
+            continue;
+          }
+          const float* src = nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
+          if (batch == 1) dst[col] = *src;  // not a call to memcpy per pixel
+          else std::memcpy(dst + col * batch, src, sizeof(float) * batch);
+        }
       }
       for (int64_t j = 0; j < k; ++j) {
-        S* target = dst + j * sh * sw * plane;
-        int64_t b = 0;
-        for (; b + 16 <= batch; b += 16) {
+        S* target = first + (j * sh * sw + pc) * plane;
+        int64_t i = 0;
+        for (; i + 16 <= run; i += 16) {
           v16 sum = v16{};
-          for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(column[c] + b);
-          Store16(target + b, sum);
+          for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(phased.get() + c * run + i);
+          Store16(target + i, sum);
         }
-        for (; b < batch; ++b) {
+        for (; i < run; ++i) {
           float sum = 0.f;
-          for (int64_t c = 0; c < m; ++c) sum += column[c][b] * d[c * k + j];
-          if constexpr (std::is_same_v<S, float>) target[b] = sum;
-          else target[b] = FromFloat(sum);
+          for (int64_t c = 0; c < m; ++c) sum += phased[c * run + i] * d[c * k + j];
+          if constexpr (std::is_same_v<S, float>) target[i] = sum;
+          else target[i] = FromFloat(sum);
         }
       }
     }
