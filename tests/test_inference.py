@@ -12,7 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from lcnn_jax import bench, checkpoint, cli, flops, inference, models
-from lcnn_jax.inference import backends, flat_s, layouts, machine, passes, predict, tracing, tuning
+from lcnn_jax.inference import backends, flat_s, kernels, layouts, machine, passes, predict, tracing, tuning
 from lcnn_jax.inference import precision as precision_lib
 from lcnn_jax.inference import exporter as exporter_lib
 from lcnn_jax.inference import model as model_lib
@@ -423,6 +423,22 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   assert choice["a"] in timed and set(timings["a"]) == timed
   monkeypatch.setattr(tuning, "time_layer", lambda *args: pytest.fail("measured a cached layer"))
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)
+
+
+@pytest.mark.parametrize("changed", ["kernel build", "cpu"])
+def test_cached_timings_do_not_outlive_the_kernel_build_or_cpu_they_were_measured_with(changed, tmp_path,
+                                                                                       monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  inference.choose_backends({"a": layer}, 2, candidates=["dense"])
+  if changed == "kernel build":
+    monkeypatch.setattr(kernels, "build_id", lambda: "0123456789abcdef")
+  else:
+    monkeypatch.setattr(machine, "cpu_key", lambda: "Another CPU [000000000000] kernel native")
+  measured = []
+  monkeypatch.setattr(tuning, "time_layer", lambda *args, **kwargs: measured.append(args[1]) or 1.0)
+  assert inference.choose_backends({"a": layer}, 2, candidates=["dense"]) == ({"a": "dense"}, {"a": {"dense": 1.0}})
+  assert measured == ["dense"]
 
 
 def test_an_export_from_another_cpu_is_tuned_again_here_once_with_equal_logits(tmp_path, monkeypatch, rng):

@@ -172,6 +172,13 @@ def _load_once() -> tuple[str, KernelUnavailable | None]:
     return "", e
 
 
+def build_id() -> str:
+  """The kernel build this process uses: its cache key, which covers the source, compiler, flags and CPU ("" where
+  no kernel loads). A timing measured with one build does not stand for another."""
+  library, _ = _load_once()
+  return os.path.basename(os.path.dirname(library)) if library else ""
+
+
 def ensure_kernel() -> str:
   """Builds (once per machine) and registers the kernel; returns the library's path.
 

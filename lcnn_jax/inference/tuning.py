@@ -93,7 +93,10 @@ TIMING_METHOD = "output-layout-auto"
 
 
 def _cache_key(layer: LookupLayer, backend: str, batch_size: int) -> str:
-  parts = [TIMING_METHOD, device_name(), f"jax{jax.__version__}", backend, f"batch{batch_size}",
+  # The CPU and the kernel build: a cache directory shared between machines, or kept across an update of the
+  # kernel, must not hand one build's or one CPU's timings to another.
+  parts = [TIMING_METHOD, device_name(), machine.cpu_key(), f"kernel build {kernels.build_id() or 'none'}",
+           f"jax{jax.__version__}", backend, f"batch{batch_size}",
            f"m{layer.in_features}k{layer.dictionary_size}n{layer.out_features}",
            f"kernel{layer.kernel_size}strides{layer.strides}padding{layer.padding}input{layer.input_size}",
            f"nnz{layer.nnz}", f"dictionary {layer.dictionary.dtype}", f"values {layer.values.dtype}"]
