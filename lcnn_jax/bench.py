@@ -246,15 +246,9 @@ def time_models(models_by_name: dict[str, Any], images: jax.Array, seconds: floa
     warm[name] = time.perf_counter() - begin
   fastest = min(warm.values())
   slow = {name: t * 1e3 for name, t in warm.items() if t > tuning.GIVE_UP * fastest}
-  times = {name: [] for name in calls if name not in slow}
-  start = time.perf_counter()
-  while min(len(t) for t in times.values()) < 3 or (time.perf_counter() - start < seconds
-                                                    and min(len(t) for t in times.values()) < 50):
-    for name in times:
-      begin = time.perf_counter()
-      calls[name]()
-      times[name].append(time.perf_counter() - begin)
-  return {**{name: float(np.median(t) * 1e3) for name, t in times.items()}, **slow}
+  timed = tuning.interleaved_ms({name: call for name, call in calls.items() if name not in slow}, warmup=0,
+                                min_seconds=seconds, min_rounds=3, max_rounds=50)
+  return {**timed, **slow}
 
 
 def l2_lookup_rate_gbs() -> float | None:
