@@ -845,12 +845,14 @@ void SpaceToDepth(Pool& pool, const float* s, int64_t k, int64_t h, int64_t w, i
 
 // S = x ⊛ D computed while filling the padded space-to-depth buffer, for a small dictionary (m * k of a first
 // layer): one pass over x instead of a matmul, a transpose and a copy. x is (batch, h, w, m) when nhwc, else
-// (m, h, w, batch). An item is one input row y (a phase pr and row of the output). For each column phase pc, the
-// row's pixels landing in that phase are first gathered, zero-padded, into `phased` (m, width, batch): then each
-// atom's output row, one contiguous run of width * batch values, is a sum of m vectors, stored in the precision
-// of `out` (float32 or bfloat16). Every batch size takes vectors this way, batch 1 included (pixel by pixel, a
-// batch-1 image took scalar sums and a division per pixel: 0.47 of conv1's 0.71 ms in the fast AlexNet-LCNN).
-// M and K are the sizes when known at compile time (0: read them at run time).
+// (m, h, w, batch). An item is one input row y (a phase pr and row of the output). Each pixel's channels are runs
+// over the images, summed as vectors where they lie, pixel by pixel; at batch 1, where a run is one value, the
+// item is taken one column phase pc at a time: the row's pixels in the phase are first gathered, zero-padded,
+// into `phased` (m, width), and each atom's output row in the phase is summed as vectors from there. With scalar
+// sums at batch 1 and a division per pixel, this took 0.47 of conv1's 0.71 ms in the fast AlexNet-LCNN at batch
+// 1; one thread on an RGB 224x224 first layer at stride 4: batch 1 0.58 -> 0.15 ms, batches 2-32 4-6% faster.
+// Stored in the precision of `out` (float32 or bfloat16). M and K are the sizes when known at compile time (0:
+// read them at run time).
 template <int M, int K, typename S>
 void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t m_runtime, int64_t k_runtime,
                     int64_t h, int64_t w, int64_t batch, int64_t ph, int64_t pw, int64_t sh, int64_t sw,
@@ -861,13 +863,30 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
                 xm = nhwc ? 1 : h * w * batch;
   const int64_t plane = height * width * batch;  // one atom and phase of the output
   const int64_t run = width * batch;             // one output row of one atom and phase
+  const bool direct = batch > 1;
   float d[kFusedDictionaryMacsMax];
   for (int64_t i = 0; i < m * k; ++i) d[i] = dictionary[i];
+  // target[i] = sum_c d[c, j] * src[c][i] for i < count, as vectors.
+  auto combine = [&](const float* const* src, int64_t j, int64_t count, S* target) {
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+      v16 sum = v16{};
+      for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(src[c] + i);
+      Store16(target + i, sum);
+    }
+    for (; i < count; ++i) {
+      float sum = 0.f;
+      for (int64_t c = 0; c < m; ++c) sum += src[c][i] * d[c * k + j];
+      if constexpr (std::is_same_v<S, float>) target[i] = sum;
+      else target[i] = FromFloat(sum);
+    }
+  };
   // NHWC: the item's input row of every image is first copied, transposed, to `staged` (m, w, batch): one
   // contiguous read per image, after which each channel of a pixel is a contiguous run over the images, as CHWN
   // input has already.
   std::unique_ptr<float[]> staged(nhwc ? new float[m * w * batch] : nullptr);
-  std::unique_ptr<float[]> phased(new float[m * run]);
+  std::unique_ptr<float[]> phased(direct ? nullptr : new float[m * width]);
+  const float* src[M ? M : kFusedDictionaryMacsMax] = {};
   for (int64_t item = begin; item < end; ++item) {
     const int64_t pr = item / height, row = item % height;
     const int64_t y = row * sh + pr - ph;
@@ -879,40 +898,38 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
     }
     if (nhwc) {
       for (int64_t b = 0; b < batch; ++b) {
-        const float* src = x + b * xb + y * xy;
+        const float* image = x + b * xb + y * xy;
         for (int64_t col = 0; col < w; ++col)
-          for (int64_t c = 0; c < m; ++c) staged[(c * w + col) * batch + b] = src[col * m + c];
+          for (int64_t c = 0; c < m; ++c) staged[(c * w + col) * batch + b] = image[col * m + c];
       }
+    }
+    auto pixel = [&](int64_t c, int64_t xcol) {  // channel c of column xcol: batch values in a run
+      return nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
+    };
+    if (direct) {  // pixel by pixel, left to right: the row's runs are read in order
+      for (int64_t col = 0; col < width; ++col)
+        for (int64_t pc = 0; pc < sw; ++pc) {
+          const int64_t xcol = col * sw + pc - pw;
+          const bool inside = xcol >= 0 && xcol < w;
+          for (int64_t c = 0; c < m && inside; ++c) src[c] = pixel(c, xcol);
+          for (int64_t j = 0; j < k; ++j) {
+            S* target = first + (j * sh * sw + pc) * plane + col * batch;
+            if (inside) combine(src, j, batch, target);
+            else ZeroS(target, batch);
+          }
+        }
+      continue;
     }
     for (int64_t pc = 0; pc < sw; ++pc) {
       for (int64_t c = 0; c < m; ++c) {
-        float* dst = phased.get() + c * run;
+        float* dst = phased.get() + c * width;
         for (int64_t col = 0; col < width; ++col) {
           const int64_t xcol = col * sw + pc - pw;
-          if (xcol < 0 || xcol >= w) {
-            for (int64_t b = 0; b < batch; ++b) dst[col * batch + b] = 0.f;
-            continue;
-          }
-          const float* src = nhwc ? &staged[(c * w + xcol) * batch] : x + c * xm + y * xy + xcol * xx;
-          if (batch == 1) dst[col] = *src;  // not a call to memcpy per pixel
-          else std::memcpy(dst + col * batch, src, sizeof(float) * batch);
+          dst[col] = xcol >= 0 && xcol < w ? *pixel(c, xcol) : 0.f;
         }
+        src[c] = dst;
       }
-      for (int64_t j = 0; j < k; ++j) {
-        S* target = first + (j * sh * sw + pc) * plane;
-        int64_t i = 0;
-        for (; i + 16 <= run; i += 16) {
-          v16 sum = v16{};
-          for (int64_t c = 0; c < m; ++c) sum += d[c * k + j] * Load(phased.get() + c * run + i);
-          Store16(target + i, sum);
-        }
-        for (; i < run; ++i) {
-          float sum = 0.f;
-          for (int64_t c = 0; c < m; ++c) sum += phased[c * run + i] * d[c * k + j];
-          if constexpr (std::is_same_v<S, float>) target[i] = sum;
-          else target[i] = FromFloat(sum);
-        }
-      }
+      for (int64_t j = 0; j < k; ++j) combine(src, j, run, first + (j * sh * sw + pc) * plane);
     }
   }
 }
