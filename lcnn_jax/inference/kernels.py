@@ -92,13 +92,18 @@ def cache_dir() -> str:
   return os.environ.get("LCNN_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lcnn_jax")
 
 
+_SIGNATURE_FIELDS = ("model name", "flags",  # x86
+                     "CPU implementer", "CPU architecture", "CPU variant", "CPU part", "Features")  # Arm
+"""The /proc/cpuinfo fields that tell one CPU's native build from another's."""
+
+
 def _cpu_signature() -> str:
   try:
     with open("/proc/cpuinfo") as f:
-      lines = [line for line in f if line.startswith(("model name", "flags"))]
-    return "".join(sorted(set(lines)))
+      lines = [line for line in f if line.startswith(_SIGNATURE_FIELDS)]
   except OSError:
-    return platform.processor() or platform.machine()
+    lines = []
+  return "".join(sorted(set(lines))) or platform.processor() or platform.machine()
 
 
 def _compiler() -> tuple[str, str]:

@@ -633,6 +633,8 @@ void ParallelFor(Pool& pool, int64_t total, int64_t cost, Work work) {
     if (spins < 4096) {
 #if defined(__x86_64__)
       __builtin_ia32_pause();
+#elif defined(__aarch64__)
+      __asm__ __volatile__("yield");
 #endif
     } else {
       std::this_thread::yield();

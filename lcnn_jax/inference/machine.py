@@ -111,13 +111,33 @@ def _cpuinfo() -> dict[str, str]:
   return fields
 
 
+_ARM_IMPLEMENTERS = {0x41: "Arm", 0x48: "HiSilicon", 0x51: "Qualcomm", 0x61: "Apple", 0xc0: "Ampere",
+                     0x46: "Fujitsu", 0x4e: "NVIDIA"}
+_ARM_PARTS = {(0x41, 0xd0c): "Neoverse-N1", (0x41, 0xd40): "Neoverse-V1", (0x41, 0xd49): "Neoverse-N2",
+              (0x41, 0xd4f): "Neoverse-V2", (0x41, 0xd8e): "Neoverse-N3", (0x41, 0xd84): "Neoverse-V3",
+              (0x41, 0xd08): "Cortex-A72", (0x41, 0xd0b): "Cortex-A76", (0x41, 0xd41): "Cortex-A78",
+              (0x41, 0xd03): "Cortex-A53", (0x41, 0xd05): "Cortex-A55", (0xc0, 0xac3): "AmpereOne"}
+"""Names of common Arm cores by /proc/cpuinfo's (CPU implementer, CPU part); Linux on Arm gives no model name."""
+
+
+def _arm_model(info: dict[str, str]) -> str:
+  """An Arm core's name from its implementer and part numbers ('' where cpuinfo has neither)."""
+  try:
+    implementer, part = int(info["CPU implementer"], 16), int(info["CPU part"], 16)
+  except (KeyError, ValueError):
+    return ""
+  name = _ARM_PARTS.get((implementer, part))
+  vendor = _ARM_IMPLEMENTERS.get(implementer, f"implementer {implementer:#x}")
+  return f"{vendor} {name}" if name else f"{vendor} part {part:#x}"
+
+
 def cpu_model() -> str:
-  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) Platinum 8480C', ...)."""
+  """The CPU's model name ('AMD EPYC', 'Intel(R) Xeon(R) Platinum 8480C', 'Arm Neoverse-V2', ...)."""
   info = _cpuinfo()
   for key in ("model name", "Model", "cpu model", "Hardware"):
     if info.get(key):
       return info[key]
-  return platform.processor() or platform.machine()
+  return _arm_model(info) or platform.processor() or platform.machine()
 
 
 def cores() -> int:
