@@ -425,6 +425,8 @@ int main(int argc, char** argv) {
     CheckMaxPool(pool, 3, 12, 11, batch, 3, 2, 1, true);
     CheckMaxPool(pool, 2, 8, 8, batch, 2, 2, 0, false);
   }
+  CheckMaxPool(pool, 96, 55, 55, 1, 3, 2, 0, true);   // AlexNet's first pooling at batch 1: one thread
+  CheckMaxPool(pool, 300, 61, 61, 1, 3, 2, 1, false);  // enough work for the pool's threads
   std::printf("%d of %d checks failed\n", failures, checks);
   return failures ? 1 : 0;
 }
