@@ -102,16 +102,12 @@ def test_arm_cores_are_named_from_their_part_numbers(monkeypatch):
   assert machine.cpu_model() == "AMD EPYC"
 
 
-def test_native_builds_of_two_arm_cpus_are_cached_apart(monkeypatch, tmp_path):
+def test_native_builds_of_two_arm_cpus_are_cached_apart(tmp_path):
   # -march=native differs between Arm cores too: their cpuinfo (no model name, no flags) must still key the build.
   signatures = []
   for part in ("0xd0c", "0xd4f"):
     cpuinfo = tmp_path / f"cpuinfo_{part}"
     cpuinfo.write_text(f"processor\t: 0\nBogoMIPS\t: 50.00\nFeatures\t: fp asimd\nCPU implementer\t: 0x41\n"
                        f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\n\n")
-    real_open = open
-    monkeypatch.setattr("builtins.open", lambda path, *a, _c=str(cpuinfo), **k: real_open(
-        _c if path == "/proc/cpuinfo" else path, *a, **k))
-    signatures.append(kernels._cpu_signature())
-    monkeypatch.setattr("builtins.open", real_open)
+    signatures.append(kernels._cpu_signature(str(cpuinfo)))
   assert signatures[0] != signatures[1] and all("CPU part" in s for s in signatures)

@@ -97,9 +97,9 @@ _SIGNATURE_FIELDS = ("model name", "flags",  # x86
 """The /proc/cpuinfo fields that tell one CPU's native build from another's."""
 
 
-def _cpu_signature() -> str:
+def _cpu_signature(cpuinfo: str = "/proc/cpuinfo") -> str:
   try:
-    with open("/proc/cpuinfo") as f:
+    with open(cpuinfo) as f:
       lines = [line for line in f if line.startswith(_SIGNATURE_FIELDS)]
   except OSError:
     lines = []
