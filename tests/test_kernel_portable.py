@@ -5,6 +5,7 @@ qemu-user``). Each run draws a fresh seed and names it on failure. (The x86 buil
 Python kernel tests in tests/test_kernel_arch.py.)"""
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -54,7 +55,8 @@ def _compiler():
 def test_the_kernel_header_matches_float64_on_this_machine(tmp_path):
   # The harness against the build the Python tests check too (-march=native): a wrong harness fails here.
   binary = tmp_path / "kernel_check"
-  _compile(_compiler(), [f"-march={kernels.march()}"], binary)
+  compiler = _compiler()
+  _compile(compiler, list(kernels.target_flags(compiler)), binary)
   _run([str(binary)], _fresh_seed())
 
 
@@ -111,3 +113,21 @@ def test_native_builds_of_two_arm_cpus_are_cached_apart(tmp_path):
                        f"CPU architecture: 8\nCPU variant\t: 0x1\nCPU part\t: {part}\n\n")
     signatures.append(kernels._cpu_signature(str(cpuinfo)))
   assert signatures[0] != signatures[1] and all("CPU part" in s for s in signatures)
+
+
+def test_a_compiler_that_refuses_march_native_gets_mcpu_or_its_default(monkeypatch, tmp_path):
+  # Clang before 15 on Arm (Apple's on Apple silicon among them) refuses -march=native but takes -mcpu=native.
+  monkeypatch.delenv(kernels.ARCH_VARIABLE, raising=False)
+  for refused, expected in [("-march=native", ("-mcpu=native",)), ("-march=native|-mcpu=native", ())]:
+    compiler = tmp_path / f"fake_cxx_{len(expected)}"
+    compiler.write_text("#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in " + refused +
+                        ") echo \"clang: error: the clang compiler does not support '$a'\" >&2; exit 1;; esac; "
+                        "done\nexit 0\n")
+    compiler.chmod(0o755)
+    assert kernels.target_flags(str(compiler)) == expected
+    assert kernels.flags(str(compiler)) == (*kernels.BASE_FLAGS, *expected)
+  cxx = shutil.which(os.environ.get("CXX", "c++"))
+  if cxx is not None and platform.machine() in ("x86_64", "AMD64"):
+    assert kernels.target_flags(cxx) == ("-march=native",)  # every x86 GCC and Clang takes it
+  monkeypatch.setenv(kernels.ARCH_VARIABLE, "x86-64-v3")
+  assert kernels.target_flags(str(compiler)) == ("-march=x86-64-v3",)  # a target asked for is never replaced

@@ -57,9 +57,35 @@ def march() -> str:
   return value
 
 
-def flags() -> tuple[str, ...]:
-  """The compiler flags of the build: :data:`BASE_FLAGS` and ``-march=`` :func:`march`."""
-  return (*BASE_FLAGS, f"-march={march()}")
+NATIVE_TARGETS = (("-march=native",), ("-mcpu=native",), ())
+"""How a default build asks for this CPU, first the compiler accepts: ``-march=native``, else ``-mcpu=native``
+(Clang before 15 on Arm, Apple's Clang on Apple silicon among them, refuses ``-march=native`` and takes
+``-mcpu``), else the compiler's own default target (baseline AArch64 with NEON, x86-64 with SSE2)."""
+
+
+@functools.cache
+def _accepts(compiler: str, flag: tuple[str, ...]) -> bool:
+  """Whether ``compiler`` takes ``flag`` (a C++17 translation unit of one line, checked for syntax only)."""
+  try:
+    result = subprocess.run([compiler, "-x", "c++", "-std=c++17", *flag, "-fsyntax-only", "-"], input="int x;\n",
+                            capture_output=True, text=True, check=False, timeout=60)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  return result.returncode == 0
+
+
+def target_flags(compiler: str | None = None) -> tuple[str, ...]:
+  """The flags that choose the build's target: ``-march=$LCNN_JAX_KERNEL_ARCH`` where it is set; for the default
+  ``native``, the first of :data:`NATIVE_TARGETS` that ``compiler`` (default: :func:`_compiler`'s) accepts."""
+  if march() != "native":
+    return (f"-march={march()}",)
+  compiler = compiler or _compiler()[0]
+  return next((flag for flag in NATIVE_TARGETS if _accepts(compiler, flag)), ())
+
+
+def flags(compiler: str | None = None) -> tuple[str, ...]:
+  """The compiler flags of the build: :data:`BASE_FLAGS` and :func:`target_flags`."""
+  return (*BASE_FLAGS, *target_flags(compiler))
 BUILD_LOG = "build.log"
 """The compiler's messages, kept beside the library."""
 
@@ -121,7 +147,7 @@ def _build(compiler: str, library: str) -> None:
   os.makedirs(os.path.dirname(library), exist_ok=True)
   fd, partial = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(library))
   os.close(fd)
-  command = [compiler, *flags(), "-isystem", jax.ffi.include_dir(), SOURCE, "-o", partial]
+  command = [compiler, *flags(compiler), "-isystem", jax.ffi.include_dir(), SOURCE, "-o", partial]
   logging.info("Building the LCNN lookup kernel: %s", " ".join(command))
   result = subprocess.run(command, capture_output=True, text=True, check=False)
   if result.returncode != 0:
@@ -147,7 +173,7 @@ def _load() -> str:
   for path in SOURCES:
     with open(path, "rb") as f:
       sources.append(f.read())
-  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(flags()).encode(), b"-isystem",
+  key = hashlib.sha256(b"\0".join([*sources, version.encode(), " ".join(flags(compiler)).encode(), b"-isystem",
                                    jax.ffi.include_dir().encode(), jax.__version__.encode(),
                                    _cpu_signature().encode()])).hexdigest()[:16]
   library = os.path.join(cache_dir(), "kernels", key, "liblcnn_lookup.so")
