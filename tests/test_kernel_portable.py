@@ -131,3 +131,11 @@ def test_a_compiler_that_refuses_march_native_gets_mcpu_or_its_default(monkeypat
     assert kernels.target_flags(cxx) == ("-march=native",)  # every x86 GCC and Clang takes it
   monkeypatch.setenv(kernels.ARCH_VARIABLE, "x86-64-v3")
   assert kernels.target_flags(str(compiler)) == ("-march=x86-64-v3",)  # a target asked for is never replaced
+  monkeypatch.delenv(kernels.ARCH_VARIABLE)
+  # machine.describe names what the build used
+  monkeypatch.setattr(kernels, "target_flags", lambda compiler=None: ("-mcpu=native",))
+  machine.describe.cache_clear()
+  try:
+    assert machine.describe().march == "native, built with -mcpu=native"
+  finally:
+    machine.describe.cache_clear()

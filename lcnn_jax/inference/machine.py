@@ -24,7 +24,7 @@ _SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 class Machine:
   """What a measurement depends on: ``cpu`` (the model name), ``kernel_arch`` (the ISA the lookup kernel was
   built for: avx512, avx2, sse2, neon, scalar; or why it is unavailable), ``march`` (the ``-march`` it was built
-  with), the per-core L1 data and L2 and the shared L3 in bytes (None: unknown) and ``cores`` (usable here)."""
+  with; "native, built with -mcpu=native" where the compiler refused -march=native), the per-core L1 data and L2 and the shared L3 in bytes (None: unknown) and ``cores`` (usable here)."""
   cpu: str
   kernel_arch: str
   march: str
@@ -154,7 +154,10 @@ def describe() -> Machine:
   l1, l2, l3 = cache_sizes()
   try:
     march = kernels.march()
-  except kernels.KernelUnavailable:  # a malformed LCNN_JAX_KERNEL_ARCH: kernel_arch says why
+    if march == "native" and (used := kernels.target_flags()) != ("-march=native",):
+      # a compiler refusing -march=native (kernels.NATIVE_TARGETS)
+      march = f"native, built with {' '.join(used)}" if used else "native, built for the compiler's default target"
+  except kernels.KernelUnavailable:  # a malformed LCNN_JAX_KERNEL_ARCH, or no compiler: kernel_arch says why
     march = os.environ.get(kernels.ARCH_VARIABLE, "")
   return Machine(cpu=cpu_model(), kernel_arch=kernels.kernel_arch(), march=march, l1_bytes=l1,
                  l2_bytes=l2, l3_bytes=l3, cores=cores())
