@@ -24,7 +24,8 @@ _SYSFS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 class Machine:
   """What a measurement depends on: ``cpu`` (the model name), ``kernel_arch`` (the ISA the lookup kernel was
   built for: avx512, avx2, sse2, neon, scalar; or why it is unavailable), ``march`` (the ``-march`` it was built
-  with; "native, built with -mcpu=native" where the compiler refused -march=native), the per-core L1 data and L2 and the shared L3 in bytes (None: unknown) and ``cores`` (usable here)."""
+  with; "native, built with -mcpu=native" where the compiler refused -march=native), the per-core L1 data and
+  L2 and the shared L3 in bytes (None: unknown) and ``cores`` (usable here)."""
   cpu: str
   kernel_arch: str
   march: str
