@@ -4,12 +4,14 @@ This module is the only one that talks to the FFI: :func:`lookup_conv`, :func:`l
 :func:`lookup_conv_fused`, :func:`max_pool` and :func:`dense_rows` each bind one handler, and :data:`LIMITS`
 holds the kernel's limits as ``lookup_kernel.h`` defines them.
 
-The kernel is compiled for the machine it runs on (``-march=native``; ``LCNN_JAX_KERNEL_ARCH`` names another
-target: ``x86-64-v3`` for AVX2 without AVX-512, ``x86-64`` for no SIMD beyond SSE2, ``armv8-a`` ...) into
-``$LCNN_JAX_CACHE/kernels/<hash>/`` (default ``~/.cache/lcnn_jax``), where the hash covers the source, the
-compiler, the flags, the jaxlib headers and the CPU, so a changed source, another target or another machine
-builds its own copy. :func:`kernel_arch` names the vector ISA the build uses. Building needs a C++17 compiler (``$CXX``, else ``c++``); without one :func:`ensure_kernel` raises
-:class:`KernelUnavailable` and the ``lookup`` backend reports itself unavailable, leaving the XLA backends.
+The kernel is compiled for the machine it runs on (``-march=native``, or ``-mcpu=native`` from a compiler that
+refuses it: :func:`target_flags`; ``LCNN_JAX_KERNEL_ARCH`` names another target: ``x86-64-v3`` for AVX2 without
+AVX-512, ``x86-64`` for no SIMD beyond SSE2, ``armv8-a`` ...) into ``$LCNN_JAX_CACHE/kernels/<hash>/`` (default
+``~/.cache/lcnn_jax``), where the hash covers the source, the compiler, the flags, the jaxlib headers and the
+CPU, so a changed source, another target or another machine builds its own copy. :func:`kernel_arch` names the
+vector ISA the build uses. Building needs a C++17 compiler (``$CXX``, else ``c++``); without one
+:func:`ensure_kernel` raises :class:`KernelUnavailable` and the ``lookup`` backend reports itself unavailable,
+leaving the XLA backends.
 """
 
 from __future__ import annotations

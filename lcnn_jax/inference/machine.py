@@ -192,7 +192,8 @@ def _emulated_cache_bytes(variable: str, example: int) -> int | None:
 
 def tile_budget_bytes() -> int:
   """The bytes of S one lookup tile may hold: half of this core's L2 (the rest for the outputs and the lookups),
-  divided among the threads of ours that share it (:func:`l2_sharers`), overridable with ``LCNN_JAX_L2_BYTES`` to emulate a smaller cache."""
+  divided among the threads of ours that share it (:func:`l2_sharers`), overridable with ``LCNN_JAX_L2_BYTES``
+  to emulate a smaller cache."""
   override = _emulated_cache_bytes("LCNN_JAX_L2_BYTES", 1048576)
   if override is not None:
     return max(4096, override // 2)
