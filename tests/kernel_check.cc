@@ -4,10 +4,12 @@
 // checked on fresh random inputs over the shapes that pick each of its code paths (block widths, tails, tiles,
 // chunks, strides, batch 1 and batch > 1; float32, bfloat16 and int8 weights; float32 and bfloat16 S).
 //
-//   g++ -std=c++17 -O2 -march=<target> -pthread tests/kernel_check.cc -o kernel_check && ./kernel_check [seed]
+//   g++ -std=c++17 -O3 -march=<target> -pthread tests/kernel_check.cc -o kernel_check && ./kernel_check [seed]
 //
 // Prints one line per check and a summary; exits 1 if any value is off by more than its tolerance.
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -74,7 +76,7 @@ void Check(const std::string& name, const std::vector<float>& got, const std::ve
   }
 }
 
-// Stored weights of each type: the values as stored, and as the kernel reads them (float64).
+// Stored weights (or S) of each type: the values as stored, and as the kernel reads them (float64).
 template <typename Value>
 struct Weights {
   std::vector<Value> stored;
@@ -101,19 +103,6 @@ const char* TypeName() {
   else if constexpr (std::is_same_v<T, uint8_t>) return "uint8";
   else if constexpr (std::is_same_v<T, uint16_t>) return "uint16";
   else return "int32";
-}
-
-// S in the kernel's precision, and the values it holds (float64).
-template <typename S>
-std::pair<std::vector<S>, std::vector<double>> RandomS(size_t n) {
-  std::vector<S> s(n);
-  std::vector<double> exact(n);
-  for (size_t i = 0; i < n; ++i) {
-    if constexpr (std::is_same_v<S, float>) s[i] = Uniform();
-    else s[i] = lcnn::FromFloat(Uniform());
-    exact[i] = lcnn::ToFloat(s[i]);
-  }
-  return {s, exact};
 }
 
 // Sparse lookups of n outputs over `positions` indices of S: 0 to `most` distinct, sorted indices each.
@@ -153,7 +142,7 @@ template <typename S, typename Index, typename Value>
 void CheckConv(ThreadPool& pool, int64_t k, int64_t H, int64_t W, int64_t R, int64_t C, int64_t batch, int64_t n,
                int64_t tile_bytes, bool epilogue) {
   const int64_t oh = H - R + 1, ow = W - C + 1;
-  auto [s, s_exact] = RandomS<S>(k * H * W * batch);
+  auto [s, s_exact] = RandomWeights<S>(k * H * W * batch);  // S in the kernel's precision
   // Non-zeros as (atom, r, c) of the window: index = (atom * H + r) * W + c.
   auto l = RandomLookups<Index, Value>(n, k * R * C, 24);
   for (Index& i : l.indices) {
@@ -213,7 +202,7 @@ void CheckConv(ThreadPool& pool, int64_t k, int64_t H, int64_t W, int64_t R, int
 // A one-pixel layer (dense): S (positions, batch), its lookups stored output by output and chunk by chunk.
 template <typename Index, typename Value>
 void CheckDense(ThreadPool& pool, int64_t positions, int64_t batch, int64_t n, int64_t most, int64_t chunk) {
-  auto [s, s_exact] = RandomS<float>(positions * batch);
+  auto [s, s_exact] = RandomWeights<float>(positions * batch);
   auto l = RandomLookups<Index, Value>(n, positions, most);
   lcnn::Geometry g{batch, 1, n, 1, 1, batch, positions, 1};
   std::vector<double> want(n * batch);
