@@ -395,7 +395,7 @@ int main(int argc, char** argv) {
     CheckDense<int32_t, int8_t>(pool, 70000, batch, 33, 900, 4096);  // indices past 16 bits
     CheckDense<uint16_t, lcnn::BF16>(pool, 1000, batch, 40, 17, 256);  // short rows: masked tails
   }
-  for (int64_t batch : {1, 2, 7}) {
+  for (int64_t batch : {1, 2, 7, 16, 33}) {  // 16 and 33: NHWC input staged through tiles of 16 images
     CheckToDepth<float>(pool, 3, 3, 23, 21, batch, 2, 1, 4, 4);  // an RGB first layer, stride 4
     CheckToDepth<float>(pool, 1, 3, 11, 9, batch, 0, 0, 1, 1);
     CheckToDepth<float>(pool, 2, 5, 10, 12, batch, 1, 2, 2, 3);  // a dictionary of run-time size

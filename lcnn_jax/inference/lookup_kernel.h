@@ -898,7 +898,39 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         for (int64_t pc = 0; pc < sw; ++pc) ZeroS(first + (j * sh * sw + pc) * plane, run);
       continue;
     }
-    if (nhwc) {
+    if (nhwc && batch >= 16) {
+      // 16 images x 16 values of the row (pixel-major, channels interleaved) at a time through a tile in L1:
+      // each image's row read in order, and each value's run over the images written whole. Written value by
+      // value over the whole row instead, every store lands on another line of `staged` (beyond L1 at batch 32).
+      // The next item's input rows are prefetched as this one's are read, line for line: each is a short run
+      // (w * m values) in each of the batch's images, too short for the hardware prefetchers to follow. Both
+      // together: the stage 18% faster at batch 32, 14% at batch 16 (one process timing old and new alternately;
+      // RGB 224x224 at stride 4, AMD EPYC Zen 4, both with AVX-512 and built for AVX2 only). At small batches a
+      // tile holds too few images to pay: they are staged value by value below.
+      const int64_t next_y = ((item + 1) % height) * sh + (item + 1) / height - ph;
+      const bool prefetch = item + 1 < end && next_y >= 0 && next_y < h;
+      const float* row = x + y * xy;
+      const float* next = x + next_y * xy;
+      const int64_t values = w * m;
+      alignas(64) float tile[16][16];
+      for (int64_t b0 = 0; b0 < batch; b0 += 16) {
+        const int64_t nb = std::min<int64_t>(16, batch - b0);
+        for (int64_t j0 = 0; j0 < values; j0 += 16) {
+          const int64_t nj = std::min<int64_t>(16, values - j0);
+          for (int64_t b = 0; b < nb; ++b) {
+            const float* from = row + (b0 + b) * xb + j0;
+            if (nj == 16) Store16(tile[b], Load(from));
+            else for (int64_t j = 0; j < nj; ++j) tile[b][j] = from[j];
+            if (prefetch) __builtin_prefetch(next + (b0 + b) * xb + j0);
+          }
+          for (int64_t j = 0; j < nj; ++j) {
+            const int64_t col = (j0 + j) / m, c = (j0 + j) - col * m;
+            float* dst = &staged[(c * w + col) * batch + b0];
+            for (int64_t b = 0; b < nb; ++b) dst[b] = tile[b][j];
+          }
+        }
+      }
+    } else if (nhwc) {
       for (int64_t b = 0; b < batch; ++b) {
         const float* image = x + b * xb + y * xy;
         for (int64_t col = 0; col < w; ++col)
