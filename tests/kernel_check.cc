@@ -390,7 +390,7 @@ int main(int argc, char** argv) {
     }
   }
   CheckConv<float, uint8_t, float>(pool, 2, 6, 6, 3, 3, 2, 9, 0, false);  // indices below 256
-  for (int64_t batch : {1, 2, 17, 32}) {
+  for (int64_t batch : {1, 2, 17, 32, 70}) {  // chunks from 16 wide elements on: blocks of 16, 32, 64 summed
     CheckDense<uint16_t, float>(pool, 2304, batch, 70, 300, 512);
     CheckDense<int32_t, int8_t>(pool, 70000, batch, 33, 900, 4096);  // indices past 16 bits
     CheckDense<uint16_t, lcnn::BF16>(pool, 1000, batch, 40, 17, 256);  // short rows: masked tails

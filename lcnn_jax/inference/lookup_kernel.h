@@ -678,6 +678,31 @@ void Dispatch(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Va
 // chunks, and within one over its outputs, so the chunk of S it gathers from stays in L1 (chunk sized from the
 // machine's L1 by the caller) instead of every output gathering from all of S in L2 or beyond: at batch 1, where
 // each non-zero is one gathered element, the gathers then run at the L1's rate.
+//
+// From 16 wide elements on (batch >= 16), each non-zero reads a run of g.wide elements of S rather than one, and
+// the chunks play the part of an L2 tile (a chunk of N elements spans N * batch of S): each output's blocks of
+// 16 * V wide elements are summed over a chunk's non-zeros in registers (AccumulateBlock), added to its sums
+// carried across the chunks, and stored once after the last (ChunkedBlocks).
+template <int V, typename S, typename Index, typename Value>
+void ChunkedBlocks(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t chunks, int64_t o0,
+                   int64_t o1, float* acc) {
+  constexpr int64_t block = 16 * V;
+  alignas(64) float sums[block];
+  for (int64_t c = 0; c < chunks; ++c) {
+    Lookups<Index, Value> piece = l;
+    piece.starts = l.starts + c * g.n;
+    for (int64_t o = o0; o < o1; ++o) {
+      if (piece.starts[o] == piece.starts[o + 1]) continue;
+      float* carried = acc + (o - o0) * g.wide;
+      for (int64_t p0 = 0; p0 < g.wide; p0 += block) {
+        const int64_t start = std::min(p0, g.wide - block);  // the last block overlaps the one before
+        AccumulateBlock<V>(s, piece, g.batch, o, start, sums);
+        for (int64_t i = p0 - start; i < block; ++i) carried[start + i] += sums[i];
+      }
+    }
+  }
+}
+
 template <typename Pool, typename S, typename Index, typename Value>
 void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t chunks,
                      float* out) {
@@ -688,21 +713,30 @@ void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<In
     const int64_t o0 = begin * kGroup, o1 = std::min(g.n, end * kGroup);
     std::vector<float> acc((o1 - o0) * g.wide, 0.f);
     int64_t scalar_chunks = chunks;  // chunks left to the float sums below
+    if (g.wide >= 16) {
+      if (g.wide < 32) ChunkedBlocks<kFit<1>>(g, s, l, chunks, o0, o1, acc.data());
+      else if (g.wide < 64) ChunkedBlocks<kFit<2>>(g, s, l, chunks, o0, o1, acc.data());
+      else if (g.wide < 128) ChunkedBlocks<kFit<4>>(g, s, l, chunks, o0, o1, acc.data());
+      else ChunkedBlocks<kFit<8>>(g, s, l, chunks, o0, o1, acc.data());
+      scalar_chunks = 0;
+    }
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<S, float>) {
-      // The lane sums carried from chunk to chunk, added across lanes once per output at the end.
-      std::vector<float> lanes((o1 - o0) * g.wide * 16, 0.f);
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int32_t* starts = l.starts + c * g.n;
-        for (int64_t o = o0; o < o1; ++o)
-          for (int64_t q = 0; q < g.wide; ++q) {
-            float* sum = lanes.data() + ((o - o0) * g.wide + q) * 16;
-            _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), SparseDotLanes(s + q, l.indices, l.values,
-                                                                                     g.batch, starts[o], starts[o + 1])));
-          }
+      if (scalar_chunks > 0) {
+        // The lane sums carried from chunk to chunk, added across lanes once per output at the end.
+        std::vector<float> lanes((o1 - o0) * g.wide * 16, 0.f);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int32_t* starts = l.starts + c * g.n;
+          for (int64_t o = o0; o < o1; ++o)
+            for (int64_t q = 0; q < g.wide; ++q) {
+              float* sum = lanes.data() + ((o - o0) * g.wide + q) * 16;
+              _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), SparseDotLanes(s + q, l.indices, l.values,
+                                                                                       g.batch, starts[o], starts[o + 1])));
+            }
+        }
+        for (int64_t i = 0; i < (o1 - o0) * g.wide; ++i) acc[i] = SumLanes(_mm512_loadu_ps(lanes.data() + i * 16));
+        scalar_chunks = 0;
       }
-      for (int64_t i = 0; i < (o1 - o0) * g.wide; ++i) acc[i] = SumLanes(_mm512_loadu_ps(lanes.data() + i * 16));
-      scalar_chunks = 0;
     }
 #endif
     for (int64_t c = 0; c < scalar_chunks; ++c) {
