@@ -379,7 +379,7 @@ int main(int argc, char** argv) {
               seed);
   ThreadPool pool(3);
   // Every block width: wide = ((oh - 1) W + ow) batch from 6 (V = 0) to thousands (V = 8); tiles of 0 and 4 KiB.
-  for (int64_t batch : {1, 3, 16}) {
+  for (int64_t batch : {1, 3, 16, 19}) {
     for (auto [H, W, R, C] : {std::array<int64_t, 4>{4, 4, 3, 3}, {9, 9, 3, 3}, {15, 13, 5, 3}}) {
       for (int64_t tile : {0, 4096}) {
         CheckConv<float, uint16_t, float>(pool, 6, H, W, R, C, batch, 37, tile, false);
@@ -409,7 +409,7 @@ int main(int argc, char** argv) {
     CheckDenseStages<lcnn::BF16>(pool, 64, 19, rows);
     CheckDenseStages<int8_t>(pool, 130, 16, rows);
   }
-  for (int64_t batch : {1, 5, 16}) {
+  for (int64_t batch : {1, 5, 16, 19}) {  // 19: a run of 16 images in registers, then 3 one by one
     CheckMaxPool(pool, 4, 13, 13, batch, 3, 2, 0, false);
     CheckMaxPool(pool, 3, 12, 11, batch, 3, 2, 1, true);
     CheckMaxPool(pool, 2, 8, 8, batch, 2, 2, 0, false);

@@ -763,23 +763,35 @@ struct PoolGeometry {
 };
 
 // Pooled row py into dst (p.ow, batch) from a map (rows, w, batch) holding rows [y_lo, y_hi) of the pooled
-// activation; the innermost loop runs over a contiguous run of batch values.
+// activation. Each pooled pixel's maxima are kept in registers, 16 images at a time, over its whole window, and
+// stored once: maxed into dst in place for every position of the window, dst was read and written nine times for
+// a 3x3 window (AlexNet's conv1 at batch 32 with its pooling: the pooling 19% of the layer's time before).
 inline void PoolRow(const float* map, int64_t y_lo, int64_t y_hi, int64_t w, int64_t batch, const PoolGeometry& p,
                     int64_t py, float* dst) {
   const float init = p.relu ? 0.f : -__builtin_inff();
-  for (int64_t i = 0; i < p.ow * batch; ++i) dst[i] = init;
-  for (int64_t r = 0; r < p.wh; ++r) {
-    const int64_t y = py * p.sh - p.ph + r;
-    if (y < y_lo || y >= y_hi) continue;
-    const float* row = map + (y - y_lo) * w * batch;
-    for (int64_t ox = 0; ox < p.ow; ++ox) {
-      float* acc = dst + ox * batch;
-      for (int64_t col = 0; col < p.ww; ++col) {
-        const int64_t x = ox * p.sw - p.pw + col;
-        if (x < 0 || x >= w) continue;
-        const float* src = row + x * batch;
-        for (int64_t b = 0; b < batch; ++b) acc[b] = std::max(acc[b], src[b]);
-      }
+  const int64_t ya = std::max(y_lo, py * p.sh - p.ph), yb = std::min(y_hi, py * p.sh - p.ph + p.wh);
+  for (int64_t ox = 0; ox < p.ow; ++ox) {
+    const int64_t xa = std::max<int64_t>(0, ox * p.sw - p.pw), xb = std::min(w, ox * p.sw - p.pw + p.ww);
+    float* acc = dst + ox * batch;
+    int64_t b = 0;
+    for (; b + 16 <= batch; b += 16) {
+      vnative m[kParts];
+      for (int i = 0; i < kParts; ++i) m[i] = vnative{} + init;
+      for (int64_t y = ya; y < yb; ++y)
+        for (int64_t x = xa; x < xb; ++x) {
+          const float* src = map + ((y - y_lo) * w + x) * batch + b;
+          for (int i = 0; i < kParts; ++i) {
+            const vnative v = LoadNative(src + i * kLanes);
+            m[i] = m[i] < v ? v : m[i];
+          }
+        }
+      std::memcpy(acc + b, m, sizeof(m));
+    }
+    for (; b < batch; ++b) {
+      float v = init;
+      for (int64_t y = ya; y < yb; ++y)
+        for (int64_t x = xa; x < xb; ++x) v = std::max(v, map[((y - y_lo) * w + x) * batch + b]);
+      acc[b] = v;
     }
   }
 }
