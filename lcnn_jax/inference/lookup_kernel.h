@@ -824,7 +824,10 @@ void LaunchPooled(Pool& pool, const Geometry& g, const S* s, const Lookups<Index
   if (tile.bytes > 0 && g.height > 0 && g.planes > 0) {
     const int64_t row_bytes = static_cast<int64_t>(sizeof(S)) * g.planes * g.width * g.batch;  // one S row
     const int64_t s_rows = tile.bytes / row_bytes - (RowsSpanned(g, l) - 1);  // layer rows a band may compute
-    band_rows = std::max<int64_t>(1, (s_rows - p.wh) / p.sh + 1);
+    // Where not even one pooled row's S fits (a first layer at a large batch: AlexNet's conv1 at batch 32 has
+    // 350 KB of S a row), the tile cannot hold a band anyway, and bands of one pooled row would compute half
+    // their layer rows twice: the untiled bands are kept.
+    if (s_rows >= p.wh) band_rows = (s_rows - p.wh) / p.sh + 1;
   }
   const int64_t bands = (p.oh + band_rows - 1) / band_rows, groups = (g.n + group - 1) / group;
   const int64_t max_rows = std::min(g.oh, (band_rows - 1) * p.sh + p.wh);
