@@ -25,14 +25,20 @@ LINE = re.compile(r"^(base|current) batch (\d+) tile (\d+): dictionary ([\d.]+) 
                   r"layer ([\d.]+) ms$")
 
 
+def fail(message: str) -> None:
+  """One error paragraph on stderr, exit code 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def base_header(revision: str) -> str:
   """The kernel header of ``revision``, its namespace and include guard renamed so that both versions link."""
   try:
     text = subprocess.run(["git", "-C", REPO, "show", f"{revision}:{HEADER}"], capture_output=True, text=True,
                           check=True).stdout
-  except subprocess.CalledProcessError as error:
-    raise SystemExit(f"error: --base {revision!r}: git cannot show {HEADER} there ({error.stderr.strip()}). "
-                     "Name a commit of this repository.") from None
+  except (OSError, subprocess.CalledProcessError) as error:
+    fail(f"--base {revision!r}: git cannot show {HEADER} there "
+         f"({(getattr(error, 'stderr', '') or str(error)).strip()}). Name a commit of this repository, in a git checkout.")
   text = text.replace("LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_", "LCNN_JAX_BASE_LOOKUP_KERNEL_H_")
   return re.sub(r"^namespace lcnn \{", "namespace lcnn_base {", text, count=1, flags=re.M)
 
@@ -49,8 +55,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     tiles = [int(t) for t in args.tile_bytes.split(",")]
   except ValueError:
-    raise SystemExit(f"error: --batches {args.batches!r} / --tile_bytes {args.tile_bytes!r}: expected integers "
-                     "separated by commas, e.g. --batches 1,16,32.") from None
+    fail(f"--batches {args.batches!r} / --tile_bytes {args.tile_bytes!r}: expected integers separated by commas, "
+         "e.g. --batches 1,16,32.")
   sys.path.insert(0, REPO)
   from lcnn_jax.inference import kernels, machine  # pylint: disable=import-outside-toplevel
 
@@ -61,14 +67,16 @@ def main() -> None:
     command = [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", *kernels.target_flags(), f"-I{tmp}",
                '-DBASE_HEADER="base.h"', DRIVER, "-o", binary, "-lpthread"]
     print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    if subprocess.run(command).returncode != 0:
+      fail(f"the driver did not compile against --base {args.base} (its header may predate an entry point the "
+           "driver calls); pick a later revision.")
     rows = []
     for batch in batches:
       for tile in tiles:
         run = subprocess.run([binary, str(batch), str(tile), str(args.rounds)], capture_output=True, text=True)
         print(run.stdout, end="", flush=True)
         if run.returncode != 0:
-          raise SystemExit(f"error: the two versions disagree, or the driver failed:\n{run.stdout}{run.stderr}")
+          fail(f"the two versions disagree, or the driver failed:\n{run.stdout}{run.stderr}")
         for match in filter(None, map(LINE.match, run.stdout.splitlines())):
           rows.append({"version": match[1], "batch": int(match[2]), "tile_bytes": int(match[3]),
                        "dictionary_ms": float(match[4]), "pooled_lookups_ms": float(match[5]),
