@@ -953,13 +953,14 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
       // value over the whole row instead, every store lands on another line of `staged` (beyond L1 at batch 32).
       // The next item's input rows are prefetched as this one's are read, line for line: each is a short run
       // (w * m values) in each of the batch's images, too short for the hardware prefetchers to follow. Both
-      // together: the stage 18% faster at batch 32, 14% at batch 16 (one process timing old and new alternately;
-      // RGB 224x224 at stride 4, AMD EPYC Zen 4, both with AVX-512 and built for AVX2 only). At small batches a
-      // tile holds too few images to pay: they are staged value by value below.
+      // together: the stage 35-41% faster at batch 16 and 32, 30-36% built for AVX2 only (RGB 224x224 at stride
+      // 4, AMD EPYC Zen 4; benchmarks/first_layer_ab.py). A tile row is one vector load: copied with a memcpy of
+      // variable length, it compiled to `rep movsl` and took 38% of the stage. At small batches a tile holds too
+      // few images to pay: they are staged value by value below.
       const int64_t next_y = ((item + 1) % height) * sh + (item + 1) / height - ph;
       const bool prefetch = item + 1 < end && next_y >= 0 && next_y < h;
       const float* row = x + y * xy;
-      const float* next = x + next_y * xy;
+      const float* next = prefetch ? x + next_y * xy : x;
       const int64_t values = w * m;
       alignas(64) float tile[16][16];
       for (int64_t b0 = 0; b0 < batch; b0 += 16) {
