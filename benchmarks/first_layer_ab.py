@@ -60,6 +60,8 @@ def main() -> None:
   sys.path.insert(0, REPO)
   from lcnn_jax.inference import kernels, machine  # pylint: disable=import-outside-toplevel
 
+  described = machine.describe()
+  print(described.line(), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
     with open(os.path.join(tmp, "base.h"), "w") as f:
       f.write(base_header(args.base))
@@ -90,10 +92,9 @@ def main() -> None:
         change = current[stage] / base[stage] - 1
         print(f"{batch:>5} {tile:>8} {stage[:-3]:<15} {base[stage]:>9.3f} {current[stage]:>10.3f} {change:>+7.1%}")
   if args.json:
-    described = machine.describe()
     with open(args.json, "w") as f:
-      json.dump({"machine": described._asdict() if hasattr(described, "_asdict") else vars(described),
-                 "base": args.base, "rounds": args.rounds, "rows": rows}, f, indent=1)
+      json.dump({"machine": described.as_dict(), "base": args.base, "rounds": args.rounds, "rows": rows}, f,
+                indent=1)
 
 
 if __name__ == "__main__":

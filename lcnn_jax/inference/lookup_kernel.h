@@ -129,6 +129,17 @@ constexpr int kFit = V < kBlockVectorsMax ? V : kBlockVectorsMax;
 template <int V>
 constexpr int kSets = V >= kBlockVectorsMax ? 1 : kBlockVectorsMax / V;
 
+// Calls f(std::integral_constant<int, V>{}) with the block of V vectors of 16 that rows of `wide` elements
+// fill (callers handle fewer than 16 themselves): 1 under 32, 2 under 64, 4 under 128, else 8, each capped to
+// what fits (kFit).
+template <typename F>
+void WithBlockVectors(int64_t wide, F&& f) {
+  if (wide < 32) f(std::integral_constant<int, kFit<1>>{});
+  else if (wide < 64) f(std::integral_constant<int, kFit<2>>{});
+  else if (wide < 128) f(std::integral_constant<int, kFit<4>>{});
+  else f(std::integral_constant<int, kFit<8>>{});
+}
+
 inline float Sum(const v16& v) {
   vnative total = v.part[0];
   for (int i = 1; i < kParts; ++i) total += v.part[i];
@@ -666,10 +677,7 @@ template <typename Pool, typename S, typename Index, typename Value>
 void Dispatch(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l, float* out,
               const Tile& tile = Tile{}) {
   if (g.wide < 16) return Launch<0>(pool, g, s, l, out, tile);
-  if (g.wide < 32) return Launch<kFit<1>>(pool, g, s, l, out, tile);
-  if (g.wide < 64) return Launch<kFit<2>>(pool, g, s, l, out, tile);
-  if (g.wide < 128) return Launch<kFit<4>>(pool, g, s, l, out, tile);
-  return Launch<kFit<8>>(pool, g, s, l, out, tile);
+  WithBlockVectors(g.wide, [&](auto v) { Launch<decltype(v)::value>(pool, g, s, l, out, tile); });
 }
 
 // A layer whose output is one pixel (a dense layer; g.oh = g.ow = 1, so g.wide = g.batch), its lookups stored
@@ -714,10 +722,9 @@ void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<In
     std::vector<float> acc((o1 - o0) * g.wide, 0.f);
     int64_t scalar_chunks = chunks;  // chunks left to the float sums below
     if (g.wide >= 16) {
-      if (g.wide < 32) ChunkedBlocks<kFit<1>>(g, s, l, chunks, o0, o1, acc.data());
-      else if (g.wide < 64) ChunkedBlocks<kFit<2>>(g, s, l, chunks, o0, o1, acc.data());
-      else if (g.wide < 128) ChunkedBlocks<kFit<4>>(g, s, l, chunks, o0, o1, acc.data());
-      else ChunkedBlocks<kFit<8>>(g, s, l, chunks, o0, o1, acc.data());
+      WithBlockVectors(g.wide, [&](auto v) {
+        ChunkedBlocks<decltype(v)::value>(g, s, l, chunks, o0, o1, acc.data());
+      });
       scalar_chunks = 0;
     }
 #if defined(__AVX512F__)
@@ -730,8 +737,8 @@ void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<In
           for (int64_t o = o0; o < o1; ++o)
             for (int64_t q = 0; q < g.wide; ++q) {
               float* sum = lanes.data() + ((o - o0) * g.wide + q) * 16;
-              _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), SparseDotLanes(s + q, l.indices, l.values,
-                                                                                       g.batch, starts[o], starts[o + 1])));
+              const __m512 lanes_o = SparseDotLanes(s + q, l.indices, l.values, g.batch, starts[o], starts[o + 1]);
+              _mm512_storeu_ps(sum, _mm512_add_ps(_mm512_loadu_ps(sum), lanes_o));
             }
         }
         for (int64_t i = 0; i < (o1 - o0) * g.wide; ++i) acc[i] = SumLanes(_mm512_loadu_ps(lanes.data() + i * 16));
@@ -855,10 +862,7 @@ template <typename Pool, typename S, typename Index, typename Value>
 void DispatchPooled(Pool& pool, const Geometry& g, const S* s, const Lookups<Index, Value>& l,
                     const PoolGeometry& p, float* out, const Tile& tile = Tile{}) {
   const int64_t narrowest = g.ow * g.batch;  // the wide elements of a one-row band
-  if (narrowest < 32) return LaunchPooled<kFit<1>>(pool, g, s, l, p, out, tile);
-  if (narrowest < 64) return LaunchPooled<kFit<2>>(pool, g, s, l, p, out, tile);
-  if (narrowest < 128) return LaunchPooled<kFit<4>>(pool, g, s, l, p, out, tile);
-  return LaunchPooled<kFit<8>>(pool, g, s, l, p, out, tile);
+  WithBlockVectors(narrowest, [&](auto v) { LaunchPooled<decltype(v)::value>(pool, g, s, l, p, out, tile); });
 }
 
 // S (k, h, w, batch) -> the zero-padded space-to-depth view (k * sh * sw, H, W, batch), one (atom, row) per item,
@@ -938,9 +942,10 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
   std::unique_ptr<float[]> staged(nhwc ? new float[m * w * batch] : nullptr);
   std::unique_ptr<float[]> phased(direct ? nullptr : new float[m * width]);
   const float* src[M ? M : kFusedDictionaryMacsMax] = {};
+  auto input_row = [&](int64_t item) { return (item % height) * sh + item / height - ph; };  // item: (pr, row)
   for (int64_t item = begin; item < end; ++item) {
     const int64_t pr = item / height, row = item % height;
-    const int64_t y = row * sh + pr - ph;
+    const int64_t y = input_row(item);
     S* first = out + pr * sw * plane + row * run;  // atom j, phase pc at first + (j * sh * sw + pc) * plane
     if (y < 0 || y >= h) {
       for (int64_t j = 0; j < k; ++j)
@@ -957,7 +962,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
       // 4, AMD EPYC Zen 4; benchmarks/first_layer_ab.py). A tile row is one vector load: copied with a memcpy of
       // variable length, it compiled to `rep movsl` and took 38% of the stage. At small batches a tile holds too
       // few images to pay: they are staged value by value below.
-      const int64_t next_y = ((item + 1) % height) * sh + (item + 1) / height - ph;
+      const int64_t next_y = input_row(item + 1);
       const bool prefetch = item + 1 < end && next_y >= 0 && next_y < h;
       const float* row = x + y * xy;
       const float* next = prefetch ? x + next_y * xy : x;
@@ -1165,10 +1170,7 @@ void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale
       for (int64_t o = 0; o < n; ++o) out[o * p + q] = result[q * n + o];
     return;
   }
-  if (p < 32) return LaunchDenseColumns<kFit<1>>(pool, x, w, scale, bias, m, p, n, out);
-  if (p < 64) return LaunchDenseColumns<kFit<2>>(pool, x, w, scale, bias, m, p, n, out);
-  if (p < 128) return LaunchDenseColumns<kFit<4>>(pool, x, w, scale, bias, m, p, n, out);
-  return LaunchDenseColumns<kFit<8>>(pool, x, w, scale, bias, m, p, n, out);
+  WithBlockVectors(p, [&](auto v) { LaunchDenseColumns<decltype(v)::value>(pool, x, w, scale, bias, m, p, n, out); });
 }
 
 #if defined(__AVX512BF16__)
