@@ -176,6 +176,14 @@ void CheckConv(ThreadPool& pool, int64_t k, int64_t H, int64_t W, int64_t R, int
                 TypeName<S>(), TypeName<Index>(), TypeName<Value>(), long(k), long(H), long(W), long(R), long(C),
                 long(batch), long(n), long(tile_bytes), epilogue ? " +residual,relu" : "");
   Check(name, out, want, 1e-5, 1e-5);
+  if (!epilogue) {  // the ReLU alone, as a convolution followed by its ReLU stores its output
+    view.relu = true;
+    std::fill(out.begin(), out.end(), NAN);
+    lcnn::Dispatch(pool, g, s.data(), view, out.data(), tile);
+    std::vector<double> rectified(want.size());
+    for (size_t i = 0; i < want.size(); ++i) rectified[i] = std::max(want[i], 0.0);
+    Check(std::string(name) + " +relu", out, rectified, 1e-5, 1e-5);
+  }
 
   // The same lookups pooled as they are computed (3x3 windows, stride 2, the ReLU first), where rows are wide
   // enough for the kernel to pool them.
@@ -408,6 +416,14 @@ int main(int argc, char** argv) {
     CheckDenseStages<float>(pool, 77, 35, rows);
     CheckDenseStages<lcnn::BF16>(pool, 64, 19, rows);
     CheckDenseStages<int8_t>(pool, 130, 16, rows);
+  }
+  // The column stage's tiles of outputs: fewer outputs than a tile (5), a last tile overlapping the one before
+  // (30 = 3 tiles of 8 and 6 more, or 5 of 6 on AVX2), 17 columns (blocks of 16), and a conv4-like stage at
+  // batch 1 (384 inputs, 15 x 15 columns) large enough for the pool's threads.
+  for (int64_t rows : {17, 33, 225}) {
+    CheckDenseStages<float>(pool, 9, 5, rows);
+    CheckDenseStages<float>(pool, 384, 30, rows);
+    CheckDenseStages<int8_t>(pool, 40, 30, rows);
   }
   for (int64_t batch : {1, 5, 16, 19}) {  // 19: a run of 16 images in registers, then 3 one by one
     CheckMaxPool(pool, 4, 13, 13, batch, 3, 2, 0, false);

@@ -320,6 +320,20 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
       float* dst = out + at;
       const float* src = acc + (q - p0);
       const int64_t count = stop - q;
+#if defined(__AVX512F__)
+      // Sixteen at a time, the last up to 16 under a mask: a row of a small map (13 kept of AlexNet's 13x13
+      // layers at batch 1) is one masked vector, where a scalar loop ran it element by element. The ReLU keeps a
+      // NaN (max with the NaN second), as std::max below does.
+      const __m512 times = _mm512_set1_ps(scale), plus = _mm512_set1_ps(bias);
+      for (int64_t i = 0; i < count; i += 16) {
+        const __mmask16 k = count - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                            : static_cast<__mmask16>((1u << (count - i)) - 1);
+        __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, src + i), times, plus);
+        if (residual != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, residual + at + i));
+        if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+        _mm512_mask_storeu_ps(dst + i, k, v);
+      }
+#else
       if (residual == nullptr && !relu) {
         for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * scale + bias;
       } else if (residual == nullptr) {
@@ -329,6 +343,7 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
         const float floor = relu ? 0.f : -__builtin_inff();
         for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias + add[i], floor);
       }
+#endif
     }
     q = (y + 1) * row;
   }
@@ -1110,49 +1125,73 @@ void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, c
 
 // A dense stage over columns: out[o, q] = scale[o] * sum_c w[o, c] * x[c, q] + bias[o] for x (m, p), w (n, m)
 // and out (n, p) -- a lookup layer's dictionary stage S = Dᵀ·x over a CHWN input of p = h·w·batch columns.
-// An item is a block of 16·V columns of one output, accumulated in registers over all m inputs (the last block
-// overlaps the one before, as in LookupBlock). Under 16 columns, x is transposed and DenseRows takes it.
-template <int V, typename Value>
-void DenseColumnsBlock(const float* x, const Value* w, const float* scale, const float* bias, int64_t m, int64_t p,
-                       int64_t o, int64_t p0, float* out) {
-  constexpr int U = kSets<V>;
+// An item is a tile of R outputs by a block of 16·V columns, accumulated in registers over all m inputs: each
+// vector of x loaded serves R outputs, each weight broadcast serves the block. (One output per item, as before,
+// read all of x once per output: conv4 of the fast AlexNet-LCNN at batch 1, x 384 × 225 in L2, ran at a sixth of
+// the multiply-add rate, bound by moving x from L2.) The last block overlaps the one before (as in
+// LookupBlock), and so does the last tile of outputs, of which only the outputs not stored yet are stored. Under
+// 16 columns, x is transposed and DenseRows takes it; under R outputs, one output per item.
+#if defined(__AVX512F__)
+constexpr int kDenseTileFloats = 256;  // 16 of 32 zmm
+#elif defined(__AVX__)
+constexpr int kDenseTileFloats = 96;  // 12 of 16 ymm
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+constexpr int kDenseTileFloats = 96;  // 24 of 32 q registers
+#else
+constexpr int kDenseTileFloats = 48;  // 12 of 16 xmm
+#endif
+template <int V>
+constexpr int kDenseTileOutputs = kDenseTileFloats / (16 * V) > 1 ? kDenseTileFloats / (16 * V) : 1;
+
+template <int V, int R, typename Value>
+void DenseColumnsTile(const float* x, const Value* w, const float* scale, const float* bias, int64_t m, int64_t p,
+                      int64_t n, int64_t o0, int64_t p0, float* out) {
   constexpr int64_t block = 16 * V;
+  constexpr int P = V * kParts;  // registers per output
   const int64_t start = std::min(p0, p - block);
-  constexpr int P = V * kParts;  // registers per set of accumulators, as in AccumulateBlock
-  vnative a[U][P];
-  for (int u = 0; u < U; ++u)
-    for (int v = 0; v < P; ++v) a[u][v] = vnative{};
-  const Value* row = w + o * m;
-  const float* base = x + start;
-  int64_t c = 0;
-  for (; c + U <= m; c += U) {
-    for (int u = 0; u < U; ++u) {
-      const float weight = ToFloat(row[c + u]);
-      const float* src = base + (c + u) * p;
+  const int64_t first = std::min(o0, n - R);
+  vnative a[R][P];
 #pragma GCC unroll 16
-      for (int v = 0; v < P; ++v) a[u][v] += weight * LoadNative(src + kLanes * v);
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) a[r][v] = vnative{};
+  const Value* rows = w + first * m;
+  const float* base = x + start;
+  for (int64_t c = 0; c < m; ++c) {
+    vnative xv[P];
+#pragma GCC unroll 16
+    for (int v = 0; v < P; ++v) xv[v] = LoadNative(base + c * p + kLanes * v);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const float weight = ToFloat(rows[r * m + c]);
+#pragma GCC unroll 16
+      for (int v = 0; v < P; ++v) a[r][v] += weight * xv[v];
     }
   }
-  for (; c < m; ++c) {
-    const float weight = ToFloat(row[c]);
-#pragma GCC unroll 16
-    for (int v = 0; v < P; ++v) a[0][v] += weight * LoadNative(base + c * p + kLanes * v);
-  }
-  for (int u = 1; u < U; ++u)
-    for (int v = 0; v < P; ++v) a[0][v] += a[u][v];
-  alignas(64) float acc[block];
-  std::memcpy(acc, a[0], sizeof(a[0]));
   const int64_t end = std::min(p0 + block, p);
-  for (int64_t q = p0; q < end; ++q) out[o * p + q] = acc[q - start] * scale[o] + bias[o];
+  for (int r = static_cast<int>(o0 - first); r < R; ++r) {
+    alignas(64) float acc[block];
+    std::memcpy(acc, a[r], sizeof(a[r]));
+    const int64_t o = first + r;
+    for (int64_t q = p0; q < end; ++q) out[o * p + q] = acc[q - start] * scale[o] + bias[o];
+  }
 }
 
 template <int V, typename Pool, typename Value>
 void LaunchDenseColumns(Pool& pool, const float* x, const Value* w, const float* scale, const float* bias, int64_t m,
                         int64_t p, int64_t n, float* out) {
+  constexpr int R = kDenseTileOutputs<V>;
   const int64_t blocks = (p + 16 * V - 1) / (16 * V);
-  ParallelFor(pool, n * blocks, n * m * p, [=](int64_t begin, int64_t end) {
+  const int64_t tiles = (n + R - 1) / R;
+  // Items of one block of columns are consecutive, for the block of x to be reused from cache by its tiles.
+  ParallelFor(pool, tiles * blocks, n * m * p, [=](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      DenseColumnsBlock<V>(x, w, scale, bias, m, p, item / blocks, (item % blocks) * 16 * V, out);
+      const int64_t o0 = (item % tiles) * R, p0 = (item / tiles) * 16 * V;
+      if (n >= R) {
+        DenseColumnsTile<V, R>(x, w, scale, bias, m, p, n, o0, p0, out);
+      } else {
+        for (int64_t o = o0; o < n; ++o) DenseColumnsTile<V, 1>(x, w, scale, bias, m, p, n, o, p0, out);
+      }
     }
   });
 }
@@ -1170,7 +1209,9 @@ void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale
       for (int64_t o = 0; o < n; ++o) out[o * p + q] = result[q * n + o];
     return;
   }
-  WithBlockVectors(p, [&](auto v) { LaunchDenseColumns<decltype(v)::value>(pool, x, w, scale, bias, m, p, n, out); });
+  // Blocks of 32 columns from 32 on (16 under), capped to what the accumulators hold.
+  if (p < 32) return LaunchDenseColumns<kFit<1>>(pool, x, w, scale, bias, m, p, n, out);
+  LaunchDenseColumns<kFit<2>>(pool, x, w, scale, bias, m, p, n, out);
 }
 
 #if defined(__AVX512BF16__)
