@@ -951,11 +951,15 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
       else target[i] = FromFloat(sum);
     }
   };
-  // NHWC: the item's input row of every image is first copied, transposed, to `staged` (m, w, batch): one
-  // contiguous read per image, after which each channel of a pixel is a contiguous run over the images, as CHWN
-  // input has already.
-  std::unique_ptr<float[]> staged(nhwc ? new float[m * w * batch] : nullptr);
+  // NHWC, more than one image: the item's input row of every image is first copied, transposed, to `staged`
+  // (m, w, batch): one contiguous read per image, after which each channel of a pixel is a contiguous run over
+  // the images, as CHWN input has already.
+  std::unique_ptr<float[]> staged(nhwc && direct ? new float[m * w * batch] : nullptr);
   std::unique_ptr<float[]> phased(direct ? nullptr : new float[m * width]);
+  // One image (not direct): its row of each channel with pw zeros before it and zeros after it up to the
+  // width * sw columns the phases read; the zeros are written once, the row between them per item.
+  const int64_t padded_width = width * sw + pw;
+  std::unique_ptr<float[]> padded(direct ? nullptr : new float[m * padded_width]());
   const float* src[M ? M : kFusedDictionaryMacsMax] = {};
   auto input_row = [&](int64_t item) { return (item % height) * sh + item / height - ph; };  // item: (pr, row)
   for (int64_t item = begin; item < end; ++item) {
@@ -1000,7 +1004,7 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
           }
         }
       }
-    } else if (nhwc) {
+    } else if (nhwc && direct) {
       for (int64_t b = 0; b < batch; ++b) {
         const float* image = x + b * xb + y * xy;
         for (int64_t col = 0; col < w; ++col)
@@ -1024,13 +1028,22 @@ void DictionaryRows(const float* x, bool nhwc, const float* dictionary, int64_t 
         }
       continue;
     }
+    // One image: its row zero-padded, channel by channel (padded[c][xcol + pw]), then each column phase's
+    // pixels (every sw-th) copied out of it without a bounds test per pixel, and combined as vectors.
+    for (int64_t c = 0; c < m; ++c) {
+      float* row_c = padded.get() + c * padded_width;
+      if (nhwc) {
+        const float* image_row = x + y * xy + c;
+        for (int64_t col = 0; col < w; ++col) row_c[col + pw] = image_row[col * m];
+      } else {
+        std::memcpy(row_c + pw, x + c * xm + y * xy, w * sizeof(float));
+      }
+    }
     for (int64_t pc = 0; pc < sw; ++pc) {
       for (int64_t c = 0; c < m; ++c) {
         float* dst = phased.get() + c * width;
-        for (int64_t col = 0; col < width; ++col) {
-          const int64_t xcol = col * sw + pc - pw;
-          dst[col] = xcol >= 0 && xcol < w ? *pixel(c, xcol) : 0.f;
-        }
+        const float* from = padded.get() + c * padded_width + pc;
+        for (int64_t col = 0; col < width; ++col) dst[col] = from[col * sw];
         src[c] = dst;
       }
       for (int64_t j = 0; j < k; ++j) combine(src, j, run, first + (j * sh * sw + pc) * plane);
