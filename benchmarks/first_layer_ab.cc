@@ -10,50 +10,18 @@
 // Each round times, for the baseline and then the current header, the dictionary stage (DictionaryToDepth into
 // the padded space-to-depth S) and the pooled lookups (DispatchPooled); one line of medians per version.
 #include <algorithm>
-#include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <mutex>
 #include <random>
-#include <thread>
 #include <vector>
 
 #include "../lcnn_jax/inference/lookup_kernel.h"
+#include "ab_driver.h"
 #include BASE_HEADER
 
-namespace {
-
-// Real threads, as the kernel gets from XLA; the tasks of one call are joined before the clock stops.
-class ThreadPool {
- public:
-  explicit ThreadPool(int threads) : threads_(threads) {}
-  int64_t num_threads() const { return threads_; }
-  template <typename Task>
-  void Schedule(Task&& task) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    running_.emplace_back(std::forward<Task>(task));
-  }
-  void Join() {
-    for (std::thread& t : running_) t.join();
-    running_.clear();
-  }
-
- private:
-  int threads_;
-  std::mutex mutex_;
-  std::vector<std::thread> running_;
-};
-
-double Millis() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-}  // namespace
+using ab::Median;
+using ab::Millis;
+using ab::ThreadPool;
 
 int main(int argc, char** argv) {
   if (argc != 4) {

@@ -12,35 +12,15 @@ it with the machine it ran on.
 """
 import argparse
 import json
-import os
 import re
 import subprocess
-import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HEADER = "lcnn_jax/inference/lookup_kernel.h"
-DRIVER = os.path.join(REPO, "benchmarks", "first_layer_ab.cc")
+from ab_common import build_driver, fail
+
+DRIVER = "first_layer_ab.cc"
 LINE = re.compile(r"^(base|current) batch (\d+) tile (\d+): dictionary ([\d.]+) ms, pooled lookups ([\d.]+) ms, "
                   r"layer ([\d.]+) ms$")
-
-
-def fail(message: str) -> None:
-  """One error paragraph on stderr, exit code 2."""
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
-
-
-def base_header(revision: str) -> str:
-  """The kernel header of ``revision``, its namespace and include guard renamed so that both versions link."""
-  try:
-    text = subprocess.run(["git", "-C", REPO, "show", f"{revision}:{HEADER}"], capture_output=True, text=True,
-                          check=True).stdout
-  except (OSError, subprocess.CalledProcessError) as error:
-    fail(f"--base {revision!r}: git cannot show {HEADER} there "
-         f"({(getattr(error, 'stderr', '') or str(error)).strip()}). Name a commit of this repository, in a git checkout.")
-  text = text.replace("LCNN_JAX_INFERENCE_LOOKUP_KERNEL_H_", "LCNN_JAX_BASE_LOOKUP_KERNEL_H_")
-  return re.sub(r"^namespace lcnn \{", "namespace lcnn_base {", text, count=1, flags=re.M)
 
 
 def main() -> None:
@@ -57,21 +37,8 @@ def main() -> None:
   except ValueError:
     fail(f"--batches {args.batches!r} / --tile_bytes {args.tile_bytes!r}: expected integers separated by commas, "
          "e.g. --batches 1,16,32.")
-  sys.path.insert(0, REPO)
-  from lcnn_jax.inference import kernels, machine  # pylint: disable=import-outside-toplevel
-
-  described = machine.describe()
-  print(described.line(), flush=True)
   with tempfile.TemporaryDirectory() as tmp:
-    with open(os.path.join(tmp, "base.h"), "w") as f:
-      f.write(base_header(args.base))
-    binary = os.path.join(tmp, "first_layer_ab")
-    command = [os.environ.get("CXX", "c++"), "-O3", "-std=c++17", *kernels.target_flags(), f"-I{tmp}",
-               '-DBASE_HEADER="base.h"', DRIVER, "-o", binary, "-lpthread"]
-    print(" ".join(command), flush=True)
-    if subprocess.run(command).returncode != 0:
-      fail(f"the driver did not compile against --base {args.base} (its header may predate an entry point the "
-           "driver calls); pick a later revision.")
+    binary, described = build_driver(DRIVER, args.base, tmp)
     rows = []
     for batch in batches:
       for tile in tiles:

@@ -1,0 +1,173 @@
+// The fast AlexNet-LCNN's stages at batch 1 other than conv1 (benchmarks/first_layer_ab.cc has conv1), timed for
+// two versions of lookup_kernel.h side by side in one process, on two threads. Run by benchmarks/batch1_ab.py,
+// which writes the baseline header (namespace lcnn_base) from another git revision and compiles this file against
+// both:
+//
+//   g++ -O3 -std=c++17 -march=native -DBASE_HEADER='"base.h"' batch1_ab.cc -o ab -lpthread
+//   ./ab ROUNDS
+//
+// Stages: the dictionary stages of conv2-conv5 (DenseColumns: 30 atoms from 64, 192, 384 and 256 channels over
+// 27x27 and 13x13 maps), and fc6's lookups (4096 outputs, 713 random non-zeros each among 512 atoms x 6 x 6,
+// the fast point's density 0.0386) stored output by output (Dispatch) and in chunks of 4096 elements of S
+// (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
+// a model's other weights leave them at batch 1). A dictionary stage's input is written just before it is timed,
+// as the layer before it leaves it in a model; its weights come from wherever fc6's lookups left them. Each round times the baseline and then the current header on
+// every stage; one line of medians per version and stage.
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../lcnn_jax/inference/lookup_kernel.h"
+#include "ab_driver.h"
+#include BASE_HEADER
+
+namespace {
+
+std::vector<char> flush_buffer(128 << 20, 1);
+volatile long flush_sink;
+
+void FlushCaches() {
+  long sum = 0;
+  for (size_t i = 0; i < flush_buffer.size(); i += 64) sum += ++flush_buffer[i];
+  flush_sink = sum;
+}
+
+struct Stage {
+  std::string name;
+  std::vector<double> times[2];
+  float worst = 0.f;  // largest difference between the versions' outputs
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s ROUNDS\n", argv[0]);
+    return 2;
+  }
+  const int64_t rounds = std::atoll(argv[1]);
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
+  auto random = [&](int64_t n) {
+    std::vector<float> v(n);
+    for (float& x : v) x = uniform(rng);
+    return v;
+  };
+  ab::ThreadPool pool(2);
+
+  struct Columns { const char* name; int64_t m, n, p; };
+  const std::vector<Columns> columns{{"conv2 dictionary", 64, 30, 27 * 27}, {"conv3 dictionary", 192, 30, 13 * 13},
+                                     {"conv4 dictionary", 384, 30, 13 * 13}, {"conv5 dictionary", 256, 30, 13 * 13}};
+  struct ColumnData { std::vector<float> x, written, w, scale, bias, out[2]; };
+  std::vector<ColumnData> data;
+  for (const Columns& c : columns) {
+    ColumnData d{random(c.m * c.p), {}, random(c.n * c.m), random(c.n), random(c.n), {}};
+    d.written = d.x;
+    d.out[0].resize(c.n * c.p);
+    d.out[1].resize(c.n * c.p);
+    data.push_back(std::move(d));
+  }
+
+  // fc6: S of 512 atoms x 6 x 6, its non-zeros in memory order per output; the same chunk by chunk of 4096.
+  const int64_t n = 4096, elements = 512 * 36, per_output = 713, chunk = 4096;
+  const int64_t chunks = (elements + chunk - 1) / chunk;
+  const std::vector<float> s = random(elements), scale = random(n), bias = random(n);
+  std::vector<int32_t> starts{0}, chunk_starts{0};
+  std::vector<uint16_t> indices, chunk_indices;
+  std::vector<float> values, chunk_values;
+  std::vector<int32_t> all(elements);
+  for (int64_t i = 0; i < elements; ++i) all[i] = static_cast<int32_t>(i);
+  for (int64_t o = 0; o < n; ++o) {
+    for (int64_t i = 0; i < per_output; ++i) std::swap(all[i], all[i + rng() % (elements - i)]);
+    std::vector<int32_t> picked(all.begin(), all.begin() + per_output);
+    std::sort(picked.begin(), picked.end());
+    for (int32_t p : picked) {
+      indices.push_back(static_cast<uint16_t>(p));
+      values.push_back(uniform(rng));
+    }
+    starts.push_back(static_cast<int32_t>(indices.size()));
+  }
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t o = 0; o < n; ++o) {
+      for (int32_t t = starts[o]; t < starts[o + 1]; ++t)
+        if (indices[t] / chunk == c) {
+          chunk_indices.push_back(indices[t]);
+          chunk_values.push_back(values[t]);
+        }
+      chunk_starts.push_back(static_cast<int32_t>(chunk_indices.size()));
+    }
+  const lcnn::Lookups<uint16_t, float> l{starts.data(), indices.data(), values.data(), scale.data(), bias.data()};
+  const lcnn::Lookups<uint16_t, float> lc{chunk_starts.data(), chunk_indices.data(), chunk_values.data(),
+                                          scale.data(), bias.data()};
+  const lcnn_base::Lookups<uint16_t, float> bl{starts.data(), indices.data(), values.data(), scale.data(),
+                                                bias.data()};
+  const lcnn_base::Lookups<uint16_t, float> blc{chunk_starts.data(), chunk_indices.data(), chunk_values.data(),
+                                                 scale.data(), bias.data()};
+  const lcnn::Geometry g{1, 1, n, 1, 1, 1};
+  const lcnn_base::Geometry bg{1, 1, n, 1, 1, 1};
+  std::vector<float> fc6_out[2] = {std::vector<float>(n), std::vector<float>(n)};
+
+  std::vector<Stage> stages;
+  for (const Columns& c : columns) stages.push_back({c.name, {}, 0.f});
+  for (const char* name : {"fc6 lookups, cold", "fc6 lookups, warm", "fc6 chunked lookups, cold",
+                           "fc6 chunked lookups, warm"})
+    stages.push_back({name, {}, 0.f});
+
+  auto timed = [&](auto&& call) {
+    const double t0 = ab::Millis();
+    call();
+    pool.Join();
+    return ab::Millis() - t0;
+  };
+  for (int64_t round = 0; round < rounds + 2; ++round) {  // the first two rounds warm up
+    for (int version = 0; version < 2; ++version) {
+      std::vector<double> t;
+      for (size_t i = 0; i < columns.size(); ++i) {
+        const Columns& c = columns[i];
+        ColumnData& d = data[i];
+        std::copy(d.written.begin(), d.written.end(), d.x.begin());  // x as the layer before leaves it: just written
+        t.push_back(timed([&] {
+          if (version == 0) lcnn_base::DenseColumns(pool, d.x.data(), d.w.data(), d.scale.data(), d.bias.data(), c.m,
+                                                    c.p, c.n, d.out[0].data());
+          else lcnn::DenseColumns(pool, d.x.data(), d.w.data(), d.scale.data(), d.bias.data(), c.m, c.p, c.n,
+                                  d.out[1].data());
+        }));
+      }
+      for (bool chunked : {false, true}) {
+        auto call = [&] {
+          float* out = fc6_out[version].data();
+          if (version == 0 && !chunked) lcnn_base::Dispatch(pool, bg, s.data(), bl, out);
+          else if (version == 0) lcnn_base::DispatchChunked(pool, bg, s.data(), blc, chunks, out);
+          else if (!chunked) lcnn::Dispatch(pool, g, s.data(), l, out);
+          else lcnn::DispatchChunked(pool, g, s.data(), lc, chunks, out);
+        };
+        FlushCaches();
+        t.push_back(timed(call));
+        t.push_back(timed(call));
+      }
+      if (round >= 2)
+        for (size_t i = 0; i < stages.size(); ++i) stages[i].times[version].push_back(t[i]);
+      if (version == 1) {
+        for (size_t i = 0; i < columns.size(); ++i)
+          for (size_t j = 0; j < data[i].out[0].size(); ++j)
+            stages[i].worst = std::max(stages[i].worst, std::abs(data[i].out[0][j] - data[i].out[1][j]));
+        for (size_t i = columns.size(); i < stages.size(); ++i)
+          for (int64_t o = 0; o < n; ++o)
+            stages[i].worst = std::max(stages[i].worst, std::abs(fc6_out[0][o] - fc6_out[1][o]));
+      }
+    }
+  }
+  float worst = 0.f;
+  for (const Stage& stage : stages) {
+    for (int version = 0; version < 2; ++version)
+      std::printf("%s %s: %.4f ms\n", version == 0 ? "base" : "current", stage.name.c_str(),
+                  ab::Median(stage.times[version]));
+    worst = std::max(worst, stage.worst);
+  }
+  std::printf("largest difference between the versions' outputs: %.3g\n", worst);
+  return worst <= 1e-3 ? 0 : 1;
+}

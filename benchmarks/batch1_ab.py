@@ -1,0 +1,52 @@
+"""The fast AlexNet-LCNN's kernel stages at batch 1 besides conv1, this checkout's lookup_kernel.h against another
+git revision's, timed side by side in one process (benchmarks/batch1_ab.cc: the dictionary stages of conv2-conv5,
+and fc6's lookups stored output by output and in chunks, cold and warm, on two threads).
+
+    python benchmarks/batch1_ab.py --base 20051d8 [--rounds 40] [--json results.json]
+
+Timed alternately, round by round, as benchmarks/first_layer_ab.py does (which has conv1). The build target is
+the kernel's (``LCNN_JAX_KERNEL_ARCH``, default native). Prints a table and, with ``--json``, writes it with the
+machine it ran on.
+"""
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+
+from ab_common import build_driver, fail
+
+DRIVER = "batch1_ab.cc"
+LINE = re.compile(r"^(base|current) (.+): ([\d.]+) ms$")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--base", required=True, help="the git revision to compare against")
+  parser.add_argument("--rounds", type=int, default=40, help="timed rounds")
+  parser.add_argument("--json", help="write the table here as JSON")
+  args = parser.parse_args()
+  if args.rounds < 1:
+    fail(f"--rounds {args.rounds}: expected at least 1.")
+  with tempfile.TemporaryDirectory() as tmp:
+    binary, described = build_driver(DRIVER, args.base, tmp)
+    run = subprocess.run([binary, str(args.rounds)], capture_output=True, text=True)
+  print(run.stdout, end="", flush=True)
+  if run.returncode != 0:
+    fail(f"the two versions disagree, or the driver failed:\n{run.stdout}{run.stderr}")
+  times = {}
+  for match in filter(None, map(LINE.match, run.stdout.splitlines())):
+    times.setdefault(match[2], {})[match[1]] = float(match[3])
+  print(f"\n{'stage':<28} {'base ms':>9} {'current ms':>10} {'change':>7}")
+  rows = []
+  for stage, t in times.items():
+    rows.append({"stage": stage, "base_ms": t["base"], "current_ms": t["current"]})
+    print(f"{stage:<28} {t['base']:>9.4f} {t['current']:>10.4f} {t['current'] / t['base'] - 1:>+7.1%}")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"machine": described.as_dict(), "base": args.base, "rounds": args.rounds, "rows": rows}, f,
+                indent=1)
+
+
+if __name__ == "__main__":
+  main()
