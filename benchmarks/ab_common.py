@@ -1,5 +1,6 @@
 """What the A/B drivers in benchmarks/ share: a revision's lookup_kernel.h renamed to link beside this checkout's,
 the compile command for a driver against both, and the one-paragraph error with exit code 2."""
+import json
 import os
 import re
 import subprocess
@@ -46,3 +47,11 @@ def build_driver(driver: str, revision: str, directory: str):
     fail(f"the driver did not compile against --base {revision} (its header may predate an entry point the "
          "driver calls); pick a later revision.")
   return binary, described
+
+
+def write_json(path: str | None, described, revision: str, rounds: int, rows: list) -> None:
+  """Writes the table's ``rows`` to ``path`` (nothing when None) with the machine, the base revision and the
+  rounds."""
+  if path:
+    with open(path, "w") as f:
+      json.dump({"machine": described.as_dict(), "base": revision, "rounds": rounds, "rows": rows}, f, indent=1)

@@ -9,12 +9,11 @@ the kernel's (``LCNN_JAX_KERNEL_ARCH``, default native). Prints a table and, wit
 machine it ran on.
 """
 import argparse
-import json
 import re
 import subprocess
 import tempfile
 
-from ab_common import build_driver, fail
+from ab_common import build_driver, fail, write_json
 
 DRIVER = "batch1_ab.cc"
 LINE = re.compile(r"^(base|current) (.+): ([\d.]+) ms$")
@@ -42,10 +41,7 @@ def main() -> None:
   for stage, t in times.items():
     rows.append({"stage": stage, "base_ms": t["base"], "current_ms": t["current"]})
     print(f"{stage:<28} {t['base']:>9.4f} {t['current']:>10.4f} {t['current'] / t['base'] - 1:>+7.1%}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"machine": described.as_dict(), "base": args.base, "rounds": args.rounds, "rows": rows}, f,
-                indent=1)
+  write_json(args.json, described, args.base, args.rounds, rows)
 
 
 if __name__ == "__main__":

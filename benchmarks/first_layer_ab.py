@@ -11,12 +11,11 @@ target is the kernel's (``LCNN_JAX_KERNEL_ARCH``, default native). Prints a tabl
 it with the machine it ran on.
 """
 import argparse
-import json
 import re
 import subprocess
 import tempfile
 
-from ab_common import build_driver, fail
+from ab_common import build_driver, fail, write_json
 
 DRIVER = "first_layer_ab.cc"
 LINE = re.compile(r"^(base|current) batch (\d+) tile (\d+): dictionary ([\d.]+) ms, pooled lookups ([\d.]+) ms, "
@@ -58,10 +57,7 @@ def main() -> None:
       for stage in ("dictionary_ms", "pooled_lookups_ms", "layer_ms"):
         change = current[stage] / base[stage] - 1
         print(f"{batch:>5} {tile:>8} {stage[:-3]:<15} {base[stage]:>9.3f} {current[stage]:>10.3f} {change:>+7.1%}")
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"machine": described.as_dict(), "base": args.base, "rounds": args.rounds, "rows": rows}, f,
-                indent=1)
+  write_json(args.json, described, args.base, args.rounds, rows)
 
 
 if __name__ == "__main__":
