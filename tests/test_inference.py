@@ -425,6 +425,38 @@ def test_auto_backends_are_measured_once_then_read_from_the_cache(tmp_path, monk
   assert inference.choose_backends({"a": layer}, 2) == (choice, timings)
 
 
+def test_close_backends_are_timed_again_side_by_side_and_the_side_by_side_times_decide(tmp_path, monkeypatch, rng):
+  # Timed alone, "factored" looks 10% faster (within tuning.CLOSE of "dense"); side by side, "dense" is faster:
+  # the side-by-side times decide, and the cache keeps them, so the next choice measures nothing.
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  alone = {"dense": 1.0, "factored": 0.9}
+  monkeypatch.setattr(tuning, "time_layer", lambda layer, backend, *args, **kwargs: alone[backend])
+  side_by_side = []
+  def interleaved(fns, **kwargs):
+    side_by_side.append(sorted(fns))
+    for fn in fns.values():
+      fn()  # each is a real call of the layer on its backend
+    return {"dense": 0.5, "factored": 0.8}
+  monkeypatch.setattr(tuning, "interleaved_ms", interleaved)
+  choice, timings = inference.choose_backends({"a": layer}, 2, candidates=["dense", "factored"])
+  assert side_by_side == [["dense", "factored"]]
+  assert choice == {"a": "dense"} and timings == {"a": {"dense": 0.5, "factored": 0.8}}
+  monkeypatch.setattr(tuning, "time_layer", lambda *args, **kwargs: pytest.fail("measured a cached layer"))
+  monkeypatch.setattr(tuning, "interleaved_ms", lambda *args, **kwargs: pytest.fail("timed cached layers again"))
+  assert inference.choose_backends({"a": layer}, 2, candidates=["dense", "factored"]) == (choice, timings)
+
+
+def test_a_backend_far_behind_is_not_timed_again_side_by_side(tmp_path, monkeypatch, rng):
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  layer = random_layer(rng, **LAYER_CASES["3x3_pad1"])
+  alone = {"dense": 1.0, "factored": 1.0 * tuning.CLOSE * 1.01}
+  monkeypatch.setattr(tuning, "time_layer", lambda layer, backend, *args, **kwargs: alone[backend])
+  monkeypatch.setattr(tuning, "interleaved_ms", lambda *args, **kwargs: pytest.fail("timed a hopeless backend"))
+  assert inference.choose_backends({"a": layer}, 2, candidates=["dense", "factored"]) == (
+      {"a": "dense"}, {"a": alone})
+
+
 @pytest.mark.parametrize("changed", ["kernel build", "cpu"])
 def test_cached_timings_do_not_outlive_the_kernel_build_or_cpu_they_were_measured_with(changed, tmp_path,
                                                                                        monkeypatch, rng):
