@@ -1147,9 +1147,9 @@ void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, c
 #if defined(__AVX512F__)
 constexpr int kDenseTileFloats = 256;  // 16 of 32 zmm
 #elif defined(__AVX__)
-constexpr int kDenseTileFloats = 96;  // 12 of 16 ymm
+constexpr int kDenseTileFloats = 96;  // 12 of 16 ymm: 1.6-1.7x the untiled stage, where 8 (2 outputs) gave 1.05-1.1x
 #elif defined(__ARM_NEON) || defined(__aarch64__)
-constexpr int kDenseTileFloats = 96;  // 24 of 32 q registers
+constexpr int kDenseTileFloats = 64;  // 16 of 32 q registers, with 8 more for a block of 32 columns of x (not timed)
 #else
 constexpr int kDenseTileFloats = 48;  // 12 of 16 xmm
 #endif
