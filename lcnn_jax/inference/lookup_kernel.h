@@ -1172,7 +1172,8 @@ void DenseColumnsTile(const float* x, const Value* w, const float* scale, const 
   const float* base = x + start;
   for (int64_t c = 0; c < m; ++c) {
     // The block's rows of x lie p apart, too far apart for the hardware prefetchers to follow where x is not in
-    // cache yet: the next block's row c is asked for as this one's is read.
+    // cache yet: the next block's row c is asked for as this one's is read (past the end of x on the last block,
+    // which a prefetch may: it never faults).
     __builtin_prefetch(base + c * p + block);
     __builtin_prefetch(base + c * p + 2 * block - 1);
     vnative xv[P];
