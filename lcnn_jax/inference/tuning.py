@@ -16,7 +16,6 @@ calls) re-tunes a model measured on another CPU once, keeping the result per fil
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -106,10 +105,15 @@ def layer_call(layer: LookupLayer, backend: str, batch_size: int) -> tuple[Calla
   return fn, (params, x)
 
 
+def _blocking_layer_call(layer: LookupLayer, backend: str, batch_size: int) -> Callable[[], object]:
+  """:func:`layer_call` as one call with no arguments that blocks until the result is ready, for timing."""
+  fn, args = layer_call(layer, backend, batch_size)
+  return lambda: jax.block_until_ready(fn(*args))
+
+
 def time_layer(layer: LookupLayer, backend: str, batch_size: int, give_up_ms: float | None = None) -> float:
   """Median milliseconds of one call of ``layer`` on ``backend`` at ``batch_size`` (see :func:`median_ms`)."""
-  fn, args = layer_call(layer, backend, batch_size)
-  return median_ms(lambda: jax.block_until_ready(fn(*args)), give_up_ms=give_up_ms)
+  return median_ms(_blocking_layer_call(layer, backend, batch_size), give_up_ms=give_up_ms)
 
 
 # How time_layer measures; a change to it makes the timings cached before it stale.
@@ -233,10 +237,7 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
     # cache keeps those times, so a layer read from it is not timed again.
     close = [b for b in timings[name] if timings[name][b] <= CLOSE * min(timings[name].values())]
     if len(close) > 1 and fresh & set(close):
-      calls = {}
-      for backend in close:
-        fn, args = layer_call(layer, backend, batch_size)
-        calls[backend] = functools.partial(lambda fn, args: jax.block_until_ready(fn(*args)), fn, args)
+      calls = {backend: _blocking_layer_call(layer, backend, batch_size) for backend in close}
       for backend, ms in interleaved_ms(calls, min_seconds=LAYER_SIDE_BY_SIDE_SECONDS).items():
         cache.put(_cache_key(layer, backend, batch_size), ms)
         timings[name][backend] = ms
