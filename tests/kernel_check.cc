@@ -417,10 +417,14 @@ int main(int argc, char** argv) {
     CheckDenseStages<lcnn::BF16>(pool, 64, 19, rows);
     CheckDenseStages<int8_t>(pool, 130, 16, rows);
   }
-  // The column stage's tiles of outputs: fewer outputs than a tile (5), a last tile overlapping the one before
-  // (30 = 3 tiles of 8 and 6 more, or 5 of 6 on AVX2), 17 columns (blocks of 16), and a conv4-like stage at
-  // batch 1 (384 inputs, 15 x 15 columns) large enough for the pool's threads.
+  // The column stage's tiles of R outputs (kDenseTileOutputs: 8 with AVX-512, 3 with AVX2, 2 on NEON, per block
+  // of 32 columns; twice as many per block of 16): fewer outputs than a tile (1, 2, and 5 with AVX-512), a last
+  // tile overlapping the one before (30 = 3 tiles of 8 and an overlapping 4th with AVX-512; 5 = 3 and an
+  // overlapping 3 with AVX2; 5 on NEON), 17 columns (blocks of 16), and a conv4-like stage at batch 1 (384 inputs,
+  // 15 x 15 columns) large enough for the pool's threads.
   for (int64_t rows : {17, 33, 225}) {
+    CheckDenseStages<float>(pool, 7, 1, rows);
+    CheckDenseStages<float>(pool, 12, 2, rows);
     CheckDenseStages<float>(pool, 9, 5, rows);
     CheckDenseStages<float>(pool, 384, 30, rows);
     CheckDenseStages<int8_t>(pool, 40, 30, rows);
