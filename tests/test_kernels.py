@@ -95,6 +95,35 @@ def test_struct_attributes_reach_the_kernel(rng):
 
 
 @pytest.mark.kernel
+@pytest.mark.parametrize("backend", ["lookup", "lookup:chunk=256"])
+def test_serial_work_threshold_moves_work_between_threads_not_results(backend, rng):
+  """kernels.set_serial_work sets the work below which a call stays on one thread and returns the value in force;
+  a layer run on the calling thread alone (a threshold above its work) and split among the pool's threads (0)
+  equals the float64 convolution both ways, at batch 1 and 3."""
+  layer = random_layer(rng, m=24, n=40, k=12, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=(9, 11),
+                       density=0.3)
+  before = kernels.set_serial_work()
+  assert before >= 0
+  with pytest.raises(ValueError, match="serial work -1"):
+    kernels.set_serial_work(-1)
+  impl = backends.get_backend(backend)
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  try:
+    for batch in (1, 3):
+      layout = impl.input_layout(layer, batch)
+      x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+      v = layouts.convert(jnp.asarray(x), layouts.NHWC, layout)
+      expected = dense_reference(layer, x)
+      for value in (1 << 40, 0):
+        assert kernels.set_serial_work(value) == value == kernels.set_serial_work()
+        got = np.asarray(layouts.convert(*impl.apply(layer, params, v, layout), layouts.NHWC))
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  finally:
+    kernels.set_serial_work(before)
+  assert kernels.set_serial_work() == before
+
+
+@pytest.mark.kernel
 @pytest.mark.parametrize("values", ["float32", "int8"])
 def test_network_equals_float64_layers(values, rng):
   """lcnn_network over two lookup steps (the first with a fused dictionary, ReLU and pooling; the second with a

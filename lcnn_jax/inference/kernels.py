@@ -190,6 +190,9 @@ def _load() -> str:
     isa.restype = ctypes.c_char_p
     _ISA[library] = isa().decode()
     _BF16_DOT[library] = bool(loaded.LcnnKernelBf16Dot())
+    serial_work = loaded.LcnnSerialWork
+    serial_work.restype, serial_work.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    _SERIAL_WORK[library] = serial_work
   except (OSError, AttributeError) as e:
     raise KernelUnavailable(f"Loading the lookup kernel {library} failed: {e}. Delete that directory to rebuild.")
   for target, handler in handlers.items():
@@ -234,6 +237,7 @@ def kernel_available() -> tuple[bool, str]:
 
 _ISA: dict[str, str] = {}
 _BF16_DOT: dict[str, bool] = {}
+_SERIAL_WORK: dict[str, Any] = {}
 
 
 def kernel_bf16_dot() -> bool:
@@ -241,6 +245,16 @@ def kernel_bf16_dot() -> bool:
   and the dictionary stage of a layer stored in bfloat16 or int8): built for a CPU that has them."""
   available, library = kernel_available()
   return available and _BF16_DOT[library]
+
+
+def set_serial_work(value: int | None = None) -> int:
+  """The work (multiply-adds, or bytes moved) below which a kernel call runs on its calling thread alone; set to
+  ``value`` first where given. For benchmarks (``benchmarks/serial_work_ab.py`` times a model under several
+  values in one process); the default suits the machines measured. Raises
+  :class:`KernelUnavailable` where no kernel loads."""
+  if value is not None and value < 0:
+    raise ValueError(f"serial work {value}: expected a count >= 0.")
+  return _SERIAL_WORK[ensure_kernel()](-1 if value is None else int(value))
 
 
 def kernel_arch() -> str:

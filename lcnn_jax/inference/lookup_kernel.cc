@@ -610,6 +610,13 @@ extern "C" int LcnnKernelBf16Dot() {
 #endif
 }
 
+// The work (multiply-adds or bytes) below which a call stays on the calling thread: set when `value` >= 0; the
+// value in force is returned (kernels.set_serial_work).
+extern "C" int64_t LcnnSerialWork(int64_t value) {
+  if (value >= 0) lcnn::serial_work.store(value);
+  return lcnn::serial_work.load();
+}
+
 // The vector ISA this build targets (kernels.kernel_arch reports it beside every timing).
 extern "C" const char* LcnnKernelIsa() {
 #if defined(__AVX512F__)

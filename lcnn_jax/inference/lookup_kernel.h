@@ -623,16 +623,19 @@ struct Progress {
   std::atomic<int64_t> done{0};
 };
 
-// Work below this many multiply-adds (or bytes moved) runs on the calling thread alone: waking a pool thread
-// costs tens of microseconds, more than such a layer takes (measured on AlexNet's 13×13 layers at batch 1).
-constexpr int64_t kSerialWork = 1 << 21;
+// Work below this many multiply-adds (or bytes moved) runs on the calling thread alone (kernels.set_serial_work
+// changes it, for benchmarks/serial_work_ab.py). ParallelFor never waits for a helper that has not started, so a
+// late helper costs little: the fast AlexNet-LCNN at batch 1 ran 10-12% faster under 2^14 than under 2^21, the
+// value before, which kept conv1's and conv3-conv5's dictionary stages and conv3-conv5's lookups (0.5-2 M
+// multiply-adds each) on one thread (AMD EPYC Zen 4, 2 cores).
+inline std::atomic<int64_t> serial_work{1 << 14};
 
 // Runs items [0, total) on the calling thread and the XLA CPU thread pool. Idle helpers find no items and
 // return, so the caller never waits on a task that has not started: it waits only for items in progress.
 // `cost` estimates the whole work (multiply-adds or bytes); small work stays on the calling thread.
 template <typename Pool, typename Work>
 void ParallelFor(Pool& pool, int64_t total, int64_t cost, Work work) {
-  if (cost < kSerialWork) {
+  if (cost < serial_work.load(std::memory_order_relaxed)) {
     work(0, total);
     return;
   }
