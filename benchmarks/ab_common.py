@@ -55,3 +55,88 @@ def write_json(path: str | None, described, revision: str, rounds: int, rows: li
   if path:
     with open(path, "w") as f:
       json.dump({"machine": described.as_dict(), "base": revision, "rounds": rounds, "rows": rows}, f, indent=1)
+
+
+def interleaved_rounds(calls: dict, seconds: float, min_rounds: int = 5) -> tuple[int, dict]:
+  """Times each of ``calls`` (no arguments, blocking) once per round, in turn, until ``seconds`` pass and at least
+  ``min_rounds`` rounds ran, so that a slow spell of the machine falls on all alike; returns (rounds, median ms
+  of each)."""
+  import time  # pylint: disable=import-outside-toplevel
+
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  times = {name: [] for name in calls}
+  start, rounds = time.perf_counter(), 0
+  while rounds < min_rounds or time.perf_counter() - start < seconds:
+    for name, call in calls.items():
+      begin = time.perf_counter()
+      call()
+      times[name].append(time.perf_counter() - begin)
+    rounds += 1
+  return rounds, {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+
+
+def print_changes(heading: str, medians: dict, notes: dict | None = None) -> list:
+  """Prints each variant's median ms and its change against the first; returns the rows."""
+  first = next(iter(medians.values()))
+  print(f"\n{heading:>16} {'ms':>8} {'change':>7}")
+  rows = []
+  for name, ms in medians.items():
+    note = (notes or {}).get(name, "")
+    rows.append({"variant": name, "ms": ms, "change": ms / first - 1})
+    print(f"{name:>16} {ms:>8.3f} {ms / first - 1:>+7.1%}{'  ' + note if note else ''}")
+  return rows
+
+
+def add_model_arguments(parser) -> None:
+  """The options of a whole-model A/B: the bench model, its batch, the time budget, the seed and --json."""
+  parser.add_argument("--model", default="alexnet", choices=("alexnet", "resnet18"))
+  parser.add_argument("--preset", default="fast", choices=("fast", "accurate"))
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--seconds", type=float, default=40.0, help="time budget of the timed rounds")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--json", help="write the table here as JSON")
+
+
+def bench_model(args):
+  """The model of ``python -m lcnn_jax.bench`` for ``args`` (see :func:`add_model_arguments`), built and tuned
+  once, and its images; prints the machine and the backends chosen. Returns (setup, images, the machine)."""
+  if args.batch < 1 or args.seconds <= 0:
+    fail(f"--batch {args.batch} / --seconds {args.seconds}: expected a batch >= 1 and a positive time.")
+  sys.path.insert(0, REPO)
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lcnn_jax import bench  # pylint: disable=import-outside-toplevel
+  from lcnn_jax.inference import kernels, machine  # pylint: disable=import-outside-toplevel
+
+  described = machine.describe()
+  print(described.line(), flush=True)
+  try:
+    kernels.ensure_kernel()
+  except kernels.KernelUnavailable as error:
+    fail(f"the lookup kernel is not available here: {error}")
+  print(f"Building and tuning {args.model} {args.preset} at batch {args.batch} ...", flush=True)
+  setup = bench.build(args.model, args.preset, args.batch, None, args.seed)
+  print(f"backends: {setup.lcnn.backends}; one call: {setup.lcnn.chain is not None}", flush=True)
+  images = jax.numpy.asarray(np.random.default_rng(args.seed).standard_normal(
+      (args.batch, *setup.lcnn.input_shape), np.float32))
+  return setup, images, described
+
+
+def check_equal_logits(logits: dict) -> None:
+  """Fails unless every variant's logits equal the first's to float32 rounding."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  (first, reference), *others = logits.items()
+  for name, value in others:
+    if not np.allclose(value, reference, rtol=1e-5, atol=1e-5 * float(np.abs(reference).max())):
+      fail(f"the logits of {name} differ from those of {first} by {float(np.abs(value - reference).max()):.3g}.")
+
+
+def write_model_json(path: str | None, described, args, setup, rounds: int, rows: list) -> None:
+  """Writes a whole-model A/B's ``rows`` to ``path`` (nothing when None) with the machine and the model."""
+  if path:
+    with open(path, "w") as f:
+      json.dump({"machine": described.as_dict(), "model": args.model, "preset": args.preset, "batch": args.batch,
+                 "backends": setup.lcnn.backends, "one_call": setup.lcnn.chain is not None, "rounds": rounds,
+                 "rows": rows}, f, indent=1)

@@ -434,8 +434,12 @@ int main(int argc, char** argv) {
     CheckMaxPool(pool, 3, 12, 11, batch, 3, 2, 1, true);
     CheckMaxPool(pool, 2, 8, 8, batch, 2, 2, 0, false);
   }
-  CheckMaxPool(pool, 96, 55, 55, 1, 3, 2, 0, true);   // AlexNet's first pooling at batch 1: one thread
-  CheckMaxPool(pool, 300, 61, 61, 1, 3, 2, 1, false);  // enough work for the pool's threads
+  CheckMaxPool(pool, 96, 55, 55, 1, 3, 2, 0, true);   // AlexNet's first pooling at batch 1
+  CheckMaxPool(pool, 300, 61, 61, 1, 3, 2, 1, false);  // more work
+  CheckMaxPool(pool, 5, 9, 71, 1, 3, 2, 1, true);      // 36 pooled columns: two whole vectors and a part
+  CheckMaxPool(pool, 1, 4, 5, 1, 2, 2, 1, false);      // one channel, a pooled row shorter than a vector
+  CheckMaxPool(pool, 3, 10, 40, 1, 3, 1, 1, false);    // column strides other than 2: the loops for any stride
+  CheckMaxPool(pool, 3, 10, 40, 1, 3, 3, 0, true);
   std::printf("%d of %d checks failed\n", failures, checks);
   return failures ? 1 : 0;
 }
