@@ -53,8 +53,11 @@ def write_json(path: str | None, described, revision: str, rounds: int, rows: li
   """Writes the table's ``rows`` to ``path`` (nothing when None) with the machine, the base revision and the
   rounds."""
   if path:
+    resolved = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", revision], capture_output=True,
+                              text=True).stdout.strip()  # HEAD and branch names move: keep the commit
     with open(path, "w") as f:
-      json.dump({"machine": described.as_dict(), "base": revision, "rounds": rounds, "rows": rows}, f, indent=1)
+      json.dump({"machine": described.as_dict(), "base": resolved or revision, "rounds": rounds, "rows": rows}, f,
+                indent=1)
 
 
 def interleaved_rounds(calls: dict, seconds: float, min_rounds: int = 5) -> tuple[int, dict]:
