@@ -642,9 +642,9 @@ struct Progress {
 
 // Work below this many multiply-adds (or bytes moved) runs on the calling thread alone (kernels.set_serial_work
 // changes it, for benchmarks/serial_work_ab.py). ParallelFor never waits for a helper that has not started, so a
-// late helper costs little: the fast AlexNet-LCNN at batch 1 ran 10-12% faster under 2^14 than under 2^21, the
+// late helper costs little: at batch 1 the fast AlexNet-LCNN took 9% less time under 2^14 than under 2^21, the
 // value before, which kept conv1's and conv3-conv5's dictionary stages and conv3-conv5's lookups (0.5-2 M
-// multiply-adds each) on one thread (AMD EPYC Zen 4, 2 cores).
+// multiply-adds each) on one thread; the accurate one 6%, the fast ResNet-18 LCNN 12% (AMD EPYC Zen 4, 2 cores).
 inline std::atomic<int64_t> serial_work{1 << 14};
 
 // Runs items [0, total) on the calling thread and the XLA CPU thread pool. Idle helpers find no items and
