@@ -60,25 +60,6 @@ def write_json(path: str | None, described, revision: str, rounds: int, rows: li
                 indent=1)
 
 
-def interleaved_rounds(calls: dict, seconds: float, min_rounds: int = 5) -> tuple[int, dict]:
-  """Times each of ``calls`` (no arguments, blocking) once per round, in turn, until ``seconds`` pass and at least
-  ``min_rounds`` rounds ran, so that a slow spell of the machine falls on all alike; returns (rounds, median ms
-  of each)."""
-  import time  # pylint: disable=import-outside-toplevel
-
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  times = {name: [] for name in calls}
-  start, rounds = time.perf_counter(), 0
-  while rounds < min_rounds or time.perf_counter() - start < seconds:
-    for name, call in calls.items():
-      begin = time.perf_counter()
-      call()
-      times[name].append(time.perf_counter() - begin)
-    rounds += 1
-  return rounds, {name: float(np.median(t)) * 1e3 for name, t in times.items()}
-
-
 def print_changes(heading: str, medians: dict, notes: dict | None = None) -> list:
   """Prints each variant's median ms and its change against the first; returns the rows."""
   first = next(iter(medians.values()))
@@ -136,10 +117,11 @@ def check_equal_logits(logits: dict) -> None:
       fail(f"the logits of {name} differ from those of {first} by {float(np.abs(value - reference).max()):.3g}.")
 
 
-def write_model_json(path: str | None, described, args, setup, rounds: int, rows: list) -> None:
-  """Writes a whole-model A/B's ``rows`` to ``path`` (nothing when None) with the machine and the model."""
+def write_model_json(path: str | None, described, args, setup, rows: list) -> None:
+  """Writes a whole-model A/B's ``rows`` to ``path`` (nothing when None) with the machine, the model and the
+  time budget."""
   if path:
     with open(path, "w") as f:
       json.dump({"machine": described.as_dict(), "model": args.model, "preset": args.preset, "batch": args.batch,
-                 "backends": setup.lcnn.backends, "one_call": setup.lcnn.chain is not None, "rounds": rounds,
-                 "rows": rows}, f, indent=1)
+                 "backends": setup.lcnn.backends, "one_call": setup.lcnn.chain is not None,
+                 "seconds": args.seconds, "rows": rows}, f, indent=1)

@@ -10,9 +10,9 @@ variant once, in turn; the logits are checked equal. Prints a table and, with ``
 machine it ran on.
 """
 import argparse
+import sys
 
-from ab_common import (add_model_arguments, bench_model, check_equal_logits, fail, interleaved_rounds,
-                       print_changes, write_model_json)
+from ab_common import add_model_arguments, bench_model, check_equal_logits, fail, print_changes, write_model_json
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from lcnn_jax.inference import backends  # pylint: disable=import-outside-toplevel
+  from lcnn_jax.inference import backends, tuning  # pylint: disable=import-outside-toplevel
 
   kernel = setup.lcnn.with_backends(setup.lcnn.backends, chain=False)
   xla = setup.lcnn.with_backends(setup.lcnn.backends, chain=False)
@@ -39,10 +39,10 @@ def main() -> None:
     backends.max_pool_chwn = pool_in_kernel
   logits = {"kernel": np.asarray(kernel(images)), **logits}
   check_equal_logits(logits)
-  rounds, medians = interleaved_rounds({name: lambda m=m: jax.block_until_ready(m(images))
-                                        for name, m in (("xla", xla), ("kernel", kernel))}, args.seconds)
-  print(f"\n{rounds} rounds")
-  write_model_json(args.json, described, args, setup, rounds, print_changes("pooling in", medians))
+  medians = tuning.interleaved_ms({name: lambda m=m: jax.block_until_ready(m(images))
+                                   for name, m in (("xla", xla), ("kernel", kernel))}, min_seconds=args.seconds,
+                                  max_rounds=sys.maxsize)
+  write_model_json(args.json, described, args, setup, print_changes("pooling in", medians))
 
 
 if __name__ == "__main__":

@@ -11,9 +11,9 @@ that a slow spell of the machine falls on every value alike. The logits under ea
 first's. Prints a table and, with ``--json``, writes it with the machine it ran on.
 """
 import argparse
+import sys
 
-from ab_common import (add_model_arguments, bench_model, check_equal_logits, fail, interleaved_rounds,
-                       print_changes, write_model_json)
+from ab_common import add_model_arguments, bench_model, check_equal_logits, fail, print_changes, write_model_json
 
 
 def parse_values(text: str) -> list[int]:
@@ -38,7 +38,7 @@ def main() -> None:
 
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from lcnn_jax.inference import kernels  # pylint: disable=import-outside-toplevel
+  from lcnn_jax.inference import kernels, tuning  # pylint: disable=import-outside-toplevel
 
   default = kernels.set_serial_work()
 
@@ -48,15 +48,15 @@ def main() -> None:
 
   try:
     check_equal_logits({f"threshold {v}": np.asarray(call(v)) for v in values})
-    rounds, medians = interleaved_rounds({str(v): lambda v=v: call(v) for v in values}, args.seconds)
+    medians = tuning.interleaved_ms({str(v): lambda v=v: call(v) for v in values}, min_seconds=args.seconds,
+                                    max_rounds=sys.maxsize)
   finally:
     kernels.set_serial_work(default)
-  print(f"\n{rounds} rounds")
   rows = print_changes("serial work <", medians, {str(default): "(default)"})
   for row in rows:
     row["serial_work"] = int(row.pop("variant"))
     row["default"] = row["serial_work"] == default
-  write_model_json(args.json, described, args, setup, rounds, rows)
+  write_model_json(args.json, described, args, setup, rows)
 
 
 if __name__ == "__main__":
