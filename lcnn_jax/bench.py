@@ -47,7 +47,9 @@ lookup kernel's ISA).
 ``fastest_dense_*`` among the float32 engines; the ``fastest_lcnn_*`` figures name the fastest way to run the LCNN
 — this runtime's mix, its bf16/int8 storage, its ONNX export on ONNX Runtime or OpenVINO — in float32 against
 the fastest float32 dense engine, and in any precision against the fastest dense engine in any precision;
-``"auto_backends_by_precision"``: the mix tuned for each further ``--precision``); ``--layers`` adds the chosen
+``"auto_backends_by_precision"``: the mix tuned for each further ``--precision``; ``"xla_convolutions"``: who
+runs the dense convolutions XLA compiles in the CNN and in the LCNN, ``default`` or ``xla``, each measured
+faster here, :func:`lcnn_jax.inference.tuning.choose_convolutions`); ``--layers`` adds the chosen
 mix's per-layer times against each layer's memory-traffic, arithmetic and (lookup kernel) L2-bandwidth floors,
 measured on this machine, and names the floor that binds (``"layers"``: ``memory_floor_ms``,
 ``arithmetic_floor_ms``, ``l2_floor_ms``, ``binding_floor``, ``floor_ratio``; ``"floors"``: ``bandwidth_gbs``,
@@ -164,6 +166,7 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
     set_random_sparsity(lcnn_module, density, rng)
   count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
   dense = exporter.inference_model(dense_module, input_shape, backends="dense")
+  dense, _ = tuning.choose_convolutions(dense, batch)  # XLA's convolutions as the faster way here, as the LCNN's
   lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch, precision=precision)
   return Setup(dense, lcnn, lcnn_module, count_speedup, density)
 
@@ -407,6 +410,7 @@ def run(model: str, preset: str, batch: int, *, checkpoint: str | None = None,
                     *(v for v in variants if v.endswith(("-per-layer", "-one-call", "-unfused")))]]
   result = {"machine": machine.describe().as_dict(), "rows": rows, "device": tuning.device_name(),
             "density": setup.density, "precision": precision, "auto_backends": setup.lcnn.backends,
+            "xla_convolutions": {"cnn": setup.dense.convolutions, "lcnn": setup.lcnn.convolutions},
             **({"auto_backends_by_precision": {p: variants[f"auto {p}"].backends for p in precisions[1:]}}
                if precisions[1:] else {}),
             "baselines": {**{e: {"dense_ms": ms, "precision": engines[e].precision} for e, ms in dense_ms.items()},
@@ -457,6 +461,9 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"{r['model']:<{width}} {r['preset']:<9} {r['batch']:>5} {r['backend']:<13} {r['dense_ms']:>10.3f} "
                  f"{r['lcnn_ms']:>10.3f} {r['wall_speedup']:>8.2f} {r['count_speedup']:>8.2f}")
   lines.append("auto: " + ", ".join(f"{k}={v}" for k, v in result["auto_backends"].items()))
+  if "xla_convolutions" in result:
+    lines.append("XLA's dense convolutions run by: " + ", ".join(f"{k} {v}" for k, v in
+                                                                   result["xla_convolutions"].items()))
   for p, mix in result.get("auto_backends_by_precision", {}).items():
     lines.append(f"auto {p}: " + ", ".join(f"{k}={v}" for k, v in mix.items()))
   if "baselines" in result:

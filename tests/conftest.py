@@ -28,6 +28,28 @@ def pytest_configure(config):
                           f"build, failed instead under {REQUIRE_KERNEL}=1)")
 
 
+ONLY_BACKENDS = "LCNN_JAX_TEST_BACKENDS"
+"""A comma-separated list of backends (``lookup``): tests parametrised with another ``backend`` are deselected.
+tests/test_kernel_arch.py sets it to run only the kernel's cases against a build for another target."""
+
+
+def pytest_collection_modifyitems(config, items):
+  """Deselects the cases of backends outside ``LCNN_JAX_TEST_BACKENDS`` (``lookup:tile=0`` counts as ``lookup``)."""
+  wanted = os.environ.get(ONLY_BACKENDS)
+  if not wanted:
+    return
+  wanted = {name.strip() for name in wanted.split(",")}
+  kept, dropped = [], []
+  for item in items:
+    callspec = getattr(item, "callspec", None)
+    backend = callspec.params.get("backend") if callspec is not None else None
+    outside = isinstance(backend, str) and backend.partition(":")[0] not in wanted
+    (dropped if outside else kept).append(item)
+  if dropped:
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = kept
+
+
 def pytest_runtest_setup(item):
   """Skips, with the reason, a test marked ``kernel`` or parametrised with an unavailable ``backend``."""
   callspec = getattr(item, "callspec", None)

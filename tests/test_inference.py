@@ -2,6 +2,7 @@
 
 import functools
 import logging
+import time
 import zlib
 
 import jax
@@ -504,6 +505,56 @@ def test_an_export_from_another_cpu_is_tuned_again_here_once_with_equal_logits(t
     inference.load(path, retune=True)
 
 
+@pytest.mark.parametrize("faster", model_lib.CONVOLUTIONS)
+def test_dense_convolutions_run_by_xla_keep_the_logits_and_the_tuner_keeps_the_faster_way(faster, tmp_path,
+                                                                                           monkeypatch):
+  ok, reason = model_lib.xla_convolutions_available()
+  if not ok:
+    pytest.skip(reason)
+  monkeypatch.setenv("LCNN_JAX_CACHE", str(tmp_path))
+  model, input_shape, x, expected = _trained_model_and_logits("digits-lcnn")
+  dense = inference.inference_model(model, input_shape, backends="dense")  # every lookup layer a convolution
+  assert dense.convolutions == "default" and dense.has_convolutions(3)
+  assert not inference.inference_model(model, input_shape, backends="lookup").has_convolutions(3)
+  by_xla = dense.with_backends("dense", convolutions="xla")
+  np.testing.assert_allclose(np.asarray(by_xla(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  compiled = {m.convolutions: m._forward.lower(m.params(), jnp.asarray(x)).compile().as_text() for m in (dense, by_xla)}
+  conv = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1), padding="SAME",
+                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  probe = jax.jit(conv).lower(jnp.ones((1, 27, 27, 64)), jnp.ones((5, 5, 64, 64))).compile().as_text()
+  if "__ynn_fusion" in probe:  # where XLA hands convolutions to YNNPACK, "xla" takes them back
+    assert compiled["xla"].count("__ynn_fusion") < compiled["default"].count("__ynn_fusion")
+  with pytest.raises(ValueError, match="convolutions='eigen'"):
+    dense.with_backends("dense", convolutions="eigen")
+
+  # The tuner times both ways on the whole model, side by side, and keeps the faster; the file keeps it.
+  monkeypatch.setattr(tuning, "candidate_backends", lambda: ["dense"])
+  monkeypatch.setattr(tuning, "SIDE_BY_SIDE_SECONDS", 0.0)
+  timed = []
+
+  def model_call(variant, batch_size):
+    def call():
+      timed.append(variant.convolutions)
+      time.sleep(0.001 if variant.convolutions == faster else 0.004)
+    return call
+
+  monkeypatch.setattr(tuning, "_model_call", model_call)
+  tuned = inference.inference_model(model, input_shape, backends="auto", batch_size=3)
+  assert set(timed) == set(model_lib.CONVOLUTIONS)
+  assert tuned.convolutions == tuned.tuning["convolutions"] == faster
+  chosen = tuned.tuning["chosen"]
+  assert {f"{chosen}, convolutions {name}" for name in model_lib.CONVOLUTIONS} <= set(tuned.tuning["model_ms"])
+  inference.save(tuned, tmp_path / "model.npz")
+  loaded = inference.load(tmp_path / "model.npz")
+  assert loaded.convolutions == faster and loaded.with_backends("gather").convolutions == faster
+  np.testing.assert_allclose(np.asarray(loaded(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  # A model without dense convolutions is not timed both ways.
+  timed.clear()
+  monkeypatch.setattr(tuning, "candidate_backends", lambda: ["lookup"])
+  all_lookups = inference.inference_model(model, input_shape, backends="auto", batch_size=3)
+  assert "convolutions" not in all_lookups.tuning and all_lookups.convolutions == "default"
+
+
 # Benchmark helpers -------------------------------------------------------------------------------------------
 
 def test_synthetic_sparsity_gives_the_target_multiplication_speedup(rng):
@@ -529,7 +580,11 @@ def test_auto_export_picks_the_fastest_whole_model_and_keeps_the_logits(tmp_path
   model, input_shape, x, expected = _trained_model_and_logits("digits-lcnn")
   exported = inference.inference_model(model, input_shape, backends="auto", batch_size=3)
   assert exported.tuning["chosen"] in ["per-layer", *AVAILABLE]
-  assert set(exported.tuning["model_ms"]) == {"per-layer", *AVAILABLE}
+  # ... and, where the kept mix has dense convolutions, who runs them, both ways side by side
+  both_ways = {f"{exported.tuning['chosen']}, convolutions {name}" for name in model_lib.CONVOLUTIONS}
+  timed_both_ways = "convolutions" in exported.tuning
+  assert set(exported.tuning["model_ms"]) == {"per-layer", *AVAILABLE, *(both_ways if timed_both_ways else ())}
+  assert timed_both_ways == (exported.has_convolutions(3) and model_lib.xla_convolutions_available()[0])
   np.testing.assert_allclose(np.asarray(exported(x)), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 

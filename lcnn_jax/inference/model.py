@@ -9,6 +9,7 @@ as they were trained (XLA); a BatchNorm that does not directly follow a layer st
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -154,6 +155,34 @@ def max_pool_of(used: Sequence[backends_lib.Backend]) -> graph_lib.MaxPoolFn:
   return max_pool
 
 
+CONVOLUTIONS = ("default", "xla")
+"""Who runs the dense convolutions XLA compiles (a dense layer, a ``dense`` or ``factored`` lookup layer):
+``default`` as XLA decides (this jaxlib hands them to YNNPACK on CPU), ``xla`` XLA's own convolution emitter,
+dots and reductions left to YNNPACK. Which is faster depends on the CPU and the shapes; the tuner measures both
+(:func:`lcnn_jax.inference.tuning.choose_convolutions`). On an AMD EPYC Zen 4, XLA's emitter ran every
+AlexNet and ResNet convolution timed 3-50% faster than YNNPACK, at batch 1 and 32."""
+
+XLA_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                           "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+"""The compiler options of ``convolutions="xla"``: YNNPACK fuses dots and reductions, not convolutions."""
+
+
+@functools.cache
+def xla_convolutions_available() -> tuple[bool, str]:
+  """Whether ``convolutions="xla"`` compiles here (the option belongs to XLA's CPU compiler of this jaxlib),
+  and why not."""
+  if jax.default_backend() != "cpu":
+    return False, f"the default device is {jax.default_backend()}, not the CPU"
+  x, w = jnp.ones((1, 4, 4, 2), jnp.float32), jnp.ones((3, 3, 2, 2), jnp.float32)
+  conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  try:
+    jax.jit(conv, compiler_options=XLA_CONVOLUTION_OPTIONS).lower(x, w).compile()
+  except Exception as error:  # pylint: disable=broad-except  # an option this jaxlib does not know
+    return False, f"this jaxlib ({jax.__version__}) refuses the option: {str(error).splitlines()[0][:200]}"
+  return True, ""
+
+
 class InferenceModel:
   """A batch of NHWC images -> logits, with each lookup layer on its chosen backend.
 
@@ -167,15 +196,19 @@ class InferenceModel:
       ``mean``, ``std``), when known.
     tuning: how the backends were chosen (batch size, device, per-layer timings), when they were measured;
       its ``chain`` says whether batch 1 runs its leading layers in one kernel call (:mod:`chain`), as
-      measured against a call per layer (absent: it does, where the layers allow).
+      measured against a call per layer (absent: it does, where the layers allow); its ``convolutions``, who
+      runs the dense convolutions (:data:`CONVOLUTIONS`; absent: ``default``).
     chain: the layers a batch of 1 runs in one kernel call, or None (a call per layer).
+    convolutions: who runs the dense convolutions XLA compiles (:data:`CONVOLUTIONS`).
   """
 
   def __init__(self, graph: graph_lib.Graph, layers: Mapping[str, Layer], *, input_shape: Sequence[int],
                backends: Mapping[str, str] | str = "lookup", class_names: Sequence[str] | None = None,
                preprocessing: Mapping[str, Any] | None = None, tuning: Mapping[str, Any] | None = None,
-               chain: bool | None = None):
-    """``chain``: whether batch 1 may run its leading layers in one kernel call (None: as ``tuning`` says)."""
+               chain: bool | None = None, convolutions: str | None = None):
+    """``chain``: whether batch 1 may run its leading layers in one kernel call (None: as ``tuning`` says);
+    ``convolutions``: ``default`` or ``xla`` (:data:`CONVOLUTIONS`; None: as ``tuning`` says). ``xla`` where
+    this jaxlib cannot compile it falls back to ``default`` with a warning."""
     self.graph = graph
     self.layers = dict(layers)
     self.input_shape = tuple(input_shape)
@@ -190,7 +223,17 @@ class InferenceModel:
     if chain is None:
       chain = (self.tuning or {}).get("chain", True)
     self.chain = chain_lib.plan(graph, self.layers, self._impls, self.input_shape) if chain else None
-    self._forward = jax.jit(self._apply)
+    if convolutions is None:
+      convolutions = (self.tuning or {}).get("convolutions", "default")
+    if convolutions not in CONVOLUTIONS:
+      raise ValueError(f"convolutions={convolutions!r}: expected one of {', '.join(CONVOLUTIONS)}.")
+    if convolutions == "xla" and not xla_convolutions_available()[0]:
+      logging.warning("convolutions='xla' is unavailable (%s); XLA runs them as it decides.",
+                      xla_convolutions_available()[1])
+      convolutions = "default"
+    self.convolutions = convolutions
+    options = XLA_CONVOLUTION_OPTIONS if convolutions == "xla" else None
+    self._forward = jax.jit(self._apply, compiler_options=options)
 
   @property
   def precision(self) -> str:
@@ -219,12 +262,20 @@ class InferenceModel:
       resolved[name] = backend
     return resolved
 
-  def with_backends(self, choice: Mapping[str, str] | str, *, chain: bool | None = None) -> "InferenceModel":
+  def with_backends(self, choice: Mapping[str, str] | str, *, chain: bool | None = None,
+                    convolutions: str | None = None) -> "InferenceModel":
     """The same model with other backends: one name for every lookup layer, or a name per layer; ``chain``
-    whether batch 1 may run in one kernel call (None: as this model's ``tuning`` says)."""
+    whether batch 1 may run in one kernel call, ``convolutions`` who runs the dense convolutions (None: as this
+    model's ``tuning`` says)."""
     return InferenceModel(self.graph, self.layers, input_shape=self.input_shape, backends=choice,
                           class_names=self.class_names, preprocessing=self.preprocessing, tuning=self.tuning,
-                          chain=chain)
+                          chain=chain, convolutions=convolutions)
+
+  def has_convolutions(self, batch_size: int) -> bool:
+    """Whether XLA compiles a dense convolution in this model at ``batch_size`` (where ``convolutions`` can
+    matter)."""
+    images = jax.ShapeDtypeStruct((batch_size, *self.input_shape), jnp.float32)
+    return "convolution(" in jax.jit(self._apply).lower(self.params(), images).as_text(dialect="hlo")
 
   def params(self) -> dict[str, dict[str, jax.Array]]:
     """Every layer's arrays on the device, in the layout of its backend (prepared once)."""

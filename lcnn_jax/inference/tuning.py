@@ -30,6 +30,7 @@ from absl import logging
 
 from lcnn_jax.inference import backends as backends_lib
 from lcnn_jax.inference import kernels, layouts, machine
+from lcnn_jax.inference import model as model_lib
 from lcnn_jax.inference.records import LookupLayer
 
 
@@ -247,6 +248,22 @@ def choose_backends(layers: Mapping[str, LookupLayer], batch_size: int, *,
   return choice, timings
 
 
+def choose_convolutions(model, batch_size: int):
+  """``model`` with its dense convolutions run by whichever of XLA's choice and XLA's own emitter
+  (:data:`~lcnn_jax.inference.model.CONVOLUTIONS`) is faster here, timed side by side on the whole model at
+  ``batch_size``; and those times ({} where nothing was timed: no dense convolution in the model, or the option
+  unavailable in this jaxlib)."""
+  if not model_lib.xla_convolutions_available()[0] or not model.has_convolutions(batch_size):
+    return model, {}
+  chain = model.chain is not None
+  variants = {name: model if name == model.convolutions else
+              model.with_backends(model.backends, chain=chain, convolutions=name)
+              for name in model_lib.CONVOLUTIONS}
+  times = interleaved_ms({name: _model_call(variant, batch_size) for name, variant in variants.items()},
+                         min_seconds=SIDE_BY_SIDE_SECONDS)
+  return variants[min(times, key=times.get)], times
+
+
 def tune(model, batch_size: int):
   """An :class:`~lcnn_jax.inference.model.InferenceModel` on the fastest backends at ``batch_size`` here: per
   layer, then checked on the whole model.
@@ -259,7 +276,8 @@ def tune(model, batch_size: int):
   """
   mix, timings = choose_backends(model.lookup_layers, batch_size)
   candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
-  variants = {name: model.with_backends(choice, chain=True) for name, choice in candidates.items()}
+  variants = {name: model.with_backends(choice, chain=True, convolutions="default")
+              for name, choice in candidates.items()}
   whole_ms = {}
   for name, variant in variants.items() if model.lookup_layers else ():
     best = min(whole_ms.values(), default=None)
@@ -272,12 +290,16 @@ def tune(model, batch_size: int):
   tuned = variants[best]
   measured = {}  # whether batch 1 runs in one call, where that was timed (otherwise: where the layers allow)
   if whole_ms and batch_size == 1 and tuned.chain is not None:
-    per_call = model.with_backends(candidates[best], chain=False)
+    per_call = model.with_backends(candidates[best], chain=False, convolutions="default")
     side_by_side = interleaved_ms({best: _model_call(tuned, 1), f"{best}, no chain": _model_call(per_call, 1)},
                                   min_seconds=SIDE_BY_SIDE_SECONDS)
     whole_ms.update(side_by_side)
     measured["chain"] = side_by_side[best] <= side_by_side[f"{best}, no chain"]
     tuned = tuned if measured["chain"] else per_call
+  tuned, convolution_ms = choose_convolutions(tuned, batch_size) if whole_ms else (tuned, {})
+  if convolution_ms:
+    measured["convolutions"] = tuned.convolutions
+    whole_ms.update({f"{best}, convolutions {name}": ms for name, ms in convolution_ms.items()})
   tuned.tuning = {"batch_size": batch_size, "device": device_name(), "machine": machine.cpu_key(),
                   "machine_description": machine.describe().as_dict(), "timings_ms": timings,
                   "model_ms": whole_ms, "chosen": best, **measured}
@@ -314,7 +336,8 @@ def for_this_machine(model, file: str, *, retune: bool = False, cache_file: str 
     kept = {}
   if key in kept and not retune:
     entry = kept[key]
-    tuned = model.with_backends(entry["backends"], chain=entry.get("chain"))
+    tuned = model.with_backends(entry["backends"], chain=entry.get("chain"),
+                                convolutions=entry["tuning"].get("convolutions", "default"))
     tuned.tuning = entry["tuning"]
     return tuned
   logging.warning("This model was tuned on %s; measuring its backends on this CPU (%s) once, at batch %d.",
