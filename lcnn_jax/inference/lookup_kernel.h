@@ -571,13 +571,27 @@ struct Plan {
 };
 
 // Output o's wide elements [p0, p0 + 16 * V), of which those before `limit` are stored to out as output
-// `slot`. The last, partial block is a whole block ending at the last wide element (it overlaps the one
-// before, since Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no
-// read past S.
+// `slot`. The last, partial block is covered by blocks of half as many vectors, then a quarter, ..., down to one
+// vector, each taken where the elements left fill it; what is left after that (under 16) is one vector ending at
+// the last wide element, overlapping the one before (Q >= 16), of which only the elements from p0 on are stored:
+// vector code throughout, and no read past S. A whole block ending at the last element did up to twice the work
+// needed: a 13x13 map at batch 1 (Q = 193 wide elements) computed 256 elements, now 208 (blocks of 8 vectors).
 template <int V, typename S, typename Index, typename Value>
 void LookupBlock(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
                  int64_t slot, float* out, int64_t limit) {
   constexpr int64_t block = 16 * V;
+  if constexpr (V > 1) {
+    if (p0 + block > g.wide) {
+      const int64_t end = std::min(limit, g.wide);
+      int64_t p = p0;
+      if (end - p >= block / 2) {
+        LookupBlock<V / 2>(g, s, l, o, p, slot, out, end);
+        p += block / 2;
+      }
+      if (p < end) LookupBlock<V / 2>(g, s, l, o, p, slot, out, end);
+      return;
+    }
+  }
   alignas(64) float acc[block];
   const int64_t start = std::min(p0, g.wide - block);
   AccumulateBlock<V>(s, l, g.batch, o, start, acc);
@@ -1161,8 +1175,8 @@ void DenseRows(Pool& pool, const float* x, const Value* w, const float* scale, c
 // An item is a tile of R outputs by a block of 16·V columns, accumulated in registers over all m inputs: each
 // vector of x loaded serves R outputs, each weight broadcast serves the block. (One output per item, as before,
 // read all of x once per output: conv4 of the fast AlexNet-LCNN at batch 1, x 384 × 225 in L2, ran at a sixth of
-// the multiply-add rate, bound by moving x from L2.) The last block overlaps the one before (as in
-// LookupBlock), and so does the last tile of outputs, of which only the outputs not stored yet are stored. Under
+// the multiply-add rate, bound by moving x from L2.) The last block is a whole one overlapping the
+// one before, and so is the last tile of outputs, of which only the outputs not stored yet are stored. Under
 // 16 columns, x is transposed and DenseRows takes it; under R outputs, one output per item.
 #if defined(__AVX512F__)
 constexpr int kDenseTileFloats = 256;  // 16 of 32 zmm
