@@ -10,9 +10,12 @@
 // 27x27 and 13x13 maps), and fc6's lookups (4096 outputs, 713 random non-zeros each among 512 atoms x 6 x 6,
 // the fast point's density 0.0386) stored output by output (Dispatch) and in chunks of 4096 elements of S
 // (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
-// a model's other weights leave them at batch 1). A dictionary stage's input is written just before it is timed,
-// as the layer before it leaves it in a model; its weights come from wherever fc6's lookups left them. Each round times the baseline and then the current header on
-// every stage; one line of medians per version and stage.
+// a model's other weights leave them at batch 1); and the lookups of conv2 (30 atoms, 5x5, 192 outputs over
+// 27x27) and conv3 (384 outputs over 13x13, 3x3) at the fast point, and of conv3 at the accurate point (500
+// atoms, density 0.0967), random non-zeros among each output's atoms x taps, S padded as the kernel reads it. A dictionary stage's input is written just before it is timed,
+// as the layer before it leaves it in a model; its weights come from wherever fc6's lookups left them. Each round times both headers on every
+// stage, the baseline first in even rounds and the current one first in odd ones (with the baseline always
+// first, the same code measured up to 12% slower second); one line of medians per version and stage.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -113,8 +116,47 @@ int main(int argc, char** argv) {
   for (auto& version : fc6_out)
     for (auto& out : version) out.resize(n);
 
+  // Conv lookups at batch 1: S (atoms, H, W) padded, index_t = (atom * H + r) * W + c for tap (r, c).
+  struct ConvCase { const char* name; int64_t atoms, n, kernel, size; double density; };
+  const std::vector<ConvCase> conv_cases{{"conv2 lookups (fast)", 30, 192, 5, 27, 0.0386},
+                                         {"conv3 lookups (fast)", 30, 384, 3, 13, 0.0386},
+                                         {"conv3 lookups (accurate)", 500, 384, 3, 13, 0.0967}};
+  struct ConvData {
+    std::vector<float> s, scale, bias, values, out[2];
+    std::vector<int32_t> starts, indices;
+    int64_t padded;
+  };
+  std::vector<ConvData> convs;
+  for (const ConvCase& c : conv_cases) {
+    ConvData d;
+    d.padded = c.size + c.kernel - 1;
+    d.s = random(c.atoms * d.padded * d.padded);
+    d.scale = random(c.n);
+    d.bias = random(c.n);
+    d.starts.push_back(0);
+    const int64_t taps = c.atoms * c.kernel * c.kernel;
+    const int64_t per_output = static_cast<int64_t>(c.density * taps + 0.5);
+    std::vector<int32_t> picks(taps);
+    for (int64_t i = 0; i < taps; ++i) picks[i] = static_cast<int32_t>(i);
+    for (int64_t o = 0; o < c.n; ++o) {
+      for (int64_t i = 0; i < per_output; ++i) std::swap(picks[i], picks[i + rng() % (taps - i)]);
+      std::vector<int32_t> chosen(picks.begin(), picks.begin() + per_output);
+      std::sort(chosen.begin(), chosen.end());
+      for (int32_t t : chosen) {  // t = (atom * kernel + r) * kernel + c
+        const int64_t atom = t / (c.kernel * c.kernel), r = t / c.kernel % c.kernel, col = t % c.kernel;
+        d.indices.push_back(static_cast<int32_t>((atom * d.padded + r) * d.padded + col));
+        d.values.push_back(uniform(rng));
+      }
+      d.starts.push_back(static_cast<int32_t>(d.indices.size()));
+    }
+    d.out[0].resize(c.n * c.size * c.size);
+    d.out[1].resize(c.n * c.size * c.size);
+    convs.push_back(std::move(d));
+  }
+
   std::vector<Stage> stages;
   for (const Columns& c : columns) stages.push_back({c.name, {}, 0.f});
+  for (const ConvCase& c : conv_cases) stages.push_back({c.name, {}, 0.f});
   for (const char* name : {"fc6 lookups, cold", "fc6 lookups, warm", "fc6 chunked lookups, cold",
                            "fc6 chunked lookups, warm"})
     stages.push_back({name, {}, 0.f});
@@ -126,7 +168,8 @@ int main(int argc, char** argv) {
     return ab::Millis() - t0;
   };
   for (int64_t round = 0; round < rounds + 2; ++round) {  // the first two rounds warm up
-    for (int version = 0; version < 2; ++version) {
+    for (int turn = 0; turn < 2; ++turn) {
+      const int version = static_cast<int>((turn + round) % 2);  // which goes first alternates by round
       std::vector<double> t;
       for (size_t i = 0; i < columns.size(); ++i) {
         const Columns& c = columns[i];
@@ -137,6 +180,24 @@ int main(int argc, char** argv) {
                                                     c.p, c.n, d.out[0].data());
           else lcnn::DenseColumns(pool, d.x.data(), d.w.data(), d.scale.data(), d.bias.data(), c.m, c.p, c.n,
                                   d.out[1].data());
+        }));
+      }
+      for (size_t i = 0; i < conv_cases.size(); ++i) {
+        const ConvCase& c = conv_cases[i];
+        ConvData& d = convs[i];
+        const int64_t wide = (c.size - 1) * d.padded + c.size;
+        t.push_back(timed([&] {
+          if (version == 0) {
+            const lcnn_base::Geometry cg{1, d.padded, c.n, c.size, c.size, wide, d.padded, c.atoms};
+            const lcnn_base::Lookups<int32_t, float> cl{d.starts.data(), d.indices.data(), d.values.data(),
+                                                        d.scale.data(), d.bias.data()};
+            lcnn_base::Dispatch(pool, cg, d.s.data(), cl, d.out[0].data());
+          } else {
+            const lcnn::Geometry cg{1, d.padded, c.n, c.size, c.size, wide, d.padded, c.atoms};
+            const lcnn::Lookups<int32_t, float> cl{d.starts.data(), d.indices.data(), d.values.data(),
+                                                   d.scale.data(), d.bias.data()};
+            lcnn::Dispatch(pool, cg, d.s.data(), cl, d.out[1].data());
+          }
         }));
       }
       for (bool chunked : {false, true}) {
@@ -153,12 +214,17 @@ int main(int argc, char** argv) {
       }
       if (round >= 2)
         for (size_t i = 0; i < stages.size(); ++i) stages[i].times[version].push_back(t[i]);
-      if (version == 1) {
+      if (turn == 1) {
         for (size_t i = 0; i < columns.size(); ++i)
           for (size_t j = 0; j < data[i].out[0].size(); ++j)
             stages[i].worst = std::max(stages[i].worst, std::abs(data[i].out[0][j] - data[i].out[1][j]));
-        for (size_t i = columns.size(); i < stages.size(); ++i) {
-          const size_t chunked = (i - columns.size()) / 2;  // cold and warm of plain, then of chunked lookups
+        for (size_t i = 0; i < conv_cases.size(); ++i)
+          for (size_t j = 0; j < convs[i].out[0].size(); ++j)
+            stages[columns.size() + i].worst = std::max(stages[columns.size() + i].worst,
+                                                        std::abs(convs[i].out[0][j] - convs[i].out[1][j]));
+        const size_t first_fc6 = columns.size() + conv_cases.size();
+        for (size_t i = first_fc6; i < stages.size(); ++i) {
+          const size_t chunked = (i - first_fc6) / 2;  // cold and warm of plain, then of chunked lookups
           for (int64_t o = 0; o < n; ++o)
             stages[i].worst = std::max(stages[i].worst, std::abs(fc6_out[0][chunked][o] - fc6_out[1][chunked][o]));
         }

@@ -7,8 +7,10 @@
 //   g++ -O3 -std=c++17 -march=native -DBASE_HEADER='"base.h"' first_layer_ab.cc -o ab -lpthread
 //   ./ab BATCH TILE_BYTES ROUNDS
 //
-// Each round times, for the baseline and then the current header, the dictionary stage (DictionaryToDepth into
-// the padded space-to-depth S) and the pooled lookups (DispatchPooled); one line of medians per version.
+// Each round times, for both headers, the dictionary stage (DictionaryToDepth into the padded space-to-depth S)
+// and the pooled lookups (DispatchPooled), the baseline first in even rounds and the current header first in odd
+// ones (in benchmarks/batch1_ab.cc, whichever ran second measured up to 12% slower on the same code); one line of
+// medians per version.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -77,7 +79,8 @@ int main(int argc, char** argv) {
 
   std::vector<double> times[2][2];  // [version][stage]
   for (int64_t round = 0; round < rounds + 2; ++round) {  // the first two rounds warm up
-    for (int version = 0; version < 2; ++version) {
+    for (int turn = 0; turn < 2; ++turn) {
+      const int version = static_cast<int>((turn + round) % 2);  // which goes first alternates by round
       const double t0 = Millis();
       if (version == 0) {
         lcnn_base::DictionaryToDepth(pool, x.data(), true, d.data(), m, k, h, w, batch, ph, pw, sh, sw, height,

@@ -570,18 +570,25 @@ struct Plan {
   int64_t items() const { return bands * groups; }
 };
 
+// From this many non-zeros of an output on, its last, partial block of wide elements is split (LookupBlock).
+// Each block costs a fixed setup and store besides its multiply-adds, so outputs with few non-zeros keep one
+// whole block: at batch 1, conv3's lookups took 11% more time split at the fast point (10 non-zeros an output),
+// and 10% less at the accurate point (436) than as one whole block (AMD EPYC Zen 4, benchmarks/batch1_ab.py).
+constexpr int32_t kSplitNonZeros = 64;
+
 // Output o's wide elements [p0, p0 + 16 * V), of which those before `limit` are stored to out as output
-// `slot`. The last, partial block is covered by blocks of half as many vectors, then a quarter, ..., down to one
-// vector, each taken where the elements left fill it; what is left after that (under 16) is one vector ending at
-// the last wide element, overlapping the one before (Q >= 16), of which only the elements from p0 on are stored:
-// vector code throughout, and no read past S. A whole block ending at the last element did up to twice the work
-// needed: a 13x13 map at batch 1 (Q = 193 wide elements) computed 256 elements, now 208 (blocks of 8 vectors).
+// `slot`. The last, partial block is a whole block ending at the last wide element, overlapping the one before
+// (Q >= 16 * V), of which only the elements from p0 on are stored: vector code throughout, and no read past S.
+// An output with many non-zeros (kSplitNonZeros) instead covers that block with blocks of half as many vectors,
+// then a quarter, ..., down to one vector, each taken where the elements left fill it, and one vector ending at
+// the last element for what is left (under 16): a 13x13 map at batch 1 (Q = 193 wide elements, blocks of 8
+// vectors) then computes 208 elements instead of 256.
 template <int V, typename S, typename Index, typename Value>
 void LookupBlock(const Geometry& g, const S* s, const Lookups<Index, Value>& l, int64_t o, int64_t p0,
                  int64_t slot, float* out, int64_t limit) {
   constexpr int64_t block = 16 * V;
   if constexpr (V > 1) {
-    if (p0 + block > g.wide) {
+    if (p0 + block > g.wide && l.starts[o + 1] - l.starts[o] >= kSplitNonZeros) {
       const int64_t end = std::min(limit, g.wide);
       int64_t p = p0;
       if (end - p >= block / 2) {
