@@ -272,14 +272,23 @@ def tune(model, batch_size: int):
   neighbours disagree on the activations' layout and pay transposes, so the per-layer mix competes with every
   backend used throughout, end to end; the fastest of these is kept. At batch 1, where the kept backends let the
   leading layers run in one kernel call (:mod:`lcnn_jax.inference.chain`), that is timed against a call per
-  layer too, and the faster is recorded in ``tuning["chain"]``.
+  layer too, and the faster is recorded in ``tuning["chain"]``. Where the per-layer mix leaves dense
+  convolutions to XLA (dense or factored layers), who runs them is measured first, on that mix
+  (:func:`choose_convolutions`), and every whole-model candidate is then timed that way
+  (``tuning["convolutions"]``): timed as XLA decides, the accurate AlexNet-LCNN's mix (conv2 dense) lost to
+  all-``lookup`` at batch 1 in one ``bench`` run (17.4 ms; the mix with XLA's emitter took 13.6-14.7 ms in the
+  runs around it).
   """
   mix, timings = choose_backends(model.lookup_layers, batch_size)
+  per_layer, convolution_ms = (choose_convolutions(model.with_backends(mix, chain=True, convolutions="default"),
+                                                   batch_size) if model.lookup_layers else (None, {}))
+  convolutions = per_layer.convolutions if per_layer is not None else "default"
   candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
-  variants = {name: model.with_backends(choice, chain=True, convolutions="default")
-              for name, choice in candidates.items()}
+  variants = {name: per_layer if name == "per-layer" else
+              model.with_backends(choice, chain=True, convolutions=convolutions)
+              for name, choice in candidates.items()} if model.lookup_layers else {}
   whole_ms = {}
-  for name, variant in variants.items() if model.lookup_layers else ():
+  for name, variant in variants.items():
     best = min(whole_ms.values(), default=None)
     whole_ms[name] = model_ms(variant, batch_size, give_up_ms=best and GIVE_UP * best)
   close = [name for name in whole_ms if whole_ms[name] <= CLOSE * min(whole_ms.values())]
@@ -287,19 +296,18 @@ def tune(model, batch_size: int):
     whole_ms.update(interleaved_ms({name: _model_call(variants[name], batch_size) for name in close},
                                    min_seconds=SIDE_BY_SIDE_SECONDS))
   best = min(whole_ms, key=whole_ms.get) if whole_ms else "per-layer"
-  tuned = variants[best]
+  tuned = variants[best] if whole_ms else model.with_backends(mix, chain=True, convolutions="default")
   measured = {}  # whether batch 1 runs in one call, where that was timed (otherwise: where the layers allow)
   if whole_ms and batch_size == 1 and tuned.chain is not None:
-    per_call = model.with_backends(candidates[best], chain=False, convolutions="default")
+    per_call = model.with_backends(candidates[best], chain=False, convolutions=convolutions)
     side_by_side = interleaved_ms({best: _model_call(tuned, 1), f"{best}, no chain": _model_call(per_call, 1)},
                                   min_seconds=SIDE_BY_SIDE_SECONDS)
     whole_ms.update(side_by_side)
     measured["chain"] = side_by_side[best] <= side_by_side[f"{best}, no chain"]
     tuned = tuned if measured["chain"] else per_call
-  tuned, convolution_ms = choose_convolutions(tuned, batch_size) if whole_ms else (tuned, {})
   if convolution_ms:
-    measured["convolutions"] = tuned.convolutions
-    whole_ms.update({f"{best}, convolutions {name}": ms for name, ms in convolution_ms.items()})
+    measured["convolutions"] = convolutions
+    whole_ms.update({f"per-layer, convolutions {name}": ms for name, ms in convolution_ms.items()})
   tuned.tuning = {"batch_size": batch_size, "device": device_name(), "machine": machine.cpu_key(),
                   "machine_description": machine.describe().as_dict(), "timings_ms": timings,
                   "model_ms": whole_ms, "chosen": best, **measured}
