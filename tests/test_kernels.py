@@ -101,6 +101,25 @@ def test_struct_attributes_reach_the_kernel(rng):
 
 
 @pytest.mark.kernel
+@pytest.mark.kernel
+@pytest.mark.parametrize("size", [(13, 13), (9, 71), (27, 27), (5, 7)])
+@pytest.mark.parametrize("backend", ["lookup", "lookup:tile=0", "lookup:tile=6000"])
+def test_outputs_with_many_non_zeros_split_their_last_block_and_equal_float64(size, backend, rng):
+  # 24 atoms x 9 taps at density 0.6: every output has more non-zeros than kSplitNonZeros, so the last, partial
+  # block of wide elements is covered by narrower blocks; the map widths leave remainders of every size.
+  layer = random_layer(rng, m=5, n=6, k=24, kernel=(3, 3), strides=(1, 1), padding=(1, 1), size=size,
+                       density=0.6)
+  assert np.diff(layer.starts).min() >= kernels.LIMITS.split_non_zeros
+  impl = backends.get_backend(backend)
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  for batch in (1, 3):
+    x = rng.standard_normal((batch, *layer.input_size, layer.in_features)).astype(np.float32)
+    expected = dense_reference(layer, x)
+    run = jax.jit(lambda p, v: layouts.convert(*impl.apply(layer, p, v, layouts.NHWC), layouts.NHWC))
+    np.testing.assert_allclose(np.asarray(run(params, jnp.asarray(x))), expected, rtol=1e-4,
+                               atol=1e-4 * np.abs(expected).max(), err_msg=f"batch {batch}")
+
+
 @pytest.mark.parametrize("backend", ["lookup", "lookup:chunk=256"])
 def test_serial_work_threshold_moves_work_between_threads_not_results(backend, rng):
   """kernels.set_serial_work sets the work below which a call stays on one thread and returns the value in force;

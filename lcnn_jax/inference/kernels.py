@@ -272,7 +272,7 @@ def build_log() -> str:
 
 LIMITS = _read_limits()
 """The kernel's limits (``lookup_kernel.h``'s LIMITS block): ``fused_dictionary_macs_max``, ``pooled_row_min``,
-``pooled_batch_min``, ``dense_rows_max``."""
+``pooled_batch_min``, ``dense_rows_max``, ``split_non_zeros``."""
 STEPS = _read_limits(block_name="STEPS")
 """The kinds of a :func:`network` step: ``step_fused_lookups``, ``step_lookups``, ``step_dense``."""
 

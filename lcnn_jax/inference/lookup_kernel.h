@@ -54,6 +54,11 @@ constexpr int64_t kPooledBatchMin = 16;
 // DenseRows takes this many rows of x at once, each weight read once for all of them: up to this many rows, a
 // dense layer with weights as stored (bfloat16, int8) is faster here than XLA's matmul over a float32 copy.
 constexpr int64_t kDenseRowsMax = 8;
+// From this many non-zeros of an output on, its last, partial block of wide elements is split (LookupBlock).
+// Each block costs a fixed setup and store besides its multiply-adds, so outputs with few non-zeros keep one
+// whole block: at batch 1, conv3's lookups took 11% more time split at the fast point (10 non-zeros an output),
+// and 10% less at the accurate point (436) than as one whole block (AMD EPYC Zen 4, benchmarks/batch1_ab.py).
+constexpr int64_t kSplitNonZeros = 64;
 // END LIMITS
 
 // The kinds of a step of lcnn_network (kernels.py reads them as the limits above).
@@ -569,12 +574,6 @@ struct Plan {
   int64_t groups;
   int64_t items() const { return bands * groups; }
 };
-
-// From this many non-zeros of an output on, its last, partial block of wide elements is split (LookupBlock).
-// Each block costs a fixed setup and store besides its multiply-adds, so outputs with few non-zeros keep one
-// whole block: at batch 1, conv3's lookups took 11% more time split at the fast point (10 non-zeros an output),
-// and 10% less at the accurate point (436) than as one whole block (AMD EPYC Zen 4, benchmarks/batch1_ab.py).
-constexpr int32_t kSplitNonZeros = 64;
 
 // Output o's wide elements [p0, p0 + 16 * V), of which those before `limit` are stored to out as output
 // `slot`. The last, partial block is a whole block ending at the last wide element, overlapping the one before
