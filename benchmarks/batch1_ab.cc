@@ -12,9 +12,10 @@
 // (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
 // a model's other weights leave them at batch 1); and the lookups of conv2 (30 atoms, 5x5, 192 outputs over
 // 27x27) and conv3 (384 outputs over 13x13, 3x3) at the fast point, and of conv3 at the accurate point (500
-// atoms, density 0.0967), random non-zeros among each output's atoms x taps, S padded as the kernel reads it. A dictionary stage's input is written just before it is timed,
-// as the layer before it leaves it in a model; its weights come from wherever fc6's lookups left them. Each round times both headers on every
-// stage, the baseline first in even rounds and the current one first in odd ones (with the baseline always
+// atoms, density 0.0967), random non-zeros among each output's atoms x taps, S padded as the kernel reads it. A
+// dictionary stage's input is written just before it is timed, as the layer before it leaves it in a model; its
+// weights come from wherever fc6's lookups left them. Each round times both headers on every stage, the
+// baseline first in even rounds and the current one first in odd ones (with the baseline always
 // first, the same code measured up to 12% slower second); one line of medians per version and stage.
 #include <algorithm>
 #include <cmath>

@@ -166,7 +166,7 @@ def build(model: str, preset: str, batch: int, checkpoint: str | None, seed: int
     set_random_sparsity(lcnn_module, density, rng)
   count_speedup = flops.count_multiplications(lcnn_module, input_shape).speedup_over(baseline_count)
   dense = exporter.inference_model(dense_module, input_shape, backends="dense")
-  dense, _ = tuning.choose_convolutions(dense, batch)  # XLA's convolutions as the faster way here, as the LCNN's
+  dense, _ = tuning.choose_convolutions(dense, batch)  # the faster way to run its convolutions here, as the LCNN
   lcnn = exporter.inference_model(lcnn_module, input_shape, backends="auto", batch_size=batch, precision=precision)
   return Setup(dense, lcnn, lcnn_module, count_speedup, density)
 

@@ -227,10 +227,11 @@ class InferenceModel:
       convolutions = (self.tuning or {}).get("convolutions", "default")
     if convolutions not in CONVOLUTIONS:
       raise ValueError(f"convolutions={convolutions!r}: expected one of {', '.join(CONVOLUTIONS)}.")
-    if convolutions == "xla" and not xla_convolutions_available()[0]:
-      logging.warning("convolutions='xla' is unavailable (%s); XLA runs them as it decides.",
-                      xla_convolutions_available()[1])
-      convolutions = "default"
+    if convolutions == "xla":
+      available, reason = xla_convolutions_available()
+      if not available:
+        logging.warning("convolutions='xla' is unavailable (%s); XLA runs them as it decides.", reason)
+        convolutions = "default"
     self.convolutions = convolutions
     options = XLA_CONVOLUTION_OPTIONS if convolutions == "xla" else None
     self._forward = jax.jit(self._apply, compiler_options=options)

@@ -280,15 +280,16 @@ def tune(model, batch_size: int):
   runs around it).
   """
   mix, timings = choose_backends(model.lookup_layers, batch_size)
-  per_layer, convolution_ms = (choose_convolutions(model.with_backends(mix, chain=True, convolutions="default"),
-                                                   batch_size) if model.lookup_layers else (None, {}))
-  convolutions = per_layer.convolutions if per_layer is not None else "default"
+  per_layer = model.with_backends(mix, chain=True, convolutions="default")
+  per_layer, convolution_ms = (choose_convolutions(per_layer, batch_size) if model.lookup_layers
+                               else (per_layer, {}))
+  convolutions = per_layer.convolutions
   candidates = {"per-layer": mix, **{name: name for name in candidate_backends()}}
   variants = {name: per_layer if name == "per-layer" else
               model.with_backends(choice, chain=True, convolutions=convolutions)
-              for name, choice in candidates.items()} if model.lookup_layers else {}
+              for name, choice in candidates.items()}
   whole_ms = {}
-  for name, variant in variants.items():
+  for name, variant in variants.items() if model.lookup_layers else ():
     best = min(whole_ms.values(), default=None)
     whole_ms[name] = model_ms(variant, batch_size, give_up_ms=best and GIVE_UP * best)
   close = [name for name in whole_ms if whole_ms[name] <= CLOSE * min(whole_ms.values())]
@@ -296,7 +297,7 @@ def tune(model, batch_size: int):
     whole_ms.update(interleaved_ms({name: _model_call(variants[name], batch_size) for name in close},
                                    min_seconds=SIDE_BY_SIDE_SECONDS))
   best = min(whole_ms, key=whole_ms.get) if whole_ms else "per-layer"
-  tuned = variants[best] if whole_ms else model.with_backends(mix, chain=True, convolutions="default")
+  tuned = variants[best]
   measured = {}  # whether batch 1 runs in one call, where that was timed (otherwise: where the layers allow)
   if whole_ms and batch_size == 1 and tuned.chain is not None:
     per_call = model.with_backends(candidates[best], chain=False, convolutions=convolutions)
