@@ -160,7 +160,8 @@ CONVOLUTIONS = ("default", "xla")
 ``default`` as XLA decides (this jaxlib hands them to YNNPACK on CPU), ``xla`` XLA's own convolution emitter,
 dots and reductions left to YNNPACK. Which is faster depends on the CPU and the shapes; the tuner measures both
 (:func:`lcnn_jax.inference.tuning.choose_convolutions`). On an AMD EPYC Zen 4, XLA's emitter ran every
-AlexNet and ResNet convolution timed 3-50% faster than YNNPACK, at batch 1 and 32."""
+AlexNet and ResNet convolution timed 10-48% faster than YNNPACK, at batch 1 and 32
+(benchmarks/convolutions_ab.py)."""
 
 XLA_CONVOLUTION_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
