@@ -315,42 +315,52 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
   const int64_t row = g.width * g.batch;
   const int64_t kept = g.ow * g.batch;
   const int64_t end = std::min(p0 + len, g.wide);
-  int64_t q = p0;
-  while (q < end) {
-    const int64_t y = q / row;
-    const int64_t xb = q - y * row;  // x * batch + b
-    if (xb < kept) {
-      const int64_t stop = std::min(end, y * row + kept);
-      const int64_t at = (o * g.oh + y) * kept + xb;
-      float* dst = out + at;
-      const float* src = acc + (q - p0);
-      const int64_t count = stop - q;
+  // One division for the block, then row by row (a division per row cost as much as the multiply-adds of an
+  // output with few non-zeros at batch 1).
+  int64_t q = p0, y = p0 / row, xb = p0 - y * row;  // xb = x * batch + b
+  for (; q < end; q += row - xb, ++y, xb = 0) {
+    if (xb >= kept) continue;
+    const int64_t stop = std::min(end, y * row + kept);
+    const int64_t at = (o * g.oh + y) * kept + xb;
+    float* dst = out + at;
+    const float* src = acc + (q - p0);
+    const int64_t count = stop - q;
 #if defined(__AVX512F__)
-      // Sixteen at a time, the last up to 16 under a mask: a row of a small map (13 kept of AlexNet's 13x13
-      // layers at batch 1) is one masked vector, where a scalar loop ran it element by element. The ReLU keeps a
-      // NaN (max with the NaN second), as std::max below does.
-      const __m512 times = _mm512_set1_ps(scale), plus = _mm512_set1_ps(bias);
-      for (int64_t i = 0; i < count; i += 16) {
-        const __mmask16 k = count - i >= 16 ? static_cast<__mmask16>(0xffff)
-                                            : static_cast<__mmask16>((1u << (count - i)) - 1);
-        __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, src + i), times, plus);
-        if (residual != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, residual + at + i));
-        if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
-        _mm512_mask_storeu_ps(dst + i, k, v);
-      }
-#else
-      if (residual == nullptr && !relu) {
-        for (int64_t i = 0; i < count; ++i) dst[i] = src[i] * scale + bias;
-      } else if (residual == nullptr) {
-        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias, 0.f);
-      } else {
-        const float* add = residual + at;
-        const float floor = relu ? 0.f : -__builtin_inff();
-        for (int64_t i = 0; i < count; ++i) dst[i] = std::max(src[i] * scale + bias + add[i], floor);
-      }
-#endif
+    // Sixteen at a time, the last up to 16 under a mask: a row of a small map (13 kept of AlexNet's 13x13
+    // layers at batch 1) is one masked vector, where a scalar loop ran it element by element. The ReLU keeps a
+    // NaN (max with the NaN second), as the vectors below do.
+    const __m512 times = _mm512_set1_ps(scale), plus = _mm512_set1_ps(bias);
+    for (int64_t i = 0; i < count; i += 16) {
+      const __mmask16 k = count - i >= 16 ? static_cast<__mmask16>(0xffff)
+                                          : static_cast<__mmask16>((1u << (count - i)) - 1);
+      __m512 v = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, src + i), times, plus);
+      if (residual != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, residual + at + i));
+      if (relu) v = _mm512_max_ps(_mm512_setzero_ps(), v);
+      _mm512_mask_storeu_ps(dst + i, k, v);
     }
-    q = (y + 1) * row;
+#else
+    // Vectors of the target's width, the last one ending at the row's end (overlapping the one before, whose
+    // values it writes again unchanged), elements one by one only for a row shorter than a vector. A NaN stays
+    // a NaN through the ReLU (it is not below 0).
+    const float* add = residual != nullptr ? residual + at : nullptr;
+    auto one = [&](int64_t i) {
+      vnative v = LoadNative(src + i) * scale + bias;
+      if (add != nullptr) v += LoadNative(add + i);
+      if (relu) v = v < vnative{} ? vnative{} : v;
+      *reinterpret_cast<vnative_in_memory*>(dst + i) = v;
+    };
+    if (count >= kLanes) {
+      int64_t i = 0;
+      for (; i + kLanes <= count; i += kLanes) one(i);
+      if (i < count) one(count - kLanes);
+    } else {
+      for (int64_t i = 0; i < count; ++i) {
+        float v = src[i] * scale + bias;
+        if (add != nullptr) v += add[i];
+        dst[i] = relu && v < 0.f ? 0.f : v;
+      }
+    }
+#endif
   }
 }
 
