@@ -12,7 +12,8 @@
 // (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
 // a model's other weights leave them at batch 1); and the lookups of conv2 (30 atoms, 5x5, 192 outputs over
 // 27x27) and conv3 (384 outputs over 13x13, 3x3) at the fast point, and of conv3 at the accurate point (500
-// atoms, density 0.0967), random non-zeros among each output's atoms x taps, S padded as the kernel reads it. A
+// atoms, density 0.0967), random non-zeros among each output's atoms x taps, S padded as the kernel reads it;
+// AlexNet's three max poolings (3x3, stride 2, with the ReLU), each channel's plane pooled. A
 // dictionary stage's input is written just before it is timed, as the layer before it leaves it in a model; its
 // weights come from wherever fc6's lookups left them. Each round times both headers on every stage, the
 // baseline first in even rounds and the current one first in odd ones (with the baseline always
@@ -155,9 +156,24 @@ int main(int argc, char** argv) {
     convs.push_back(std::move(d));
   }
 
+  // AlexNet's three max poolings at batch 1 (3x3, stride 2, the ReLU before them), each channel's plane pooled
+  // (MaxPool at batch 1) from a map the layer before just wrote.
+  struct PoolCase { const char* name; int64_t c, size; };
+  const std::vector<PoolCase> pool_cases{{"pool1 (96 x 55 x 55)", 96, 55}, {"pool2 (256 x 27 x 27)", 256, 27},
+                                         {"pool5 (256 x 13 x 13)", 256, 13}};
+  struct PoolData { std::vector<float> x, out[2]; int64_t pooled; };
+  std::vector<PoolData> pools;
+  for (const PoolCase& c : pool_cases) {
+    PoolData d{random(c.c * c.size * c.size), {}, (c.size - 3) / 2 + 1};
+    d.out[0].resize(c.c * d.pooled * d.pooled);
+    d.out[1].resize(c.c * d.pooled * d.pooled);
+    pools.push_back(std::move(d));
+  }
+
   std::vector<Stage> stages;
   for (const Columns& c : columns) stages.push_back({c.name, {}, 0.f});
   for (const ConvCase& c : conv_cases) stages.push_back({c.name, {}, 0.f});
+  for (const PoolCase& c : pool_cases) stages.push_back({c.name, {}, 0.f});
   for (const char* name : {"fc6 lookups, cold", "fc6 lookups, warm", "fc6 chunked lookups, cold",
                            "fc6 chunked lookups, warm"})
     stages.push_back({name, {}, 0.f});
@@ -201,6 +217,20 @@ int main(int argc, char** argv) {
           }
         }));
       }
+      for (size_t i = 0; i < pool_cases.size(); ++i) {
+        const PoolCase& c = pool_cases[i];
+        PoolData& d = pools[i];
+        for (float& v : d.x) v += 0.f;  // written just before, as the layer before leaves it
+        t.push_back(timed([&] {
+          if (version == 0) {
+            const lcnn_base::PoolGeometry p{3, 3, 2, 2, 0, 0, d.pooled, d.pooled, true};
+            lcnn_base::MaxPool(pool, d.x.data(), c.c, c.size, c.size, 1, p, d.out[0].data());
+          } else {
+            const lcnn::PoolGeometry p{3, 3, 2, 2, 0, 0, d.pooled, d.pooled, true};
+            lcnn::MaxPool(pool, d.x.data(), c.c, c.size, c.size, 1, p, d.out[1].data());
+          }
+        }));
+      }
       for (bool chunked : {false, true}) {
         auto call = [&] {
           float* out = fc6_out[version][chunked].data();
@@ -223,7 +253,11 @@ int main(int argc, char** argv) {
           for (size_t j = 0; j < convs[i].out[0].size(); ++j)
             stages[columns.size() + i].worst = std::max(stages[columns.size() + i].worst,
                                                         std::abs(convs[i].out[0][j] - convs[i].out[1][j]));
-        const size_t first_fc6 = columns.size() + conv_cases.size();
+        for (size_t i = 0; i < pool_cases.size(); ++i)
+          for (size_t j = 0; j < pools[i].out[0].size(); ++j)
+            stages[columns.size() + conv_cases.size() + i].worst = std::max(
+                stages[columns.size() + conv_cases.size() + i].worst, std::abs(pools[i].out[0][j] - pools[i].out[1][j]));
+        const size_t first_fc6 = columns.size() + conv_cases.size() + pool_cases.size();
         for (size_t i = first_fc6; i < stages.size(); ++i) {
           const size_t chunked = (i - first_fc6) / 2;  // cold and warm of plain, then of chunked lookups
           for (int64_t o = 0; o < n; ++o)

@@ -1,7 +1,7 @@
 """The fast AlexNet-LCNN's kernel stages at batch 1 besides conv1, this checkout's lookup_kernel.h against another
 git revision's, timed side by side in one process (benchmarks/batch1_ab.cc: the dictionary stages of conv2-conv5,
-the lookups of conv2 and conv3 (and of conv3 at the accurate point), and fc6's lookups stored output by output
-and in chunks, cold and warm, on two threads).
+the lookups of conv2 and conv3 (and of conv3 at the accurate point), AlexNet's three max poolings, and fc6's
+lookups stored output by output and in chunks, cold and warm, on two threads).
 
     python benchmarks/batch1_ab.py --base 20051d8 [--rounds 40] [--json results.json]
 

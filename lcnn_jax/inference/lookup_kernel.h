@@ -1424,23 +1424,54 @@ inline void MaxPoolImage(const float* x, int64_t c, int64_t h, int64_t w, const 
     return;
   }
 #endif
-  std::vector<float> columns(w);
+  // Elsewhere the same two steps in loops the compiler vectorises: the columns' maxima in a row padded with
+  // `init` (pw before, up to the last window's reach after), then, for rows of 16 columns or more, the maximum
+  // of every run of ww padded columns (a window at each column, contiguous), of which each pooled pixel takes the
+  // one at its window's start; shorter rows take each pixel's window in turn. AlexNet's poolings at batch 1,
+  // both ways side by side (benchmarks/batch1_ab.py, AVX2, AMD EPYC Zen 3): 55x55 maps 14.5% faster, 27x27 3.8%,
+  // 13x13 5.7% slower (hence the pixel by pixel loop there).
+  if (w < 16) {
+    std::vector<float> columns(w);
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float* map = x + ch * h * w;
+      for (int64_t py = 0; py < p.oh; ++py) {
+        std::fill(columns.begin(), columns.end(), init);
+        const int64_t y0 = py * p.sh - p.ph;
+        for (int64_t y = std::max<int64_t>(0, y0); y < std::min(h, y0 + p.wh); ++y) {
+          const float* row = map + y * w;
+          for (int64_t col = 0; col < w; ++col) columns[col] = std::max(columns[col], row[col]);
+        }
+        float* dst = out + (ch * p.oh + py) * p.ow;
+        for (int64_t px = 0; px < p.ow; ++px) {
+          const int64_t x0 = px * p.sw - p.pw;
+          float m = init;
+          for (int64_t col = std::max<int64_t>(0, x0); col < std::min(w, x0 + p.ww); ++col)
+            m = std::max(m, columns[col]);
+          dst[px] = m;
+        }
+      }
+    }
+    return;
+  }
+  const int64_t starts = (p.ow - 1) * p.sw + 1;  // window starts, at every column from the first pixel's
+  std::vector<float> buffer(std::max(p.pw + w, starts + p.ww - 1), init), windows(starts);
+  float* columns = buffer.data() + p.pw;
   for (int64_t ch = 0; ch < c; ++ch) {
     const float* map = x + ch * h * w;
     for (int64_t py = 0; py < p.oh; ++py) {
-      std::fill(columns.begin(), columns.end(), init);
+      std::fill(columns, columns + w, init);
       const int64_t y0 = py * p.sh - p.ph;
       for (int64_t y = std::max<int64_t>(0, y0); y < std::min(h, y0 + p.wh); ++y) {
         const float* row = map + y * w;
         for (int64_t col = 0; col < w; ++col) columns[col] = std::max(columns[col], row[col]);
       }
+      const float* padded = buffer.data();
+      float* m = windows.data();
+      for (int64_t j = 0; j < starts; ++j) m[j] = std::max(init, padded[j]);
+      for (int64_t k = 1; k < p.ww; ++k)
+        for (int64_t j = 0; j < starts; ++j) m[j] = std::max(m[j], padded[j + k]);
       float* dst = out + (ch * p.oh + py) * p.ow;
-      for (int64_t px = 0; px < p.ow; ++px) {
-        const int64_t x0 = px * p.sw - p.pw;
-        float m = init;
-        for (int64_t col = std::max<int64_t>(0, x0); col < std::min(w, x0 + p.ww); ++col) m = std::max(m, columns[col]);
-        dst[px] = m;
-      }
+      for (int64_t px = 0; px < p.ow; ++px) dst[px] = m[px * p.sw];
     }
   }
 }
