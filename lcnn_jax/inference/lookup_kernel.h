@@ -343,16 +343,15 @@ inline void Store(const Geometry& g, const float* acc, float scale, float bias, 
     // values it writes again unchanged), elements one by one only for a row shorter than a vector. A NaN stays
     // a NaN through the ReLU (it is not below 0).
     const float* add = residual != nullptr ? residual + at : nullptr;
-    auto one = [&](int64_t i) {
-      vnative v = LoadNative(src + i) * scale + bias;
-      if (add != nullptr) v += LoadNative(add + i);
-      if (relu) v = v < vnative{} ? vnative{} : v;
-      *reinterpret_cast<vnative_in_memory*>(dst + i) = v;
-    };
     if (count >= kLanes) {
-      int64_t i = 0;
-      for (; i + kLanes <= count; i += kLanes) one(i);
-      if (i < count) one(count - kLanes);
+      for (int64_t i = 0;; i += kLanes) {
+        if (i + kLanes > count) i = count - kLanes;  // the last vector ends at the row's end
+        vnative v = LoadNative(src + i) * scale + bias;
+        if (add != nullptr) v += LoadNative(add + i);
+        if (relu) v = v < vnative{} ? vnative{} : v;
+        *reinterpret_cast<vnative_in_memory*>(dst + i) = v;
+        if (i + kLanes >= count) break;
+      }
     } else {
       for (int64_t i = 0; i < count; ++i) {
         float v = src[i] * scale + bias;
