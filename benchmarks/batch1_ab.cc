@@ -253,10 +253,11 @@ int main(int argc, char** argv) {
           for (size_t j = 0; j < convs[i].out[0].size(); ++j)
             stages[columns.size() + i].worst = std::max(stages[columns.size() + i].worst,
                                                         std::abs(convs[i].out[0][j] - convs[i].out[1][j]));
-        for (size_t i = 0; i < pool_cases.size(); ++i)
+        for (size_t i = 0; i < pool_cases.size(); ++i) {
+          Stage& stage = stages[columns.size() + conv_cases.size() + i];
           for (size_t j = 0; j < pools[i].out[0].size(); ++j)
-            stages[columns.size() + conv_cases.size() + i].worst = std::max(
-                stages[columns.size() + conv_cases.size() + i].worst, std::abs(pools[i].out[0][j] - pools[i].out[1][j]));
+            stage.worst = std::max(stage.worst, std::abs(pools[i].out[0][j] - pools[i].out[1][j]));
+        }
         const size_t first_fc6 = columns.size() + conv_cases.size() + pool_cases.size();
         for (size_t i = first_fc6; i < stages.size(); ++i) {
           const size_t chunked = (i - first_fc6) / 2;  // cold and warm of plain, then of chunked lookups
