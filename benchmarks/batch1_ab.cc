@@ -7,8 +7,8 @@
 //   ./ab ROUNDS
 //
 // Stages: the dictionary stages of conv2-conv5 (DenseColumns: 30 atoms from 64, 192, 384 and 256 channels over
-// 27x27 and 13x13 maps), and fc6's lookups (4096 outputs, 713 random non-zeros each among 512 atoms x 6 x 6,
-// the fast point's density 0.0386) stored output by output (Dispatch) and in chunks of 4096 elements of S
+// 27x27 and 13x13 maps), and fc6's lookups (4096 outputs, 711 random non-zeros each among 512 atoms x 6 x 6,
+// the fast point's density 0.0386; and 3565 among 1024 x 6 x 6, the accurate point's 0.0967) stored output by output (Dispatch) and in chunks of 4096 elements of S
 // (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
 // a model's other weights leave them at batch 1); and the lookups of conv2 (30 atoms, 5x5, 192 outputs over
 // 27x27) and conv3 (384 outputs over 13x13, 3x3) at the fast point, and of conv3 at the accurate point (500
@@ -77,46 +77,52 @@ int main(int argc, char** argv) {
     data.push_back(std::move(d));
   }
 
-  // fc6: S of 512 atoms x 6 x 6, its non-zeros in memory order per output; the same chunk by chunk of 4096.
-  const int64_t n = 4096, elements = 512 * 36, per_output = 713, chunk = 4096;
-  const int64_t chunks = (elements + chunk - 1) / chunk;
-  const std::vector<float> s = random(elements), scale = random(n), bias = random(n);
-  std::vector<int32_t> starts{0}, chunk_starts{0};
-  std::vector<uint16_t> indices, chunk_indices;
-  std::vector<float> values, chunk_values;
-  std::vector<int32_t> all(elements);
-  for (int64_t i = 0; i < elements; ++i) all[i] = static_cast<int32_t>(i);
-  for (int64_t o = 0; o < n; ++o) {
-    for (int64_t i = 0; i < per_output; ++i) std::swap(all[i], all[i + rng() % (elements - i)]);
-    std::vector<int32_t> picked(all.begin(), all.begin() + per_output);
-    std::sort(picked.begin(), picked.end());
-    for (int32_t p : picked) {
-      indices.push_back(static_cast<uint16_t>(p));
-      values.push_back(uniform(rng));
-    }
-    starts.push_back(static_cast<int32_t>(indices.size()));
-  }
-  for (int64_t c = 0; c < chunks; ++c)
+  // fc6: S of atoms x 6 x 6 (512 at the fast point, 1024 at the accurate one), its non-zeros in memory order per
+  // output; the same chunk by chunk of 4096 elements of S.
+  struct Fc6Case { const char* name; int64_t atoms; double density; };
+  const std::vector<Fc6Case> fc6_cases{{"fc6", 512, 0.0386}, {"fc6 (accurate)", 1024, 0.0967}};
+  const int64_t n = 4096, chunk = 4096;
+  struct Fc6Data {
+    int64_t chunks;
+    std::vector<float> s, scale, bias, values, chunk_values, out[2][2];  // out[version][chunked]
+    std::vector<int32_t> starts{0}, chunk_starts{0};
+    std::vector<uint16_t> indices, chunk_indices;
+  };
+  std::vector<Fc6Data> fc6s;
+  for (const Fc6Case& c : fc6_cases) {
+    const int64_t elements = c.atoms * 36, per_output = static_cast<int64_t>(c.density * elements + 0.5);
+    Fc6Data d;
+    d.chunks = (elements + chunk - 1) / chunk;
+    d.s = random(elements);
+    d.scale = random(n);
+    d.bias = random(n);
+    std::vector<int32_t> all(elements);
+    for (int64_t i = 0; i < elements; ++i) all[i] = static_cast<int32_t>(i);
     for (int64_t o = 0; o < n; ++o) {
-      for (int32_t t = starts[o]; t < starts[o + 1]; ++t)
-        if (indices[t] / chunk == c) {
-          chunk_indices.push_back(indices[t]);
-          chunk_values.push_back(values[t]);
-        }
-      chunk_starts.push_back(static_cast<int32_t>(chunk_indices.size()));
+      for (int64_t i = 0; i < per_output; ++i) std::swap(all[i], all[i + rng() % (elements - i)]);
+      std::vector<int32_t> picked(all.begin(), all.begin() + per_output);
+      std::sort(picked.begin(), picked.end());
+      for (int32_t p : picked) {
+        d.indices.push_back(static_cast<uint16_t>(p));
+        d.values.push_back(uniform(rng));
+      }
+      d.starts.push_back(static_cast<int32_t>(d.indices.size()));
     }
-  const lcnn::Lookups<uint16_t, float> l{starts.data(), indices.data(), values.data(), scale.data(), bias.data()};
-  const lcnn::Lookups<uint16_t, float> lc{chunk_starts.data(), chunk_indices.data(), chunk_values.data(),
-                                          scale.data(), bias.data()};
-  const lcnn_base::Lookups<uint16_t, float> bl{starts.data(), indices.data(), values.data(), scale.data(),
-                                                bias.data()};
-  const lcnn_base::Lookups<uint16_t, float> blc{chunk_starts.data(), chunk_indices.data(), chunk_values.data(),
-                                                 scale.data(), bias.data()};
+    for (int64_t part = 0; part < d.chunks; ++part)
+      for (int64_t o = 0; o < n; ++o) {
+        for (int32_t t = d.starts[o]; t < d.starts[o + 1]; ++t)
+          if (d.indices[t] / chunk == part) {
+            d.chunk_indices.push_back(d.indices[t]);
+            d.chunk_values.push_back(d.values[t]);
+          }
+        d.chunk_starts.push_back(static_cast<int32_t>(d.chunk_indices.size()));
+      }
+    for (auto& version : d.out)
+      for (auto& out : version) out.resize(n);
+    fc6s.push_back(std::move(d));
+  }
   const lcnn::Geometry g{1, 1, n, 1, 1, 1};
   const lcnn_base::Geometry bg{1, 1, n, 1, 1, 1};
-  std::vector<float> fc6_out[2][2];  // [version][chunked]
-  for (auto& version : fc6_out)
-    for (auto& out : version) out.resize(n);
 
   // Conv lookups at batch 1: S (atoms, H, W) padded, index_t = (atom * H + r) * W + c for tap (r, c).
   struct ConvCase { const char* name; int64_t atoms, n, kernel, size; double density; };
@@ -174,9 +180,9 @@ int main(int argc, char** argv) {
   for (const Columns& c : columns) stages.push_back({c.name, {}, 0.f});
   for (const ConvCase& c : conv_cases) stages.push_back({c.name, {}, 0.f});
   for (const PoolCase& c : pool_cases) stages.push_back({c.name, {}, 0.f});
-  for (const char* name : {"fc6 lookups, cold", "fc6 lookups, warm", "fc6 chunked lookups, cold",
-                           "fc6 chunked lookups, warm"})
-    stages.push_back({name, {}, 0.f});
+  for (const Fc6Case& c : fc6_cases)
+    for (const char* kind : {" lookups, cold", " lookups, warm", " chunked lookups, cold", " chunked lookups, warm"})
+      stages.push_back({std::string(c.name) + kind, {}, 0.f});
 
   auto timed = [&](auto&& call) {
     const double t0 = ab::Millis();
@@ -231,18 +237,30 @@ int main(int argc, char** argv) {
           }
         }));
       }
-      for (bool chunked : {false, true}) {
-        auto call = [&] {
-          float* out = fc6_out[version][chunked].data();
-          if (version == 0 && !chunked) lcnn_base::Dispatch(pool, bg, s.data(), bl, out);
-          else if (version == 0) lcnn_base::DispatchChunked(pool, bg, s.data(), blc, chunks, out);
-          else if (!chunked) lcnn::Dispatch(pool, g, s.data(), l, out);
-          else lcnn::DispatchChunked(pool, g, s.data(), lc, chunks, out);
-        };
-        FlushCaches();
-        t.push_back(timed(call));
-        t.push_back(timed(call));
-      }
+      for (Fc6Data& d : fc6s)
+        for (bool chunked : {false, true}) {
+          auto call = [&] {
+            float* out = d.out[version][chunked].data();
+            if (version == 0) {
+              const lcnn_base::Lookups<uint16_t, float> bl{d.starts.data(), d.indices.data(), d.values.data(),
+                                                           d.scale.data(), d.bias.data()};
+              const lcnn_base::Lookups<uint16_t, float> blc{d.chunk_starts.data(), d.chunk_indices.data(),
+                                                            d.chunk_values.data(), d.scale.data(), d.bias.data()};
+              if (chunked) lcnn_base::DispatchChunked(pool, bg, d.s.data(), blc, d.chunks, out);
+              else lcnn_base::Dispatch(pool, bg, d.s.data(), bl, out);
+            } else {
+              const lcnn::Lookups<uint16_t, float> l{d.starts.data(), d.indices.data(), d.values.data(),
+                                                     d.scale.data(), d.bias.data()};
+              const lcnn::Lookups<uint16_t, float> lc{d.chunk_starts.data(), d.chunk_indices.data(),
+                                                      d.chunk_values.data(), d.scale.data(), d.bias.data()};
+              if (chunked) lcnn::DispatchChunked(pool, g, d.s.data(), lc, d.chunks, out);
+              else lcnn::Dispatch(pool, g, d.s.data(), l, out);
+            }
+          };
+          FlushCaches();
+          t.push_back(timed(call));
+          t.push_back(timed(call));
+        }
       if (round >= 2)
         for (size_t i = 0; i < stages.size(); ++i) stages[i].times[version].push_back(t[i]);
       if (turn == 1) {
@@ -260,9 +278,10 @@ int main(int argc, char** argv) {
         }
         const size_t first_fc6 = columns.size() + conv_cases.size() + pool_cases.size();
         for (size_t i = first_fc6; i < stages.size(); ++i) {
-          const size_t chunked = (i - first_fc6) / 2;  // cold and warm of plain, then of chunked lookups
+          const Fc6Data& d = fc6s[(i - first_fc6) / 4];
+          const size_t chunked = (i - first_fc6) % 4 / 2;  // cold and warm of plain, then of chunked lookups
           for (int64_t o = 0; o < n; ++o)
-            stages[i].worst = std::max(stages[i].worst, std::abs(fc6_out[0][chunked][o] - fc6_out[1][chunked][o]));
+            stages[i].worst = std::max(stages[i].worst, std::abs(d.out[0][chunked][o] - d.out[1][chunked][o]));
         }
       }
     }

@@ -1,7 +1,7 @@
 """The fast AlexNet-LCNN's kernel stages at batch 1 besides conv1, this checkout's lookup_kernel.h against another
 git revision's, timed side by side in one process (benchmarks/batch1_ab.cc: the dictionary stages of conv2-conv5,
 the lookups of conv2 and conv3 (and of conv3 at the accurate point), AlexNet's three max poolings, and fc6's
-lookups stored output by output and in chunks, cold and warm, on two threads).
+lookups at the fast and the accurate point stored output by output and in chunks, cold and warm, on two threads).
 
     python benchmarks/batch1_ab.py --base 20051d8 [--rounds 40] [--json results.json]
 
@@ -37,11 +37,12 @@ def main() -> None:
   times = {}
   for match in filter(None, map(LINE.match, run.stdout.splitlines())):
     times.setdefault(match[2], {})[match[1]] = float(match[3])
-  print(f"\n{'stage':<28} {'base ms':>9} {'current ms':>10} {'change':>7}")
+  width = max(map(len, times), default=5)
+  print(f"\n{'stage':<{width}} {'base ms':>9} {'current ms':>10} {'change':>7}")
   rows = []
   for stage, t in times.items():
     rows.append({"stage": stage, "base_ms": t["base"], "current_ms": t["current"]})
-    print(f"{stage:<28} {t['base']:>9.4f} {t['current']:>10.4f} {t['current'] / t['base'] - 1:>+7.1%}")
+    print(f"{stage:<{width}} {t['base']:>9.4f} {t['current']:>10.4f} {t['current'] / t['base'] - 1:>+7.1%}")
   write_json(args.json, described, args.base, args.rounds, rows)
 
 

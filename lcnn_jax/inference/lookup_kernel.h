@@ -568,6 +568,47 @@ float SparseDotRange(const S* s, const Index* indices, const Value* values, int6
   return sum;
 }
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// SparseDotRange over float32 S in L1 (a chunk of a one-pixel layer's S, DispatchChunked) without gathers: the
+// sixteen elements of a step loaded one by one and assembled into two vectors. An AVX2 gather of eight elements
+// from L1 took 12 cycles on an AMD EPYC (Zen 3), eight loads and inserts 7 (0.47 against 0.32 ns an element, one
+// core); from L2, where unchunked lookups gather, both took 0.5-0.6 ns. fc6 of AlexNet-LCNN at batch 1, its
+// non-zeros from memory, two threads: chunked, 18% (fast point) and 22% (accurate) less time than with gathers.
+template <bool kOne, typename Index, typename Value>
+float SparseDotLoads(const float* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
+                     int32_t end) {
+  auto at = [&](const Index* i, int j) { return s[kOne ? static_cast<int64_t>(i[j]) : i[j] * batch]; };
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; t + 16 <= end; t += 16) {
+    PrefetchNonZeros(indices, values, t, 16);
+    const Index* i = indices + t;
+    const v16 c = Load16(values + t);
+    a0 = _mm256_fmadd_ps(static_cast<__m256>(c.part[0]), _mm256_setr_ps(at(i, 0), at(i, 1), at(i, 2), at(i, 3),
+                         at(i, 4), at(i, 5), at(i, 6), at(i, 7)), a0);
+    a1 = _mm256_fmadd_ps(static_cast<__m256>(c.part[1]), _mm256_setr_ps(at(i, 8), at(i, 9), at(i, 10),
+                         at(i, 11), at(i, 12), at(i, 13), at(i, 14), at(i, 15)), a1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+  float sum = 0.f;
+  for (float lane : lanes) sum += lane;
+  for (; t < end; ++t) sum += ToFloat(values[t]) * at(indices + t, 0);
+  return sum;
+}
+#endif
+
+// SparseDotRange for S whose elements the dot product reads lie in L1 (a chunk of S).
+template <typename S, typename Index, typename Value>
+float SparseDotInL1(const S* s, const Index* indices, const Value* values, int64_t batch, int32_t t, int32_t end) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  if constexpr (std::is_same_v<S, float>) {
+    return batch == 1 ? SparseDotLoads<true>(s, indices, values, batch, t, end)
+                      : SparseDotLoads<false>(s, indices, values, batch, t, end);
+  }
+#endif
+  return SparseDotRange(s, indices, values, batch, t, end);
+}
+
 template <typename S, typename Index, typename Value>
 float SparseDot(const S* s, const Lookups<Index, Value>& l, int64_t batch, int64_t o) {
   return SparseDotRange(s, l.indices, l.values, batch, l.starts[o], l.starts[o + 1]);
@@ -815,7 +856,7 @@ void DispatchChunked(Pool& pool, const Geometry& g, const S* s, const Lookups<In
       for (int64_t o = o0; o < o1; ++o) {
         float* sums = acc.data() + (o - o0) * g.wide;
         for (int64_t q = 0; q < g.wide; ++q)
-          sums[q] += SparseDotRange(s + q, l.indices, l.values, g.batch, starts[o], starts[o + 1]);
+          sums[q] += SparseDotInL1(s + q, l.indices, l.values, g.batch, starts[o], starts[o + 1]);
       }
     }
     for (int64_t o = o0; o < o1; ++o)
