@@ -7,8 +7,9 @@
 //   ./ab ROUNDS
 //
 // Stages: the dictionary stages of conv2-conv5 (DenseColumns: 30 atoms from 64, 192, 384 and 256 channels over
-// 27x27 and 13x13 maps), and fc6's lookups (4096 outputs, 711 random non-zeros each among 512 atoms x 6 x 6,
-// the fast point's density 0.0386; and 3565 among 1024 x 6 x 6, the accurate point's 0.0967) stored output by output (Dispatch) and in chunks of 4096 elements of S
+// 27x27 and 13x13 maps); fc6's lookups (4096 outputs, 711 random non-zeros each among 512 atoms x 6 x 6, the
+// fast point's density 0.0386; and 3565 among 1024 x 6 x 6, the accurate point's 0.0967) and fc7's (20 among
+// 512 atoms, 99 among 1024) stored output by output (Dispatch) and in chunks of 4096 elements of S
 // (DispatchChunked), each timed warm (run again at once) and cold (after 128 MB were read through the caches, as
 // a model's other weights leave them at batch 1); and the lookups of conv2 (30 atoms, 5x5, 192 outputs over
 // 27x27) and conv3 (384 outputs over 13x13, 3x3) at the fast point, and of conv3 at the accurate point (500
@@ -79,8 +80,10 @@ int main(int argc, char** argv) {
 
   // fc6: S of atoms x 6 x 6 (512 at the fast point, 1024 at the accurate one), its non-zeros in memory order per
   // output; the same chunk by chunk of 4096 elements of S.
-  struct Fc6Case { const char* name; int64_t atoms; double density; };
-  const std::vector<Fc6Case> fc6_cases{{"fc6", 512, 0.0386}, {"fc6 (accurate)", 1024, 0.0967}};
+  // fc7: S of 512 (1024) atoms, one chunk.
+  struct Fc6Case { const char* name; int64_t atoms, taps; double density; };
+  const std::vector<Fc6Case> fc6_cases{{"fc6", 512, 36, 0.0386}, {"fc6 (accurate)", 1024, 36, 0.0967},
+                                       {"fc7", 512, 1, 0.0386}, {"fc7 (accurate)", 1024, 1, 0.0967}};
   const int64_t n = 4096, chunk = 4096;
   struct Fc6Data {
     int64_t chunks;
@@ -90,7 +93,7 @@ int main(int argc, char** argv) {
   };
   std::vector<Fc6Data> fc6s;
   for (const Fc6Case& c : fc6_cases) {
-    const int64_t elements = c.atoms * 36, per_output = static_cast<int64_t>(c.density * elements + 0.5);
+    const int64_t elements = c.atoms * c.taps, per_output = static_cast<int64_t>(c.density * elements + 0.5);
     Fc6Data d;
     d.chunks = (elements + chunk - 1) / chunk;
     d.s = random(elements);
@@ -121,8 +124,6 @@ int main(int argc, char** argv) {
       for (auto& out : version) out.resize(n);
     fc6s.push_back(std::move(d));
   }
-  const lcnn::Geometry g{1, 1, n, 1, 1, 1};
-  const lcnn_base::Geometry bg{1, 1, n, 1, 1, 1};
 
   // Conv lookups at batch 1: S (atoms, H, W) padded, index_t = (atom * H + r) * W + c for tap (r, c).
   struct ConvCase { const char* name; int64_t atoms, n, kernel, size; double density; };
@@ -240,6 +241,9 @@ int main(int argc, char** argv) {
       for (Fc6Data& d : fc6s)
         for (bool chunked : {false, true}) {
           auto call = [&] {
+            const int64_t elements = static_cast<int64_t>(d.s.size());  // S's planes, as the runtime passes them
+            const lcnn::Geometry g{1, 1, n, 1, 1, 1, 1, elements};
+            const lcnn_base::Geometry bg{1, 1, n, 1, 1, 1, 1, elements};
             float* out = d.out[version][chunked].data();
             if (version == 0) {
               const lcnn_base::Lookups<uint16_t, float> bl{d.starts.data(), d.indices.data(), d.values.data(),

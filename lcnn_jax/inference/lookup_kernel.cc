@@ -338,9 +338,9 @@ struct Activation {
 };
 
 // The lookups of one step over `s` (its padded space-to-depth view when `layer` pads or strides).
-ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeometry& layer, int64_t height,
-                          int64_t width, ffi::AnyBuffer starts, ffi::AnyBuffer indices, ffi::AnyBuffer values,
-                          ffi::AnyBuffer scale, ffi::AnyBuffer bias, Activation& out) {
+ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeometry& layer, int64_t planes,
+                          int64_t height, int64_t width, ffi::AnyBuffer starts, ffi::AnyBuffer indices,
+                          ffi::AnyBuffer values, ffi::AnyBuffer scale, ffi::AnyBuffer bias, Activation& out) {
   const int64_t n = static_cast<int64_t>(scale.element_count());
   Geometry g;
   g.n = n;
@@ -349,6 +349,8 @@ ffi::Error NetworkLookups(ffi::ThreadPool& pool, const float* s, const LayerGeom
   g.batch = 1;
   g.width = width;
   g.wide = (g.oh - 1) * g.width + g.ow;
+  g.height = height;
+  g.planes = planes;
   if (g.ow > width || g.oh > height || starts.element_type() != ffi::DataType::S32 ||
       scale.element_type() != ffi::DataType::F32 || bias.element_type() != ffi::DataType::F32 ||
       starts.element_count() != static_cast<size_t>(n + 1) || bias.element_count() != static_cast<size_t>(n) ||
@@ -491,7 +493,8 @@ ffi::Error NetworkImpl(ffi::ThreadPool pool, ChwnF32 image, ffi::RemainingArgs a
           s.swap(padded);
         }
       }
-      error = NetworkLookups(pool, s.data(), layer, height, width, arrays[lookups], arrays[lookups + 1],
+      const int64_t planes = static_cast<int64_t>(s.size()) / (height * width);
+      error = NetworkLookups(pool, s.data(), layer, planes, height, width, arrays[lookups], arrays[lookups + 1],
                              arrays[lookups + 2], arrays[lookups + 3], arrays[lookups + 4], result);
     } else {
       return ffi::Error::InvalidArgument("lcnn_network: unknown step kind");
