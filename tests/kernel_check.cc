@@ -369,6 +369,47 @@ void CheckMaxPool(ThreadPool& pool, int64_t c, int64_t h, int64_t w, int64_t bat
 
 }  // namespace
 
+// The dense convolution (DenseConv): x (c, h, w, batch) with a kernel (kh, kw) packed as kernels.py packs it,
+// (tiles, c kh kw, R) with the outputs past n zero, against the float64 convolution; a residual and the ReLU too.
+void CheckDenseConv(ThreadPool& pool, int64_t c, int64_t h, int64_t w, int64_t batch, int64_t n, int64_t k,
+                    int64_t stride, int64_t pad, bool epilogue) {
+  constexpr int64_t R = lcnn::kConvTileOutputs;
+  const int64_t oh = (h + 2 * pad - k) / stride + 1, ow = (w + 2 * pad - k) / stride + 1, m = c * k * k;
+  const int64_t tiles = (n + R - 1) / R, p = oh * ow * batch;
+  const std::vector<float> x = Random(c * h * w * batch), weights = Random(n * m), bias = Random(n),
+                           residual = Random(n * p);
+  std::vector<float> packed(tiles * m * R, 0.f);
+  for (int64_t o = 0; o < n; ++o)
+    for (int64_t i = 0; i < m; ++i) packed[(o / R * m + i) * R + o % R] = weights[o * m + i];
+  std::vector<double> want(n * p);
+  for (int64_t o = 0; o < n; ++o)
+    for (int64_t y = 0; y < oh; ++y)
+      for (int64_t xo = 0; xo < ow; ++xo)
+        for (int64_t b = 0; b < batch; ++b) {
+          double sum = bias[o];
+          for (int64_t ch = 0; ch < c; ++ch)
+            for (int64_t dy = 0; dy < k; ++dy)
+              for (int64_t dx = 0; dx < k; ++dx) {
+                const int64_t iy = y * stride + dy - pad, ix = xo * stride + dx - pad;
+                if (iy >= 0 && iy < h && ix >= 0 && ix < w)
+                  sum += static_cast<double>(weights[o * m + (ch * k + dy) * k + dx]) *
+                         x[((ch * h + iy) * w + ix) * batch + b];
+              }
+          const int64_t q = (y * ow + xo) * batch + b;
+          if (epilogue) sum = std::max(sum + residual[o * p + q], 0.0);
+          want[o * p + q] = sum;
+        }
+  std::vector<float> out(n * p, NAN);
+  const lcnn::ConvGeometry g{c, h, w, batch, n, k, k, stride, stride, pad, pad, oh, ow};
+  lcnn::DenseConv(pool, g, x.data(), packed.data(), bias.data(), epilogue ? residual.data() : nullptr, epilogue,
+                  out.data());
+  char name[200];
+  std::snprintf(name, sizeof(name), "dense convolution: c%ld %ldx%ld b%ld n%ld k%ld stride %ld pad %ld%s", long(c),
+                long(h), long(w), long(batch), long(n), long(k), long(stride), long(pad),
+                epilogue ? " +residual relu" : "");
+  Check(name, out, want, 1e-4, 1e-4);
+}
+
 int main(int argc, char** argv) {
   const unsigned long seed = argc > 1 ? std::strtoul(argv[1], nullptr, 10) : std::random_device{}();
   rng.seed(seed);
@@ -440,6 +481,17 @@ int main(int argc, char** argv) {
   CheckMaxPool(pool, 1, 4, 5, 1, 2, 2, 1, false);      // one channel, a pooled row shorter than a vector
   CheckMaxPool(pool, 3, 10, 40, 1, 3, 1, 1, false);    // column strides other than 2: the loops for any stride
   CheckMaxPool(pool, 3, 10, 40, 1, 3, 3, 0, true);
+  // Panels of kConvPanel columns (16 with AVX2, 64 with AVX-512) with a partial last one, tiles of R outputs with
+  // a partial last one, taps outside the map, strides, batches; and AlexNet-LCNN's conv2 and conv3 at batch 1,
+  // large enough for the pool's threads.
+  for (int64_t batch : {1, 3}) {
+    CheckDenseConv(pool, 5, 9, 7, batch, 13, 3, 1, 1, false);
+    CheckDenseConv(pool, 4, 11, 12, batch, 6, 5, 2, 2, true);
+    CheckDenseConv(pool, 3, 6, 6, batch, 1, 1, 1, 0, true);
+    CheckDenseConv(pool, 7, 8, 10, batch, 20, 3, 3, 0, false);
+  }
+  CheckDenseConv(pool, 64, 27, 27, 1, 192, 5, 1, 2, true);
+  CheckDenseConv(pool, 192, 13, 13, 1, 384, 3, 1, 1, false);
   std::printf("%d of %d checks failed\n", failures, checks);
   return failures ? 1 : 0;
 }

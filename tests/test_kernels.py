@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lcnn_jax import bench, inference
-from lcnn_jax.inference import backends, flat_s, kernels, layouts, precision
+from lcnn_jax.inference import backends, flat_s, kernels, layouts, precision, tuning
 from lcnn_jax.inference import graph as graph_lib
 
 from lookup_reference import dense_reference, max_pool_reference, random_layer  # noqa: E402
@@ -206,6 +206,37 @@ def test_epilogue_adds_the_residual_and_applies_the_relu(case, rng, monkeypatch)
     expected = conv + (residual if add is not None else 0)
     expected = np.maximum(expected, 0) if relu else expected
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("batch", [1, 5])
+def test_gemm_convolution_adds_the_residual_and_applies_the_relu(batch, rng):
+  """The kernel's dense convolution (backend ``gemm``) as it stores its outputs, against float64 NumPy."""
+  layer = random_layer(rng, m=12, n=7, k=8, kernel=(3, 3), strides=(2, 1), padding=(1, 1), size=(9, 8), density=0.4)
+  impl = backends.get_backend("gemm")
+  params = jax.tree.map(jnp.asarray, impl.prepare(layer))
+  x = rng.standard_normal((batch, *layer.input_size, 12)).astype(np.float32)
+  conv = dense_reference(layer, x)  # (batch, oh, ow, n)
+  residual = rng.standard_normal(conv.shape).astype(np.float32)
+  chwn = jnp.asarray(np.transpose(residual, (3, 1, 2, 0)))
+  for relu, add in [(False, None), (True, None), (False, chwn), (True, chwn)]:
+    epilogue = backends.Epilogue(residual=add is not None, relu=relu)
+    assert impl.fuses(layer, batch, epilogue)
+    out, layout = impl.apply(layer, params, jnp.asarray(x), layouts.NHWC, epilogue,
+                             None if add is None else (add[None], batch))
+    got = np.asarray(layouts.convert(out, layout, layouts.NHWC))
+    expected = conv + (residual if add is not None else 0)
+    expected = np.maximum(expected, 0) if relu else expected
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+  pooling = backends.Pooling((3, 3), (2, 2), ((0, 0), (0, 0)), relu=True)
+  assert not impl.fuses(layer, batch, backends.Epilogue(pooling=pooling))
+  # Offered to the tuner on convolutions; a layer of one output pixel (a matmul) it runs as dense does.
+  assert "gemm" in tuning.candidate_backends() and impl.times(layer, batch)
+  fc = random_layer(rng, m=12, n=7, k=8, kernel=(3, 3), strides=(1, 1), padding=(0, 0), size=(3, 3), density=0.4)
+  assert not impl.times(fc, batch) and not impl.fuses(fc, batch, backends.Epilogue(relu=True))
+  x = rng.standard_normal((batch, 3, 3, 12)).astype(np.float32)
+  got = backends.apply_nhwc(impl, fc, jax.tree.map(jnp.asarray, impl.prepare(fc)), jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), dense_reference(fc, x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.kernel

@@ -6,6 +6,8 @@ dictionary D (m, k), the non-zeros of its coefficients P (kh, kw, k, n) grouped 
 they compute Y = (X ⊛ D) ⊛ P + bias:
 
 * ``dense``: the reconstructed kernel W = D·P (kh, kw, m, n) in one XLA convolution (or matmul).
+* ``gemm``: the same W in the C++ kernel's own dense convolution (CPU only), for the layers whose lookups lose
+  to a dense convolution at a batch where XLA's convolutions run well below the CPU's multiply-add rate.
 * ``factored``: S = X ⊛ D as a 1×1 convolution, then P as a dense kh×kw convolution over S. Two
   tensor-core-friendly XLA ops; the zeros of P still cost.
 * ``gather``: S in channels-first layout, then for each non-zero slot one row gather of S shifted to the
@@ -15,7 +17,7 @@ they compute Y = (X ⊛ D) ⊛ P + bias:
 * ``pallas``: the same gathers in one Pallas kernel per layer (GPU, Triton),
   :mod:`lcnn_jax.inference.pallas_lookup`, imported when a spec first names it.
 
-``dense`` and ``factored`` work on NHWC activations; ``gather`` and ``lookup`` return channels-first, batch-last
+``dense`` and ``factored`` work on NHWC activations; ``gather``, ``gemm`` and ``lookup`` return channels-first, batch-last
 CHWN activations (:mod:`lcnn_jax.inference.layouts`), reading S as :mod:`lcnn_jax.inference.flat_s` lays it out.
 Every backend accepts any layout and transposes what it must; a first layer (a dictionary of at most 64
 multiply-adds per pixel) runs ``lookup`` straight from the NHWC images.
@@ -163,6 +165,65 @@ class Dense(Backend):
   def apply(self, layer, params, x, layout):
     x = layouts.convert(x, layout, NHWC)
     return conv_or_matmul(x, params["kernel"], layer.strides, layer.padding) + params["bias"], NHWC
+
+
+class Gemm(Backend):
+  """The reconstructed kernel W = D·P in the C++ kernel's dense convolution (CPU), on CHWN activations.
+
+  The kernel copies each panel of the im2col matrix into a buffer of its thread and multiplies it by W packed
+  in tiles of outputs (:func:`~lcnn_jax.inference.kernels.pack_conv_kernel`), in registers over all inputs.
+  At batch 1, where XLA's convolutions run at a fraction of the CPU's multiply-add rate, this is the dense form
+  that competes with the lookups (the accurate AlexNet-LCNN's conv2, whose lookups lose to any dense form): on an
+  AMD EPYC Zen 3 (AVX2, two threads) 74-76 G multiply-adds/s on AlexNet-LCNN's conv2-conv5, where XLA's
+  convolution of conv2 reached 38% of that. A residual and the ReLU are applied as the outputs are stored; a
+  pooling after it runs as the ``lookup`` backend's does. A layer whose output is one pixel (a dense layer: a
+  matrix-vector product at batch 1, where panels of columns would be mostly empty) runs as under ``dense``, and
+  ``auto`` times only ``dense`` on it.
+  """
+  name = "gemm"
+
+  def available(self) -> tuple[bool, str]:
+    return kernel_here()
+
+  @staticmethod
+  def one_pixel(layer: LookupLayer) -> bool:
+    return tuple(layer.output_size) == (1, 1)
+
+  def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
+    return NHWC if self.one_pixel(layer) else batch  # CHWN
+
+  def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
+    if self.one_pixel(layer):
+      return Dense().prepare(layer)
+    return {"packed": kernels.pack_conv_kernel(layer.dense_kernel()), "bias": layer.bias}
+
+  def fuses(self, layer: LookupLayer, batch: int, epilogue: Epilogue) -> bool:
+    """A residual and the ReLU, as the outputs of a convolution are stored."""
+    return epilogue.pooling is None and not self.one_pixel(layer)
+
+  def apply(self, layer, params, x, layout, epilogue=None, residual=None):
+    if epilogue is not None and not self.fuses(layer, layouts.batch_size(x, layout), epilogue):
+      raise ValueError(f"The gemm backend cannot apply {epilogue} to this layer's output.")
+    if self.one_pixel(layer):
+      return Dense().apply(layer, params, x, layout)
+    batch = layouts.batch_size(x, layout)
+    x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
+    residual = None if residual is None else layouts.convert(*residual, batch)[0]  # (n, oh, ow, batch)
+    out = kernels.dense_conv(x, params["packed"], params["bias"], kernel_size=layer.kernel_size,
+                             padding=layer.padding, strides=layer.strides, output_size=layer.output_size,
+                             residual=residual, relu=epilogue is not None and epilogue.relu)
+    return out[None], batch
+
+  def max_pool(self, x: jax.Array, pooling: Pooling) -> jax.Array | None:
+    return max_pool_chwn(x, pooling)
+
+  def times(self, layer: LookupLayer, batch: int) -> bool:
+    """Not on a layer whose output is one pixel, which it runs as ``dense`` does."""
+    return not self.one_pixel(layer)
+
+  def timing_key(self) -> tuple[str, ...]:
+    """The kernel build (its hash)."""
+    return (os.path.basename(os.path.dirname(kernels.ensure_kernel())),)
 
 
 class Factored(Backend):
@@ -478,6 +539,7 @@ def dense_rows_available() -> bool:
 
 BACKENDS: dict[str, Callable[..., Backend] | str] = {
     "dense": Dense,
+    "gemm": Gemm,
     "factored": Factored,
     "gather": Gather,
     "lookup": Lookup.from_spec,

@@ -1,7 +1,7 @@
 """The C++ lookup kernel (``lookup_kernel.cc``): built on first use, cached, registered with the XLA FFI.
 
 This module is the only one that talks to the FFI: :func:`lookup_conv`, :func:`lookup_conv_dictionary`,
-:func:`lookup_conv_fused`, :func:`max_pool` and :func:`dense_rows` each bind one handler, and :data:`LIMITS`
+:func:`lookup_conv_fused`, :func:`max_pool`, :func:`dense_rows` and :func:`dense_conv` each bind one handler, and :data:`LIMITS`
 holds the kernel's limits as ``lookup_kernel.h`` defines them.
 
 The kernel is compiled for the machine it runs on (``-march=native``, or ``-mcpu=native`` from a compiler that
@@ -37,6 +37,7 @@ TARGET = "lcnn_lookup_conv"
 FUSED_TARGET = "lcnn_lookup_conv_fused"
 POOL_TARGET = "lcnn_max_pool"
 DENSE_TARGET = "lcnn_dense_rows"
+CONV_TARGET = "lcnn_dense_conv"
 DICTIONARY_TARGET = "lcnn_lookup_conv_dictionary"
 NETWORK_TARGET = "lcnn_network"
 SOURCE = os.path.join(os.path.dirname(__file__), "lookup_kernel.cc")
@@ -185,7 +186,8 @@ def _load() -> str:
     loaded = ctypes.cdll.LoadLibrary(library)
     handlers = {TARGET: loaded.LcnnLookupConv, FUSED_TARGET: loaded.LcnnLookupConvFused,
                 POOL_TARGET: loaded.LcnnMaxPool, DENSE_TARGET: loaded.LcnnDenseRows,
-                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary, NETWORK_TARGET: loaded.LcnnNetwork}
+                DICTIONARY_TARGET: loaded.LcnnLookupConvDictionary, NETWORK_TARGET: loaded.LcnnNetwork,
+                CONV_TARGET: loaded.LcnnDenseConv}
     isa = loaded.LcnnKernelIsa
     isa.restype = ctypes.c_char_p
     _ISA[library] = isa().decode()
@@ -272,7 +274,7 @@ def build_log() -> str:
 
 LIMITS = _read_limits()
 """The kernel's limits (``lookup_kernel.h``'s LIMITS block): ``fused_dictionary_macs_max``, ``pooled_row_min``,
-``pooled_batch_min``, ``dense_rows_max``, ``split_non_zeros``."""
+``pooled_batch_min``, ``dense_rows_max``, ``split_non_zeros``, ``conv_tile_outputs``."""
 STEPS = _read_limits(block_name="STEPS")
 """The kinds of a :func:`network` step: ``step_fused_lookups``, ``step_lookups``, ``step_dense``."""
 
@@ -390,6 +392,30 @@ def dense_rows(x: jax.Array, weights: jax.Array, scale: jax.Array, bias: jax.Arr
   as stored, converted in registers, accumulated in float32."""
   result = jax.ShapeDtypeStruct((x.shape[0], weights.shape[0]), jnp.float32)
   return _call(DENSE_TARGET, result, x.astype(jnp.float32), weights, scale, bias)
+
+
+def pack_conv_kernel(kernel: np.ndarray) -> np.ndarray:
+  """A dense kernel (kh, kw, m, n) as :func:`dense_conv` reads it: (tiles, m·kh·kw, R) float32, R =
+  ``LIMITS.conv_tile_outputs`` outputs a tile in (channel, row, column) order, the outputs past n zero."""
+  kh, kw, m, n = kernel.shape
+  r = LIMITS.conv_tile_outputs
+  tiles = -(-n // r)
+  rows = np.zeros((tiles * r, m * kh * kw), np.float32)
+  rows[:n] = np.asarray(kernel, np.float32).transpose(3, 2, 0, 1).reshape(n, m * kh * kw)
+  return np.ascontiguousarray(rows.reshape(tiles, r, m * kh * kw).transpose(0, 2, 1))
+
+
+def dense_conv(x: jax.Array, packed: jax.Array, bias: jax.Array, *, kernel_size: Sequence[int],
+               padding: Sequence[int], strides: Sequence[int], output_size: Sequence[int],
+               residual: jax.Array | None = None, relu: bool = False) -> jax.Array:
+  """A dense convolution of a CHWN x (c, h, w, batch) -> (n, oh, ow, batch) with the kernel packed by
+  :func:`pack_conv_kernel` (``kernel_size`` (kh, kw)), plus ``bias`` (n); the ``residual`` (shaped as the output)
+  added and the ReLU applied as it is stored, where given."""
+  n = bias.shape[0]
+  result = jax.ShapeDtypeStruct((n, *output_size, x.shape[3]), jnp.float32)
+  return _call(CONV_TARGET, result, x.astype(jnp.float32), packed, bias, _residual(residual),
+               layer=_layer_attribute(padding, strides, output_size), kernel_h=np.int64(kernel_size[0]),
+               kernel_w=np.int64(kernel_size[1]), relu=bool(relu))
 
 
 def network(image: jax.Array, steps: Sequence[tuple[dict, Sequence[jax.Array]]], out_shape: Sequence[int]

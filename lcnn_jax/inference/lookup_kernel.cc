@@ -2,7 +2,8 @@
 // matmul done by XLA; lcnn_lookup_conv_dictionary computes S first from D as stored (small maps);
 // lcnn_lookup_conv_fused computes S itself while filling the space-to-depth buffer (small dictionaries);
 // lcnn_max_pool pools CHWN activations (optionally with the ReLU before it); lcnn_dense_rows is a dense layer
-// over a few rows with float32, bfloat16 or int8 weights. The lookups' coefficients may be float32, bfloat16
+// over a few rows with float32, bfloat16 or int8 weights; lcnn_dense_conv a dense convolution of CHWN
+// activations with packed float32 weights. The lookups' coefficients may be float32, bfloat16
 // or int8 (with a scale per output), their indices uint8, uint16 or int32.
 
 #include <cstdint>
@@ -53,7 +54,9 @@ XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(NetworkStep, ffi::StructMember<int64_t>("k
 namespace {
 
 using lcnn::BF16;
+using lcnn::ConvGeometry;
 using lcnn::DenseColumns;
+using lcnn::DenseConv;
 using lcnn::DenseRows;
 using lcnn::Dispatch;
 using lcnn::DispatchChunked;
@@ -69,6 +72,7 @@ using FlatS32 = ffi::Buffer<ffi::S32, 1>;
 using ChwnF32 = ffi::Buffer<ffi::F32, 4>;  // (channels, height, width, batch), or NHWC images
 using OutF32 = ChwnF32;
 using MatrixF32 = ffi::Buffer<ffi::F32, 2>;
+using PackedF32 = ffi::Buffer<ffi::F32, 3>;  // a dense kernel packed for DenseConv (tiles, m, R)
 
 // The pooling of a `pool` attribute (window_h = 0: none) into `out`, whose rows and columns are the pooled size.
 PoolGeometry MakePooling(const OutF32& out, const PoolWindow& w) {
@@ -323,6 +327,29 @@ ffi::Error DenseRowsImpl(ffi::ThreadPool pool, MatrixF32 x, ffi::AnyBuffer weigh
   return ffi::Error::Success();
 }
 
+// x (c, h, w, batch) with W packed (tiles, c·kh·kw, kConvTileOutputs) -> out (n, oh, ow, batch); kernel_h and
+// kernel_w name W's window, `layer` the padding, strides and output size.
+ffi::Error DenseConvImpl(ffi::ThreadPool pool, ChwnF32 x, PackedF32 packed, FlatF32 bias,
+                         ffi::Buffer<ffi::F32> residual, ffi::Result<OutF32> out, LayerGeometry layer,
+                         int64_t kernel_h, int64_t kernel_w, bool relu) {
+  const auto in = x.dimensions();  // (c, h, w, batch)
+  const auto w = packed.dimensions();  // (tiles, m, R)
+  const auto o = out->dimensions();  // (n, oh, ow, batch)
+  const ConvGeometry g{in[0], in[1], in[2], in[3], o[0], kernel_h, kernel_w, layer.stride_h, layer.stride_w,
+                       layer.pad_h, layer.pad_w, layer.out_h, layer.out_w};
+  const int64_t tiles = (g.n + lcnn::kConvTileOutputs - 1) / lcnn::kConvTileOutputs;
+  if (!LayerFits(layer) || kernel_h < 1 || kernel_w < 1 || o[1] != g.oh || o[2] != g.ow || o[3] != g.batch ||
+      (g.oh - 1) * g.sh + kernel_h > g.h + 2 * g.ph || (g.ow - 1) * g.sw + kernel_w > g.w + 2 * g.pw ||
+      w[0] != tiles || w[1] != g.c * kernel_h * kernel_w || w[2] != lcnn::kConvTileOutputs ||
+      bias.element_count() != static_cast<size_t>(g.n) ||
+      (residual.element_count() != 0 && residual.element_count() != out->element_count())) {
+    return ffi::Error::InvalidArgument("lcnn_dense_conv: x (c, h, w, batch), the packed kernel (tiles, c kh kw, "
+                                       "R), bias (n), the residual and out (n, oh, ow, batch) disagree");
+  }
+  DenseConv(pool, g, x.typed_data(), packed.typed_data(), bias.typed_data(),
+            residual.element_count() ? residual.typed_data() : nullptr, relu, out->typed_data());
+  return ffi::Error::Success();
+}
 
 // lcnn_network: a chain of layers over one image in one call, each step's ReLU and max pooling applied as it
 // ends, the activation (c, h, w) handed to the next step in memory the call owns. At batch 1 every layer of
@@ -573,6 +600,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseRows, DenseRowsImpl,
                                   .Arg<FlatF32>()          // scale (n)
                                   .Arg<FlatF32>()          // bias (n)
                                   .Ret<MatrixF32>());      // out (rows, n)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnDenseConv, DenseConvImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ChwnF32>()                    // x (c, h, w, batch)
+                                  .Arg<PackedF32>()                  // W packed (tiles, c kh kw, R)
+                                  .Arg<FlatF32>()                    // bias (n)
+                                  .Arg<ffi::Buffer<ffi::F32>>()      // a residual shaped as out, or no elements
+                                  .Ret<OutF32>()                     // out (n, oh, ow, batch)
+                                  .Attr<LayerGeometry>("layer")
+                                  .Attr<int64_t>("kernel_h")
+                                  .Attr<int64_t>("kernel_w")
+                                  .Attr<bool>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LcnnLookupConvDictionary, LookupConvDictionaryImpl,
                               ffi::Ffi::Bind()

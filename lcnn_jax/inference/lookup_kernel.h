@@ -59,6 +59,8 @@ constexpr int64_t kDenseRowsMax = 8;
 // whole block: at batch 1, conv3's lookups took 11% more time split at the fast point (10 non-zeros an output),
 // and 10% less at the accurate point (436) than as one whole block (AMD EPYC Zen 4, benchmarks/batch1_ab.py).
 constexpr int64_t kSplitNonZeros = 64;
+// The dense convolution (DenseConv) reads its weights packed in tiles of this many outputs (kernels.py packs them).
+constexpr int64_t kConvTileOutputs = 6;
 // END LIMITS
 
 // The kinds of a step of lcnn_network (kernels.py reads them as the limits above).
@@ -1329,6 +1331,119 @@ void DenseColumns(Pool& pool, const float* x, const Value* w, const float* scale
   // Blocks of 32 columns from 32 on (16 under), capped to what the accumulators hold.
   if (p < 32) return LaunchDenseColumns<kFit<1>>(pool, x, w, scale, bias, m, p, n, out);
   LaunchDenseColumns<kFit<2>>(pool, x, w, scale, bias, m, p, n, out);
+}
+
+// A dense convolution of x (c, h, w, batch) -> out (n, oh, ow, batch) = W ⊛ x + bias (+ residual, then
+// max(·, 0) when relu): a lookup layer's reconstructed kernel W = D·P, for the layers where the lookups lose to
+// it (many non-zeros per output: the accurate AlexNet-LCNN's conv2 at batch 1), at a rate XLA's convolutions do
+// not reach at small batches (AMD EPYC Zen 3, AVX2, two threads: 74-76 G multiply-adds/s on AlexNet-LCNN's
+// conv2-conv5 at batch 1, against 38% of that for XLA's convolution of conv2).
+//
+// W arrives packed (tiles, m, R) for m = c·kh·kw in (channel, row, column) order and R = kConvTileOutputs, the
+// outputs past n zero. The columns q = (y·ow + x)·batch + b of the im2col matrix (m, p = oh·ow·batch) are cut
+// into panels of kConvPanel; a work item copies its panel's (m, kConvPanel) into a buffer of its thread (held in
+// L2), then computes a group of tiles over it, R outputs by one panel at a time in registers over all m: each
+// panel vector loaded serves R outputs, each weight broadcast the whole panel, both read in order.
+struct ConvGeometry {
+  int64_t c, h, w, batch;  // input
+  int64_t n, kh, kw, sh, sw, ph, pw, oh, ow;
+};
+
+#if defined(__AVX512F__)
+constexpr int kConvVectors = 4;  // 24 of 32 zmm accumulate
+#elif defined(__ARM_NEON) || defined(__aarch64__)
+constexpr int kConvVectors = 4;  // 24 of 32 q registers
+#else
+constexpr int kConvVectors = 2;  // 12 of 16 ymm (AVX2) or xmm (SSE2)
+#endif
+constexpr int64_t kConvPanel = kConvVectors * kLanes;
+
+// Panel j of the im2col matrix into `panel` (m, kConvPanel): columns past p, and taps outside the map, zero.
+inline void ConvPanel(const ConvGeometry& g, const float* x, int64_t j, float* panel) {
+  const int64_t p = g.oh * g.ow * g.batch;
+  int64_t iy0[kConvPanel], ix0[kConvPanel], b[kConvPanel];
+  for (int64_t l = 0; l < kConvPanel; ++l) {
+    const int64_t q = j * kConvPanel + l;
+    const int64_t pixel = q / g.batch;
+    b[l] = q % g.batch;
+    iy0[l] = q < p ? pixel / g.ow * g.sh - g.ph : -(g.h + g.kh);  // columns past p: outside every tap
+    ix0[l] = pixel % g.ow * g.sw - g.pw;
+  }
+  int64_t offset[kConvPanel];  // per tap: element l's offset in a channel's plane, -1 outside the map
+  const int64_t plane = g.h * g.w * g.batch;
+  for (int64_t dy = 0; dy < g.kh; ++dy)
+    for (int64_t dx = 0; dx < g.kw; ++dx) {
+      for (int64_t l = 0; l < kConvPanel; ++l) {
+        const int64_t iy = iy0[l] + dy, ix = ix0[l] + dx;
+        offset[l] = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? (iy * g.w + ix) * g.batch + b[l] : -1;
+      }
+      for (int64_t ch = 0; ch < g.c; ++ch) {
+        const float* from = x + ch * plane;
+        float* to = panel + ((ch * g.kh + dy) * g.kw + dx) * kConvPanel;
+        for (int64_t l = 0; l < kConvPanel; ++l) to[l] = offset[l] >= 0 ? from[offset[l]] : 0.f;
+      }
+    }
+}
+
+// Outputs [t·R, t·R + R) of panel j over the panel's (m, kConvPanel) copy, stored to out (n, p).
+template <int R>
+void ConvTile(const ConvGeometry& g, const float* packed, const float* panel, const float* bias,
+              const float* residual, bool relu, int64_t t, int64_t j, float* out) {
+  const int64_t m = g.c * g.kh * g.kw, p = g.oh * g.ow * g.batch;
+  const float* a = packed + t * m * R;
+  vnative acc[R][kConvVectors];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kConvVectors; ++v) acc[r][v] = vnative{};
+  for (int64_t i = 0; i < m; ++i) {
+    vnative column[kConvVectors];
+#pragma GCC unroll 4
+    for (int v = 0; v < kConvVectors; ++v) column[v] = LoadNative(panel + i * kConvPanel + v * kLanes);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float weight = a[i * R + r];
+#pragma GCC unroll 4
+      for (int v = 0; v < kConvVectors; ++v) acc[r][v] += weight * column[v];
+    }
+  }
+  const int64_t q0 = j * kConvPanel, count = std::min(kConvPanel, p - q0);
+  for (int r = 0; r < R && t * R + r < g.n; ++r) {
+    const int64_t o = t * R + r;
+    alignas(64) float sums[kConvPanel];
+    std::memcpy(sums, acc[r], sizeof(sums));
+    float* to = out + o * p + q0;
+    const float* add = residual != nullptr ? residual + o * p + q0 : nullptr;
+    for (int64_t l = 0; l < count; ++l) {
+      float value = sums[l] + bias[o] + (add != nullptr ? add[l] : 0.f);
+      to[l] = relu ? std::max(value, 0.f) : value;
+    }
+  }
+}
+
+template <typename Pool>
+void DenseConv(Pool& pool, const ConvGeometry& g, const float* x, const float* packed, const float* bias,
+               const float* residual, bool relu, float* out) {
+  constexpr int R = kConvTileOutputs;
+  const int64_t m = g.c * g.kh * g.kw, p = g.oh * g.ow * g.batch;
+  const int64_t panels = (p + kConvPanel - 1) / kConvPanel, tiles = (g.n + R - 1) / R;
+  // Groups of tiles per panel: enough items for every thread to take several (each item copies its panel).
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t groups = std::min(tiles, std::max<int64_t>(1, (4 * threads + panels - 1) / panels));
+  const int64_t per_group = (tiles + groups - 1) / groups;
+  ParallelFor(pool, panels * groups, g.n * m * p, [=](int64_t begin, int64_t end) {
+    thread_local std::vector<float> buffer;  // this thread's panel, kept between calls
+    if (buffer.size() < static_cast<size_t>(m * kConvPanel + 16)) buffer.resize(m * kConvPanel + 16);
+    float* panel = buffer.data() + (16 - reinterpret_cast<uintptr_t>(buffer.data()) / 4 % 16) % 16;  // 64-byte aligned
+    int64_t copied = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t j = item / groups, group = item % groups;
+      if (j != copied) ConvPanel(g, x, j, panel);
+      copied = j;
+      for (int64_t t = group * per_group; t < std::min(tiles, (group + 1) * per_group); ++t)
+        ConvTile<R>(g, packed, panel, bias, residual, relu, t, j, out);
+    }
+  });
 }
 
 #if defined(__AVX512BF16__)

@@ -160,7 +160,7 @@ def _write_json(path: str, value) -> None:
   os.replace(partial, path)
 
 
-PREFERENCE = ("lookup", "pallas", "factored", "dense", "gather")
+PREFERENCE = ("lookup", "pallas", "gemm", "factored", "dense", "gather")
 """The order candidates are timed in: likely winners first, so hopeless ones are given up early."""
 
 
