@@ -7,7 +7,7 @@ they compute Y = (X ⊛ D) ⊛ P + bias:
 
 * ``dense``: the reconstructed kernel W = D·P (kh, kw, m, n) in one XLA convolution (or matmul).
 * ``gemm``: the same W in the C++ kernel's own dense convolution (CPU only), for the layers whose lookups lose
-  to a dense convolution at a batch where XLA's convolutions run well below the CPU's multiply-add rate.
+  to a dense convolution, in the lookups' CHWN layout.
 * ``factored``: S = X ⊛ D as a 1×1 convolution, then P as a dense kh×kw convolution over S. Two
   tensor-core-friendly XLA ops; the zeros of P still cost.
 * ``gather``: S in channels-first layout, then for each non-zero slot one row gather of S shifted to the
@@ -171,11 +171,13 @@ class Gemm(Backend):
   """The reconstructed kernel W = D·P in the C++ kernel's dense convolution (CPU), on CHWN activations.
 
   The kernel copies each panel of the im2col matrix into a buffer of its thread and multiplies it by W packed
-  in tiles of outputs (:func:`~lcnn_jax.inference.kernels.pack_conv_kernel`), in registers over all inputs.
-  At batch 1, where XLA's convolutions run at a fraction of the CPU's multiply-add rate, this is the dense form
-  that competes with the lookups (the accurate AlexNet-LCNN's conv2, whose lookups lose to any dense form): on an
-  AMD EPYC Zen 3 (AVX2, two threads) 74-76 G multiply-adds/s on AlexNet-LCNN's conv2-conv5, where XLA's
-  convolution of conv2 reached 38% of that. A residual and the ReLU are applied as the outputs are stored; a
+  in tiles of outputs (:func:`~lcnn_jax.inference.kernels.pack_conv_kernel`), in registers over all inputs:
+  the dense form of a layer whose lookups lose to any dense form (the accurate AlexNet-LCNN's conv2), without
+  leaving the lookups' CHWN layout. On an AMD EPYC Zen 3 (AVX2, two threads) it ran AlexNet-LCNN's conv2-conv5
+  at batch 1 at 57-70 G multiply-adds/s; in the accurate model at batch 1 its conv2 took as long as XLA's own
+  convolution emitter's (which the tuner also measures) and 9-11% less than XLA's default convolution, and with
+  conv3 too the model took 1.5% less; at batch 32 the tuner chose it for that conv3 (47 against 54 ms as
+  lookups). A residual and the ReLU are applied as the outputs are stored; a
   pooling after it runs as the ``lookup`` backend's does. A layer whose output is one pixel (a dense layer: a
   matrix-vector product at batch 1, where panels of columns would be mostly empty) runs as under ``dense``, and
   ``auto`` times only ``dense`` on it.

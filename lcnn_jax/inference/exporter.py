@@ -193,7 +193,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                       "(ONNX Runtime and other ONNX engines; needs the onnx extra).", flag_values=flag_values)
   flags.DEFINE_integer("step", None, "The checkpoint step to export (default: the latest).", flag_values=flag_values)
   flags.DEFINE_string("backends", "auto", "'auto' (measured here per layer), or one backend name for every lookup "
-                      "layer: dense, factored, gather, lookup.", flag_values=flag_values)
+                      "layer: dense, gemm, factored, gather, lookup.", flag_values=flag_values)
   flags.DEFINE_integer("batch_size", 1, "The batch size 'auto' optimises for.", flag_values=flag_values)
   flags.DEFINE_enum("lookup_form", "auto", ["auto", *onnx_export.LOOKUP_FORMS], "ONNX only: each lookup layer as "
                     "one convolution with W = D·P (dense), as the dictionary's 1×1 convolution then the "
