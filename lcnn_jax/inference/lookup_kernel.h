@@ -572,10 +572,10 @@ float SparseDotRange(const S* s, const Index* indices, const Value* values, int6
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // SparseDotRange over float32 S in L1 (a chunk of a one-pixel layer's S, DispatchChunked) without gathers: the
-// sixteen elements of a step loaded one by one and assembled into two vectors. An AVX2 gather of eight elements
-// from L1 took 12 cycles on an AMD EPYC (Zen 3), eight loads and inserts 7 (0.47 against 0.32 ns an element, one
-// core); from L2, where unchunked lookups gather, both took 0.5-0.6 ns. fc6 of AlexNet-LCNN at batch 1, its
-// non-zeros from memory, two threads: chunked, 18% (fast point) and 22% (accurate) less time than with gathers.
+// sixteen elements of a step loaded one by one and assembled into two vectors. On an AMD EPYC (Zen 3) an AVX2
+// gather from L1 took 0.47 ns an element, loads and inserts 0.32 ns (one core); from L2, where unchunked lookups
+// gather, both took 0.5-0.6 ns. fc6 of AlexNet-LCNN at batch 1, its non-zeros from memory, two threads: chunked,
+// 17-20% less time than with gathers at the fast point and 19-20% at the accurate one (benchmarks/batch1_ab.py).
 template <bool kOne, typename Index, typename Value>
 float SparseDotLoads(const float* s, const Index* indices, const Value* values, int64_t batch, int32_t t,
                      int32_t end) {
