@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
 from typing import Callable, Protocol
 
 import jax
@@ -149,6 +148,11 @@ class Backend(Protocol):
     return None
 
 
+def one_pixel(layer: LookupLayer) -> bool:
+  """Whether ``layer``'s output is one pixel (a dense layer, written as a convolution over its whole input)."""
+  return tuple(layer.output_size) == (1, 1)
+
+
 class Dense(Backend):
   """The reconstructed kernel W = D·P in one XLA convolution."""
   name = "dense"
@@ -187,28 +191,24 @@ class Gemm(Backend):
   def available(self) -> tuple[bool, str]:
     return kernel_here()
 
-  @staticmethod
-  def one_pixel(layer: LookupLayer) -> bool:
-    return tuple(layer.output_size) == (1, 1)
-
   def input_layout(self, layer: LookupLayer, batch: int) -> Layout:
-    return NHWC if self.one_pixel(layer) else batch  # CHWN
+    return NHWC if one_pixel(layer) else batch  # CHWN
 
   def prepare(self, layer: LookupLayer) -> dict[str, np.ndarray]:
-    if self.one_pixel(layer):
+    if one_pixel(layer):
       return Dense().prepare(layer)
     return {"packed": kernels.pack_conv_kernel(layer.dense_kernel()), "bias": layer.bias}
 
   def fuses(self, layer: LookupLayer, batch: int, epilogue: Epilogue) -> bool:
     """A residual and the ReLU, as the outputs of a convolution are stored."""
-    return epilogue.pooling is None and not self.one_pixel(layer)
+    return epilogue.pooling is None and not one_pixel(layer)
 
   def apply(self, layer, params, x, layout, epilogue=None, residual=None):
-    if epilogue is not None and not self.fuses(layer, layouts.batch_size(x, layout), epilogue):
-      raise ValueError(f"The gemm backend cannot apply {epilogue} to this layer's output.")
-    if self.one_pixel(layer):
-      return Dense().apply(layer, params, x, layout)
     batch = layouts.batch_size(x, layout)
+    if epilogue is not None and not self.fuses(layer, batch, epilogue):
+      raise ValueError(f"The gemm backend cannot apply {epilogue} to this layer's output.")
+    if one_pixel(layer):
+      return Dense().apply(layer, params, x, layout)
     x = layouts.convert(x, layout, batch)[0]  # (m, h, w, batch)
     residual = None if residual is None else layouts.convert(*residual, batch)[0]  # (n, oh, ow, batch)
     out = kernels.dense_conv(x, params["packed"], params["bias"], kernel_size=layer.kernel_size,
@@ -221,11 +221,11 @@ class Gemm(Backend):
 
   def times(self, layer: LookupLayer, batch: int) -> bool:
     """Not on a layer whose output is one pixel, which it runs as ``dense`` does."""
-    return not self.one_pixel(layer)
+    return not one_pixel(layer)
 
   def timing_key(self) -> tuple[str, ...]:
     """The kernel build (its hash)."""
-    return (os.path.basename(os.path.dirname(kernels.ensure_kernel())),)
+    return (kernels.build_id(),)
 
 
 class Factored(Backend):
@@ -364,7 +364,7 @@ class Lookup(Backend):
   def chunk(self, layer: LookupLayer) -> int:
     """The elements of S per chunk of ``layer``'s lookups (0: stored output by output): with ``chunk_bytes``,
     for a layer whose output is one pixel and whose dictionary stage is not fused."""
-    if self.chunk_bytes <= 0 or tuple(layer.output_size) != (1, 1) or self.fused(layer):
+    if self.chunk_bytes <= 0 or not one_pixel(layer) or self.fused(layer):
       return 0
     return max(16, self.chunk_bytes // 4)
 
@@ -485,7 +485,7 @@ class Lookup(Backend):
 
   def timing_key(self) -> tuple[str, ...]:
     """The kernel build (its hash) and the tile size on this machine."""
-    return os.path.basename(os.path.dirname(kernels.ensure_kernel())), f"tile{self.tile()}"
+    return kernels.build_id(), f"tile{self.tile()}"
 
   def network_step(self, layer: LookupLayer) -> int | None:
     if self.chunk(layer) or self.s_bfloat16(layer):
@@ -588,4 +588,5 @@ def coefficient_bytes(layer: LookupLayer) -> int:
 
 
 __all__ = ["BACKENDS", "Backend", "Epilogue", "LookupLayer", "Pooling", "apply_nhwc", "available_backends",
-           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "kernel_here", "max_pool_chwn"]
+           "coefficient_bytes", "conv_or_matmul", "dense_rows", "get_backend", "kernel_here", "max_pool_chwn",
+           "one_pixel"]
